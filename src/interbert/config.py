@@ -1,0 +1,138 @@
+"""InterBERT configuration: a transformers ``PretrainedConfig`` plus named presets.
+
+The text path (embeddings, single-stream layers, text-stream layers) uses BERT's field names
+(``hidden_size``, ``num_attention_heads``, ``intermediate_size``, ...) so that a BERT checkpoint's
+config maps onto it directly. The image stream has its own heads and intermediate size; it shares
+``hidden_size`` with the text path because the single-stream module attends over [regions ; text]
+in one sequence.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+FUSIONS = ("mul", "sum")
+
+
+class InterBertConfig(PretrainedConfig):
+    model_type = "interbert"
+
+    def __init__(
+        self,
+        vocab_size: int = 30522,
+        hidden_size: int = 768,
+        num_attention_heads: int = 12,
+        intermediate_size: int = 3072,
+        num_single_stream_layers: int = 6,
+        num_text_stream_layers: int = 6,
+        num_image_stream_layers: int = 6,
+        image_num_attention_heads: int = 8,
+        image_intermediate_size: int = 3072,
+        region_feature_size: int = 2048,
+        num_region_classes: int = 1601,
+        pooled_size: int = 1024,
+        fusion: str = "mul",
+        hidden_act: str = "gelu",
+        hidden_dropout_prob: float = 0.1,
+        attention_probs_dropout_prob: float = 0.1,
+        image_hidden_dropout_prob: float = 0.1,
+        image_attention_probs_dropout_prob: float = 0.1,
+        itm_dropout_prob: float = 0.1,
+        max_position_embeddings: int = 512,
+        type_vocab_size: int = 2,
+        layer_norm_eps: float = 1e-12,
+        initializer_range: float = 0.02,
+        pad_token_id: int = 0,
+        **kwargs,
+    ):
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.num_single_stream_layers = num_single_stream_layers
+        self.num_text_stream_layers = num_text_stream_layers
+        self.num_image_stream_layers = num_image_stream_layers
+        self.image_num_attention_heads = image_num_attention_heads
+        self.image_intermediate_size = image_intermediate_size
+        self.region_feature_size = region_feature_size
+        self.num_region_classes = num_region_classes
+        self.pooled_size = pooled_size
+        self.fusion = fusion
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.image_hidden_dropout_prob = image_hidden_dropout_prob
+        self.image_attention_probs_dropout_prob = image_attention_probs_dropout_prob
+        self.itm_dropout_prob = itm_dropout_prob
+        self.max_position_embeddings = max_position_embeddings
+        self.type_vocab_size = type_vocab_size
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        self.validate()
+
+    def validate(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.hidden_size % self.image_num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of image_num_attention_heads "
+                f"{self.image_num_attention_heads}"
+            )
+        for name in ("num_single_stream_layers", "num_text_stream_layers", "num_image_stream_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+
+    @property
+    def num_text_layers(self) -> int:
+        """Depth of the BERT text path: single-stream + text-stream layers."""
+        return self.num_single_stream_layers + self.num_text_stream_layers
+
+
+PRESETS: dict[str, dict] = {
+    # The paper's model: BERT-base text path split 6 + 6, a 6-layer image stack with 8 heads.
+    "base": dict(
+        vocab_size=30522,
+        hidden_size=768,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        num_single_stream_layers=6,
+        num_text_stream_layers=6,
+        num_image_stream_layers=6,
+        image_num_attention_heads=8,
+        image_intermediate_size=3072,
+        region_feature_size=2048,
+        num_region_classes=1601,
+        pooled_size=1024,
+        fusion="mul",
+    ),
+    # Small enough to train in minutes on 2 CPU cores (tests, `make demo`).
+    "tiny": dict(
+        vocab_size=30522,
+        hidden_size=128,
+        num_attention_heads=4,
+        intermediate_size=512,
+        num_single_stream_layers=2,
+        num_text_stream_layers=2,
+        num_image_stream_layers=2,
+        image_num_attention_heads=4,
+        image_intermediate_size=512,
+        region_feature_size=2048,
+        num_region_classes=1601,
+        pooled_size=128,
+        fusion="mul",
+        max_position_embeddings=128,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> InterBertConfig:
+    """Build a config from a named preset (``tiny`` or ``base``) with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return InterBertConfig(**{**PRESETS[name], **overrides})
