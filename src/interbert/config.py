@@ -42,6 +42,9 @@ class InterBertConfig(PretrainedConfig):
         type_vocab_size: int = 2,
         layer_norm_eps: float = 1e-12,
         initializer_range: float = 0.02,
+        msm_loss_weight: float = 1.0,
+        mrm_loss_weight: float = 1.0,
+        itm_loss_weight: float = 1.0,
         pad_token_id: int = 0,
         **kwargs,
     ):
@@ -69,6 +72,10 @@ class InterBertConfig(PretrainedConfig):
         self.type_vocab_size = type_vocab_size
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
+        # Weights of the pretraining objectives in InterBertForPreTraining's total loss.
+        self.msm_loss_weight = msm_loss_weight
+        self.mrm_loss_weight = mrm_loss_weight
+        self.itm_loss_weight = itm_loss_weight
         self.validate()
 
     def validate(self) -> None:

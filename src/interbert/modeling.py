@@ -1,0 +1,541 @@
+"""InterBERT, top to bottom.
+
+    regions (features, 5-d boxes) -> RegionEmbeddings --+
+                                                        +-> single-stream module: full attention over
+    WordPiece ids -> TextEmbeddings --------------------+   [regions ; text]  (BERT layers 0..S-1)
+                                                               |
+                                        +----------------------+---------------------+
+                                        v                                            v
+                              image stream (own heads/FFN)               text stream (BERT layers S..S+T-1)
+                                        |                                            |
+                             image pooler (position 0 = global region)   text pooler (position 0 = [CLS])
+                                        +--------------- fused (mul|sum) -----------+
+                                                               v
+                                                        ITM / retrieval / VCR heads
+
+Text alone runs the same path without regions, so the text side is exactly BERT. Regions alone run the
+same path without text (single-modal image embeddings). Masks are 1 = keep; padding never changes a
+valid position's output because attention masks out padded keys (torch SDPA, boolean masks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from interbert.config import InterBertConfig
+
+BOX_DIM = 5  # (x1/W, y1/H, x2/W, y2/H, area fraction)
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class InterBertOutput(ModelOutput):
+    """Sequence and pooled outputs of both streams (``None`` for a modality that was not given)."""
+
+    text_sequence: torch.Tensor | None = None
+    image_sequence: torch.Tensor | None = None
+    text_pooled: torch.Tensor | None = None
+    image_pooled: torch.Tensor | None = None
+
+
+@dataclass
+class InterBertPreTrainingOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    msm_loss: torch.Tensor | None = None
+    mrm_loss: torch.Tensor | None = None
+    itm_loss: torch.Tensor | None = None
+    msm_logits: torch.Tensor | None = None
+    mrm_class_logits: torch.Tensor | None = None
+    mrm_feature_predictions: torch.Tensor | None = None
+    itm_logits: torch.Tensor | None = None
+    text_sequence: torch.Tensor | None = None
+    image_sequence: torch.Tensor | None = None
+    text_pooled: torch.Tensor | None = None
+    image_pooled: torch.Tensor | None = None
+
+
+@dataclass
+class InterBertScoreOutput(ModelOutput):
+    """One score per input (retrieval pair, VCR choice) or class logits (text classification)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    text_pooled: torch.Tensor | None = None
+    image_pooled: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------
+class TextEmbeddings(nn.Module):
+    """BERT's embeddings: word + position + token type, LayerNorm, dropout."""
+
+    def __init__(self, config: InterBertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class RegionEmbeddings(nn.Module):
+    """LayerNorm(Linear(feature) + Linear(5-d box)): the region's content and where it is."""
+
+    def __init__(self, config: InterBertConfig):
+        super().__init__()
+        self.feature_projection = nn.Linear(config.region_feature_size, config.hidden_size)
+        self.box_projection = nn.Linear(BOX_DIM, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.image_hidden_dropout_prob)
+
+    def forward(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.LayerNorm(self.feature_projection(features) + self.box_projection(boxes)))
+
+
+class TransformerLayer(nn.Module):
+    """A post-LayerNorm BERT layer: self-attention and feed-forward, each with residual + LayerNorm."""
+
+    def __init__(self, hidden: int, heads: int, intermediate: int, act: str, dropout: float, attn_dropout: float, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.attn_dropout = attn_dropout
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+        self.attn_out = nn.Linear(hidden, hidden)
+        self.attn_norm = nn.LayerNorm(hidden, eps=eps)
+        self.ffn_in = nn.Linear(hidden, intermediate)
+        self.act = ACT2FN[act]
+        self.ffn_out = nn.Linear(intermediate, hidden)
+        self.ffn_norm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``keep``: B x 1 x 1 x L boolean, True where a key may be attended to."""
+        b, n, h = x.shape
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, self.heads, h // self.heads).transpose(1, 2)
+
+        q, k, v = split_heads(self.query(x)), split_heads(self.key(x)), split_heads(self.value(x))
+        p = self.attn_dropout if self.training else 0.0
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)
+        context = context.transpose(1, 2).reshape(b, n, h)
+        x = self.attn_norm(x + self.dropout(self.attn_out(context)))
+        return self.ffn_norm(x + self.dropout(self.ffn_out(self.act(self.ffn_in(x)))))
+
+
+def _text_layer(config: InterBertConfig) -> TransformerLayer:
+    return TransformerLayer(
+        config.hidden_size, config.num_attention_heads, config.intermediate_size, config.hidden_act,
+        config.hidden_dropout_prob, config.attention_probs_dropout_prob, config.layer_norm_eps,
+    )
+
+
+def _image_layer(config: InterBertConfig) -> TransformerLayer:
+    return TransformerLayer(
+        config.hidden_size, config.image_num_attention_heads, config.image_intermediate_size, config.hidden_act,
+        config.image_hidden_dropout_prob, config.image_attention_probs_dropout_prob, config.layer_norm_eps,
+    )
+
+
+class Pooler(nn.Module):
+    """Linear + ReLU on the first position of a stream ([CLS] for text, the global region for images)."""
+
+    def __init__(self, hidden: int, pooled: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden, pooled)
+
+    def forward(self, sequence: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.dense(sequence[:, 0]))
+
+
+class HeadTransform(nn.Module):
+    """Dense + activation + LayerNorm, as in BERT's prediction heads."""
+
+    def __init__(self, config: InterBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.act(self.dense(x)))
+
+
+def fuse(text_pooled: torch.Tensor, image_pooled: torch.Tensor, fusion: str) -> torch.Tensor:
+    """The cross-modal pair representation that the matching heads read."""
+    return text_pooled * image_pooled if fusion == "mul" else text_pooled + image_pooled
+
+
+def _keep_mask(mask: torch.Tensor) -> torch.Tensor:
+    """B x L (1 = keep) -> B x 1 x 1 x L boolean, broadcast over heads and queries by SDPA."""
+    return mask.bool()[:, None, None, :]
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+class InterBertPreTrainedModel(PreTrainedModel):
+    config_class = InterBertConfig
+    config: InterBertConfig
+    base_model_prefix = "interbert"
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, InterBertForPreTraining):
+            init.zeros_(module.msm_bias)
+
+
+class InterBertModel(InterBertPreTrainedModel):
+    def __init__(self, config: InterBertConfig):
+        super().__init__(config)
+        self.embeddings = TextEmbeddings(config)
+        self.region_embeddings = RegionEmbeddings(config)
+        self.single_stream = nn.ModuleList([_text_layer(config) for _ in range(config.num_single_stream_layers)])
+        self.text_stream = nn.ModuleList([_text_layer(config) for _ in range(config.num_text_stream_layers)])
+        self.image_stream = nn.ModuleList([_image_layer(config) for _ in range(config.num_image_stream_layers)])
+        self.text_pooler = Pooler(config.hidden_size, config.pooled_size)
+        self.image_pooler = Pooler(config.hidden_size, config.pooled_size)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def _check_inputs(self, input_ids, attention_mask, token_type_ids, region_features, region_boxes, region_mask):
+        if input_ids is None and region_features is None:
+            raise ValueError("give input_ids (text), region_features (image), or both")
+        batch = set()
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be batch x tokens, got shape {tuple(input_ids.shape)}")
+            if input_ids.shape[1] > self.config.max_position_embeddings:
+                raise ValueError(
+                    f"{input_ids.shape[1]} tokens exceed max_position_embeddings={self.config.max_position_embeddings}"
+                )
+            for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+                if t is not None and t.shape != input_ids.shape:
+                    raise ValueError(f"{name} has shape {tuple(t.shape)}, input_ids {tuple(input_ids.shape)}")
+            batch.add(input_ids.shape[0])
+        if region_features is not None:
+            d = self.config.region_feature_size
+            if region_features.dim() != 3 or region_features.shape[-1] != d:
+                raise ValueError(
+                    f"region_features must be batch x regions x {d} (config.region_feature_size), "
+                    f"got shape {tuple(region_features.shape)}"
+                )
+            if region_boxes is None or region_boxes.shape != (*region_features.shape[:2], BOX_DIM):
+                got = None if region_boxes is None else tuple(region_boxes.shape)
+                raise ValueError(
+                    f"region_boxes must be batch x regions x {BOX_DIM} (x1/W, y1/H, x2/W, y2/H, area) matching "
+                    f"region_features {tuple(region_features.shape)}, got {got}"
+                )
+            if region_mask is not None and region_mask.shape != region_features.shape[:2]:
+                raise ValueError(f"region_mask has shape {tuple(region_mask.shape)}, expected {tuple(region_features.shape[:2])}")
+            batch.add(region_features.shape[0])
+        if len(batch) > 1:
+            raise ValueError(f"text and regions have different batch sizes: {sorted(batch)}")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        region_features: torch.Tensor | None = None,
+        region_boxes: torch.Tensor | None = None,
+        region_mask: torch.Tensor | None = None,
+        **_: object,
+    ) -> InterBertOutput:
+        self._check_inputs(input_ids, attention_mask, token_type_ids, region_features, region_boxes, region_mask)
+        streams: list[tuple[torch.Tensor, torch.Tensor]] = []  # (hidden, keep) with image first
+        if region_features is not None:
+            image = self.region_embeddings(region_features, region_boxes)
+            image_keep = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device) if region_mask is None else region_mask.bool()
+            streams.append((image, image_keep))
+        if input_ids is not None:
+            text = self.embeddings(input_ids, token_type_ids)
+            text_keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            streams.append((text, text_keep))
+
+        # Single-stream interaction: full attention over [regions ; text].
+        hidden = torch.cat([h for h, _ in streams], dim=1)
+        keep = _keep_mask(torch.cat([k for _, k in streams], dim=1))
+        for layer in self.single_stream:
+            hidden = layer(hidden, keep)
+
+        # Two-stream extraction: each modality continues in its own stack.
+        out = {}
+        if region_features is not None:
+            image = hidden[:, : image.shape[1]]
+            image_keep4 = _keep_mask(image_keep)
+            for layer in self.image_stream:
+                image = layer(image, image_keep4)
+            out.update(image_sequence=image, image_pooled=self.image_pooler(image))
+        if input_ids is not None:
+            text = hidden[:, hidden.shape[1] - text.shape[1] :]
+            text_keep4 = _keep_mask(text_keep)
+            for layer in self.text_stream:
+                text = layer(text, text_keep4)
+            out.update(text_sequence=text, text_pooled=self.text_pooler(text))
+        return InterBertOutput(**out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Heads
+# --------------------------------------------------------------------------------------------------
+def mrm_loss(
+    class_logits: torch.Tensor,
+    feature_predictions: torch.Tensor,
+    class_targets: torch.Tensor | None,
+    feature_targets: torch.Tensor | None,
+) -> torch.Tensor:
+    """Masked region modeling over the N scored regions (rows): KL to the detector's class
+    distribution and/or feature regression (mean squared error per dimension, so its scale does not
+    grow with the feature size). Zero, with the graph kept, when no region is scored."""
+    if class_logits.shape[0] == 0:
+        return 0.0 * (class_logits.sum() + feature_predictions.sum())
+    loss = class_logits.new_zeros(())
+    if class_targets is not None:
+        log_p = F.log_softmax(class_logits, dim=-1)
+        loss = loss + F.kl_div(log_p, class_targets, reduction="sum") / class_logits.shape[0]
+    if feature_targets is not None:
+        loss = loss + F.mse_loss(feature_predictions, feature_targets)
+    return loss
+
+
+class InterBertForPreTraining(InterBertPreTrainedModel):
+    """MSM (masked segments) + MRM (masked region groups) + ITM, on top of :class:`InterBertModel`."""
+
+    def __init__(self, config: InterBertConfig):
+        super().__init__(config)
+        self.interbert = InterBertModel(config)
+        self.msm_transform = HeadTransform(config)
+        self.msm_bias = nn.Parameter(torch.zeros(config.vocab_size))  # decoder weight = word embeddings (tied)
+        self.mrm_transform = HeadTransform(config)
+        self.mrm_class_decoder = nn.Linear(config.hidden_size, config.num_region_classes)
+        self.mrm_feature_decoder = nn.Linear(config.hidden_size, config.region_feature_size)
+        self.itm_dropout = nn.Dropout(config.itm_dropout_prob)
+        self.itm_classifier = nn.Linear(config.pooled_size, 2)  # column 1 = "the caption matches the image"
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        region_features: torch.Tensor | None = None,
+        region_boxes: torch.Tensor | None = None,
+        region_mask: torch.Tensor | None = None,
+        msm_labels: torch.Tensor | None = None,
+        mrm_mask: torch.Tensor | None = None,
+        mrm_class_targets: torch.Tensor | None = None,
+        mrm_feature_targets: torch.Tensor | None = None,
+        itm_labels: torch.Tensor | None = None,
+        full_logits: bool = False,
+        **_: object,
+    ) -> InterBertPreTrainingOutput:
+        """With labels, the masked-token and masked-region heads run only where there is something to
+        predict (the vocabulary projection over every token would dominate the step): ``msm_logits`` is
+        then N_masked x V, ``mrm_*`` N_scored x C / x D, in row-major order of the masked positions.
+        Without labels, or with ``full_logits=True``, they cover every position (B x T x V, B x R x C)."""
+        base = self.interbert(input_ids, attention_mask, token_type_ids, region_features, region_boxes, region_mask)
+        out = dict(base)
+        text_at = msm_labels != -100 if (msm_labels is not None and not full_logits) else None
+        scored = None
+        if mrm_mask is not None:
+            scored = mrm_mask.bool()
+            if itm_labels is not None:  # regions of a mismatched caption are not predictable from it
+                scored = scored & itm_labels.bool()[:, None]
+        region_at = scored if not full_logits else None
+
+        if base.text_sequence is not None:
+            h = base.text_sequence if text_at is None else base.text_sequence[text_at]
+            word_embeddings = self.interbert.embeddings.word_embeddings.weight
+            out["msm_logits"] = F.linear(self.msm_transform(h), word_embeddings, self.msm_bias)
+        if base.image_sequence is not None:
+            h = self.mrm_transform(base.image_sequence if region_at is None else base.image_sequence[region_at])
+            out["mrm_class_logits"] = self.mrm_class_decoder(h)
+            out["mrm_feature_predictions"] = self.mrm_feature_decoder(h)
+        if base.text_pooled is not None and base.image_pooled is not None:
+            fused = fuse(base.text_pooled, base.image_pooled, self.config.fusion)
+            out["itm_logits"] = self.itm_classifier(self.itm_dropout(fused))
+
+        if msm_labels is not None and "msm_logits" in out:
+            logits = out["msm_logits"]
+            targets = msm_labels[text_at] if text_at is not None else msm_labels.flatten()
+            if (targets != -100).any():
+                out["msm_loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
+            else:  # a batch with no masked token: zero, but keep the graph
+                out["msm_loss"] = 0.0 * logits.sum()
+        if scored is not None and "mrm_class_logits" in out:
+            def at(t):
+                return None if t is None else t[scored]
+
+            class_logits, feature_predictions = out["mrm_class_logits"], out["mrm_feature_predictions"]
+            if region_at is None:
+                class_logits, feature_predictions = class_logits[scored], feature_predictions[scored]
+            out["mrm_loss"] = mrm_loss(class_logits, feature_predictions, at(mrm_class_targets), at(mrm_feature_targets))
+        if itm_labels is not None and "itm_logits" in out:
+            out["itm_loss"] = F.cross_entropy(out["itm_logits"], itm_labels.long())
+        weights = {"msm": self.config.msm_loss_weight, "mrm": self.config.mrm_loss_weight, "itm": self.config.itm_loss_weight}
+        losses = [w * out[f"{k}_loss"] for k, w in weights.items() if f"{k}_loss" in out]
+        if losses:
+            out["loss"] = torch.stack(losses).sum()
+        return InterBertPreTrainingOutput(**out)
+
+
+class _PairScorer(InterBertPreTrainedModel):
+    """One matching logit per (image, text) pair from the fused pooled outputs."""
+
+    def __init__(self, config: InterBertConfig):
+        super().__init__(config)
+        self.interbert = InterBertModel(config)
+        self.dropout = nn.Dropout(config.itm_dropout_prob)
+        self.score = nn.Linear(config.pooled_size, 1)
+        self.post_init()
+
+    def pair_scores(self, **inputs: torch.Tensor | None) -> tuple[torch.Tensor, InterBertOutput]:
+        base = self.interbert(**inputs)
+        if base.text_pooled is None or base.image_pooled is None:
+            raise ValueError(f"{type(self).__name__} scores (image, text) pairs: give both text and regions")
+        logits = self.score(self.dropout(fuse(base.text_pooled, base.image_pooled, self.config.fusion))).squeeze(-1)
+        return logits, base
+
+
+class InterBertForImageTextRetrieval(_PairScorer):
+    """Scores (image, caption) pairs. Fine-tuned as the original: groups of ``group_size`` pairs whose
+    first pair is the positive (positive, random caption, random image, hard negative), cross-entropy
+    over each group."""
+
+    def forward(
+        self,
+        input_ids=None, attention_mask=None, token_type_ids=None,
+        region_features=None, region_boxes=None, region_mask=None,
+        group_size: int | None = None,
+        labels: torch.Tensor | None = None,
+        **_: object,
+    ) -> InterBertScoreOutput:
+        logits, base = self.pair_scores(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            region_features=region_features, region_boxes=region_boxes, region_mask=region_mask,
+        )
+        loss = None
+        if group_size is not None:
+            group_size = int(group_size)
+            if logits.shape[0] % group_size:
+                raise ValueError(f"batch of {logits.shape[0]} pairs is not a multiple of group_size={group_size}")
+            grouped = logits.view(-1, group_size)
+            loss = F.cross_entropy(grouped, grouped.new_zeros(grouped.shape[0], dtype=torch.long))
+        elif labels is not None:
+            loss = F.binary_cross_entropy_with_logits(logits, labels.float())
+        return InterBertScoreOutput(loss=loss, logits=logits, text_pooled=base.text_pooled, image_pooled=base.image_pooled)
+
+
+class InterBertForMultipleChoice(_PairScorer):
+    """VCR: one score per (image, question+choice) pair, softmax over the choices.
+
+    Text inputs are batch x choices x tokens; regions are batch x choices x regions x D or, when all
+    choices share the same regions, batch x regions x D (broadcast over choices).
+    """
+
+    def forward(
+        self,
+        input_ids=None, attention_mask=None, token_type_ids=None,
+        region_features=None, region_boxes=None, region_mask=None,
+        labels: torch.Tensor | None = None,
+        **_: object,
+    ) -> InterBertScoreOutput:
+        if input_ids is None or input_ids.dim() != 3:
+            raise ValueError("InterBertForMultipleChoice expects input_ids of shape batch x choices x tokens")
+        b, c, _t = input_ids.shape
+
+        def flat_text(t):
+            return None if t is None else t.reshape(b * c, -1)
+
+        def flat_regions(t, trailing: int):
+            if t is None:
+                return None
+            if t.dim() == 1 + trailing:  # batch x ... : shared by all choices
+                t = t.unsqueeze(1).expand(b, c, *t.shape[1:])
+            return t.reshape(b * c, *t.shape[2:])
+
+        logits, base = self.pair_scores(
+            input_ids=flat_text(input_ids), attention_mask=flat_text(attention_mask), token_type_ids=flat_text(token_type_ids),
+            region_features=flat_regions(region_features, 2), region_boxes=flat_regions(region_boxes, 2),
+            region_mask=flat_regions(region_mask, 1),
+        )
+        logits = logits.view(b, c)
+        loss = F.cross_entropy(logits, labels.long()) if labels is not None else None
+        return InterBertScoreOutput(loss=loss, logits=logits, text_pooled=base.text_pooled, image_pooled=base.image_pooled)
+
+
+class InterBertForSequenceClassification(InterBertPreTrainedModel):
+    """Text-only tasks (GLUE-style) through the text path: no regions are needed.
+
+    The classifier reads [CLS] through a BERT-style pooler (Linear + tanh) so that a model converted
+    from BERT starts exactly where ``BertForSequenceClassification`` starts.
+    """
+
+    def __init__(self, config: InterBertConfig):
+        super().__init__(config)
+        self.interbert = InterBertModel(config)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None, attention_mask=None, token_type_ids=None,
+        labels: torch.Tensor | None = None,
+        **_: object,
+    ) -> InterBertScoreOutput:
+        if input_ids is None:
+            raise ValueError("InterBertForSequenceClassification needs input_ids")
+        base = self.interbert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        pooled = torch.tanh(self.pooler(base.text_sequence[:, 0]))
+        logits = self.classifier(self.dropout(pooled))
+        loss = None
+        if labels is not None:
+            if self.config.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1), labels.float())
+            else:
+                loss = F.cross_entropy(logits, labels.long())
+        return InterBertScoreOutput(loss=loss, logits=logits, text_pooled=base.text_pooled)
+
+
+__all__ = [
+    "InterBertConfig",
+    "InterBertModel",
+    "InterBertForPreTraining",
+    "InterBertForImageTextRetrieval",
+    "InterBertForMultipleChoice",
+    "InterBertForSequenceClassification",
+    "InterBertOutput",
+    "InterBertPreTrainingOutput",
+    "InterBertScoreOutput",
+    "fuse",
+    "mrm_loss",
+]

