@@ -179,3 +179,21 @@ def test_clear_errors_on_wrong_shapes():
         model(input_ids=torch.ones(1, 40, dtype=torch.long))
     with pytest.raises(ValueError, match="give input_ids"):
         model()
+
+
+def test_single_modal_embeddings_and_contrastive_loss():
+    model = InterBertForPreTraining(small_config(embedding_size=8, itc_loss_weight=0.5)).train()
+    b = batch(b=4)
+    text = model.interbert.embed_text(b["input_ids"], b["attention_mask"])
+    image = model.interbert.embed_images(b["region_features"], b["region_boxes"], b["region_mask"])
+    assert text.shape == image.shape == (4, 8)
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(4))
+    out = model(**b, itm_labels=torch.tensor([1, 1, 0, 1]))
+    assert out.itc_loss is not None and out.itc_loss > 0
+    torch.testing.assert_close(out.loss, out.itm_loss + 0.5 * out.itc_loss)
+    out.loss.backward()
+    assert model.interbert.text_projection.weight.grad.abs().sum() > 0
+
+    ret = InterBertForImageTextRetrieval(small_config(embedding_size=8, itc_loss_weight=1.0))
+    out = ret(**batch(b=8), group_size=4)
+    assert out.itc_loss is not None and out.loss > out.itc_loss

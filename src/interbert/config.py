@@ -45,6 +45,9 @@ class InterBertConfig(PretrainedConfig):
         msm_loss_weight: float = 1.0,
         mrm_loss_weight: float = 1.0,
         itm_loss_weight: float = 1.0,
+        embedding_size: int = 0,
+        itc_loss_weight: float = 0.0,
+        itc_temperature: float = 0.07,
         pad_token_id: int = 0,
         **kwargs,
     ):
@@ -76,6 +79,12 @@ class InterBertConfig(PretrainedConfig):
         self.msm_loss_weight = msm_loss_weight
         self.mrm_loss_weight = mrm_loss_weight
         self.itm_loss_weight = itm_loss_weight
+        # Single-modal embeddings for fast candidate search (text-only / regions-only passes, pooled and
+        # projected to `embedding_size`; 0 = use the pooled outputs as they are) and the optional
+        # in-batch contrastive (ITC) loss that trains them; off in the paper-faithful configs.
+        self.embedding_size = embedding_size
+        self.itc_loss_weight = itc_loss_weight
+        self.itc_temperature = itc_temperature
         self.validate()
 
     def validate(self) -> None:

@@ -54,6 +54,7 @@ class InterBertPreTrainingOutput(ModelOutput):
     msm_loss: torch.Tensor | None = None
     mrm_loss: torch.Tensor | None = None
     itm_loss: torch.Tensor | None = None
+    itc_loss: torch.Tensor | None = None
     msm_logits: torch.Tensor | None = None
     mrm_class_logits: torch.Tensor | None = None
     mrm_feature_predictions: torch.Tensor | None = None
@@ -69,6 +70,7 @@ class InterBertScoreOutput(ModelOutput):
     """One score per input (retrieval pair, VCR choice) or class logits (text classification)."""
 
     loss: torch.Tensor | None = None
+    itc_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     text_pooled: torch.Tensor | None = None
     image_pooled: torch.Tensor | None = None
@@ -216,6 +218,9 @@ class InterBertModel(InterBertPreTrainedModel):
         self.image_stream = nn.ModuleList([_image_layer(config) for _ in range(config.num_image_stream_layers)])
         self.text_pooler = Pooler(config.hidden_size, config.pooled_size)
         self.image_pooler = Pooler(config.hidden_size, config.pooled_size)
+        if config.embedding_size:
+            self.text_projection = nn.Linear(config.pooled_size, config.embedding_size)
+            self.image_projection = nn.Linear(config.pooled_size, config.embedding_size)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -300,6 +305,32 @@ class InterBertModel(InterBertPreTrainedModel):
                 text = layer(text, text_keep4)
             out.update(text_sequence=text, text_pooled=self.text_pooler(text))
         return InterBertOutput(**out)
+
+
+    # Single-modal embeddings: each modality alone through the same path (the two-stream module keeps
+    # its own stack), pooled, projected, L2-normalised. Cosine similarity of these gives candidates.
+    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids=None) -> torch.Tensor:
+        pooled = self(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).text_pooled
+        return F.normalize(self.text_projection(pooled) if self.config.embedding_size else pooled, dim=-1)
+
+    def embed_images(self, region_features: torch.Tensor, region_boxes: torch.Tensor, region_mask: torch.Tensor | None = None) -> torch.Tensor:
+        pooled = self(region_features=region_features, region_boxes=region_boxes, region_mask=region_mask).image_pooled
+        return F.normalize(self.image_projection(pooled) if self.config.embedding_size else pooled, dim=-1)
+
+    def contrastive_loss(self, batch: dict, positives: torch.Tensor) -> torch.Tensor:
+        """In-batch InfoNCE (both directions) between the texts and images of the matched pairs."""
+        rows = positives.nonzero().squeeze(-1)
+        take = lambda name: None if batch.get(name) is None else batch[name][rows]  # noqa: E731
+        text = self.embed_text(take("input_ids"), take("attention_mask"), take("token_type_ids"))
+        image = self.embed_images(take("region_features"), take("region_boxes"), take("region_mask"))
+        return contrastive_loss(text, image, self.config.itc_temperature)
+
+
+def contrastive_loss(text: torch.Tensor, image: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE: row i of ``text`` matches row i of ``image``; other rows are negatives."""
+    logits = text @ image.T / temperature
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,7 +430,14 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
             out["mrm_loss"] = mrm_loss(class_logits, feature_predictions, at(mrm_class_targets), at(mrm_feature_targets))
         if itm_labels is not None and "itm_logits" in out:
             out["itm_loss"] = F.cross_entropy(out["itm_logits"], itm_labels.long())
-        weights = {"msm": self.config.msm_loss_weight, "mrm": self.config.mrm_loss_weight, "itm": self.config.itm_loss_weight}
+            if self.config.itc_loss_weight > 0 and int(itm_labels.sum()) > 1:
+                inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                              region_features=region_features, region_boxes=region_boxes, region_mask=region_mask)
+                if mrm_feature_targets is not None:  # contrast against the unmasked regions
+                    inputs["region_features"] = torch.where(mrm_mask.bool()[..., None], mrm_feature_targets, region_features)
+                out["itc_loss"] = self.interbert.contrastive_loss(inputs, itm_labels.bool())
+        weights = {"msm": self.config.msm_loss_weight, "mrm": self.config.mrm_loss_weight,
+                   "itm": self.config.itm_loss_weight, "itc": self.config.itc_loss_weight}
         losses = [w * out[f"{k}_loss"] for k, w in weights.items() if f"{k}_loss" in out]
         if losses:
             out["loss"] = torch.stack(losses).sum()
@@ -441,16 +479,25 @@ class InterBertForImageTextRetrieval(_PairScorer):
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
             region_features=region_features, region_boxes=region_boxes, region_mask=region_mask,
         )
-        loss = None
+        loss = itc_loss = None
         if group_size is not None:
             group_size = int(group_size)
             if logits.shape[0] % group_size:
                 raise ValueError(f"batch of {logits.shape[0]} pairs is not a multiple of group_size={group_size}")
             grouped = logits.view(-1, group_size)
             loss = F.cross_entropy(grouped, grouped.new_zeros(grouped.shape[0], dtype=torch.long))
+            if self.config.itc_loss_weight > 0 and grouped.shape[0] > 1:
+                positives = torch.zeros_like(logits, dtype=torch.bool).view(-1, group_size)
+                positives[:, 0] = True
+                inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                              region_features=region_features, region_boxes=region_boxes, region_mask=region_mask)
+                itc_loss = self.interbert.contrastive_loss(inputs, positives.flatten())
+                loss = loss + self.config.itc_loss_weight * itc_loss
         elif labels is not None:
             loss = F.binary_cross_entropy_with_logits(logits, labels.float())
-        return InterBertScoreOutput(loss=loss, logits=logits, text_pooled=base.text_pooled, image_pooled=base.image_pooled)
+        return InterBertScoreOutput(
+            loss=loss, itc_loss=itc_loss, logits=logits, text_pooled=base.text_pooled, image_pooled=base.image_pooled
+        )
 
 
 class InterBertForMultipleChoice(_PairScorer):
@@ -538,4 +585,5 @@ __all__ = [
     "InterBertScoreOutput",
     "fuse",
     "mrm_loss",
+    "contrastive_loss",
 ]
