@@ -1,0 +1,788 @@
+"""The one training loop shared by every recipe (pretraining, retrieval fine-tuning, VCR, text tasks).
+
+The loop knows nothing about InterBERT: it trains any ``nn.Module`` whose ``forward(**batch)`` returns
+an object with a scalar ``.loss`` (a dataclass, e.g. a transformers ``ModelOutput``). Every other
+dataclass field whose name ends in ``_loss`` is logged as a loss component.
+
+What it does, in order of a step: seeded batch -> forward (bf16 autocast on CUDA only) -> backward of
+``loss / grad_accum_steps`` -> after ``grad_accum_steps`` micro-batches: gradient clipping, AdamW,
+linear warm-up / linear decay schedule, EMA update -> log, checkpoint, evaluate.
+
+Reproducibility contract: the data order is a seeded permutation per epoch (``DistributedSampler`` with
+``set_epoch`` semantics), and every batch is built with the python/numpy/torch RNGs seeded from
+``(seed, epoch, rank, batch index)``, so random masking is the same with any ``num_workers`` and after
+a resume. The training RNG (dropout) is saved in each checkpoint, per rank. Resuming from a
+checkpoint therefore reproduces the loss values of an uninterrupted run exactly.
+
+Distributed: launch with ``torchrun --nproc_per_node N ...``; the loop joins the process group torchrun
+describes (NCCL on GPU, gloo on CPU), wraps the model in ``DistributedDataParallel`` and shards the data
+with ``DistributedSampler``. ``batch_size`` is per process and per micro-batch, so one update sees
+``batch_size * grad_accum_steps * world_size`` examples. Only rank 0 writes logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"  # latest full training state, for resume
+HISTORY_NAME = "loss_history.json"  # per-step losses and lr, for plots
+FINAL_WEIGHTS_NAME = "model.pt"  # state dict after the last step (EMA weights when EMA is on)
+CHECKPOINT_FORMAT = 1
+
+# Settings that fix the data order and the meaning of a step: a resume with other values
+# could not continue the same run.
+_RESUME_INVARIANTS = ("seed", "batch_size", "grad_accum_steps", "drop_last")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the loop. Model, data and loss weights belong to the recipe, not here."""
+
+    output_dir: str = "runs/train"
+    seed: int = 0
+    batch_size: int = 32  # examples per process per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer update
+    max_steps: int | None = None  # optimizer updates; None -> num_epochs over the data
+    num_epochs: int = 1
+    learning_rate: float = 1e-4
+    # fnmatch patterns on parameter names -> learning-rate factor; the first matching pattern wins,
+    # e.g. {"bert.*": 0.1} trains BERT-initialised weights 10x slower.
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.01  # never applied to biases and LayerNorm weights (1-d parameters)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    warmup_steps: int = 0  # linear warm-up; 0 -> warmup_ratio * total steps
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0  # None -> no clipping
+    # Exponential moving average of the weights (the original fine-tunes with 0.9999); the averaged
+    # weights are the ones evaluated and saved. ema_warmup uses min(decay, (1+n)/(10+n)) after n
+    # updates, so a short run's average is not dominated by the initial weights.
+    ema_decay: float | None = None
+    ema_warmup: bool = True
+    bf16: bool = True  # autocast to bfloat16 on CUDA; never on CPU (bf16 matmuls are ~100x slower there)
+    device: str = "auto"  # auto -> cuda:LOCAL_RANK when available, else cpu
+    save_every: int | None = None  # checkpoint every N updates (and always at the end)
+    log_every: int = 10  # TensorBoard scalars every N updates
+    eval_every: int | None = None  # call eval_fn every N updates
+    num_workers: int = 0  # DataLoader worker processes
+    drop_last: bool = True  # drop the incomplete last batch of an epoch
+    find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
+    progress_bar: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "grad_accum_steps", "num_epochs", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "save_every", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1 or None, got {value}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if self.num_workers < 0 or self.warmup_steps < 0:
+            raise ValueError("TrainConfig.num_workers and warmup_steps must be >= 0")
+        for pattern, factor in self.lr_multipliers.items():
+            if not isinstance(factor, int | float) or factor < 0:
+                raise ValueError(f"TrainConfig.lr_multipliers[{pattern!r}] must be a number >= 0, got {factor!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build from a config file's ``train:`` section; an unknown key is an error naming it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer updates done
+    epoch: int
+    history: dict[str, list[float | None]]  # "loss", each "*_loss" component, "lr", per update
+    eval_history: list[dict[str, float]]  # one {"step": s, metric: value, ...} per evaluation
+    output_dir: Path
+
+    @property
+    def loss_history(self) -> list[float]:
+        return self.history["loss"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces: schedule, parameter groups, EMA, RNG state
+# ---------------------------------------------------------------------------------------------
+
+
+def warmup_linear_decay(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor of the update with 0-based index ``step``.
+
+    Rises linearly to 1 over ``warmup_steps`` updates (the first update already moves: 1/warmup),
+    then falls linearly towards 0, reaching 1/(total - warmup) on the last update.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def lr_multiplier_from_patterns(patterns: Mapping[str, float]) -> Callable[[str], float]:
+    """Map a parameter name to the factor of the first fnmatch pattern it matches (default 1)."""
+
+    def multiplier(name: str) -> float:
+        for pattern, factor in patterns.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return float(factor)
+        return 1.0
+
+    return multiplier
+
+
+def build_param_groups(
+    model: nn.Module, weight_decay: float, lr_multiplier_for: Callable[[str], float]
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups keyed by (lr factor, decayed?).
+
+    1-d parameters (biases, LayerNorm weights) get no weight decay: shrinking a LayerNorm gain or a
+    bias towards 0 is not regularisation, it changes the function.
+    """
+    groups: dict[tuple[float, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        factor = float(lr_multiplier_for(name))
+        decayed = param.ndim >= 2
+        group = groups.setdefault(
+            (factor, decayed),
+            {"params": [], "param_names": [], "lr_multiplier": factor, "weight_decay": weight_decay if decayed else 0.0},
+        )
+        group["params"].append(param)
+        group["param_names"].append(name)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return list(groups.values())
+
+
+class ExponentialMovingAverage:
+    """Shadow copy of a model's floating-point state: ``shadow <- d * shadow + (1 - d) * current``."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.shadow = {
+            name: value.detach().clone()
+            for name, value in model.state_dict().items()
+            if value.dtype.is_floating_point
+        }
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        for name, value in model.state_dict().items():
+            if name in self.shadow:
+                self.shadow[name].lerp_(value.detach().to(self.shadow[name].dtype), 1.0 - decay)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        model.load_state_dict(self.shadow, strict=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.decay, self.warmup, self.num_updates = state["decay"], state["warmup"], state["num_updates"]
+        for name, value in state["shadow"].items():
+            self.shadow[name].copy_(value)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as plain types (loadable with ``weights_only=True``)."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, keys.tolist(), position, has_gauss, cached_gaussian),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run a block with the python, numpy and torch CPU RNGs seeded to ``seed``, then restore them."""
+    saved_python, saved_numpy, saved_torch = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # CPU only: cheaper than torch.manual_seed per batch
+    try:
+        yield
+    finally:
+        random.setstate(saved_python)
+        np.random.set_state(saved_numpy)
+        torch.set_rng_state(saved_torch)
+
+
+def batch_seed(seed: int, epoch: int, rank: int, batch_index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank, batch_index]).generate_state(1)[0])
+
+
+def loss_components(output: Any) -> dict[str, torch.Tensor | None]:
+    """The output's ``loss`` and every field named ``*_loss`` (None where the model gave none)."""
+    if dataclasses.is_dataclass(output):
+        names = [f.name for f in dataclasses.fields(output)]
+        values = {name: getattr(output, name) for name in names}
+    elif isinstance(output, Mapping):
+        values = dict(output)
+    else:
+        raise TypeError(f"the model must return a dataclass or mapping with a 'loss', got {type(output).__name__}")
+    return {name: value for name, value in values.items() if name == "loss" or name.endswith("_loss")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed context and data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    created_process_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> DistributedContext:
+    """Join the process group that torchrun describes in the environment (no-op for one process)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1 and not dist.is_initialized():
+        return DistributedContext()
+    created = False
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        created = True
+    return DistributedContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        created_process_group=created,
+    )
+
+
+def epoch_batches(
+    dataset: Dataset, batch_size: int, epoch: int, seed: int, rank: int, world_size: int, drop_last: bool
+) -> list[list[int]]:
+    """This rank's batches (lists of dataset indices) of one epoch, in order."""
+    sampler = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=drop_last
+    )
+    sampler.set_epoch(epoch)
+    indices = list(sampler)
+    batches = [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+class _SeededBatches(Dataset):
+    """Item k is the collated batch k of the epoch, built under RNGs seeded for that batch.
+
+    Seeding per batch makes random masking a function of the position in the data order (the same
+    in any worker process and after a resume), and the save/restore around it keeps data loading
+    from consuming the training RNG.
+    """
+
+    def __init__(self, dataset, batches, collate_fn, seed: int, epoch: int, rank: int, start: int):
+        self.dataset, self.batches, self.collate_fn = dataset, batches, collate_fn
+        self.seed, self.epoch, self.rank, self.start = seed, epoch, rank, start
+
+    def __len__(self) -> int:
+        return len(self.batches) - self.start
+
+    def __getitem__(self, position: int):
+        batch_index = self.start + position
+        with seeded_rng(batch_seed(self.seed, self.epoch, self.rank, batch_index)):
+            return self.collate_fn([self.dataset[i] for i in self.batches[batch_index]])
+
+
+def _as_is(batch):
+    return batch
+
+
+def _count_examples(batch: Mapping[str, Any]) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return int(value.shape[0])
+    raise ValueError(f"cannot tell the batch size: no tensor in the batch (keys {sorted(batch)})")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Train ``model`` on ``train_dataset``; see the module docstring for the contract.
+
+    ``collate_fn`` turns a list of dataset items into a ``dict`` batch (only its tensors are passed to
+    the model; bookkeeping lists such as ``image_ids`` stay out). ``lr_multiplier_for(name)`` gives
+    a parameter's learning-rate factor (e.g. 0.1 for BERT-initialised weights); it replaces
+    ``config.lr_multipliers``. ``eval_fn(model) -> {metric: value}`` runs on rank 0 every
+    ``eval_every`` updates, in eval mode, without gradients, with the EMA weights when EMA is on.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataset: Dataset,
+        config: TrainConfig,
+        collate_fn: Callable[[list[Any]], Mapping[str, Any]] | None = None,
+        lr_multiplier_for: Callable[[str], float] | None = None,
+        eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    ):
+        if lr_multiplier_for is not None and config.lr_multipliers:
+            raise ValueError("give either lr_multiplier_for or config.lr_multipliers, not both")
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.train_dataset = train_dataset
+        self.collate_fn = collate_fn or default_collate
+        self.eval_fn = eval_fn
+
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = resolve_device(config.device, local_rank)
+        self.dist = init_distributed(self.device)
+        self.use_bf16 = config.bf16 and self.device.type == "cuda"
+
+        self.model = model.to(self.device)  # the bare module: names, EMA, saving
+        multiplier = lr_multiplier_for or lr_multiplier_from_patterns(config.lr_multipliers)
+        self.optimizer = torch.optim.AdamW(
+            build_param_groups(self.model, config.weight_decay, multiplier),
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.learning_rate * group["lr_multiplier"]
+
+        self.batches_per_epoch = len(self._epoch_batches(0))
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"no full batch: {len(train_dataset)} examples over {self.dist.world_size} process(es) "
+                f"with batch_size {config.batch_size}"
+            )
+        if config.max_steps is not None:
+            self.total_steps = config.max_steps
+        else:
+            self.total_steps = config.num_epochs * self.batches_per_epoch // config.grad_accum_steps
+            if self.total_steps == 0:
+                raise ValueError(
+                    f"{config.num_epochs} epoch(s) of {self.batches_per_epoch} batches make no update "
+                    f"with grad_accum_steps {config.grad_accum_steps}; set max_steps"
+                )
+        self.warmup_steps = config.warmup_steps or round(config.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: warmup_linear_decay(step, self.warmup_steps, self.total_steps)
+        )
+        self.ema = (
+            ExponentialMovingAverage(self.model, config.ema_decay, config.ema_warmup) if config.ema_decay else None
+        )
+        if self.dist.enabled:
+            self.ddp_model: nn.Module = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=config.find_unused_parameters,
+            )
+        else:
+            self.ddp_model = self.model
+
+        # Position in the run: updates done, and the next batch to read.
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.history: dict[str, list[float | None]] = {}
+        self.eval_history: list[dict[str, float]] = []
+        self._last_saved_step = -1
+
+    # -- data ------------------------------------------------------------------------------------
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        cfg = self.config
+        return epoch_batches(
+            self.train_dataset, cfg.batch_size, epoch, cfg.seed, self.dist.rank, self.dist.world_size, cfg.drop_last
+        )
+
+    def _loader(self, epoch: int, start: int) -> DataLoader:
+        batches = _SeededBatches(
+            self.train_dataset, self._epoch_batches(epoch), self.collate_fn, self.config.seed, epoch, self.dist.rank, start
+        )
+        return DataLoader(
+            batches,
+            batch_size=None,
+            shuffle=False,
+            num_workers=self.config.num_workers,
+            collate_fn=_as_is,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    # -- one micro-batch and one update ------------------------------------------------------------
+
+    def _forward_backward(self, batch: Mapping[str, Any], sync_gradients: bool) -> dict[str, torch.Tensor | None]:
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"collate_fn must return a dict of tensors, got {type(batch).__name__}")
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        no_sync = self.dist.enabled and not sync_gradients
+        with self.ddp_model.no_sync() if no_sync else contextlib.nullcontext():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_bf16):
+                output = self.ddp_model(**inputs)
+            components = loss_components(output)
+            loss = components.get("loss")
+            if loss is None:
+                raise ValueError(
+                    f"the model returned no loss for a batch with keys {sorted(inputs)}; are its labels in the batch?"
+                )
+            (loss / self.config.grad_accum_steps).backward()
+        return {name: None if value is None else value.detach().float() for name, value in components.items()}
+
+    def _optimizer_step(self) -> float | None:
+        grad_norm = None
+        if self.config.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        return grad_norm
+
+    def _reduce_step_stats(self, sums: dict[str, list], examples: int) -> tuple[dict[str, float | None], int]:
+        """Mean of each loss component over this update's micro-batches and all ranks."""
+        names = sorted(sums)
+        packed = [value for name in names for value in sums[name]] + [float(examples)]
+        stats = torch.tensor(packed, dtype=torch.float64, device=self.device)
+        if self.dist.enabled:
+            dist.all_reduce(stats)
+        stats = stats.tolist()
+        means = {}
+        for i, name in enumerate(names):
+            total, count = stats[2 * i], stats[2 * i + 1]
+            means[name] = total / count if count else None
+        return means, int(stats[-1])
+
+    def _record(self, values: Mapping[str, float | None]) -> None:
+        length = len(self.history.get("loss", []))
+        for name in values:
+            self.history.setdefault(name, [None] * length)
+        for name, series in self.history.items():
+            series.append(values.get(name))
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        cfg = self.config
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.load_checkpoint(self.output_dir / CHECKPOINT_NAME)
+        else:
+            seed_everything(cfg.seed + self.dist.rank)  # dropout noise differs per rank
+
+        writer = self._summary_writer()
+        progress = self._progress_bar()
+        self.ddp_model.train()
+        sums: dict[str, list] = {}
+        micro_batches, examples = 0, 0
+        interval_start, interval_examples = time.perf_counter(), 0
+        try:
+            while self.step < self.total_steps:
+                for batch in self._loader(self.epoch, self.batch_in_epoch):
+                    self.batch_in_epoch += 1
+                    micro_batches += 1
+                    sync = micro_batches == cfg.grad_accum_steps
+                    for name, value in self._forward_backward(batch, sync).items():
+                        total_count = sums.setdefault(name, [0.0, 0.0])
+                        if value is not None:
+                            total_count[0] += float(value)
+                            total_count[1] += 1.0
+                    examples += _count_examples(batch)
+                    if not sync:
+                        continue
+
+                    # the learning rate of this update for parameters with factor 1
+                    lr = cfg.learning_rate * warmup_linear_decay(self.step, self.warmup_steps, self.total_steps)
+                    grad_norm = self._optimizer_step()
+                    means, step_examples = self._reduce_step_stats(sums, examples)
+                    sums, micro_batches, examples = {}, 0, 0
+                    if not math.isfinite(means["loss"]):
+                        raise FloatingPointError(f"loss is {means['loss']} at update {self.step} (epoch {self.epoch})")
+                    self._record({**means, "lr": lr})
+
+                    interval_examples += step_examples
+                    elapsed = time.perf_counter() - interval_start
+                    throughput = interval_examples / elapsed if elapsed > 0 else 0.0
+                    if progress is not None:
+                        progress.update(1)
+                        progress.set_postfix(loss=f"{means['loss']:.4f}", ex_per_s=f"{throughput:.1f}", refresh=False)
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        if writer is not None:
+                            self._write_scalars(writer, means, lr, throughput, grad_norm)
+                        interval_start, interval_examples = time.perf_counter(), 0
+
+                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                        self.evaluate(writer)
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                        self.save_checkpoint()
+                    if self.step >= self.total_steps:
+                        break
+                else:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+            if self._last_saved_step != self.step:
+                self.save_checkpoint()
+            self.save_final_weights()
+        finally:
+            if progress is not None:
+                progress.close()
+            if writer is not None:
+                writer.close()
+        result = TrainResult(self.step, self.epoch, self.history, self.eval_history, self.output_dir)
+        if self.dist.created_process_group:
+            dist.barrier()
+            dist.destroy_process_group()
+        return result
+
+    # -- logging -------------------------------------------------------------------------------------
+
+    def _summary_writer(self):
+        if not (self.config.tensorboard and self.dist.is_main):
+            return None
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when logging
+
+        # purge_step drops events a killed run wrote after its last checkpoint.
+        return SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.step or None)
+
+    def _progress_bar(self):
+        if not (self.config.progress_bar and self.dist.is_main):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _write_scalars(self, writer, means, lr, throughput, grad_norm) -> None:
+        for name, value in means.items():
+            if value is not None:
+                writer.add_scalar(f"train/{name}", value, self.step)
+        writer.add_scalar("train/lr", lr, self.step)
+        writer.add_scalar("train/examples_per_second", throughput, self.step)
+        if grad_norm is not None:
+            writer.add_scalar("train/grad_norm", grad_norm, self.step)
+
+    # -- evaluation and saving -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def averaged_weights(self) -> Iterator[nn.Module]:
+        """The bare model holding the EMA weights (when EMA is on) inside the block, then restored."""
+        if self.ema is None:
+            yield self.model
+            return
+        backup = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
+        self.ema.copy_to(self.model)
+        try:
+            yield self.model
+        finally:
+            self.model.load_state_dict(backup)
+
+    def evaluate(self, writer=None) -> dict[str, float] | None:
+        """Run ``eval_fn`` on rank 0 (EMA weights, eval mode, no grad); the training RNG is untouched."""
+        if self.eval_fn is None:
+            return None
+        metrics = None
+        if self.dist.is_main:
+            with self.averaged_weights() as model, seeded_rng(self.config.seed), torch.no_grad():
+                model.eval()
+                try:
+                    metrics = {name: float(value) for name, value in self.eval_fn(model).items()}
+                finally:
+                    model.train()
+            self.eval_history.append({"step": self.step, **metrics})
+            if writer is not None:
+                for name, value in metrics.items():
+                    writer.add_scalar(f"eval/{name}", value, self.step)
+        if self.dist.enabled:
+            dist.barrier()
+        return metrics
+
+    def _gather_rng_states(self) -> list[dict[str, Any]]:
+        state = rng_state()
+        if not self.dist.enabled:
+            return [state]
+        gathered: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, state)
+        return gathered
+
+    def save_checkpoint(self) -> Path | None:
+        """Write the full training state (all ranks must call this; rank 0 writes)."""
+        rng_states = self._gather_rng_states()
+        self._last_saved_step = self.step
+        if not self.dist.is_main:
+            return None
+        path = self.output_dir / CHECKPOINT_NAME
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "world_size": self.dist.world_size,
+            "rng_states": rng_states,
+            "train_config": self.config.to_dict(),
+            "history": self.history,
+            "eval_history": self.eval_history,
+        }
+        atomic_torch_save(state, path)
+        atomic_write_json({**self.history, "eval": self.eval_history}, self.output_dir / HISTORY_NAME)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: unknown checkpoint format {state.get('format')!r}")
+        saved_config = state["train_config"]
+        mismatched = {
+            key: (saved_config.get(key), getattr(self.config, key))
+            for key in _RESUME_INVARIANTS
+            if saved_config.get(key) != getattr(self.config, key)
+        }
+        if state["world_size"] != self.dist.world_size:
+            mismatched["world_size"] = (state["world_size"], self.dist.world_size)
+        if mismatched:
+            details = ", ".join(f"{key}: checkpoint {old!r} vs now {new!r}" for key, (old, new) in mismatched.items())
+            raise ValueError(f"{path}: cannot continue the same run with different settings ({details})")
+        changed = [key for key, value in self.config.to_dict().items() if saved_config.get(key) != value]
+        if changed:
+            logger.warning("resuming %s with changed settings: %s", path, ", ".join(changed))
+
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ValueError(f"{path}: EMA is on but the checkpoint holds no EMA weights")
+            self.ema.load_state_dict(state["ema"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.history = {name: list(series) for name, series in state["history"].items()}
+        self.eval_history = list(state["eval_history"])
+        self._last_saved_step = self.step
+        set_rng_state(state["rng_states"][self.dist.rank])
+
+    def save_final_weights(self) -> Path | None:
+        """Rank 0 writes the model's state dict (EMA weights when EMA is on) to ``model.pt``."""
+        if not self.dist.is_main:
+            return None
+        path = self.output_dir / FINAL_WEIGHTS_NAME
+        with self.averaged_weights() as model:
+            atomic_torch_save(model.state_dict(), path)
+        return path
+
+
+def train(
+    model: nn.Module,
+    train_dataset: Dataset,
+    config: TrainConfig,
+    collate_fn: Callable[[list[Any]], Mapping[str, Any]] | None = None,
+    resume: bool = False,
+    lr_multiplier_for: Callable[[str], float] | None = None,
+    eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
+) -> TrainResult:
+    """Build a :class:`Trainer` and run it; ``resume=True`` continues from ``output_dir/checkpoint.pt``."""
+    trainer = Trainer(model, train_dataset, config, collate_fn, lr_multiplier_for, eval_fn)
+    return trainer.fit(resume=resume)
