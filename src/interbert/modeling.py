@@ -274,16 +274,28 @@ class InterBertModel(InterBertPreTrainedModel):
         **_: object,
     ) -> InterBertOutput:
         self._check_inputs(input_ids, attention_mask, token_type_ids, region_features, region_boxes, region_mask)
-        streams: list[tuple[torch.Tensor, torch.Tensor]] = []  # (hidden, keep) with image first
+        image = image_keep = text = text_keep = None
         if region_features is not None:
             image = self.region_embeddings(region_features, region_boxes)
             image_keep = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device) if region_mask is None else region_mask.bool()
-            streams.append((image, image_keep))
         if input_ids is not None:
             text = self.embeddings(input_ids, token_type_ids)
             text_keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-            streams.append((text, text_keep))
+        return self.encode(text, text_keep, image, image_keep)
 
+    def encode(
+        self,
+        text: torch.Tensor | None,
+        text_keep: torch.Tensor | None,
+        image: torch.Tensor | None,
+        image_keep: torch.Tensor | None,
+    ) -> InterBertOutput:
+        """Everything after the embeddings, on already-embedded inputs (B x L x H, keep masks B x L).
+
+        Retrieval evaluation embeds each image and caption once and pairs the embeddings up here,
+        instead of re-embedding an image for every caption it is scored against.
+        """
+        streams = [(h, k.bool()) for h, k in ((image, image_keep), (text, text_keep)) if h is not None]
         # Single-stream interaction: full attention over [regions ; text].
         hidden = torch.cat([h for h, _ in streams], dim=1)
         keep = _keep_mask(torch.cat([k for _, k in streams], dim=1))
@@ -292,18 +304,18 @@ class InterBertModel(InterBertPreTrainedModel):
 
         # Two-stream extraction: each modality continues in its own stack.
         out = {}
-        if region_features is not None:
-            image = hidden[:, : image.shape[1]]
+        if image is not None:
+            image_out = hidden[:, : image.shape[1]]
             image_keep4 = _keep_mask(image_keep)
             for layer in self.image_stream:
-                image = layer(image, image_keep4)
-            out.update(image_sequence=image, image_pooled=self.image_pooler(image))
-        if input_ids is not None:
-            text = hidden[:, hidden.shape[1] - text.shape[1] :]
+                image_out = layer(image_out, image_keep4)
+            out.update(image_sequence=image_out, image_pooled=self.image_pooler(image_out))
+        if text is not None:
+            text_out = hidden[:, hidden.shape[1] - text.shape[1] :]
             text_keep4 = _keep_mask(text_keep)
             for layer in self.text_stream:
-                text = layer(text, text_keep4)
-            out.update(text_sequence=text, text_pooled=self.text_pooler(text))
+                text_out = layer(text_out, text_keep4)
+            out.update(text_sequence=text_out, text_pooled=self.text_pooler(text_out))
         return InterBertOutput(**out)
 
 
