@@ -209,3 +209,14 @@ def test_a_model_without_loss_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="returned no loss"):
         train(NoLoss(), ToyDataset(64), quiet_config(tmp_path, batch_size=8, max_steps=1))
+
+
+def test_random_masking_in_data_loading_is_the_same_with_worker_processes(tmp_path):
+    from test_train_toy import noisy_collate
+
+    def losses(num_workers: int) -> list[float]:
+        torch.manual_seed(0)
+        config = quiet_config(tmp_path / str(num_workers), batch_size=8, max_steps=10, num_workers=num_workers)
+        return train(ToyModel(), ToyDataset(64), config, collate_fn=noisy_collate).loss_history
+
+    assert losses(0) == losses(2)

@@ -506,6 +506,9 @@ class Trainer:
             num_workers=self.config.num_workers,
             collate_fn=_as_is,
             pin_memory=self.device.type == "cuda",
+            # Its own generator: creating an iterator would otherwise draw a worker seed from the
+            # global torch RNG, and a resumed run creates its first iterator at another moment.
+            generator=torch.Generator().manual_seed(self.config.seed),
         )
 
     # -- one micro-batch and one update ------------------------------------------------------------
