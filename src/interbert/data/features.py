@@ -1,0 +1,639 @@
+"""Region-feature stores: one lookup interface over the layouts detectors leave behind.
+
+``store[image_id] -> Regions`` in O(1) for every format (a dict from id to where the image lives, never
+a list search), without loading the whole file: the TSV is indexed by line byte offsets in one pass and
+read by seeking; the project's own store (:class:`RegionStore`) memory-maps concatenated ``.npy``
+arrays. Pickled LMDB values (ViLBERT / the original code) are read only with ``trust_pickle=True`` —
+pickle runs code, so it is meant for a one-time ``interbert data convert``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from interbert.data.errors import DataFormatError, UnknownImageError
+
+
+@dataclass
+class Regions:
+    """Detector output for one image: boxes are ``x1 y1 x2 y2`` in original-image pixels."""
+
+    features: np.ndarray  # N x D float32
+    boxes: np.ndarray  # N x 4 float32
+    image_w: int
+    image_h: int
+    class_probs: np.ndarray | None = None  # N x C, the detector's class distribution
+
+    def __post_init__(self):
+        self.features = np.asarray(self.features, dtype=np.float32)
+        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        self.image_w, self.image_h = int(self.image_w), int(self.image_h)
+        if self.class_probs is not None:
+            self.class_probs = np.asarray(self.class_probs, dtype=np.float32)
+
+    @property
+    def num_regions(self) -> int:
+        return len(self.features)
+
+
+class FeatureStore:
+    """What every reader offers. Subclasses fill ``self._index`` (id -> location) and ``_read``."""
+
+    path: Path
+    _index: dict[str, object]
+    feature_dim: int
+
+    def _read(self, image_id: str, location: object) -> Regions:
+        raise NotImplementedError
+
+    def __getitem__(self, image_id: str | int) -> Regions:
+        image_id = str(image_id)
+        try:
+            location = self._index[image_id]
+        except KeyError:
+            raise UnknownImageError(image_id, self.path) from None
+        return self._read(image_id, location)
+
+    def __contains__(self, image_id: object) -> bool:
+        return str(image_id) in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def ids(self) -> list[str]:
+        return list(self._index)
+
+    def items(self) -> Iterator[tuple[str, Regions]]:
+        for image_id in self._index:
+            yield image_id, self[image_id]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, images={len(self)}, feature_dim={self.feature_dim})"
+
+
+# --------------------------------------------------------------------------- bottom-up TSV
+TSV_LAYOUTS = {
+    # bottom-up-attention's generate_tsv.py
+    6: ["image_id", "image_w", "image_h", "num_boxes", "boxes", "features"],
+    # its variant that also dumps the class distribution
+    7: ["image_id", "image_w", "image_h", "num_boxes", "boxes", "features", "cls_prob"],
+    # LXMERT's (note: height before width)
+    10: ["img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "num_boxes", "boxes",
+         "features"],
+}
+_TSV_ALIASES = {"img_id": "image_id", "img_w": "image_w", "img_h": "image_h"}
+
+
+def _decode_float32(path: Path, line: int, image_id: str, field: str, value: str, rows: int) -> np.ndarray:
+    try:
+        flat = np.frombuffer(base64.b64decode(value, validate=True), dtype=np.float32)
+    except (binascii.Error, ValueError) as e:
+        raise DataFormatError(path, f"image {image_id}: field {field!r} is not valid base64 float32 ({e})", line) from None
+    if rows <= 0 or flat.size % rows:
+        raise DataFormatError(
+            path, f"image {image_id}: field {field!r} holds {flat.size} floats, not a multiple of num_boxes={rows}", line)
+    return flat.reshape(rows, -1)
+
+
+class TsvFeatures(FeatureStore):
+    """Bottom-up-attention TSV (6 columns), its ``cls_prob`` variant (7) or LXMERT's (10), no header
+    (an optional header line naming the fields is honoured). One pass records each line's byte offset;
+    lookups seek and decode one line."""
+
+    def __init__(self, path: str | Path, fieldnames: list[str] | None = None):
+        self.path = Path(path)
+        self.fieldnames = fieldnames
+        self._index, self._lines = {}, {}
+        self._file, self._pid = None, None
+        with open(self.path, "rb") as f:
+            offset, line_no = 0, 0
+            for raw in f:
+                line_no += 1
+                if line_no == 1 and fieldnames is None and raw.split(b"\t", 1)[0].strip() in (b"image_id", b"img_id"):
+                    self.fieldnames = raw.decode().rstrip("\r\n").split("\t")
+                    offset += len(raw)
+                    continue
+                if raw.strip():
+                    if self.fieldnames is None:
+                        n = raw.count(b"\t") + 1
+                        if n not in TSV_LAYOUTS:
+                            raise DataFormatError(self.path, f"{n} tab-separated fields; expected one of "
+                                                             f"{sorted(TSV_LAYOUTS)} (or pass fieldnames)", line_no)
+                        self.fieldnames = TSV_LAYOUTS[n]
+                    n = raw.count(b"\t") + 1
+                    if n != len(self.fieldnames):
+                        raise DataFormatError(
+                            self.path, f"{n} tab-separated fields, expected {len(self.fieldnames)} (truncated line?)", line_no)
+                    image_id = raw.split(b"\t", 1)[0].decode().strip()
+                    if image_id in self._index:
+                        raise DataFormatError(self.path, f"image id {image_id!r} appears twice", line_no)
+                    self._index[image_id], self._lines[image_id] = offset, line_no
+                offset += len(raw)
+        if not self._index:
+            raise DataFormatError(self.path, "no feature lines")
+        self._columns = [_TSV_ALIASES.get(name, name) for name in self.fieldnames]
+        self.feature_dim = self[next(iter(self._index))].features.shape[1]
+
+    def _handle(self):
+        if self._file is None or self._pid != os.getpid():  # one handle per DataLoader worker process
+            self._file, self._pid = open(self.path, "rb"), os.getpid()
+        return self._file
+
+    def _read(self, image_id: str, offset: int) -> Regions:
+        f = self._handle()
+        f.seek(offset)
+        raw, line = f.readline(), self._lines[image_id]
+        values = raw.decode().rstrip("\r\n").split("\t")
+        if len(values) != len(self._columns):
+            raise DataFormatError(self.path, f"image {image_id}: {len(values)} fields, expected {len(self._columns)} "
+                                             "(truncated line?)", line)
+        row = dict(zip(self._columns, values))
+        try:
+            num_boxes, image_w, image_h = int(row["num_boxes"]), int(float(row["image_w"])), int(float(row["image_h"]))
+        except ValueError as e:
+            raise DataFormatError(self.path, f"image {image_id}: bad number ({e})", line) from None
+        features = _decode_float32(self.path, line, image_id, "features", row["features"], num_boxes)
+        boxes = _decode_float32(self.path, line, image_id, "boxes", row["boxes"], num_boxes)
+        if boxes.shape[1] != 4:
+            raise DataFormatError(self.path, f"image {image_id}: boxes hold {boxes.shape[1]} values per box, not 4", line)
+        if getattr(self, "feature_dim", features.shape[1]) != features.shape[1]:
+            raise DataFormatError(self.path, f"image {image_id}: {features.size} feature values for num_boxes={num_boxes}"
+                                             f" (expected {num_boxes} x {self.feature_dim})", line)
+        class_probs = None
+        if "cls_prob" in row:
+            class_probs = _decode_float32(self.path, line, image_id, "cls_prob", row["cls_prob"], num_boxes)
+        return Regions(features, boxes, image_w, image_h, class_probs)
+
+    def __getstate__(self):  # picklable for DataLoader workers: the open handle is not
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+
+def write_tsv(path: str | Path, items: Iterable[tuple[str, Regions]], with_class_probs: bool = False) -> None:
+    """Write the bottom-up-attention TSV (``with_class_probs`` adds its ``cls_prob`` column)."""
+    def b64(a: np.ndarray) -> str:
+        return base64.b64encode(np.ascontiguousarray(a, dtype=np.float32).tobytes()).decode()
+
+    with open(path, "w") as f:
+        for image_id, r in items:
+            fields = [image_id, r.image_w, r.image_h, r.num_regions, b64(r.boxes), b64(r.features)]
+            if with_class_probs:
+                fields.append(b64(r.class_probs))
+            f.write("\t".join(map(str, fields)) + "\n")
+
+
+# --------------------------------------------------------------------------- folder of .npz
+class NpzFolderFeatures(FeatureStore):
+    """One ``<image_id>.npz`` per image with ``features``, ``boxes``, ``image_w``, ``image_h`` and
+    optionally ``class_probs`` (or ``cls_prob``)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._index = {p.stem: p for p in sorted(self.path.glob("*.npz"))}
+        if not self._index:
+            raise DataFormatError(self.path, "no .npz files in this folder")
+        self.feature_dim = self[next(iter(self._index))].features.shape[1]
+
+    def _read(self, image_id: str, file: Path) -> Regions:
+        with np.load(file) as z:
+            missing = {"features", "boxes", "image_w", "image_h"} - set(z.files)
+            if missing:
+                raise DataFormatError(file, f"image {image_id}: missing arrays {sorted(missing)}")
+            probs = z["class_probs"] if "class_probs" in z.files else (z["cls_prob"] if "cls_prob" in z.files else None)
+            features, boxes = z["features"], z["boxes"]
+            if features.ndim != 2 or len(boxes) != len(features):
+                raise DataFormatError(file, f"image {image_id}: features {features.shape} and boxes {boxes.shape} disagree")
+            return Regions(features, boxes, int(z["image_w"]), int(z["image_h"]), probs)
+
+
+def write_npz_folder(path: str | Path, items: Iterable[tuple[str, Regions]]) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for image_id, r in items:
+        extra = {} if r.class_probs is None else {"class_probs": r.class_probs}
+        np.savez(path / f"{image_id}.npz", features=r.features, boxes=r.boxes, image_w=r.image_w, image_h=r.image_h,
+                 **extra)
+
+
+# --------------------------------------------------------------------------- HDF5
+class Hdf5Features(FeatureStore):
+    """One group per image id holding ``features``, ``boxes`` (and ``class_probs``), with the image
+    size in the group's attributes ``image_w``/``image_h``."""
+
+    def __init__(self, path: str | Path):
+        import h5py
+
+        self.path = Path(path)
+        self._file, self._pid = None, None
+        with h5py.File(self.path, "r") as f:
+            self._index = {name: name for name in f.keys()}
+        if not self._index:
+            raise DataFormatError(self.path, "no image groups in this HDF5 file")
+        self.feature_dim = self[next(iter(self._index))].features.shape[1]
+
+    def _read(self, image_id: str, name: str) -> Regions:
+        import h5py
+
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+        g = self._file[name]
+        if "features" not in g or "boxes" not in g:
+            raise DataFormatError(self.path, f"image {image_id}: group lacks 'features' or 'boxes'")
+        probs = g["class_probs"][()] if "class_probs" in g else None
+        return Regions(g["features"][()], g["boxes"][()], g.attrs["image_w"], g.attrs["image_h"], probs)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+
+def write_hdf5(path: str | Path, items: Iterable[tuple[str, Regions]]) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for image_id, r in items:
+            g = f.create_group(image_id)
+            g.create_dataset("features", data=r.features)
+            g.create_dataset("boxes", data=r.boxes)
+            if r.class_probs is not None:
+                g.create_dataset("class_probs", data=r.class_probs)
+            g.attrs["image_w"], g.attrs["image_h"] = r.image_w, r.image_h
+
+
+# --------------------------------------------------------------------------- ViLBERT / original LMDB
+class LmdbFeatures(FeatureStore):
+    """ViLBERT's LMDB (what the original InterBERT code reads): key ``b"keys"`` holds a pickled list of
+    ids, each value a pickled dict with ``image_id, image_h, image_w, num_boxes, features, boxes``
+    (base64 float32 or arrays). Pickle can execute arbitrary code, so this reader refuses to run
+    unless ``trust_pickle=True``: use it once, to ``interbert data convert`` into a :class:`RegionStore`."""
+
+    def __init__(self, path: str | Path, trust_pickle: bool = False):
+        self.path = Path(path)
+        if not trust_pickle:
+            raise PermissionError(
+                f"{self.path} is a ViLBERT-style LMDB whose values are Python pickles; unpickling runs code that "
+                "the file's author chose. If you trust its source, pass trust_pickle=True (CLI: --trust-pickle) and "
+                "convert it once into the project's store with `interbert data convert`.")
+        import lmdb
+        import pickle
+
+        self._pickle = pickle
+        self._env, self._pid = None, None
+        with lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, subdir=self.path.is_dir()) as env:
+            with env.begin() as txn:
+                raw = txn.get(b"keys")
+                if raw is None:
+                    raise DataFormatError(self.path, "no b'keys' entry (not a ViLBERT feature LMDB)")
+                keys = pickle.loads(raw)
+        self._index = {(k.decode() if isinstance(k, bytes) else str(k)): (k if isinstance(k, bytes) else str(k).encode())
+                       for k in keys}
+        self.feature_dim = self[next(iter(self._index))].features.shape[1]
+
+    def _read(self, image_id: str, key: bytes) -> Regions:
+        import lmdb
+
+        if self._env is None or self._pid != os.getpid():
+            self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, subdir=self.path.is_dir())
+            self._pid = os.getpid()
+        with self._env.begin() as txn:
+            raw = txn.get(key)
+        if raw is None:
+            raise DataFormatError(self.path, f"image {image_id}: listed in b'keys' but has no value")
+        item = self._pickle.loads(raw)
+        num_boxes = int(item["num_boxes"])
+
+        def array(field: str) -> np.ndarray:
+            value = item[field]
+            if isinstance(value, (str, bytes)):
+                return _decode_float32(self.path, None, image_id, field, value, num_boxes)
+            return np.asarray(value, dtype=np.float32).reshape(num_boxes, -1)
+
+        probs = array("cls_prob") if "cls_prob" in item else None
+        return Regions(array("features"), array("boxes"), item["image_w"], item["image_h"], probs)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_env": None, "_pid": None, "_pickle": None}
+
+    def __setstate__(self, state):
+        import pickle
+
+        self.__dict__.update(state, _pickle=pickle)
+
+
+def write_vilbert_lmdb(path: str | Path, items: Iterable[tuple[str, Regions]]) -> None:
+    """Write ViLBERT's pickled layout (for tests and for interoperating with the original code)."""
+    import lmdb
+    import pickle
+
+    items = list(items)
+    size = sum(r.features.nbytes * 2 + r.boxes.nbytes * 2 + 4096 for _, r in items) + (1 << 20)
+    env = lmdb.open(str(path), map_size=size * 2)
+    with env.begin(write=True) as txn:
+        for image_id, r in items:
+            item = {"image_id": image_id, "image_h": r.image_h, "image_w": r.image_w, "num_boxes": r.num_regions,
+                    "features": base64.b64encode(r.features.tobytes()), "boxes": base64.b64encode(r.boxes.tobytes())}
+            txn.put(image_id.encode(), pickle.dumps(item))
+        txn.put(b"keys", pickle.dumps([image_id.encode() for image_id, _ in items]))
+    env.close()
+
+
+# --------------------------------------------------------------------------- the project's store
+STORE_FORMAT = "interbert-regions"
+MANIFEST = "manifest.json"
+
+
+class RegionStore(FeatureStore):
+    """The project's own store: a folder of chunks, each a set of memory-mapped ``.npy`` arrays
+    concatenated over its images (``features`` float32 or float16, ``boxes``, ``class_probs`` when
+    present) plus ``index.json`` with ``ids, offsets, counts, image_w, image_h``. ``manifest.json`` lists
+    the complete chunks; a chunk exists for readers only once the manifest names it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.exists():
+            raise DataFormatError(self.path, f"no {MANIFEST}: not an interbert region store")
+        with open(manifest_path) as f:
+            self.manifest = json.load(f)
+        if self.manifest.get("format") != STORE_FORMAT:
+            raise DataFormatError(manifest_path, f"format is {self.manifest.get('format')!r}, not {STORE_FORMAT!r}")
+        self.feature_dim = int(self.manifest["feature_dim"])
+        self._chunks: list[dict[str, np.ndarray | None]] = []
+        self._index = {}
+        for c, chunk in enumerate(self.manifest["chunks"]):
+            with open(self.path / f"{chunk}.index.json") as f:
+                index = json.load(f)
+            for image_id, offset, count, w, h in zip(index["ids"], index["offsets"], index["counts"],
+                                                     index["image_w"], index["image_h"]):
+                self._index[image_id] = (c, offset, count, w, h)
+        self._mapped: list[dict[str, np.ndarray | None]] | None = None
+
+    def _arrays(self, c: int) -> dict[str, np.ndarray | None]:
+        if self._mapped is None:  # map lazily, so a pickled store opens its maps in each worker
+            self._mapped = []
+            for chunk in self.manifest["chunks"]:
+                probs = self.path / f"{chunk}.class_probs.npy"
+                self._mapped.append({
+                    "features": np.load(self.path / f"{chunk}.features.npy", mmap_mode="r"),
+                    "boxes": np.load(self.path / f"{chunk}.boxes.npy", mmap_mode="r"),
+                    "class_probs": np.load(probs, mmap_mode="r") if probs.exists() else None,
+                })
+        return self._mapped[c]
+
+    def _read(self, image_id: str, location: tuple) -> Regions:
+        c, offset, count, w, h = location
+        arrays = self._arrays(c)
+        rows = slice(offset, offset + count)
+        probs = arrays["class_probs"]
+        return Regions(arrays["features"][rows], arrays["boxes"][rows], w, h, None if probs is None else probs[rows])
+
+    def __getstate__(self):
+        return {**self.__dict__, "_mapped": None}
+
+
+class RegionStoreWriter:
+    """Append images to a :class:`RegionStore`, restartably: each full chunk is written under temporary
+    names, renamed into place, then the manifest is replaced atomically (``os.replace``). A crash loses at
+    most the unflushed chunk; reopening skips every id already in the manifest."""
+
+    def __init__(self, path: str | Path, feature_dtype: str = "float32", chunk_size: int = 1000):
+        if feature_dtype not in ("float32", "float16"):
+            raise ValueError(f"feature_dtype must be float32 or float16, not {feature_dtype!r}")
+        self.path, self.chunk_size = Path(path), chunk_size
+        self.path.mkdir(parents=True, exist_ok=True)
+        if (self.path / MANIFEST).exists():
+            existing = RegionStore(self.path)
+            self.manifest = existing.manifest
+            self.written_ids = set(existing.ids())
+            if self.manifest["feature_dtype"] != feature_dtype:
+                raise ValueError(f"{self.path} holds {self.manifest['feature_dtype']} features; resume with that dtype")
+        else:
+            self.manifest = {"format": STORE_FORMAT, "version": 1, "feature_dim": None, "feature_dtype": feature_dtype,
+                             "num_classes": None, "chunks": []}
+            self.written_ids = set()
+        self._pending: list[tuple[str, Regions]] = []
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.written_ids
+
+    def add(self, image_id: str, regions: Regions) -> None:
+        image_id = str(image_id)
+        if image_id in self.written_ids:
+            raise ValueError(f"image id {image_id!r} is already in {self.path}")
+        dim, classes = regions.features.shape[1], None if regions.class_probs is None else regions.class_probs.shape[1]
+        if self.manifest["feature_dim"] is None:
+            self.manifest["feature_dim"], self.manifest["num_classes"] = dim, classes
+        if dim != self.manifest["feature_dim"] or classes != self.manifest["num_classes"]:
+            raise DataFormatError(self.path, f"image {image_id}: {dim}-d features / {classes} classes, but the store "
+                                             f"holds {self.manifest['feature_dim']}-d / {self.manifest['num_classes']}")
+        self._pending.append((image_id, regions))
+        self.written_ids.add(image_id)
+        if len(self._pending) >= self.chunk_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"chunk-{len(self.manifest['chunks']):05d}"
+        regions = [r for _, r in self._pending]
+        counts = [r.num_regions for r in regions]
+        arrays = {
+            "features": np.concatenate([r.features for r in regions]).astype(self.manifest["feature_dtype"]),
+            "boxes": np.concatenate([r.boxes for r in regions]).astype(np.float32),
+        }
+        if self.manifest["num_classes"] is not None:
+            arrays["class_probs"] = np.concatenate([r.class_probs for r in regions]).astype(np.float32)
+        index = {"ids": [i for i, _ in self._pending], "offsets": np.cumsum([0] + counts[:-1]).tolist(),
+                 "counts": counts, "image_w": [r.image_w for r in regions], "image_h": [r.image_h for r in regions]}
+        for key, array in arrays.items():
+            self._atomic_write(f"{name}.{key}.npy", lambda f, a=array: np.save(f, a))
+        self._atomic_write(f"{name}.index.json", lambda f: f.write(json.dumps(index).encode()))
+        self.manifest["chunks"].append(name)
+        self._atomic_write(MANIFEST, lambda f: f.write(json.dumps(self.manifest, indent=1).encode()))
+        self._pending = []
+
+    def _atomic_write(self, name: str, write) -> None:
+        tmp = self.path / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / name)
+
+    def close(self) -> RegionStore:
+        self.flush()
+        if self.manifest["feature_dim"] is None:  # an empty store is still a valid one
+            self.manifest["feature_dim"] = 0
+            self._atomic_write(MANIFEST, lambda f: f.write(json.dumps(self.manifest, indent=1).encode()))
+        return RegionStore(self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.flush()  # keep what was complete, also when interrupted
+
+
+def convert_features(source: FeatureStore, destination: str | Path, feature_dtype: str = "float32",
+                     chunk_size: int = 1000, progress: bool = True) -> tuple[int, int]:
+    """Copy every image of ``source`` into a :class:`RegionStore` at ``destination``, resuming a partial
+    one. Returns ``(written, already_there)``."""
+    from tqdm.auto import tqdm
+
+    written = skipped = 0
+    with RegionStoreWriter(destination, feature_dtype, chunk_size) as writer:
+        for image_id in tqdm(source.ids(), desc=f"convert -> {destination}", unit="img", disable=not progress):
+            if image_id in writer:
+                skipped += 1
+                continue
+            writer.add(image_id, source[image_id])
+            written += 1
+        writer.close()
+    return written, skipped
+
+
+# --------------------------------------------------------------------------- detection
+FORMATS = ("store", "tsv", "npz", "hdf5", "lmdb")
+
+
+def detect_feature_format(path: str | Path) -> str:
+    path = Path(path)
+    if path.is_dir():
+        if (path / MANIFEST).exists():
+            return "store"
+        if (path / "data.mdb").exists():
+            return "lmdb"
+        if next(path.glob("*.npz"), None) is not None:
+            return "npz"
+        raise DataFormatError(path, "folder holds neither manifest.json, data.mdb nor .npz files")
+    if not path.exists():
+        raise FileNotFoundError(f"no feature store at {path}")
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    if magic == b"\x89HDF\r\n\x1a\n":
+        return "hdf5"
+    if path.suffix in (".lmdb", ".mdb"):
+        return "lmdb"
+    return "tsv"
+
+
+def open_features(path: str | Path, format: str = "auto", trust_pickle: bool = False) -> FeatureStore:
+    """Open any supported store; ``format`` is ``auto`` or one of :data:`FORMATS`."""
+    format = detect_feature_format(path) if format == "auto" else format
+    if format == "store":
+        return RegionStore(path)
+    if format == "tsv":
+        return TsvFeatures(path)
+    if format == "npz":
+        return NpzFolderFeatures(path)
+    if format == "hdf5":
+        return Hdf5Features(path)
+    if format == "lmdb":
+        return LmdbFeatures(path, trust_pickle=trust_pickle)
+    raise ValueError(f"unknown feature format {format!r}; choose auto or one of {FORMATS}")
+
+
+# --------------------------------------------------------------------------- WebDataset shards
+def _regions_from_npz_bytes(data: bytes, where: str) -> Regions:
+    with np.load(io.BytesIO(data)) as z:
+        if "features" not in z.files or "boxes" not in z.files:
+            raise DataFormatError(where, "sample npz lacks 'features' or 'boxes'")
+        probs = z["class_probs"] if "class_probs" in z.files else None
+        return Regions(z["features"], z["boxes"], int(z["image_w"]), int(z["image_h"]), probs)
+
+
+def write_webdataset(out_dir: str | Path, items: Iterable[tuple[str, Regions, dict]], shard_size: int = 1000) -> list[Path]:
+    """Write ``(image_id, regions, meta)`` as tar shards of ``{key}.json`` (meta + image_id) and ``{key}.npz``."""
+    import tarfile
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards, tar = [], None
+
+    def add(name: str, payload: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    for n, (image_id, r, meta) in enumerate(items):
+        if n % shard_size == 0:
+            if tar is not None:
+                tar.close()
+            shards.append(out_dir / f"shard-{len(shards):06d}.tar")
+            tar = tarfile.open(shards[-1], "w")
+        buffer = io.BytesIO()
+        extra = {} if r.class_probs is None else {"class_probs": r.class_probs}
+        np.savez(buffer, features=r.features, boxes=r.boxes, image_w=r.image_w, image_h=r.image_h, **extra)
+        key = f"{n:09d}"
+        add(f"{key}.json", json.dumps({"image_id": image_id, **meta}).encode())
+        add(f"{key}.npz", buffer.getvalue())
+    if tar is not None:
+        tar.close()
+    return shards
+
+
+def _consumer() -> tuple[int, int]:
+    """This process's place among all readers: (DDP rank x DataLoader worker, their total)."""
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank * workers + worker, world * workers
+
+
+class WebDatasetRegions(torch.utils.data.IterableDataset):
+    """Stream ``(meta, regions)`` samples from tar shards, each sample seen by exactly one consumer: whole
+    shards are dealt to (rank, worker) pairs when there are enough of them, samples otherwise."""
+
+    def __init__(self, shards: str | Path | list[str | Path]):
+        if isinstance(shards, (str, Path)) and Path(shards).is_dir():
+            shards = sorted(Path(shards).glob("*.tar"))
+        elif isinstance(shards, (str, Path)):
+            shards = [shards]
+        self.shards = [Path(s) for s in shards]
+        if not self.shards:
+            raise FileNotFoundError("no .tar shards given")
+
+    def _samples(self, shard: Path) -> Iterator[dict]:
+        import tarfile
+
+        pending: dict[str, dict] = {}
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                sample = pending.setdefault(key, {})
+                sample[ext] = tar.extractfile(member).read()
+                if "json" in sample and "npz" in sample:
+                    del pending[key]
+                    where = f"{shard}:{key}"
+                    try:
+                        meta = json.loads(sample["json"])
+                    except json.JSONDecodeError as e:
+                        raise DataFormatError(where, f"malformed {key}.json: {e.msg}") from None
+                    yield {"key": key, "meta": meta, "regions": _regions_from_npz_bytes(sample["npz"], where)}
+        if pending:
+            raise DataFormatError(shard, f"incomplete samples (need .json and .npz): {sorted(pending)[:5]}")
+
+    def __iter__(self) -> Iterator[dict]:
+        me, total = _consumer()
+        if len(self.shards) >= total:
+            for shard in self.shards[me::total]:
+                yield from self._samples(shard)
+            return
+        n = 0
+        for shard in self.shards:
+            for sample in self._samples(shard):
+                if n % total == me:
+                    yield sample
+                n += 1

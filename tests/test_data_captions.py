@@ -1,0 +1,85 @@
+"""Caption readers on the real files users bring, and their errors."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import shared_path
+
+from interbert.data import Caption, DataFormatError, read_captions
+from interbert.data.captions import sniff_caption_format
+
+
+def test_flickr8k_token_file():
+    captions = read_captions(shared_path("data", "flickr8k", "Flickr8k.token.txt"))
+    assert len(captions) == 40460
+    assert captions[0] == Caption("1000268201_693b08cb0e", "1000268201_693b08cb0e#0",
+                                  "A child in a pink dress is climbing up a set of stairs in an entry way .", None)
+    assert len({c.image_id for c in captions}) == 8092  # the stray "x.jpg.1" file stays its own image
+    assert len({c.caption_id for c in captions}) == len(captions)
+
+
+def test_coco_val2017_annotations():
+    path = shared_path("data", "coco_val2017", "captions_val2017.json")
+    assert sniff_caption_format(path) == "coco"
+    captions = read_captions(path)
+    assert len(captions) == 25014 and len({c.image_id for c in captions}) == 5000
+    assert captions[0].image_id == "179765" and captions[0].caption_id == "38"
+    assert all(isinstance(c.image_id, str) for c in captions)
+
+
+def test_karpathy_json_uses_cocoid_when_present():
+    coco = read_captions(shared_path("data", "coco_val2017", "DERIVED_dataset_coco_karpathy_test_val_subset_in_val2017.json"))
+    assert len({c.image_id for c in coco}) == 1201
+    assert coco[0].image_id == "493284" and coco[0].split == "test"
+    assert coco[0].text == "A group of adult and young elephants walking."
+    # the COCO ids match the official annotation file's ids
+    official = {c.image_id for c in read_captions(shared_path("data", "coco_val2017", "captions_val2017.json"))}
+    assert {c.image_id for c in coco} <= official
+
+    flickr = read_captions(shared_path("data", "flickr8k", "DERIVED_dataset_flickr8k_test_karpathy_format.json"))
+    assert len(flickr) == 5000 and flickr[0].image_id == "1056338697_4f7d7ce270"
+    assert {c.split for c in flickr} == {"test"}
+    token_ids = {c.image_id for c in read_captions(shared_path("data", "flickr8k", "Flickr8k.token.txt"))}
+    assert {c.image_id for c in flickr} <= token_ids
+
+
+def test_flickr30k_layout_drops_the_image_path_and_takes_split_from_file_name():
+    test = read_captions(shared_path("data", "flickr30k", "test.json"))
+    assert sniff_caption_format(shared_path("data", "flickr30k", "test.json")) == "flickr30k"
+    assert len(test) == 5000 and {c.split for c in test} == {"test"}
+    first = [c for c in test if c.image_id == "1016887272"]
+    assert len(first) == 5 and not any(c.text.endswith(".jpg") for c in first)
+    val = read_captions(shared_path("data", "flickr30k", "validation.json"))
+    assert {c.split for c in val} == {"val"} and len({c.image_id for c in val}) == 1000
+    fixture = read_captions(shared_path("data", "regions", "DERIVED_flickr30k_captions_for_fixture_images.json"))
+    assert len(fixture) == 20 and {c.split for c in fixture} <= {"train", "val", "test"}
+
+
+def test_coco_cn_token_file_in_chinese():
+    captions = read_captions(shared_path("data", "coco_cn", "coco-cn_ext.icap2020.txt"))
+    assert len(captions) == 4712
+    assert captions[0].image_id == "COCO_val2014_000000217153" and captions[0].text.startswith("一个男人")
+
+
+def test_jsonl_and_its_errors(tmp_path):
+    good = tmp_path / "c.jsonl"
+    good.write_text('{"image_id": 5, "caption": "a dog", "split": "train"}\n{"image_id": "x", "caption": "a cat"}\n')
+    assert read_captions(good) == [Caption("5", "5#1", "a dog", "train"), Caption("x", "x#2", "a cat", None)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image_id": 5, "caption": "a dog"}\n{"image_id": 6, "caption": "a cat"\n')
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:2: malformed JSON"):
+        read_captions(bad)
+
+
+def test_malformed_json_document_names_file_and_line(tmp_path):
+    bad = tmp_path / "dataset.json"
+    bad.write_text('{"images": [\n  {"filename": "a.jpg",\n  "sentences": [}\n]}')
+    with pytest.raises(DataFormatError, match=r"dataset.json:3: malformed JSON"):
+        read_captions(bad, format="karpathy")
+
+
+def test_malformed_token_line_names_line(tmp_path):
+    bad = tmp_path / "tokens.txt"
+    bad.write_text("a.jpg#0\tA dog .\nb.jpg no tab here\n")
+    with pytest.raises(DataFormatError, match=r"tokens.txt:2"):
+        read_captions(bad, format="flickr8k")
