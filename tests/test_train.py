@@ -220,3 +220,47 @@ def test_random_masking_in_data_loading_is_the_same_with_worker_processes(tmp_pa
         return train(ToyModel(), ToyDataset(64), config, collate_fn=noisy_collate).loss_history
 
     assert losses(0) == losses(2)
+
+
+class SyntheticPretrainingItems(torch.utils.data.Dataset):
+    """Items with the keys of docs/interfaces.md, one masked token and one masked region each."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, index: int) -> dict:
+        generator = torch.Generator().manual_seed(index)
+        tokens, regions = 8, 5
+        input_ids = torch.randint(5, 100, (tokens,), generator=generator)
+        msm_labels = torch.full((tokens,), -100)
+        msm_labels[2], input_ids[2] = input_ids[2], 3
+        mrm_mask = torch.zeros(regions, dtype=torch.bool)
+        mrm_mask[1 + index % 4] = True
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones(tokens, dtype=torch.long),
+            "region_features": torch.randn(regions, 32, generator=generator),
+            "region_boxes": torch.rand(regions, 5, generator=generator),
+            "region_mask": torch.ones(regions, dtype=torch.long),
+            "msm_labels": msm_labels,
+            "mrm_mask": mrm_mask,
+            "mrm_class_targets": torch.softmax(torch.randn(regions, 11, generator=generator), -1),
+            "itm_labels": torch.tensor(index % 2),
+        }
+
+
+def test_trains_the_interbert_pretraining_model_and_saves_loadable_weights(tmp_path):
+    from interbert.config import preset
+    from interbert.modeling import InterBertForPreTraining
+
+    config = preset(
+        "tiny", vocab_size=100, hidden_size=32, intermediate_size=64, image_intermediate_size=64,
+        pooled_size=32, region_feature_size=32, num_region_classes=11,
+    )
+    model = InterBertForPreTraining(config)
+    train_config = quiet_config(tmp_path, batch_size=4, max_steps=3, ema_decay=0.99)
+    result = train(model, SyntheticPretrainingItems(), train_config)
+    assert {"msm_loss", "mrm_loss", "itm_loss"} <= set(result.history)
+    assert all(loss is not None for loss in result.history["mrm_loss"])
+    fresh = InterBertForPreTraining(config)
+    fresh.load_state_dict(torch.load(tmp_path / FINAL_WEIGHTS_NAME, weights_only=True))  # tied weights included

@@ -558,8 +558,9 @@ class Trainer:
 
     def _record(self, values: Mapping[str, float | None]) -> None:
         length = len(self.history.get("loss", []))
-        for name in values:
-            self.history.setdefault(name, [None] * length)
+        for name, value in values.items():
+            if value is not None:  # a component the model never returned gets no series
+                self.history.setdefault(name, [None] * length)
         for name, series in self.history.items():
             series.append(values.get(name))
 
