@@ -1,0 +1,79 @@
+"""Tokenisation: fast WordPiece from a ``vocab.txt`` or a BERT folder, training a WordPiece vocabulary
+from captions, and word boundaries for whole-word masking (WordPiece words; for Chinese, where BERT
+splits every character, the words of ``jieba``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import BertTokenizerFast, PreTrainedTokenizerBase
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def load_tokenizer(path: str | Path, lowercase: bool = True) -> PreTrainedTokenizerBase:
+    """A fast BERT WordPiece tokenizer from a BERT folder (its own config decides casing) or a bare
+    ``vocab.txt`` (``lowercase`` decides). CJK characters are split one by one, as bert-base-chinese."""
+    path = Path(path)
+    if path.is_dir():
+        return BertTokenizerFast.from_pretrained(str(path))
+    if not path.exists():
+        raise FileNotFoundError(f"no tokenizer at {path} (give a BERT folder or a vocab.txt)")
+    with open(path, encoding="utf-8") as f:
+        vocab = {line.rstrip("\n"): n for n, line in enumerate(f)}
+    return BertTokenizerFast(vocab=vocab, do_lower_case=lowercase, tokenize_chinese_chars=True)
+
+
+def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 30522, lowercase: bool = True,
+                    min_frequency: int = 2) -> PreTrainedTokenizerBase:
+    """Train a WordPiece vocabulary on captions and save a BERT-style tokenizer folder at ``out_dir``."""
+    from tokenizers import BertWordPieceTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    # limit_alphabet: keep every character seen (Chinese needs thousands), within the vocabulary size
+    trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+                                special_tokens=SPECIAL_TOKENS, limit_alphabet=vocab_size, wordpieces_prefix="##")
+    trainer.save_model(str(out_dir))
+    tokenizer = load_tokenizer(out_dir / "vocab.txt", lowercase=lowercase)
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+@dataclass
+class EncodedText:
+    input_ids: list[int]
+    word_ids: list[int | None]  # None at [CLS]/[SEP]; equal ids = one word, masked together
+
+    @property
+    def maskable(self) -> list[bool]:
+        return [w is not None for w in self.word_ids]
+
+
+def jieba_word_ids(text: str, offsets: list[tuple[int, int]], special: list[bool]) -> list[int | None]:
+    """Map each token (by its character offsets) to the jieba word that contains its first character."""
+    import jieba
+
+    word_of_char = [0] * len(text)
+    for n, (_, start, end) in enumerate(jieba.tokenize(text)):
+        word_of_char[start:end] = [n] * (end - start)
+    return [None if is_special else word_of_char[start] for (start, _), is_special in zip(offsets, special)]
+
+
+def encode_caption(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int = 36,
+                   word_segmenter: str | None = None) -> EncodedText:
+    """``[CLS] caption [SEP]`` truncated to ``max_tokens``; word ids from WordPiece pre-tokenisation, or
+    from jieba when ``word_segmenter="jieba"`` (Chinese captions)."""
+    enc = tokenizer(text, truncation=True, max_length=max_tokens, return_offsets_mapping=word_segmenter is not None,
+                    return_special_tokens_mask=True)
+    special = [bool(s) for s in enc["special_tokens_mask"]]
+    if word_segmenter is None:
+        word_ids = [None if s else w for w, s in zip(enc.word_ids(), special)]
+    elif word_segmenter == "jieba":
+        word_ids = jieba_word_ids(text, enc["offset_mapping"], special)
+    else:
+        raise ValueError(f"unknown word_segmenter {word_segmenter!r}; use None or 'jieba'")
+    return EncodedText(list(enc["input_ids"]), word_ids)
