@@ -31,3 +31,29 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info
+
+# ---- region-feature extraction (optional extra, its own venv) -------------------------------------
+# `interbert extract` needs torchvision. The only torch/torchvision pair on the reference machine is
+# torch 2.14.1 + torchvision 0.29.1, a CUDA build (~5.5 GB installed) that also runs on CPU; the main
+# .venv keeps the small torch 2.13.0 CPU build. So extraction gets .venv-extract (see docs/extract.md).
+# pyproject pins torch==2.13.0, so the package goes in with --no-deps after its other requirements.
+EXTRACT_VENV := .venv-extract
+EXTRACT_BIN := $(EXTRACT_VENV)/bin
+EXTRACT_STAMP := $(EXTRACT_VENV)/.installed
+
+.PHONY: venv-extract test-extract
+
+$(EXTRACT_STAMP): pyproject.toml
+	@test -x $(EXTRACT_BIN)/python || $(PY) -m venv $(EXTRACT_VENV) || python3 -m venv $(EXTRACT_VENV)
+	$(EXTRACT_BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(EXTRACT_BIN)/python -c "import re, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	print('\n'.join(r for r in p['dependencies'] + p['optional-dependencies']['dev'] \
+	if not re.match(r'(torch|torchvision)\s*([=<>!~;\[]|$$)', r)))" > $(EXTRACT_VENV)/requirements.txt
+	$(EXTRACT_BIN)/pip install -q -r $(EXTRACT_VENV)/requirements.txt
+	$(EXTRACT_BIN)/pip install -q --no-deps -e .
+	@touch $(EXTRACT_STAMP)
+
+venv-extract: $(EXTRACT_STAMP)
+
+test-extract: $(EXTRACT_STAMP)
+	$(EXTRACT_BIN)/python -m pytest tests/test_extract*.py

@@ -17,6 +17,7 @@ from interbert import __version__
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES = [
     "interbert.convert",
+    "interbert.extract",
 ]
 
 
