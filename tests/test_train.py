@@ -177,7 +177,7 @@ def test_data_order_is_a_seeded_permutation_per_epoch():
 
 
 def test_checkpoint_history_and_final_weights_are_written(tmp_path):
-    config = quiet_config(tmp_path, batch_size=8, max_steps=4, save_every=2, tensorboard=True)
+    config = quiet_config(tmp_path, batch_size=8, max_steps=4, save_every=2, tensorboard=True, log_every=2)
     result = train(ToyModel(), ToyDataset(64), config)
     checkpoint = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     assert checkpoint["step"] == 4 and checkpoint["train_config"]["max_steps"] == 4
@@ -186,7 +186,13 @@ def test_checkpoint_history_and_final_weights_are_written(tmp_path):
     assert history["loss"] == result.loss_history
     assert set(history) == {"loss", "regression_loss", "penalty_loss", "lr", "eval"}
     assert (tmp_path / FINAL_WEIGHTS_NAME).is_file()
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/regression_loss", "train/penalty_loss", "train/lr", "train/examples_per_second"} <= set(
+        events.Tags()["scalars"]
+    )
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
