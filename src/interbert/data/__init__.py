@@ -8,6 +8,7 @@
 - :mod:`~interbert.data.batches`: region preparation, examples, collate, datasets
 """
 
+from interbert.data.batches import PretrainingDataset, RetrievalDataset, collate, prepare_regions
 from interbert.data.captions import Caption, read_captions
 from interbert.data.errors import DataFormatError, UnknownImageError
 from interbert.data.features import (
@@ -22,6 +23,10 @@ from interbert.data.features import (
 
 __all__ = [
     "Caption",
+    "PretrainingDataset",
+    "RetrievalDataset",
+    "collate",
+    "prepare_regions",
     "DataFormatError",
     "FeatureStore",
     "RegionStore",

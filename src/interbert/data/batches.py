@@ -1,0 +1,242 @@
+"""From captions and regions to the model's batches (the contract in ``docs/interfaces.md``).
+
+:func:`prepare_regions` puts the global region first and turns boxes into the 5-d form; the datasets
+build one example (a dict of arrays) per caption; :func:`collate` pads a list of examples to the batch's
+longest text and region list (masks: 1 = keep). Randomness comes from a generator seeded by
+``(seed, epoch, index)``, so an example is the same whichever DataLoader worker builds it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from interbert.data.captions import Caption
+from interbert.data.features import FeatureStore, Regions
+from interbert.data.masking import (
+    IGNORE_INDEX,
+    TEXT_MASKERS,
+    apply_region_masking,
+    apply_token_masking,
+    mask_region_groups,
+    mask_regions_independently,
+)
+from interbert.data.negatives import (
+    image_hard_negatives,
+    mean_region_features,
+    random_other_image_caption,
+    sample_itm_caption,
+    tfidf_hard_negatives,
+)
+from interbert.data.tokenize import encode_caption
+
+logger = logging.getLogger(__name__)
+
+GLOBAL_BOX = np.array([0.0, 0.0, 1.0, 1.0, 1.0], dtype=np.float32)
+
+
+def prepare_regions(regions: Regions, max_regions: int = 36) -> dict[str, np.ndarray | None]:
+    """``region_features`` (R x D), ``region_boxes`` (R x 5) and ``class_probs`` (R x C or None) with
+    R <= ``max_regions``: the global region (mean of the kept regions' features, box 0,0,1,1, area 1)
+    then the first ``max_regions - 1`` detector regions (detectors emit them by confidence)."""
+    keep = max(0, max_regions - 1)
+    features = regions.features[:keep].astype(np.float32)
+    boxes = regions.boxes[:keep].astype(np.float32)
+    w, h = float(regions.image_w), float(regions.image_h)
+    # clip: detectors leave boxes a pixel or so outside the image; the 5-d form is meant to be in [0, 1]
+    norm = np.clip(boxes / np.array([w, h, w, h], dtype=np.float32), 0.0, 1.0)
+    area = (norm[:, 2] - norm[:, 0]) * (norm[:, 3] - norm[:, 1])
+    global_feature = features.mean(0, keepdims=True) if len(features) else np.zeros((1, regions.features.shape[1]), np.float32)
+    out = {
+        "region_features": np.concatenate([global_feature, features]),
+        "region_boxes": np.concatenate([GLOBAL_BOX[None], np.concatenate([norm, area[:, None]], 1)]).astype(np.float32),
+        "class_probs": None,
+    }
+    if regions.class_probs is not None:
+        probs = regions.class_probs[:keep].astype(np.float32)
+        out["class_probs"] = np.concatenate([probs.mean(0, keepdims=True), probs])
+    return out
+
+
+def _pad(arrays: Sequence[np.ndarray], length: int, value) -> torch.Tensor:
+    first = np.asarray(arrays[0])
+    out = np.full((len(arrays), length, *first.shape[1:]), value, dtype=first.dtype)
+    for i, a in enumerate(arrays):
+        out[i, : len(a)] = a
+    return torch.from_numpy(out)
+
+
+def collate(examples: Sequence[dict] | Sequence[Sequence[dict]], pad_token_id: int = 0) -> dict:
+    """Pad examples to the batch's longest text and region list. Examples that are groups (lists of
+    dicts, the 4-way retrieval groups) are flattened to ``groups x size`` pairs and ``group_size`` is set."""
+    group_size = None
+    if isinstance(examples[0], (list, tuple)):
+        group_size = len(examples[0])
+        examples = [pair for group in examples for pair in group]
+    batch: dict = {}
+    if "input_ids" in examples[0]:
+        lengths = [len(e["input_ids"]) for e in examples]
+        longest = max(lengths)
+        batch["input_ids"] = _pad([e["input_ids"] for e in examples], longest, pad_token_id).long()
+        batch["attention_mask"] = (torch.arange(longest)[None] < torch.tensor(lengths)[:, None]).long()
+        batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+        if "msm_labels" in examples[0]:
+            batch["msm_labels"] = _pad([e["msm_labels"] for e in examples], longest, IGNORE_INDEX).long()
+    if "region_features" in examples[0]:
+        counts = [len(e["region_features"]) for e in examples]
+        most = max(counts)
+        batch["region_features"] = _pad([e["region_features"] for e in examples], most, 0.0).float()
+        batch["region_boxes"] = _pad([e["region_boxes"] for e in examples], most, 0.0).float()
+        batch["region_mask"] = (torch.arange(most)[None] < torch.tensor(counts)[:, None]).long()
+        if "mrm_mask" in examples[0]:
+            batch["mrm_mask"] = _pad([e["mrm_mask"] for e in examples], most, False).bool()
+        for key in ("mrm_class_targets", "mrm_feature_targets"):
+            if key in examples[0]:
+                batch[key] = _pad([e[key] for e in examples], most, 0.0).float()
+    if "itm_labels" in examples[0]:
+        batch["itm_labels"] = torch.tensor([int(e["itm_labels"]) for e in examples], dtype=torch.long)
+    batch["image_ids"] = [e["image_id"] for e in examples]
+    batch["caption_ids"] = [e["caption_id"] for e in examples]
+    if group_size is not None:
+        batch["group_size"] = group_size
+    return batch
+
+
+def captions_with_features(captions: Sequence[Caption], store: FeatureStore) -> list[Caption]:
+    """The captions whose image is in the store; the others are counted and reported, not hidden."""
+    kept = [c for c in captions if c.image_id in store]
+    if len(kept) < len(captions):
+        missing = sorted({c.image_id for c in captions if c.image_id not in store})
+        logger.warning("skipping %d of %d captions: %d images have no features in %s (e.g. %s)",
+                       len(captions) - len(kept), len(captions), len(missing), store.path, missing[:5])
+    if not kept:
+        raise ValueError(f"no caption has features in {store.path}: check that the image ids match "
+                         "(`interbert data check`)")
+    return kept
+
+
+class _CaptionImageDataset(torch.utils.data.Dataset):
+    """What both datasets share: aligned captions, a tokenizer, region preparation, seeded randomness."""
+
+    def __init__(self, captions: Sequence[Caption], store: FeatureStore, tokenizer, max_tokens: int, max_regions: int,
+                 word_segmenter: str | None, seed: int):
+        self.captions = captions_with_features(captions, store)
+        self.skipped_captions = len(captions) - len(self.captions)
+        self.store, self.tokenizer = store, tokenizer
+        self.max_tokens, self.max_regions, self.word_segmenter = max_tokens, max_regions, word_segmenter
+        self.seed, self.epoch = seed, 0
+        self.image_ids = sorted({c.image_id for c in self.captions})
+        index_of_image = {image_id: n for n, image_id in enumerate(self.image_ids)}
+        self.image_codes = np.array([index_of_image[c.image_id] for c in self.captions])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def _pair(self, caption_index: int, image_id: str) -> dict:
+        caption = self.captions[caption_index]
+        text = encode_caption(self.tokenizer, caption.text, self.max_tokens, self.word_segmenter)
+        regions = prepare_regions(self.store[image_id], self.max_regions)
+        return {"text": text, "regions": regions, "image_id": image_id, "caption_id": caption.caption_id}
+
+
+class PretrainingDataset(_CaptionImageDataset):
+    """One example per caption: MSM on the text, MRM on the regions, and an ITM label — the caption is
+    kept with p=``p_positive``, else swapped for a TF-IDF hard negative (``hard_ratio``) or a random other
+    image's caption.
+
+    ``msm``: ``span`` (the original), ``geometric`` (SpanBERT) or ``token`` (BERT's 15%); ``mrm``:
+    ``group`` (IoU groups) or ``region`` (15% each). ``hard_negatives``: ``"tfidf"`` to compute (cached
+    in ``cache_dir``), an ``N x k`` array over the aligned captions, or None for random negatives only.
+    """
+
+    def __init__(self, captions: Sequence[Caption], store: FeatureStore, tokenizer, max_tokens: int = 36,
+                 max_regions: int = 36, msm: str = "span", mrm: str = "group", whole_word: bool = False,
+                 word_segmenter: str | None = None, hard_negatives: str | np.ndarray | None = "tfidf",
+                 hard_ratio: float = 1.0, p_positive: float = 0.5, num_hard: int = 10,
+                 cache_dir: str | Path | None = None, seed: int = 0):
+        super().__init__(captions, store, tokenizer, max_tokens, max_regions, word_segmenter, seed)
+        if msm not in TEXT_MASKERS:
+            raise ValueError(f"msm must be one of {sorted(TEXT_MASKERS)}, not {msm!r}")
+        if mrm not in ("group", "region"):
+            raise ValueError(f"mrm must be 'group' or 'region', not {mrm!r}")
+        self.msm, self.mrm, self.whole_word = msm, mrm, whole_word or word_segmenter is not None
+        self.hard_ratio, self.p_positive = hard_ratio, p_positive
+        if isinstance(hard_negatives, str):
+            if hard_negatives != "tfidf":
+                raise ValueError(f"hard_negatives must be 'tfidf', an array or None, not {hard_negatives!r}")
+            hard_negatives = tfidf_hard_negatives([c.text for c in self.captions], [c.image_id for c in self.captions],
+                                                  k=num_hard, cache_dir=cache_dir)
+        self.hard_negatives = hard_negatives
+        self.vocab_size, self.mask_token_id = len(tokenizer), tokenizer.mask_token_id
+
+    def __getitem__(self, index: int) -> dict:
+        rng = self._rng(index)
+        caption_index, itm_label = sample_itm_caption(index, rng, self.image_codes, self.hard_negatives,
+                                                      self.hard_ratio, self.p_positive)
+        pair = self._pair(caption_index, self.captions[index].image_id)
+        text, regions = pair["text"], pair["regions"]
+
+        ids = np.asarray(text.input_ids)
+        word_ids = text.word_ids if self.whole_word else None
+        text_mask = TEXT_MASKERS[self.msm](np.asarray(text.maskable), rng, word_ids=word_ids)
+        input_ids, msm_labels = apply_token_masking(ids, text_mask, rng, self.mask_token_id, self.vocab_size)
+
+        real = np.ones(len(regions["region_features"]), dtype=bool)
+        if self.mrm == "group":
+            region_mask = mask_region_groups(regions["region_boxes"], real, rng)
+        else:
+            region_mask = mask_regions_independently(real, rng)
+        features, targets = apply_region_masking(regions["region_features"], region_mask, regions["class_probs"])
+        return {"input_ids": input_ids, "msm_labels": msm_labels, "region_features": features,
+                "region_boxes": regions["region_boxes"], **targets, "itm_labels": itm_label,
+                "image_id": pair["image_id"], "caption_id": pair["caption_id"]}
+
+
+class RetrievalDataset(_CaptionImageDataset):
+    """The original's 4-way groups for retrieval fine-tuning, positive first: (caption, its image),
+    (random other caption, image), (caption, random other image), and a hard negative — by default
+    (``hard_negative="image"``, as the original) the caption with one of its image's ``num_hard`` nearest
+    images by mean region feature; ``"caption"``: the image with a TF-IDF-nearest caption of another image.
+    ``collate`` flattens the groups and sets ``group_size=4``."""
+
+    def __init__(self, captions: Sequence[Caption], store: FeatureStore, tokenizer, max_tokens: int = 36,
+                 max_regions: int = 36, hard_negative: str = "image", num_hard: int = 100,
+                 cache_dir: str | Path | None = None, seed: int = 0):
+        super().__init__(captions, store, tokenizer, max_tokens, max_regions, None, seed)
+        if hard_negative == "image":
+            self.hard_pool = image_hard_negatives(mean_region_features(store, self.image_ids), k=num_hard)
+        elif hard_negative == "caption":
+            self.hard_pool = tfidf_hard_negatives([c.text for c in self.captions], [c.image_id for c in self.captions],
+                                                  k=num_hard, cache_dir=cache_dir)
+        else:
+            raise ValueError(f"hard_negative must be 'image' or 'caption', not {hard_negative!r}")
+        self.hard_negative = hard_negative
+
+    def _example(self, caption_index: int, image_id: str) -> dict:
+        pair = self._pair(caption_index, image_id)
+        return {"input_ids": np.asarray(pair["text"].input_ids), "region_features": pair["regions"]["region_features"],
+                "region_boxes": pair["regions"]["region_boxes"], "image_id": image_id, "caption_id": pair["caption_id"]}
+
+    def __getitem__(self, index: int) -> list[dict]:
+        rng = self._rng(index)
+        image = self.image_codes[index]
+        random_image = (image + rng.integers(1, len(self.image_ids))) % len(self.image_ids)
+        pool = self.hard_pool[image if self.hard_negative == "image" else index]
+        hard = int(pool[rng.integers(0, len(pool))])
+        image_id = self.image_ids[image]
+        return [
+            self._example(index, image_id),
+            self._example(random_other_image_caption(index, rng, self.image_codes), image_id),
+            self._example(index, self.image_ids[random_image]),
+            self._example(index, self.image_ids[hard]) if self.hard_negative == "image" else self._example(hard, image_id),
+        ]
