@@ -18,6 +18,7 @@ from interbert import __version__
 COMMAND_MODULES = [
     "interbert.convert",
     "interbert.extract",
+    "interbert.serve.cli",
 ]
 
 

@@ -1,0 +1,10 @@
+"""Text-to-image search: an image index (``index``), the HTTP service and web page (``service``,
+``page.html``) and their CLI (``cli``). Kept import-light: ``interbert --help`` must not load FAISS or
+torch, so the heavy modules are imported where they are used.
+
+    from interbert.serve.index import build_index, ImageIndex
+    from interbert.serve.service import create_app
+"""
+
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivf")
+DEFAULT_MAX_REGIONS = 36  # the paper's regions per image

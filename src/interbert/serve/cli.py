@@ -1,0 +1,95 @@
+"""``interbert index build|add`` and ``interbert serve``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from interbert.serve import DEFAULT_MAX_REGIONS, INDEX_TYPES
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from interbert.serve.index import build_index
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    append = args.index_command == "add"
+    out = args.index if append else args.out
+    model = args.model
+    if append and model is None:
+        import json
+
+        from interbert.serve.index import MANIFEST
+
+        manifest_path = Path(out) / MANIFEST
+        if not manifest_path.is_file():
+            print(f"error: {out} is not an index folder ({MANIFEST} is missing): build it first", file=sys.stderr)
+            return 2
+        model = json.loads(manifest_path.read_text())["model"]
+    try:
+        report = build_index(
+            model, args.features, out, captions=args.captions, thumbnails=args.thumbnails, index_type=args.index_type,
+            batch_size=args.batch_size, max_regions=getattr(args, "max_regions", DEFAULT_MAX_REGIONS), append=append,
+        )
+    except (ValueError, OSError, KeyError) as error:  # bad input: say what and where, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        print("(finished batches are kept; fix the input and run the same command again to resume)", file=sys.stderr)
+        return 1
+    print(f"{out}: {report.total} images ({report.added} added, {report.already_indexed} already indexed), "
+          f"{report.index_type} index")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from interbert.serve.service import create_app
+
+    try:
+        app = create_app(args.index, args.model, rerank_cap=args.rerank_cap)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"serving {args.index} on http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _common_index_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", required=True, help="feature store of the images (npz folder, TSV, HDF5, region store)")
+    p.add_argument("--captions", help="captions file (Karpathy/COCO/Flickr JSON, token file, JSON lines): shown with results")
+    p.add_argument("--thumbnails", help="folder of <image_id>.jpg/.png images; small copies are kept in the index")
+    p.add_argument("--batch-size", type=int, default=64, help="images embedded (and committed) per batch (default 64)")
+
+
+def register(subparsers) -> None:
+    index = subparsers.add_parser("index", help="build a FAISS image index for text-to-image search")
+    sub = index.add_subparsers(dest="index_command", metavar="<action>", required=True)
+
+    build = sub.add_parser("build", help="embed a feature store's images into a new index (re-run to resume)")
+    build.add_argument("--model", required=True, help="saved InterBERT model folder (with vocab.txt)")
+    build.add_argument("--out", required=True, help="index folder to create or resume")
+    _common_index_arguments(build)
+    build.add_argument("--index-type", choices=INDEX_TYPES, default="auto",
+                       help="flat = exact; hnsw/ivf = approximate; auto = flat up to 50,000 images, else hnsw")
+    build.add_argument("--max-regions", type=int, default=DEFAULT_MAX_REGIONS,
+                       help=f"detector regions per image (after the global one; default {DEFAULT_MAX_REGIONS})")
+    build.set_defaults(func=_cmd_index)
+
+    add = sub.add_parser("add", help="append the images of another feature store to an index")
+    add.add_argument("--index", required=True, help="an index folder made by `interbert index build`")
+    add.add_argument("--model", help="must be the model the index was built with (default: the recorded one)")
+    _common_index_arguments(add)
+    add.add_argument("--index-type", choices=INDEX_TYPES, default="auto",
+                     help="change the index type (default: keep the folder's choice)")
+    add.set_defaults(func=_cmd_index)
+
+    serve = subparsers.add_parser("serve", help="serve text-to-image search over an index (HTTP API and web page)")
+    serve.add_argument("--index", required=True, help="index folder made by `interbert index build`")
+    serve.add_argument("--model", help="model folder (default: the one the index was built with)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--rerank-cap", type=int, default=200, help="most candidates re-scored by ITM per query")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=_cmd_serve)

