@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "interbert.convert",
     "interbert.extract",
     "interbert.serve.cli",
+    "interbert.data.cli",
 ]
 
 

@@ -1,0 +1,94 @@
+"""CLI commands of the data layer: ``interbert data convert|check`` and ``interbert tokenizer train``.
+
+Other modules add actions to the ``data`` group through :func:`get_data_subparsers` (it creates the
+group on first use, so the order of ``COMMAND_MODULES`` does not matter)::
+
+    from interbert.data.cli import get_data_subparsers
+
+    def register(subparsers):
+        p = get_data_subparsers(subparsers).add_parser("synth", help="...")
+        p.set_defaults(func=_cmd_synth)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def get_data_subparsers(subparsers) -> argparse._SubParsersAction:
+    """The sub-parsers of ``interbert data``, created on the first call for this top-level parser."""
+    group = getattr(subparsers, "_interbert_data_group", None)
+    if group is None:
+        p = subparsers.add_parser("data", help="convert, check (and generate) captions and region features")
+        group = p.add_subparsers(dest="data_command", metavar="<action>", required=True)
+        subparsers._interbert_data_group = group
+    return group
+
+
+def _cmd_convert(args) -> int:
+    from interbert.data.features import convert_features, open_features
+
+    source = open_features(args.src, format=args.format, trust_pickle=args.trust_pickle)
+    written, skipped = convert_features(source, args.dst, feature_dtype=args.dtype, chunk_size=args.chunk_size)
+    print(f"{args.dst}: wrote {written} images, {skipped} already there (resumed); {len(source)} in {args.src}")
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from interbert.data.captions import read_captions
+    from interbert.data.check import check_data
+    from interbert.data.features import open_features
+
+    captions = read_captions(args.captions, format=args.captions_format)
+    store = open_features(args.features, trust_pickle=args.trust_pickle)
+    report = check_data(captions, store, progress=True)
+    print("\n".join(report.lines()))
+    return 1 if report.errors else 0
+
+
+def _cmd_tokenizer_train(args) -> int:
+    from interbert.data.captions import read_captions
+    from interbert.data.tokenize import train_wordpiece
+
+    texts = [c.text for c in read_captions(args.captions, format=args.format)]
+    tokenizer = train_wordpiece(texts, args.out, vocab_size=args.vocab_size, lowercase=not args.cased,
+                                min_frequency=args.min_frequency)
+    print(f"{args.out}: WordPiece vocabulary of {len(tokenizer)} tokens from {len(texts)} captions")
+    return 0
+
+
+def register(subparsers) -> None:
+    data = get_data_subparsers(subparsers)
+    c = data.add_parser("convert", help="write any feature store (TSV, npz folder, HDF5, LMDB) into the project's store")
+    c.add_argument("src", help="TSV file, folder of .npz, .h5 file, ViLBERT LMDB, or a project store")
+    c.add_argument("dst", help="output folder (an existing partial store is resumed)")
+    c.add_argument("--format", default="auto", choices=["auto", "tsv", "npz", "hdf5", "lmdb", "store"])
+    c.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="feature dtype on disk")
+    c.add_argument("--chunk-size", type=int, default=1000, help="images per chunk (the unit of resumption)")
+    c.add_argument("--trust-pickle", action="store_true", help="allow reading pickled LMDB values (runs code!)")
+    c.set_defaults(func=_cmd_convert)
+
+    k = data.add_parser("check", help="report whether captions and features can train together")
+    k.add_argument("--captions", required=True)
+    k.add_argument("--captions-format", default="auto")
+    k.add_argument("--features", required=True)
+    k.add_argument("--trust-pickle", action="store_true")
+    k.set_defaults(func=_cmd_check)
+
+    t = subparsers.add_parser("tokenizer", help="tokenizer tools")
+    tsub = t.add_subparsers(dest="tokenizer_command", metavar="<action>", required=True)
+    tt = tsub.add_parser("train", help="train a WordPiece vocabulary from captions into a BERT-style folder")
+    tt.add_argument("captions")
+    tt.add_argument("out")
+    tt.add_argument("--vocab-size", type=int, default=30522)
+    tt.add_argument("--min-frequency", type=int, default=2)
+    tt.add_argument("--cased", action="store_true", help="keep case (default: lower-case, as bert-base-uncased)")
+    tt.add_argument("--format", default="auto", help="caption format (default: sniffed)")
+    tt.set_defaults(func=_cmd_tokenizer_train)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from interbert.cli import main
+
+    sys.exit(main(["data", *sys.argv[1:]]))

@@ -1,0 +1,73 @@
+"""`interbert data convert`, `interbert data check` and `interbert tokenizer train` end to end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+from conftest import shared_path
+
+from interbert.cli import main
+from interbert.data import RegionStore, Regions, open_features
+from interbert.data.cli import get_data_subparsers
+from interbert.data.features import write_npz_folder, write_tsv
+
+
+def test_convert_then_check_real_regions(tmp_path, capsys):
+    src = shared_path("data", "regions", "features_npz")
+    assert main(["data", "convert", str(src), str(tmp_path / "store"), "--dtype", "float16", "--chunk-size", "5"]) == 0
+    store = RegionStore(tmp_path / "store")
+    assert len(store) == 12 and store.manifest["feature_dtype"] == "float16" and len(store.manifest["chunks"]) == 3
+    capsys.readouterr()
+    assert main(["data", "convert", str(src), str(tmp_path / "store"), "--dtype", "float16"]) == 0
+    assert "wrote 0 images, 12 already there" in capsys.readouterr().out
+    captions = shared_path("data", "regions", "DERIVED_flickr30k_captions_for_fixture_images.json")
+    capsys.readouterr()
+    assert main(["data", "check", "--captions", str(captions), "--features", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    assert "captions: 20 for 4 images" in out and "feature dim 1024" in out
+    assert "3 captions without features" in out and "11 features without captions" in out and "OK" in out
+
+
+def test_convert_refuses_to_mix_dtypes_on_resume(tmp_path):
+    src = shared_path("data", "regions", "features_npz")
+    main(["data", "convert", str(src), str(tmp_path / "s"), "--dtype", "float16"])
+    with pytest.raises(ValueError, match="float16"):
+        main(["data", "convert", str(src), str(tmp_path / "s"), "--dtype", "float32"])
+
+
+def test_check_fails_on_data_that_cannot_train(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    good = Regions(rng.random((3, 4)), [[0, 0, 5, 5], [1, 1, 9, 9], [2, 2, 3, 3]], 10, 10)
+    bad = Regions(np.full((2, 4), np.nan), [[0, 0, 5, 5], [0, 0, 20, 5]], 10, 10)
+    outside = Regions(rng.random((1, 4)), [[0, 0, 30, 5]], 10, 10)
+    write_tsv(tmp_path / "f.tsv", [("a", good), ("b", bad), ("c", outside)])
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"image_id": i, "caption": "x"}) for i in "abz"))
+    code = main(["data", "check", "--captions", str(tmp_path / "c.jsonl"), "--features", str(tmp_path / "f.tsv")])
+    out = capsys.readouterr().out
+    assert code == 1 and "1 images with nonfinite values" in out and "['b']" in out
+    assert "1 images with boxes outside" in out and "1 captions without features (e.g. ['z'])" in out
+    write_npz_folder(tmp_path / "npz", [("q", good)])
+    assert main(["data", "check", "--captions", str(tmp_path / "c.jsonl"), "--features", str(tmp_path / "npz")]) == 1
+    assert "no image has both captions and features" in capsys.readouterr().out
+
+
+def test_tokenizer_train_cli(tmp_path):
+    captions = shared_path("data", "flickr8k", "DERIVED_dataset_flickr8k_test_karpathy_format.json")
+    assert main(["tokenizer", "train", str(captions), str(tmp_path / "tok"), "--vocab-size", "800"]) == 0
+    from interbert.data.tokenize import load_tokenizer
+
+    assert 0 < len(load_tokenizer(tmp_path / "tok")) <= 800
+
+
+def test_other_modules_can_join_the_data_group():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    get_data_subparsers(sub).add_parser("synth").set_defaults(func=lambda a: 0)  # e.g. interbert.synthetic
+    from interbert.data import cli
+
+    cli.register(sub)
+    assert parser.parse_args(["data", "synth"]).data_command == "synth"
+    assert parser.parse_args(["data", "check", "--captions", "c", "--features", "f"]).data_command == "check"
