@@ -20,7 +20,7 @@ def test_two_process_torchrun_keeps_ranks_identical_on_disjoint_shards(tmp_path)
         str(TOY_SCRIPT), "--output-dir", str(tmp_path), "--max-steps", "4", "--batch-size", "4",
         "--dataset-size", "32", "--save-every", "2",
     ]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
     weights = [torch.load(tmp_path / f"weights_rank{rank}.pt", weights_only=True) for rank in (0, 1)]

@@ -40,7 +40,9 @@ def _check_inputs(scores: np.ndarray, caption_image_index: np.ndarray) -> tuple[
     not_finite = np.argwhere(~np.isfinite(scores))
     if not_finite.size:
         caption, image = not_finite[0]
-        raise ValueError(f"score of caption {caption} x image {image} is {scores[caption, image]} ({len(not_finite)} non-finite)")
+        raise ValueError(
+            f"score of caption {caption} x image {image} is {scores[caption, image]} ({len(not_finite)} non-finite)"
+        )
     return scores, caption_image_index
 
 

@@ -183,7 +183,12 @@ def build_param_groups(
         decayed = param.ndim >= 2
         group = groups.setdefault(
             (factor, decayed),
-            {"params": [], "param_names": [], "lr_multiplier": factor, "weight_decay": weight_decay if decayed else 0.0},
+            {
+                "params": [],
+                "param_names": [],
+                "lr_multiplier": factor,
+                "weight_decay": weight_decay if decayed else 0.0,
+            },
         )
         group["params"].append(param)
         group["param_names"].append(name)
@@ -497,7 +502,13 @@ class Trainer:
 
     def _loader(self, epoch: int, start: int) -> DataLoader:
         batches = _SeededBatches(
-            self.train_dataset, self._epoch_batches(epoch), self.collate_fn, self.config.seed, epoch, self.dist.rank, start
+            self.train_dataset,
+            self._epoch_batches(epoch),
+            self.collate_fn,
+            seed=self.config.seed,
+            epoch=epoch,
+            rank=self.dist.rank,
+            start=start,
         )
         return DataLoader(
             batches,
@@ -542,11 +553,16 @@ class Trainer:
         self.step += 1
         return grad_norm
 
-    def _reduce_step_stats(self, sums: dict[str, list], examples: int) -> tuple[dict[str, float | None], int]:
-        """Mean of each loss component over this update's micro-batches and all ranks."""
-        names = sorted(sums)
-        packed = [value for name in names for value in sums[name]] + [float(examples)]
-        stats = torch.tensor(packed, dtype=torch.float64, device=self.device)
+    def _reduce_step_stats(
+        self, sums: Mapping[str, tuple[torch.Tensor | float, int]], examples: int
+    ) -> tuple[dict[str, float | None], int]:
+        """Mean of each loss component over this update's micro-batches and all ranks, and the examples."""
+        names = sorted(sums)  # the same on every rank: the fields of the model's output class
+        packed = [
+            torch.as_tensor(value, dtype=torch.float64, device=self.device) for name in names for value in sums[name]
+        ]
+        packed.append(torch.tensor(float(examples), dtype=torch.float64, device=self.device))
+        stats = torch.stack(packed)
         if self.dist.enabled:
             dist.all_reduce(stats)
         stats = stats.tolist()
@@ -578,7 +594,7 @@ class Trainer:
         writer = self._summary_writer()
         progress = self._progress_bar()
         self.ddp_model.train()
-        sums: dict[str, list] = {}
+        sums: dict[str, tuple[torch.Tensor | float, int]] = {}  # loss component -> (sum, micro-batches)
         micro_batches, examples = 0, 0
         interval_start, interval_examples = time.perf_counter(), 0
         try:
@@ -588,10 +604,9 @@ class Trainer:
                     micro_batches += 1
                     sync = micro_batches == cfg.grad_accum_steps
                     for name, value in self._forward_backward(batch, sync).items():
-                        total_count = sums.setdefault(name, [0.0, 0.0])
-                        if value is not None:
-                            total_count[0] += float(value)
-                            total_count[1] += 1.0
+                        total, count = sums.get(name, (0.0, 0))
+                        # tensors stay on the device: no host sync per micro-batch
+                        sums[name] = (total + value, count + 1) if value is not None else (total, count)
                     examples += _count_examples(batch)
                     if not sync:
                         continue

@@ -74,7 +74,9 @@ def apply_override(config: dict, override: str, source: str = "config") -> None:
             )
         if part not in node:
             known = ", ".join(sorted(map(str, node))) or "(none)"
-            raise ConfigError(f"{source}: unknown config key {dotted!r} in override {override!r}; known keys here: {known}")
+            raise ConfigError(
+                f"{source}: unknown config key {dotted!r} in override {override!r}; known keys here: {known}"
+            )
         if depth == len(path) - 1:
             node[part] = value
         else:
