@@ -148,10 +148,10 @@ def test_an_index_refuses_embeddings_of_another_model(gallery, tmp_path):
         build_index(other, folder / "features", tmp_path / "idx", progress=False)
 
 
-def test_features_of_the_wrong_size_name_the_image(gallery, tmp_path):
+def test_features_of_the_wrong_size_name_the_store(gallery, tmp_path):
     folder, model, _ = gallery
-    wrong = write_gallery(tmp_path / "wrong", num_images=1, feature_dim=FEATURE_DIM + 1, images=False)
-    with pytest.raises(ValueError, match=f"{wrong[0]}.*17-d region features.*16-d"):
+    write_gallery(tmp_path / "wrong", num_images=1, feature_dim=FEATURE_DIM + 1, images=False)
+    with pytest.raises(ValueError, match="wrong/features holds 17-d region features.*model takes 16-d"):
         build_index(model, tmp_path / "wrong" / "features", tmp_path / "idx", progress=False)
 
 

@@ -7,4 +7,4 @@ torch, so the heavy modules are imported where they are used.
 """
 
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf")
-DEFAULT_MAX_REGIONS = 36  # the paper's regions per image
+DEFAULT_MAX_REGIONS = 36  # regions per image, the global one included (the paper's 36)

@@ -74,7 +74,7 @@ def register(subparsers) -> None:
     build.add_argument("--index-type", choices=INDEX_TYPES, default="auto",
                        help="flat = exact; hnsw/ivf = approximate; auto = flat up to 50,000 images, else hnsw")
     build.add_argument("--max-regions", type=int, default=DEFAULT_MAX_REGIONS,
-                       help=f"detector regions per image (after the global one; default {DEFAULT_MAX_REGIONS})")
+                       help=f"regions per image, the global one included (default {DEFAULT_MAX_REGIONS})")
     build.set_defaults(func=_cmd_index)
 
     add = sub.add_parser("add", help="append the images of another feature store to an index")

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from interbert.serve import DEFAULT_MAX_REGIONS, INDEX_TYPES
-from interbert.serve._data import collate_regions, open_features, prepare_regions, read_captions
+from interbert.serve._data import first_captions, open_features, region_batch
 from interbert.serve.model import SearchModel, weights_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -281,7 +281,10 @@ def build_index(
         _write_atomically(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2)))
 
     store = open_features(features)
-    caption_of = read_captions(captions) if captions else {}
+    if store.feature_dim != search_model.config.region_feature_size:
+        raise ValueError(f"feature store {features} holds {store.feature_dim}-d region features, but the model "
+                         f"takes {search_model.config.region_feature_size}-d (config.region_feature_size)")
+    caption_of = first_captions(captions) if captions else {}
     thumbnail_dir = Path(thumbnails) if thumbnails else None
     if thumbnail_dir is not None and not thumbnail_dir.is_dir():
         raise FileNotFoundError(f"thumbnail folder {thumbnail_dir} does not exist")
@@ -332,19 +335,7 @@ def _index_batch(
     max_regions: int,
 ) -> int:
     """Embed one batch and commit it with its metadata in one transaction. Returns images without thumbnail."""
-    regions = []
-    expected_dim = search_model.config.region_feature_size
-    for image_id in ids:
-        where = f"image {image_id!r} in feature store {getattr(store, 'path', store)}"
-        try:
-            features, boxes = prepare_regions(store[image_id], max_regions)
-        except (ValueError, OSError) as error:
-            raise ValueError(f"{where}: {error}") from error
-        if features.shape[1] != expected_dim:
-            raise ValueError(f"{where}: {features.shape[1]}-d region features, but the model takes "
-                             f"{expected_dim}-d (config.region_feature_size)")
-        regions.append((features, boxes))
-    vectors = search_model.embed_images(collate_regions(regions)).astype(np.float32)
+    vectors = search_model.embed_images(region_batch([(store, i) for i in ids], max_regions)).astype(np.float32)
     missing = 0
     rows = []
     for image_id, vector in zip(ids, vectors):

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
-from interbert.serve._data import collate_regions, open_features, prepare_regions
+from interbert.serve._data import open_features, region_batch
 from interbert.serve.index import ImageIndex, ImageRecord
 from interbert.serve.model import SearchModel, weights_fingerprint
 
@@ -95,7 +95,7 @@ class SearchService:
         return self._stores[path]
 
     def regions_of(self, records: list[ImageRecord]) -> dict:
-        return collate_regions([prepare_regions(self._store(r.store)[r.image_id], self.max_regions) for r in records])
+        return region_batch([(self._store(r.store), r.image_id) for r in records], self.max_regions)
 
     def search(self, query: str, k: int, rerank: bool) -> SearchResponse:
         depth = rerank_depth(k, self.rerank_cap) if rerank else k

@@ -15,6 +15,21 @@ from interbert.modeling import InterBertForImageTextRetrieval, InterBertForPreTr
 ARCHITECTURES = {"retrieval": InterBertForImageTextRetrieval, "pretraining": InterBertForPreTraining}
 
 
+def generated_regions(num_images: int, feature_dim: int, max_regions: int = 6, seed: int = 0, id_prefix: str = "img"):
+    """Yield ``(image_id, Regions)``: 1..max_regions random boxes per image, ReLU-like random features."""
+    from interbert.data import Regions
+
+    rng = np.random.default_rng(seed)
+    for n in range(num_images):
+        w, h = int(rng.integers(200, 640)), int(rng.integers(200, 640))
+        count = int(rng.integers(1, max_regions + 1))
+        x1, y1 = rng.uniform(0, w * 0.6, count), rng.uniform(0, h * 0.6, count)
+        x2, y2 = x1 + rng.uniform(10, w * 0.4, count), y1 + rng.uniform(10, h * 0.4, count)
+        boxes = np.stack([x1, y1, np.minimum(x2, w), np.minimum(y2, h)], axis=1).astype(np.float32)
+        features = np.maximum(rng.normal(size=(count, feature_dim)), 0).astype(np.float32)
+        yield f"{id_prefix}{n:06d}", Regions(features, boxes, w, h)
+
+
 def write_gallery(
     folder: str | Path,
     num_images: int,
@@ -31,20 +46,14 @@ def write_gallery(
     (folder / "features").mkdir(parents=True, exist_ok=True)
     if images:
         (folder / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    colours = np.random.default_rng(seed + 1)
     ids = []
-    for n in range(num_images):
-        image_id = f"{id_prefix}{n:06d}"
-        w, h = int(rng.integers(200, 640)), int(rng.integers(200, 640))
-        count = int(rng.integers(1, max_regions + 1))
-        x1, y1 = rng.uniform(0, w * 0.6, count), rng.uniform(0, h * 0.6, count)
-        x2, y2 = x1 + rng.uniform(10, w * 0.4, count), y1 + rng.uniform(10, h * 0.4, count)
-        boxes = np.stack([x1, y1, np.minimum(x2, w), np.minimum(y2, h)], axis=1).astype(np.float32)
-        features = np.maximum(rng.normal(size=(count, feature_dim)), 0).astype(np.float32)  # ReLU-like detector output
-        np.savez(folder / "features" / f"{image_id}.npz", features=features, boxes=boxes, image_w=w, image_h=h)
+    for image_id, r in generated_regions(num_images, feature_dim, max_regions, seed, id_prefix):
+        np.savez(folder / "features" / f"{image_id}.npz", features=r.features, boxes=r.boxes, image_w=r.image_w,
+                 image_h=r.image_h)
         if images:
-            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-            Image.new("RGB", (w // 4, h // 4), colour).save(folder / "images" / f"{image_id}.png")
+            colour = tuple(int(c) for c in colours.integers(0, 256, 3))
+            Image.new("RGB", (r.image_w // 4, r.image_h // 4), colour).save(folder / "images" / f"{image_id}.png")
         ids.append(image_id)
     return ids
 
@@ -63,16 +72,10 @@ def save_tiny_model(
     torch.manual_seed(seed)
     vocab_file = Path(vocab_file)
     vocab_size = sum(1 for _ in open(vocab_file, encoding="utf-8"))
-    config = preset(
-        "tiny",
-        vocab_size=vocab_size,
-        region_feature_size=feature_dim,
-        num_region_classes=8,
-        num_single_stream_layers=1,
-        num_text_stream_layers=1,
-        num_image_stream_layers=1,
-        **overrides,
-    )
+    # One layer per stack keeps tests fast; pass e.g. num_single_stream_layers=2 for the tiny preset's depth.
+    fields = dict(vocab_size=vocab_size, region_feature_size=feature_dim, num_region_classes=8,
+                  num_single_stream_layers=1, num_text_stream_layers=1, num_image_stream_layers=1)
+    config = preset("tiny", **{**fields, **overrides})
     model = ARCHITECTURES[architecture](config).eval()
     folder = Path(folder)
     model.save_pretrained(folder)
