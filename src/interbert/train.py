@@ -501,6 +501,8 @@ class Trainer:
         )
 
     def _loader(self, epoch: int, start: int) -> DataLoader:
+        if hasattr(self.train_dataset, "set_epoch"):  # datasets that seed their own masking per (epoch, index)
+            self.train_dataset.set_epoch(epoch)
         batches = _SeededBatches(
             self.train_dataset,
             self._epoch_batches(epoch),
