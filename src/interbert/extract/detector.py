@@ -184,7 +184,8 @@ def load_weights_into(model: nn.Module, state: dict[str, Tensor], source: str) -
     model.load_state_dict({**expected, **state})
 
 
-def warn_random_weights(stream=sys.stderr) -> None:
+def warn_random_weights(stream=None) -> None:
+    stream = sys.stderr if stream is None else stream  # looked up now: tests and wrappers swap it
     banner = "!" * 78
     print(
         f"{banner}\nWARNING: --weights random: the detector is randomly initialised. Its boxes, features\n"

@@ -74,6 +74,6 @@ def decode_image(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             image.load()  # decode now, so a truncated file fails here and not later
             image = ImageOps.exif_transpose(image)
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+            return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy, for torch
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageDecodeError(f"{path}: {type(error).__name__}: {error}") from error
