@@ -78,10 +78,10 @@ def test_image_hard_negatives_by_mean_feature():
 def test_in_batch_negatives_follow_softmax_and_skip_positives():
     sim = torch.tensor([[5.0, 4.0, 0.0], [1.0, 5.0, 1.0], [0.0, 3.0, 5.0]])
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([sample_in_batch_negatives(sim, generator=g) for _ in range(4000)])
+    draws = torch.stack([sample_in_batch_negatives(sim, generator=g) for _ in range(600)])
     assert (draws != torch.arange(3)).all()
     p01 = torch.softmax(torch.tensor([4.0, 0.0]), 0)[0].item()
-    assert (draws[:, 0] == 1).float().mean().item() == pytest.approx(p01, abs=0.02)
-    assert (draws[:, 1] == 0).float().mean().item() == pytest.approx(0.5, abs=0.03)
+    assert (draws[:, 0] == 1).float().mean().item() == pytest.approx(p01, abs=0.02)  # 0.982
+    assert (draws[:, 1] == 0).float().mean().item() == pytest.approx(0.5, abs=0.07)  # 3 sigma
     same = torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)  # 0 and 1 show the same image
     assert (sample_in_batch_negatives(sim, same, generator=g)[:2] == 2).all()
