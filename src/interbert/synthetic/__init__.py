@@ -6,6 +6,6 @@ regions can tell apart, VCR-format questions and a GLUE-format caption pair task
 formats real data sets use, so the same commands run on Flickr30K.
 """
 
-from interbert.synthetic.generate import FORMATS, MANIFEST, SynthSettings, generate
+from interbert.synthetic.benchmark import FORMATS, MANIFEST, SynthSettings, generate
 
 __all__ = ["FORMATS", "MANIFEST", "SynthSettings", "generate"]

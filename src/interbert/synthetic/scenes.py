@@ -9,6 +9,7 @@ binding of words to regions tells them apart.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -57,6 +58,16 @@ class Scene:
     twin_mode: str | None = None
     twin_pair: tuple[int, int] | None = None
 
+    @cached_property
+    def relation_table(self) -> dict[tuple[int, int], tuple[str, ...]]:
+        """(i, j) -> the relations `objects[i] <relation> objects[j]` that clearly hold (computed once;
+        caption sampling asks many times)."""
+        n = len(self.objects)
+        return {
+            (i, j): tuple(r for r in RELATIONS if relation_holds(self.objects[i], self.objects[j], r, self.width, self.height))
+            for i in range(n) for j in range(n) if i != j
+        }
+
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise IoU of two box arrays (N x 4 and M x 4, x1 y1 x2 y2) -> N x M."""
@@ -88,8 +99,7 @@ def relation_holds(a: SceneObject, b: SceneObject, relation: str, width: int, he
 
 
 def relations_between(scene: Scene, i: int, j: int) -> list[str]:
-    a, b = scene.objects[i], scene.objects[j]
-    return [r for r in RELATIONS if relation_holds(a, b, r, scene.width, scene.height)]
+    return list(scene.relation_table[(i, j)])
 
 
 def _object_box(kind: str, size: str, cx: float, cy: float, height: int, rng: np.random.Generator):

@@ -103,7 +103,7 @@ def caption_pairs(
         pair_captions = twin_captions(*twins, rng, lang, count=1)
         if pair_captions is not None:
             negative = pair_captions[1][0]
-    for _attempt in range(20):
+    for _attempt in range(20 if others else 0):
         if negative is not None:
             break
         other_scene, other_caption = others[rng.integers(len(others))]

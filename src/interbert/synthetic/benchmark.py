@@ -8,6 +8,7 @@ same seed always gives the same files.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from interbert.data.features import Regions, RegionStoreWriter, write_npz_folder
 from interbert.synthetic.baseline import bag_of_words_retrieval
 from interbert.synthetic.detector import AttributeCodes, Detections, max_proposals, simulate_detections
 from interbert.synthetic.language import LANGUAGES, Caption, label_words, scene_captions, twin_captions
@@ -25,6 +27,12 @@ from interbert.synthetic.scenes import KINDS, Scene, make_twin, sample_scene
 from interbert.synthetic.tasks import caption_pairs, vcr_item, vcr_metadata
 
 FORMATS = ("tsv", "npz", "store")
+REGION_LAYOUTS = {
+    "tsv": "bottom-up-attention TSV, no header, one image per line: `image_id, image_w, image_h, "
+           "num_boxes, boxes, features, cls_prob` (base64 float32)",
+    "npz": "one `<image_id>.npz` per image with `features`, `boxes`, `image_w`, `image_h`, `class_probs`",
+    "store": "interbert's region store (memory-mapped chunks; open with `interbert.data.open_features`)",
+}
 TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features", "cls_prob")
 MANIFEST = "synth.json"
 # Purposes of the per-image random streams (the second seed word).
@@ -86,35 +94,34 @@ def _rng(seed: int, purpose: int, image_id: int = 0) -> np.random.Generator:
 # --------------------------------------------------------------------------------------------------
 # Scenes and captions
 # --------------------------------------------------------------------------------------------------
-def build_examples(settings: SynthSettings) -> list[Example]:
-    """Scenes with their captions: train and val scenes, then the test split as consecutive twin
-    pairs (alternately colour- and position-swapped)."""
-    sizes = settings.split_sizes()
-    w, h, lang, seed = settings.image_width, settings.image_height, settings.lang, settings.seed
-    examples: list[Example] = []
-    for split in ("train", "val"):
-        for _ in range(sizes[split]):
-            image_id = len(examples)
-            scene = sample_scene(image_id, _rng(seed, _SCENES, image_id), w, h)
-            examples.append(Example(scene, split, scene_captions(scene, _rng(seed, _CAPTIONS, image_id), lang)))
-    for pair in range(sizes["test"] // 2):
-        first_id = len(examples)
-        rng = _rng(seed, _TWINS, first_id)
-        mode = ("colour", "position")[pair % 2]
-        while True:  # some scenes admit no such twin (e.g. every object the same colour): draw again
-            twins = make_twin(sample_scene(first_id, rng, w, h), first_id + 1, mode, rng)
-            if twins is None:
-                continue
-            captions = twin_captions(*twins, rng, lang)
-            if captions is not None:
-                break
-        examples.append(Example(twins[0], "test", captions[0]))
-        examples.append(Example(twins[1], "test", captions[1]))
-    return examples
+def plain_example(image_id: int, split: str, settings: SynthSettings) -> Example:
+    seed = settings.seed
+    scene = sample_scene(image_id, _rng(seed, _SCENES, image_id), settings.image_width, settings.image_height)
+    return Example(scene, split, scene_captions(scene, _rng(seed, _CAPTIONS, image_id), settings.lang))
+
+
+def twin_examples(first_id: int, pair_number: int, settings: SynthSettings) -> tuple[Example, Example]:
+    """Test images `first_id` and `first_id + 1`: twins, alternately colour- and position-swapped."""
+    rng = _rng(settings.seed, _TWINS, first_id)
+    mode = ("colour", "position")[pair_number % 2]
+    while True:  # some scenes admit no such twin (e.g. every object the same colour): draw again
+        scene = sample_scene(first_id, rng, settings.image_width, settings.image_height)
+        twins = make_twin(scene, first_id + 1, mode, rng)
+        if twins is None:
+            continue
+        captions = twin_captions(*twins, rng, settings.lang)
+        if captions is not None:
+            return Example(twins[0], "test", captions[0]), Example(twins[1], "test", captions[1])
+
+
+def split_of(image_id: int, sizes: dict[str, int]) -> str:
+    if image_id < sizes["train"]:
+        return "train"
+    return "val" if image_id < sizes["train"] + sizes["val"] else "test"
 
 
 # --------------------------------------------------------------------------------------------------
-# Region features and pictures (the heavy part, run in worker processes)
+# One chunk of images, end to end (run in worker processes)
 # --------------------------------------------------------------------------------------------------
 def _b64(array: np.ndarray) -> bytes:
     return base64.b64encode(np.ascontiguousarray(array, dtype=np.float32).tobytes())
@@ -127,57 +134,127 @@ def tsv_line(scene: Scene, detections: Detections) -> bytes:
     return head + b"\t".join([_b64(detections.boxes), _b64(detections.features), _b64(detections.class_probs)]) + b"\n"
 
 
+@dataclass
+class ChunkResult:
+    examples: list[Example]
+    regions: list  # TSV lines (tsv), (id, Regions) pairs (store) or nothing (npz: written by the worker)
+    vcr_lines: dict[str, list[str]]
+    glue_rows: dict[str, list[tuple[int, str]]]  # split -> (label, row)
+
+
 _CODES: dict[tuple[int, int], AttributeCodes] = {}
 
 
-def _regions_for(scenes: list[Scene], settings: SynthSettings, image_dir: str | None) -> list[bytes]:
+def build_chunk(first_id: int, stop_id: int, settings: SynthSettings, out: str) -> ChunkResult:
+    """Images first_id..stop_id-1: scenes, captions, pictures, detections, VCR items, GLUE pairs.
+    Chunk borders never split a twin pair (test pairs start at even offsets, chunks are even)."""
+    sizes = settings.split_sizes()
+    test_start = sizes["train"] + sizes["val"]
+    examples: list[Example] = []
+    image_id = first_id
+    while image_id < stop_id:
+        if image_id < test_start:
+            examples.append(plain_example(image_id, split_of(image_id, sizes), settings))
+            image_id += 1
+        else:
+            examples.extend(twin_examples(image_id, (image_id - test_start) // 2, settings))
+            image_id += 2
+
     key = (settings.seed, settings.feature_dim)
     if key not in _CODES:
         _CODES[key] = AttributeCodes.from_seed(*key)
-    lines = []
-    for scene in scenes:
+    result = ChunkResult(examples, [], {"train": [], "val": []}, {"train": [], "dev": []})
+    out_path = Path(out)
+    for e in examples:
+        scene = e.scene
         detections = simulate_detections(scene, _CODES[key], settings.num_classes, _rng(settings.seed, _DETECTOR, scene.image_id))
-        lines.append(tsv_line(scene, detections))
-        if image_dir is not None:
-            Path(image_dir, f"{scene.image_id}.png").write_bytes(scene_png(scene))
-    return lines
+        if settings.fmt == "tsv":
+            result.regions.append(tsv_line(scene, detections))
+        else:
+            regions = Regions(detections.features, detections.boxes, scene.width, scene.height, detections.class_probs)
+            if settings.fmt == "npz":
+                write_npz_folder(out_path / "regions", [(str(scene.image_id), regions)])
+            else:
+                result.regions.append((str(scene.image_id), regions))
+        if settings.render_images:
+            (out_path / "images" / f"{scene.image_id}.png").write_bytes(scene_png(scene))
+        if e.split in ("train", "val"):
+            result.vcr_lines[e.split].append(_vcr_line(e, settings, out_path))
+            glue_split = "train" if e.split == "train" else "dev"
+            result.glue_rows[glue_split].extend(_glue_rows(e, examples, settings))
+    return result
 
 
-def write_regions(examples: list[Example], settings: SynthSettings, out: Path, workers: int, chunk: int = 50) -> Path:
-    """Simulated detections of every image as one bottom-up TSV (and the PNGs, when rendered)."""
-    path = out / "regions.tsv"
-    image_dir = str(out / "images") if settings.render_images else None
-    chunks = [[e.scene for e in examples[k:k + chunk]] for k in range(0, len(examples), chunk)]
-    with open(path, "wb") as f:
-        if workers <= 1:
-            for scenes in chunks:
-                f.writelines(_regions_for(scenes, settings, image_dir))
-            return path
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
-            # A bounded window of chunks in flight keeps memory flat however many images there are.
-            pending = []
-            for scenes in chunks:
-                pending.append(pool.submit(_regions_for, scenes, settings, image_dir))
-                if len(pending) >= 2 * workers:
-                    f.writelines(pending.pop(0).result())
-            for future in pending:
-                f.writelines(future.result())
-    return path
+def _vcr_line(e: Example, settings: SynthSettings, out: Path) -> str:
+    """VCR layout: the metadata JSON lies beside the picture (images/<id>.json), as VCR keeps it
+    beside its frames; img_fn and metadata_fn are relative to images/."""
+    image_id = e.scene.image_id
+    rng = _rng(settings.seed, _VCR, image_id)
+    metadata = vcr_metadata(e.scene, rng)
+    (out / "images" / f"{image_id}.json").write_text(json.dumps(metadata))
+    item = vcr_item(e.scene, rng, f"{e.split}-{image_id}", f"{image_id}.png", f"{image_id}.json")
+    return json.dumps(item, ensure_ascii=False)
+
+
+def _glue_rows(e: Example, chunk: list[Example], settings: SynthSettings) -> list[tuple[int, str]]:
+    """MRPC rows. Sentence ids are the Karpathy sentids (5 per image, in order); a caption written
+    for a twin made only for this pair gets id 5 * images + image_id."""
+    image_id = e.scene.image_id
+    ids = {id(c): 5 * image_id + k for k, c in enumerate(e.captions)}
+    others = [(o.scene, c) for o in chunk if o.split == e.split and o is not e for c in o.captions]
+    for o in chunk:
+        ids.update({id(c): 5 * o.scene.image_id + k for k, c in enumerate(o.captions)})
+    rows = []
+    for label, first, second in caption_pairs(e.scene, e.captions, others, _rng(settings.seed, _GLUE, image_id), settings.lang):
+        second_id = ids.get(id(second), 5 * settings.images + image_id)
+        rows.append((label, f"{label}\t{ids[id(first)]}\t{second_id}\t{first.raw}\t{second.raw}"))
+    return rows
+
+
+def chunk_bounds(settings: SynthSettings, chunk: int = 50) -> list[tuple[int, int]]:
+    """Fixed chunks (independent of the number of workers), never splitting a twin pair."""
+    sizes = settings.split_sizes()
+    test_start = sizes["train"] + sizes["val"]
+    bounds, start = [], 0
+    while start < settings.images:
+        stop = min(start + chunk, settings.images)
+        if stop > test_start and (stop - test_start) % 2:
+            stop += 1
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def run_chunks(settings: SynthSettings, out: Path, workers: int):
+    """Yield the chunks' results in order, computed by `workers` processes (a bounded window of
+    chunks in flight keeps memory flat however many images there are)."""
+    bounds = chunk_bounds(settings)
+    if workers <= 1:
+        for start, stop in bounds:
+            yield build_chunk(start, stop, settings, str(out))
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
+        pending = []
+        for start, stop in bounds:
+            pending.append(pool.submit(build_chunk, start, stop, settings, str(out)))
+            if len(pending) >= 2 * workers:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
 
 
 # --------------------------------------------------------------------------------------------------
 # Text files
 # --------------------------------------------------------------------------------------------------
 def karpathy_json(examples: list[Example]) -> dict:
-    images, sentid = [], 0
+    images = []
     for e in examples:
-        sentences = []
-        for c in e.captions:
-            sentences.append({"tokens": c.tokens, "raw": c.raw, "imgid": e.scene.image_id, "sentid": sentid})
-            sentid += 1
+        image_id = e.scene.image_id
+        sentences = [{"tokens": c.tokens, "raw": c.raw, "imgid": image_id, "sentid": 5 * image_id + k}
+                     for k, c in enumerate(e.captions)]
         entry = {
-            "filename": f"{e.scene.image_id}.png",
-            "imgid": e.scene.image_id,
+            "filename": f"{image_id}.png",
+            "imgid": image_id,
             "split": e.split,
             "sentences": sentences,
             "sentids": [s["sentid"] for s in sentences],
@@ -196,55 +273,6 @@ def scene_record(e: Example) -> dict:
                     for o in s.objects],
         "twin_of": s.twin_of, "twin_mode": s.twin_mode, "twin_pair": list(s.twin_pair) if s.twin_pair else None,
     }
-
-
-def write_vcr(examples: list[Example], settings: SynthSettings, out: Path) -> dict[str, str]:
-    """VCR layout: questions per split in vcr/<split>.jsonl; metadata JSONs beside the pictures
-    (images/<id>.json), as VCR keeps them beside its frames; img_fn/metadata_fn are relative to images/."""
-    (out / "vcr").mkdir(exist_ok=True)
-    files = {}
-    for split in ("train", "val"):
-        lines = []
-        for e in examples:
-            if e.split != split:
-                continue
-            image_id = e.scene.image_id
-            rng = _rng(settings.seed, _VCR, image_id)
-            metadata = vcr_metadata(e.scene, rng)
-            (out / "images" / f"{image_id}.json").write_text(json.dumps(metadata))
-            item = vcr_item(e.scene, rng, f"{split}-{image_id}", f"{image_id}.png", f"{image_id}.json")
-            lines.append(json.dumps(item, ensure_ascii=False))
-        (out / "vcr" / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        files[split] = f"vcr/{split}.jsonl"
-    return files
-
-
-def write_glue(examples: list[Example], settings: SynthSettings, out: Path) -> dict[str, object]:
-    """MRPC layout (Quality, #1 ID, #2 ID, #1 String, #2 String): Quality 1 when both captions are
-    true of the scene the first was written for, 0 when the second is false of it."""
-    (out / "glue").mkdir(exist_ok=True)
-    # Sentence ids are the Karpathy sentids; a caption written for a twin made only for a pair gets
-    # a fresh id after them. (Keyed by object identity: the examples' captions live throughout.)
-    sentence_id = {id(c): k for k, c in enumerate(c for e in examples for c in e.captions)}
-    next_id = len(sentence_id)
-    files, positives = {}, {}
-    for split, name in (("train", "train"), ("val", "dev")):
-        pool = [(e.scene, c) for e in examples if e.split == split for c in e.captions]
-        rows = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
-        labels = []
-        for e in examples:
-            if e.split != split:
-                continue
-            for label, first, second in caption_pairs(e.scene, e.captions, pool, _rng(settings.seed, _GLUE, e.scene.image_id), settings.lang):
-                second_id = sentence_id.get(id(second))
-                if second_id is None:
-                    second_id, next_id = next_id, next_id + 1
-                rows.append(f"{label}\t{sentence_id[id(first)]}\t{second_id}\t{first.raw}\t{second.raw}")
-                labels.append(label)
-        (out / "glue" / f"{name}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-        files[name] = f"glue/{name}.tsv"
-        positives[name] = float(np.mean(labels))
-    return {"files": files, "positive_rate": positives}
 
 
 def retrieval_baseline(examples: list[Example], lang: str) -> dict[str, float]:
@@ -285,21 +313,40 @@ def generate(
     settings = SynthSettings(images, lang, seed, fmt, feature_dim, num_classes, val_images, test_images,
                              image_width, image_height, render_images)
     settings.validate()
-    if fmt != "tsv":
-        raise NotImplementedError(
-            f"--format {fmt} needs the feature-store writers of interbert.data, which this checkout "
-            "does not have yet; use --format tsv (the bottom-up TSV every reader accepts)"
-        )
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "vcr").mkdir(exist_ok=True)
+    (out / "glue").mkdir(exist_ok=True)
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
 
-    examples = build_examples(settings)
-    regions = write_regions(examples, settings, out, workers)
+    examples: list[Example] = []
+    vcr_lines: dict[str, list[str]] = {"train": [], "val": []}
+    glue_rows: dict[str, list[tuple[int, str]]] = {"train": [], "dev": []}
+    regions_path = out / ("regions.tsv" if fmt == "tsv" else "regions")
+    store = RegionStoreWriter(regions_path, chunk_size=1000) if fmt == "store" else None
+    with open(regions_path, "wb") if fmt == "tsv" else contextlib.nullcontext() as tsv:
+        for chunk in run_chunks(settings, out, workers):
+            examples.extend(chunk.examples)
+            for split in vcr_lines:
+                vcr_lines[split].extend(chunk.vcr_lines[split])
+            for split in glue_rows:
+                glue_rows[split].extend(chunk.glue_rows[split])
+            if tsv is not None:
+                tsv.writelines(chunk.regions)
+            elif store is not None:
+                for image_id, regions in chunk.regions:
+                    store.add(image_id, regions)
+    if store is not None:
+        store.close()
+
     (out / "captions.json").write_text(json.dumps(karpathy_json(examples), ensure_ascii=False), encoding="utf-8")
     (out / "scenes.jsonl").write_text("".join(json.dumps(scene_record(e)) + "\n" for e in examples))
-    vcr_files = write_vcr(examples, settings, out)
-    glue = write_glue(examples, settings, out)
+    for split, lines in vcr_lines.items():
+        (out / "vcr" / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    for split, rows in glue_rows.items():
+        (out / "glue" / f"{split}.tsv").write_text(header + "".join(row + "\n" for _, row in rows), encoding="utf-8")
+    glue_positive_rate = {split: float(np.mean([label for label, _ in rows])) for split, rows in glue_rows.items()}
     baseline = retrieval_baseline(examples, lang)
 
     sizes = settings.split_sizes()
@@ -310,13 +357,13 @@ def generate(
         "splits": sizes | {"test_twin_pairs": sizes["test"] // 2},
         "files": {
             "captions": "captions.json",
-            "regions": regions.name,
+            "regions": regions_path.name,
             "regions_format": fmt,
             "regions_fields": list(TSV_FIELDS),
             "images": "images",
             "scenes": "scenes.jsonl",
-            "vcr": vcr_files | {"images_root": "images"},
-            "glue": glue["files"],
+            "vcr": {"train": "vcr/train.jsonl", "val": "vcr/val.jsonl", "images_root": "images"},
+            "glue": {"train": "glue/train.tsv", "dev": "glue/dev.tsv"},
             "readme": "README.md",
         },
         "detector": {
@@ -327,18 +374,20 @@ def generate(
             "max_boxes": max_proposals(),
         },
         "baseline_bag_of_words": baseline,
-        "glue_positive_rate": glue["positive_rate"],
+        "glue_positive_rate": glue_positive_rate,
     }
-    manifest["bytes"] = _sizes(out)
+    manifest["bytes"] = _sizes(out, regions_path)
     (out / "README.md").write_text(readme(manifest), encoding="utf-8")
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifest
 
 
-def _sizes(out: Path) -> dict[str, int]:
-    sizes = {name: (out / name).stat().st_size for name in ("regions.tsv", "captions.json", "scenes.jsonl")}
-    sizes["images/"] = sum(p.stat().st_size for p in (out / "images").iterdir())
-    return sizes
+def _sizes(out: Path, regions: Path) -> dict[str, int]:
+    def size(path: Path) -> int:
+        return sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
+
+    return {name: size(out / name.rstrip("/")) for name in (regions.name + ("/" if regions.is_dir() else ""),
+                                                             "captions.json", "scenes.jsonl", "images/")}
 
 
 def _pct(x: float) -> str:
@@ -364,9 +413,8 @@ give the same bytes. Nothing here is a real photograph or a real detector's outp
 ## Files
 - `synth.json`: the settings, split sizes and paths (what downstream code reads).
 - `images/<id>.png`: the pictures ({s['image_width']}x{s['image_height']}){'' if s['render_images'] else ' — not rendered for this run (--no-images)'}; `images/<id>.json`: VCR metadata of train/val scenes.
-- `regions.tsv`: **simulated** detector output, bottom-up-attention TSV, no header, one image per line:
-  `image_id, image_w, image_h, num_boxes, boxes, features, cls_prob` (base64 float32; boxes
-  x1 y1 x2 y2 in pixels; features {det['feature_dim']}-d; cls_prob over {det['num_classes']} classes,
+- `{manifest['files']['regions']}`: **simulated** detector output, {REGION_LAYOUTS[s['fmt']]}:
+  boxes x1 y1 x2 y2 in pixels; features {det['feature_dim']}-d; cls_prob over {det['num_classes']} classes,
   class 0 = background, classes 1-{len(det['classes']) - 1} = {', '.join(det['classes'][1:])}; the rest are unused).
   At most {det['max_boxes']} boxes per image: 3-4 jittered proposals per object (IoU >= 0.5 with each
   other) and 2-3 background proposals (IoU < 0.3 with everything). A proposal's feature is a fixed
