@@ -15,7 +15,8 @@
 
 Text alone runs the same path without regions, so the text side is exactly BERT. Regions alone run the
 same path without text (single-modal image embeddings). Masks are 1 = keep; padding never changes a
-valid position's output because attention masks out padded keys (torch SDPA, boolean masks).
+valid position's output because attention masks out padded keys (torch SDPA, boolean masks); the
+per-position work runs on the real positions only (see `Padding`) and padded outputs are zero.
 """
 
 from __future__ import annotations
@@ -112,6 +113,40 @@ class RegionEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(self.feature_projection(features) + self.box_projection(boxes)))
 
 
+@dataclass
+class Padding:
+    """Where the real positions of a padded B x L batch are, found once per stack.
+
+    Layers run their per-position work (projections, feed-forward, LayerNorms: nearly all the FLOPs)
+    on the N real rows only, and attend in the padded B x L layout. With captions of 8-36 tokens and
+    10-36 regions a third of a dynamically padded batch is padding, so this saves about a third of a
+    step. Padded positions of the outputs are zero.
+    """
+
+    shape: tuple[int, int]
+    index: torch.Tensor | None  # flat indices of the real positions; None when nothing is padded
+    attn_mask: torch.Tensor | None  # B x 1 x 1 x L boolean, True where a key may be attended to
+
+    @classmethod
+    def from_keep(cls, keep: torch.Tensor) -> "Padding":
+        """``keep``: B x L boolean, True at real positions."""
+        if bool(keep.all()):
+            return cls(tuple(keep.shape), None, None)
+        return cls(tuple(keep.shape), keep.flatten().nonzero().squeeze(1), keep[:, None, None, :])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """B x L x H -> N x H (the real rows)."""
+        flat = x.reshape(-1, x.shape[-1])
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """N x H -> B x L x H with zeros at padded positions."""
+        b, n = self.shape
+        if self.index is not None:
+            x = x.new_zeros(b * n, x.shape[-1]).index_copy(0, self.index, x)
+        return x.view(b, n, -1)
+
+
 class TransformerLayer(nn.Module):
     """A post-LayerNorm BERT layer: self-attention and feed-forward, each with residual + LayerNorm."""
 
@@ -130,19 +165,28 @@ class TransformerLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(hidden, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """``keep``: B x 1 x 1 x L boolean, True where a key may be attended to."""
-        b, n, h = x.shape
+    def forward(self, x: torch.Tensor, padding: Padding) -> torch.Tensor:
+        """``x``: N x H, the real positions of a B x L batch as ``padding`` packed them."""
+        (b, n), h = padding.shape, x.shape[-1]
 
         def split_heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, n, self.heads, h // self.heads).transpose(1, 2)
+            return padding.unpack(t).view(b, n, self.heads, h // self.heads).transpose(1, 2)
 
         q, k, v = split_heads(self.query(x)), split_heads(self.key(x)), split_heads(self.value(x))
         p = self.attn_dropout if self.training else 0.0
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)
-        context = context.transpose(1, 2).reshape(b, n, h)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=padding.attn_mask, dropout_p=p)
+        context = padding.pack(context.transpose(1, 2).reshape(b, n, h))
         x = self.attn_norm(x + self.dropout(self.attn_out(context)))
         return self.ffn_norm(x + self.dropout(self.ffn_out(self.act(self.ffn_in(x)))))
+
+
+def run_stack(layers: nn.ModuleList, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Run ``layers`` over a padded B x L x H batch (``keep``: B x L, True at real positions)."""
+    padding = Padding.from_keep(keep)
+    x = padding.pack(hidden)
+    for layer in layers:
+        x = layer(x, padding)
+    return padding.unpack(x)
 
 
 def _text_layer(config: InterBertConfig) -> TransformerLayer:
@@ -186,11 +230,6 @@ class HeadTransform(nn.Module):
 def fuse(text_pooled: torch.Tensor, image_pooled: torch.Tensor, fusion: str) -> torch.Tensor:
     """The cross-modal pair representation that the matching heads read."""
     return text_pooled * image_pooled if fusion == "mul" else text_pooled + image_pooled
-
-
-def _keep_mask(mask: torch.Tensor) -> torch.Tensor:
-    """B x L (1 = keep) -> B x 1 x 1 x L boolean, broadcast over heads and queries by SDPA."""
-    return mask.bool()[:, None, None, :]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,23 +337,15 @@ class InterBertModel(InterBertPreTrainedModel):
         streams = [(h, k.bool()) for h, k in ((image, image_keep), (text, text_keep)) if h is not None]
         # Single-stream interaction: full attention over [regions ; text].
         hidden = torch.cat([h for h, _ in streams], dim=1)
-        keep = _keep_mask(torch.cat([k for _, k in streams], dim=1))
-        for layer in self.single_stream:
-            hidden = layer(hidden, keep)
+        hidden = run_stack(self.single_stream, hidden, torch.cat([k for _, k in streams], dim=1))
 
         # Two-stream extraction: each modality continues in its own stack.
         out = {}
         if image is not None:
-            image_out = hidden[:, : image.shape[1]]
-            image_keep4 = _keep_mask(image_keep)
-            for layer in self.image_stream:
-                image_out = layer(image_out, image_keep4)
+            image_out = run_stack(self.image_stream, hidden[:, : image.shape[1]], image_keep.bool())
             out.update(image_sequence=image_out, image_pooled=self.image_pooler(image_out))
         if text is not None:
-            text_out = hidden[:, hidden.shape[1] - text.shape[1] :]
-            text_keep4 = _keep_mask(text_keep)
-            for layer in self.text_stream:
-                text_out = layer(text_out, text_keep4)
+            text_out = run_stack(self.text_stream, hidden[:, hidden.shape[1] - text.shape[1] :], text_keep.bool())
             out.update(text_sequence=text_out, text_pooled=self.text_pooler(text_out))
         return InterBertOutput(**out)
 

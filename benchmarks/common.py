@@ -1,0 +1,246 @@
+"""Shared pieces of the benchmark scripts: machine description, timing, the fp32 matmul peak,
+realistic pretraining batches, the VisualBERT peer, and writing results (JSON + markdown).
+
+Every comparison is a ratio measured inside one run, with the two sides timed alternately so that a
+busy machine slows both sides alike.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from interbert.config import InterBertConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CLS_ID, SEP_ID, MASK_ID = 101, 102, 103
+
+
+# --------------------------------------------------------------------------------------------------
+# Machine and results
+# --------------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    import transformers
+
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def machine_markdown(info: dict) -> str:
+    return (
+        f"Machine: {info['cpu']}, {info['cores']} cores ({info['cpu_capability']}), torch {info['torch']} "
+        f"with {info['torch_threads']} threads, transformers {info['transformers']}, {info['date']} "
+        f"(1-min load average at start {info['load_average_at_start']:.2f})."
+    )
+
+
+def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    md_path.write_text(markdown.rstrip() + "\n")
+    return json_path, md_path
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    def cell(v) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+def time_alternating(fns: dict[str, Callable[[int], None]], warmup: int, iterations: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, calls interleaved (a, b, a, b, ...) so that load from other
+    processes falls on every side alike. Each function receives the iteration index."""
+    for i in range(warmup):
+        for fn in fns.values():
+            fn(i)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(iterations):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(i)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def matmul_peak_gflops(sizes: tuple[int, ...] = (2048, 4096), repeats: int = 5) -> dict:
+    """The machine's attainable fp32 matmul rate: best median GFLOP/s of square torch.mm over sizes."""
+    out = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(2):
+            torch.mm(a, b)
+        ts = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            ts.append(time.perf_counter() - start)
+        out[n] = 2 * n**3 / median(ts) / 1e9
+    return {"gflops": max(out.values()), "by_size": out}
+
+
+def count_flops(step: Callable[[], None]) -> int:
+    """FLOPs of one call (matmuls, convolutions and attention, as torch's FlopCounterMode counts)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------------
+def pretraining_batch(
+    config: InterBertConfig,
+    batch_size: int,
+    seed: int,
+    max_tokens: int = 36,
+    max_regions: int = 36,
+    min_tokens: int = 8,
+    min_regions: int = 10,
+) -> dict[str, torch.Tensor]:
+    """A pretraining batch shaped like real data after dynamic padding.
+
+    Captions have 8..36 tokens ([CLS] and [SEP] included), images 10..36 regions plus the global one,
+    padded to the batch's longest. Labels follow tests/test_modeling.py: one masked span of ~15% of
+    each caption (MSM), ~10-15% of each image's regions zeroed and scored against a detector class
+    distribution (MRM), half of the pairs mismatched (ITM).
+    """
+    g = torch.Generator().manual_seed(seed)
+    text_lengths = torch.randint(min_tokens, max_tokens + 1, (batch_size,), generator=g)
+    region_counts = torch.randint(min_regions, max_regions + 1, (batch_size,), generator=g) + 1  # + global
+    t, r = int(text_lengths.max()), int(region_counts.max())
+
+    input_ids = torch.zeros(batch_size, t, dtype=torch.long)
+    attention_mask = torch.zeros(batch_size, t, dtype=torch.long)
+    msm_labels = torch.full((batch_size, t), -100, dtype=torch.long)
+    region_features = torch.zeros(batch_size, r, config.region_feature_size)
+    region_boxes = torch.zeros(batch_size, r, 5)
+    region_mask = torch.zeros(batch_size, r, dtype=torch.long)
+    mrm_mask = torch.zeros(batch_size, r, dtype=torch.bool)
+    for i in range(batch_size):
+        n_text, n_regions = int(text_lengths[i]), int(region_counts[i])
+        words = torch.randint(1000, config.vocab_size, (n_text - 2,), generator=g)
+        input_ids[i, :n_text] = torch.cat([torch.tensor([CLS_ID]), words, torch.tensor([SEP_ID])])
+        attention_mask[i, :n_text] = 1
+        span = max(1, round(0.15 * (n_text - 2)))
+        start = 1 + int(torch.randint(0, n_text - 2 - span + 1, (1,), generator=g))
+        msm_labels[i, start : start + span] = input_ids[i, start : start + span]
+        input_ids[i, start : start + span] = MASK_ID
+
+        feats = torch.rand(n_regions - 1, config.region_feature_size, generator=g)
+        xy = torch.rand(n_regions - 1, 2, generator=g) * 0.5
+        wh = torch.rand(n_regions - 1, 2, generator=g) * 0.5
+        boxes = torch.cat([xy, xy + wh, (wh[:, :1] * wh[:, 1:])], dim=1)
+        region_features[i, 0], region_features[i, 1:n_regions] = feats.mean(0), feats
+        region_boxes[i, 0], region_boxes[i, 1:n_regions] = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0]), boxes
+        region_mask[i, :n_regions] = 1
+        fraction = 0.10 + 0.05 * float(torch.rand((), generator=g))
+        n_masked = max(1, round(fraction * (n_regions - 1)))
+        masked = 1 + torch.randperm(n_regions - 1, generator=g)[:n_masked]
+        mrm_mask[i, masked] = True
+        region_features[i, masked] = 0.0
+
+    class_logits = torch.randn(batch_size, r, config.num_region_classes, generator=g)
+    return dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        token_type_ids=torch.zeros_like(input_ids),
+        region_features=region_features,
+        region_boxes=region_boxes,
+        region_mask=region_mask,
+        msm_labels=msm_labels,
+        mrm_mask=mrm_mask,
+        mrm_class_targets=torch.softmax(class_logits, dim=-1),
+        itm_labels=torch.randint(0, 2, (batch_size,), generator=g),
+    )
+
+
+def real_positions(batch: dict[str, torch.Tensor]) -> float:
+    """Fraction of the padded [regions ; text] positions that hold real input."""
+    real = batch["attention_mask"].sum() + batch["region_mask"].sum()
+    return float(real) / (batch["attention_mask"].numel() + batch["region_mask"].numel())
+
+
+# --------------------------------------------------------------------------------------------------
+# The VisualBERT peer
+# --------------------------------------------------------------------------------------------------
+def equal_work_visualbert_layers(config: InterBertConfig, text_positions: int, region_positions: int) -> int:
+    """Layers of a single-stream model over [text ; regions] that do InterBERT's token-layers per example."""
+    both = text_positions + region_positions
+    token_layers = (
+        config.num_single_stream_layers * both
+        + config.num_text_stream_layers * text_positions
+        + config.num_image_stream_layers * region_positions
+    )
+    return round(token_layers / both)
+
+
+def visualbert_for(config: InterBertConfig, layers: int):
+    from transformers import VisualBertConfig, VisualBertForPreTraining
+
+    vb = VisualBertConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        visual_embedding_dim=config.region_feature_size,
+        hidden_act=config.hidden_act,
+        max_position_embeddings=max(config.max_position_embeddings, 512),
+    )
+    return VisualBertForPreTraining(vb)
+
+
+def visualbert_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same examples in VisualBERT's terms: [text ; regions], MLM labels over both, and its
+    sentence-image label (0 = the caption matches, BERT's next-sentence convention)."""
+    region_labels = torch.full(batch["region_mask"].shape, -100, dtype=torch.long)
+    return dict(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        token_type_ids=batch["token_type_ids"],
+        visual_embeds=batch["region_features"],
+        visual_attention_mask=batch["region_mask"],
+        labels=torch.cat([batch["msm_labels"], region_labels], dim=1),
+        sentence_image_labels=1 - batch["itm_labels"],
+    )
