@@ -87,11 +87,10 @@ class SearchService:
         self.model = SearchModel(model_dir, device=device)
         self.max_regions = int(self.index.manifest["max_regions"])
         self.rerank_cap = rerank_cap
-        self._stores = {}
+        # Opened now, not on the first re-ranked query: a moved store fails at start, not mid-request.
+        self._stores = {path: open_features(path) for path in self.index.manifest["feature_stores"]}
 
     def _store(self, path: str):
-        if path not in self._stores:
-            self._stores[path] = open_features(path)
         return self._stores[path]
 
     def regions_of(self, records: list[ImageRecord]) -> dict:
