@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "interbert.extract",
     "interbert.serve.cli",
     "interbert.data.cli",
+    "interbert.synthetic.cli",
 ]
 
 
