@@ -10,6 +10,7 @@ import faiss
 import numpy as np
 import pytest
 
+from conftest import shared_path
 from interbert.cli import main as interbert_main
 from interbert.serve import index as index_module
 from interbert.serve.index import ImageIndex, build_index, choose_index_type
@@ -169,3 +170,18 @@ def test_cli_build_then_add(gallery, tmp_path, capsys):
     # Bad input is a message and exit code 1, not a traceback.
     assert interbert_main(["index", "add", "--index", str(out), "--features", str(tmp_path / "missing")]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_real_detector_features_captions_and_images(tmp_path):
+    regions = shared_path("data", "regions")
+    model = save_tiny_model(tmp_path / "model", minilm_vocab(), 1024)  # these features are 1024-d
+    report = build_index(model, regions / "features_npz", tmp_path / "idx", progress=False,
+                         captions=regions / "DERIVED_flickr30k_captions_for_fixture_images.json",
+                         thumbnails=regions / "images")
+    assert report.total == 12
+    assert report.without_thumbnail == 11  # one image has both detector features and a photo here
+    assert report.captions_for_unknown_images == 3  # captions of photos without features: counted, not hidden
+    index = ImageIndex(tmp_path / "idx")
+    record = index.record("1016887272")
+    assert record.caption and record.caption[0].isupper()
+    assert (tmp_path / "idx" / record.thumbnail).stat().st_size > 1000
