@@ -1,7 +1,7 @@
 """``interbert extract`` end to end on real images, with a seeded random-init detector.
 
 Needs torchvision: run with ``make test-extract`` (its own .venv-extract); skipped in the main .venv.
-Images are resized small (min_size 256) and the RPN keeps 100 proposals, to keep the file fast.
+Images are resized small (min_size 192) and the RPN keeps 100 proposals, to keep the file fast.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from interbert.data.features import open_features  # noqa: E402
 from interbert.extract.detector import DetectorConfig, build_detector, file_sha256, region_count  # noqa: E402
 from interbert.extract.run import extract_features  # noqa: E402
 
-SMALL = {"min_size": 256, "max_size": 352, "num_proposals": 100}
-SMALL_FLAGS = ["--min-size", "256", "--max-size", "352", "--num-proposals", "100", "--no-progress"]
+SMALL = {"min_size": 192, "max_size": 256, "num_proposals": 100}
+SMALL_FLAGS = ["--min-size", "192", "--max-size", "256", "--num-proposals", "100", "--no-progress"]
 REGION_IMAGES = ["1016887272.jpg", "101958970.jpg"]
 
 
@@ -85,6 +85,17 @@ def test_detected_regions_are_bounded_inside_the_image_and_1024_wide(extracted):
         assert regions.class_probs.shape == (regions.num_regions, 91)
         np.testing.assert_allclose(regions.class_probs.sum(1), 1.0, rtol=1e-5)
     assert report.extracted == 2 and report.fewer_than_min_regions == []
+
+
+def test_extracted_store_passes_data_check_with_the_images_captions(extracted):
+    from interbert.data.captions import read_captions
+    from interbert.data.check import check_data
+
+    captions = read_captions(shared_path("data", "regions", "DERIVED_flickr30k_captions_for_fixture_images.json"))
+    report = check_data(captions, open_features(extracted[0]))
+    assert report.errors == [] and report.images_with_boxes_outside == []
+    assert sorted(report.caption_image_ids_with_features) == ["1016887272", "101958970"]
+    assert report.feature_dim == 1024
 
 
 def test_undecodable_image_is_named_in_the_report_and_counted(extracted):

@@ -12,7 +12,14 @@ from conftest import shared_path
 
 from interbert.cli import main
 from interbert.extract.given_boxes import match_given_boxes, read_given_boxes
-from interbert.extract.images import ImageDecodeError, decode_image, list_images, parse_shard, shard_ids
+from interbert.extract.images import (
+    ImageDecodeError,
+    decode_image,
+    list_images,
+    parse_shard,
+    shard_from_environment,
+    shard_ids,
+)
 
 VCR_METADATA = "lsmdc_3038_ITS_COMPLICATED/3038_ITS_COMPLICATED_00.03.29.737-00.03.35.073@0.json"
 
@@ -81,6 +88,13 @@ def test_shards_are_disjoint_and_cover_every_id():
     assert parse_shard("2/3") == (2, 3)
     with pytest.raises(ValueError, match="need 0 <= i < n"):
         parse_shard("3/3")
+
+
+def test_torchrun_rank_and_world_size_pick_the_shard():
+    assert shard_from_environment({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (1, 4)
+    assert shard_from_environment({}) == (0, 1)
+    with pytest.raises(ValueError, match="RANK=4 is outside WORLD_SIZE=4"):
+        shard_from_environment({"RANK": "4", "WORLD_SIZE": "4"})
 
 
 def test_undecodable_file_raises_with_its_name(tmp_path):
