@@ -169,7 +169,7 @@ class ImageIndex:
         if not manifest.is_file():
             raise FileNotFoundError(f"{self.folder} is not an index folder: {MANIFEST} is missing (run `interbert index build`)")
         self.manifest: dict = json.loads(manifest.read_text())
-        if not (self.folder / FAISS_FILE).is_file():
+        if not (self.folder / FAISS_FILE).is_file() or "index_type" not in self.manifest:
             raise FileNotFoundError(f"{self.folder / FAISS_FILE} is missing: the last build did not finish; run it again")
         self.faiss = faiss.read_index(str(self.folder / FAISS_FILE))
         self._db = _connect(self.folder, read_only=True)
@@ -181,6 +181,10 @@ class ImageIndex:
     @property
     def index_type(self) -> str:
         return self.manifest["index_type"]
+
+    def feature_stores(self) -> list[str]:
+        """Paths of the feature stores the indexed images' regions come from (for re-ranking)."""
+        return [r[0] for r in self._db.execute("SELECT path FROM stores ORDER BY store_id")]
 
     def search(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows), each queries x k; rows are -1 where the index had fewer than k images."""
@@ -280,6 +284,8 @@ def build_index(
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         _check_same_model(manifest, model_dir, out)
+        if max_regions != manifest["max_regions"]:  # one index, one region cap: embeddings must be comparable
+            logger.warning("%s was built with max_regions=%d; using that, not %d", out, manifest["max_regions"], max_regions)
         max_regions = manifest["max_regions"]
     else:
         manifest = _new_manifest(model_dir, search_model, max_regions)
@@ -322,7 +328,8 @@ def build_index(
         total = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
     finally:
         db.close()
-    manifest.update(index_type=chosen, requested_index_type=requested, num_images=total, updated=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    manifest.update(index_type=chosen, requested_index_type=requested, num_images=total,
+                    updated=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     manifest["feature_stores"] = sorted(set(manifest.get("feature_stores", [])) | {str(features.resolve())})
     _write_atomically(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2)))
     return BuildReport(len(todo), len(image_ids) - len(todo), total, chosen, without_thumbnail, unknown_captions)

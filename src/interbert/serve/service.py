@@ -88,7 +88,7 @@ class SearchService:
         self.max_regions = int(self.index.manifest["max_regions"])
         self.rerank_cap = rerank_cap
         # Opened now, not on the first re-ranked query: a moved store fails at start, not mid-request.
-        self._stores = {path: open_features(path) for path in self.index.manifest["feature_stores"]}
+        self._stores = {path: open_features(path) for path in self.index.feature_stores()}
 
     def _store(self, path: str):
         return self._stores[path]
