@@ -26,11 +26,15 @@ def region_batch(images: Sequence[tuple[FeatureStore, str]], max_regions: int) -
     return {key: batch[key] for key in REGION_KEYS}
 
 
-def first_captions(path: str | Path) -> dict[str, str]:
-    """One caption per image id (the first the file gives), shown next to search results."""
+def first_captions(path: str | Path, split: str | None = None) -> dict[str, str]:
+    """One caption per image id (the first the file gives; only images of ``split`` when given), shown
+    next to search results."""
     captions: dict[str, str] = {}
     for caption in read_all_captions(path):
-        captions.setdefault(caption.image_id, caption.text)
+        if split is None or caption.split == split:
+            captions.setdefault(caption.image_id, caption.text)
+    if split is not None and not captions:
+        raise ValueError(f"{path}: no caption of split {split!r}")
     return captions
 
 

@@ -29,7 +29,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
         model = json.loads(manifest_path.read_text())["model"]
     try:
         report = build_index(
-            model, args.features, out, captions=args.captions, thumbnails=args.thumbnails, index_type=args.index_type,
+            model, args.features, out, captions=args.captions, thumbnails=args.thumbnails, split=args.split,
+            index_type=args.index_type,
             batch_size=args.batch_size, max_regions=getattr(args, "max_regions", DEFAULT_MAX_REGIONS), append=append,
         )
     except (ValueError, OSError, KeyError) as error:  # bad input: say what and where, no traceback
@@ -59,6 +60,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _common_index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", required=True, help="feature store of the images (npz folder, TSV, HDF5, region store)")
     p.add_argument("--captions", help="captions file (Karpathy/COCO/Flickr JSON, token file, JSON lines): shown with results")
+    p.add_argument("--split", help="only the images that --captions puts in this split (e.g. test)")
     p.add_argument("--thumbnails", help="folder of <image_id>.jpg/.png images; small copies are kept in the index")
     p.add_argument("--batch-size", type=int, default=64, help="images embedded (and committed) per batch (default 64)")
 

@@ -257,6 +257,7 @@ def build_index(
     out: str | Path,
     captions: str | Path | None = None,
     thumbnails: str | Path | None = None,
+    split: str | None = None,
     index_type: str = "auto",
     batch_size: int = 64,
     max_regions: int = DEFAULT_MAX_REGIONS,
@@ -268,8 +269,11 @@ def build_index(
 
     A new folder is created; an existing one built with the same model is continued (the ids it holds
     are skipped), which is both the restart of an interrupted build and ``index add`` (``append=True``
-    requires the folder to exist). Then the FAISS index is rebuilt over all stored embeddings.
+    requires the folder to exist). ``split`` keeps only the images that ``captions`` puts in that split.
+    Then the FAISS index is rebuilt over all stored embeddings.
     """
+    if split is not None and captions is None:
+        raise ValueError(f"choosing the images of split {split!r} needs the captions file that names the splits")
     if index_type not in INDEX_TYPES:
         raise ValueError(f"index type must be one of {INDEX_TYPES}, got {index_type!r}")
     if batch_size < 1:
@@ -295,7 +299,7 @@ def build_index(
     if store.feature_dim != search_model.config.region_feature_size:
         raise ValueError(f"feature store {features} holds {store.feature_dim}-d region features, but the model "
                          f"takes {search_model.config.region_feature_size}-d (config.region_feature_size)")
-    caption_of = first_captions(captions) if captions else {}
+    caption_of = first_captions(captions, split) if captions else {}
     thumbnail_dir = Path(thumbnails) if thumbnails else None
     if thumbnail_dir is not None and not thumbnail_dir.is_dir():
         raise FileNotFoundError(f"thumbnail folder {thumbnail_dir} does not exist")
@@ -306,7 +310,7 @@ def build_index(
         db.commit()
         store_id = db.execute("SELECT store_id FROM stores WHERE path = ?", (str(features.resolve()),)).fetchone()[0]
         done = {r[0] for r in db.execute("SELECT image_id FROM images")}
-        image_ids = list(store.ids())
+        image_ids = [i for i in store.ids() if split is None or i in caption_of]
         todo = [i for i in image_ids if i not in done]
         if done and len(todo) < len(image_ids):
             logger.info("%s: %d of %d images of %s are already indexed; embedding the other %d",
