@@ -292,7 +292,8 @@ class RegionDetector:
         for image_boxes, image_features, image_probs, image_scores, size, original in zip(
             boxes, features.split(counts), probs.split(counts), scores, image_sizes, original_sizes
         ):
-            original_boxes = resize_boxes(image_boxes, list(size), list(original))
+            # rescaling can overshoot the border by a float ulp: clip again in original pixels
+            original_boxes = box_ops.clip_boxes_to_image(resize_boxes(image_boxes, list(size), list(original)), original)
             regions.append(
                 ImageRegions(
                     image_w=int(original[1]),
