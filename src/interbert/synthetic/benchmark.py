@@ -165,6 +165,10 @@ def build_chunk(first_id: int, stop_id: int, settings: SynthSettings, out: str) 
         _CODES[key] = AttributeCodes.from_seed(*key)
     result = ChunkResult(examples, [], {"train": [], "val": []}, {"train": [], "dev": []})
     out_path = Path(out)
+    # Keyed by object identity: the chunk's captions live as long as this call.
+    sentence_ids = {id(c): 5 * e.scene.image_id + k for e in examples for k, c in enumerate(e.captions)}
+    captions_by_split = {split: [(e.scene, c) for e in examples if e.split == split for c in e.captions]
+                         for split in ("train", "val")}
     for e in examples:
         scene = e.scene
         detections = simulate_detections(scene, _CODES[key], settings.num_classes, _rng(settings.seed, _DETECTOR, scene.image_id))
@@ -181,7 +185,7 @@ def build_chunk(first_id: int, stop_id: int, settings: SynthSettings, out: str) 
         if e.split in ("train", "val"):
             result.vcr_lines[e.split].append(_vcr_line(e, settings, out_path))
             glue_split = "train" if e.split == "train" else "dev"
-            result.glue_rows[glue_split].extend(_glue_rows(e, examples, settings))
+            result.glue_rows[glue_split].extend(_glue_rows(e, sentence_ids, captions_by_split[e.split], settings))
     return result
 
 
@@ -196,18 +200,16 @@ def _vcr_line(e: Example, settings: SynthSettings, out: Path) -> str:
     return json.dumps(item, ensure_ascii=False)
 
 
-def _glue_rows(e: Example, chunk: list[Example], settings: SynthSettings) -> list[tuple[int, str]]:
+def _glue_rows(e: Example, sentence_ids: dict[int, int], others: list[tuple[Scene, Caption]],
+               settings: SynthSettings) -> list[tuple[int, str]]:
     """MRPC rows. Sentence ids are the Karpathy sentids (5 per image, in order); a caption written
     for a twin made only for this pair gets id 5 * images + image_id."""
     image_id = e.scene.image_id
-    ids = {id(c): 5 * image_id + k for k, c in enumerate(e.captions)}
-    others = [(o.scene, c) for o in chunk if o.split == e.split and o is not e for c in o.captions]
-    for o in chunk:
-        ids.update({id(c): 5 * o.scene.image_id + k for k, c in enumerate(o.captions)})
+    others = [(scene, c) for scene, c in others if scene is not e.scene]
     rows = []
     for label, first, second in caption_pairs(e.scene, e.captions, others, _rng(settings.seed, _GLUE, image_id), settings.lang):
-        second_id = ids.get(id(second), 5 * settings.images + image_id)
-        rows.append((label, f"{label}\t{ids[id(first)]}\t{second_id}\t{first.raw}\t{second.raw}"))
+        second_id = sentence_ids.get(id(second), 5 * settings.images + image_id)
+        rows.append((label, f"{label}\t{sentence_ids[id(first)]}\t{second_id}\t{first.raw}\t{second.raw}"))
     return rows
 
 

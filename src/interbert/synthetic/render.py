@@ -70,5 +70,5 @@ def render_scene(scene: Scene) -> Image.Image:
 def scene_png(scene: Scene) -> bytes:
     """PNG bytes; Pillow writes no time stamp, so the same scene gives the same bytes."""
     buffer = io.BytesIO()
-    render_scene(scene).save(buffer, format="PNG", compress_level=6)
+    render_scene(scene).save(buffer, format="PNG", compress_level=1)  # speed over a few bytes
     return buffer.getvalue()
