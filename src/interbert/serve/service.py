@@ -13,6 +13,7 @@ import logging
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -115,7 +116,7 @@ class SearchService:
                 score=float(scores[i]),
                 similarity=float(similarities[i]),
                 caption=records[i].caption,
-                thumbnail_url=f"/images/{records[i].image_id}" if records[i].thumbnail else None,
+                thumbnail_url=f"/images/{quote(records[i].image_id, safe='')}" if records[i].thumbnail else None,
             )
             for i in order
         ]
@@ -188,7 +189,7 @@ def create_app(index_dir: str | Path, model_dir: str | Path | None = None, reran
     async def search(request: SearchRequest) -> SearchResponse:
         return await run_in_threadpool(service.search, request.query, request.k, request.rerank)
 
-    @app.get("/images/{image_id}")
+    @app.get("/images/{image_id:path}")  # ids may hold any character, "/" included
     async def image(image_id: str) -> FileResponse:
         # Only ids in the index, and only the path the index stored for them: nothing from the request
         # ever becomes part of a file path.
