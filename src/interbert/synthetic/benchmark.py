@@ -74,7 +74,9 @@ class SynthSettings:
         if self.feature_dim < 1:
             raise ValueError(f"feature_dim must be positive, got {self.feature_dim}")
         if self.num_classes < len(KINDS) + 1:
-            raise ValueError(f"num_classes must be at least {len(KINDS) + 1} (background + kinds), got {self.num_classes}")
+            raise ValueError(
+                f"num_classes must be at least {len(KINDS) + 1} (background + kinds), got {self.num_classes}"
+            )
         if self.image_width < 64 or self.image_height < 48:
             raise ValueError(f"images must be at least 64x48 pixels, got {self.image_width}x{self.image_height}")
         self.split_sizes()
@@ -171,7 +173,8 @@ def build_chunk(first_id: int, stop_id: int, settings: SynthSettings, out: str) 
                          for split in ("train", "val")}
     for e in examples:
         scene = e.scene
-        detections = simulate_detections(scene, _CODES[key], settings.num_classes, _rng(settings.seed, _DETECTOR, scene.image_id))
+        rng = _rng(settings.seed, _DETECTOR, scene.image_id)
+        detections = simulate_detections(scene, _CODES[key], settings.num_classes, rng)
         if settings.fmt == "tsv":
             result.regions.append(tsv_line(scene, detections))
         else:
@@ -207,7 +210,8 @@ def _glue_rows(e: Example, sentence_ids: dict[int, int], others: list[tuple[Scen
     image_id = e.scene.image_id
     others = [(scene, c) for scene, c in others if scene is not e.scene]
     rows = []
-    for label, first, second in caption_pairs(e.scene, e.captions, others, _rng(settings.seed, _GLUE, image_id), settings.lang):
+    rng = _rng(settings.seed, _GLUE, image_id)
+    for label, first, second in caption_pairs(e.scene, e.captions, others, rng, settings.lang):
         second_id = sentence_ids.get(id(second), 5 * settings.images + image_id)
         rows.append((label, f"{label}\t{sentence_ids[id(first)]}\t{second_id}\t{first.raw}\t{second.raw}"))
     return rows

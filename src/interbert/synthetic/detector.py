@@ -157,7 +157,9 @@ def _rowwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / union
 
 
-def _class_distribution(kind_class: np.ndarray, quality: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+def _class_distribution(
+    kind_class: np.ndarray, quality: np.ndarray, num_classes: int, rng: np.random.Generator
+) -> np.ndarray:
     """A floor over all classes plus a softmax over background, the true kind and two confusions
     (other kinds). Background proposals (kind_class 0) put most mass on class 0."""
     n = len(kind_class)

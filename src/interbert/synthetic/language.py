@@ -17,7 +17,9 @@ from interbert.synthetic.scenes import Scene, relation_holds, relations_between
 
 LANGUAGES = ("en", "zh")
 
-EN_PLURAL = {"cube": "cubes", "ball": "balls", "cylinder": "cylinders", "cone": "cones", "star": "stars", "ring": "rings"}
+EN_PLURAL = {
+    "cube": "cubes", "ball": "balls", "cylinder": "cylinders", "cone": "cones", "star": "stars", "ring": "rings",
+}
 EN_NUMBER = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 # Synonyms are chosen once per caption (never per mention) so that a twin's caption, which may
 # describe the swapped objects in the other order, uses the very same words.
@@ -123,7 +125,8 @@ def sample_plan(scene: Scene, rng: np.random.Generator) -> CaptionPlan:
         i, j = related[rng.integers(len(related))]
         holding = relations_between(scene, i, j)
         relation = holding[rng.integers(len(holding))]
-        return CaptionPlan("relation", (_random_mention(i, rng), _random_mention(j, rng)), relation, None, variant, lexicon)
+        mentions = (_random_mention(i, rng), _random_mention(j, rng))
+        return CaptionPlan("relation", mentions, relation, None, variant, lexicon)
     if template == "count" and countable:
         kind = countable[rng.integers(len(countable))]
         others = [k for k, o in enumerate(scene.objects) if o.kind != kind]

@@ -64,7 +64,9 @@ class Scene:
         caption sampling asks many times)."""
         n = len(self.objects)
         return {
-            (i, j): tuple(r for r in RELATIONS if relation_holds(self.objects[i], self.objects[j], r, self.width, self.height))
+            (i, j): tuple(
+                r for r in RELATIONS if relation_holds(self.objects[i], self.objects[j], r, self.width, self.height)
+            )
             for i in range(n) for j in range(n) if i != j
         }
 
@@ -185,6 +187,7 @@ def make_twin(scene: Scene, twin_id: int, mode: str, rng: np.random.Generator) -
         if not _fits(scene, swapped):
             continue
         original = replace(scene, twin_of=twin_id, twin_mode=mode, twin_pair=(i, j))
-        twin = Scene(twin_id, scene.width, scene.height, swapped, twin_of=scene.image_id, twin_mode=mode, twin_pair=(i, j))
+        twin = Scene(twin_id, scene.width, scene.height, swapped,
+                     twin_of=scene.image_id, twin_mode=mode, twin_pair=(i, j))
         return original, twin
     return None

@@ -23,7 +23,7 @@ EDGE_EVIDENCE = {"left of": "left", "right of": "right", "above": "top", "below"
 def vcr_item(scene: Scene, rng: np.random.Generator, annot_id: str, img_fn: str, metadata_fn: str) -> dict:
     """One VCR-layout question about a scene; object tags index the scene's objects (= metadata boxes)."""
     n = len(scene.objects)
-    single_relation = [(i, j) for i in range(n) for j in range(n) if i != j and len(relations_between(scene, i, j)) == 1]
+    single_relation = [pair for pair, holding in scene.relation_table.items() if len(holding) == 1]
     if single_relation and rng.random() < 0.5:
         question, answers, rationales = _where_question(scene, single_relation[rng.integers(len(single_relation))])
     else:
