@@ -1,0 +1,47 @@
+"""The benchmark helpers measure what they claim: equal work for the VisualBERT peer, realistic
+pretraining batches, and layers that skip padding without changing real positions."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import equal_work_visualbert_layers, pretraining_batch, visualbert_batch  # noqa: E402
+
+from interbert.config import preset  # noqa: E402
+from interbert.modeling import Padding  # noqa: E402
+
+
+def test_visualbert_gets_the_layer_count_of_equal_work():
+    # base: 6 x 73 + 6 x 36 + 6 x 37 token-layers over 73 positions = 12 layers; tiny: 2+2+2 -> 4
+    assert equal_work_visualbert_layers(preset("base"), 36, 37) == 12
+    assert equal_work_visualbert_layers(preset("tiny"), 36, 37) == 4
+
+
+def test_pretraining_batch_is_padded_and_labelled_like_real_data():
+    config = preset("tiny")
+    b = pretraining_batch(config, 16, seed=0)
+    lengths, regions = b["attention_mask"].sum(1), b["region_mask"].sum(1)
+    assert lengths.min() >= 8 and lengths.max() <= 36 and regions.min() >= 11 and regions.max() <= 37
+    assert b["input_ids"].shape[1] == lengths.max() and b["region_features"].shape[1] == regions.max()
+    masked = b["msm_labels"] != -100
+    assert (masked.sum(1) >= 1).all() and not masked[:, 0].any()  # one span per caption, never [CLS]
+    assert not b["mrm_mask"][:, 0].any() and (b["mrm_mask"] <= b["region_mask"].bool()).all()
+    assert (b["region_features"][b["mrm_mask"]] == 0).all()
+    torch.testing.assert_close(b["mrm_class_targets"].sum(-1), torch.ones(16, b["region_mask"].shape[1]))
+    vb = visualbert_batch(b)
+    assert vb["labels"].shape[1] == b["input_ids"].shape[1] + b["region_features"].shape[1]
+
+
+def test_padding_pack_unpack_keeps_real_rows_and_zeroes_padding():
+    keep = torch.tensor([[True, True, False], [True, False, False]])
+    padding = Padding.from_keep(keep)
+    x = torch.randn(2, 3, 4)
+    packed = padding.pack(x)
+    assert packed.shape == (3, 4)
+    back = padding.unpack(packed)
+    torch.testing.assert_close(back[keep], x[keep])
+    assert (back[~keep] == 0).all()
+    full = Padding.from_keep(torch.ones(2, 3, dtype=torch.bool))
+    assert full.attn_mask is None and full.unpack(full.pack(x)).data_ptr() == x.data_ptr()  # no copies
