@@ -151,6 +151,28 @@ def test_vcr_files_follow_the_real_vcr_schema(synth):
         assert any(isinstance(t, list) for t in item["question"])  # the question needs a tagged object
 
 
+def test_vcr_right_answers_are_true_of_the_tagged_objects(synth):
+    scenes = {s["image_id"]: s for s in map(json.loads, (synth / "scenes.jsonl").read_text().splitlines())}
+    kinds_of_question = Counter()
+    lines = [line for split in ("train", "val") for line in (synth / "vcr" / f"{split}.jsonl").read_text().splitlines()]
+    for item in map(json.loads, lines):
+        objects = scenes[int(item["annot_id"].split("-")[1])]["objects"]
+        answer = item["answer_choices"][item["answer_label"]]
+        if item["question"][:2] == ["What", "colour"]:
+            kinds_of_question["colour"] += 1
+            (tag,) = item["question"][3]
+            assert answer[2] == objects[tag]["colour"]
+            assert sum(a[2] == objects[tag]["colour"] for a in item["answer_choices"]) == 1
+        else:
+            kinds_of_question["where"] += 1
+            (a,), (b,) = item["question"][2], item["question"][5]
+            (ax, ay), (bx, by) = [((o["box"][0] + o["box"][2]) / 2, (o["box"][1] + o["box"][3]) / 2)
+                                  for o in (objects[a], objects[b])]
+            relation = " ".join(answer[2:-2])  # [a] is <relation> [b] .
+            assert {"left of": ax < bx, "right of": ax > bx, "above": ay < by, "below": ay > by}[relation]
+    assert kinds_of_question["colour"] > 0 and kinds_of_question["where"] > 0
+
+
 def test_glue_pairs_use_the_mrpc_layout(synth):
     from conftest import shared_path
 
