@@ -134,9 +134,15 @@ def test_other_feature_formats_hold_the_same_regions(synth, tmp_path, fmt):
 def test_vcr_files_follow_the_real_vcr_schema(synth):
     from conftest import shared_path
 
+    from interbert.extract.given_boxes import read_given_boxes
+
     real = json.loads(shared_path("data", "vcr", "train.jsonl").read_text().splitlines()[0])
     lines = (synth / "vcr" / "train.jsonl").read_text().splitlines()
-    assert len(lines) == json.loads((synth / "synth.json").read_text())["splits"]["train"]
+    splits = json.loads((synth / "synth.json").read_text())["splits"]
+    assert len(lines) == splits["train"]
+    # The metadata JSONs load through the project's VCR box reader (as `interbert extract --boxes` uses it).
+    given = read_given_boxes(synth / "images")
+    assert len(given) == splits["train"] + splits["val"] and given["0"].width == 128
     for line in lines:
         item = json.loads(line)
         assert {"question", "answer_choices", "rationale_choices", "objects", "answer_label", "rationale_label",

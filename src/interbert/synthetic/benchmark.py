@@ -430,7 +430,8 @@ give the same bytes. Nothing here is a real photograph or a real detector's outp
   `dataset: "synth"`), 5 captions per image; test twins also carry `twin_of`.
 - `scenes.jsonl`: the ground truth of every scene (objects, boxes, twins).
 - `vcr/train.jsonl`, `vcr/val.jsonl`: VCR layout, one question per scene ("What colour is [1] ?",
-  "Where is [0] compared to [2] ?"), 4 answers and 4 rationales; `img_fn`/`metadata_fn` relative to `images/`.
+  "Where is [0] compared to [2] ?"), 4 answers and 4 rationales, in English whatever the caption
+  language; `img_fn`/`metadata_fn` relative to `images/`, `objects` = the detector class names.
 - `glue/train.tsv`, `glue/dev.tsv`: MRPC layout; Quality 1 = both captions are true of the scene
   the first was written for, 0 = the second is false of it (half the negatives are the caption of
   a colour-swapped twin: the same words, bound differently).
