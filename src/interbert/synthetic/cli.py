@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from interbert.data.cli import get_data_subparsers
@@ -19,11 +20,15 @@ def _cmd_synth(args) -> int:
     from interbert.synthetic.benchmark import generate
 
     started = time.perf_counter()
-    manifest = generate(
-        args.out, images=args.images, lang=args.lang, seed=args.seed, fmt=args.format,
-        feature_dim=args.feature_dim, num_classes=args.num_classes, val_images=args.val_images,
-        test_images=args.test_images, render_images=not args.no_images, workers=args.workers,
-    )
+    try:
+        manifest = generate(
+            args.out, images=args.images, lang=args.lang, seed=args.seed, fmt=args.format,
+            feature_dim=args.feature_dim, num_classes=args.num_classes, val_images=args.val_images,
+            test_images=args.test_images, render_images=not args.no_images, workers=args.workers,
+        )
+    except ValueError as error:  # bad settings: say which, without a traceback
+        print(f"interbert data synth: error: {error}", file=sys.stderr)
+        return 2
     splits, baseline = manifest["splits"], manifest["baseline_bag_of_words"]
     megabytes = sum(manifest["bytes"].values()) / 1e6
     print(f"{args.out}: {splits['train']} train / {splits['val']} val / {splits['test']} test images "
