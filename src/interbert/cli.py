@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "interbert.serve.cli",
     "interbert.data.cli",
     "interbert.synthetic.cli",
+    "interbert.recipes.cli",
 ]
 
 

@@ -1,0 +1,1 @@
+"""Recipes: thin scripts over the library (pretrain, fine-tune, evaluate, demo)."""

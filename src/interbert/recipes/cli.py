@@ -1,0 +1,107 @@
+"""``interbert pretrain``, ``interbert finetune <task>``, ``interbert evaluate <task>``, ``interbert demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from interbert.utils import add_config_arguments, load_config
+
+REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+
+
+def _default_config(name: str) -> str | None:
+    path = REPO_CONFIGS / name
+    return str(path) if path.exists() else None
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _print_summary(summary: dict) -> None:
+    shown = {k: v for k, v in summary.items() if k != "history"}
+    print(json.dumps(shown, indent=2, default=str))
+
+
+def _cmd_pretrain(args) -> int:
+    from interbert.recipes import pretrain
+
+    _setup_logging()
+    _print_summary(pretrain.run(load_config(args.config, args.overrides), resume=args.resume))
+    return 0
+
+
+def _cmd_finetune_retrieval(args) -> int:
+    from interbert.recipes import finetune_retrieval
+
+    _setup_logging()
+    _print_summary(finetune_retrieval.run(load_config(args.config, args.overrides), resume=args.resume))
+    return 0
+
+
+def _cmd_evaluate_retrieval(args) -> int:
+    from interbert.recipes.evaluate_retrieval import run_cli
+
+    _setup_logging()
+    return run_cli(args)
+
+
+def _cmd_demo(args) -> int:
+    from interbert.recipes.demo import run_cli
+
+    _setup_logging()
+    return run_cli(args)
+
+
+def _training_parser(sub, name: str, help: str, config: str, func) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help + "  Overrides: dotted.key=value (e.g. train.max_steps=500).")
+    add_config_arguments(p, default_config=_default_config(config))
+    p.add_argument("--resume", action="store_true", help="continue from train.output_dir/checkpoint.pt")
+    p.set_defaults(func=func)
+    return p
+
+
+# The `finetune` and `evaluate` groups: other task modules add their sub-commands to these.
+finetune_subparsers = None
+evaluate_subparsers = None
+
+
+def register(subparsers) -> None:
+    global finetune_subparsers, evaluate_subparsers
+    _training_parser(subparsers, "pretrain", "Pretrain InterBERT with MSM + MRM + ITM (hard negatives).",
+                     "pretrain_tiny.yaml", _cmd_pretrain)
+
+    finetune = subparsers.add_parser("finetune", help="fine-tune for a downstream task")
+    finetune_subparsers = finetune.add_subparsers(dest="task", metavar="<task>", required=True)
+    _training_parser(finetune_subparsers, "retrieval", "Fine-tune for caption-based image retrieval (4-way objective).",
+                     "finetune_retrieval_tiny.yaml", _cmd_finetune_retrieval)
+
+    evaluate = subparsers.add_parser("evaluate", help="evaluate a model on a downstream task")
+    evaluate_subparsers = evaluate.add_subparsers(dest="task", metavar="<task>", required=True)
+    e = evaluate_subparsers.add_parser("retrieval", help="image retrieval, Flickr30K protocol (all captions x all images)")
+    e.add_argument("--model", required=True, help="a model folder written by a recipe (or save_pretrained)")
+    e.add_argument("--captions", required=True, help="Karpathy JSON, COCO JSON, Flickr8k token file or JSON lines")
+    e.add_argument("--features", required=True, help="feature store, TSV, npz folder, HDF5 ...")
+    e.add_argument("--split", default="test", help="caption split to evaluate (default: test; 'all' for every caption)")
+    e.add_argument("--zero-shot", action="store_true", help="score with the pretraining ITM head (no fine-tuning)")
+    e.add_argument("--two-stage", type=int, metavar="K", help="also: embedding candidates, top K re-ranked by ITM")
+    e.add_argument("--max-images", type=int, help="evaluate on the first N images of the split only")
+    e.add_argument("--max-tokens", type=int, default=36)
+    e.add_argument("--max-regions", type=int, default=36)
+    e.add_argument("--pair-batch-size", type=int, default=512)
+    e.add_argument("--threads", type=int, help="torch threads")
+    e.add_argument("--out", help="write the JSON here (and the rank histogram next to it as .png)")
+    e.add_argument("--histogram", help="rank histogram PNG path")
+    e.set_defaults(func=_cmd_evaluate_retrieval)
+
+    d = subparsers.add_parser("demo", help="the main job: synth data -> pretrain -> fine-tune -> evaluate -> table")
+    d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    d.add_argument("--lang", default="en", choices=["en", "zh"])
+    d.add_argument("--ablations", action="store_true", help="also group vs plain masking, TF-IDF vs random negatives (3 seeds)")
+    d.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test, numbers meaningless)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    d.set_defaults(func=_cmd_demo)

@@ -1,0 +1,85 @@
+"""What the recipes share: reading a model folder, building the tokenizer and the data, saving results.
+
+A recipe is a thin script: config (YAML + ``key=value`` overrides) -> these builders -> the one
+training loop (:mod:`interbert.train`) or the evaluation functions -> files in ``train.output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from interbert.config import InterBertConfig, preset
+from interbert.data.captions import Caption, read_captions
+from interbert.data.features import FeatureStore, open_features
+from interbert.data.tokenize import load_tokenizer, train_wordpiece
+from interbert.modeling import InterBertPreTrainedModel
+from interbert.train import FINAL_WEIGHTS_NAME, Trainer
+
+logger = logging.getLogger(__name__)
+
+MODEL_DIR = "model"  # under output_dir: the trained model as save_pretrained + its tokenizer
+
+
+def captions_of_split(path: str | Path, split: str | None, max_images: int | None = None) -> list[Caption]:
+    """The captions of one split (all of them when ``split`` is None), optionally the first N images."""
+    captions = read_captions(path)
+    if split is not None:
+        captions = [c for c in captions if c.split == split]
+        if not captions:
+            raise ValueError(f"{path}: no captions in split {split!r}")
+    if max_images is not None:
+        keep = set(list(dict.fromkeys(c.image_id for c in captions))[:max_images])
+        captions = [c for c in captions if c.image_id in keep]
+    return captions
+
+
+def tokenizer_for(data_cfg: dict, captions: list[Caption], output_dir: Path, bert_dir: str | None):
+    """The tokenizer a run uses: the configured one, BERT's when the text path comes from BERT, or a
+    WordPiece vocabulary trained on the training captions (saved with the model)."""
+    if data_cfg.get("tokenizer"):
+        return load_tokenizer(data_cfg["tokenizer"])
+    if bert_dir:
+        return load_tokenizer(bert_dir)
+    vocab_size = int(data_cfg.get("vocab_size", 30522))
+    logger.info("training a %d-token WordPiece vocabulary on %d captions", vocab_size, len(captions))
+    return train_wordpiece((c.text for c in captions), output_dir / "tokenizer", vocab_size=vocab_size,
+                           lowercase=data_cfg.get("lowercase", True), min_frequency=1)
+
+
+def build_config(model_cfg: dict, **fields: Any) -> InterBertConfig:
+    return preset(model_cfg.get("preset", "tiny"), **{**(model_cfg.get("overrides") or {}), **fields})
+
+
+def feature_store(path: str | Path) -> FeatureStore:
+    return open_features(path)
+
+
+def load_model(model_dir: str | Path, model_class: type[InterBertPreTrainedModel]) -> InterBertPreTrainedModel:
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json); give the `model` folder a recipe wrote")
+    return model_class.from_pretrained(model_dir)
+
+
+def save_trained(trainer: Trainer, tokenizer, output_dir: Path, extra: dict | None = None) -> Path:
+    """The trained model (EMA weights when EMA is on) as a ``save_pretrained`` folder with its tokenizer."""
+    target = output_dir / MODEL_DIR
+    with trainer.averaged_weights() as model:
+        model.save_pretrained(target)
+    tokenizer.save_pretrained(str(target))
+    if extra:
+        (target / "recipe.json").write_text(json.dumps(extra, indent=2, default=str))
+    final = output_dir / FINAL_WEIGHTS_NAME
+    if final.exists():  # the loop's plain state dict duplicates what save_pretrained just wrote
+        final.unlink()
+    return target
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(int(n))

@@ -1,0 +1,85 @@
+"""Retrieval fine-tuning recipe: the original's 4-way objective.
+
+    interbert finetune retrieval --config configs/finetune_retrieval_tiny.yaml model.from_checkpoint=runs/pretrain/model
+
+Each example is a group (positive, random caption, random image, hard negative image); the score
+head is trained with cross-entropy over the group. From a pretraining checkpoint the score head
+starts as the ITM margin (the zero-shot ranking); ``model.from_checkpoint: null`` starts from scratch
+(the "w/o pretraining" baseline), or ``model.from_bert`` from a BERT text path.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from interbert.convert import from_bert, retrieval_from_pretraining
+from interbert.data.batches import RetrievalDataset, collate
+from interbert.data.tokenize import load_tokenizer
+from interbert.modeling import InterBertForImageTextRetrieval, InterBertForPreTraining
+from interbert.recipes.common import build_config, captions_of_split, feature_store, save_trained, set_threads, tokenizer_for
+from interbert.recipes.pretrain import _num_classes, bert_lr_multiplier
+from interbert.train import Trainer, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def collate_groups(groups, pad_token_id: int) -> dict:
+    """Flattened 4-way groups; ``group_size`` as a tensor so the loop passes it to the model."""
+    batch = collate(groups, pad_token_id=pad_token_id)
+    batch["group_size"] = torch.tensor(batch["group_size"])
+    return batch
+
+
+def build_model(model_cfg: dict, tokenizer, store) -> InterBertForImageTextRetrieval:
+    checkpoint = model_cfg.get("from_checkpoint")
+    if checkpoint:
+        architectures = json.loads((Path(checkpoint) / "config.json").read_text()).get("architectures") or []
+        if "InterBertForImageTextRetrieval" in architectures:
+            return InterBertForImageTextRetrieval.from_pretrained(checkpoint)
+        return retrieval_from_pretraining(InterBertForPreTraining.from_pretrained(checkpoint))
+    fields = dict(region_feature_size=store.feature_dim)
+    classes = _num_classes(store)
+    if classes is not None:
+        fields["num_region_classes"] = classes
+    if model_cfg.get("from_bert"):
+        overrides = {**(model_cfg.get("overrides") or {}), **fields}
+        return from_bert(model_cfg["from_bert"], model_cfg.get("preset", "tiny"), InterBertForImageTextRetrieval, **overrides)
+    return InterBertForImageTextRetrieval(build_config(model_cfg, vocab_size=len(tokenizer), **fields))
+
+
+def run(cfg: dict, resume: bool = False) -> dict:
+    set_threads(cfg.get("threads"))
+    train_cfg = TrainConfig.from_dict(cfg["train"])
+    out = Path(train_cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data, model_cfg = cfg["data"], cfg["model"]
+    captions = captions_of_split(data["captions"], data.get("split", "train"), data.get("max_images"))
+    store = feature_store(data["features"])
+    checkpoint = model_cfg.get("from_checkpoint")
+    tokenizer = load_tokenizer(checkpoint) if checkpoint else tokenizer_for(data, captions, out, model_cfg.get("from_bert"))
+    model = build_model(model_cfg, tokenizer, store)
+    for name, value in (model_cfg.get("config_updates") or {}).items():  # e.g. itc_loss_weight for fine-tuning
+        setattr(model.config, name, value)
+    dataset = RetrievalDataset(
+        captions, store, tokenizer,
+        max_tokens=data.get("max_tokens", 36), max_regions=data.get("max_regions", 36),
+        hard_negative=data.get("hard_negative", "image"), num_hard=data.get("num_hard", 100),
+        cache_dir=out / "cache", seed=train_cfg.seed,
+    )
+    factor = model_cfg.get("bert_lr_factor")
+    multiplier = bert_lr_multiplier(factor) if (factor and model_cfg.get("from_bert")) else None
+    logger.info("retrieval fine-tuning on %d captions of %d images from %s", len(dataset), len(dataset.image_ids),
+                checkpoint or ("BERT " + model_cfg["from_bert"] if model_cfg.get("from_bert") else "scratch"))
+    start = time.perf_counter()
+    trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate_groups, pad_token_id=tokenizer.pad_token_id),
+                      lr_multiplier_for=multiplier)
+    result = trainer.fit(resume=resume)
+    model_dir = save_trained(trainer, tokenizer, out, extra={"recipe": "finetune_retrieval", "config": cfg})
+    return {"model_dir": str(model_dir), "steps": result.step, "seconds": time.perf_counter() - start,
+            "history": result.history, "examples": len(dataset), "images": len(dataset.image_ids)}

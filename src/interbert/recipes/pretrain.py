@@ -1,0 +1,92 @@
+"""Pretraining recipe: masked group modeling (MSM + MRM) + image-text matching with hard negatives.
+
+    interbert pretrain --config configs/pretrain_tiny.yaml data.captions=... data.features=... train.max_steps=500
+
+Config sections: ``model`` (preset, field overrides, ``from_bert`` folder or ``from_checkpoint``),
+``data`` (captions, features, split, masking and negative modes), ``train`` (:class:`TrainConfig`).
+Writes ``train.output_dir/model`` (save_pretrained + tokenizer), checkpoints and loss history.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+
+from interbert.convert import from_bert
+from interbert.data.batches import PretrainingDataset, collate
+from interbert.modeling import InterBertForPreTraining
+from interbert.recipes.common import (
+    build_config,
+    captions_of_split,
+    feature_store,
+    save_trained,
+    set_threads,
+    tokenizer_for,
+)
+from interbert.train import Trainer, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+NEGATIVES = ("tfidf", "random")
+
+
+def _num_classes(store) -> int | None:
+    first = store[store.ids()[0]]
+    return None if first.class_probs is None else int(first.class_probs.shape[1])
+
+
+def build_model(model_cfg: dict, tokenizer, store) -> InterBertForPreTraining:
+    fields = dict(region_feature_size=store.feature_dim)
+    classes = _num_classes(store)
+    if classes is not None:
+        fields["num_region_classes"] = classes
+    if model_cfg.get("from_checkpoint"):
+        return InterBertForPreTraining.from_pretrained(model_cfg["from_checkpoint"])
+    if model_cfg.get("from_bert"):
+        overrides = {**(model_cfg.get("overrides") or {}), **fields}
+        return from_bert(model_cfg["from_bert"], model_cfg.get("preset", "tiny"), **overrides)
+    return InterBertForPreTraining(build_config(model_cfg, vocab_size=len(tokenizer), **fields))
+
+
+def bert_lr_multiplier(factor: float):
+    """A learning-rate factor for the BERT-initialised weights (embeddings, single and text streams)."""
+    prefixes = ("interbert.embeddings.", "interbert.single_stream.", "interbert.text_stream.")
+    return lambda name: factor if name.startswith(prefixes) else 1.0
+
+
+def run(cfg: dict, resume: bool = False) -> dict:
+    set_threads(cfg.get("threads"))
+    train_cfg = TrainConfig.from_dict(cfg["train"])
+    out = Path(train_cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data, model_cfg = cfg["data"], cfg["model"]
+    negatives = data.get("negatives", "tfidf")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"data.negatives must be one of {NEGATIVES}, not {negatives!r}")
+
+    captions = captions_of_split(data["captions"], data.get("split", "train"), data.get("max_images"))
+    store = feature_store(data["features"])
+    tokenizer = tokenizer_for(data, captions, out, model_cfg.get("from_bert"))
+    model = build_model(model_cfg, tokenizer, store)
+    dataset = PretrainingDataset(
+        captions, store, tokenizer,
+        max_tokens=data.get("max_tokens", 36), max_regions=data.get("max_regions", 36),
+        msm=data.get("msm", "span"), mrm=data.get("mrm", "group"),
+        word_segmenter=data.get("word_segmenter"),
+        hard_negatives="tfidf" if negatives == "tfidf" else None,
+        hard_ratio=data.get("hard_ratio", 1.0), num_hard=data.get("num_hard", 10),
+        cache_dir=out / "cache", seed=train_cfg.seed,
+    )
+    factor = model_cfg.get("bert_lr_factor")
+    multiplier = bert_lr_multiplier(factor) if (factor and model_cfg.get("from_bert")) else None
+    logger.info("pretraining on %d captions of %d images (%s negatives, %s/%s masking)", len(dataset),
+                len(dataset.image_ids), negatives, data.get("msm", "span"), data.get("mrm", "group"))
+    start = time.perf_counter()
+    trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
+                      lr_multiplier_for=multiplier)
+    result = trainer.fit(resume=resume)
+    model_dir = save_trained(trainer, tokenizer, out, extra={"recipe": "pretrain", "config": cfg})
+    return {"model_dir": str(model_dir), "steps": result.step, "seconds": time.perf_counter() - start,
+            "history": result.history, "examples": len(dataset), "images": len(dataset.image_ids)}

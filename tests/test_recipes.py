@@ -1,0 +1,72 @@
+"""The recipes end to end on a tiny generated benchmark: pretrain -> fine-tune -> evaluate -> table."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from interbert.cli import main
+from interbert.recipes.demo import DemoPlan, run_demo
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, DemoPlan.quick())
+
+
+def test_quick_demo_writes_the_table_and_every_artifact(demo):
+    out, summary = demo
+    assert set(summary["results"]) == {"w/o pretraining", "InterBERT", "zero-shot"}
+    for result in summary["results"].values():
+        ir = result["image_retrieval"]
+        assert 0 <= ir["R@1"] <= ir["R@5"] <= ir["R@10"] <= 100
+        assert result["pair_forwards"] == result["num_captions"] * result["num_images"]
+    table = (out / "results.md").read_text()
+    assert "| w/o pretraining |" in table and "| InterBERT |" in table and "zero-shot R@1" in table
+    for name in ("results.json", "results.png", "ranks_interbert.png", "pretrain/model/config.json",
+                 "finetune_pretrained/model/model.safetensors", "finetune_scratch/model/tokenizer.json"):
+        assert (out / name).exists(), name
+    # every model folder carries the tokenizer it was trained with
+    from interbert.data.tokenize import load_tokenizer
+
+    vocab = load_tokenizer(out / "pretrain" / "model").get_vocab()
+    assert load_tokenizer(out / "finetune_scratch" / "model").get_vocab() == vocab
+    # both fine-tuning runs saw the same number of steps, the same data and seed
+    curves = summary["train_curves"]
+    assert len(curves["finetune w/o pretraining"]["loss"]) == len(curves["finetune InterBERT"]["loss"]) == 4
+
+
+def test_evaluate_cli_zero_shot_and_two_stage(demo, tmp_path):
+    out, _ = demo
+    data = out / "data"
+    result_file = tmp_path / "eval.json"
+    code = main(["evaluate", "retrieval", "--model", str(out / "pretrain" / "model"), "--captions",
+                 str(data / "captions.json"), "--features", str(data / "regions.tsv"), "--split", "test",
+                 "--zero-shot", "--two-stage", "3", "--out", str(result_file)])
+    assert code == 0
+    result = json.loads(result_file.read_text())
+    assert result["zero_shot"] and result["num_images"] == 10
+    assert result["two_stage"]["pair_forwards"] == 3 * result["num_captions"]
+    assert result_file.with_suffix(".png").exists()
+    # a fine-tuned model has no ITM head: --zero-shot must refuse it with a reason
+    with pytest.raises(ValueError, match="zero-shot"):
+        main(["evaluate", "retrieval", "--model", str(out / "finetune_pretrained" / "model"), "--captions",
+              str(data / "captions.json"), "--features", str(data / "regions.tsv"), "--zero-shot"])
+
+
+def test_pretrain_cli_with_overrides_and_resume(demo, tmp_path):
+    out, _ = demo
+    data = out / "data"
+    args = ["pretrain", "--config", str(Path(__file__).parents[1] / "configs" / "pretrain_tiny.yaml"),
+            f"data.captions={data / 'captions.json'}", f"data.features={data / 'regions.tsv'}",
+            "data.vocab_size=120", "data.negatives=random", "data.mrm=region", "train.max_steps=3",
+            "train.batch_size=4", f"train.output_dir={tmp_path / 'run'}", "train.save_every=2",
+            "train.progress_bar=false", "train.tensorboard=false", "model.overrides.itc_loss_weight=0.0"]
+    assert main(args) == 0
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+    history = json.loads((tmp_path / "run" / "loss_history.json").read_text())
+    assert len(history["loss"]) == 3
+    # an unknown key is refused by name
+    with pytest.raises(Exception, match="train.max_stepz"):
+        main(args[:3] + ["train.max_stepz=3"])
