@@ -12,6 +12,7 @@ import pytest
 
 from interbert.data.captions import read_captions
 from interbert.data.features import open_features
+from interbert.data.masking import region_iou
 from interbert.synthetic import generate
 from interbert.synthetic.benchmark import SynthSettings, twin_examples
 from interbert.synthetic.detector import AttributeCodes, simulate_detections
@@ -55,7 +56,10 @@ def test_proposals_form_tight_groups_per_object_and_loose_background():
         for k, obj in enumerate(scene.objects):
             group = np.flatnonzero(det.object_index == k)
             assert len(group) >= 3
-            assert iou[np.ix_(group, group)].min() >= 0.5  # MRM must mask all of them together
+            assert iou[np.ix_(group, group)].min() >= 0.5
+            # So the data layer's MRM (IoU >= 0.4 with an anchor) masks a whole object whichever proposal anchors.
+            masked_with = region_iou(det.boxes)[group] >= 0.4
+            assert masked_with[:, group].all()
             assert box_iou(det.boxes[group], np.array([obj.box])).min() >= 0.65
         background = np.flatnonzero(det.object_index < 0)
         assert len(background) >= 1
