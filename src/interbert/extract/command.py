@@ -13,7 +13,7 @@ import sys
 MISSING_TORCHVISION = (
     "interbert extract needs torchvision, which is not installed in this environment.\n"
     "Create the extraction environment with `make venv-extract` (then use .venv-extract/bin/interbert),\n"
-    "or install the extra: pip install 'interbert[extract]'."
+    "or, in an environment of your own: pip install torch==2.14.1 torchvision==0.29.1, then this package."
 )
 
 
