@@ -111,7 +111,9 @@ def run_demo(out: Path, plan: DemoPlan) -> dict:
     pre_cfg = {
         "model": model_section,
         "data": {**data, "split": "train", "vocab_size": plan.vocab_size, "negatives": plan.negatives,
-                 "msm": plan.msm, "mrm": plan.mrm, "hard_ratio": plan.hard_ratio},
+                 "msm": plan.msm, "mrm": plan.mrm, "hard_ratio": plan.hard_ratio,
+                 # Chinese: character tokens, masked as whole jieba words
+                 "word_segmenter": "jieba" if plan.lang == "zh" else None},
         "train": _train_section(out / "pretrain", plan.seed, plan.pretrain_steps, plan.pretrain_batch,
                                 plan.pretrain_lr, plan.warmup_ratio, None),
     }
