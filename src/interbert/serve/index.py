@@ -328,8 +328,10 @@ def build_index(
 
         # `index add` keeps the folder's choice unless told otherwise; `auto` re-decides on the new size.
         requested = manifest.get("requested_index_type", "auto") if append and index_type == "auto" else index_type
-        chosen = _rebuild_faiss(db, out, requested)
         total = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        up_to_date = (not todo and (out / FAISS_FILE).is_file() and manifest.get("num_images") == total
+                      and manifest.get("index_type") == choose_index_type(total, requested))
+        chosen = manifest["index_type"] if up_to_date else _rebuild_faiss(db, out, requested)
     finally:
         db.close()
     manifest.update(index_type=chosen, requested_index_type=requested, num_images=total,
