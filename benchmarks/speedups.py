@@ -191,9 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--threads-sweep", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     baseline = load_baseline_modeling(args.baseline)
     sizes = {"tiny": 32, "base": 4}
     payload = {"machine": machine_info(), "baseline": args.baseline, "padding": []}
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         payload["padding"].append(r)
     if args.threads_sweep:
         payload["threads"] = [threads_sweep("tiny", 32, args.iterations)]
+        torch.set_num_threads(args.threads)
         print("threads", payload["threads"], flush=True)
     if args.compile:
         payload["compile"] = [compile_trial("tiny", 32, args.iterations)]

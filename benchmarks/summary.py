@@ -56,6 +56,15 @@ def main() -> int:
             [["per-position work on real positions only (`Padding`)", r["preset"], f"{r['train_speedup']:.2f}x",
               f"{r['inference_speedup']:.2f}x", f"{r['max_abs_difference_at_real_positions']:.1e}"] for r in speed["padding"]],
         ))
+    if speed and speed.get("threads"):
+        th = speed["threads"][0]["train_step_s"]
+        parts.append(
+            "Threads (`tiny` train step, s): " + ", ".join(f"{k}: {v:.2f}" for k, v in th.items()) + ". Other processes "
+            "kept the 1-min load average at 7-14 on these 2 cores during this session; with 2 OpenMP threads each "
+            "parallel region waits for a descheduled thread, so 1 thread was several times faster. `model_step` and "
+            "`speedups` were therefore run with `--threads 1`; `memory` and `eval_cost` ran with 2 threads under that "
+            "load, so their rates are pessimistic. On an idle machine rerun with the default `--threads 2`."
+        )
     if memory:
         t, s = memory["train_base"], memory["scoring_base"]
         parts.append("## Memory (`memory.md`)")
