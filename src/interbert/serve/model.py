@@ -7,6 +7,7 @@ pretraining ITM head's margin ``match - mismatch`` (the "zero-shot" scorer).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from pathlib import Path
@@ -52,8 +53,11 @@ def architecture_of(model_dir: str | Path) -> str:
 
 
 class SearchModel:
-    """Loads a checkpoint once; every method is inference-only and safe to call from worker threads
-    (a lock serialises forwards: intra-op parallelism already uses the cores)."""
+    """Loads a checkpoint once; every method is inference-only and safe to call from worker threads.
+
+    With one intra-op thread (what ``interbert serve`` sets) forwards of concurrent requests run side by
+    side, one per core. With more, each forward already spreads over the cores, so forwards take turns:
+    overlapping OpenMP teams oversubscribe the cores and every barrier waits for a descheduled thread."""
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", need_tokenizer: bool = True):
         self.model_dir = Path(model_dir)
@@ -64,6 +68,9 @@ class SearchModel:
         self.tokenizer = load_tokenizer(self.model_dir) if need_tokenizer else None
         self.max_query_tokens = min(MAX_QUERY_TOKENS, self.config.max_position_embeddings)
         self._lock = threading.Lock()
+
+    def _turn(self):
+        return self._lock if torch.get_num_threads() > 1 else contextlib.nullcontext()
 
     @property
     def embedding_dim(self) -> int:
@@ -80,14 +87,14 @@ class SearchModel:
 
     @torch.inference_mode()
     def embed_images(self, region_batch: dict[str, torch.Tensor]) -> np.ndarray:
-        with self._lock:
+        with self._turn():
             vectors = self.model.interbert.embed_images(**self._to_device(region_batch))
         return vectors.float().cpu().numpy()
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         text = self._to_device(self.tokenize(texts))
-        with self._lock:
+        with self._turn():
             vectors = self.model.interbert.embed_text(text["input_ids"], text["attention_mask"])
         return vectors.float().cpu().numpy()
 
@@ -101,7 +108,7 @@ class SearchModel:
             "attention_mask": encoded["attention_mask"].expand(n, -1),
             **region_batch,
         })
-        with self._lock:
+        with self._turn():
             if isinstance(self.model, InterBertForImageTextRetrieval):
                 scores = self.model(**inputs).logits
             else:
