@@ -171,7 +171,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# Search service load test (`benchmarks/serve_load.py`)",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} ({m['torch_threads']} threads), faiss {m['faiss']}, "
+        f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, faiss {m['faiss']}, "
         f"Python {m['python']}; {m['date']}; load average before the test {m['load_average_at_start']} "
         "(other jobs shared the machine when above ~0).",
         "",
@@ -179,7 +179,8 @@ def markdown(result: dict) -> str:
         f"region store), every one embedded through the model's image stream by `build_index` "
         f"({built['index_build_s']:.0f} s to embed and index all {built['images']:,}{built_when}); `{g['index_type']}` FAISS index "
         f"(chosen automatically). Model: randomly initialised, tiny preset size (hidden 128, 2+2+2 layers). "
-        f"Server: `interbert serve` (uvicorn, one process) on 127.0.0.1; the load generator runs on the same cores.",
+        f"Server: `interbert serve` (uvicorn, one process, one intra-op torch thread per forward: concurrent requests "
+        f"share the cores) on 127.0.0.1; the load generator runs on the same cores.",
         "",
         f"Each setting: up to {result['settings']['requests']} requests or {result['settings']['max_seconds']:.0f} s, "
         f"k={result['settings']['k']}; re-ranking scores the top {result['settings']['rerank_depth']} candidates with the "
