@@ -26,8 +26,14 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
+# Benchmarks run by hand, never in the test suite; results land in benchmarks/results/ with the machine.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/model_step.py
+	$(BIN)/python benchmarks/speedups.py --baseline 5cc6875
+	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/eval_cost.py
+	$(BIN)/python benchmarks/data_pipeline.py
+	$(BIN)/python benchmarks/summary.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -42,7 +42,7 @@ def test_evaluate_cli_zero_shot_and_two_stage(demo, tmp_path):
     data = out / "data"
     result_file = tmp_path / "eval.json"
     code = main(["evaluate", "retrieval", "--model", str(out / "pretrain" / "model"), "--captions",
-                 str(data / "captions.json"), "--features", str(data / "regions.tsv"), "--split", "test",
+                 str(data / "captions.json"), "--features", str(data / "regions"), "--split", "test",
                  "--zero-shot", "--two-stage", "3", "--out", str(result_file)])
     assert code == 0
     result = json.loads(result_file.read_text())
@@ -52,14 +52,14 @@ def test_evaluate_cli_zero_shot_and_two_stage(demo, tmp_path):
     # a fine-tuned model has no ITM head: --zero-shot must refuse it with a reason
     with pytest.raises(ValueError, match="zero-shot"):
         main(["evaluate", "retrieval", "--model", str(out / "finetune_pretrained" / "model"), "--captions",
-              str(data / "captions.json"), "--features", str(data / "regions.tsv"), "--zero-shot"])
+              str(data / "captions.json"), "--features", str(data / "regions"), "--zero-shot"])
 
 
 def test_pretrain_cli_with_overrides_and_resume(demo, tmp_path):
     out, _ = demo
     data = out / "data"
     args = ["pretrain", "--config", str(Path(__file__).parents[1] / "configs" / "pretrain_tiny.yaml"),
-            f"data.captions={data / 'captions.json'}", f"data.features={data / 'regions.tsv'}",
+            f"data.captions={data / 'captions.json'}", f"data.features={data / 'regions'}",
             "data.vocab_size=120", "data.negatives=random", "data.mrm=region", "train.max_steps=3",
             "train.batch_size=4", f"train.output_dir={tmp_path / 'run'}", "train.save_every=2",
             "train.progress_bar=false", "train.tensorboard=false", "model.overrides.itc_loss_weight=0.0"]
