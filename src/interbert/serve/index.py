@@ -19,7 +19,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +28,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from interbert.data.features import FeatureStore
 from interbert.serve import DEFAULT_MAX_REGIONS, INDEX_TYPES
 from interbert.serve._data import first_captions, open_features, region_batch
 from interbert.serve.model import SearchModel, weights_fingerprint
@@ -345,7 +346,7 @@ def _index_batch(
     db: sqlite3.Connection,
     out: Path,
     search_model: SearchModel,
-    store: Mapping,
+    store: FeatureStore,
     ids: list[str],
     store_id: int,
     caption_of: dict[str, str],
