@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from interbert.data.captions import read_captions
+from interbert.data.check import check_data
 from interbert.data.features import open_features
 from interbert.data.masking import region_iou
 from interbert.synthetic import generate
@@ -121,6 +122,7 @@ def test_regions_and_captions_load_through_the_data_layer(synth):
     assert regions.class_probs.shape == (regions.num_regions, SMALL["num_classes"])
     assert (regions.image_w, regions.image_h) == (128, 96)
     assert (synth / "images" / "0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not check_data(captions, store).errors  # what `interbert data check` reports
 
 
 @pytest.mark.parametrize("fmt", ["npz", "store"])
