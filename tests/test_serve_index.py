@@ -191,12 +191,13 @@ def test_demo_path_indexes_the_test_split_of_the_built_in_benchmark(tmp_path, ca
     """What `make demo` ends with: an index over the generated benchmark's test images."""
     from interbert.synthetic import generate
 
-    manifest = generate(tmp_path / "data", images=12, val_images=2, test_images=4, lang="en", seed=0, feature_dim=16)
+    manifest = generate(tmp_path / "data", images=12, val_images=2, test_images=4, lang="en", seed=0, feature_dim=16,
+                        fmt="store")  # as the demo writes it
     data = tmp_path / "data"
     model = save_tiny_model(tmp_path / "model", minilm_vocab(), 16)
     assert interbert_main(["index", "build", "--model", str(model), "--features", str(data / manifest["files"]["regions"]),
                            "--captions", str(data / "captions.json"), "--split", "test",
-                           "--thumbnails", str(data / "images"), "--out", str(tmp_path / "index")]) == 0
+                           "--thumbnails", str(data / "images"), "--max-regions", "24", "--out", str(tmp_path / "index")]) == 0
     assert "4 images (4 added" in capsys.readouterr().out
     index = ImageIndex(tmp_path / "index")
     records = index.records(range(1, 5))
