@@ -135,6 +135,8 @@ def test_other_feature_formats_hold_the_same_regions(synth, tmp_path, fmt):
     for image_id in ("0", "19"):
         np.testing.assert_array_equal(ours[image_id].features, reference[image_id].features)
         np.testing.assert_array_equal(ours[image_id].class_probs, reference[image_id].class_probs)
+    generate(tmp_path / "again", seed=3, fmt=fmt, **(SMALL | {"images": 20}) | {"render_images": False})
+    assert _files(tmp_path / fmt) == _files(tmp_path / "again")  # these layouts are reproducible too
 
 
 def test_vcr_files_follow_the_real_vcr_schema(synth):
