@@ -227,6 +227,19 @@ def test_cli_writes_the_benchmark(tmp_path, capsys):
     assert manifest["settings"]["feature_dim"] == 8 and not list((out / "images").glob("*.png"))
 
 
+def test_regenerating_replaces_the_earlier_benchmark_and_spares_other_folders(tmp_path):
+    out = tmp_path / "bench"
+    generate(out, seed=1, **(SMALL | {"images": 40}))
+    generate(out, seed=1, fmt="store", **(SMALL | {"images": 20}))
+    assert not (out / "regions.tsv").exists() and not (out / "images" / "30.png").exists()
+    assert len(open_features(out / "regions")) == 20
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty"):
+        generate(tmp_path / "mine", **SMALL)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(lang="fr"), "language"),
     (dict(fmt="hdf5"), "format"),

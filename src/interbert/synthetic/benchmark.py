@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -320,6 +321,7 @@ def generate(
                              image_width, image_height, render_images)
     settings.validate()
     out = Path(out_dir)
+    _clear_previous_benchmark(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "vcr").mkdir(exist_ok=True)
     (out / "glue").mkdir(exist_ok=True)
@@ -386,6 +388,25 @@ def generate(
     (out / "README.md").write_text(readme(manifest), encoding="utf-8")
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifest
+
+
+GENERATED_PATHS = ("images", "regions.tsv", "regions", "vcr", "glue", "captions.json", "scenes.jsonl", "README.md",
+                   MANIFEST)
+
+
+def _clear_previous_benchmark(out: Path) -> None:
+    """Regenerating into a folder replaces the earlier benchmark entirely (no stale pictures or
+    store chunks survive); a non-empty folder that is not a benchmark is refused, never emptied."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / MANIFEST).exists():
+        raise ValueError(f"{out} is not empty and holds no {MANIFEST}: choose an empty or new folder")
+    for name in GENERATED_PATHS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _sizes(out: Path, regions: Path) -> dict[str, int]:
