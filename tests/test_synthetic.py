@@ -142,12 +142,19 @@ def test_other_feature_formats_hold_the_same_regions(synth, tmp_path, fmt):
 def test_vcr_files_follow_the_real_vcr_schema(synth):
     from conftest import shared_path
 
+    from interbert.data.vcr import read_vcr
     from interbert.extract.given_boxes import read_given_boxes
 
     real = json.loads(shared_path("data", "vcr", "train.jsonl").read_text().splitlines()[0])
     lines = (synth / "vcr" / "train.jsonl").read_text().splitlines()
-    splits = json.loads((synth / "synth.json").read_text())["splits"]
+    manifest = json.loads((synth / "synth.json").read_text())
+    splits = manifest["splits"]
     assert len(lines) == splits["train"]
+    # The data layer's VCR reader takes every line (it checks tags, labels, metadata and names).
+    for split in ("train", "val"):
+        items = read_vcr(synth / manifest["files"]["vcr"][split], images_root=synth / manifest["files"]["vcr"]["images_root"])
+        assert len(items) == splits[split]
+        assert {item.image_id for item in items} <= set(open_features(synth / "regions.tsv").ids())
     # The metadata JSONs load through the project's VCR box reader (as `interbert extract --boxes` uses it).
     given = read_given_boxes(synth / "images")
     assert len(given) == splits["train"] + splits["val"] and given["0"].width == 128
