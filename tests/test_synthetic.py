@@ -151,8 +151,9 @@ def test_vcr_files_follow_the_real_vcr_schema(synth):
     splits = manifest["splits"]
     assert len(lines) == splits["train"]
     # The data layer's VCR reader takes every line (it checks tags, labels, metadata and names).
+    vcr_files = manifest["files"]["vcr"]
     for split in ("train", "val"):
-        items = read_vcr(synth / manifest["files"]["vcr"][split], images_root=synth / manifest["files"]["vcr"]["images_root"])
+        items = read_vcr(synth / vcr_files[split], images_root=synth / vcr_files["images_root"])
         assert len(items) == splits[split]
         assert {item.image_id for item in items} <= set(open_features(synth / "regions.tsv").ids())
     # The metadata JSONs load through the project's VCR box reader (as `interbert extract --boxes` uses it).
