@@ -125,6 +125,14 @@ def test_regions_and_captions_load_through_the_data_layer(synth):
     assert not check_data(captions, store).errors  # what `interbert data check` reports
 
 
+def test_regions_tsv_is_byte_identical_to_the_data_layers_tsv_writer(synth, tmp_path):
+    from interbert.data.features import write_tsv
+
+    store = open_features(synth / "regions.tsv")
+    write_tsv(tmp_path / "rewritten.tsv", store.items(), with_class_probs=True)
+    assert (tmp_path / "rewritten.tsv").read_bytes() == (synth / "regions.tsv").read_bytes()
+
+
 @pytest.mark.parametrize("fmt", ["npz", "store"])
 def test_other_feature_formats_hold_the_same_regions(synth, tmp_path, fmt):
     generate(tmp_path / fmt, seed=3, fmt=fmt, **(SMALL | {"images": 20}) | {"render_images": False})
