@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "interbert.data.cli",
     "interbert.synthetic.cli",
     "interbert.recipes.cli",
+    "interbert.recipes.tasks_cli",
 ]
 
 

@@ -1,0 +1,215 @@
+"""VCR fine-tuning and evaluation: Q->A, QA->R and Q->AR with ``InterBertForMultipleChoice``.
+
+    interbert finetune vcr --config configs/finetune_vcr_tiny.yaml data.train=vcr/train.jsonl \
+        data.features=regions.tsv model.from_checkpoint=runs/pretrain_tiny/model
+    interbert evaluate vcr --model runs/finetune_vcr_tiny/model --annotations vcr/val.jsonl --features regions.tsv
+
+Each (item, task) is one 4-way example: the 4 texts share the item's regions, the score head gives one
+logit per choice, cross-entropy over the 4. By default **one model is trained on both tasks** (Q->A and
+QA->R examples mixed in one dataset: the input tells them apart, QA->R carrying the right answer in
+its first segment); ``data.tasks: [Q->A]`` trains a single-task model. Evaluation scores both tasks
+with the one model; an item counts for Q->AR only when its answer and its rationale are both right
+(QA->R conditioned on the ground-truth answer, as the VCR protocol does).
+
+From a pretraining checkpoint the score head starts as the ITM margin (as retrieval fine-tuning does);
+``model.from_bert`` starts the text path from BERT; neither starts from scratch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from interbert.convert import from_bert, retrieval_from_pretraining
+from interbert.data.features import FeatureStore, open_features
+from interbert.data.tokenize import load_tokenizer, train_wordpiece
+from interbert.data.vcr import TASKS, VcrDataset, VcrItem, collate_choices, object_names, read_vcr, render_tokens
+from interbert.modeling import InterBertForMultipleChoice, InterBertForPreTraining
+from interbert.recipes.common import build_config, save_trained, set_threads
+from interbert.train import Trainer, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+CHANCE = {"Q->A": 25.0, "QA->R": 25.0, "Q->AR": 6.25}
+
+
+def vcr_accuracies(answer_predictions: Sequence[int], answer_labels: Sequence[int],
+                   rationale_predictions: Sequence[int], rationale_labels: Sequence[int]) -> dict[str, float]:
+    """Q->A, QA->R and Q->AR accuracy in percent; Q->AR counts an item only when both choices are right."""
+    a_pred, a_true = np.asarray(answer_predictions), np.asarray(answer_labels)
+    r_pred, r_true = np.asarray(rationale_predictions), np.asarray(rationale_labels)
+    if not len(a_true) or not (len(a_pred) == len(a_true) == len(r_pred) == len(r_true)):
+        raise ValueError("give one answer and one rationale prediction and label per item (and at least one item)")
+    answer_right, rationale_right = a_pred == a_true, r_pred == r_true
+    return {"Q->A": 100.0 * float(answer_right.mean()), "QA->R": 100.0 * float(rationale_right.mean()),
+            "Q->AR": 100.0 * float((answer_right & rationale_right).mean())}
+
+
+def multiple_choice_from_pretraining(model: InterBertForPreTraining) -> InterBertForMultipleChoice:
+    """A VCR model whose choice score starts as the pretraining ITM margin."""
+    retrieval = retrieval_from_pretraining(model)
+    choice = InterBertForMultipleChoice(model.config)
+    choice.load_state_dict(retrieval.state_dict())
+    return choice
+
+
+def load_vcr_model(model_dir: str | Path) -> InterBertForMultipleChoice:
+    """A VCR model folder as it is; a pretraining folder with its ITM margin as the choice score."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json)")
+    architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+    if "InterBertForPreTraining" in architectures:
+        return multiple_choice_from_pretraining(InterBertForPreTraining.from_pretrained(model_dir))
+    return InterBertForMultipleChoice.from_pretrained(model_dir)
+
+
+def build_vcr_model(model_cfg: dict, tokenizer, feature_dim: int) -> InterBertForMultipleChoice:
+    if model_cfg.get("from_checkpoint"):
+        model = load_vcr_model(model_cfg["from_checkpoint"])
+        if model.config.region_feature_size != feature_dim:
+            raise ValueError(f"{model_cfg['from_checkpoint']} expects {model.config.region_feature_size}-d region "
+                             f"features, the data has {feature_dim}-d")
+        return model
+    overrides = {**(model_cfg.get("overrides") or {}), "region_feature_size": feature_dim}
+    if model_cfg.get("from_bert"):
+        return from_bert(model_cfg["from_bert"], model_cfg.get("preset", "tiny"), InterBertForMultipleChoice, **overrides)
+    return InterBertForMultipleChoice(build_config({"preset": model_cfg.get("preset", "tiny"), "overrides": overrides},
+                                                   vocab_size=len(tokenizer)))
+
+
+def vcr_texts(items: Sequence[VcrItem]) -> list[str]:
+    """Every question, answer and rationale with tags as names (to train a vocabulary on)."""
+    texts = []
+    for item in items:
+        names = object_names(item.objects)
+        texts += [render_tokens(t, names) for t in (item.question, *item.answer_choices, *item.rationale_choices)]
+    return texts
+
+
+def vcr_tokenizer(data_cfg: dict, model_cfg: dict, items: Sequence[VcrItem], output_dir: Path):
+    source = data_cfg.get("tokenizer") or model_cfg.get("from_checkpoint") or model_cfg.get("from_bert")
+    if source:
+        return load_tokenizer(source)
+    return train_wordpiece(vcr_texts(items), output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)),
+                           min_frequency=1)
+
+
+@torch.no_grad()
+def predict_choices(model: nn.Module, dataset: VcrDataset, batch_size: int = 32, pad_token_id: int = 0) -> list[int]:
+    """The highest-scoring choice of every example of ``dataset``, in order (eval mode; mode restored)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    predictions: list[int] = []
+    for start in range(0, len(dataset), batch_size):
+        batch = collate_choices([dataset[i] for i in range(start, min(len(dataset), start + batch_size))], pad_token_id)
+        inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
+        predictions.extend(model(**inputs).logits.argmax(-1).tolist())
+    model.train(was_training)
+    return predictions
+
+
+def evaluate_vcr(model: nn.Module, items: Sequence[VcrItem], tokenizer, store: FeatureStore | None,
+                 feature_dim: int | None = None, max_tokens: int = 64, max_regions: int = 36, batch_size: int = 32,
+                 ) -> dict:
+    """Q->A, QA->R, Q->AR accuracies (percent) of one model on ``items``, and the per-item predictions."""
+    predictions = {}
+    for task in TASKS:
+        dataset = VcrDataset(items, tokenizer, store, tasks=[task], max_tokens=max_tokens, max_regions=max_regions,
+                             feature_dim=feature_dim)
+        predictions[task] = predict_choices(model, dataset, batch_size, tokenizer.pad_token_id)
+    metrics = vcr_accuracies(predictions["Q->A"], [i.answer_label for i in items],
+                             predictions["QA->R"], [i.rationale_label for i in items])
+    return {**metrics, "items": len(items),
+            "predictions": [{"annot_id": i.annot_id, "answer": a, "rationale": r}
+                            for i, a, r in zip(items, predictions["Q->A"], predictions["QA->R"])]}
+
+
+def _store_and_dim(data_cfg: dict) -> tuple[FeatureStore | None, int]:
+    if data_cfg.get("features"):
+        store = open_features(data_cfg["features"])
+        return store, store.feature_dim
+    dim = data_cfg.get("feature_dim")
+    if not dim:
+        raise ValueError("give data.features (a feature store keyed by the stem of img_fn) or data.feature_dim "
+                         "(stand-in features computed from the metadata boxes and names)")
+    logger.warning("no feature store: using stand-in features from the metadata (vcr_standin_features), not visual ones")
+    return None, int(dim)
+
+
+def run(cfg: dict, resume: bool = False) -> dict:
+    set_threads(cfg.get("threads"))
+    train_cfg = TrainConfig.from_dict(cfg["train"])
+    out = Path(train_cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data, model_cfg = cfg["data"], cfg["model"]
+    if not data.get("train"):
+        raise ValueError("data.train is required (a VCR jsonl file)")
+    items = read_vcr(data["train"], data.get("images_root"))
+    if data.get("max_items"):
+        items = items[: int(data["max_items"])]
+    store, feature_dim = _store_and_dim(data)
+    tokenizer = vcr_tokenizer(data, model_cfg, items, out)
+    model = build_vcr_model(model_cfg, tokenizer, feature_dim)
+    sizes = dict(max_tokens=int(data.get("max_tokens", 64)), max_regions=int(data.get("max_regions", 36)))
+    dataset = VcrDataset(items, tokenizer, store, tasks=data.get("tasks") or TASKS, feature_dim=feature_dim, **sizes)
+    logger.info("VCR fine-tuning on %d items x %s = %d examples", len(items), list(dataset.tasks), len(dataset))
+    start = time.perf_counter()
+    trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate_choices, pad_token_id=tokenizer.pad_token_id))
+    result = trainer.fit(resume=resume)
+    seconds = time.perf_counter() - start
+    summary = {"steps": result.step, "seconds": seconds, "items": len(items), "examples": len(dataset), "history": result.history}
+    if data.get("val"):
+        val_items = read_vcr(data["val"], data.get("images_root"))
+        with trainer.averaged_weights() as trained:
+            metrics = evaluate_vcr(trained, val_items, tokenizer, store, feature_dim, batch_size=32, **sizes)
+        (out / "val_predictions.json").write_text(json.dumps(metrics.pop("predictions"), indent=1))
+        summary["val"] = metrics
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    summary["model_dir"] = str(save_trained(trainer, tokenizer, out, extra={
+        "recipe": "finetune_vcr", "config": cfg, "feature_dim": feature_dim, "stand_in_features": store is None, **sizes}))
+    return summary
+
+
+def run_evaluate(model_dir: str, annotations: str, features: str | None = None, images_root: str | None = None,
+                 max_tokens: int | None = None, max_regions: int | None = None, batch_size: int = 32) -> dict:
+    """Evaluate a model folder on a VCR jsonl; settings default to those the model was trained with."""
+    recipe_file = Path(model_dir) / "recipe.json"
+    trained = json.loads(recipe_file.read_text()) if recipe_file.exists() else {}
+    model = load_vcr_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    store = open_features(features) if features else None
+    items = read_vcr(annotations, images_root)
+    metrics = evaluate_vcr(model, items, tokenizer, store, feature_dim=model.config.region_feature_size,
+                           max_tokens=max_tokens or trained.get("max_tokens", 64),
+                           max_regions=max_regions or trained.get("max_regions", 36), batch_size=batch_size)
+    return metrics
+
+
+def demo_vcr(out_dir: Path, data_dir: Path, manifest: dict, pretrained_model_dir: str | None, steps: int,
+             batch_size: int, lr: float, seed: int) -> dict:
+    """VCR on the built-in benchmark for the demo table: fine-tune one model on both tasks of
+    ``vcr/train.jsonl`` (features from the benchmark's regions, tokenizer from the pretrained model when
+    given) and return {"Q->A": %, "QA->R": %, "Q->AR": %} on ``vcr/val.jsonl`` (chance 25 / 25 / 6.25)."""
+    files = manifest["files"]
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    cfg = {
+        "model": {"preset": "tiny", "overrides": {}, "from_checkpoint": pretrained_model_dir, "from_bert": None},
+        "data": {"train": str(data_dir / files["vcr"]["train"]), "val": str(data_dir / files["vcr"]["val"]),
+                 "images_root": str(data_dir / files["vcr"]["images_root"]), "features": str(data_dir / files["regions"]),
+                 "tasks": list(TASKS), "max_tokens": 40, "max_regions": 24, "vocab_size": 400},
+        "train": {"output_dir": str(out_dir), "seed": seed, "batch_size": batch_size, "max_steps": steps,
+                  "learning_rate": lr, "warmup_ratio": 0.1, "weight_decay": 0.01, "max_grad_norm": 1.0,
+                  "progress_bar": False, "tensorboard": False, "save_every": None},
+    }
+    summary = run(cfg)
+    return {k: summary["val"][k] for k in ("Q->A", "QA->R", "Q->AR")}
