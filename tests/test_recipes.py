@@ -25,7 +25,8 @@ def test_quick_demo_writes_the_table_and_every_artifact(demo):
     table = (out / "results.md").read_text()
     assert "| w/o pretraining |" in table and "| InterBERT |" in table and "zero-shot R@1" in table
     for name in ("results.json", "results.png", "ranks_interbert.png", "pretrain/model/config.json",
-                 "finetune_pretrained/model/model.safetensors", "finetune_scratch/model/tokenizer.json"):
+                 "finetune_pretrained/model/model.safetensors", "finetune_scratch/model/tokenizer.json",
+                 "index/index.faiss", "index/meta.sqlite"):
         assert (out / name).exists(), name
     # every model folder carries the tokenizer it was trained with
     from interbert.data.tokenize import load_tokenizer
@@ -70,3 +71,17 @@ def test_pretrain_cli_with_overrides_and_resume(demo, tmp_path):
     # an unknown key is refused by name
     with pytest.raises(Exception, match="train.max_stepz"):
         main(args[:3] + ["train.max_stepz=3"])
+
+
+def test_ablations_table_has_mean_and_std_per_variant(demo, tmp_path, monkeypatch):
+    from interbert.recipes import demo as demo_module
+
+    out, summary = demo
+    monkeypatch.setattr(demo_module, "ABLATION_SEEDS", (0, 1))
+    manifest = json.loads((out / "data" / "synth.json").read_text())
+    rows = demo_module.run_ablations(tmp_path, DemoPlan.quick(), manifest, out / "data")
+    assert set(rows) == set(demo_module.ABLATIONS)
+    for metrics in rows.values():
+        assert len(metrics["IR R@1"]["values"]) == 2 and metrics["IR R@1"]["std"] >= 0
+    table = (tmp_path / "ablations.md").read_text()
+    assert "random negatives" in table and "+-" in table

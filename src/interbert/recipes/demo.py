@@ -150,6 +150,13 @@ def run_demo(out: Path, plan: DemoPlan) -> dict:
         "InterBERT": evaluate("interbert", ft_pre["model_dir"], False),
         "zero-shot": evaluate("zero_shot", pre["model_dir"], True),
     }
+    # 5. a search index over the test images, for `interbert serve`
+    t = time.perf_counter()
+    from interbert.serve.index import build_index
+
+    build_index(ft_pre["model_dir"], features, out / "index", captions=captions, thumbnails=out / "data" / "images",
+                split="test", max_regions=plan.max_regions)
+    timings["index"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - start
     summary = {
         "plan": plan.__dict__, "machine": machine(), "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -163,6 +170,68 @@ def run_demo(out: Path, plan: DemoPlan) -> dict:
     (out / "results.md").write_text(table)
     write_plots(summary, out)
     return summary
+
+
+ABLATIONS = {
+    "group masking + TF-IDF hard negatives (InterBERT)": {},
+    "plain masking (token MSM, per-region MRM)": {"msm": "token", "mrm": "region"},
+    "random negatives": {"negatives": "random"},
+}
+ABLATION_SEEDS = (0, 1, 2)
+
+
+def run_variant(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path) -> dict:
+    """Pretrain with one plan, fine-tune from it, evaluate fine-tuned and zero-shot (no scratch row)."""
+    data = {"captions": str(data_dir / manifest["files"]["captions"]),
+            "features": str(data_dir / manifest["files"]["regions"]),
+            "max_tokens": plan.max_tokens, "max_regions": plan.max_regions}
+    model_section = {"preset": "tiny", "overrides": {"embedding_size": plan.embedding_size,
+                                                     "itc_loss_weight": plan.itc_loss_weight}}
+    pre = pretrain.run({
+        "model": model_section,
+        "data": {**data, "split": "train", "vocab_size": plan.vocab_size, "negatives": plan.negatives, "msm": plan.msm,
+                 "mrm": plan.mrm, "hard_ratio": plan.hard_ratio, "word_segmenter": "jieba" if plan.lang == "zh" else None},
+        "train": _train_section(out / "pretrain", plan.seed, plan.pretrain_steps, plan.pretrain_batch,
+                                plan.pretrain_lr, plan.warmup_ratio, None),
+    })
+    ft = finetune_retrieval.run({
+        "model": {**model_section, "from_checkpoint": pre["model_dir"]},
+        "data": {**data, "split": "val", "tokenizer": pre["model_dir"], "hard_negative": "image", "num_hard": 20},
+        "train": _train_section(out / "finetune", plan.seed, plan.finetune_steps, plan.finetune_batch,
+                                plan.finetune_lr, plan.warmup_ratio, None),
+    })
+    kw = dict(split="test", max_tokens=plan.max_tokens, max_regions=plan.max_regions, progress=False)
+    return {"finetuned": evaluate_retrieval(ft["model_dir"], data["captions"], data["features"], **kw),
+            "zero_shot": evaluate_retrieval(pre["model_dir"], data["captions"], data["features"], zero_shot=True, **kw)}
+
+
+def run_ablations(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path) -> dict:
+    """Group vs plain masking and TF-IDF vs random negatives, 3 seeds each: mean +- std."""
+    rows = {}
+    for name, change in ABLATIONS.items():
+        runs = []
+        for seed in ABLATION_SEEDS:
+            variant = DemoPlan(**{**plan.__dict__, **change, "seed": seed, "notes": []})
+            tag = "_".join(f"{k}-{v}" for k, v in change.items()) or "default"
+            logger.info("ablation %s, seed %d", name, seed)
+            runs.append(run_variant(out / f"{tag}_seed{seed}", variant, manifest, data_dir))
+        metrics = {}
+        for key, pick in (("IR R@1", ("finetuned", "R@1")), ("IR R@5", ("finetuned", "R@5")),
+                          ("IR R@10", ("finetuned", "R@10")), ("zero-shot R@1", ("zero_shot", "R@1")),
+                          ("zero-shot R@5", ("zero_shot", "R@5"))):
+            values = [r[pick[0]]["image_retrieval"][pick[1]] for r in runs]
+            metrics[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
+        rows[name] = metrics
+    table = ["# Ablations (built-in benchmark, 3 seeds, mean +- std)", "",
+             "| pretraining | " + " | ".join(next(iter(rows.values()))) + " |",
+             "|---|" + "---|" * len(next(iter(rows.values())))]
+    for name, metrics in rows.items():
+        table.append(f"| {name} | " + " | ".join(f"{m['mean']:.1f} +- {m['std']:.1f}" for m in metrics.values()) + " |")
+    table += ["", f"Seeds {list(ABLATION_SEEDS)}; each run pretrains {plan.pretrain_steps} steps and fine-tunes "
+              f"{plan.finetune_steps} steps as in the main table. Machine: {machine()['cpu']}.", ""]
+    (out / "ablations.json").write_text(json.dumps(rows, indent=2))
+    (out / "ablations.md").write_text("\n".join(table))
+    return rows
 
 
 def machine() -> dict:
@@ -260,5 +329,12 @@ def run_cli(args) -> int:
     summary = run_demo(Path(args.out), plan)
     print()
     print(results_table(summary))
+    if args.ablations:
+        out = Path(args.out) / "ablations"
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = json.loads((Path(args.out) / "data" / "synth.json").read_text())
+        run_ablations(out, plan, manifest, Path(args.out) / "data")
+        print((out / "ablations.md").read_text())
     print(f"Results, plots and runs: {args.out}/ (results.md, results.json, results.png)")
+    print(f"Search the test images:  interbert serve --index {args.out}/index   (then open http://127.0.0.1:8000/)")
     return 0
