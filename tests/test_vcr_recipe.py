@@ -28,6 +28,12 @@ def test_q_to_ar_rejects_mismatched_lengths():
         vcr_accuracies([0, 1], [0, 1], [0], [0])
 
 
+# A model small enough that the CLI test measures plumbing, not arithmetic.
+MICRO = ("hidden_size: 32, num_attention_heads: 2, intermediate_size: 64, image_num_attention_heads: 2, "
+         "image_intermediate_size: 64, pooled_size: 32, num_single_stream_layers: 1, num_text_stream_layers: 1, "
+         "num_image_stream_layers: 1")
+
+
 def _write_vcr(root, n: int = 8) -> None:
     """Scenes of two objects; the question asks which kind the tagged object is."""
     images = root / "images"
@@ -57,7 +63,7 @@ def test_finetune_and_evaluate_vcr_from_the_command_line(tmp_path):
                  f"data.train={tmp_path / 'train.jsonl'}", f"data.val={tmp_path / 'train.jsonl'}",
                  f"data.images_root={tmp_path / 'images'}", "data.feature_dim=16", "data.vocab_size=60",
                  f"train.output_dir={out}", "train.max_steps=2", "train.batch_size=4", "train.progress_bar=false",
-                 "model.overrides={num_single_stream_layers: 1, num_text_stream_layers: 1, num_image_stream_layers: 1}"])
+                 "model.overrides={" + MICRO + "}"])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"Q->A", "QA->R", "Q->AR", "items"} and metrics["items"] == 8

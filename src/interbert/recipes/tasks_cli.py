@@ -93,7 +93,7 @@ def register(subparsers) -> None:
     e.add_argument("--model", required=True, help="a model folder written by `finetune text`")
     e.add_argument("--data", required=True, help="a GLUE TSV file with labels")
     e.add_argument("--task", help="sst2 | mrpc | qqp | qnli | rte (default: recognised from the header)")
-    e.add_argument("--max-tokens", type=int, default=128)
+    e.add_argument("--max-tokens", type=int, help="default: the value the model was trained with (else 128)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--threads", type=int, help="torch threads")
     e.add_argument("--out", help="write the metrics (JSON) here")

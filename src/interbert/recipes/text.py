@@ -1,0 +1,143 @@
+"""Text-only tasks (GLUE-style) through InterBERT's text path: no regions, a BERT-style pooler + classifier.
+
+    interbert finetune text --config configs/finetune_text_tiny.yaml data.train=glue/MRPC/train.tsv \
+        data.dev=glue/MRPC/dev.tsv model.from_bert=path/to/bert
+    interbert evaluate text --model runs/finetune_text_tiny/model --data glue/MRPC/dev.tsv
+
+The model starts from a BERT folder (``model.from_bert``: its layers fill the single-stream module and
+the text stream, so text-only input is plain BERT), from an InterBERT model folder
+(``model.from_checkpoint``, e.g. after multimodal pretraining: its text path is kept, the classifier is
+new), or from scratch (a WordPiece vocabulary trained on the training texts).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from interbert.convert import from_bert
+from interbert.data.glue import (
+    TextClassificationDataset,
+    classification_metrics,
+    collate_text,
+    read_glue,
+    split_examples,
+)
+from interbert.data.tokenize import load_tokenizer, train_wordpiece
+from interbert.modeling import InterBertForSequenceClassification
+from interbert.recipes.common import build_config, save_trained, set_threads
+from interbert.train import Trainer, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def load_text_model(model_dir: str | Path, num_labels: int) -> InterBertForSequenceClassification:
+    """An InterBERT folder as a text classifier: a text model as it is, any other InterBERT (e.g. a
+    pretraining checkpoint) with its text path kept and a new pooler + classifier."""
+    model_dir = Path(model_dir)
+    config_file = model_dir / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json)")
+    architectures = json.loads(config_file.read_text()).get("architectures") or []
+    if "InterBertForSequenceClassification" in architectures:
+        return InterBertForSequenceClassification.from_pretrained(model_dir)
+    return InterBertForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
+
+
+def build_text_model(model_cfg: dict, tokenizer, num_labels: int) -> InterBertForSequenceClassification:
+    if model_cfg.get("from_checkpoint"):
+        return load_text_model(model_cfg["from_checkpoint"], num_labels)
+    if model_cfg.get("from_bert"):
+        return from_bert(model_cfg["from_bert"], model_cfg.get("preset", "tiny"), InterBertForSequenceClassification,
+                         num_labels=num_labels, **(model_cfg.get("overrides") or {}))
+    return InterBertForSequenceClassification(build_config(model_cfg, vocab_size=len(tokenizer), num_labels=num_labels))
+
+
+def text_tokenizer(data_cfg: dict, model_cfg: dict, texts: list[str], output_dir: Path):
+    source = data_cfg.get("tokenizer") or model_cfg.get("from_checkpoint") or model_cfg.get("from_bert")
+    if source:
+        return load_tokenizer(source)
+    return train_wordpiece(texts, output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)), min_frequency=1)
+
+
+@torch.no_grad()
+def predict_text(model: nn.Module, dataset: TextClassificationDataset, batch_size: int = 64, pad_token_id: int = 0) -> list[int]:
+    """Arg-max class of every example, in order (eval mode; the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    predictions: list[int] = []
+    for start in range(0, len(dataset), batch_size):
+        batch = collate_text([dataset[i] for i in range(start, min(len(dataset), start + batch_size))], pad_token_id)
+        batch.pop("labels")
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        predictions.extend(logits.argmax(-1).tolist())
+    model.train(was_training)
+    return predictions
+
+
+def evaluate_text(model: nn.Module, dataset: TextClassificationDataset, f1: bool, batch_size: int = 64,
+                  pad_token_id: int = 0) -> dict[str, float]:
+    """Accuracy (and F1 of class 1 where the task reports it), in percent."""
+    predictions = predict_text(model, dataset, batch_size, pad_token_id)
+    return classification_metrics(predictions, [e.label for e in dataset.examples], f1=f1)
+
+
+def train_and_dev_examples(data_cfg: dict):
+    """(task, train examples, dev examples): ``data.dev`` when given, else a seeded hold-out of train."""
+    task, train = read_glue(data_cfg["train"], data_cfg.get("task"))
+    if data_cfg.get("dev"):
+        _, dev = read_glue(data_cfg["dev"], task.name)
+    else:
+        train, dev = split_examples(train, float(data_cfg.get("test_fraction", 0.3)), int(data_cfg.get("split_seed", 0)))
+    if data_cfg.get("max_train_examples"):
+        train = train[: int(data_cfg["max_train_examples"])]
+    return task, train, dev
+
+
+def run(cfg: dict, resume: bool = False) -> dict:
+    set_threads(cfg.get("threads"))
+    train_cfg = TrainConfig.from_dict(cfg["train"])
+    out = Path(train_cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data, model_cfg = cfg["data"], cfg["model"]
+    if not data.get("train"):
+        raise ValueError("data.train is required (a GLUE TSV file)")
+    task, train, dev = train_and_dev_examples(data)
+    tokenizer = text_tokenizer(data, model_cfg, [e.text_a for e in train] + [e.text_b for e in train if e.text_b], out)
+    model = build_text_model(model_cfg, tokenizer, num_labels=len(task.labels))
+    max_tokens = int(data.get("max_tokens", 128))
+    train_set = TextClassificationDataset(train, tokenizer, max_tokens)
+    dev_set = TextClassificationDataset(dev, tokenizer, max_tokens)
+    logger.info("%s: fine-tuning on %d examples, evaluating on %d", task.name, len(train_set), len(dev_set))
+    start = time.perf_counter()
+    trainer = Trainer(model, train_set, train_cfg, collate_fn=functools.partial(collate_text, pad_token_id=tokenizer.pad_token_id))
+    result = trainer.fit(resume=resume)
+    seconds = time.perf_counter() - start
+    with trainer.averaged_weights() as trained:
+        metrics = evaluate_text(trained, dev_set, task.f1, pad_token_id=tokenizer.pad_token_id)
+    model_dir = save_trained(trainer, tokenizer, out, extra={"recipe": "finetune_text", "task": task.name, "config": cfg})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return {"model_dir": str(model_dir), "task": task.name, "metrics": metrics, "steps": result.step,
+            "seconds": seconds, "train_examples": len(train_set), "dev_examples": len(dev_set), "history": result.history}
+
+
+def run_evaluate(model_dir: str, data_path: str, task: str | None = None, max_tokens: int | None = None,
+                 batch_size: int = 64) -> dict:
+    """Evaluate a model folder on a labelled GLUE TSV; ``max_tokens`` defaults to the training value."""
+    recipe_file = Path(model_dir) / "recipe.json"
+    if max_tokens is None:
+        trained = json.loads(recipe_file.read_text()) if recipe_file.exists() else {}
+        max_tokens = int(((trained.get("config") or {}).get("data") or {}).get("max_tokens", 128))
+    spec, examples = read_glue(data_path, task)
+    model = load_text_model(model_dir, len(spec.labels))
+    tokenizer = load_tokenizer(model_dir)
+    metrics = evaluate_text(model, TextClassificationDataset(examples, tokenizer, max_tokens), spec.f1, batch_size,
+                            tokenizer.pad_token_id)
+    return {"task": spec.name, "examples": len(examples), **metrics}
