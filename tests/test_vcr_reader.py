@@ -179,3 +179,10 @@ def test_tagged_box_takes_the_feature_of_the_store_region_it_overlaps_most(tmp_p
     assert batch["input_ids"].shape[:2] == (2, 4) and batch["region_features"].shape == (2, 4, 2)
     assert batch["tasks"] == ["Q->A", "QA->R"] and batch["labels"].tolist() == [0, 1]
     assert (batch["token_type_ids"][0, 0] == 1).any()  # the answer is segment 1
+
+
+def test_an_item_without_features_in_the_store_is_named(tmp_path):
+    (item,) = read_vcr(_write_lines(tmp_path, [_line(img_fn="elsewhere.jpg")], META))
+    detected = Regions(features=np.ones((1, 2)), boxes=np.array([[0, 0, 4, 4]]), image_w=10, image_h=10)
+    with pytest.raises(KeyError, match="x.jsonl:1, image id 'elsewhere'"):
+        VcrDataset([item], WordTokenizer(), store=OneImageStore(detected))

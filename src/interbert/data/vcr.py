@@ -290,7 +290,8 @@ def item_regions(item: VcrItem, objects: Sequence[int], store: FeatureStore | No
     meta = item.metadata
     tagged = np.asarray(list(objects), dtype=int)
     if store is None:
-        order = np.concatenate([tagged, [i for i in range(len(meta.names)) if i not in set(tagged.tolist())]]).astype(int)
+        first = set(tagged.tolist())
+        order = np.concatenate([tagged, [i for i in range(len(meta.names)) if i not in first]]).astype(int)
         features = vcr_standin_features(meta.boxes[order], [meta.names[i] for i in order], meta.width, meta.height, feature_dim)
         return Regions(features, meta.boxes[order], meta.width, meta.height)
     if item.image_id not in store:
@@ -337,10 +338,10 @@ class VcrDataset(torch.utils.data.Dataset):
         self.max_tokens, self.max_regions = max_tokens, max_regions
         self.feature_dim = store.feature_dim if store is not None else int(feature_dim)
         if store is not None:
-            missing = [it.source for it in self.items if it.image_id not in store]
+            missing = [it for it in self.items if it.image_id not in store]
             if missing:
-                raise KeyError(f"{len(missing)} VCR item(s) have no features in {store.path}, first {missing[0]} "
-                               f"(image id {self.items[0].image_id!r} style: the stem of img_fn)")
+                raise KeyError(f"{len(missing)} VCR item(s) have no features in {store.path}; the first is "
+                               f"{missing[0].source}, image id {missing[0].image_id!r} (the stem of its img_fn)")
 
     def __len__(self) -> int:
         return len(self.items) * len(self.tasks)
