@@ -40,15 +40,15 @@ class DemoPlan:
     seed: int = 0
     pretrain_images: int = 4000
     finetune_images: int = 300
-    test_images: int = 100  # 50 twin pairs; 500 captions x 100 images = 50,000 scored pairs
+    test_images: int = 80  # 40 twin pairs; 400 captions x 80 images = 32,000 scored pairs
     feature_dim: int = 2048
     max_tokens: int = 32
     max_regions: int = 24  # the simulated detector emits at most 23 proposals
     vocab_size: int = 400
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 800
     pretrain_batch: int = 32
     pretrain_lr: float = 5e-4
-    finetune_steps: int = 400
+    finetune_steps: int = 300
     finetune_batch: int = 16  # groups of 4 pairs
     finetune_lr: float = 2e-4
     warmup_ratio: float = 0.1
