@@ -110,6 +110,15 @@ def pretrain_on_synth(bert: Path, args, work: Path) -> tuple[Path, dict]:
     from interbert.synthetic import generate
     from interbert.utils import load_config
 
+    info_file = work / "pretrain_info.json"
+    wanted = {"steps": args.pretrain_steps, "batch_size": args.pretrain_batch_size, "learning_rate": args.pretrain_lr,
+              "synth_images": args.synth_images}
+    if args.reuse_pretraining and info_file.exists() and (work / "pretrain" / "model" / "config.json").exists():
+        info = json.loads(info_file.read_text())
+        if {k: info.get(k) for k in wanted} == wanted:
+            logger.info("reusing the pretrained model in %s (%s)", work / "pretrain" / "model", info)
+            return work / "pretrain" / "model", {**info, "reused": True}
+        logger.info("not reusing %s: it was made with %s", info_file, {k: info.get(k) for k in wanted})
     data = work / "synth"
     if not (data / "synth.json").exists():
         generate(data, images=args.synth_images, seed=0, feature_dim=64, val_images=20, test_images=20, render_images=False)
@@ -124,9 +133,10 @@ def pretrain_on_synth(bert: Path, args, work: Path) -> tuple[Path, dict]:
     history = summary["history"]
     losses = {k: [v for v in history[k] if v is not None] for k in history if k.endswith("loss")}
     info = {"steps": summary["steps"], "batch_size": args.pretrain_batch_size, "learning_rate": args.pretrain_lr,
-            "images": summary["images"], "captions": summary["examples"], "seconds": round(time.perf_counter() - start, 1),
+            "synth_images": args.synth_images, "images": summary["images"], "captions": summary["examples"], "seconds": round(time.perf_counter() - start, 1),
             "first_loss": {k: round(v[0], 3) for k, v in losses.items() if v},
             "last_loss": {k: round(float(np.mean(v[-10:])), 3) for k, v in losses.items() if v}}
+    info_file.write_text(json.dumps(info, indent=2) + "\n")
     return Path(summary["model_dir"]), info
 
 
@@ -147,7 +157,8 @@ def markdown(results: dict) -> str:
         "",
         f"Scaled to this CPU: max {s['max_tokens']} tokens, batch {s['batch_size']}, AdamW lr {s['lr']} "
         f"(10% warm-up, linear decay), {s['epochs']} epoch(s), seed {s['seed']}. SST-2: its 872-sentence dev set split by seed "
-        f"{s['split_seed']} into {results['sizes']['sst2']['train']} train / {results['sizes']['sst2']['test']} test. "
+        f"{s['split_seed']} into a {100 * (1 - s['sst2_test_fraction']):.0f}% train part and a {results['sizes']['sst2']['test']}-sentence "
+        f"test part; training uses {results['sizes']['sst2']['train']} sentences of the train part. "
         f"MRPC: a seeded subset of {results['sizes']['mrpc']['train']} of the 3,668 training pairs, evaluated on the "
         f"full dev set ({results['sizes']['mrpc']['test']} pairs). One seed only: differences of ~1-2 points "
         "(SST-2 test: 1 example = "
@@ -173,7 +184,7 @@ def markdown(results: dict) -> str:
             f"Pretraining for (c): the `pretrain` recipe (`configs/pretrain_tiny.yaml`, `model.from_bert`; MSM span + "
             f"MRM groups + ITM with TF-IDF hard negatives + ITC) for {pre['steps']} steps of batch {pre['batch_size']} "
             f"at lr {pre['learning_rate']} on {pre['captions']} captions of {pre['images']} generated images "
-            f"({pre['seconds'] / 60:.1f} min). Losses first step -> mean of the last 10: "
+            f"({pre['seconds'] / 60:.1f} min{', in an earlier run of this script, reused' if pre.get('reused') else ''}). Losses first step -> mean of the last 10: "
             + ", ".join(f"{k} {pre['first_loss'][k]} -> {pre['last_loss'][k]}" for k in pre["first_loss"]) + ".",
             "This is a very short pretraining (the paper's runs are days on GPUs); it measures whether the "
             "multimodal objectives immediately damage the text path, not what a full pretraining leaves.",
@@ -195,13 +206,15 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--sst2-test-fraction", type=float, default=0.3)
-    p.add_argument("--sst2-train", type=int, default=0, help="first N of the SST-2 train part (0 = all)")
-    p.add_argument("--mrpc-train", type=int, default=400, help="seeded subset of MRPC train (0 = all 3,668)")
+    p.add_argument("--sst2-train", type=int, default=320, help="first N of the SST-2 train part (0 = all)")
+    p.add_argument("--mrpc-train", type=int, default=240, help="seeded subset of MRPC train (0 = all 3,668)")
     p.add_argument("--synth-images", type=int, default=200)
     p.add_argument("--pretrain-steps", type=int, default=40)
     p.add_argument("--pretrain-batch-size", type=int, default=16)
     p.add_argument("--pretrain-lr", type=float, default=1e-4)
     p.add_argument("--skip-pretraining", action="store_true")
+    p.add_argument("--reuse-pretraining", action="store_true",
+                   help="reuse the pretrained model of an earlier run in --work made with the same pretraining settings")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -95,10 +95,21 @@ def vcr_texts(items: Sequence[VcrItem]) -> list[str]:
     return texts
 
 
+def unknown_word_rate(tokenizer, texts: Sequence[str]) -> float:
+    """Share of tokens that are [UNK]: e.g. a Chinese caption vocabulary reading English VCR questions."""
+    ids = [i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    return sum(i == tokenizer.unk_token_id for i in ids) / max(1, len(ids))
+
+
 def vcr_tokenizer(data_cfg: dict, model_cfg: dict, items: Sequence[VcrItem], output_dir: Path):
     source = data_cfg.get("tokenizer") or model_cfg.get("from_checkpoint") or model_cfg.get("from_bert")
     if source:
-        return load_tokenizer(source)
+        tokenizer = load_tokenizer(source)
+        rate = unknown_word_rate(tokenizer, vcr_texts(items[:200]))
+        if rate > 0.05:
+            logger.warning("%.0f%% of the VCR tokens are [UNK] with the tokenizer of %s: its vocabulary does not cover "
+                           "the VCR language, so the choices read alike", 100 * rate, source)
+        return tokenizer
     return train_wordpiece(vcr_texts(items), output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)),
                            min_frequency=1)
 
