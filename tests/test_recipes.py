@@ -12,7 +12,7 @@ from interbert.recipes.demo import DemoPlan, run_demo
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out, DemoPlan.quick())
+    return out, run_demo(out, DemoPlan.quick(vcr=True))
 
 
 def test_quick_demo_writes_the_table_and_every_artifact(demo):
@@ -24,6 +24,11 @@ def test_quick_demo_writes_the_table_and_every_artifact(demo):
         assert result["pair_forwards"] == result["num_captions"] * result["num_images"]
     table = (out / "results.md").read_text()
     assert "| w/o pretraining |" in table and "| InterBERT |" in table and "zero-shot R@1" in table
+    # --vcr adds the VCR columns for both rows
+    assert "VCR Q->AR" in table
+    for name in ("w/o pretraining", "InterBERT"):
+        vcr = summary["results"][name]["vcr"]
+        assert 0 <= vcr["Q->AR"] <= min(vcr["Q->A"], vcr["QA->R"]) <= 100
     for name in ("results.json", "results.png", "ranks_interbert.png", "pretrain/model/config.json",
                  "finetune_pretrained/model/model.safetensors", "finetune_scratch/model/tokenizer.json",
                  "index/index.faiss", "index/meta.sqlite"):

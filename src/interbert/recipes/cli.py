@@ -101,6 +101,7 @@ def register(subparsers) -> None:
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     d.add_argument("--lang", default="en", choices=["en", "zh"])
     d.add_argument("--ablations", action="store_true", help="also group vs plain masking, TF-IDF vs random negatives (3 seeds)")
+    d.add_argument("--vcr", action="store_true", help="add the VCR columns (Q->A, QA->R, Q->AR; roughly doubles the run time)")
     d.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test, numbers meaningless)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, help="torch threads (default: all cores)")
