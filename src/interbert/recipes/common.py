@@ -18,7 +18,7 @@ from interbert.data.captions import Caption, read_captions
 from interbert.data.features import FeatureStore, open_features
 from interbert.data.tokenize import load_tokenizer, train_wordpiece
 from interbert.modeling import InterBertPreTrainedModel
-from interbert.train import FINAL_WEIGHTS_NAME, Trainer
+from interbert.train import FINAL_WEIGHTS_NAME, Trainer, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -83,3 +83,12 @@ def save_trained(trainer: Trainer, tokenizer, output_dir: Path, extra: dict | No
 def set_threads(n: int | None) -> None:
     if n:
         torch.set_num_threads(int(n))
+
+
+def start_run(cfg: dict) -> tuple[TrainConfig, Path]:
+    """What every training recipe does first: threads, the loop's config, the output folder."""
+    set_threads(cfg.get("threads"))
+    train_cfg = TrainConfig.from_dict(cfg["train"])
+    out = Path(train_cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return train_cfg, out

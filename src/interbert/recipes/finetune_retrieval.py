@@ -22,9 +22,9 @@ from interbert.convert import from_bert, retrieval_from_pretraining
 from interbert.data.batches import RetrievalDataset, collate
 from interbert.data.tokenize import load_tokenizer
 from interbert.modeling import InterBertForImageTextRetrieval, InterBertForPreTraining
-from interbert.recipes.common import build_config, captions_of_split, feature_store, save_trained, set_threads, tokenizer_for
+from interbert.recipes.common import build_config, captions_of_split, feature_store, save_trained, start_run, tokenizer_for
 from interbert.recipes.pretrain import _num_classes, bert_lr_multiplier
-from interbert.train import Trainer, TrainConfig
+from interbert.train import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +54,7 @@ def build_model(model_cfg: dict, tokenizer, store) -> InterBertForImageTextRetri
 
 
 def run(cfg: dict, resume: bool = False) -> dict:
-    set_threads(cfg.get("threads"))
-    train_cfg = TrainConfig.from_dict(cfg["train"])
-    out = Path(train_cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    train_cfg, out = start_run(cfg)
     data, model_cfg = cfg["data"], cfg["model"]
     captions = captions_of_split(data["captions"], data.get("split", "train"), data.get("max_images"))
     store = feature_store(data["features"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from pathlib import Path
 
 from interbert.convert import from_bert
 from interbert.data.batches import PretrainingDataset, collate
@@ -22,10 +21,10 @@ from interbert.recipes.common import (
     captions_of_split,
     feature_store,
     save_trained,
-    set_threads,
+    start_run,
     tokenizer_for,
 )
-from interbert.train import Trainer, TrainConfig
+from interbert.train import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +56,7 @@ def bert_lr_multiplier(factor: float):
 
 
 def run(cfg: dict, resume: bool = False) -> dict:
-    set_threads(cfg.get("threads"))
-    train_cfg = TrainConfig.from_dict(cfg["train"])
-    out = Path(train_cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    train_cfg, out = start_run(cfg)
     data, model_cfg = cfg["data"], cfg["model"]
     negatives = data.get("negatives", "tfidf")
     if negatives not in NEGATIVES:

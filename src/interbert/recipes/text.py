@@ -31,8 +31,8 @@ from interbert.data.glue import (
 )
 from interbert.data.tokenize import load_tokenizer, train_wordpiece
 from interbert.modeling import InterBertForSequenceClassification
-from interbert.recipes.common import build_config, save_trained, set_threads
-from interbert.train import Trainer, TrainConfig
+from interbert.recipes.common import build_config, save_trained, start_run
+from interbert.train import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +102,7 @@ def train_and_dev_examples(data_cfg: dict):
 
 
 def run(cfg: dict, resume: bool = False) -> dict:
-    set_threads(cfg.get("threads"))
-    train_cfg = TrainConfig.from_dict(cfg["train"])
-    out = Path(train_cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    train_cfg, out = start_run(cfg)
     data, model_cfg = cfg["data"], cfg["model"]
     if not data.get("train"):
         raise ValueError("data.train is required (a GLUE TSV file)")

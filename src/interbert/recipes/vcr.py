@@ -33,8 +33,8 @@ from interbert.data.features import FeatureStore, open_features
 from interbert.data.tokenize import load_tokenizer, train_wordpiece
 from interbert.data.vcr import TASKS, VcrDataset, VcrItem, collate_choices, object_names, read_vcr, render_tokens
 from interbert.modeling import InterBertForMultipleChoice, InterBertForPreTraining
-from interbert.recipes.common import build_config, save_trained, set_threads
-from interbert.train import Trainer, TrainConfig
+from interbert.recipes.common import build_config, save_trained, start_run
+from interbert.train import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -158,10 +158,7 @@ def _store_and_dim(data_cfg: dict) -> tuple[FeatureStore | None, int]:
 
 
 def run(cfg: dict, resume: bool = False) -> dict:
-    set_threads(cfg.get("threads"))
-    train_cfg = TrainConfig.from_dict(cfg["train"])
-    out = Path(train_cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    train_cfg, out = start_run(cfg)
     data, model_cfg = cfg["data"], cfg["model"]
     if not data.get("train"):
         raise ValueError("data.train is required (a VCR jsonl file)")
