@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from interbert.config import InterBertConfig
+from interbert.utils.machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLS_ID, SEP_ID, MASK_ID = 101, 102, 103
@@ -27,16 +28,6 @@ CLS_ID, SEP_ID, MASK_ID = 101, 102, 103
 # --------------------------------------------------------------------------------------------------
 # Machine and results
 # --------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine_info() -> dict:
     import transformers
 

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 from interbert.data import Caption, PretrainingDataset, Regions, RegionStoreWriter, collate
 from interbert.data.tokenize import load_tokenizer, train_wordpiece
+from interbert.utils.machine import cpu_model
 
 WORDS = ("man woman dog cat child bike street beach ball table red blue green small large running sitting "
          "holding playing near under on with a the two three of in front park water grass snow").split()
@@ -87,16 +87,6 @@ def model_rate(batches, vocab_size: int, steps: int):
         step(batches[n % len(batches)])
     elapsed = time.perf_counter() - start
     return steps / elapsed
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

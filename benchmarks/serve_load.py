@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from interbert.utils.machine import cpu_model
+
 FEATURE_DIM = 256
 WORDS = {
     "adjective": ["red", "small", "old", "happy", "wet", "striped", "young", "tall", "black", "white"],
@@ -48,12 +50,7 @@ def machine() -> dict:
     import faiss
     import torch
 
-    cpu = platform.processor() or "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "faiss": faiss.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}

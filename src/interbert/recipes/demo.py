@@ -28,6 +28,7 @@ import torch
 
 from interbert.recipes import finetune_retrieval, pretrain
 from interbert.recipes.evaluate_retrieval import evaluate_retrieval
+from interbert.utils.machine import cpu_model
 
 logger = logging.getLogger(__name__)
 
@@ -252,15 +253,7 @@ def run_ablations(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path) -> 
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
