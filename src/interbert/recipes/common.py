@@ -55,6 +55,32 @@ def build_config(model_cfg: dict, **fields: Any) -> InterBertConfig:
     return preset(model_cfg.get("preset", "tiny"), **{**(model_cfg.get("overrides") or {}), **fields})
 
 
+def new_model(model_cfg: dict, tokenizer, store: FeatureStore, model_class: type[InterBertPreTrainedModel]):
+    """A model sized to the data: region features and detector classes from the store; the text path from
+    ``model.from_bert`` (BERT's width and vocabulary) or, from scratch, the preset with the tokenizer's
+    vocabulary."""
+    from interbert.convert import from_bert
+
+    fields = dict(region_feature_size=store.feature_dim)
+    first = store[store.ids()[0]]
+    if first.class_probs is not None:
+        fields["num_region_classes"] = int(first.class_probs.shape[1])
+    if model_cfg.get("from_bert"):
+        overrides = {**(model_cfg.get("overrides") or {}), **fields}
+        return from_bert(model_cfg["from_bert"], model_cfg.get("preset", "tiny"), model_class, **overrides)
+    return model_class(build_config(model_cfg, vocab_size=len(tokenizer), **fields))
+
+
+def bert_lr_multiplier(model_cfg: dict):
+    """``model.bert_lr_factor`` for the BERT-initialised weights (embeddings, single and text streams),
+    when the text path comes from BERT; None otherwise."""
+    factor = model_cfg.get("bert_lr_factor")
+    if not (factor and model_cfg.get("from_bert")):
+        return None
+    prefixes = ("interbert.embeddings.", "interbert.single_stream.", "interbert.text_stream.")
+    return lambda name: factor if name.startswith(prefixes) else 1.0
+
+
 def feature_store(path: str | Path) -> FeatureStore:
     return open_features(path)
 

@@ -18,12 +18,19 @@ from pathlib import Path
 
 import torch
 
-from interbert.convert import from_bert, retrieval_from_pretraining
+from interbert.convert import retrieval_from_pretraining
 from interbert.data.batches import RetrievalDataset, collate
 from interbert.data.tokenize import load_tokenizer
 from interbert.modeling import InterBertForImageTextRetrieval, InterBertForPreTraining
-from interbert.recipes.common import build_config, captions_of_split, feature_store, save_trained, start_run, tokenizer_for
-from interbert.recipes.pretrain import _num_classes, bert_lr_multiplier
+from interbert.recipes.common import (
+    bert_lr_multiplier,
+    captions_of_split,
+    feature_store,
+    new_model,
+    save_trained,
+    start_run,
+    tokenizer_for,
+)
 from interbert.train import Trainer
 
 logger = logging.getLogger(__name__)
@@ -43,14 +50,7 @@ def build_model(model_cfg: dict, tokenizer, store) -> InterBertForImageTextRetri
         if "InterBertForImageTextRetrieval" in architectures:
             return InterBertForImageTextRetrieval.from_pretrained(checkpoint)
         return retrieval_from_pretraining(InterBertForPreTraining.from_pretrained(checkpoint))
-    fields = dict(region_feature_size=store.feature_dim)
-    classes = _num_classes(store)
-    if classes is not None:
-        fields["num_region_classes"] = classes
-    if model_cfg.get("from_bert"):
-        overrides = {**(model_cfg.get("overrides") or {}), **fields}
-        return from_bert(model_cfg["from_bert"], model_cfg.get("preset", "tiny"), InterBertForImageTextRetrieval, **overrides)
-    return InterBertForImageTextRetrieval(build_config(model_cfg, vocab_size=len(tokenizer), **fields))
+    return new_model(model_cfg, tokenizer, store, InterBertForImageTextRetrieval)
 
 
 def run(cfg: dict, resume: bool = False) -> dict:
@@ -69,8 +69,7 @@ def run(cfg: dict, resume: bool = False) -> dict:
         hard_negative=data.get("hard_negative", "image"), num_hard=data.get("num_hard", 100),
         cache_dir=out / "cache", seed=train_cfg.seed,
     )
-    factor = model_cfg.get("bert_lr_factor")
-    multiplier = bert_lr_multiplier(factor) if (factor and model_cfg.get("from_bert")) else None
+    multiplier = bert_lr_multiplier(model_cfg)
     logger.info("retrieval fine-tuning on %d captions of %d images from %s", len(dataset), len(dataset.image_ids),
                 checkpoint or ("BERT " + model_cfg["from_bert"] if model_cfg.get("from_bert") else "scratch"))
     start = time.perf_counter()

@@ -13,13 +13,13 @@ import functools
 import logging
 import time
 
-from interbert.convert import from_bert
 from interbert.data.batches import PretrainingDataset, collate
 from interbert.modeling import InterBertForPreTraining
 from interbert.recipes.common import (
-    build_config,
+    bert_lr_multiplier,
     captions_of_split,
     feature_store,
+    new_model,
     save_trained,
     start_run,
     tokenizer_for,
@@ -31,28 +31,10 @@ logger = logging.getLogger(__name__)
 NEGATIVES = ("tfidf", "random")
 
 
-def _num_classes(store) -> int | None:
-    first = store[store.ids()[0]]
-    return None if first.class_probs is None else int(first.class_probs.shape[1])
-
-
 def build_model(model_cfg: dict, tokenizer, store) -> InterBertForPreTraining:
-    fields = dict(region_feature_size=store.feature_dim)
-    classes = _num_classes(store)
-    if classes is not None:
-        fields["num_region_classes"] = classes
     if model_cfg.get("from_checkpoint"):
         return InterBertForPreTraining.from_pretrained(model_cfg["from_checkpoint"])
-    if model_cfg.get("from_bert"):
-        overrides = {**(model_cfg.get("overrides") or {}), **fields}
-        return from_bert(model_cfg["from_bert"], model_cfg.get("preset", "tiny"), **overrides)
-    return InterBertForPreTraining(build_config(model_cfg, vocab_size=len(tokenizer), **fields))
-
-
-def bert_lr_multiplier(factor: float):
-    """A learning-rate factor for the BERT-initialised weights (embeddings, single and text streams)."""
-    prefixes = ("interbert.embeddings.", "interbert.single_stream.", "interbert.text_stream.")
-    return lambda name: factor if name.startswith(prefixes) else 1.0
+    return new_model(model_cfg, tokenizer, store, InterBertForPreTraining)
 
 
 def run(cfg: dict, resume: bool = False) -> dict:
@@ -75,8 +57,7 @@ def run(cfg: dict, resume: bool = False) -> dict:
         hard_ratio=data.get("hard_ratio", 1.0), num_hard=data.get("num_hard", 10),
         cache_dir=out / "cache", seed=train_cfg.seed,
     )
-    factor = model_cfg.get("bert_lr_factor")
-    multiplier = bert_lr_multiplier(factor) if (factor and model_cfg.get("from_bert")) else None
+    multiplier = bert_lr_multiplier(model_cfg)
     logger.info("pretraining on %d captions of %d images (%s negatives, %s/%s masking)", len(dataset),
                 len(dataset.image_ids), negatives, data.get("msm", "span"), data.get("mrm", "group"))
     start = time.perf_counter()
