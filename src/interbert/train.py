@@ -67,7 +67,7 @@ class TrainConfig:
     num_epochs: int = 1
     learning_rate: float = 1e-4
     # fnmatch patterns on parameter names -> learning-rate factor; the first matching pattern wins,
-    # e.g. {"bert.*": 0.1} trains BERT-initialised weights 10x slower.
+    # e.g. {"interbert.text_stream.*": 0.1} trains those weights 10x slower (recipes: model.bert_lr_factor).
     lr_multipliers: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.01  # never applied to biases and LayerNorm weights (1-d parameters)
     adam_beta1: float = 0.9
