@@ -14,14 +14,16 @@ TOY_SCRIPT = Path(__file__).with_name("test_train_toy.py")
 
 
 def test_two_process_torchrun_keeps_ranks_identical_on_disjoint_shards(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: should a rank abort inside C++ (gloo), its Python stack is printed below
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
         str(TOY_SCRIPT), "--output-dir", str(tmp_path), "--max-steps", "4", "--batch-size", "4",
         "--dataset-size", "32", "--save-every", "2",
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stdout + completed.stderr
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert completed.returncode == 0, f"files written: {written}\n" + completed.stdout + completed.stderr
 
     weights = [torch.load(tmp_path / f"weights_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     for name, value in weights[0].items():

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import gc
 import json
 import logging
 import math
@@ -652,9 +653,20 @@ class Trainer:
                 writer.close()
         result = TrainResult(self.step, self.epoch, self.history, self.eval_history, self.output_dir)
         if self.dist.created_process_group:
-            dist.barrier()
-            dist.destroy_process_group()
+            self.close_distributed()
         return result
+
+    def close_distributed(self) -> None:
+        """Leave the process group this trainer created, in an order that lets gloo stop cleanly: drop
+        the DDP wrapper first (its reducer holds the group and would otherwise free it during interpreter
+        shutdown, after gloo's threads are gone), wait for every rank, then destroy the group."""
+        if not (self.dist.created_process_group and dist.is_initialized()):
+            return
+        if self.ddp_model is not self.model:
+            self.ddp_model = self.model
+            gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
 
     # -- logging -------------------------------------------------------------------------------------
 
