@@ -1,8 +1,10 @@
 """The recipes end to end on a tiny generated benchmark: pretrain -> fine-tune -> evaluate -> table."""
 
+import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from interbert.cli import main
@@ -86,11 +88,44 @@ def test_ablations_table_has_mean_and_std_per_variant(demo, tmp_path, monkeypatc
     monkeypatch.setattr(demo_module, "ABLATION_SEEDS", (0, 1))
     manifest = json.loads((out / "data" / "synth.json").read_text())
     rows = demo_module.run_ablations(tmp_path, DemoPlan.quick(), manifest, out / "data")
-    assert set(rows) == set(demo_module.ABLATIONS)
+    assert set(rows) == {demo_module.ABLATIONS[v][0] for v in demo_module.DEFAULT_ABLATIONS}
     for metrics in rows.values():
         assert len(metrics["IR R@1"]["values"]) == 2 and metrics["IR R@1"]["std"] >= 0
     table = (tmp_path / "ablations.md").read_text()
     assert "random negatives" in table and "+-" in table
+
+
+def test_ablations_report_mean_and_std_and_reuse_finished_runs(tmp_path, monkeypatch):
+    from interbert.recipes import demo as demo_module
+
+    calls = []
+
+    def fake_variant(out, plan, manifest, data_dir):  # recall = 10 x seed, + 5 for random negatives
+        calls.append((plan.negatives, plan.seed))
+        recall = 10.0 * plan.seed + (5.0 if plan.negatives == "random" else 0.0)
+        metrics = {"image_retrieval": {"R@1": recall, "R@5": recall + 1, "R@10": recall + 2}}
+        out.mkdir(parents=True, exist_ok=True)
+        return {"finetuned": metrics, "zero_shot": metrics, "seconds": 60.0}
+
+    monkeypatch.setattr(demo_module, "run_variant", fake_variant)
+    plan = DemoPlan.quick()
+    rows = demo_module.run_ablations(tmp_path, plan, {}, tmp_path, ["interbert", "random_negatives"])
+    assert len(calls) == 6
+    reference, random = (rows[demo_module.ABLATIONS[v][0]]["IR R@1"] for v in ("interbert", "random_negatives"))
+    assert reference["values"] == [0.0, 10.0, 20.0] and reference["mean"] == pytest.approx(10.0)
+    assert reference["std"] == pytest.approx(np.std([0, 10, 20])) and random["mean"] == pytest.approx(15.0)
+    assert "| random negatives | 15.0 +- 8.2 |" in (tmp_path / "ablations.md").read_text()
+
+    # a second call (an interrupted run resumed, or a new variant added) reuses the finished runs ...
+    calls.clear()
+    demo_module.run_ablations(tmp_path, plan, {}, tmp_path, ["interbert", "random_negatives", "in_batch_negatives"])
+    assert calls == [("in_batch", 0), ("in_batch", 1), ("in_batch", 2)]
+    # ... but not when the plan they ran with differs
+    calls.clear()
+    demo_module.run_ablations(tmp_path, dataclasses.replace(plan, pretrain_steps=7), {}, tmp_path, ["interbert"])
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="unknown ablation"):
+        demo_module.run_ablations(tmp_path, plan, {}, tmp_path, ["no_such_variant"])
 
 
 def test_pretrain_from_a_bert_folder_uses_its_vocabulary_and_layers(demo, tmp_path):
