@@ -15,7 +15,7 @@ from interbert.data.batches import PretrainingDataset, RetrievalDataset, collate
 from interbert.data.tokenize import load_tokenizer
 
 MODEL_KEYS = {"input_ids", "attention_mask", "token_type_ids", "region_features", "region_boxes", "region_mask"}
-PRETRAIN_KEYS = MODEL_KEYS | {"msm_labels", "mrm_mask", "mrm_feature_targets", "itm_labels", "image_ids", "caption_ids"}
+PRETRAIN_KEYS = MODEL_KEYS | {"msm_labels", "mrm_mask", "mrm_feature_targets", "itm_labels", "image_index", "image_ids", "caption_ids"}
 
 
 def test_prepare_regions_global_first_and_5d_boxes():
@@ -39,6 +39,8 @@ def test_collate_pads_to_the_longest_with_keep_masks():
 
     batch = collate([example(3, 5, 1), example(6, 2, 0)])
     assert set(batch) == PRETRAIN_KEYS
+    assert batch["image_index"].tolist() == [0, 1]  # different pictures
+    assert collate([example(3, 5, 1), example(3, 2, 1)])["image_index"].tolist() == [0, 0]  # the same one
     assert batch["input_ids"].shape == (2, 6) and batch["region_features"].shape == (2, 5, 3)
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6]
     assert batch["region_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0]]

@@ -11,6 +11,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from interbert.data.captions import read_captions
 from interbert.data.negatives import (
     image_hard_negatives,
+    in_batch_itm_pairs,
     sample_in_batch_negatives,
     sample_itm_caption,
     tfidf_hard_negatives,
@@ -85,3 +86,23 @@ def test_in_batch_negatives_follow_softmax_and_skip_positives():
     assert (draws[:, 1] == 0).float().mean().item() == pytest.approx(0.5, abs=0.07)  # 3 sigma
     same = torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)  # 0 and 1 show the same image
     assert (sample_in_batch_negatives(sim, same, generator=g)[:2] == 2).all()
+
+
+def test_in_batch_itm_pairs_swap_a_share_of_captions_to_other_pictures():
+    sim = torch.tensor([[5.0, 5.0, 4.0, 0.0], [5.0, 5.0, 0.0, 4.0], [0.0, 0.0, 5.0, 0.0], [0.0, 0.0, 0.0, 5.0]])
+    same = torch.zeros(4, 4, dtype=torch.bool)
+    same[0, 1] = same[1, 0] = True  # captions 0 and 1 describe the same picture
+    g = torch.Generator().manual_seed(0)
+    draws = [in_batch_itm_pairs(sim, same, 0.5, generator=g) for _ in range(800)]
+    orders, labels = torch.stack([d[0] for d in draws]), torch.stack([d[1] for d in draws])
+    own = orders == torch.arange(4)
+    assert torch.equal(labels.bool(), own)  # label 1 exactly when a caption keeps its own image
+    assert labels.float().mean().item() == pytest.approx(0.5, abs=0.04)
+    assert not ((orders[:, 0] == 1) | (orders[:, 1] == 0)).any()  # never the same picture
+    assert (orders[:, 0][~own[:, 0]] == 2).float().mean().item() > 0.95  # the most similar other image
+
+    # every caption swapped at ratio 1, except one whose other images all show its picture
+    order, label = in_batch_itm_pairs(sim[:2, :2], same[:2, :2], 1.0, generator=g)
+    assert order.tolist() == [0, 1] and label.tolist() == [1, 1]
+    order, label = in_batch_itm_pairs(sim, same, 1.0, generator=g)
+    assert label.tolist() == [0, 0, 0, 0] and (order != torch.arange(4)).all()

@@ -197,3 +197,46 @@ def test_single_modal_embeddings_and_contrastive_loss():
     ret = InterBertForImageTextRetrieval(small_config(embedding_size=8, itc_loss_weight=1.0))
     out = ret(**batch(b=8), group_size=4)
     assert out.itc_loss is not None and out.loss > out.itc_loss
+
+
+def test_in_batch_negatives_pair_captions_with_other_pictures_of_the_batch():
+    config = small_config(embedding_size=8, itc_loss_weight=0.5, itm_negatives="in_batch", itm_negative_ratio=1.0)
+    model = InterBertForPreTraining(config).eval()
+    b = batch(b=4)
+    for key in ("region_features", "region_boxes"):
+        b[key][1] = b[key][0]  # captions 0 and 1 describe the same picture
+    labels = {**_pretraining_labels(4, 7, 5), "itm_labels": torch.ones(4, dtype=torch.long)}
+    image_index = torch.tensor([0, 0, 1, 2])
+    out = model(**b, **labels, image_index=image_index)
+    assert out.itm_labels.tolist() == [0, 0, 0, 0]
+    torch.testing.assert_close(out.itm_loss, torch.nn.functional.cross_entropy(out.itm_logits, out.itm_labels))
+    assert out.mrm_loss == 0  # the regions of a mismatched pair are not scored
+    # row i's ITM logits are those of caption i with one of the *other* pictures (found by trying them)
+    data_mode = InterBertForPreTraining(small_config(embedding_size=8)).eval()
+    data_mode.load_state_dict(model.state_dict())
+    for i in range(4):
+        matches = []
+        for j in range(4):
+            pair = {k: v[[i]] for k, v in b.items() if k.startswith("input") or k == "attention_mask"}
+            pair.update({k: b[k][[j]] for k in ("region_features", "region_boxes", "region_mask")})
+            if torch.allclose(data_mode(**pair).itm_logits[0], out.itm_logits[i], atol=1e-5):
+                matches.append(int(image_index[j]))
+        assert matches and image_index[i].item() not in matches
+
+    # ratio 0: every caption keeps its image, exactly the data-mode forward
+    model.config.itm_negative_ratio = 0.0
+    kept = model(**b, **labels, image_index=image_index)
+    assert kept.itm_labels.tolist() == [1, 1, 1, 1]
+    torch.testing.assert_close(kept.itm_logits, data_mode(**b, **labels).itm_logits)
+    with pytest.raises(ValueError, match="every itm_label must be 1"):
+        model(**b, **{**labels, "itm_labels": torch.tensor([1, 0, 1, 1])})
+    # training: the contrastive loss trains the embeddings that choose the negatives
+    model.config.itm_negative_ratio = 0.5
+    out = model.train()(**b, **labels, image_index=image_index)
+    out.loss.backward()
+    assert out.itc_loss > 0 and model.interbert.text_projection.weight.grad.abs().sum() > 0
+
+
+def test_config_refuses_unknown_itm_negatives():
+    with pytest.raises(ValueError, match="itm_negatives"):
+        small_config(itm_negatives="tfidf")

@@ -80,6 +80,23 @@ def test_pretrain_cli_with_overrides_and_resume(demo, tmp_path):
         main(args[:3] + ["train.max_stepz=3"])
 
 
+def test_pretrain_with_in_batch_negatives_records_the_mode_and_trains_itm_and_itc(demo, tmp_path):
+    out, _ = demo
+    data = out / "data"
+    args = ["pretrain", "--config", str(Path(__file__).parents[1] / "configs" / "pretrain_tiny.yaml"),
+            f"data.captions={data / 'captions.json'}", f"data.features={data / 'regions'}",
+            "data.vocab_size=120", "data.negatives=in_batch", "train.max_steps=2", "train.batch_size=8",
+            f"train.output_dir={tmp_path / 'run'}", "train.progress_bar=false", "train.tensorboard=false",
+            "model.overrides.embedding_size=16", "model.overrides.itc_loss_weight=1.0"]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["itm_negatives"] == "in_batch"
+    history = json.loads((tmp_path / "run" / "loss_history.json").read_text())
+    assert len(history["itm_loss"]) == 2 and all(v > 0 for v in history["itm_loss"] + history["itc_loss"])
+    with pytest.raises(ValueError, match="data.negatives"):
+        main(args[:3] + ["data.negatives=hard"])
+
+
 @pytest.mark.slow  # six pretrain + fine-tune + evaluate runs, even at smoke-test size
 def test_ablations_table_has_mean_and_std_per_variant(demo, tmp_path, monkeypatch):
     from interbert.recipes import demo as demo_module

@@ -12,6 +12,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 FUSIONS = ("mul", "sum")
+ITM_NEGATIVES = ("data", "in_batch")
 
 
 class InterBertConfig(PretrainedConfig):
@@ -48,6 +49,8 @@ class InterBertConfig(PretrainedConfig):
         embedding_size: int = 0,
         itc_loss_weight: float = 0.0,
         itc_temperature: float = 0.07,
+        itm_negatives: str = "data",
+        itm_negative_ratio: float = 0.5,
         pad_token_id: int = 0,
         **kwargs,
     ):
@@ -85,11 +88,21 @@ class InterBertConfig(PretrainedConfig):
         self.embedding_size = embedding_size
         self.itc_loss_weight = itc_loss_weight
         self.itc_temperature = itc_temperature
+        # Where InterBertForPreTraining's ITM negatives come from: "data" - the batch's itm_labels say
+        # which pairs the dataset mismatched (TF-IDF hard or random captions); "in_batch" - the batch
+        # holds matched pairs only, and the model pairs `itm_negative_ratio` of its captions with
+        # another image of the batch, drawn by embedding similarity (ALBEF's hard negatives).
+        self.itm_negatives = itm_negatives
+        self.itm_negative_ratio = itm_negative_ratio
         self.validate()
 
     def validate(self) -> None:
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.itm_negatives not in ITM_NEGATIVES:
+            raise ValueError(f"itm_negatives must be one of {ITM_NEGATIVES}, got {self.itm_negatives!r}")
+        if not 0.0 <= self.itm_negative_ratio <= 1.0:
+            raise ValueError(f"itm_negative_ratio must be in [0, 1], got {self.itm_negative_ratio}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "

@@ -32,6 +32,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from interbert.config import InterBertConfig
+from interbert.data.negatives import in_batch_itm_pairs
 
 BOX_DIM = 5  # (x1/W, y1/H, x2/W, y2/H, area fraction)
 
@@ -56,6 +57,7 @@ class InterBertPreTrainingOutput(ModelOutput):
     mrm_loss: torch.Tensor | None = None
     itm_loss: torch.Tensor | None = None
     itc_loss: torch.Tensor | None = None
+    itm_labels: torch.Tensor | None = None  # set with in-batch negatives: the labels the ITM loss used
     msm_logits: torch.Tensor | None = None
     mrm_class_logits: torch.Tensor | None = None
     mrm_feature_predictions: torch.Tensor | None = None
@@ -427,15 +429,44 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
         mrm_class_targets: torch.Tensor | None = None,
         mrm_feature_targets: torch.Tensor | None = None,
         itm_labels: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
         full_logits: bool = False,
         **_: object,
     ) -> InterBertPreTrainingOutput:
         """With labels, the masked-token and masked-region heads run only where there is something to
         predict (the vocabulary projection over every token would dominate the step): ``msm_logits`` is
         then N_masked x V, ``mrm_*`` N_scored x C / x D, in row-major order of the masked positions.
-        Without labels, or with ``full_logits=True``, they cover every position (B x T x V, B x R x C)."""
+        Without labels, or with ``full_logits=True``, they cover every position (B x T x V, B x R x C).
+
+        With ``config.itm_negatives == "in_batch"`` the batch holds matched pairs only (``itm_labels`` all
+        1); some captions are re-paired here with another image of the batch (``image_index``: equal values
+        mark captions of the same image, never used as each other's negatives) and ``itm_labels`` in the
+        output are the labels the ITM loss was computed with."""
+        out: dict = {}
+        text_inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        image_inputs = dict(region_features=region_features, region_boxes=region_boxes, region_mask=region_mask)
+        if mrm_feature_targets is not None and mrm_mask is not None:  # embed and contrast the unmasked regions
+            image_inputs["region_features"] = torch.where(mrm_mask.bool()[..., None], mrm_feature_targets, region_features)
+        if self.config.itm_negatives == "in_batch" and itm_labels is not None:
+            if not bool(itm_labels.bool().all()):
+                raise ValueError("in-batch ITM negatives start from matched pairs: every itm_label must be 1")
+            if msm_labels is not None:  # the caption as written, for its embedding
+                text_inputs["input_ids"] = torch.where(msm_labels != -100, msm_labels, input_ids)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.itc_loss_weight > 0):
+                text = self.interbert.embed_text(**text_inputs)
+                image = self.interbert.embed_images(**image_inputs)
+            if self.config.itc_loss_weight > 0 and len(text) > 1:
+                out["itc_loss"] = contrastive_loss(text, image, self.config.itc_temperature)
+            same = None if image_index is None else image_index[:, None] == image_index[None, :]
+            similarity = (text @ image.T).detach() / self.config.itc_temperature
+            order, itm_labels = in_batch_itm_pairs(similarity, same, self.config.itm_negative_ratio)
+            region_features, region_boxes, region_mask, mrm_mask, mrm_class_targets, mrm_feature_targets = (
+                None if t is None else t[order]
+                for t in (region_features, region_boxes, region_mask, mrm_mask, mrm_class_targets, mrm_feature_targets)
+            )
+            out["itm_labels"] = itm_labels
         base = self.interbert(input_ids, attention_mask, token_type_ids, region_features, region_boxes, region_mask)
-        out = dict(base)
+        out.update(base)
         text_at = msm_labels != -100 if (msm_labels is not None and not full_logits) else None
         scored = None
         if mrm_mask is not None:
@@ -473,12 +504,8 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
             out["mrm_loss"] = mrm_loss(class_logits, feature_predictions, at(mrm_class_targets), at(mrm_feature_targets))
         if itm_labels is not None and "itm_logits" in out:
             out["itm_loss"] = F.cross_entropy(out["itm_logits"], itm_labels.long())
-            if self.config.itc_loss_weight > 0 and int(itm_labels.sum()) > 1:
-                inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                              region_features=region_features, region_boxes=region_boxes, region_mask=region_mask)
-                if mrm_feature_targets is not None:  # contrast against the unmasked regions
-                    inputs["region_features"] = torch.where(mrm_mask.bool()[..., None], mrm_feature_targets, region_features)
-                out["itc_loss"] = self.interbert.contrastive_loss(inputs, itm_labels.bool())
+            if self.config.itc_loss_weight > 0 and "itc_loss" not in out and int(itm_labels.sum()) > 1:
+                out["itc_loss"] = self.interbert.contrastive_loss({**text_inputs, **image_inputs}, itm_labels.bool())
         weights = {"msm": self.config.msm_loss_weight, "mrm": self.config.mrm_loss_weight,
                    "itm": self.config.itm_loss_weight, "itc": self.config.itc_loss_weight}
         losses = [w * out[f"{k}_loss"] for k, w in weights.items() if f"{k}_loss" in out]

@@ -99,6 +99,9 @@ def collate(examples: Sequence[dict] | Sequence[Sequence[dict]], pad_token_id: i
                 batch[key] = _pad([e[key] for e in examples], most, 0.0).float()
     if "itm_labels" in examples[0]:
         batch["itm_labels"] = torch.tensor([int(e["itm_labels"]) for e in examples], dtype=torch.long)
+        # which rows show the same picture (equal values): in-batch negatives never pair those
+        _, codes = np.unique(np.asarray([str(e["image_id"]) for e in examples]), return_inverse=True)
+        batch["image_index"] = torch.as_tensor(codes.reshape(-1), dtype=torch.long)
     batch["image_ids"] = [e["image_id"] for e in examples]
     batch["caption_ids"] = [e["caption_id"] for e in examples]
     if group_size is not None:

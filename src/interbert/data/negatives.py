@@ -7,6 +7,7 @@
 - :func:`image_hard_negatives`: nearest images by mean region feature (ViLBERT/InterBERT's hard pool for
   retrieval fine-tuning).
 - :func:`sample_in_batch_negatives`: ALBEF's in-batch hard negatives, sampled from softmax(similarity).
+- :func:`in_batch_itm_pairs`: which image of a batch of matched pairs each caption is paired with for ITM.
 """
 
 from __future__ import annotations
@@ -122,10 +123,34 @@ def sample_in_batch_negatives(similarity: torch.Tensor, same_image: torch.Tensor
     """ALBEF-style: for row i of a B x B similarity (texts x images, or the reverse) draw one column
     j != i with probability softmax(similarity[i]) over the allowed columns. ``same_image`` (B x B bool)
     forbids further columns, e.g. other captions of the same image."""
-    forbidden = torch.eye(len(similarity), dtype=torch.bool, device=similarity.device)
-    if same_image is not None:
-        forbidden = forbidden | same_image
-    weights = torch.softmax(similarity.float().masked_fill(forbidden, float("-inf")), dim=1)
-    if torch.isnan(weights).any():
+    forbidden = _forbidden(similarity, same_image)
+    if forbidden.all(dim=1).any():
         raise ValueError("a row has no allowed negative (every column is forbidden)")
+    return _draw(similarity, forbidden, generator)
+
+
+def in_batch_itm_pairs(similarity: torch.Tensor, same_image: torch.Tensor | None = None, negative_ratio: float = 0.5,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a batch of B matched (caption, image) pairs with a B x B caption-image ``similarity``: each
+    caption keeps its image, or (with probability ``negative_ratio``) is paired with another image of the
+    batch drawn as in :func:`sample_in_batch_negatives`. Returns ``(image_order, itm_labels)``: caption i
+    is paired with image ``image_order[i]``; ``itm_labels[i]`` is 1 when that is its own image. A caption
+    whose every other image is the same picture (``same_image``) keeps its own."""
+    forbidden = _forbidden(similarity, same_image)
+    draw = torch.rand(len(similarity), generator=generator, device=similarity.device) < negative_ratio
+    negative = draw & ~forbidden.all(dim=1)
+    order = torch.arange(len(similarity), device=similarity.device)
+    rows = negative.nonzero().squeeze(1)
+    if len(rows):
+        order[rows] = _draw(similarity[rows], forbidden[rows], generator)
+    return order, (~negative).long()
+
+
+def _forbidden(similarity: torch.Tensor, same_image: torch.Tensor | None) -> torch.Tensor:
+    forbidden = torch.eye(len(similarity), dtype=torch.bool, device=similarity.device)
+    return forbidden if same_image is None else forbidden | same_image.to(similarity.device).bool()
+
+
+def _draw(similarity: torch.Tensor, forbidden: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    weights = torch.softmax(similarity.float().masked_fill(forbidden, float("-inf")), dim=1)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)

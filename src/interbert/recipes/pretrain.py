@@ -28,7 +28,9 @@ from interbert.train import Trainer
 
 logger = logging.getLogger(__name__)
 
-NEGATIVES = ("tfidf", "random")
+# tfidf: the paper's ITM-hn (TF-IDF-similar captions of other images); random: other images' captions;
+# in_batch: matched pairs only, re-paired in the model with batch images drawn by embedding similarity
+NEGATIVES = ("tfidf", "random", "in_batch")
 
 
 def build_model(model_cfg: dict, tokenizer, store) -> InterBertForPreTraining:
@@ -48,6 +50,7 @@ def run(cfg: dict, resume: bool = False) -> dict:
     store = feature_store(data["features"])
     tokenizer = tokenizer_for(data, captions, out, model_cfg.get("from_bert"))
     model = build_model(model_cfg, tokenizer, store)
+    model.config.itm_negatives = "in_batch" if negatives == "in_batch" else "data"
     dataset = PretrainingDataset(
         captions, store, tokenizer,
         max_tokens=data.get("max_tokens", 36), max_regions=data.get("max_regions", 36),
@@ -55,6 +58,7 @@ def run(cfg: dict, resume: bool = False) -> dict:
         word_segmenter=data.get("word_segmenter"),
         hard_negatives="tfidf" if negatives == "tfidf" else None,
         hard_ratio=data.get("hard_ratio", 1.0), num_hard=data.get("num_hard", 10),
+        p_positive=1.0 if negatives == "in_batch" else 0.5,
         cache_dir=out / "cache", seed=train_cfg.seed,
     )
     multiplier = bert_lr_multiplier(model_cfg)
