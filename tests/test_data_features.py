@@ -58,18 +58,18 @@ def test_real_npz_folder_with_its_captions(real):
     assert {c.image_id for c in captions} & set(store.ids()) == {"1016887272"}
 
 
-@pytest.mark.parametrize("fmt", ["tsv", "tsv_cls_prob", "npz", "hdf5", "lmdb", "store", "store_fp16"])
+@pytest.mark.parametrize("fmt", ["tsv", "tsv_cls_prob", "npz", "hdf5", "hdf5_flat", "lmdb", "store", "store_fp16"])
 def test_every_format_gives_identical_regions(real, tmp_path, fmt):
     _, items = real
-    if fmt in ("tsv_cls_prob", "hdf5", "store"):  # these layouts carry class distributions: round-trip them too
+    if fmt in ("tsv_cls_prob", "hdf5", "hdf5_flat", "store"):  # these layouts carry class distributions: round-trip them too
         items = with_class_probs(items)
     path = tmp_path / fmt
     if fmt.startswith("tsv"):
         write_tsv(path, items.items(), with_class_probs=fmt == "tsv_cls_prob")
     elif fmt == "npz":
         write_npz_folder(path, items.items())
-    elif fmt == "hdf5":
-        write_hdf5(path, items.items())
+    elif fmt.startswith("hdf5"):
+        write_hdf5(path, items.items(), layout="flat" if fmt == "hdf5_flat" else "groups")
     elif fmt == "lmdb":
         write_vilbert_lmdb(path, items.items())
     else:
@@ -95,6 +95,64 @@ def test_lxmert_tsv_layout(real, tmp_path):
     store = open_features(tmp_path / "lx.tsv")
     for image_id, r in items.items():
         assert_same(store[image_id], r)
+
+
+def _bottom_up_vqa_hdf5(path, items):
+    """bottom-up-attention-vqa's detection_features_converter layout: 36 regions per image, no ids and
+    no sizes in the file; spatial_features = boxes / image size (+ normalised width, height)."""
+    import h5py
+
+    k = 36
+    with h5py.File(path, "w") as f:
+        features = f.create_dataset("image_features", (len(items), k, 1024), "f")
+        boxes = f.create_dataset("image_bb", (len(items), k, 4), "f")
+        spatial = f.create_dataset("spatial_features", (len(items), k, 6), "f")
+        for row, r in enumerate(items.values()):
+            features[row], boxes[row] = r.features[:k], r.boxes[:k]
+            scaled = r.boxes[:k] / np.array([r.image_w, r.image_h, r.image_w, r.image_h], np.float32)
+            spatial[row] = np.concatenate([scaled, scaled[:, 2:] - scaled[:, :2]], 1)
+    return {int(i) if i.isdigit() else i: row for row, i in enumerate(items)}  # the original keys ints
+
+
+def test_hdf5_bottom_up_vqa_layout_with_its_id_map(real, tmp_path):
+    import json
+    import pickle
+
+    _, items = real
+    items = {i: r for i, r in items.items() if r.num_regions >= 36}
+    id_map = _bottom_up_vqa_hdf5(tmp_path / "train36.hdf5", items)
+    with open(tmp_path / "train36_imgid2idx.pkl", "wb") as handle:
+        pickle.dump(id_map, handle)
+    with pytest.raises(PermissionError, match="train36_imgid2idx.pkl"):
+        open_features(tmp_path / "train36.hdf5")
+    store = open_features(tmp_path / "train36.hdf5", trust_pickle=True)
+    (tmp_path / "train36_imgid2idx.json").write_text(json.dumps(id_map))  # the safe twin needs no trust
+    for opened in (store, open_features(tmp_path / "train36.hdf5")):
+        assert sorted(opened.ids()) == sorted(items) and opened.feature_dim == 1024
+        for image_id, r in items.items():
+            got = opened[image_id]
+            np.testing.assert_array_equal(got.features, r.features[:36])
+            np.testing.assert_array_equal(got.boxes, r.boxes[:36])
+            assert (got.image_w, got.image_h) == (r.image_w, r.image_h)  # recovered from spatial_features
+
+
+def test_hdf5_flat_layout_errors_name_the_file_and_the_image(real, tmp_path):
+    import h5py
+
+    _, items = real
+    path = tmp_path / "flat.h5"
+    write_hdf5(path, items.items(), layout="flat")
+    first = next(iter(items))
+    with h5py.File(path, "a") as f:
+        f["num_boxes"][0] = 999
+    with pytest.raises(DataFormatError, match=rf"flat.h5.*image {first}: num_boxes 999"):
+        open_features(path)
+    write_hdf5(path, list(items.items())[:2] * 2, layout="flat")
+    with pytest.raises(DataFormatError, match="occur more than once"):
+        open_features(path)
+    _bottom_up_vqa_hdf5(tmp_path / "val36.hdf5", {i: r for i, r in items.items() if r.num_regions >= 36})
+    with pytest.raises(DataFormatError, match="val36_imgid2idx.json or val36_imgid2idx.pkl"):
+        open_features(tmp_path / "val36.hdf5")
 
 
 def test_lmdb_refuses_pickle_unless_trusted(real, tmp_path):

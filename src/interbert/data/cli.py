@@ -66,7 +66,7 @@ def register(subparsers) -> None:
     c.add_argument("--format", default="auto", choices=["auto", "tsv", "npz", "hdf5", "lmdb", "store"])
     c.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="feature dtype on disk")
     c.add_argument("--chunk-size", type=int, default=1000, help="images per chunk (the unit of resumption)")
-    c.add_argument("--trust-pickle", action="store_true", help="allow reading pickled LMDB values (runs code!)")
+    c.add_argument("--trust-pickle", action="store_true", help="allow reading pickled LMDB values or an HDF5 file's *_imgid2idx.pkl (runs code!)")
     c.set_defaults(func=_cmd_convert)
 
     k = data.add_parser("check", help="report whether captions and features can train together")

@@ -14,6 +14,7 @@ import binascii
 import io
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,27 +226,153 @@ def write_npz_folder(path: str | Path, items: Iterable[tuple[str, Regions]]) -> 
 
 
 # --------------------------------------------------------------------------- HDF5
-class Hdf5Features(FeatureStore):
-    """One group per image id holding ``features``, ``boxes`` (and ``class_probs``), with the image
-    size in the group's attributes ``image_w``/``image_h``."""
+# Flat layout: one array per field over all images, rows aligned. Names in order of preference; the
+# second ones are bottom-up-attention-vqa's (``image_features``, ``image_bb``, ``spatial_features``).
+HDF5_FLAT_FIELDS = {
+    "features": ("features", "image_features"),  # N x K x D
+    "boxes": ("boxes", "image_bb"),  # N x K x 4, pixels
+    "ids": ("image_ids", "image_id", "ids"),  # N (ints or strings); else a <stem>_imgid2idx.json/.pkl beside the file
+    "num_boxes": ("num_boxes", "num_regions"),  # N; else all K rows are regions
+    "image_w": ("image_w", "image_width"),  # N; else derived from spatial_features
+    "image_h": ("image_h", "image_height"),
+    "class_probs": ("class_probs", "cls_prob"),  # N x K x C, optional
+}
 
-    def __init__(self, path: str | Path):
+
+def _first(f, names: tuple[str, ...]):
+    return next((f[n] for n in names if n in f and not hasattr(f[n], "keys")), None)
+
+
+class Hdf5Features(FeatureStore):
+    """Two HDF5 layouts, told apart by their content.
+
+    - **Groups:** one group per image id holding ``features``, ``boxes`` (and ``class_probs``), with the
+      image size in the group's attributes ``image_w``/``image_h`` (what :func:`write_hdf5` writes).
+    - **Flat:** datasets over all images with aligned rows (:data:`HDF5_FLAT_FIELDS`): ``features``
+      (N x K x D), ``boxes`` (N x K x 4), ``image_ids`` (N), optional ``num_boxes``, ``image_w``/``image_h``
+      and ``class_probs``. Bottom-up-attention-vqa's ``train36.hdf5`` reads as is: ``image_features``,
+      ``image_bb``, sizes derived from ``spatial_features`` (boxes divided by the image size), ids from
+      ``train36_imgid2idx.pkl`` beside it (a pickle: only with ``trust_pickle=True``) or a ``.json`` twin.
+    """
+
+    def __init__(self, path: str | Path, trust_pickle: bool = False):
         import h5py
 
         self.path = Path(path)
         self._file, self._pid = None, None
         with h5py.File(self.path, "r") as f:
-            self._index = {name: name for name in f.keys()}
+            features = _first(f, HDF5_FLAT_FIELDS["features"])
+            if features is not None and features.ndim == 3:
+                self._flat = self._read_flat_index(f, features, trust_pickle)
+                self._index = {image_id: row for row, image_id in enumerate(self._flat["ids"])}
+                self.feature_dim = int(features.shape[2])
+                return
+            self._flat = None
+            self._index = {name: name for name in f.keys() if hasattr(f[name], "keys")}
         if not self._index:
-            raise DataFormatError(self.path, "no image groups in this HDF5 file")
+            raise DataFormatError(self.path, "neither image groups nor a flat N x K x D 'features' dataset in this HDF5 file")
         self.feature_dim = self[next(iter(self._index))].features.shape[1]
 
-    def _read(self, image_id: str, name: str) -> Regions:
+    def _read_flat_index(self, f, features, trust_pickle: bool) -> dict:
+        """Ids, region counts and image sizes of a flat file (small, read once); the arrays stay on disk."""
+        n, k = features.shape[:2]
+        boxes = _first(f, HDF5_FLAT_FIELDS["boxes"])
+        if boxes is None or boxes.shape[:2] != (n, k) or boxes.shape[2] < 4:
+            raise DataFormatError(self.path, f"flat layout: a boxes dataset {HDF5_FLAT_FIELDS['boxes']} of shape "
+                                  f"({n}, {k}, 4) is needed, found {None if boxes is None else boxes.shape}")
+
+        def per_image(field: str, dtype):
+            ds = _first(f, HDF5_FLAT_FIELDS[field])
+            if ds is None:
+                return None
+            if ds.shape != (n,):
+                raise DataFormatError(self.path, f"flat layout: dataset {ds.name!r} has shape {ds.shape}, expected ({n},)")
+            return ds[()].astype(dtype) if dtype is not None else ds[()]
+
+        ids = per_image("ids", None)
+        ids = self._sidecar_ids(n, trust_pickle) if ids is None else [
+            i.decode() if isinstance(i, bytes) else str(i) for i in ids.tolist()]
+        duplicates = sorted(i for i, count in Counter(ids).items() if count > 1)
+        if duplicates:
+            raise DataFormatError(self.path, f"flat layout: image ids occur more than once: {duplicates[:5]}")
+        num_boxes = per_image("num_boxes", np.int64)
+        if num_boxes is None:
+            num_boxes = np.full(n, k, dtype=np.int64)
+        bad = np.flatnonzero((num_boxes < 1) | (num_boxes > k))
+        if len(bad):
+            raise DataFormatError(self.path, f"image {ids[bad[0]]}: num_boxes {num_boxes[bad[0]]} outside 1..{k}")
+        width, height = per_image("image_w", np.int64), per_image("image_h", np.int64)
+        if width is None or height is None:
+            width, height = self._sizes_from_spatial(f, boxes, n, k, ids)
+        probs = _first(f, HDF5_FLAT_FIELDS["class_probs"])
+        if probs is not None and probs.shape[:2] != (n, k):
+            raise DataFormatError(self.path, f"flat layout: {probs.name!r} has shape {probs.shape}, expected ({n}, {k}, C)")
+        return {"ids": ids, "num_boxes": num_boxes, "image_w": width, "image_h": height,
+                "features": features.name, "boxes": boxes.name, "class_probs": None if probs is None else probs.name}
+
+    def _sidecar_ids(self, n: int, trust_pickle: bool) -> list[str]:
+        stem = self.path.with_suffix("")
+        json_file, pkl_file = Path(f"{stem}_imgid2idx.json"), Path(f"{stem}_imgid2idx.pkl")
+        if json_file.exists():
+            mapping = json.loads(json_file.read_text())
+        elif pkl_file.exists():
+            if not trust_pickle:
+                raise PermissionError(
+                    f"{pkl_file} maps image ids to rows of {self.path} as a Python pickle; unpickling runs code the "
+                    "file's author chose. If you trust its source pass trust_pickle=True (CLI: --trust-pickle), or "
+                    f"write the same mapping as {json_file.name}.")
+            import pickle
+
+            with open(pkl_file, "rb") as handle:
+                mapping = pickle.load(handle)
+        else:
+            raise DataFormatError(self.path, f"flat layout without an ids dataset {HDF5_FLAT_FIELDS['ids']} and no "
+                                  f"{json_file.name} or {pkl_file.name} beside it: which row is which image is unknown")
+        ids: list[str | None] = [None] * n
+        for image_id, row in mapping.items():
+            if not 0 <= int(row) < n:
+                raise DataFormatError(json_file if json_file.exists() else pkl_file,
+                                      f"image {image_id}: row {row} outside the {n} rows of {self.path.name}")
+            ids[int(row)] = str(image_id)
+        missing = [row for row, i in enumerate(ids) if i is None]
+        if missing:  # rows without an id would be silently unreachable
+            raise DataFormatError(self.path, f"{len(missing)} rows have no image id in the id map (first: row {missing[0]})")
+        return ids
+
+    def _sizes_from_spatial(self, f, boxes, n: int, k: int, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """bottom-up-attention-vqa stores no image size, but ``spatial_features`` = boxes / (w, h, w, h, ...)."""
+        spatial = f["spatial_features"] if "spatial_features" in f else None
+        if spatial is None or spatial.shape[:2] != (n, k) or spatial.shape[2] < 4:
+            raise DataFormatError(self.path, "flat layout: no image_w/image_h datasets and no spatial_features to "
+                                  "derive the image sizes from")
+        pixel, normalised = boxes[()][..., :4].astype(np.float64), spatial[()][..., :4].astype(np.float64)
+        # per image, the region reaching furthest right / down gives the most precise ratio
+        rows = np.arange(n)
+        right, bottom = pixel[..., 2].argmax(1), pixel[..., 3].argmax(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            width = pixel[rows, right, 2] / normalised[rows, right, 2]
+            height = pixel[rows, bottom, 3] / normalised[rows, bottom, 3]
+        bad = np.flatnonzero(~np.isfinite(width) | ~np.isfinite(height) | (width < 1) | (height < 1))
+        if len(bad):
+            raise DataFormatError(self.path, f"image {ids[bad[0]]}: spatial_features do not give its size")
+        return np.rint(width).astype(np.int64), np.rint(height).astype(np.int64)
+
+    def _handle(self):
         import h5py
 
         if self._file is None or self._pid != os.getpid():
             self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
-        g = self._file[name]
+        return self._file
+
+    def _read(self, image_id: str, location: str | int) -> Regions:
+        f = self._handle()
+        if self._flat is not None:
+            flat, row = self._flat, int(location)
+            count = int(flat["num_boxes"][row])
+            probs = None if flat["class_probs"] is None else f[flat["class_probs"]][row, :count]
+            return Regions(f[flat["features"]][row, :count], f[flat["boxes"]][row, :count, :4],
+                           int(flat["image_w"][row]), int(flat["image_h"][row]), probs)
+        g = f[location]
         if "features" not in g or "boxes" not in g:
             raise DataFormatError(self.path, f"image {image_id}: group lacks 'features' or 'boxes'")
         probs = g["class_probs"][()] if "class_probs" in g else None
@@ -255,17 +382,40 @@ class Hdf5Features(FeatureStore):
         return {**self.__dict__, "_file": None, "_pid": None}
 
 
-def write_hdf5(path: str | Path, items: Iterable[tuple[str, Regions]]) -> None:
+def write_hdf5(path: str | Path, items: Iterable[tuple[str, Regions]], layout: str = "groups") -> None:
+    """``groups``: one group per image. ``flat``: padded N x K arrays with ``image_ids`` and ``num_boxes``."""
     import h5py
 
+    if layout not in ("groups", "flat"):
+        raise ValueError(f"layout must be 'groups' or 'flat', not {layout!r}")
     with h5py.File(path, "w") as f:
-        for image_id, r in items:
-            g = f.create_group(image_id)
-            g.create_dataset("features", data=r.features)
-            g.create_dataset("boxes", data=r.boxes)
-            if r.class_probs is not None:
-                g.create_dataset("class_probs", data=r.class_probs)
-            g.attrs["image_w"], g.attrs["image_h"] = r.image_w, r.image_h
+        if layout == "groups":
+            for image_id, r in items:
+                g = f.create_group(image_id)
+                g.create_dataset("features", data=r.features)
+                g.create_dataset("boxes", data=r.boxes)
+                if r.class_probs is not None:
+                    g.create_dataset("class_probs", data=r.class_probs)
+                g.attrs["image_w"], g.attrs["image_h"] = r.image_w, r.image_h
+            return
+        items = list(items)
+        n, k = len(items), max(r.num_regions for _, r in items)
+        dim = items[0][1].features.shape[1]
+
+        def padded(get, width: int) -> np.ndarray:
+            out = np.zeros((n, k, width), dtype=np.float32)
+            for row, (_, r) in enumerate(items):
+                out[row, : r.num_regions] = get(r)
+            return out
+
+        f.create_dataset("features", data=padded(lambda r: r.features, dim))
+        f.create_dataset("boxes", data=padded(lambda r: r.boxes, 4))
+        f.create_dataset("image_ids", data=np.array([i.encode() for i, _ in items]))
+        f.create_dataset("num_boxes", data=np.array([r.num_regions for _, r in items]))
+        f.create_dataset("image_w", data=np.array([r.image_w for _, r in items]))
+        f.create_dataset("image_h", data=np.array([r.image_h for _, r in items]))
+        if all(r.class_probs is not None for _, r in items):
+            f.create_dataset("class_probs", data=padded(lambda r: r.class_probs, items[0][1].class_probs.shape[1]))
 
 
 # --------------------------------------------------------------------------- ViLBERT / original LMDB
@@ -535,7 +685,7 @@ def open_features(path: str | Path, format: str = "auto", trust_pickle: bool = F
     if format == "npz":
         return NpzFolderFeatures(path)
     if format == "hdf5":
-        return Hdf5Features(path)
+        return Hdf5Features(path, trust_pickle=trust_pickle)
     if format == "lmdb":
         return LmdbFeatures(path, trust_pickle=trust_pickle)
     raise ValueError(f"unknown feature format {format!r}; choose auto or one of {FORMATS}")
