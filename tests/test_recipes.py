@@ -63,14 +63,16 @@ def test_evaluate_cli_zero_shot_and_two_stage(demo, tmp_path):
               str(data / "captions.json"), "--features", str(data / "regions"), "--zero-shot"])
 
 
+def pretrain_args(data: Path, out: Path, *overrides: str) -> list[str]:
+    return ["pretrain", "--config", str(Path(__file__).parents[1] / "configs" / "pretrain_tiny.yaml"),
+            f"data.captions={data / 'captions.json'}", f"data.features={data / 'regions'}", "data.vocab_size=120",
+            f"train.output_dir={out}", "train.progress_bar=false", "train.tensorboard=false", *overrides]
+
+
 def test_pretrain_cli_with_overrides_and_resume(demo, tmp_path):
     out, _ = demo
-    data = out / "data"
-    args = ["pretrain", "--config", str(Path(__file__).parents[1] / "configs" / "pretrain_tiny.yaml"),
-            f"data.captions={data / 'captions.json'}", f"data.features={data / 'regions'}",
-            "data.vocab_size=120", "data.negatives=random", "data.mrm=region", "train.max_steps=3",
-            "train.batch_size=4", f"train.output_dir={tmp_path / 'run'}", "train.save_every=2",
-            "train.progress_bar=false", "train.tensorboard=false", "model.overrides.itc_loss_weight=0.0"]
+    args = pretrain_args(out / "data", tmp_path / "run", "data.negatives=random", "data.mrm=region", "train.max_steps=3",
+                         "train.batch_size=4", "train.save_every=2", "model.overrides.itc_loss_weight=0.0")
     assert main(args) == 0
     assert (tmp_path / "run" / "model" / "config.json").exists()
     history = json.loads((tmp_path / "run" / "loss_history.json").read_text())
@@ -82,19 +84,15 @@ def test_pretrain_cli_with_overrides_and_resume(demo, tmp_path):
 
 def test_pretrain_with_in_batch_negatives_records_the_mode_and_trains_itm_and_itc(demo, tmp_path):
     out, _ = demo
-    data = out / "data"
-    args = ["pretrain", "--config", str(Path(__file__).parents[1] / "configs" / "pretrain_tiny.yaml"),
-            f"data.captions={data / 'captions.json'}", f"data.features={data / 'regions'}",
-            "data.vocab_size=120", "data.negatives=in_batch", "train.max_steps=2", "train.batch_size=8",
-            f"train.output_dir={tmp_path / 'run'}", "train.progress_bar=false", "train.tensorboard=false",
-            "model.overrides.embedding_size=16", "model.overrides.itc_loss_weight=1.0"]
+    args = pretrain_args(out / "data", tmp_path / "run", "data.negatives=in_batch", "train.max_steps=2",
+                         "train.batch_size=8", "model.overrides.embedding_size=16", "model.overrides.itc_loss_weight=1.0")
     assert main(args) == 0
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert config["itm_negatives"] == "in_batch"
     history = json.loads((tmp_path / "run" / "loss_history.json").read_text())
     assert len(history["itm_loss"]) == 2 and all(v > 0 for v in history["itm_loss"] + history["itc_loss"])
     with pytest.raises(ValueError, match="data.negatives"):
-        main(args[:3] + ["data.negatives=hard"])
+        main(args + ["data.negatives=hard"])
 
 
 @pytest.mark.slow  # six pretrain + fine-tune + evaluate runs, even at smoke-test size
