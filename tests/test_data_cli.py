@@ -10,7 +10,7 @@ import pytest
 from conftest import shared_path
 
 from interbert.cli import main
-from interbert.data import RegionStore, Regions, open_features
+from interbert.data import RegionStore, Regions
 from interbert.data.cli import get_data_subparsers
 from interbert.data.features import write_npz_folder, write_tsv
 

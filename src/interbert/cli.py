@@ -16,7 +16,7 @@ from interbert import __version__
 
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES = [
-    "interbert.convert",
+    "interbert.convert_cli",
     "interbert.extract",
     "interbert.serve.cli",
     "interbert.data.cli",

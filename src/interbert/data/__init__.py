@@ -8,18 +8,30 @@
 - :mod:`~interbert.data.batches`: region preparation, examples, collate, datasets
 """
 
-from interbert.data.batches import PretrainingDataset, RetrievalDataset, collate, prepare_regions
-from interbert.data.captions import Caption, read_captions
-from interbert.data.errors import DataFormatError, UnknownImageError
-from interbert.data.features import (
-    FeatureStore,
-    Regions,
-    RegionStore,
-    RegionStoreWriter,
-    WebDatasetRegions,
-    convert_features,
-    open_features,
-)
+import importlib
+
+# Names re-exported here, by the module that defines them. They load on first use (PEP 562), so that
+# importing a light sub-module (the CLI's argument parsers, interbert.data.errors) does not pull in torch.
+_EXPORTS = {
+    "PretrainingDataset": "batches", "RetrievalDataset": "batches", "collate": "batches", "prepare_regions": "batches",
+    "Caption": "captions", "read_captions": "captions",
+    "DataFormatError": "errors", "UnknownImageError": "errors",
+    "FeatureStore": "features", "Regions": "features", "RegionStore": "features", "RegionStoreWriter": "features",
+    "WebDatasetRegions": "features", "convert_features": "features", "open_features": "features",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'interbert.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"interbert.data.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "Caption",

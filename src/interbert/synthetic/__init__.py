@@ -6,6 +6,12 @@ regions can tell apart, VCR-format questions and a GLUE-format caption pair task
 formats real data sets use, so the same commands run on Flickr30K.
 """
 
-from interbert.synthetic.benchmark import FORMATS, MANIFEST, SynthSettings, generate
+import importlib
 
 __all__ = ["FORMATS", "MANIFEST", "SynthSettings", "generate"]
+
+
+def __getattr__(name: str):  # PEP 562: the generator (numpy, PIL, torch) loads on first use, not with the CLI
+    if name not in __all__:
+        raise AttributeError(f"module 'interbert.synthetic' has no attribute {name!r}")
+    return getattr(importlib.import_module("interbert.synthetic.benchmark"), name)
