@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from interbert.cli import main
 from interbert.recipes.demo import DemoPlan, run_demo
@@ -55,6 +56,7 @@ def test_evaluate_cli_zero_shot_and_two_stage(demo, tmp_path):
     assert code == 0
     result = json.loads(result_file.read_text())
     assert result["zero_shot"] and result["num_images"] == 10
+    assert result["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # --device auto
     assert result["two_stage"]["pair_forwards"] == 3 * result["num_captions"]
     assert result_file.with_suffix(".png").exists()
     # a fine-tuned model has no ITM head: --zero-shot must refuse it with a reason

@@ -55,11 +55,15 @@ def pair_scorer(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torc
     raise TypeError(f"cannot score pairs with {type(model).__name__}")
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _pad(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack variable-length L_i x ... tensors into B x L x ... plus a B x L keep mask."""
+    """Stack variable-length L_i x ... tensors into B x L x ... plus a B x L keep mask (on their device)."""
     longest = max(t.shape[0] for t in tensors)
     out = tensors[0].new_zeros((len(tensors), longest, *tensors[0].shape[1:]))
-    keep = torch.zeros(len(tensors), longest, dtype=torch.bool)
+    keep = torch.zeros(len(tensors), longest, dtype=torch.bool, device=tensors[0].device)
     for i, t in enumerate(tensors):
         out[i, : t.shape[0]] = t
         keep[i, : t.shape[0]] = True
@@ -68,22 +72,22 @@ def _pad(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _embed_images(model: nn.Module, images: Sequence[RegionInput], chunk: int = 64):
     """Region embeddings of every image, computed once: list of (R_i x H) tensors."""
-    base = model.interbert
+    base, device = model.interbert, _device(model)
     out = []
     for start in range(0, len(images), chunk):
         block = images[start : start + chunk]
-        feats, keep = _pad([torch.as_tensor(im.features, dtype=torch.float32) for im in block])
-        boxes, _ = _pad([torch.as_tensor(im.boxes, dtype=torch.float32) for im in block])
+        feats, keep = _pad([torch.as_tensor(im.features, dtype=torch.float32, device=device) for im in block])
+        boxes, _ = _pad([torch.as_tensor(im.boxes, dtype=torch.float32, device=device) for im in block])
         emb = base.region_embeddings(feats, boxes)
         out.extend(emb[i, keep[i]] for i in range(len(block)))
     return out
 
 
 def _embed_texts(model: nn.Module, captions: Sequence[Sequence[int]]):
-    base = model.interbert
+    base, device = model.interbert, _device(model)
     out = []
     for ids in captions:
-        ids = torch.as_tensor(ids, dtype=torch.long)[None]
+        ids = torch.as_tensor(ids, dtype=torch.long, device=device)[None]
         out.append(base.embeddings(ids, None)[0])
     return out
 
@@ -101,7 +105,7 @@ def score_pairs(
 
     ``captions``: token ids with [CLS]/[SEP]; ``images``: prepared regions. ``pairs``: a boolean
     captions x images matrix of the pairs to score (default: all, the full protocol); unscored pairs
-    are ``nan`` in the result.
+    are ``nan`` in the result. Runs on the model's device (move the model to a GPU to score there).
     """
     model.eval()
     head = pair_scorer(model)
@@ -127,11 +131,11 @@ def score_pairs(
             sel = [(ci, ii) for ii in img_ids for ci, c in enumerate(cap_ids) if wanted[c, ii]]
             if not sel:
                 continue
-            cap_rows = torch.tensor([ci for ci, _ in sel])
+            cap_rows = torch.tensor([ci for ci, _ in sel], device=texts.device)
             ims, im_keep = _pad([image_emb[ii] for ii in img_ids])
-            im_rows = torch.tensor([img_ids.index(ii) for _, ii in sel])
+            im_rows = torch.tensor([img_ids.index(ii) for _, ii in sel], device=texts.device)
             out = model.interbert.encode(texts[cap_rows], text_keep[cap_rows], ims[im_rows], im_keep[im_rows])
-            s = head(out.text_pooled, out.image_pooled).float().numpy()
+            s = head(out.text_pooled, out.image_pooled).float().cpu().numpy()
             for (ci, ii), value in zip(sel, s):
                 scores[cap_ids[ci], ii] = value
             bar.update(len(sel))
@@ -145,17 +149,18 @@ def embedding_similarity(
 ) -> np.ndarray:
     """captions x images cosine similarity of the single-modal embeddings (text-only / regions-only passes)."""
     model.eval()
-    base = model.interbert
+    base, device = model.interbert, _device(model)
     text_vecs, image_vecs = [], []
     for start in range(0, len(captions), batch_size):
-        ids, keep = _pad([torch.as_tensor(c, dtype=torch.long) for c in captions[start : start + batch_size]])
+        block = captions[start : start + batch_size]
+        ids, keep = _pad([torch.as_tensor(c, dtype=torch.long, device=device) for c in block])
         text_vecs.append(base.embed_text(ids, keep.long()))
     for start in range(0, len(images), batch_size):
         block = images[start : start + batch_size]
-        feats, keep = _pad([torch.as_tensor(im.features, dtype=torch.float32) for im in block])
-        boxes, _ = _pad([torch.as_tensor(im.boxes, dtype=torch.float32) for im in block])
+        feats, keep = _pad([torch.as_tensor(im.features, dtype=torch.float32, device=device) for im in block])
+        boxes, _ = _pad([torch.as_tensor(im.boxes, dtype=torch.float32, device=device) for im in block])
         image_vecs.append(base.embed_images(feats, boxes, keep.long()))
-    return (torch.cat(text_vecs) @ torch.cat(image_vecs).T).numpy()
+    return (torch.cat(text_vecs) @ torch.cat(image_vecs).T).float().cpu().numpy()
 
 
 def two_stage_scores(

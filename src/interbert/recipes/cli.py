@@ -93,6 +93,7 @@ def register(subparsers) -> None:
     e.add_argument("--max-regions", type=int, default=36)
     e.add_argument("--pair-batch-size", type=int, default=512)
     e.add_argument("--threads", type=int, help="torch threads")
+    e.add_argument("--device", default="auto", help="where to score: auto (the GPU if there is one), cpu, cuda, cuda:1 ...")
     e.add_argument("--out", help="write the JSON here (and the rank histogram next to it as .png)")
     e.add_argument("--histogram", help="rank histogram PNG path")
     e.set_defaults(func=_cmd_evaluate_retrieval)

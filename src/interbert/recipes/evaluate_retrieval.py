@@ -78,8 +78,12 @@ def evaluate_retrieval(
     pair_batch_size: int = 512,
     histogram: str | Path | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict:
-    model = load_scoring_model(model_dir, zero_shot)
+    """Score the split with the full protocol (and ``two_stage``), on ``device`` (``auto``: the GPU if any)."""
+    from interbert.train import resolve_device
+
+    model = load_scoring_model(model_dir, zero_shot).to(resolve_device(device))
     tokenizer = load_tokenizer(model_dir)
     caps = captions_of_split(captions, split, max_images)
     token_ids, images, index, image_ids = prepare_split(caps, feature_store(features), tokenizer, max_tokens, max_regions)
@@ -88,7 +92,7 @@ def evaluate_retrieval(
     result = {
         "model": str(model_dir), "split": split, "zero_shot": zero_shot,
         **retrieval_metrics(full.scores, index),
-        "pair_forwards": full.pair_forwards, "seconds": round(full.seconds, 2),
+        "pair_forwards": full.pair_forwards, "seconds": round(full.seconds, 2), "device": str(resolve_device(device)),
     }
     ranks = {"full protocol": image_retrieval_ranks(full.scores, index)}
     if two_stage:
@@ -112,7 +116,7 @@ def run_cli(args) -> int:
     result = evaluate_retrieval(
         args.model, args.captions, args.features, split=None if args.split == "all" else args.split, zero_shot=args.zero_shot,
         two_stage=args.two_stage, max_images=args.max_images, max_tokens=args.max_tokens,
-        max_regions=args.max_regions, pair_batch_size=args.pair_batch_size, histogram=histogram,
+        max_regions=args.max_regions, pair_batch_size=args.pair_batch_size, histogram=histogram, device=args.device,
     )
     text = json.dumps(result, indent=2)
     if out:
