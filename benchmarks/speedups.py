@@ -4,6 +4,7 @@ alternately on the same batches. Also checks that outputs agree at real position
 
     python benchmarks/speedups.py --baseline 5cc6875      # the commit before the change
     python benchmarks/speedups.py --baseline 5cc6875 --threads-sweep --compile
+    python benchmarks/speedups.py --compile-only --threads 2   # add only the torch.compile trial
 
 Writes benchmarks/results/speedups.json and .md.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    RESULTS,
     machine_info,
     machine_markdown,
     median,
@@ -176,7 +180,15 @@ def markdown(payload: dict) -> str:
             [[r["preset"], r["batch_size"], *r["train_step_s"].values()] for r in payload["threads"]],
         )]
     if payload.get("compile"):
-        parts += ["## torch.compile (opt-in: `layer.compile()` on each transformer layer)", table(
+        trial = payload["compile"][0]
+        if "machine" in trial:  # measured in a later run than the tables above
+            m = trial["machine"]
+            parts += [f"## torch.compile (opt-in: `layer.compile()` on each transformer layer)\n\nMeasured separately "
+                      f"(`--compile-only`): {m.get('cpu', '?')}, torch {m.get('torch', '?')} with {trial['threads']} "
+                      f"threads, {m.get('date', '?')}; 1-min load average at the end {trial['load_average_at_end']:.2f}."]
+        else:
+            parts += ["## torch.compile (opt-in: `layer.compile()` on each transformer layer)"]
+        parts += [table(
             ["preset", "batch", "first 2 steps incl. compilation s", "eager s/step", "compiled s/step", "speed-up"],
             [[r["preset"], r["batch_size"], r["first_steps_with_compilation_s"], r["train_step_s"]["eager"],
               r["train_step_s"]["compiled"], r["speedup"]] for r in payload["compile"]],
@@ -186,7 +198,9 @@ def markdown(payload: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--baseline", required=True, help="git revision whose modeling.py is 'before'")
+    parser.add_argument("--baseline", help="git revision whose modeling.py is 'before' (required unless --compile-only)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="run only the torch.compile trial and add it to the existing speedups.json/.md")
     parser.add_argument("--presets", nargs="+", default=["tiny", "base"])
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--threads-sweep", action="store_true")
@@ -195,6 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.compile_only:
+        payload = json.loads((RESULTS / "speedups.json").read_text())
+        trial = compile_trial("tiny", 32, args.iterations)
+        payload["compile"] = [{**trial, "machine": machine_info(), "threads": args.threads,
+                               "load_average_at_end": os.getloadavg()[0]}]
+        print("compile", payload["compile"], flush=True)
+        print("wrote", *write_results("speedups", payload, markdown(payload)))
+        return 0
+    if not args.baseline:
+        parser.error("--baseline is required (or --compile-only)")
     baseline = load_baseline_modeling(args.baseline)
     sizes = {"tiny": 32, "base": 4}
     payload = {"machine": machine_info(), "baseline": args.baseline, "padding": []}
@@ -210,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile:
         payload["compile"] = [compile_trial("tiny", 32, args.iterations)]
         print("compile", payload["compile"], flush=True)
-    payload["load_average_at_end"] = __import__("os").getloadavg()[0]
+    payload["load_average_at_end"] = os.getloadavg()[0]
     print("wrote", *write_results("speedups", payload, markdown(payload)))
     return 0
 
