@@ -104,7 +104,7 @@ def register(subparsers) -> None:
     d.add_argument("--ablations", action="store_true", help="also group vs plain masking, TF-IDF vs random negatives (3 seeds)")
     d.add_argument("--ablation-variants", nargs="+", metavar="NAME",
                    help="which ablations --ablations runs (default: interbert plain_masking random_negatives; "
-                        "also in_batch_negatives); finished runs under OUT/ablations are reused")
+                        "also in_batch_negatives, token_msm, region_mrm); finished runs under OUT/ablations are reused")
     d.add_argument("--ablations-only", action="store_true", help="run the ablations without the main table")
     d.add_argument("--vcr", action="store_true", help="add the VCR columns (Q->A, QA->R, Q->AR; roughly doubles the run time)")
     d.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test, numbers meaningless)")

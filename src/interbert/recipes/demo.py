@@ -197,6 +197,9 @@ ABLATIONS = {
     "plain_masking": ("plain masking (token MSM, per-region MRM)", {"msm": "token", "mrm": "region"}),
     "random_negatives": ("random negatives", {"negatives": "random"}),
     "in_batch_negatives": ("in-batch hard negatives (by embedding similarity)", {"negatives": "in_batch"}),
+    # the two halves of "plain masking", to tell which one moves the result
+    "token_msm": ("token MSM only (group MRM kept)", {"msm": "token"}),
+    "region_mrm": ("per-region MRM only (span MSM kept)", {"mrm": "region"}),
 }
 DEFAULT_ABLATIONS = ("interbert", "plain_masking", "random_negatives")  # what the paper's ablation compares
 ABLATION_SEEDS = (0, 1, 2)
