@@ -121,7 +121,9 @@ def test_ablations_report_mean_and_std_and_reuse_finished_runs(tmp_path, monkeyp
         calls.append((plan.negatives, plan.seed))
         recall = 10.0 * plan.seed + (5.0 if plan.negatives == "random" else 0.0)
         metrics = {"image_retrieval": {"R@1": recall, "R@5": recall + 1, "R@10": recall + 2}}
-        out.mkdir(parents=True, exist_ok=True)
+        (out / "pretrain").mkdir(parents=True, exist_ok=True)
+        itm = [0.7] * 50 + [0.5 + 0.1 * plan.seed] * 100  # the last 100 steps count
+        (out / "pretrain" / "loss_history.json").write_text(json.dumps({"itm_loss": itm, "lr": [1.0] * 150}))
         return {"finetuned": metrics, "zero_shot": metrics, "seconds": 60.0}
 
     monkeypatch.setattr(demo_module, "run_variant", fake_variant)
@@ -132,6 +134,8 @@ def test_ablations_report_mean_and_std_and_reuse_finished_runs(tmp_path, monkeyp
     assert reference["values"] == [0.0, 10.0, 20.0] and reference["mean"] == pytest.approx(10.0)
     assert reference["std"] == pytest.approx(np.std([0, 10, 20])) and random["mean"] == pytest.approx(15.0)
     assert "| random negatives | 15.0 +- 8.2 |" in (tmp_path / "ablations.md").read_text()
+    losses = json.loads((tmp_path / "ablations.json").read_text())["random negatives"]["final_pretraining_losses"]
+    assert losses == {"itm_loss": pytest.approx(0.6)}  # mean over seeds of 0.5, 0.6, 0.7
 
     # a second call (an interrupted run resumed, or a new variant added) reuses the finished runs ...
     calls.clear()

@@ -241,7 +241,7 @@ def run_ablations(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path,
     unknown = [v for v in variants if v not in ABLATIONS]
     if unknown:
         raise ValueError(f"unknown ablation(s) {unknown}; choose from {list(ABLATIONS)}")
-    rows, minutes = {}, 0.0
+    rows, curves, minutes = {}, {}, 0.0
     for variant in variants:
         label, change = ABLATIONS[variant]
         runs = []
@@ -266,6 +266,7 @@ def run_ablations(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path,
             values = [r[pick[0]]["image_retrieval"][pick[1]] for r in runs]
             metrics[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
         rows[label] = metrics
+        curves[label] = final_pretraining_losses([out / f"{variant}_seed{seed}" for seed in ABLATION_SEEDS])
     columns = list(next(iter(rows.values())))
     table = [f"# Ablations (built-in benchmark, {len(ABLATION_SEEDS)} seeds, mean +- std)", "",
              "| pretraining | " + " | ".join(columns) + " |",
@@ -275,9 +276,35 @@ def run_ablations(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path,
     table += ["", f"Seeds {list(ABLATION_SEEDS)}; each run pretrains {plan.pretrain_steps} steps and fine-tunes "
               f"{plan.finetune_steps} steps as in the main table; {minutes:.1f} min of runs in all. "
               f"Machine: {machine()['cpu']}, torch threads {torch.get_num_threads()}.", ""]
-    (out / "ablations.json").write_text(json.dumps(rows, indent=2))
+    names = sorted({name for losses in curves.values() for name in losses})
+    if names:
+        table += [f"Pretraining losses at the end (mean of the last {FINAL_STEPS} steps, averaged over seeds; "
+                  "ITM at chance is 0.693):", "",
+                  "| pretraining | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        table += [f"| {label} | " + " | ".join(f"{losses[n]:.3f}" if n in losses else "" for n in names) + " |"
+                  for label, losses in curves.items()]
+        table.append("")
+    (out / "ablations.json").write_text(json.dumps({label: {**rows[label], "final_pretraining_losses": curves[label]}
+                                                    for label in rows}, indent=2))
     (out / "ablations.md").write_text("\n".join(table))
     return rows
+
+
+FINAL_STEPS = 100
+
+
+def final_pretraining_losses(folders: Sequence[Path]) -> dict[str, float]:
+    """Each loss of the runs' pretraining (``pretrain/loss_history.json``) over its last steps, averaged
+    over the runs that have one."""
+    per_run = []
+    for folder in folders:
+        history_file = folder / "pretrain" / "loss_history.json"
+        if history_file.exists():
+            history = json.loads(history_file.read_text())
+            per_run.append({name: float(np.mean([v for v in values if v is not None][-FINAL_STEPS:]))
+                            for name, values in history.items() if name.endswith("_loss") and any(v is not None for v in values)})
+    names = {name for run in per_run for name in run}
+    return {name: float(np.mean([run[name] for run in per_run if name in run])) for name in sorted(names)}
 
 
 def machine() -> dict:
