@@ -65,6 +65,15 @@ def main() -> int:
             "`speedups` were therefore run with `--threads 1`; `memory` and `eval_cost` ran with 2 threads under that "
             "load, so their rates are pessimistic. On an idle machine rerun with the default `--threads 2`."
         )
+    if speed and speed.get("compile"):
+        c = speed["compile"][0]
+        parts.append(
+            f"`torch.compile` (each transformer layer, `dynamic=True`; `tiny` train step at batch {c['batch_size']}, "
+            f"{c.get('threads', '?')} thread(s)): {c['train_step_s']['eager']:.3f} s eager vs "
+            f"{c['train_step_s']['compiled']:.3f} s compiled, x{c['speedup']:.2f}, after {c['first_steps_with_compilation_s']:.0f} s "
+            "of compilation. " + ("It does not pay on this CPU, so it stays off." if c["speedup"] < 1.05 else
+                                  "It pays on this CPU.")
+        )
     if memory:
         t, s = memory["train_base"], memory["scoring_base"]
         parts.append("## Memory (`memory.md`)")
