@@ -18,7 +18,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from interbert.convert import from_bert
@@ -31,7 +30,7 @@ from interbert.data.glue import (
 )
 from interbert.data.tokenize import load_tokenizer, train_wordpiece
 from interbert.modeling import InterBertForSequenceClassification
-from interbert.recipes.common import build_config, save_trained, start_run
+from interbert.recipes.common import argmax_predictions, build_config, save_trained, start_run
 from interbert.train import Trainer
 
 logger = logging.getLogger(__name__)
@@ -66,20 +65,9 @@ def text_tokenizer(data_cfg: dict, model_cfg: dict, texts: list[str], output_dir
     return train_wordpiece(texts, output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)), min_frequency=1)
 
 
-@torch.no_grad()
 def predict_text(model: nn.Module, dataset: TextClassificationDataset, batch_size: int = 64, pad_token_id: int = 0) -> list[int]:
     """Arg-max class of every example, in order (eval mode; the model's mode is restored)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    predictions: list[int] = []
-    for start in range(0, len(dataset), batch_size):
-        batch = collate_text([dataset[i] for i in range(start, min(len(dataset), start + batch_size))], pad_token_id)
-        batch.pop("labels")
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-        predictions.extend(logits.argmax(-1).tolist())
-    model.train(was_training)
-    return predictions
+    return argmax_predictions(model, dataset, lambda examples: collate_text(examples, pad_token_id), batch_size)
 
 
 def evaluate_text(model: nn.Module, dataset: TextClassificationDataset, f1: bool, batch_size: int = 64,

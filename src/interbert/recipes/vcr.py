@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from interbert.convert import from_bert, retrieval_from_pretraining
@@ -33,7 +32,7 @@ from interbert.data.features import FeatureStore, open_features
 from interbert.data.tokenize import load_tokenizer, train_wordpiece
 from interbert.data.vcr import TASKS, VcrDataset, VcrItem, collate_choices, object_names, read_vcr, render_tokens
 from interbert.modeling import InterBertForMultipleChoice, InterBertForPreTraining
-from interbert.recipes.common import build_config, save_trained, start_run
+from interbert.recipes.common import argmax_predictions, build_config, save_trained, start_run
 from interbert.train import Trainer
 
 logger = logging.getLogger(__name__)
@@ -114,19 +113,9 @@ def vcr_tokenizer(data_cfg: dict, model_cfg: dict, items: Sequence[VcrItem], out
                            min_frequency=1)
 
 
-@torch.no_grad()
 def predict_choices(model: nn.Module, dataset: VcrDataset, batch_size: int = 32, pad_token_id: int = 0) -> list[int]:
     """The highest-scoring choice of every example of ``dataset``, in order (eval mode; mode restored)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    predictions: list[int] = []
-    for start in range(0, len(dataset), batch_size):
-        batch = collate_choices([dataset[i] for i in range(start, min(len(dataset), start + batch_size))], pad_token_id)
-        inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
-        predictions.extend(model(**inputs).logits.argmax(-1).tolist())
-    model.train(was_training)
-    return predictions
+    return argmax_predictions(model, dataset, lambda examples: collate_choices(examples, pad_token_id), batch_size)
 
 
 def evaluate_vcr(model: nn.Module, items: Sequence[VcrItem], tokenizer, store: FeatureStore | None,
