@@ -24,3 +24,37 @@ def test_convert_cli_offers_every_preset():
     from interbert.convert_cli import PRESET_NAMES
 
     assert PRESET_NAMES == sorted(PRESETS)
+
+
+def _run_cli(*args, env_extra=None, cwd=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "INTERBERT_DEBUG"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "interbert.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def test_a_config_error_is_one_line_and_exit_2_and_debug_shows_the_traceback(tmp_path):
+    from conftest import REPO
+
+    config = str(REPO / "configs" / "pretrain_tiny.yaml")
+    bad = _run_cli("pretrain", "--config", config, "train.no_such_key=1")
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    lines = bad.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "no_such_key" in lines[-1]
+
+    for debug in (["--debug"], []):
+        shown = _run_cli(*debug, "pretrain", "--config", config, "train.no_such_key=1",
+                         env_extra=None if debug else {"INTERBERT_DEBUG": "1"})
+        assert shown.returncode != 0 and "Traceback" in shown.stderr and "ConfigError" in shown.stderr
+
+
+def test_a_missing_config_file_is_named(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    result = _run_cli("pretrain", "--config", str(missing))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(missing) in result.stderr.strip().splitlines()[-1]

@@ -4,12 +4,17 @@ Each command lives next to the code it drives; a module joins the CLI by exposin
 ``register(subparsers)``, which adds its sub-parser(s) and sets ``func`` (called with the parsed
 args; its return value is the exit code). Modules are imported lazily by name so that
 ``interbert --help`` stays fast and one broken optional dependency cannot take down every command.
+
+Errors a user can cause (a bad setting, a missing file, a malformed line; see :mod:`interbert.errors`)
+end the command with one line, ``error: ...``, and a non-zero exit: 2 for usage and config, 1 for data.
+``--debug`` (or ``INTERBERT_DEBUG=1``) re-raises them with their traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from interbert import __version__
@@ -32,19 +37,52 @@ def build_parser() -> argparse.ArgumentParser:
         description="InterBERT: multimodal pretraining, retrieval, VCR, text tasks and search.",
     )
     parser.add_argument("--version", action="version", version=f"interbert {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error (also INTERBERT_DEBUG=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
+def error_exit_code(error: BaseException) -> int | None:
+    """The exit code for an error the user caused and can fix, or None for a bug (shown with its traceback)."""
+    from interbert.errors import USAGE_EXIT, InterBertError
+
+    if isinstance(error, InterBertError):
+        return error.exit_code
+    if isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        return USAGE_EXIT  # a path given on the command line or in a config that cannot be opened
+    return None
+
+
+def error_message(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror or error}"
+    return str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere, also after the sub-command
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    return int(args.func(args) or 0)
+    debug = debug or os.environ.get("INTERBERT_DEBUG", "") not in ("", "0")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 -- sorted into the user's errors and bugs below
+        code = error_exit_code(error)
+        if debug or code is None:
+            raise
+        print(f"error: {error_message(error)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

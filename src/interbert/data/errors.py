@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from interbert.errors import DataError
 
-class DataFormatError(ValueError):
+
+class DataFormatError(DataError):
     """A file does not hold what its format promises. The message starts with ``file:line``."""
 
     def __init__(self, path: str | Path, message: str, line: int | None = None):
@@ -14,7 +16,7 @@ class DataFormatError(ValueError):
         super().__init__(f"{place}: {message}")
 
 
-class UnknownImageError(KeyError):
+class UnknownImageError(DataError, KeyError):
     """An image id that the feature store does not hold."""
 
     def __init__(self, image_id: str, store_path: str | Path):

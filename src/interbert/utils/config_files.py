@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
+from interbert.errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError):
     """A config file or override that cannot be used; the message names the file and key."""
 
 

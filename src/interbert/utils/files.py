@@ -1,0 +1,82 @@
+"""Crash-safe file writes, the one way every writer in the project replaces a file.
+
+A write goes to a temporary file beside the target, is flushed and fsynced, renamed over the target
+(``os.replace`` is atomic on POSIX), and the folder is fsynced so the rename itself survives a power
+loss. If anything fails on the way (a full disk, an exception in the writer, Ctrl-C), the temporary
+file is removed and the target still holds its previous content: readers see the old file or the
+new one, never half of one, and no ``*.tmp`` litter is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
+
+TMP_MARK = ".tmp-"
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden name beside ``path``, unique per process and thread, so concurrent writers never share one."""
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
+
+
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make renames and creations inside ``path`` durable. Some filesystems cannot fsync a folder
+    (EINVAL/EBADF/EISDIR); there the rename is as durable as the filesystem allows."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s new content to (for writers that take a file name,
+    such as ``faiss.write_index`` or ``safetensors``); on a clean exit it replaces ``path``."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Replace ``path`` with what ``write(handle)`` writes to a binary handle."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        write(handle)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def leftover_temporaries(folder: str | Path) -> list[Path]:
+    """Temporary files that a killed writer left in ``folder`` (a clean failure removes its own)."""
+    return sorted(p for p in Path(folder).iterdir() if p.name.startswith(".") and TMP_MARK in p.name)

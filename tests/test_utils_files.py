@@ -1,0 +1,67 @@
+"""Crash-safe writes: a failed write keeps the previous file and leaves no temporary behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from interbert.utils import files
+from interbert.utils.files import atomic_path, atomic_write, atomic_write_json, leftover_temporaries
+
+
+def test_atomic_write_replaces_the_file_and_leaves_nothing_else(tmp_path):
+    target = tmp_path / "a.json"
+    atomic_write_json(target, {"x": 1})
+    atomic_write_json(target, {"x": 2, "name": "图片"})
+    assert target.read_text(encoding="utf-8").strip().startswith("{")
+    assert '"图片"' in target.read_text(encoding="utf-8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_a_writer_that_fails_midway_keeps_the_old_content(tmp_path):
+    target = tmp_path / "data.bin"
+    target.write_bytes(b"old")
+
+    def half_then_full_disk(handle):
+        handle.write(b"new but incomp")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(target, half_then_full_disk)
+    assert target.read_bytes() == b"old"
+    assert leftover_temporaries(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
+
+
+def test_a_failed_rename_keeps_the_old_content(tmp_path, monkeypatch):
+    target = tmp_path / "index.faiss"
+    target.write_bytes(b"old")
+
+    def failing_replace(src, dst):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="Input/output"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"old"
+    assert leftover_temporaries(tmp_path) == []
+
+
+def test_the_file_and_its_folder_are_fsynced(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", recording_fsync)
+    atomic_write(tmp_path / "x.bin", lambda h: h.write(b"1"))
+    if os.path.exists("/proc/self/fd"):
+        assert any(".x.bin.tmp-" in str(s) for s in synced)  # the data, before the rename
+        assert str(tmp_path) in [str(s) for s in synced]  # the folder, after it
+    else:
+        assert len(synced) == 2
