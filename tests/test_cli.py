@@ -58,3 +58,15 @@ def test_a_missing_config_file_is_named(tmp_path):
     result = _run_cli("pretrain", "--config", str(missing))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert str(missing) in result.stderr.strip().splitlines()[-1]
+
+
+def test_python_dash_m_interbert_is_the_cli():
+    result = _run_module_help()
+    assert result.returncode == 0 and "pretrain" in result.stdout
+
+
+def _run_module_help():
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "interbert", "--help"], capture_output=True, text=True, timeout=120)
