@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sqlite3
 from importlib import resources
 
@@ -15,6 +17,8 @@ from interbert.cli import main as interbert_main
 from interbert.serve import index as index_module
 from interbert.serve.index import ImageIndex, build_index, choose_index_type
 from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
+from interbert.utils import files
+from interbert.utils.files import leftover_temporaries
 
 FEATURE_DIM = 16
 
@@ -102,6 +106,73 @@ def test_add_appends_images_of_another_store(gallery, tmp_path):
     assert index.record(new_ids[0]).caption == f"picture {new_ids[0]}"
     assert index.record(new_ids[0]).store == str((more / "features").resolve())
     assert index.record(ids[0]).caption is None
+
+
+def assert_no_temporaries(folder) -> None:
+    assert leftover_temporaries(folder) == []
+    assert sorted(p.name for p in folder.iterdir()) == ["index.faiss", "index.json", "meta.sqlite"]
+
+
+def assert_answers_with(folder, image_ids) -> None:
+    """The index folder opens, holds exactly ``image_ids`` and finds each image by its own embedding."""
+    index = ImageIndex(folder)
+    assert len(index) == len(image_ids)
+    vectors = stored_embeddings(folder)
+    for image_id in image_ids[:3]:
+        _, rows = index.search(vectors[image_id][None], 1)
+        assert index.records(rows[0])[0].image_id == image_id
+    index.close()
+
+
+def test_a_faiss_writer_failing_midway_keeps_the_previous_index(gallery, tmp_path, monkeypatch):
+    folder, model, ids = gallery
+    build_index(model, folder / "features", tmp_path / "idx", index_type="flat", progress=False)
+    before = (tmp_path / "idx" / "index.faiss").read_bytes()
+
+    def half_then_full_disk(index, path):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(index_module.faiss, "write_index", half_then_full_disk)
+    with pytest.raises(OSError, match="No space left"):  # rebuilding the same folder as another index type
+        build_index(model, folder / "features", tmp_path / "idx", index_type="hnsw", progress=False)
+    assert_no_temporaries(tmp_path / "idx")
+    assert (tmp_path / "idx" / "index.faiss").read_bytes() == before
+    assert ImageIndex(tmp_path / "idx").index_type == "flat"
+    assert_answers_with(tmp_path / "idx", ids)
+
+
+@pytest.mark.parametrize("failing_file", ["index.faiss", "index.json"])
+def test_a_failed_rename_during_add_keeps_an_index_that_answers_and_a_rerun_completes(
+        gallery, tmp_path, monkeypatch, capsys, failing_file):
+    folder, model, ids = gallery
+    out = tmp_path / "idx"
+    build_index(model, folder / "features", out, progress=False)
+    new_ids = write_gallery(tmp_path / "more", num_images=3, feature_dim=FEATURE_DIM, seed=2, images=False, id_prefix="new")
+    real_replace = os.replace
+
+    def full_disk_for(src, dst):
+        if os.path.basename(dst) == failing_file:
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", full_disk_for)
+    add = ["index", "add", "--index", str(out), "--features", str(tmp_path / "more" / "features")]
+    assert interbert_main(add) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert_no_temporaries(out)
+    if failing_file == "index.faiss":  # the previous index, exactly
+        assert_answers_with(out, ids)
+    else:  # the new index.faiss is in place; the manifest is the previous one
+        assert_answers_with(out, ids + new_ids)
+        assert json.loads((out / "index.json").read_text())["num_images"] == len(ids)
+
+    monkeypatch.setattr(files.os, "replace", real_replace)
+    assert interbert_main(add) == 0
+    assert "13 images (0 added, 3 already indexed)" in capsys.readouterr().out
+    assert json.loads((out / "index.json").read_text())["num_images"] == 13
+    assert_answers_with(out, ids + new_ids)
 
 
 def test_add_needs_an_existing_index(gallery, tmp_path):

@@ -9,6 +9,11 @@ Embeddings are written to SQLite in one transaction per batch, so a build that s
 a bad feature file) keeps every finished batch; running it again skips the ids already there. The
 FAISS index is rebuilt from the stored embeddings at the end of each build/add, which also lets the
 automatic index type follow the gallery's size.
+
+index.faiss and then index.json are replaced with crash-safe writes (:mod:`interbert.utils.files`): a
+write that fails (full disk, Ctrl-C) keeps the previous file, so the folder still opens and answers with
+what it held before. A run whose manifest write failed leaves a manifest that disagrees with the stored
+image count, so the next build/add over the folder rebuilds index.faiss.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from interbert.data.features import FeatureStore
 from interbert.serve import DEFAULT_MAX_REGIONS, INDEX_TYPES
 from interbert.serve._data import first_captions, open_features, region_batch
 from interbert.serve.model import SearchModel, weights_fingerprint
+from interbert.utils.files import atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +136,6 @@ def _connect(folder: Path, read_only: bool = False) -> sqlite3.Connection:
     connection = sqlite3.connect(path)
     connection.executescript(SCHEMA)
     return connection
-
-
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _thumbnail_name(image_id: str) -> str:
@@ -294,7 +294,7 @@ def build_index(
         max_regions = manifest["max_regions"]
     else:
         manifest = _new_manifest(model_dir, search_model, max_regions)
-        _write_atomically(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2)))
+        atomic_write_json(manifest_path, manifest, indent=2)
 
     store = open_features(features)
     if store.feature_dim != search_model.config.region_feature_size:
@@ -338,7 +338,7 @@ def build_index(
     manifest.update(index_type=chosen, requested_index_type=requested, num_images=total,
                     updated=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     manifest["feature_stores"] = sorted(set(manifest.get("feature_stores", [])) | {str(features.resolve())})
-    _write_atomically(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2)))
+    atomic_write_json(manifest_path, manifest, indent=2)
     return BuildReport(len(todo), len(image_ids) - len(todo), total, chosen, without_thumbnail, unknown_captions)
 
 
@@ -384,5 +384,6 @@ def _rebuild_faiss(db: sqlite3.Connection, out: Path, requested: str) -> str:
         raise ValueError(f"{out}: no images to index (the feature store was empty)")
     chosen = choose_index_type(total, requested)
     index = build_faiss_index(vectors, rows, chosen)
-    _write_atomically(out / FAISS_FILE, lambda p: faiss.write_index(index, str(p)))
+    with atomic_path(out / FAISS_FILE) as tmp:
+        faiss.write_index(index, str(tmp))
     return chosen
