@@ -37,7 +37,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         print("(finished batches are kept; fix the input and run the same command again to resume)", file=sys.stderr)
         return 1
-    print(f"{out}: {report.total} images ({report.added} added, {report.already_indexed} already indexed), "
+    left_out = f", {len(report.non_finite)} left out (non-finite embeddings, listed in index.json)" if report.non_finite else ""
+    print(f"{out}: {report.total} images ({report.added} added, {report.already_indexed} already indexed{left_out}), "
           f"{report.index_type} index")
     return 0
 
