@@ -6,9 +6,15 @@
 Steps: (1) a gallery of random region features in the project's region store (restartable), (2) a
 randomly initialised model at the tiny preset's size, (3) `build_index` over the gallery: every image's
 regions go through the model's image stream (`embed_images`), no shortcut vectors, (4) `interbert serve`
-in a subprocess on 127.0.0.1, (5) POST /search at concurrency 1 and 8, with and without ITM re-ranking,
-each setting bounded by --requests and --max-seconds. Reports p50/p99 latency, throughput and errors as
-JSON + markdown, with the machine it ran on. Exits 1 on any error.
+in a subprocess on 127.0.0.1, (5) POST /search at each --concurrency (default 1, 8 and 32), with and
+without ITM re-ranking, each setting bounded by --requests and --max-seconds.
+
+The server bounds concurrent re-ranking (`--max-concurrent-reranks`, read back from /health and
+reported) and answers a re-ranked search that finds no free slot within `--rerank-queue-timeout` with
+503 + Retry-After. Those 503s are the intended answer to overload and are counted apart from errors
+(any other status, a wrong result count, a failed connection); latency percentiles are over answered
+(200) requests. Reports p50/p90/p99 latency, throughput, 503s and errors as JSON + markdown, with the
+machine it ran on. Exits 1 on any error (503s alone do not fail the run).
 """
 
 from __future__ import annotations
@@ -96,19 +102,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(index_dir: Path, port: int, log: Path) -> subprocess.Popen:
+def start_server(index_dir: Path, port: int, log: Path, serve_options: list[str]) -> tuple[subprocess.Popen, dict]:
+    """The server and its /health answer (which carries the re-rank bound it runs with)."""
     import httpx
 
     command = [sys.executable, "-m", "interbert.cli", "serve", "--index", str(index_dir), "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "warning"]
+               "--port", str(port), "--log-level", "warning", *serve_options]
     server = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"the server exited with {server.returncode}; see {log}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return server
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+            if health.status_code == 200:
+                return server, health.json()
         except httpx.HTTPError:
             time.sleep(0.5)
     server.kill()
@@ -119,8 +127,9 @@ def run_setting(url: str, texts: list[str], concurrency: int, rerank: bool, k: i
                 max_seconds: float) -> dict:
     import httpx
 
-    latencies: list[float] = []
-    errors: list[str] = []
+    latencies: list[float] = []  # answered (200) requests only: a 503 returns at once and would flatter p50
+    busy: list[float] = []  # 503 + Retry-After: the re-rank bound refusing work, by design
+    errors: list[str] = []  # everything else: these fail the run
     issued = 0
     lock = threading.Lock()
     deadline = time.monotonic() + max_seconds
@@ -135,17 +144,23 @@ def run_setting(url: str, texts: list[str], concurrency: int, rerank: bool, k: i
                     n = issued
                     issued += 1
                 started = time.perf_counter()
+                refused, problem = False, None
                 try:
                     response = client.post(f"{url}/search", json={"query": texts[n % len(texts)], "k": k, "rerank": rerank})
-                    ok = response.status_code == 200 and len(response.json()["results"]) == k
-                    problem = None if ok else f"HTTP {response.status_code}: {response.text[:200]}"
+                    if response.status_code == 503 and "retry-after" in response.headers:
+                        refused = True
+                    elif response.status_code != 200 or len(response.json()["results"]) != k:
+                        problem = f"HTTP {response.status_code}: {response.text[:200]}"
                 except httpx.HTTPError as error:
                     problem = f"{type(error).__name__}: {error}"
                 elapsed = time.perf_counter() - started
                 with lock:
-                    latencies.append(elapsed)
                     if problem:
                         errors.append(problem)
+                    elif refused:
+                        busy.append(elapsed)
+                    else:
+                        latencies.append(elapsed)
 
     load_before = os.getloadavg()[0]
     wall = time.perf_counter()
@@ -154,11 +169,21 @@ def run_setting(url: str, texts: list[str], concurrency: int, rerank: bool, k: i
             pool.submit(worker)
     wall = time.perf_counter() - wall
     ms = np.array(latencies) * 1000
-    return {"concurrency": concurrency, "rerank": rerank, "k": k, "requests": len(latencies), "errors": len(errors),
-            "error_examples": errors[:3], "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()), "mean_ms": float(ms.mean()),
+
+    def percentile(q: float) -> float | None:
+        return float(np.percentile(ms, q)) if len(ms) else None
+
+    return {"concurrency": concurrency, "rerank": rerank, "k": k, "requests": len(latencies) + len(busy) + len(errors),
+            "answered": len(latencies), "busy_503": len(busy), "errors": len(errors), "error_examples": errors[:3],
+            "p50_ms": percentile(50), "p90_ms": percentile(90), "p99_ms": percentile(99),
+            "max_ms": float(ms.max()) if len(ms) else None, "mean_ms": float(ms.mean()) if len(ms) else None,
+            "busy_503_p50_ms": float(np.percentile(np.array(busy) * 1000, 50)) if busy else None,
             "throughput_rps": len(latencies) / wall, "wall_s": wall,
             "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def markdown(result: dict) -> str:
@@ -183,13 +208,21 @@ def markdown(result: dict) -> str:
         f"k={result['settings']['k']}; re-ranking scores the top {result['settings']['rerank_depth']} candidates with the "
         "ITM head.",
         "",
-        "| concurrency | re-rank | requests | errors | p50 ms | p90 ms | p99 ms | max ms | requests/s | load avg (before, after) |",
-        "|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"Re-rank bound: at most {result['settings']['max_concurrent_reranks']} re-ranked searches at once; one that "
+        f"finds no free slot within {result['settings']['rerank_queue_timeout_s']:g} s is answered 503 + Retry-After "
+        "(column *503*: intended, not an error). Searches without re-ranking are not bounded. Latencies are over "
+        "answered (200) requests; *answered/s* counts those only. The load generator does not wait for Retry-After: "
+        "each client sends its next request at once, so at saturation the 503 count is an upper bound.",
+        "",
+        "| concurrency | re-rank | requests | answered | 503 | errors | p50 ms | p90 ms | p99 ms | max ms | answered/s "
+        "| load avg (before, after) |",
+        "|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["runs"]:
-        lines.append(f"| {r['concurrency']} | {'yes' if r['rerank'] else 'no'} | {r['requests']} | {r['errors']} | "
-                     f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | "
-                     f"{r['throughput_rps']:.1f} | {r['load_average_1min'][0]}, {r['load_average_1min'][1]} |")
+        lines.append(f"| {r['concurrency']} | {'yes' if r['rerank'] else 'no'} | {r['requests']} | {r['answered']} | "
+                     f"{r['busy_503']} | {r['errors']} | {_ms(r['p50_ms'])} | {_ms(r['p90_ms'])} | {_ms(r['p99_ms'])} | "
+                     f"{_ms(r['max_ms'])} | {r['throughput_rps']:.1f} | "
+                     f"{r['load_average_1min'][0]}, {r['load_average_1min'][1]} |")
     lines += [
         "",
         "The machine is shared: a 1-minute load average above the core count means other jobs took CPU time",
@@ -206,6 +239,10 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=60, help="most seconds per setting")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--concurrency", default="1,8,32",
+                        help="comma-separated client concurrencies (default 1,8,32: 32 is past the default bound)")
+    parser.add_argument("--max-concurrent-reranks", type=int, help="passed to `interbert serve` (default: its own)")
+    parser.add_argument("--rerank-queue-timeout", type=float, help="passed to `interbert serve` (default: its own)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve_load",
                         help="writes OUT.json and OUT.md")
     args = parser.parse_args()
@@ -216,7 +253,15 @@ def main() -> int:
     index_dir, _, gallery = build_gallery(args.work / f"gallery_{args.images}", args.images, args.seed)
     print(f"gallery ready: {gallery}", flush=True)
     port = free_port()
-    server = start_server(index_dir, port, args.work / "server.log")
+    serve_options = []
+    if args.max_concurrent_reranks is not None:
+        serve_options += ["--max-concurrent-reranks", str(args.max_concurrent_reranks)]
+    if args.rerank_queue_timeout is not None:
+        serve_options += ["--rerank-queue-timeout", str(args.rerank_queue_timeout)]
+    server, health = start_server(index_dir, port, args.work / "server.log", serve_options)
+    print(f"server: at most {health['max_concurrent_reranks']} re-ranks at once, "
+          f"{health['rerank_queue_timeout_s']:g} s queue timeout", flush=True)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
     texts = queries(1000, args.seed)
     machine_info = machine()  # before the load: the load average says what else was running
     runs = []
@@ -224,7 +269,7 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         for rerank in (False, True):
             run_setting(url, texts[-10:], 2, rerank, args.k, 10, 30)  # warm-up, not counted
-            for concurrency in (1, 8):
+            for concurrency in concurrencies:
                 run = run_setting(url, texts, concurrency, rerank, args.k, args.requests, args.max_seconds)
                 print(json.dumps(run), flush=True)
                 runs.append(run)
@@ -233,7 +278,9 @@ def main() -> int:
         server.wait(timeout=30)
     result = {"machine": machine_info, "gallery": gallery, "runs": runs,
               "settings": {"requests": args.requests, "max_seconds": args.max_seconds, "k": args.k,
-                           "rerank_depth": rerank_depth(args.k)}}
+                           "rerank_depth": rerank_depth(args.k),
+                           "max_concurrent_reranks": health["max_concurrent_reranks"],
+                           "rerank_queue_timeout_s": health["rerank_queue_timeout_s"]}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(result))

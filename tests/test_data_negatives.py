@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +19,8 @@ from interbert.data.negatives import (
     sample_itm_caption,
     tfidf_hard_negatives,
 )
+from interbert.utils import files
+from interbert.utils.files import leftover_temporaries
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +49,24 @@ def test_tfidf_hard_negatives_are_the_nearest_captions_of_other_images(flickr8k_
     assert (tfidf_hard_negatives(texts, image_ids, k=k, cache_dir=tmp_path) == 0).all()
     tfidf_hard_negatives(texts[:-1], image_ids[:-1], k=k, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("tfidf_hn_*.npy"))) == 2
+
+
+def test_a_failed_cache_write_leaves_no_cache_and_no_temporary(tmp_path, monkeypatch):
+    texts = ["a red car", "a red car parked", "a blue bird", "a bird flying", "red car on a road"]
+    image_ids = ["car", "car", "bird", "bird", "road"]
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(files.os, "replace", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            tfidf_hard_negatives(texts, image_ids, k=2, cache_dir=tmp_path)
+    assert os.listdir(tmp_path) == [] and leftover_temporaries(tmp_path) == []
+    expected = tfidf_hard_negatives(texts, image_ids, k=2)
+    np.testing.assert_array_equal(tfidf_hard_negatives(texts, image_ids, k=2, cache_dir=tmp_path), expected)
+    (cached,) = tmp_path.iterdir()  # the cache under its own name (no ".npy" added to a temporary's name)
+    np.testing.assert_array_equal(np.load(cached), expected)
 
 
 def test_tfidf_hand_made():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import sqlite3
 from importlib import resources
 
@@ -12,9 +15,12 @@ import pytest
 
 from conftest import shared_path
 from interbert.cli import main as interbert_main
+from interbert.errors import DataError
 from interbert.serve import index as index_module
 from interbert.serve.index import ImageIndex, build_index, choose_index_type
 from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
+from interbert.utils import files
+from interbert.utils.files import leftover_temporaries
 
 FEATURE_DIM = 16
 
@@ -102,6 +108,73 @@ def test_add_appends_images_of_another_store(gallery, tmp_path):
     assert index.record(new_ids[0]).caption == f"picture {new_ids[0]}"
     assert index.record(new_ids[0]).store == str((more / "features").resolve())
     assert index.record(ids[0]).caption is None
+
+
+def assert_no_temporaries(folder) -> None:
+    assert leftover_temporaries(folder) == []
+    assert sorted(p.name for p in folder.iterdir()) == ["index.faiss", "index.json", "meta.sqlite"]
+
+
+def assert_answers_with(folder, image_ids) -> None:
+    """The index folder opens, holds exactly ``image_ids`` and finds each image by its own embedding."""
+    index = ImageIndex(folder)
+    assert len(index) == len(image_ids)
+    vectors = stored_embeddings(folder)
+    for image_id in image_ids[:3]:
+        _, rows = index.search(vectors[image_id][None], 1)
+        assert index.records(rows[0])[0].image_id == image_id
+    index.close()
+
+
+def test_a_faiss_writer_failing_midway_keeps_the_previous_index(gallery, tmp_path, monkeypatch):
+    folder, model, ids = gallery
+    build_index(model, folder / "features", tmp_path / "idx", index_type="flat", progress=False)
+    before = (tmp_path / "idx" / "index.faiss").read_bytes()
+
+    def half_then_full_disk(index, path):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(index_module.faiss, "write_index", half_then_full_disk)
+    with pytest.raises(OSError, match="No space left"):  # rebuilding the same folder as another index type
+        build_index(model, folder / "features", tmp_path / "idx", index_type="hnsw", progress=False)
+    assert_no_temporaries(tmp_path / "idx")
+    assert (tmp_path / "idx" / "index.faiss").read_bytes() == before
+    assert ImageIndex(tmp_path / "idx").index_type == "flat"
+    assert_answers_with(tmp_path / "idx", ids)
+
+
+@pytest.mark.parametrize("failing_file", ["index.faiss", "index.json"])
+def test_a_failed_rename_during_add_keeps_an_index_that_answers_and_a_rerun_completes(
+        gallery, tmp_path, monkeypatch, capsys, failing_file):
+    folder, model, ids = gallery
+    out = tmp_path / "idx"
+    build_index(model, folder / "features", out, progress=False)
+    new_ids = write_gallery(tmp_path / "more", num_images=3, feature_dim=FEATURE_DIM, seed=2, images=False, id_prefix="new")
+    real_replace = os.replace
+
+    def full_disk_for(src, dst):
+        if os.path.basename(dst) == failing_file:
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", full_disk_for)
+    add = ["index", "add", "--index", str(out), "--features", str(tmp_path / "more" / "features")]
+    assert interbert_main(add) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert_no_temporaries(out)
+    if failing_file == "index.faiss":  # the previous index, exactly
+        assert_answers_with(out, ids)
+    else:  # the new index.faiss is in place; the manifest is the previous one
+        assert_answers_with(out, ids + new_ids)
+        assert json.loads((out / "index.json").read_text())["num_images"] == len(ids)
+
+    monkeypatch.setattr(files.os, "replace", real_replace)
+    assert interbert_main(add) == 0
+    assert "13 images (0 added, 3 already indexed)" in capsys.readouterr().out
+    assert json.loads((out / "index.json").read_text())["num_images"] == 13
+    assert_answers_with(out, ids + new_ids)
 
 
 def test_add_needs_an_existing_index(gallery, tmp_path):
@@ -205,3 +278,128 @@ def test_demo_path_indexes_the_test_split_of_the_built_in_benchmark(tmp_path, ca
     assert interbert_main(["index", "build", "--model", str(model), "--features", str(data / manifest["files"]["regions"]),
                            "--split", "test", "--out", str(tmp_path / "other")]) == 1
     assert "needs the captions file" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Image ids are data: they never lead the build outside the thumbnail folder
+# --------------------------------------------------------------------------------------------------
+def tsv_store(path, ids, seed=0):
+    """A TSV feature store whose image ids may be anything (an npz folder's ids are file names)."""
+    from interbert.data.features import write_tsv
+    from interbert.serve.synthetic_gallery import generated_regions
+
+    regions = [r for _, r in generated_regions(len(ids), FEATURE_DIM, seed=seed)]
+    write_tsv(path, zip(ids, regions))
+    return path
+
+
+@pytest.fixture
+def thumbnails_beside_a_secret(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "outside").mkdir()
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "outside" / "private.jpg")
+    (tmp_path / "thumbs").mkdir()
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(tmp_path / "thumbs" / "fine.jpg")
+    return tmp_path / "thumbs", tmp_path / "outside" / "private"
+
+
+@pytest.mark.parametrize("kind", ["relative", "absolute", "symlink"])
+def test_ids_that_lead_out_of_the_thumbnail_folder_are_refused(gallery, tmp_path, thumbnails_beside_a_secret, kind):
+    _, model, _ = gallery
+    thumbs, secret = thumbnails_beside_a_secret
+    if kind == "relative":
+        bad_id, message = "../outside/private", "points outside the thumbnail folder"
+    elif kind == "absolute":
+        bad_id, message = str(secret), "points outside the thumbnail folder"
+    else:
+        bad_id, message = "innocent", "is a link to .*private.jpg, outside the thumbnail folder"
+        (thumbs / "innocent.jpg").symlink_to(secret.with_suffix(".jpg"))
+    store = tsv_store(tmp_path / "features.tsv", ["fine", bad_id])
+
+    with pytest.raises(DataError, match=f"image id {re.escape(repr(bad_id))}.*{message}"):
+        build_index(model, store, tmp_path / "idx", thumbnails=thumbs, progress=False)
+    assert stored_embeddings(tmp_path / "idx") == {}  # refused before any work
+    assert not (tmp_path / "idx" / "thumbnails").exists()
+
+
+def test_the_cli_names_a_traversal_id_on_one_line(gallery, tmp_path, thumbnails_beside_a_secret, capsys):
+    _, model, _ = gallery
+    thumbs, _ = thumbnails_beside_a_secret
+    store = tsv_store(tmp_path / "features.tsv", ["fine", "../outside/private"])
+    assert interbert_main(["index", "build", "--model", str(model), "--features", str(store), "--out",
+                           str(tmp_path / "idx"), "--thumbnails", str(thumbs)]) == 1
+    err = capsys.readouterr().err
+    (error,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert error.startswith("error: image id '../outside/private' points outside the thumbnail folder")
+    assert "Traceback" not in err
+
+
+def test_ids_in_subfolders_and_links_within_the_folder_are_followed(gallery, tmp_path, thumbnails_beside_a_secret):
+    _, model, _ = gallery
+    thumbs, _ = thumbnails_beside_a_secret
+    (thumbs / "2014").mkdir()
+    (thumbs / "fine.jpg").rename(thumbs / "2014" / "fine.jpg")
+    (thumbs / "alias.jpg").symlink_to(thumbs / "2014" / "fine.jpg")
+    store = tsv_store(tmp_path / "features.tsv", ["2014/fine", "alias", "a/..", "no-image"])
+    report = build_index(model, store, tmp_path / "idx", thumbnails=thumbs, progress=False)
+    assert (report.total, report.without_thumbnail) == (4, 2)
+    index = ImageIndex(tmp_path / "idx")
+    assert index.record("2014/fine").thumbnail and index.record("alias").thumbnail
+    assert index.record("a/..").thumbnail is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Images with non-finite embeddings are counted, named and left out (FAISS would drop them silently)
+# --------------------------------------------------------------------------------------------------
+def copy_with_nan(folder, ids, target, nan_ids):
+    target.mkdir()
+    for i in ids:
+        regions = dict(np.load(folder / "features" / f"{i}.npz"))
+        if i in nan_ids:
+            regions["features"][0, 3] = np.nan
+        np.savez(target / f"{i}.npz", **regions)
+    return target
+
+
+def test_an_image_with_nan_features_is_named_and_left_out_and_the_others_are_indexed(gallery, tmp_path, caplog):
+    folder, model, ids = gallery
+    features = copy_with_nan(folder, ids, tmp_path / "features", {ids[4]})
+    with caplog.at_level("WARNING"):
+        report = build_index(model, features, tmp_path / "idx", batch_size=4, progress=False)
+    assert (report.added, report.total, report.non_finite) == (9, 9, (ids[4],))
+    assert "1 images not indexed, their embeddings hold NaN or inf" in caplog.text and repr(ids[4]) in caplog.text
+    manifest = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert manifest["not_indexed_non_finite"] == {str(features.resolve()): {"count": 1, "image_ids": [ids[4]]}}
+    others = [i for i in ids if i != ids[4]]
+    assert_answers_with(tmp_path / "idx", others)
+    assert ImageIndex(tmp_path / "idx").record(ids[4]) is None
+
+    # Fixed features: the rerun indexes the image and the manifest no longer lists it.
+    np.savez(features / f"{ids[4]}.npz", **dict(np.load(folder / "features" / f"{ids[4]}.npz")))
+    report = build_index(model, features, tmp_path / "idx", progress=False)
+    assert (report.added, report.total, report.non_finite) == (1, 10, ())
+    assert "not_indexed_non_finite" not in json.loads((tmp_path / "idx" / "index.json").read_text())
+
+
+def test_index_add_reports_non_finite_images_of_the_added_store(gallery, tmp_path, capsys):
+    folder, model, ids = gallery
+    build_index(model, folder / "features", tmp_path / "idx", progress=False)
+    more = tmp_path / "more"
+    new_ids = write_gallery(more, num_images=4, feature_dim=FEATURE_DIM, seed=2, images=False, id_prefix="new")
+    nan_store = copy_with_nan(more, new_ids, tmp_path / "nan", {new_ids[0]})
+    assert interbert_main(["index", "add", "--index", str(tmp_path / "idx"), "--features", str(nan_store)]) == 0
+    assert "13 images (3 added, 0 already indexed, 1 left out (non-finite embeddings" in capsys.readouterr().out
+    left_out = json.loads((tmp_path / "idx" / "index.json").read_text())["not_indexed_non_finite"]
+    assert left_out == {str(nan_store.resolve()): {"count": 1, "image_ids": [new_ids[0]]}}
+    assert_answers_with(tmp_path / "idx", ids + new_ids[1:])
+
+
+def test_mostly_non_finite_embeddings_fail_the_build(gallery, tmp_path, capsys):
+    folder, model, ids = gallery
+    features = copy_with_nan(folder, ids, tmp_path / "features", set(ids[:6]))
+    assert interbert_main(["index", "build", "--model", str(model), "--features", str(features), "--out",
+                           str(tmp_path / "idx")]) == 1
+    error = capsys.readouterr().err
+    assert f"error: {features}: 6 of 10 images have embeddings with NaN or inf ({ids[0]!r}," in error
+    assert "and 1 more" in error

@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import fnmatch
 import gc
-import json
 import logging
 import math
 import os
@@ -43,6 +42,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+
+from interbert.utils import files
 
 logger = logging.getLogger(__name__)
 
@@ -391,19 +392,14 @@ def _count_examples(batch: Mapping[str, Any]) -> int:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """``torch.save`` through the project's crash-safe write: a save that fails (full disk, Ctrl-C) keeps
+    the previous checkpoint and leaves no temporary file behind."""
+    files.atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def atomic_write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    # (obj, path) like torch.save; interbert.utils.files takes (path, obj).
+    files.atomic_write_json(path, obj)
 
 
 # ---------------------------------------------------------------------------------------------

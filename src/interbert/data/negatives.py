@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from interbert.utils.files import atomic_write
+
 logger = logging.getLogger(__name__)
 
 
@@ -72,9 +74,8 @@ def tfidf_hard_negatives(texts: Sequence[str], image_ids: Sequence[str], k: int 
         out[rows] = _top_k_excluding_same(scores, codes[rows], codes, k)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npy")
-        np.save(tmp, out)
-        tmp.replace(cache)
+        # A handle, not a name: np.save would append ".npy" to the temporary's name.
+        atomic_write(cache, lambda handle: np.save(handle, out))
     return out
 
 

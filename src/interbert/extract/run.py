@@ -37,6 +37,7 @@ from interbert.extract.detector import (
 )
 from interbert.extract.given_boxes import GivenBoxes, match_given_boxes, read_given_boxes
 from interbert.extract.images import ImageDecodeError, decode_image, list_images, shard_from_environment, shard_ids
+from interbert.utils.files import atomic_path, atomic_write_text
 
 META_FILE = "extract_meta.json"
 TSV_FILE = "features.tsv"
@@ -134,12 +135,6 @@ def run_metadata(config: DetectorConfig, num_classes: int, feature_dim: int, box
     return {"random_weights": config.random_weights, "settings": settings, "provenance": provenance}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def check_or_write_metadata(out: Path, metadata: dict) -> None:
     path = out / META_FILE
     if path.exists():
@@ -148,7 +143,7 @@ def check_or_write_metadata(out: Path, metadata: dict) -> None:
         if changed:
             described = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
             raise ValueError(f"{out} was extracted with other settings ({described}); use a new OUT folder")
-    _atomic_write_text(path, json.dumps(metadata, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(metadata, indent=1) + "\n")
 
 
 def merge_shard_stores(out: Path, progress: bool) -> int:
@@ -250,7 +245,7 @@ def extract_features(
     report.seconds = time.perf_counter() - started
     report_name = f"extract_report.shard-{shard_index}-of-{shard_count}.json" if sharded else "extract_report.json"
     report.report_path = str(out / report_name)
-    _atomic_write_text(out / report_name, json.dumps({**asdict(report), "num_failed": report.num_failed}, indent=1) + "\n")
+    atomic_write_text(out / report_name, json.dumps({**asdict(report), "num_failed": report.num_failed}, indent=1) + "\n")
     print(report.summary_line(), file=sys.stderr, flush=True)
     for failure in report.failed:
         print(f"  could not use {failure['file']}: {failure['error']}", file=sys.stderr)
@@ -278,7 +273,6 @@ def _run_detector(detector: RegionDetector, decoded: list[dict], given: dict[str
 
 
 def _write_tsv_atomically(path: Path, store: RegionStore) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write_tsv(tmp, ((image_id, store[image_id]) for image_id in sorted(store.ids())), with_class_probs=True)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write_tsv(tmp, ((image_id, store[image_id]) for image_id in sorted(store.ids())), with_class_probs=True)
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from interbert.serve import DEFAULT_MAX_REGIONS, INDEX_TYPES
+from interbert.serve import DEFAULT_MAX_REGIONS, DEFAULT_RERANK_QUEUE_TIMEOUT, INDEX_TYPES
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -37,7 +37,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         print("(finished batches are kept; fix the input and run the same command again to resume)", file=sys.stderr)
         return 1
-    print(f"{out}: {report.total} images ({report.added} added, {report.already_indexed} already indexed), "
+    left_out = f", {len(report.non_finite)} left out (non-finite embeddings, listed in index.json)" if report.non_finite else ""
+    print(f"{out}: {report.total} images ({report.added} added, {report.already_indexed} already indexed{left_out}), "
           f"{report.index_type} index")
     return 0
 
@@ -53,13 +54,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # threads, 70-90 ms with 1, on 2 shared cores).
     torch.set_num_threads(args.torch_threads)
     try:
-        app = create_app(args.index, args.model, rerank_cap=args.rerank_cap)
+        app = create_app(args.index, args.model, rerank_cap=args.rerank_cap,
+                         max_concurrent_reranks=args.max_concurrent_reranks,
+                         rerank_queue_timeout=args.rerank_queue_timeout)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"serving {args.index} on http://{args.host}:{args.port}/", flush=True)
+    gate = app.state.rerank_gate
+    print(f"serving {args.index} on http://{args.host}:{args.port}/ (at most {gate.limit} re-ranked searches at once)",
+          flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
 
 
 def _common_index_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,6 +117,12 @@ def register(subparsers) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--rerank-cap", type=int, default=200, help="most candidates re-scored by ITM per query")
+    serve.add_argument("--max-concurrent-reranks", type=_at_least_one, default=None,
+                       help="re-ranked searches running at once; more wait (see --rerank-queue-timeout) "
+                            "(default: half the cores, at least 1)")
+    serve.add_argument("--rerank-queue-timeout", type=_seconds, default=DEFAULT_RERANK_QUEUE_TIMEOUT,
+                       help="seconds a re-ranked search waits for a free slot before it is answered 503 with "
+                            f"Retry-After (default {DEFAULT_RERANK_QUEUE_TIMEOUT:g}; 0 = never wait)")
     serve.add_argument("--torch-threads", type=int, default=1,
                        help="intra-op threads per forward (default 1: concurrent requests use the cores)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

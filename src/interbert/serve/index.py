@@ -5,10 +5,19 @@
     index.faiss    the FAISS index over the embeddings, ids = the SQLite rows
     thumbnails/    small JPEG copies of the images, served by the web page
 
+Images whose embedding holds NaN or inf are not indexed (FAISS would drop them without a word); index.json
+counts and names them per feature store (``not_indexed_non_finite``), and a store where most images are
+affected fails the build. Image ids never lead the build outside the ``--thumbnails`` folder.
+
 Embeddings are written to SQLite in one transaction per batch, so a build that stops (crash, Ctrl-C,
 a bad feature file) keeps every finished batch; running it again skips the ids already there. The
 FAISS index is rebuilt from the stored embeddings at the end of each build/add, which also lets the
 automatic index type follow the gallery's size.
+
+index.faiss and then index.json are replaced with crash-safe writes (:mod:`interbert.utils.files`): a
+write that fails (full disk, Ctrl-C) keeps the previous file, so the folder still opens and answers with
+what it held before. A run whose manifest write failed leaves a manifest that disagrees with the stored
+image count, so the next build/add over the folder rebuilds index.faiss.
 """
 
 from __future__ import annotations
@@ -29,9 +38,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from interbert.data.features import FeatureStore
+from interbert.errors import DataError
 from interbert.serve import DEFAULT_MAX_REGIONS, INDEX_TYPES
 from interbert.serve._data import first_captions, open_features, region_batch
 from interbert.serve.model import SearchModel, weights_fingerprint
+from interbert.utils.files import atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +52,10 @@ FLAT_MAX_IMAGES = 50_000
 HNSW_NEIGHBOURS = 32
 THUMBNAIL_SIZE = 256
 THUMBNAIL_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# Images whose embedding is not finite are left out of the index (FAISS would silently lose them). When
+# more than this share of a store's images is affected, the model or the store is broken: fail instead.
+MAX_NON_FINITE_SHARE = 0.5
+NAMED_IN_MANIFEST = 20  # non-finite image ids listed in index.json; the count is always complete
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS stores (store_id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL);
@@ -121,6 +136,7 @@ class BuildReport:
     index_type: str
     without_thumbnail: int
     captions_for_unknown_images: int
+    non_finite: tuple[str, ...] = ()  # ids left out this run: their embedding holds NaN or inf
 
 
 def _connect(folder: Path, read_only: bool = False) -> sqlite3.Connection:
@@ -132,21 +148,31 @@ def _connect(folder: Path, read_only: bool = False) -> sqlite3.Connection:
     return connection
 
 
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _thumbnail_name(image_id: str) -> str:
     # A hash, not the id: ids may hold characters that are unsafe in file names.
     return f"{THUMBNAILS}/{hashlib.sha1(image_id.encode()).hexdigest()[:20]}.jpg"
 
 
 def find_image_file(folder: Path, image_id: str) -> Path | None:
+    """``folder/<image_id>.<suffix>``, or None when there is none.
+
+    Image ids come from the data, and the thumbnail made from this file is served to anyone who can reach
+    the service: an id that leads outside ``folder`` ("../x", an absolute path, a link pointing out) is
+    refused with a :class:`DataError`, never followed."""
+    root = folder.resolve()
     for suffix in THUMBNAIL_SUFFIXES:
-        for candidate in (folder / f"{image_id}{suffix}", folder / f"{image_id}{suffix.upper()}"):
+        for name in (f"{image_id}{suffix}", f"{image_id}{suffix.upper()}"):
+            # Normalised with the suffix on ("a/.." + ".jpg" is the file "...jpg" inside a/); an absolute id
+            # makes the join drop root, which the containment check then sees.
+            candidate = Path(os.path.normpath(root / name))
+            if not candidate.is_relative_to(root):
+                raise DataError(f"image id {image_id!r} points outside the thumbnail folder {folder} "
+                                f"(to {candidate}); thumbnails are only read from inside it")
             if candidate.is_file():
+                target = candidate.resolve()
+                if not target.is_relative_to(root):
+                    raise DataError(f"image id {image_id!r}: {candidate} is a link to {target}, outside the "
+                                    f"thumbnail folder {folder}; thumbnails are only read from inside it")
                 return candidate
     return None
 
@@ -294,7 +320,7 @@ def build_index(
         max_regions = manifest["max_regions"]
     else:
         manifest = _new_manifest(model_dir, search_model, max_regions)
-        _write_atomically(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2)))
+        atomic_write_json(manifest_path, manifest, indent=2)
 
     store = open_features(features)
     if store.feature_dim != search_model.config.region_feature_size:
@@ -316,11 +342,21 @@ def build_index(
         if done and len(todo) < len(image_ids):
             logger.info("%s: %d of %d images of %s are already indexed; embedding the other %d",
                         out, len(image_ids) - len(todo), len(image_ids), features, len(todo))
-        without_thumbnail = 0
+        # Every id is looked up before any is embedded: an id that leads out of the folder stops the build
+        # before it has done any work.
+        sources = {i: find_image_file(thumbnail_dir, i) for i in todo} if thumbnail_dir else {}
+        without_thumbnail, non_finite = 0, []
         batches = range(0, len(todo), batch_size)
         for start in tqdm(batches, desc=f"embedding {features.name}", unit="batch", disable=not progress):
             ids = todo[start : start + batch_size]
-            without_thumbnail += _index_batch(db, out, search_model, store, ids, store_id, caption_of, thumbnail_dir, max_regions)
+            missing, bad = _index_batch(db, out, search_model, store, ids, store_id, caption_of, sources, max_regions)
+            without_thumbnail += missing
+            non_finite += bad
+        added = len(todo) - len(non_finite)
+        if non_finite:
+            _refuse_mostly_non_finite(non_finite, len(image_ids), features, model_dir)
+            logger.warning("%s: %d images not indexed, their embeddings hold NaN or inf (NaN/inf in their region "
+                           "features, or a broken model): %s", features, len(non_finite), _some(non_finite))
         unknown_captions = sum(1 for i in caption_of if i not in store)
         if unknown_captions:
             logger.warning("%s: %d captioned image ids are not in the feature store %s", captions, unknown_captions, features)
@@ -330,7 +366,7 @@ def build_index(
         # `index add` keeps the folder's choice unless told otherwise; `auto` re-decides on the new size.
         requested = manifest.get("requested_index_type", "auto") if append and index_type == "auto" else index_type
         total = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-        up_to_date = (not todo and (out / FAISS_FILE).is_file() and manifest.get("num_images") == total
+        up_to_date = (not added and (out / FAISS_FILE).is_file() and manifest.get("num_images") == total
                       and manifest.get("index_type") == choose_index_type(total, requested))
         chosen = manifest["index_type"] if up_to_date else _rebuild_faiss(db, out, requested)
     finally:
@@ -338,8 +374,30 @@ def build_index(
     manifest.update(index_type=chosen, requested_index_type=requested, num_images=total,
                     updated=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     manifest["feature_stores"] = sorted(set(manifest.get("feature_stores", [])) | {str(features.resolve())})
-    _write_atomically(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2)))
-    return BuildReport(len(todo), len(image_ids) - len(todo), total, chosen, without_thumbnail, unknown_captions)
+    # Per store, as of its latest run: the ids are never stored, so every run over the store meets them again.
+    left_out = manifest.pop("not_indexed_non_finite", {})
+    left_out.pop(str(features.resolve()), None)
+    if non_finite:
+        left_out[str(features.resolve())] = {"count": len(non_finite), "image_ids": non_finite[:NAMED_IN_MANIFEST]}
+    if left_out:
+        manifest["not_indexed_non_finite"] = left_out
+    atomic_write_json(manifest_path, manifest, indent=2)
+    return BuildReport(added, len(image_ids) - len(todo), total, chosen, without_thumbnail, unknown_captions,
+                       tuple(non_finite))
+
+
+def _some(image_ids: list[str], named: int = 5) -> str:
+    shown = ", ".join(repr(i) for i in image_ids[:named])
+    return shown + (f" and {len(image_ids) - named} more" if len(image_ids) > named else "")
+
+
+def _refuse_mostly_non_finite(non_finite: list[str], considered: int, features: Path, model_dir: Path) -> None:
+    if len(non_finite) > MAX_NON_FINITE_SHARE * considered:
+        raise DataError(
+            f"{features}: {len(non_finite)} of {considered} images have embeddings with NaN or inf "
+            f"({_some(non_finite)}); an index missing that many images is not built. Check the store's region "
+            f"features for NaN/inf, and the model {model_dir}."
+        )
 
 
 def _index_batch(
@@ -350,25 +408,32 @@ def _index_batch(
     ids: list[str],
     store_id: int,
     caption_of: dict[str, str],
-    thumbnail_dir: Path | None,
+    sources: dict[str, Path | None],
     max_regions: int,
-) -> int:
-    """Embed one batch and commit it with its metadata in one transaction. Returns images without thumbnail."""
+) -> tuple[int, list[str]]:
+    """Embed one batch and commit it with its metadata in one transaction. Returns the number of images
+    without a thumbnail (of those with a thumbnail folder, ``sources``) and the ids left out because
+    their embedding is not finite."""
     vectors = search_model.embed_images(region_batch([(store, i) for i in ids], max_regions)).astype(np.float32)
+    finite = np.isfinite(vectors).all(axis=1)
     missing = 0
     rows = []
-    for image_id, vector in zip(ids, vectors):
+    for image_id, vector, ok in zip(ids, vectors, finite):
+        if not ok:
+            continue
         thumbnail = None
-        source = find_image_file(thumbnail_dir, image_id) if thumbnail_dir else None
+        source = sources.get(image_id)
+        # Not an atomic write: the thumbnail exists before its row is committed, so a torn file is never
+        # referenced, and the next run rewrites it (its id is still to do).
         if source is not None:
             thumbnail = _thumbnail_name(image_id)
             write_thumbnail(source, out / thumbnail)
-        elif thumbnail_dir is not None:
+        elif image_id in sources:
             missing += 1
         rows.append((image_id, caption_of.get(image_id), thumbnail, store_id, vector.tobytes()))
     with db:  # one transaction: the batch is either fully indexed or not at all
         db.executemany("INSERT INTO images (image_id, caption, thumbnail, store_id, embedding) VALUES (?, ?, ?, ?, ?)", rows)
-    return missing
+    return missing, [i for i, ok in zip(ids, finite) if not ok]
 
 
 def _rebuild_faiss(db: sqlite3.Connection, out: Path, requested: str) -> str:
@@ -384,5 +449,6 @@ def _rebuild_faiss(db: sqlite3.Connection, out: Path, requested: str) -> str:
         raise ValueError(f"{out}: no images to index (the feature store was empty)")
     chosen = choose_index_type(total, requested)
     index = build_faiss_index(vectors, rows, chosen)
-    _write_atomically(out / FAISS_FILE, lambda p: faiss.write_index(index, str(p)))
+    with atomic_path(out / FAISS_FILE) as tmp:
+        faiss.write_index(index, str(tmp))
     return chosen

@@ -4,12 +4,21 @@
 
 Everything heavy (model, tokenizer, FAISS index, feature stores) loads once in :func:`create_app`;
 each search runs in a worker thread so the event loop keeps answering while the model works.
+
+Re-ranking costs up to RERANK_CAP pair forwards per query, so at most ``max_concurrent_reranks`` run at
+once (:class:`RerankGate`); a re-ranked search that finds them all busy waits up to
+``rerank_queue_timeout`` seconds for a slot and is otherwise answered 503 with ``Retry-After``: the client
+learns at once that the service is saturated instead of queueing without end. Searches without
+re-ranking (one text forward and a FAISS lookup) are not held back by the gate.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +31,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
+from interbert.errors import UsageError
+from interbert.serve import DEFAULT_RERANK_QUEUE_TIMEOUT
 from interbert.serve._data import open_features, region_batch
 from interbert.serve.index import ImageIndex, ImageRecord
 from interbert.serve.model import SearchModel, weights_fingerprint
@@ -34,6 +45,48 @@ MAX_BODY_BYTES = 4096  # a maximal query is 512 characters; 4 KiB leaves room fo
 RERANK_FACTOR = 4  # re-rank the top 4k candidates ...
 RERANK_CAP = 200  # ... but never more than this many pair forwards per query
 RERANK_BATCH = 64
+RETRY_AFTER_S = 1  # the 503's Retry-After, in seconds: several re-ranks' time at the default depth
+
+
+def default_max_concurrent_reranks() -> int:
+    """Half the cores this process may run on (at least 1). With one intra-op thread per forward (what
+    ``interbert serve`` sets) each re-rank keeps one core busy; the other half is left for the first
+    stage of searches without re-ranking and for the event loop."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // 2)
+
+
+class RerankSaturated(Exception):
+    """Every re-rank slot stayed busy for the whole queue timeout."""
+
+
+class RerankGate:
+    """At most ``limit`` re-ranked searches at once; a request waits at most ``queue_timeout`` seconds
+    for a free slot (first come, first served), else :class:`RerankSaturated`.
+
+    Lives on the server's event loop (uvicorn runs one), where admission costs no worker thread: waiting
+    requests do not hold the threads that searches without re-ranking run on."""
+
+    def __init__(self, limit: int, queue_timeout: float):
+        if limit < 1:
+            raise UsageError(f"max_concurrent_reranks must be >= 1, got {limit}")
+        if not queue_timeout >= 0:  # also refuses nan
+            raise UsageError(f"rerank_queue_timeout must be >= 0 seconds, got {queue_timeout}")
+        self.limit, self.queue_timeout = limit, queue_timeout
+        self._slots = asyncio.Semaphore(limit)
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        try:
+            # A free slot is taken without suspending, so even a zero timeout admits it.
+            async with asyncio.timeout(self.queue_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise RerankSaturated from None
+        try:
+            yield
+        finally:
+            self._slots.release()
 
 
 class SearchRequest(BaseModel):
@@ -169,12 +222,18 @@ def _validation_message(error: RequestValidationError) -> str:
 
 
 def create_app(index_dir: str | Path, model_dir: str | Path | None = None, rerank_cap: int = RERANK_CAP,
-               max_body_bytes: int = MAX_BODY_BYTES, device: str = "cpu") -> FastAPI:
-    """The app over one index; ``model_dir`` defaults to the model recorded in the index."""
+               max_body_bytes: int = MAX_BODY_BYTES, device: str = "cpu", max_concurrent_reranks: int | None = None,
+               rerank_queue_timeout: float = DEFAULT_RERANK_QUEUE_TIMEOUT) -> FastAPI:
+    """The app over one index; ``model_dir`` defaults to the model recorded in the index.
+    ``max_concurrent_reranks`` defaults to :func:`default_max_concurrent_reranks`."""
+    if max_concurrent_reranks is None:
+        max_concurrent_reranks = default_max_concurrent_reranks()
+    gate = RerankGate(max_concurrent_reranks, rerank_queue_timeout)
     service = SearchService(index_dir, model_dir, rerank_cap=rerank_cap, device=device)
     page = resources.files("interbert.serve").joinpath("page.html").read_text(encoding="utf-8")
     app = FastAPI(title="interbert search", version="1")
     app.state.service = service
+    app.state.rerank_gate = gate
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -183,11 +242,24 @@ def create_app(index_dir: str | Path, model_dir: str | Path | None = None, reran
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "images": len(service.index), "index_type": service.index.index_type,
-                "model": str(service.model.model_dir.resolve()), "scorer": service.model.architecture}
+                "model": str(service.model.model_dir.resolve()), "scorer": service.model.architecture,
+                "max_concurrent_reranks": gate.limit, "rerank_queue_timeout_s": gate.queue_timeout}
 
     @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True)
     async def search(request: SearchRequest) -> SearchResponse:
-        return await run_in_threadpool(service.search, request.query, request.k, request.rerank)
+        if not request.rerank:
+            return await run_in_threadpool(service.search, request.query, request.k, False)
+        try:
+            # The slot is held until the worker thread returns, even if the client goes away meanwhile:
+            # the thread cannot be stopped, so its forwards still count against the bound.
+            async with gate.slot():
+                return await run_in_threadpool(service.search, request.query, request.k, True)
+        except RerankSaturated:
+            raise HTTPException(
+                503, f"busy: {gate.limit} re-ranked searches are running and none finished within "
+                     f"{gate.queue_timeout:g} s; retry, or search without rerank",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
 
     @app.get("/images/{image_id:path}")  # ids may hold any character, "/" included
     async def image(image_id: str) -> FileResponse:
