@@ -137,6 +137,9 @@ def parse_vcr_line(raw: dict, path: Path, line: int, images_root: Path, metadata
     if not isinstance(raw["objects"], list) or not all(isinstance(o, str) for o in raw["objects"]):
         raise DataFormatError(path, "objects must be a list of class names", line)
     metadata_file = images_root / raw["metadata_fn"]
+    if metadata_file not in metadata_cache and not metadata_file.is_file():  # most often the images root is wrong
+        raise DataFormatError(path, f"metadata_fn {raw['metadata_fn']!r}: no such file in {images_root} (the folder it "
+                                    "is relative to: data.images_root / --images-root)", line)
     if metadata_file not in metadata_cache:
         try:
             metadata_cache[metadata_file] = read_metadata(metadata_file)
