@@ -28,7 +28,7 @@ def test_convert_then_check_real_regions(tmp_path, capsys):
     assert main(["data", "check", "--captions", str(captions), "--features", str(tmp_path / "store")]) == 0
     out = capsys.readouterr().out
     assert "captions: 20 for 4 images" in out and "feature dim 1024" in out
-    assert "3 images with captions have no features; training skips their 15 captions" in out
+    assert "3 images with captions have no features; training skips 15 captions" in out
     assert "11 images in the feature store are not used" in out and "OK" in out
 
 
@@ -50,8 +50,8 @@ def test_check_fails_on_data_that_cannot_train(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 1 and "error: 1 of 2 images cannot train" in out
     assert f"{tmp_path / 'f.tsv'}: image 'b': non-finite values (NaN or inf) in 2 of 2 regions" in out
-    assert "1 images have boxes outside the image (training clips them): 'c'" in out
-    assert "1 images with captions have no features; training skips their 1 captions: 'z'" in out
+    assert "1 image with boxes outside the picture (training clips them): 'c'" in out
+    assert "1 image with captions has no features; training skips 1 caption: 'z'" in out
     write_npz_folder(tmp_path / "npz", [("q", good)])
     assert main(["data", "check", "--captions", str(tmp_path / "c.jsonl"), "--features", str(tmp_path / "npz")]) == 1
     assert "no image has both captions and features" in capsys.readouterr().out
@@ -92,5 +92,5 @@ def test_check_lists_every_bad_image_up_to_a_cap_and_reads_past_a_reader_error(t
     assert "error: 25 of 30 images cannot train" in out and "  ... and 5 more" in out
     assert f"{tmp_path / 'f.tsv'}: image '0': non-finite values" in out
     assert f"{tmp_path / 'f.tsv'}:4: image 3: 3 feature values for num_boxes=1" in out
-    assert "error: 1 malformed entries" in out and f"{tmp_path / 'c.jsonl'}:31: expected an object" in out
+    assert "error: 1 malformed entry" in out and f"{tmp_path / 'c.jsonl'}:31: expected an object" in out
     assert "images_with" not in out and "Traceback" not in out

@@ -85,6 +85,11 @@ def verify_images(store: FeatureStore, image_ids: Sequence[str], progress: bool 
                         "`interbert data check` lists them all")
 
 
+def _n(count: int, noun: str, plural: str | None = None) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
 def _ids(ids: Sequence[str], limit: int = MAX_INLINE) -> str:
     shown = ", ".join(repr(i) for i in ids[:limit])
     return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
@@ -132,28 +137,31 @@ class DataReport:
         out: list[tuple[str, str, list[str]]] = []
         if self.captions_without_features:
             ids = self.captions_without_features
-            out.append(("warning", f"{len(ids)} images with captions have no features; training skips their "
-                                   f"{self.num_captions_without_features} captions: {_ids(ids)}", []))
+            out.append(("warning", f"{_n(len(ids), 'image')} with captions {'has' if len(ids) == 1 else 'have'} no "
+                                   f"features; training skips {_n(self.num_captions_without_features, 'caption')}: "
+                                   f"{_ids(ids)}", []))
         if self.features_without_captions:
             ids = self.features_without_captions
-            out.append(("warning", f"{len(ids)} images in the feature store are not used (no caption or VCR item names "
-                                   f"them): {_ids(ids)}", []))
+            out.append(("warning", f"{_n(len(ids), 'image')} in the feature store {'is' if len(ids) == 1 else 'are'} "
+                                   f"not used (named by no caption or VCR item): {_ids(ids)}", []))
         if self.images_with_boxes_outside:
             ids = self.images_with_boxes_outside
-            out.append(("warning", f"{len(ids)} images have boxes outside the image (training clips them): {_ids(ids)}", []))
+            out.append(("warning", f"{_n(len(ids), 'image')} with boxes outside the picture (training clips them): "
+                                   f"{_ids(ids)}", []))
         if self.bad_unused_images:
             bad = self.bad_unused_images
-            out.append(("warning", f"{len(bad)} of the images not used cannot train either",
+            out.append(("warning", f"{_n(len(bad), 'image')} not used cannot train either",
                         list(bad.values())))
         out += [("error", message, []) for message in self.unreadable]
         if self.bad_entries:
-            out.append(("error", f"{len(self.bad_entries)} malformed entries (training stops at the first)",
+            out.append(("error", f"{_n(len(self.bad_entries), 'malformed entry', 'malformed entries')} (training "
+                                 "stops at the first)",
                         self.bad_entries))
         bad = self.bad_used_images
         if bad:
-            out.append(("error", f"{len(bad)} of {self.num_used_images} images cannot train", list(bad.values())))
+            out.append(("error", f"{len(bad)} of {_n(self.num_used_images, 'image')} cannot train", list(bad.values())))
         if self.vcr_items_without_features:
-            out.append(("error", f"{len(self.vcr_items_without_features)} VCR items have no features",
+            out.append(("error", f"{_n(len(self.vcr_items_without_features), 'VCR item')} without features",
                         self.vcr_items_without_features))
         if self.captions_path and self.features_path and not self.unreadable and not self.caption_image_ids_with_features:
             out.append(("error", "no image has both captions and features (do the ids match?)", []))
@@ -204,6 +212,8 @@ def check_data(captions: Sequence[Caption] | None, store: FeatureStore, progress
         report.vcr_items_without_features = [f"{item.source}: image id {item.image_id!r} (the stem of img_fn)"
                                               for item in vcr_items if item.image_id not in feature_set]
         report.used_image_ids |= {item.image_id for item in vcr_items}
+    if captions is None and vcr_items is None:  # nothing to match (e.g. the captions could not be read): all count
+        report.used_image_ids |= feature_set
     report.features_without_captions = [i for i in feature_ids if i not in report.used_image_ids]
     report.num_used_images = len(report.used_image_ids & feature_set)
     for image_id in tqdm(feature_ids, desc="checking features", unit="img", disable=not progress):

@@ -193,7 +193,7 @@ def read_vcr(path: str | Path, images_root: str | Path | None = None,
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as e:
-            report(problems, DataFormatError(path, f"not valid JSON ({e.msg}, column {e.colno})", line_no))
+            report(problems, DataFormatError(path, f"not valid JSON: {e.msg} (column {e.colno})", line_no))
             continue
         if not isinstance(raw, dict):
             report(problems, DataFormatError(path, "a line must be a JSON object", line_no))
