@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import shared_path
 
@@ -83,3 +85,67 @@ def test_malformed_token_line_names_line(tmp_path):
     bad.write_text("a.jpg#0\tA dog .\nb.jpg no tab here\n")
     with pytest.raises(DataFormatError, match=r"tokens.txt:2"):
         read_captions(bad, format="flickr8k")
+
+
+def _karpathy(tmp_path, images, name="dataset.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"images": images}, indent=1))
+    return path
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        ([{"filename": "a.jpg", "split": "train"}], r"images\[0\] \(id 'a'\): no 'sentences'"),
+        ([{"cocoid": 7, "sentences": "a dog"}], r"images\[0\] \(id '7'\): 'sentences' is a string"),
+        ([{"cocoid": 7, "sentences": [{"raw": "a"}, {"tokens": ["b"]}]}], r"images\[0\] \(id '7'\): sentences\[1\] has no 'raw'"),
+        ([{"cocoid": 7, "sentences": [{"raw": None}]}], r"images\[0\] \(id '7'\): sentences\[0\] 'raw' is null"),
+        ([{"sentences": []}], r"images\[0\] has neither 'cocoid' nor 'filename'"),
+        ([{"cocoid": 7, "sentences": [{"raw": "a"}]}, {"cocoid": 7, "sentences": [{"raw": "b"}]}],
+         r"images\[1\] \(id '7'\): image id '7' is also images\[0\]"),
+    ],
+)
+def test_malformed_karpathy_entries_name_the_image_and_field(tmp_path, images, message):
+    # the first image's fault must not read as "unknown caption format": the file is Karpathy's
+    path = _karpathy(tmp_path, images)
+    with pytest.raises(DataFormatError, match=r"dataset.json: " + message):
+        read_captions(path)
+
+
+def test_collecting_problems_reads_past_every_bad_entry(tmp_path):
+    path = _karpathy(tmp_path, [{"cocoid": 1, "sentences": [{"raw": "a"}, {}]}, {"cocoid": 2, "sentences": "b"},
+                                {"cocoid": 3, "sentences": [{"raw": "c"}]}])
+    problems = []
+    captions = read_captions(path, problems=problems)
+    assert [c.text for c in captions] == ["a", "c"]
+    assert [str(p).split(": ", 1)[1][:14] for p in problems] == ["images[0] (id ", "images[1] (id "]
+
+
+def test_non_utf8_bytes_name_file_line_and_column(tmp_path):
+    doc = tmp_path / "doc.json"
+    doc.write_bytes(json.dumps({"images": [{"cocoid": 1, "sentences": [{"raw": "x"}]}]}, indent=1).encode()
+                    .replace(b'"x"', b'"caf\xe9"'))
+    with pytest.raises(DataFormatError, match=r"doc.json:7: not UTF-8 text: byte 0xe9 at column 17"):
+        read_captions(doc)
+    lines = tmp_path / "c.jsonl"
+    lines.write_bytes(b'{"image_id": 1, "caption": "a"}\n{"image_id": 2, "caption": "caf\xe9"}\n')
+    with pytest.raises(DataFormatError, match=r"c.jsonl:2: not UTF-8"):
+        read_captions(lines)
+    tokens = tmp_path / "t.txt"
+    tokens.write_bytes(b"a.jpg#0\tA dog\nb.jpg#0\tA caf\xe9\n")
+    with pytest.raises(DataFormatError, match=r"t.txt:2: not UTF-8"):
+        read_captions(tokens)
+
+
+def test_truncated_and_empty_files(tmp_path):
+    truncated = tmp_path / "cut.json"
+    truncated.write_text('{"images": [{"cocoid": 1, "sentences": [{"raw": "a dog"}]},\n {"cocoid": 2, "sentences": [{"raw": "a c')
+    with pytest.raises(DataFormatError, match=r"cut.json:2: malformed JSON: .*truncated"):
+        read_captions(truncated)
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    with pytest.raises(DataFormatError, match=r"empty.json: empty file"):
+        read_captions(empty)
+    no_captions = _karpathy(tmp_path, [], name="none.json")
+    with pytest.raises(DataFormatError, match=r"none.json: no captions"):
+        read_captions(no_captions)

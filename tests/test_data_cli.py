@@ -28,7 +28,8 @@ def test_convert_then_check_real_regions(tmp_path, capsys):
     assert main(["data", "check", "--captions", str(captions), "--features", str(tmp_path / "store")]) == 0
     out = capsys.readouterr().out
     assert "captions: 20 for 4 images" in out and "feature dim 1024" in out
-    assert "3 captions without features" in out and "11 features without captions" in out and "OK" in out
+    assert "3 images with captions have no features; training skips 15 captions" in out
+    assert "11 images in the feature store are not used" in out and "OK" in out
 
 
 def test_convert_refuses_to_mix_dtypes_on_resume(tmp_path):
@@ -47,8 +48,10 @@ def test_check_fails_on_data_that_cannot_train(tmp_path, capsys):
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"image_id": i, "caption": "x"}) for i in "abz"))
     code = main(["data", "check", "--captions", str(tmp_path / "c.jsonl"), "--features", str(tmp_path / "f.tsv")])
     out = capsys.readouterr().out
-    assert code == 1 and "1 images with nonfinite values" in out and "['b']" in out
-    assert "1 images with boxes outside" in out and "1 captions without features (e.g. ['z'])" in out
+    assert code == 1 and "error: 1 of 2 images cannot train" in out
+    assert f"{tmp_path / 'f.tsv'}: image 'b': non-finite values (NaN or inf) in 2 of 2 regions" in out
+    assert "1 image with boxes outside the picture (training clips them): 'c'" in out
+    assert "1 image with captions has no features; training skips 1 caption: 'z'" in out
     write_npz_folder(tmp_path / "npz", [("q", good)])
     assert main(["data", "check", "--captions", str(tmp_path / "c.jsonl"), "--features", str(tmp_path / "npz")]) == 1
     assert "no image has both captions and features" in capsys.readouterr().out
@@ -71,3 +74,23 @@ def test_other_modules_can_join_the_data_group():
     cli.register(sub)
     assert parser.parse_args(["data", "synth"]).data_command == "synth"
     assert parser.parse_args(["data", "check", "--captions", "c", "--features", "f"]).data_command == "check"
+
+
+def test_check_lists_every_bad_image_up_to_a_cap_and_reads_past_a_reader_error(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    box = [[0, 0, 5, 5]]
+    items = [(str(n), Regions(np.full((1, 4), np.nan) if n < 25 else rng.random((1, 4)), box, 10, 10)) for n in range(30)]
+    write_tsv(tmp_path / "f.tsv", items)
+    lines = (tmp_path / "f.tsv").read_text().splitlines()
+    lines[3] = lines[3][:-8]  # image 3: its base64 features cut short, a reader error for that image alone
+    (tmp_path / "f.tsv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"image_id": str(n), "caption": "x"}) for n in range(30))
+                                      + '\n{"image_id": "5"}\n')
+    code = main(["data", "check", "--captions", str(tmp_path / "c.jsonl"), "--features", str(tmp_path / "f.tsv")])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "error: 25 of 30 images cannot train" in out and "  ... and 5 more" in out
+    assert f"{tmp_path / 'f.tsv'}: image '0': non-finite values" in out
+    assert f"{tmp_path / 'f.tsv'}:4: image 3: 3 feature values for num_boxes=1" in out
+    assert "error: 1 malformed entry" in out and f"{tmp_path / 'c.jsonl'}:31: expected an object" in out
+    assert "images_with" not in out and "Traceback" not in out

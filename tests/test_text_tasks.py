@@ -39,11 +39,13 @@ def test_real_sst2_and_mrpc_are_recognised_and_read_whole():
         ("sentence\tlabel\ngood\t1\nbad\n", "1 tab-separated fields, the header has 2"),
         ("sentence\tlabel\ngood\t1\nbad\tmaybe\n", "label 'maybe' is not one of"),
         ("text\tscore\nfine\t1\n", "matches no known task"),
+        ("", "no header line"),
+        (b"sentence\tlabel\ngood\t1\nna\xefve\t0\n", "bad.tsv:3: not UTF-8 text: byte 0xef at column 3"),
     ],
 )
 def test_bad_rows_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "bad.tsv"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(DataFormatError, match=re.escape(message)) as info:
         read_glue(path)
     assert str(info.value).startswith(f"{path}:")

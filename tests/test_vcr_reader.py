@@ -12,6 +12,7 @@ import pytest
 from conftest import shared_path
 
 from interbert.data.errors import DataFormatError
+from interbert.errors import DataError
 from interbert.data.features import FeatureStore, Regions
 from interbert.data.vcr import (
     PERSON_NAMES,
@@ -148,6 +149,9 @@ def test_synthetic_line_reads(tmp_path):
         (_line(rationale_label=7), "rationale_label must be 0-3"),
         (_line(objects=["person", "dog"]), "do not match the names"),
         (_line(metadata_fn="missing.json"), "missing.json"),
+        (_line(img_fn=None), "img_fn must be a file name"),
+        (_line(objects="person cup"), "objects must be a list of class names"),
+        (_line(answer_label=True), "answer_label must be 0-3"),
     ],
 )
 def test_bad_lines_name_file_and_line(tmp_path, bad, message):
@@ -184,5 +188,24 @@ def test_tagged_box_takes_the_feature_of_the_store_region_it_overlaps_most(tmp_p
 def test_an_item_without_features_in_the_store_is_named(tmp_path):
     (item,) = read_vcr(_write_lines(tmp_path, [_line(img_fn="elsewhere.jpg")], META))
     detected = Regions(features=np.ones((1, 2)), boxes=np.array([[0, 0, 4, 4]]), image_w=10, image_h=10)
-    with pytest.raises(KeyError, match="x.jsonl:1, image id 'elsewhere'"):
+    with pytest.raises(DataError, match="x.jsonl:1, image id 'elsewhere'"):
         VcrDataset([item], WordTokenizer(), store=OneImageStore(detected))
+
+
+def test_bad_bytes_and_bad_metadata_name_their_file(tmp_path):
+    path = _write_lines(tmp_path, [_line(), _line()], {"boxes": [[0, 0, 5]], "names": ["person"], "width": 10,
+                                                          "height": 10})
+    with pytest.raises(DataFormatError, match=r"x.jsonl:1: metadata 'a.json': .*a.json: metadata 'boxes' must be"):
+        read_vcr(path)
+    path.write_bytes(_line().encode() + b"\n" + _line().encode().replace(b"Who", b"Wh\xf6") + b"\n")
+    (tmp_path / "vcr1images" / "a.json").write_text(json.dumps(META))
+    with pytest.raises(DataFormatError, match=r"x.jsonl:2: not UTF-8 text: byte 0xf6"):
+        read_vcr(path)
+
+
+def test_collecting_problems_keeps_the_good_lines(tmp_path):
+    path = _write_lines(tmp_path, [_line(), "{not json", _line(rationale_label=9), _line(annot_id="t-4")], META)
+    problems = []
+    items = read_vcr(path, problems=problems)
+    assert [i.annot_id for i in items] == ["t-1", "t-4"]
+    assert [(p.path, p.line) for p in problems] == [(str(path), 2), (str(path), 3)]

@@ -33,6 +33,7 @@ from interbert.data.negatives import (
     tfidf_hard_negatives,
 )
 from interbert.data.tokenize import encode_caption
+from interbert.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ def captions_with_features(captions: Sequence[Caption], store: FeatureStore) -> 
         logger.warning("skipping %d of %d captions: %d images have no features in %s (e.g. %s)",
                        len(captions) - len(kept), len(captions), len(missing), store.path, missing[:5])
     if not kept:
-        raise ValueError(f"no caption has features in {store.path}: check that the image ids match "
-                         "(`interbert data check`)")
+        raise DataError(f"no caption has features in {store.path}: check that the image ids match "
+                        "(`interbert data check`)")
     return kept
 
 

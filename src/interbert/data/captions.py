@@ -1,7 +1,13 @@
 """Caption readers for the layouts users bring: Karpathy split JSON, COCO caption annotations, the
 Flickr8k token file (also COCO-CN's), the Flickr30k ``{"<id>.jpg": [captions..., path]}`` layout, and
 JSON lines. Every reader yields :class:`Caption`; image ids are strings everywhere so that ``1339``
-from a TSV and ``"1339"`` from a JSON file name the same image."""
+from a TSV and ``"1339"`` from a JSON file name the same image.
+
+A malformed entry is a :class:`DataFormatError` naming the file and the entry: the line for line-based
+files, the image index and id (and the field) for one JSON document. Readers take ``problems`` (see
+:mod:`interbert.data.text_files`): None raises the first, a list collects them all and reading goes on,
+skipping the bad entries, which is how ``interbert data check`` reports every one of them.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from interbert.data.errors import DataFormatError
+from interbert.data.text_files import load_json, report, text_lines
+from interbert.errors import UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "dev": "val", "restval": "restval", "test": "test"}
+
+Problems = list[DataFormatError] | None
 
 
 @dataclass(frozen=True)
@@ -34,65 +44,95 @@ def image_id_from_filename(name: str) -> str:
     return name
 
 
-def _load_json(path: Path) -> object:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataFormatError(path, f"malformed JSON: {e.msg} (column {e.colno})", line=e.lineno) from None
+def _kind(value: object) -> str:
+    """How a JSON value reads to a user: ``a string``, ``a number``, ``null``, ..."""
+    names = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "a list", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def read_karpathy(path: str | Path) -> Iterator[Caption]:
+def _karpathy_image_id(image: dict) -> str | None:
+    if "cocoid" in image:
+        return str(image["cocoid"])
+    if isinstance(image.get("filename"), str):
+        return image_id_from_filename(image["filename"])
+    return None
+
+
+def read_karpathy(path: str | Path, problems: Problems = None) -> Iterator[Caption]:
     """``images[].{filename, split, sentences[].raw, cocoid?}``; image id = cocoid when present (so it
-    matches COCO-keyed features), else the file name without suffix."""
+    matches COCO-keyed features), else the file name without suffix. Two entries with one image id are
+    an error: either the image is listed twice or two images would share one set of features."""
     path = Path(path)
-    data = _load_json(path)
+    data = load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataFormatError(path, "not a Karpathy split file: no top-level 'images' list")
+    first_entry: dict[str, int] = {}
     for n, image in enumerate(data["images"]):
-        if "sentences" not in image or ("cocoid" not in image and "filename" not in image):
-            raise DataFormatError(path, f"images[{n}] lacks 'sentences' or an id ('cocoid'/'filename')")
-        image_id = str(image["cocoid"]) if "cocoid" in image else image_id_from_filename(image["filename"])
+        if not isinstance(image, dict):
+            report(problems, DataFormatError(path, f"images[{n}] is {_kind(image)}, not an object"))
+            continue
+        image_id = _karpathy_image_id(image)
+        where = f"images[{n}]" + (f" (id {image_id!r})" if image_id is not None else "")
+        if image_id is None:
+            report(problems, DataFormatError(path, f"{where} has neither 'cocoid' nor 'filename' to name its image"))
+            continue
+        if image_id in first_entry:
+            report(problems, DataFormatError(path, f"{where}: image id {image_id!r} is also images[{first_entry[image_id]}]"
+                                                   " (listed twice, or two images with one id)"))
+            continue
+        first_entry[image_id] = n
+        sentences = image.get("sentences")
+        if not isinstance(sentences, list):
+            found = "no 'sentences'" if "sentences" not in image else f"'sentences' is {_kind(sentences)}"
+            report(problems, DataFormatError(path, f"{where}: {found}; expected a list of {{\"raw\": <caption>}} objects"))
+            continue
         split = SPLIT_NAMES.get(image.get("split"), image.get("split"))
-        for k, sentence in enumerate(image["sentences"]):
+        for k, sentence in enumerate(sentences):
+            raw = sentence.get("raw") if isinstance(sentence, dict) else None
+            if not isinstance(raw, str):
+                found = (f"is {_kind(sentence)}, not an object" if not isinstance(sentence, dict)
+                         else "has no 'raw' caption text" if "raw" not in sentence else f"'raw' is {_kind(raw)}, not text")
+                report(problems, DataFormatError(path, f"{where}: sentences[{k}] {found}"))
+                continue
             caption_id = str(sentence.get("sentid", f"{image_id}#{k}"))
-            yield Caption(image_id, caption_id, sentence["raw"].strip(), split)
+            yield Caption(image_id, caption_id, raw.strip(), split)
 
 
-def read_coco(path: str | Path, split: str | None = None) -> Iterator[Caption]:
+def read_coco(path: str | Path, split: str | None = None, problems: Problems = None) -> Iterator[Caption]:
     """COCO caption annotations: ``annotations[].{image_id, id, caption}``."""
     path = Path(path)
-    data = _load_json(path)
+    data = load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise DataFormatError(path, "not a COCO caption file: no top-level 'annotations' list")
     for n, ann in enumerate(data["annotations"]):
-        if "image_id" not in ann or "caption" not in ann:
-            raise DataFormatError(path, f"annotations[{n}] lacks 'image_id' or 'caption'")
+        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
+            where = f"annotations[{n}]" + (f" (image id {ann['image_id']!r})" if isinstance(ann, dict) and "image_id" in ann else "")
+            report(problems, DataFormatError(path, f"{where} needs 'image_id' and a 'caption' string"))
+            continue
         yield Caption(str(ann["image_id"]), str(ann.get("id", f"{ann['image_id']}#{n}")), ann["caption"].strip(), split)
 
 
-def read_token_file(path: str | Path, split: str | None = None) -> Iterator[Caption]:
+def read_token_file(path: str | Path, split: str | None = None, problems: Problems = None) -> Iterator[Caption]:
     """Flickr8k's ``Flickr8k.token.txt`` (``<file>.jpg#N<TAB>caption``); COCO-CN uses the same shape."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            key, sep, text = line.partition("\t")
-            name, hash_, number = key.rpartition("#")
-            if not sep or not hash_ or not text.strip():
-                raise DataFormatError(path, f"expected '<image>#<n><TAB><caption>', got {line[:80]!r}", line=line_no)
-            image_id = image_id_from_filename(name)
-            yield Caption(image_id, f"{image_id}#{number}", text.strip(), split)
+    for line_no, line in text_lines(path, problems):
+        if not line.strip():
+            continue
+        key, sep, text = line.partition("\t")
+        name, hash_, number = key.rpartition("#")
+        if not sep or not hash_ or not text.strip():
+            report(problems, DataFormatError(path, f"expected '<image>#<n><TAB><caption>', got {line[:80]!r}", line=line_no))
+            continue
+        image_id = image_id_from_filename(name)
+        yield Caption(image_id, f"{image_id}#{number}", text.strip(), split)
 
 
-def read_flickr30k(path: str | Path, split: str | None = None) -> Iterator[Caption]:
+def read_flickr30k(path: str | Path, split: str | None = None, problems: Problems = None) -> Iterator[Caption]:
     """``{"<id>.jpg": [caption, ..., "<folder>/<id>.jpg"]}`` (a trailing image path is ignored), or
     ``{"<id>.jpg": {"captions": [...], "split...": ...}}``. The split defaults to the file's name
     (``test.json`` -> test, ``validation.json`` -> val)."""
     path = Path(path)
-    data = _load_json(path)
+    data = load_json(path)
     if not isinstance(data, dict):
         raise DataFormatError(path, "not a Flickr30k caption file: expected an object keyed by image file name")
     split = split or SPLIT_NAMES.get(path.stem.lower())
@@ -102,29 +142,31 @@ def read_flickr30k(path: str | Path, split: str | None = None) -> Iterator[Capti
             image_split = next((SPLIT_NAMES.get(v, v) for k, v in value.items() if k.startswith("split")), split)
             value = value.get("captions")
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise DataFormatError(path, f"entry {name!r}: expected a list of caption strings")
+            report(problems, DataFormatError(path, f"entry {name!r}: expected a list of caption strings"))
+            continue
         image_id = image_id_from_filename(name)
         texts = [v for v in value if not v.lower().endswith(IMAGE_SUFFIXES)]
         for k, text in enumerate(texts):
             yield Caption(image_id, f"{image_id}#{k}", text.strip(), image_split)
 
 
-def read_jsonl(path: str | Path) -> Iterator[Caption]:
+def read_jsonl(path: str | Path, problems: Problems = None) -> Iterator[Caption]:
     """One object per line: ``{"image_id", "caption", "split"?, "caption_id"?}``."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(path, f"malformed JSON: {e.msg} (column {e.colno})", line=line_no) from None
-            if not isinstance(row, dict) or "image_id" not in row or "caption" not in row:
-                raise DataFormatError(path, "expected an object with 'image_id' and 'caption'", line=line_no)
-            image_id = str(row["image_id"])
-            caption_id = str(row.get("caption_id", f"{image_id}#{line_no}"))
-            yield Caption(image_id, caption_id, str(row["caption"]).strip(), row.get("split"))
+    for line_no, line in text_lines(path, problems):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            report(problems, DataFormatError(path, f"malformed JSON: {e.msg} (column {e.colno})", line=line_no))
+            continue
+        if not isinstance(row, dict) or "image_id" not in row or not isinstance(row.get("caption"), str):
+            report(problems, DataFormatError(path, "expected an object with 'image_id' and a 'caption' string", line=line_no))
+            continue
+        image_id = str(row["image_id"])
+        caption_id = str(row.get("caption_id", f"{image_id}#{line_no}"))
+        yield Caption(image_id, caption_id, row["caption"].strip(), row.get("split"))
 
 
 READERS = {
@@ -141,11 +183,14 @@ def sniff_caption_format(path: str | Path) -> str:
     path = Path(path)
     if path.suffix == ".jsonl":
         return "jsonl"
-    with open(path, encoding="utf-8") as f:
-        head = f.read(4096)
+    with open(path, "rb") as f:
+        # only to guess the layout: a byte that is not UTF-8 is reported by the reader, with its line
+        head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff")
     stripped = head.lstrip()
+    if not stripped:
+        raise DataFormatError(path, "empty file: no captions")
     if not stripped.startswith(("{", "[")):
-        first = stripped.splitlines()[0] if stripped else ""
+        first = stripped.splitlines()[0]
         if "\t" in first and "#" in first.split("\t")[0]:
             return "flickr8k"
         raise DataFormatError(path, "unknown caption format (not JSON, not '<image>#<n><TAB><caption>' lines)", line=1)
@@ -157,22 +202,28 @@ def sniff_caption_format(path: str | Path) -> str:
                 return "jsonl"
         except json.JSONDecodeError:
             pass
-    data = _load_json(path)  # one document: decide on its keys
+    data = load_json(path)  # one document: decide on its keys
     if isinstance(data, dict):
-        if isinstance(data.get("images"), list) and data["images"] and "sentences" in data["images"][0]:
-            return "karpathy"
+        # COCO files also hold an 'images' list (without sentences), so 'annotations' decides first;
+        # any other 'images' list is Karpathy's, whose reader then names an entry that lacks its sentences
         if isinstance(data.get("annotations"), list):
             return "coco"
+        if isinstance(data.get("images"), list):
+            return "karpathy"
         if data and all(k.lower().endswith(IMAGE_SUFFIXES) for k in list(data)[:10]):
             return "flickr30k"
     raise DataFormatError(path, "unknown caption format (JSON, but neither Karpathy, COCO nor Flickr30k layout)")
 
 
-def read_captions(path: str | Path, format: str = "auto") -> list[Caption]:
+def read_captions(path: str | Path, format: str = "auto", problems: Problems = None) -> list[Caption]:
     """All captions of ``path``; ``format`` is one of ``auto``, ``karpathy``, ``coco``, ``flickr8k``,
-    ``flickr30k``, ``jsonl``."""
+    ``flickr30k``, ``jsonl``. With ``problems`` a list, malformed entries are recorded there and skipped."""
+    if format not in ("auto", *READERS):
+        raise UsageError(f"unknown caption format {format!r}; choose auto or one of {sorted(READERS)}")
     if format == "auto":
         format = sniff_caption_format(path)
-    if format not in READERS:
-        raise ValueError(f"unknown caption format {format!r}; choose auto or one of {sorted(READERS)}")
-    return list(READERS[format](path))
+    found = len(problems) if problems is not None else 0
+    captions = list(READERS[format](path, problems=problems))
+    if not captions and (problems is None or len(problems) == found):  # else the problems say why
+        raise DataFormatError(path, f"no captions ({format} layout)")
+    return captions

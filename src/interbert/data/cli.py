@@ -36,13 +36,13 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from interbert.data.captions import read_captions
-    from interbert.data.check import check_data
-    from interbert.data.features import open_features
+    from interbert.data.check import check_files
+    from interbert.errors import UsageError
 
-    captions = read_captions(args.captions, format=args.captions_format)
-    store = open_features(args.features, trust_pickle=args.trust_pickle)
-    report = check_data(captions, store, progress=True)
+    if not args.captions and not args.vcr:
+        raise UsageError("data check: give --captions FILE and/or --vcr FILE (with --features)")
+    report = check_files(args.features, captions=args.captions, captions_format=args.captions_format, vcr=args.vcr,
+                         images_root=args.images_root, trust_pickle=args.trust_pickle, progress=True)
     print("\n".join(report.lines()))
     return 1 if report.errors else 0
 
@@ -69,9 +69,14 @@ def register(subparsers) -> None:
     c.add_argument("--trust-pickle", action="store_true", help="allow reading pickled LMDB values or an HDF5 file's *_imgid2idx.pkl (runs code!)")
     c.set_defaults(func=_cmd_convert)
 
-    k = data.add_parser("check", help="report whether captions and features can train together")
-    k.add_argument("--captions", required=True)
+    k = data.add_parser("check", help="report whether captions (or VCR lines) and features can train together",
+                        description="Reads every entry and every image once and lists every problem with its place "
+                                    "(the first 20 of each kind, and the count). Exit 1 when the data cannot train, "
+                                    "0 when it can (warnings allowed).")
+    k.add_argument("--captions", help="Karpathy JSON, COCO JSON, Flickr8k token file, Flickr30k JSON or JSON lines")
     k.add_argument("--captions-format", default="auto")
+    k.add_argument("--vcr", help="a VCR jsonl file (its images are looked up in --features by the stem of img_fn)")
+    k.add_argument("--images-root", help="the folder VCR's metadata_fn is relative to (default: as `finetune vcr`)")
     k.add_argument("--features", required=True)
     k.add_argument("--trust-pickle", action="store_true")
     k.set_defaults(func=_cmd_check)

@@ -11,7 +11,7 @@ Known layouts, recognised by their header (or named with ``task=``):
 | ``rte`` | ``sentence1``, ``sentence2`` | ``label`` entailment / not_entailment |
 
 Fields are split on tabs only (MRPC's strings hold unbalanced quotes, so no CSV quoting); a byte-order
-mark is ignored. A row with the wrong number of fields or an unknown label raises
+mark is ignored. A row with the wrong number of fields, an unknown label or bytes that are not UTF-8 raises
 :class:`DataFormatError` naming file and line.
 """
 
@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from interbert.data.errors import DataFormatError
+from interbert.data.text_files import text_lines
+from interbert.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -67,15 +69,16 @@ def sniff_task(header: Sequence[str], path: str | Path = "?") -> GlueTask:
 def read_glue(path: str | Path, task: str | None = None) -> tuple[GlueTask, list[TextExample]]:
     """Read a GLUE TSV; ``task`` names the layout, else the header decides."""
     path = Path(path)
-    with open(path, encoding="utf-8-sig") as f:
-        lines = f.read().split("\n")
-    header = lines[0].rstrip("\r").split("\t")
+    lines = list(text_lines(path))  # a line that is not UTF-8 is an error naming it
+    if not lines or not lines[0][1].strip():
+        raise DataFormatError(path, "no header line (empty file?)", 1)
+    header = lines[0][1].split("\t")
     if task is None:
         spec = sniff_task(header, path)
     elif task in TASKS:
         spec = TASKS[task]
     else:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+        raise UsageError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     columns = [spec.text_a, spec.label] + ([spec.text_b] if spec.text_b else [])
     missing = [c for c in columns if c not in header]
     if missing:
@@ -83,8 +86,7 @@ def read_glue(path: str | Path, task: str | None = None) -> tuple[GlueTask, list
     at = {name: header.index(name) for name in columns}
     label_index = {label: n for n, label in enumerate(spec.labels)}
     examples = []
-    for line_no, line in enumerate(lines[1:], start=2):
-        line = line.rstrip("\r")
+    for line_no, line in lines[1:]:
         if not line.strip():
             continue
         fields = line.split("\t")

@@ -38,6 +38,8 @@ from interbert.data.batches import prepare_regions
 from interbert.data.captions import image_id_from_filename
 from interbert.data.errors import DataFormatError
 from interbert.data.features import FeatureStore, Regions
+from interbert.data.text_files import load_json, report, text_lines
+from interbert.errors import DataError
 
 # Gender-neutral names for people, as VCR models do (R2C, VL-BERT); the person index picks one.
 PERSON_NAMES = ("Casey", "Riley", "Jessie", "Jackie", "Avery", "Jaime", "Peyton", "Kerry", "Jody", "Kendall",
@@ -82,19 +84,28 @@ def read_metadata(path: str | Path) -> VcrMetadata:
     """A VCR metadata JSON; a missing or malformed file raises :class:`DataFormatError` naming it."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = load_json(path)
     except FileNotFoundError:
         raise DataFormatError(path, "metadata file not found") from None
-    except json.JSONDecodeError as e:
-        raise DataFormatError(path, f"not valid JSON ({e.msg})", e.lineno) from None
+    except OSError as e:  # e.g. metadata_fn "" names the images folder itself
+        raise DataFormatError(path, f"cannot read the metadata file ({e.strerror or e})") from None
+    except DataFormatError as e:
+        raise DataFormatError(path, f"not valid JSON ({str(e).split(': ', 1)[-1]})", e.line) from None
+    if not isinstance(raw, dict):
+        raise DataFormatError(path, "metadata must be a JSON object")
     missing = [k for k in ("boxes", "names", "width", "height") if k not in raw]
     if missing:
         raise DataFormatError(path, f"metadata lacks {missing}")
-    boxes = np.asarray(raw["boxes"], dtype=np.float32).reshape(-1, 5) if raw["boxes"] else np.zeros((0, 5), np.float32)
-    if len(boxes) != len(raw["names"]):
-        raise DataFormatError(path, f"{len(boxes)} boxes but {len(raw['names'])} names")
-    return VcrMetadata(boxes[:, :4].copy(), boxes[:, 4].copy(), list(raw["names"]), int(raw["width"]), int(raw["height"]))
+    try:
+        boxes = np.asarray(raw["boxes"] or np.zeros((0, 5)), dtype=np.float32).reshape(-1, 5)
+        width, height = int(raw["width"]), int(raw["height"])
+    except (TypeError, ValueError):
+        raise DataFormatError(path, "metadata 'boxes' must be [x1, y1, x2, y2, score] numbers and 'width'/'height' "
+                                    "whole numbers") from None
+    if not isinstance(raw["names"], list) or len(boxes) != len(raw["names"]):
+        raise DataFormatError(path, f"{len(boxes)} boxes but {len(raw['names'])} names"
+                              if isinstance(raw["names"], list) else "metadata 'names' must be a list")
+    return VcrMetadata(boxes[:, :4].copy(), boxes[:, 4].copy(), [str(n) for n in raw["names"]], width, height)
 
 
 def _check_tokens(tokens: object, num_objects: int, what: str) -> str | None:
@@ -120,7 +131,15 @@ def parse_vcr_line(raw: dict, path: Path, line: int, images_root: Path, metadata
     missing = [k for k in required if k not in raw]
     if missing:
         raise DataFormatError(path, f"missing field(s) {missing}", line)
+    wrong = [k for k in ("img_fn", "metadata_fn") if not isinstance(raw[k], str) or not raw[k]]
+    if wrong:
+        raise DataFormatError(path, f"{' and '.join(wrong)} must be a file name", line)
+    if not isinstance(raw["objects"], list) or not all(isinstance(o, str) for o in raw["objects"]):
+        raise DataFormatError(path, "objects must be a list of class names", line)
     metadata_file = images_root / raw["metadata_fn"]
+    if metadata_file not in metadata_cache and not metadata_file.is_file():  # most often the images root is wrong
+        raise DataFormatError(path, f"metadata_fn {raw['metadata_fn']!r}: no such file in {images_root} (the folder it "
+                                    "is relative to: data.images_root / --images-root)", line)
     if metadata_file not in metadata_cache:
         try:
             metadata_cache[metadata_file] = read_metadata(metadata_file)
@@ -137,7 +156,7 @@ def parse_vcr_line(raw: dict, path: Path, line: int, images_root: Path, metadata
             raise DataFormatError(path, f"{field} must hold {NUM_CHOICES} choices", line)
         problems += [_check_tokens(c, len(objects), f"{field}[{k}]") for k, c in enumerate(choices)]
     for label in ("answer_label", "rationale_label"):
-        if raw[label] not in range(NUM_CHOICES):
+        if isinstance(raw[label], bool) or raw[label] not in range(NUM_CHOICES):
             problems.append(f"{label} must be 0-{NUM_CHOICES - 1}, got {raw[label]!r}")
     problems = [p for p in problems if p]
     if problems:
@@ -156,27 +175,34 @@ def parse_vcr_line(raw: dict, path: Path, line: int, images_root: Path, metadata
     )
 
 
-def read_vcr(path: str | Path, images_root: str | Path | None = None) -> list[VcrItem]:
+def read_vcr(path: str | Path, images_root: str | Path | None = None,
+             problems: list[DataFormatError] | None = None) -> list[VcrItem]:
     """All lines of a VCR jsonl file. ``images_root``: the folder ``metadata_fn`` is relative to
-    (default: ``vcr1images`` beside the file when it exists, else the file's folder)."""
+    (default: ``vcr1images`` beside the file when it exists, else the file's folder). ``problems``: as
+    the caption readers (None raises the first bad line; a list collects them and skips those lines)."""
     path = Path(path)
     if images_root is None:
         beside = path.parent / "vcr1images"
         images_root = beside if beside.is_dir() else path.parent
     images_root = Path(images_root)
     items, cache = [], {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(path, f"not valid JSON ({e.msg})", line_no) from None
-            if not isinstance(raw, dict):
-                raise DataFormatError(path, "a line must be a JSON object", line_no)
+    found = len(problems) if problems is not None else 0
+    for line_no, line in text_lines(path, problems):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            report(problems, DataFormatError(path, f"not valid JSON: {e.msg} (column {e.colno})", line_no))
+            continue
+        if not isinstance(raw, dict):
+            report(problems, DataFormatError(path, "a line must be a JSON object", line_no))
+            continue
+        try:
             items.append(parse_vcr_line(raw, path, line_no, images_root, cache))
-    if not items:
+        except DataFormatError as e:
+            report(problems, e)
+    if not items and (problems is None or len(problems) == found):  # else the problems say why
         raise DataFormatError(path, "no VCR lines")
     return items
 
@@ -295,12 +321,12 @@ def item_regions(item: VcrItem, objects: Sequence[int], store: FeatureStore | No
         features = vcr_standin_features(meta.boxes[order], [meta.names[i] for i in order], meta.width, meta.height, feature_dim)
         return Regions(features, meta.boxes[order], meta.width, meta.height)
     if item.image_id not in store:
-        raise KeyError(f"{item.source}: image id {item.image_id!r} (from img_fn) is not in the feature store {store.path}")
+        raise DataError(f"{item.source}: image id {item.image_id!r} (from img_fn) is not in the feature store {store.path}")
     detected = store[item.image_id]
     boxes = meta.boxes[tagged]
     if len(tagged):
         if detected.num_regions == 0:
-            raise ValueError(f"{item.source}: the feature store has no regions for image {item.image_id!r}")
+            raise DataError(f"{item.source}: the feature store {store.path} has no regions for image {item.image_id!r}")
         best = box_iou(boxes, detected.boxes).argmax(1)
         features = detected.features[best]
     else:
@@ -340,7 +366,7 @@ class VcrDataset(torch.utils.data.Dataset):
         if store is not None:
             missing = [it for it in self.items if it.image_id not in store]
             if missing:
-                raise KeyError(f"{len(missing)} VCR item(s) have no features in {store.path}; the first is "
+                raise DataError(f"{len(missing)} VCR item(s) have no features in {store.path}; the first is "
                                f"{missing[0].source}, image id {missing[0].image_id!r} (the stem of its img_fn)")
 
     def __len__(self) -> int:

@@ -30,7 +30,7 @@ def _cmd_pretrain(args) -> int:
     from interbert.recipes import pretrain
 
     _setup_logging()
-    _print_summary(pretrain.run(load_config(args.config, args.overrides), resume=args.resume))
+    _print_summary(pretrain.run(load_config(args.config, args.overrides), resume=args.resume, source=args.config))
     return 0
 
 
@@ -38,7 +38,8 @@ def _cmd_finetune_retrieval(args) -> int:
     from interbert.recipes import finetune_retrieval
 
     _setup_logging()
-    _print_summary(finetune_retrieval.run(load_config(args.config, args.overrides), resume=args.resume))
+    _print_summary(finetune_retrieval.run(load_config(args.config, args.overrides), resume=args.resume,
+                                          source=args.config))
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +16,67 @@ import torch
 
 from interbert.config import InterBertConfig, preset
 from interbert.data.captions import Caption, read_captions
+from interbert.data.check import verify_images
 from interbert.data.features import FeatureStore, open_features
 from interbert.data.tokenize import load_tokenizer, train_wordpiece
+from interbert.errors import UsageError
 from interbert.modeling import InterBertPreTrainedModel
 from interbert.train import FINAL_WEIGHTS_NAME, Trainer, TrainConfig
+from interbert.utils.config_files import ConfigError
 
 logger = logging.getLogger(__name__)
 
 MODEL_DIR = "model"  # under output_dir: the trained model as save_pretrained + its tokenizer
 
 
+def setting(cfg: Mapping, key: str) -> Any:
+    """The value of a dotted ``key`` (``data.captions``), None when it or a section above it is absent."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
+
+
+def require_settings(cfg: Mapping, required: Mapping[str, str], source: str = "config") -> None:
+    """Refuse a run whose required settings are null or absent, naming every one and how to pass it.
+
+    ``required`` maps dotted keys to what their value is (``{"data.captions": "FILE"}``); without this a
+    missing path surfaced as ``TypeError: expected str ... not NoneType`` from deep inside a reader."""
+    missing = [key for key in required if setting(cfg, key) in (None, "")]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        how = " ".join(f"{key}={required[key]}" for key in missing)
+        raise ConfigError(f"{source}: {' and '.join(missing)} {verb} required (pass {how})")
+
+
+def check_choice(cfg: Mapping, key: str, choices: Iterable[str], default: str, source: str = "config") -> str:
+    """The value of ``key`` (``default`` when unset), refused by name unless it is one of ``choices``."""
+    value = setting(cfg, key)
+    value = default if value is None else value
+    if value not in choices:
+        raise ConfigError(f"{source}: {key} must be one of {', '.join(map(str, choices))}, not {value!r}")
+    return value
+
+
+def model_folder(path: str | Path, key: str, source: str = "config") -> Path:
+    """A model folder named by a setting; checked here because ``from_pretrained`` would otherwise take
+    a missing folder for a Hub model id and fail with a message that names neither the setting nor the path."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{source}: {key}={path} is not a model folder (no config.json); give the `model` "
+                          "folder a recipe wrote")
+    return path
+
+
 def captions_of_split(path: str | Path, split: str | None, max_images: int | None = None) -> list[Caption]:
     """The captions of one split (all of them when ``split`` is None), optionally the first N images."""
     captions = read_captions(path)
     if split is not None:
+        splits = sorted({str(c.split) for c in captions})
         captions = [c for c in captions if c.split == split]
         if not captions:
-            raise ValueError(f"{path}: no captions in split {split!r}")
+            raise UsageError(f"{path}: no captions in split {split!r}; the file's splits: {', '.join(splits)} "
+                             "(choose one, or null / 'all' for every caption)")
     if max_images is not None:
         keep = set(list(dict.fromkeys(c.image_id for c in captions))[:max_images])
         captions = [c for c in captions if c.image_id in keep]
@@ -71,6 +116,13 @@ def new_model(model_cfg: dict, tokenizer, store: FeatureStore, model_class: type
     return model_class(build_config(model_cfg, vocab_size=len(tokenizer), **fields))
 
 
+def check_region_feature_size(model: InterBertPreTrainedModel, store: FeatureStore, source: str = "config") -> None:
+    """A checkpoint built for other features would fail at its first forward with a bare shape error."""
+    if model.config.region_feature_size != store.feature_dim:
+        raise ConfigError(f"{source}: model.from_checkpoint expects {model.config.region_feature_size}-d region features, "
+                          f"but {store.path} holds {store.feature_dim}-d ones")
+
+
 def bert_lr_multiplier(model_cfg: dict):
     """``model.bert_lr_factor`` for the BERT-initialised weights (embeddings, single and text streams),
     when the text path comes from BERT; None otherwise."""
@@ -83,6 +135,16 @@ def bert_lr_multiplier(model_cfg: dict):
 
 def feature_store(path: str | Path) -> FeatureStore:
     return open_features(path)
+
+
+def verify_features(captions: list[Caption], store: FeatureStore, data_cfg: Mapping, progress: bool = False) -> None:
+    """Before training: read every image the captions use once and refuse the run, naming the image,
+    when one cannot train (undecodable, NaN, wrong size, no regions). Found later, such an image stops
+    a run hours in, or NaN poisons the weights silently. ``data.verify_features: false`` skips the pass
+    (one read of the images) for a store ``interbert data check`` has passed."""
+    if data_cfg.get("verify_features", True) is False:
+        return
+    verify_images(store, sorted({c.image_id for c in captions if c.image_id in store}), progress=progress)
 
 
 def load_model(model_dir: str | Path, model_class: type[InterBertPreTrainedModel]) -> InterBertPreTrainedModel:
@@ -111,10 +173,17 @@ def set_threads(n: int | None) -> None:
         torch.set_num_threads(int(n))
 
 
-def start_run(cfg: dict) -> tuple[TrainConfig, Path]:
-    """What every training recipe does first: threads, the loop's config, the output folder."""
+def start_run(cfg: dict, source: str = "config") -> tuple[TrainConfig, Path]:
+    """What every training recipe does first: threads, the loop's config, the output folder. A bad
+    ``train`` setting is a usage error naming the config, not a traceback."""
+    for section in ("model", "data", "train"):
+        if not isinstance(cfg.get(section), dict):
+            raise ConfigError(f"{source}: the '{section}' section is missing (see configs/*.yaml)")
     set_threads(cfg.get("threads"))
-    train_cfg = TrainConfig.from_dict(cfg["train"])
+    try:
+        train_cfg = TrainConfig.from_dict(cfg["train"])
+    except (TypeError, ValueError) as e:  # TrainConfig's own checks (ValueError) and values of the wrong type
+        raise ConfigError(f"{source}: train: {e}") from None
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     return train_cfg, out

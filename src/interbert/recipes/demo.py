@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from interbert.errors import UsageError
 from interbert.recipes import finetune_retrieval, pretrain
 from interbert.recipes.evaluate_retrieval import evaluate_retrieval
 from interbert.utils.machine import cpu_model
@@ -240,7 +241,7 @@ def run_ablations(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path,
     the same plan reuses it, so an interrupted ablation resumes and new variants join an old table."""
     unknown = [v for v in variants if v not in ABLATIONS]
     if unknown:
-        raise ValueError(f"unknown ablation(s) {unknown}; choose from {list(ABLATIONS)}")
+        raise UsageError(f"unknown ablation(s) {unknown}; choose from {list(ABLATIONS)}")
     rows, curves, minutes = {}, {}, 0.0
     for variant in variants:
         label, change = ABLATIONS[variant]

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from interbert.data.batches import prepare_regions
+from interbert.data.check import verify_images
 from interbert.data.tokenize import encode_caption, load_tokenizer
+from interbert.errors import DataError, UsageError
 from interbert.evaluate import image_retrieval_ranks, retrieval_metrics, write_rank_histogram
 from interbert.modeling import InterBertForImageTextRetrieval, InterBertForPreTraining
 from interbert.recipes.common import captions_of_split, feature_store, set_threads
@@ -36,13 +38,13 @@ def load_scoring_model(model_dir: str | Path, zero_shot: bool):
     architectures = json.loads(config_file.read_text()).get("architectures") or []
     if zero_shot:
         if "InterBertForPreTraining" not in architectures:
-            raise ValueError(
+            raise UsageError(
                 f"{model_dir} holds {architectures}: --zero-shot scores with the pretraining ITM head of a "
                 "model that was never fine-tuned for retrieval (an InterBertForPreTraining checkpoint)"
             )
         return InterBertForPreTraining.from_pretrained(model_dir).eval()
     if "InterBertForImageTextRetrieval" not in architectures:
-        raise ValueError(
+        raise UsageError(
             f"{model_dir} holds {architectures}, not a fine-tuned retrieval model; "
             "use --zero-shot to score with a pretraining checkpoint's ITM head"
         )
@@ -53,8 +55,9 @@ def prepare_split(captions, store, tokenizer, max_tokens: int, max_regions: int)
     """Token ids per caption, prepared regions per image, and each caption's image column."""
     image_ids = list(dict.fromkeys(c.image_id for c in captions))
     missing = [i for i in image_ids if i not in store]
-    if missing:
-        raise KeyError(f"{len(missing)} evaluated images have no features in {store.path} (e.g. {missing[:5]})")
+    if missing:  # every caption is ranked against every image: an image without features cannot be skipped
+        raise DataError(f"{len(missing)} evaluated images have no features in {store.path} (e.g. {missing[:5]})")
+    verify_images(store, image_ids)  # NaN would turn into ranks silently
     column = {image_id: n for n, image_id in enumerate(image_ids)}
     token_ids = [encode_caption(tokenizer, c.text, max_tokens).input_ids for c in captions]
     images = []

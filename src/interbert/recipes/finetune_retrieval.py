@@ -25,15 +25,22 @@ from interbert.modeling import InterBertForImageTextRetrieval, InterBertForPreTr
 from interbert.recipes.common import (
     bert_lr_multiplier,
     captions_of_split,
+    check_choice,
+    check_region_feature_size,
     feature_store,
+    model_folder,
     new_model,
+    require_settings,
     save_trained,
     start_run,
     tokenizer_for,
+    verify_features,
 )
 from interbert.train import Trainer
 
 logger = logging.getLogger(__name__)
+
+REQUIRED = {"data.captions": "FILE", "data.features": "PATH"}  # setting -> what to pass
 
 
 def collate_groups(groups, pad_token_id: int) -> dict:
@@ -53,14 +60,21 @@ def build_model(model_cfg: dict, tokenizer, store) -> InterBertForImageTextRetri
     return new_model(model_cfg, tokenizer, store, InterBertForImageTextRetrieval)
 
 
-def run(cfg: dict, resume: bool = False) -> dict:
-    train_cfg, out = start_run(cfg)
+def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
+    """``source``: where ``cfg`` came from (the config file), for error messages."""
+    require_settings(cfg, REQUIRED, source)
+    train_cfg, out = start_run(cfg, source)
     data, model_cfg = cfg["data"], cfg["model"]
+    check_choice(cfg, "data.hard_negative", ("image", "caption"), "image", source)
+    checkpoint = model_cfg.get("from_checkpoint")
+    if checkpoint:
+        model_folder(checkpoint, "model.from_checkpoint", source)
     captions = captions_of_split(data["captions"], data.get("split", "train"), data.get("max_images"))
     store = feature_store(data["features"])
-    checkpoint = model_cfg.get("from_checkpoint")
+    verify_features(captions, store, data, progress=train_cfg.progress_bar)
     tokenizer = load_tokenizer(checkpoint) if checkpoint else tokenizer_for(data, captions, out, model_cfg.get("from_bert"))
     model = build_model(model_cfg, tokenizer, store)
+    check_region_feature_size(model, store, source)
     for name, value in (model_cfg.get("config_updates") or {}).items():  # e.g. itc_loss_weight for fine-tuning
         setattr(model.config, name, value)
     dataset = RetrievalDataset(

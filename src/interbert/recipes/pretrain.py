@@ -14,15 +14,21 @@ import logging
 import time
 
 from interbert.data.batches import PretrainingDataset, collate
+from interbert.data.masking import TEXT_MASKERS
 from interbert.modeling import InterBertForPreTraining
 from interbert.recipes.common import (
     bert_lr_multiplier,
     captions_of_split,
+    check_choice,
+    check_region_feature_size,
     feature_store,
+    model_folder,
     new_model,
+    require_settings,
     save_trained,
     start_run,
     tokenizer_for,
+    verify_features,
 )
 from interbert.train import Trainer
 
@@ -31,6 +37,7 @@ logger = logging.getLogger(__name__)
 # tfidf: the paper's ITM-hn (TF-IDF-similar captions of other images); random: other images' captions;
 # in_batch: matched pairs only, re-paired in the model with batch images drawn by embedding similarity
 NEGATIVES = ("tfidf", "random", "in_batch")
+REQUIRED = {"data.captions": "FILE", "data.features": "PATH"}  # setting -> what to pass
 
 
 def build_model(model_cfg: dict, tokenizer, store) -> InterBertForPreTraining:
@@ -39,17 +46,24 @@ def build_model(model_cfg: dict, tokenizer, store) -> InterBertForPreTraining:
     return new_model(model_cfg, tokenizer, store, InterBertForPreTraining)
 
 
-def run(cfg: dict, resume: bool = False) -> dict:
-    train_cfg, out = start_run(cfg)
+def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
+    """``source``: where ``cfg`` came from (the config file), for error messages."""
+    require_settings(cfg, REQUIRED, source)
+    train_cfg, out = start_run(cfg, source)
     data, model_cfg = cfg["data"], cfg["model"]
-    negatives = data.get("negatives", "tfidf")
-    if negatives not in NEGATIVES:
-        raise ValueError(f"data.negatives must be one of {NEGATIVES}, not {negatives!r}")
+    negatives = check_choice(cfg, "data.negatives", NEGATIVES, "tfidf", source)
+    check_choice(cfg, "data.msm", TEXT_MASKERS, "span", source)
+    check_choice(cfg, "data.mrm", ("group", "region"), "group", source)
+    if model_cfg.get("from_checkpoint"):
+        model_folder(model_cfg["from_checkpoint"], "model.from_checkpoint", source)
 
+    # every input is read and checked before the (slow) tokenizer, model and negatives are built
     captions = captions_of_split(data["captions"], data.get("split", "train"), data.get("max_images"))
     store = feature_store(data["features"])
+    verify_features(captions, store, data, progress=train_cfg.progress_bar)
     tokenizer = tokenizer_for(data, captions, out, model_cfg.get("from_bert"))
     model = build_model(model_cfg, tokenizer, store)
+    check_region_feature_size(model, store, source)
     model.config.itm_negatives = "in_batch" if negatives == "in_batch" else "data"
     dataset = PretrainingDataset(
         captions, store, tokenizer,

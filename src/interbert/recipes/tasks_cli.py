@@ -20,7 +20,7 @@ def _cmd_finetune_vcr(args) -> int:
     from interbert.recipes import vcr
 
     recipes_cli._setup_logging()
-    _print_summary(vcr.run(load_config(args.config, args.overrides), resume=args.resume))
+    _print_summary(vcr.run(load_config(args.config, args.overrides), resume=args.resume, source=args.config))
     return 0
 
 
@@ -28,7 +28,7 @@ def _cmd_finetune_text(args) -> int:
     from interbert.recipes import text
 
     recipes_cli._setup_logging()
-    _print_summary(text.run(load_config(args.config, args.overrides), resume=args.resume))
+    _print_summary(text.run(load_config(args.config, args.overrides), resume=args.resume, source=args.config))
     return 0
 
 

@@ -30,10 +30,13 @@ from interbert.data.glue import (
 )
 from interbert.data.tokenize import load_tokenizer, train_wordpiece
 from interbert.modeling import InterBertForSequenceClassification
-from interbert.recipes.common import argmax_predictions, build_config, save_trained, start_run
+from interbert.recipes.common import argmax_predictions, build_config, model_folder, require_settings, save_trained, start_run
+from interbert.utils.config_files import ConfigError
 from interbert.train import Trainer
 
 logger = logging.getLogger(__name__)
+
+REQUIRED = {"data.train": "GLUE_TSV"}  # setting -> what to pass
 
 
 def load_text_model(model_dir: str | Path, num_labels: int) -> InterBertForSequenceClassification:
@@ -77,24 +80,29 @@ def evaluate_text(model: nn.Module, dataset: TextClassificationDataset, f1: bool
     return classification_metrics(predictions, [e.label for e in dataset.examples], f1=f1)
 
 
-def train_and_dev_examples(data_cfg: dict):
+def train_and_dev_examples(data_cfg: dict, source: str = "config"):
     """(task, train examples, dev examples): ``data.dev`` when given, else a seeded hold-out of train."""
     task, train = read_glue(data_cfg["train"], data_cfg.get("task"))
     if data_cfg.get("dev"):
         _, dev = read_glue(data_cfg["dev"], task.name)
     else:
-        train, dev = split_examples(train, float(data_cfg.get("test_fraction", 0.3)), int(data_cfg.get("split_seed", 0)))
+        try:
+            train, dev = split_examples(train, float(data_cfg.get("test_fraction", 0.3)), int(data_cfg.get("split_seed", 0)))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: data.test_fraction / data.split_seed: {e}") from None
     if data_cfg.get("max_train_examples"):
         train = train[: int(data_cfg["max_train_examples"])]
     return task, train, dev
 
 
-def run(cfg: dict, resume: bool = False) -> dict:
-    train_cfg, out = start_run(cfg)
+def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
+    """``source``: where ``cfg`` came from (the config file), for error messages."""
+    require_settings(cfg, REQUIRED, source)
+    train_cfg, out = start_run(cfg, source)
     data, model_cfg = cfg["data"], cfg["model"]
-    if not data.get("train"):
-        raise ValueError("data.train is required (a GLUE TSV file)")
-    task, train, dev = train_and_dev_examples(data)
+    if model_cfg.get("from_checkpoint"):
+        model_folder(model_cfg["from_checkpoint"], "model.from_checkpoint", source)
+    task, train, dev = train_and_dev_examples(data, source)
     tokenizer = text_tokenizer(data, model_cfg, [e.text_a for e in train] + [e.text_b for e in train if e.text_b], out)
     model = build_text_model(model_cfg, tokenizer, num_labels=len(task.labels))
     max_tokens = int(data.get("max_tokens", 128))

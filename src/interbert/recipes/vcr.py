@@ -32,12 +32,24 @@ from interbert.data.features import FeatureStore, open_features
 from interbert.data.tokenize import load_tokenizer, train_wordpiece
 from interbert.data.vcr import TASKS, VcrDataset, VcrItem, collate_choices, object_names, read_vcr, render_tokens
 from interbert.modeling import InterBertForMultipleChoice, InterBertForPreTraining
-from interbert.recipes.common import argmax_predictions, build_config, save_trained, start_run
+from interbert.data.check import verify_images
+from interbert.recipes.common import (
+    argmax_predictions,
+    build_config,
+    model_folder,
+    require_settings,
+    save_trained,
+    setting,
+    start_run,
+)
+from interbert.errors import UsageError
+from interbert.utils.config_files import ConfigError
 from interbert.train import Trainer
 
 logger = logging.getLogger(__name__)
 
 CHANCE = {"Q->A": 25.0, "QA->R": 25.0, "Q->AR": 6.25}
+REQUIRED = {"data.train": "VCR_JSONL"}  # setting -> what to pass; and data.features or data.feature_dim
 
 
 def vcr_accuracies(answer_predictions: Sequence[int], answer_labels: Sequence[int],
@@ -75,8 +87,8 @@ def build_vcr_model(model_cfg: dict, tokenizer, feature_dim: int) -> InterBertFo
     if model_cfg.get("from_checkpoint"):
         model = load_vcr_model(model_cfg["from_checkpoint"])
         if model.config.region_feature_size != feature_dim:
-            raise ValueError(f"{model_cfg['from_checkpoint']} expects {model.config.region_feature_size}-d region "
-                             f"features, the data has {feature_dim}-d")
+            raise UsageError(f"model.from_checkpoint={model_cfg['from_checkpoint']} expects "
+                             f"{model.config.region_feature_size}-d region features, the data has {feature_dim}-d")
         return model
     overrides = {**(model_cfg.get("overrides") or {}), "region_feature_size": feature_dim}
     if model_cfg.get("from_bert"):
@@ -134,31 +146,42 @@ def evaluate_vcr(model: nn.Module, items: Sequence[VcrItem], tokenizer, store: F
                             for i, a, r in zip(items, predictions["Q->A"], predictions["QA->R"])]}
 
 
-def _store_and_dim(data_cfg: dict) -> tuple[FeatureStore | None, int]:
+def _store_and_dim(data_cfg: dict, source: str = "config") -> tuple[FeatureStore | None, int]:
     if data_cfg.get("features"):
         store = open_features(data_cfg["features"])
         return store, store.feature_dim
     dim = data_cfg.get("feature_dim")
     if not dim:
-        raise ValueError("give data.features (a feature store keyed by the stem of img_fn) or data.feature_dim "
-                         "(stand-in features computed from the metadata boxes and names)")
+        raise ConfigError(f"{source}: data.features or data.feature_dim is required (pass data.features=PATH, a "
+                          "feature store keyed by the stem of img_fn, or data.feature_dim=N for stand-in features "
+                          "computed from the metadata boxes and names)")
+    if not isinstance(dim, int) or dim < 5:
+        raise ConfigError(f"{source}: data.feature_dim must be a whole number >= 5 (the stand-in features hold the "
+                          f"box geometry in their first 5 values), not {dim!r}")
     logger.warning("no feature store: using stand-in features from the metadata (vcr_standin_features), not visual ones")
     return None, int(dim)
 
 
-def run(cfg: dict, resume: bool = False) -> dict:
-    train_cfg, out = start_run(cfg)
+def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
+    """``source``: where ``cfg`` came from (the config file), for error messages."""
+    require_settings(cfg, REQUIRED, source)
+    train_cfg, out = start_run(cfg, source)
     data, model_cfg = cfg["data"], cfg["model"]
-    if not data.get("train"):
-        raise ValueError("data.train is required (a VCR jsonl file)")
+    tasks = setting(cfg, "data.tasks") or list(TASKS)
+    if not isinstance(tasks, list) or not set(tasks) <= set(TASKS):
+        raise ConfigError(f"{source}: data.tasks must be a list of {', '.join(TASKS)}, not {tasks!r}")
+    if model_cfg.get("from_checkpoint"):
+        model_folder(model_cfg["from_checkpoint"], "model.from_checkpoint", source)
     items = read_vcr(data["train"], data.get("images_root"))
     if data.get("max_items"):
         items = items[: int(data["max_items"])]
-    store, feature_dim = _store_and_dim(data)
+    store, feature_dim = _store_and_dim(data, source)
+    if store is not None and data.get("verify_features", True) is not False:  # as common.verify_features
+        verify_images(store, sorted({i.image_id for i in items if i.image_id in store}), progress=train_cfg.progress_bar)
     tokenizer = vcr_tokenizer(data, model_cfg, items, out)
     model = build_vcr_model(model_cfg, tokenizer, feature_dim)
     sizes = dict(max_tokens=int(data.get("max_tokens", 64)), max_regions=int(data.get("max_regions", 36)))
-    dataset = VcrDataset(items, tokenizer, store, tasks=data.get("tasks") or TASKS, feature_dim=feature_dim, **sizes)
+    dataset = VcrDataset(items, tokenizer, store, tasks=tasks, feature_dim=feature_dim, **sizes)
     logger.info("VCR fine-tuning on %d items x %s = %d examples", len(items), list(dataset.tasks), len(dataset))
     start = time.perf_counter()
     trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate_choices, pad_token_id=tokenizer.pad_token_id))
