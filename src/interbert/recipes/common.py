@@ -55,13 +55,19 @@ def build_config(model_cfg: dict, **fields: Any) -> InterBertConfig:
     return preset(model_cfg.get("preset", "tiny"), **{**(model_cfg.get("overrides") or {}), **fields})
 
 
+def mrm_target_of(store: FeatureStore) -> str:
+    """What masked region modeling can predict on this store: the detector's class distributions when
+    it has them (the paper), else the region features."""
+    return "classes" if store[store.ids()[0]].class_probs is not None else "features"
+
+
 def new_model(model_cfg: dict, tokenizer, store: FeatureStore, model_class: type[InterBertPreTrainedModel]):
-    """A model sized to the data: region features and detector classes from the store; the text path from
-    ``model.from_bert`` (BERT's width and vocabulary) or, from scratch, the preset with the tokenizer's
-    vocabulary."""
+    """A model sized to the data: region features, detector classes and the MRM target from the store; the
+    text path from ``model.from_bert`` (BERT's width and vocabulary) or, from scratch, the preset with the
+    tokenizer's vocabulary."""
     from interbert.convert import from_bert
 
-    fields = dict(region_feature_size=store.feature_dim)
+    fields = dict(region_feature_size=store.feature_dim, mrm_target=mrm_target_of(store))
     first = store[store.ids()[0]]
     if first.class_probs is not None:
         fields["num_region_classes"] = int(first.class_probs.shape[1])

@@ -19,6 +19,7 @@ from interbert.recipes.common import (
     bert_lr_multiplier,
     captions_of_split,
     feature_store,
+    mrm_target_of,
     new_model,
     save_trained,
     start_run,
@@ -34,9 +35,17 @@ NEGATIVES = ("tfidf", "random", "in_batch")
 
 
 def build_model(model_cfg: dict, tokenizer, store) -> InterBertForPreTraining:
-    if model_cfg.get("from_checkpoint"):
-        return InterBertForPreTraining.from_pretrained(model_cfg["from_checkpoint"])
-    return new_model(model_cfg, tokenizer, store, InterBertForPreTraining)
+    checkpoint = model_cfg.get("from_checkpoint")
+    if not checkpoint:
+        return new_model(model_cfg, tokenizer, store, InterBertForPreTraining)
+    model = InterBertForPreTraining.from_pretrained(checkpoint)
+    target = mrm_target_of(store)
+    if model.config.mrm_target != target:  # its MRM decoder has nothing to learn from these features
+        raise ValueError(
+            f"{checkpoint} predicts masked region {model.config.mrm_target} but {store.path} "
+            f"{'has' if target == 'classes' else 'has no'} class distributions: continue on features of its kind"
+        )
+    return model
 
 
 def run(cfg: dict, resume: bool = False) -> dict:
