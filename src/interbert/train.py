@@ -18,6 +18,12 @@ Distributed: launch with ``torchrun --nproc_per_node N ...``; the loop joins the
 describes (NCCL on GPU, gloo on CPU), wraps the model in ``DistributedDataParallel`` and shards the data
 with ``DistributedSampler``. ``batch_size`` is per process and per micro-batch, so one update sees
 ``batch_size * grad_accum_steps * world_size`` examples. Only rank 0 writes logs and checkpoints.
+
+DDP all-reduces the gradient of every trainable parameter after each backward and fails when one never
+gets a gradient. A model may therefore name, in ``unused_parameter_names()``, the parameters that no
+loss of its current configuration reaches (the InterBERT heads do: e.g. the image side of a text
+classifier); the loop freezes them, in one process or many alike. ``find_unused_parameters`` remains
+for models whose unused parameters change from step to step (slower: DDP then walks the graph each step).
 """
 
 from __future__ import annotations
@@ -90,6 +96,9 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes
     drop_last: bool = True  # drop the incomplete last batch of an epoch
     find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
+    # Debugging DDP: every rank writes its weights to rank_weights/rank{r}_step{n}.safetensors when fit
+    # starts and when it ends, so that one can check the ranks stayed identical (tests do).
+    save_rank_weights: bool = False
     progress_bar: bool = True
     tensorboard: bool = True
 
@@ -285,6 +294,17 @@ def batch_seed(seed: int, epoch: int, rank: int, batch_index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank, batch_index]).generate_state(1)[0])
 
 
+def freeze_unused_parameters(model: nn.Module) -> list[str]:
+    """Freeze the parameters that ``model.unused_parameter_names()`` names (none when it has no such
+    method) and return their names."""
+    names_of_unused = getattr(model, "unused_parameter_names", None)
+    unused = set(names_of_unused()) if callable(names_of_unused) else set()
+    for name, param in model.named_parameters():
+        if name in unused:
+            param.requires_grad_(False)
+    return sorted(unused)
+
+
 def loss_components(output: Any) -> dict[str, torch.Tensor | None]:
     """The output's ``loss`` and every field named ``*_loss`` (None where the model gave none)."""
     if dataclasses.is_dataclass(output):
@@ -444,6 +464,10 @@ class Trainer:
         self.use_bf16 = config.bf16 and self.device.type == "cuda"
 
         self.model = model.to(self.device)  # the bare module: names, EMA, saving
+        frozen = freeze_unused_parameters(self.model)
+        if frozen:
+            modules = sorted({".".join(name.split(".")[:2]) for name in frozen})
+            logger.info("no loss reaches %d parameter tensors; frozen: %s", len(frozen), ", ".join(modules))
         multiplier = lr_multiplier_for or lr_multiplier_from_patterns(config.lr_multipliers)
         self.optimizer = torch.optim.AdamW(
             build_param_groups(self.model, config.weight_decay, multiplier),
@@ -593,6 +617,8 @@ class Trainer:
             self.load_checkpoint(self.output_dir / CHECKPOINT_NAME)
         else:
             seed_everything(cfg.seed + self.dist.rank)  # dropout noise differs per rank
+        if cfg.save_rank_weights:
+            self.save_rank_weights()
 
         writer = self._summary_writer()
         progress = self._progress_bar()
@@ -646,6 +672,8 @@ class Trainer:
             if self._last_saved_step != self.step:
                 self.save_checkpoint()
             self.save_final_weights()
+            if cfg.save_rank_weights:
+                self.save_rank_weights()
         finally:
             if progress is not None:
                 progress.close()
@@ -796,6 +824,16 @@ class Trainer:
         self.eval_history = list(state["eval_history"])
         self._last_saved_step = self.step
         set_rng_state(state["rng_states"][self.dist.rank])
+
+    def save_rank_weights(self) -> Path:
+        """This rank's current (not averaged) weights to ``rank_weights/rank{r}_step{n}.safetensors``."""
+        from safetensors.torch import save_file
+
+        path = self.output_dir / "rank_weights" / f"rank{self.dist.rank}_step{self.step}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # clone: safetensors refuses tensors that share storage (tied weights)
+        save_file({name: value.detach().cpu().clone() for name, value in self.model.state_dict().items()}, str(path))
+        return path
 
     def save_final_weights(self) -> Path | None:
         """Rank 0 writes the model's state dict (EMA weights when EMA is on) to ``model.pt``."""
