@@ -19,10 +19,18 @@ from interbert.data.features import FeatureStore, open_features
 from interbert.data.tokenize import load_tokenizer, train_wordpiece
 from interbert.modeling import InterBertPreTrainedModel
 from interbert.train import FINAL_WEIGHTS_NAME, Trainer, TrainConfig
+from interbert.utils import load_config
 
 logger = logging.getLogger(__name__)
 
 MODEL_DIR = "model"  # under output_dir: the trained model as save_pretrained + its tokenizer
+
+
+def load_recipe_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """A training recipe's YAML with its ``key=value`` overrides. ``train.*`` may set every
+    :class:`TrainConfig` field, whether the file lists it or not (e.g. ``train.find_unused_parameters=true``);
+    any other key must be in the file."""
+    return load_config(path, overrides, optional_keys={"train": TrainConfig.field_names()})
 
 
 def captions_of_split(path: str | Path, split: str | None, max_images: int | None = None) -> list[Caption]:
