@@ -1,4 +1,5 @@
-"""Two processes under torchrun (gloo on CPU) train the toy in lock-step on disjoint shards."""
+"""Two processes under torchrun (gloo on CPU) train in lock-step on disjoint shards: the toy, and every
+training recipe with the real InterBERT models through the real CLI."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 TOY_SCRIPT = Path(__file__).with_name("test_train_toy.py")
@@ -46,3 +48,74 @@ def test_two_process_torchrun_keeps_ranks_identical_on_disjoint_shards(tmp_path)
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["world_size"] == 2 and len(checkpoint["rng_states"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every training recipe under torchrun: the real CLI, the real InterBERT models, the generated benchmark
+# ---------------------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory) -> dict[str, Path]:
+    """The generated benchmark (small features), the same regions without class distributions, and a
+    pretraining model folder (with the ITC projections) for the fine-tuning recipes to start from."""
+    from interbert.cli import main
+    from interbert.data.features import open_features, write_tsv
+    from interbert.modeling import InterBertForPreTraining
+    from interbert.recipes.common import captions_of_split, new_model, tokenizer_for
+
+    root = tmp_path_factory.mktemp("ddp_benchmark")
+    data = root / "data"
+    assert main(["data", "synth", str(data), "--images", "48", "--feature-dim", "32", "--num-classes", "12",
+                 "--no-images", "--workers", "1"]) == 0
+    store = open_features(data / "regions.tsv")
+    assert store[store.ids()[0]].class_probs is not None
+    write_tsv(data / "regions_without_classes.tsv", ((i, store[i]) for i in store.ids()))  # no cls_prob column
+
+    pretrained = root / "pretrained"
+    tokenizer = tokenizer_for({"vocab_size": 200}, captions_of_split(data / "captions.json", "train"), root, None)
+    model = new_model({"preset": "tiny", "overrides": {"embedding_size": 32, "itc_loss_weight": 1.0}}, tokenizer,
+                      store, InterBertForPreTraining)
+    model.save_pretrained(pretrained)
+    tokenizer.save_pretrained(str(pretrained))
+    return {"data": data, "pretrained": pretrained}
+
+
+def torchrun(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``args`` in two processes under torchrun (gloo on CPU), one thread each, this checkout's sources."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONFAULTHANDLER": "1",  # should a rank abort inside C++ (gloo), its Python stack is printed
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", *args]
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+VOCABULARY_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from interbert.recipes.common import captions_of_split, start_run, tokenizer_for
+
+out, captions = Path(sys.argv[1]), captions_of_split(sys.argv[2], "train")
+start_run({"train": {"output_dir": str(out), "device": "cpu"}})
+tokenizer = tokenizer_for({"vocab_size": 200}, captions, out, None)
+(out / f"vocab_rank{os.environ['RANK']}.json").write_text(json.dumps(tokenizer.get_vocab()))
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_encode_with_one_vocabulary_trained_once(benchmark, tmp_path):
+    # WordPiece training breaks ties in hash order: each process would number the pieces differently,
+    # and the ranks would train one model on differently encoded captions without any error
+    script = tmp_path / "train_vocabulary.py"
+    script.write_text(VOCABULARY_SCRIPT)
+    completed = torchrun([str(script), str(tmp_path), str(benchmark["data"] / "captions.json")], cwd=tmp_path)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-8000:]
+    vocabularies = [json.loads((tmp_path / f"vocab_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(vocabularies[0]) > 50 and vocabularies[0] == vocabularies[1]

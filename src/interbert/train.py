@@ -366,6 +366,11 @@ class DistributedContext:
         return self.world_size > 1
 
 
+# Whether init_distributed joined the process group (not the program around it): then the loop that
+# finishes leaves it. Recipes join before they build their data (see main_process_first), the loop after.
+_joined_process_group = False
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -374,21 +379,39 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def init_distributed(device: torch.device) -> DistributedContext:
     """Join the process group that torchrun describes in the environment (no-op for one process)."""
+    global _joined_process_group
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1 and not dist.is_initialized():
         return DistributedContext()
-    created = False
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        created = True
+        _joined_process_group = True
     return DistributedContext(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        created_process_group=created,
+        created_process_group=_joined_process_group,
     )
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[bool]:
+    """Run a block on the main process (rank 0) first and then on the others; yields whether this is
+    the main process. For set-up that every rank must share but cannot reproduce on its own (a trained
+    WordPiece vocabulary: its ties break in hash order, so each process would number it differently) or
+    that writes files (caches): the main process makes and writes it, the others read what it wrote.
+    A no-op in one process, or before the process group is joined (:func:`init_distributed`)."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    main = not distributed or dist.get_rank() == 0
+    if distributed and not main:
+        dist.barrier()  # until the main process has run the block
+    try:
+        yield main
+    finally:
+        if distributed and main:
+            dist.barrier()
 
 
 def epoch_batches(
@@ -713,9 +736,10 @@ class Trainer:
         return result
 
     def close_distributed(self) -> None:
-        """Leave the process group this trainer created, in an order that lets gloo stop cleanly: drop
+        """Leave the process group init_distributed joined, in an order that lets gloo stop cleanly: drop
         the DDP wrapper first (its reducer holds the group and would otherwise free it during interpreter
         shutdown, after gloo's threads are gone), wait for every rank, then destroy the group."""
+        global _joined_process_group
         if not (self.dist.created_process_group and dist.is_initialized()):
             return
         if self.ddp_model is not self.model:
@@ -723,6 +747,7 @@ class Trainer:
             gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+        _joined_process_group = False
 
     # -- logging -------------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from interbert.recipes.common import (
     start_run,
     tokenizer_for,
 )
-from interbert.train import Trainer
+from interbert.train import Trainer, main_process_first
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +60,17 @@ def run(cfg: dict, resume: bool = False) -> dict:
     tokenizer = tokenizer_for(data, captions, out, model_cfg.get("from_bert"))
     model = build_model(model_cfg, tokenizer, store)
     model.config.itm_negatives = "in_batch" if negatives == "in_batch" else "data"
-    dataset = PretrainingDataset(
-        captions, store, tokenizer,
-        max_tokens=data.get("max_tokens", 36), max_regions=data.get("max_regions", 36),
-        msm=data.get("msm", "span"), mrm=data.get("mrm", "group"),
-        word_segmenter=data.get("word_segmenter"),
-        hard_negatives="tfidf" if negatives == "tfidf" else None,
-        hard_ratio=data.get("hard_ratio", 1.0), num_hard=data.get("num_hard", 10),
-        p_positive=1.0 if negatives == "in_batch" else 0.5,
-        cache_dir=out / "cache", seed=train_cfg.seed,
-    )
+    with main_process_first():  # rank 0 computes the TF-IDF negatives into the cache, the others read it
+        dataset = PretrainingDataset(
+            captions, store, tokenizer,
+            max_tokens=data.get("max_tokens", 36), max_regions=data.get("max_regions", 36),
+            msm=data.get("msm", "span"), mrm=data.get("mrm", "group"),
+            word_segmenter=data.get("word_segmenter"),
+            hard_negatives="tfidf" if negatives == "tfidf" else None,
+            hard_ratio=data.get("hard_ratio", 1.0), num_hard=data.get("num_hard", 10),
+            p_positive=1.0 if negatives == "in_batch" else 0.5,
+            cache_dir=out / "cache", seed=train_cfg.seed,
+        )
     multiplier = bert_lr_multiplier(model_cfg)
     logger.info("pretraining on %d captions of %d images (%s negatives, %s/%s masking)", len(dataset),
                 len(dataset.image_ids), negatives, data.get("msm", "span"), data.get("mrm", "group"))
