@@ -4,9 +4,11 @@ training recipe with the real InterBERT models through the real CLI."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,7 @@ def test_two_process_torchrun_keeps_ranks_identical_on_disjoint_shards(tmp_path)
 # Every training recipe under torchrun: the real CLI, the real InterBERT models, the generated benchmark
 # ---------------------------------------------------------------------------------------------------
 REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +95,85 @@ def torchrun(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.Com
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", *args]
     return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class RecipeRun:
+    command: tuple[str, ...]  # the `interbert` sub-command
+    config: str  # in configs/
+    overrides: tuple[str, ...]  # DATA and MODEL stand for the benchmark and the pretraining model folder
+    moves: str  # a weight that training must change
+    frozen: tuple[str, ...] = ()  # weights that no loss of the run reaches: frozen, so they must not change
+
+
+# Every option of pretraining is trained under DDP at least once:
+#
+#   case                  data.msm   data.mrm  data.negatives  MRM target (store)       ITC (itc_loss_weight)
+#   pretrain-tfidf        span       group     tfidf           classes (cls_prob)       on  (the README command)
+#   pretrain-random       geometric  region    random          features (no cls_prob)   off (projections frozen)
+#   pretrain-in_batch     token      group     in_batch        features                 on
+#
+# (test_modeling.py checks in one process that the other combinations give a gradient to every parameter
+# that is not frozen, also on the batches a rank's small share can hold: no matched pair, a single one.)
+# The fine-tuning recipes start from a pretraining folder whose projections (embedding_size 32) only ITC
+# trains: retrieval with ITC off, VCR (no ITC), text (no ITC, no image side) freeze what their loss does
+# not reach, which DDP would otherwise wait for.
+PRETRAIN = ("pretrain",)
+PRETRAIN_DATA = ("data.captions=DATA/captions.json", "data.vocab_size=200", "data.max_regions=12")
+ITC_OFF = "model.overrides.itc_loss_weight=0.0"
+PROJECTION = "interbert.text_projection.weight"
+RECIPE_RUNS = {
+    "pretrain-tfidf": RecipeRun(PRETRAIN, "pretrain_tiny.yaml", (
+        *PRETRAIN_DATA, "data.features=DATA/regions.tsv", "data.msm=span", "data.mrm=group", "data.negatives=tfidf",
+    ), moves="mrm_class_decoder.weight"),
+    "pretrain-random": RecipeRun(PRETRAIN, "pretrain_tiny.yaml", (
+        *PRETRAIN_DATA, "data.features=DATA/regions_without_classes.tsv", "data.msm=geometric", "data.mrm=region",
+        "data.negatives=random", ITC_OFF,
+    ), moves="mrm_feature_decoder.weight", frozen=(PROJECTION,)),
+    "pretrain-in_batch": RecipeRun(PRETRAIN, "pretrain_tiny.yaml", (
+        *PRETRAIN_DATA, "data.features=DATA/regions_without_classes.tsv", "data.msm=token", "data.mrm=group",
+        "data.negatives=in_batch",
+    ), moves=PROJECTION),
+    "finetune-retrieval": RecipeRun(("finetune", "retrieval"), "finetune_retrieval_tiny.yaml", (
+        "model.from_checkpoint=MODEL", "model.config_updates={itc_loss_weight: 0.0}", "data.captions=DATA/captions.json",
+        "data.features=DATA/regions.tsv", "data.num_hard=5", "data.max_regions=12", "train.batch_size=2",  # x 4 pairs
+    ), moves="score.weight", frozen=(PROJECTION,)),
+    "finetune-vcr": RecipeRun(("finetune", "vcr"), "finetune_vcr_tiny.yaml", (
+        "model.from_checkpoint=MODEL", "data.train=DATA/vcr/train.jsonl", "data.val=null", "data.images_root=DATA/images",
+        "data.features=DATA/regions.tsv", "data.max_regions=12", "data.max_tokens=32",
+    ), moves="score.weight", frozen=(PROJECTION,)),
+    "finetune-text": RecipeRun(("finetune", "text"), "finetune_text_tiny.yaml", (
+        "model.from_checkpoint=MODEL", "data.train=DATA/glue/train.tsv", "data.dev=DATA/glue/dev.tsv", "data.max_tokens=48",
+    ), moves="classifier.weight", frozen=(PROJECTION, "interbert.image_stream.0.query.weight")),
+}
+
+
+@pytest.mark.parametrize("case", list(RECIPE_RUNS))
+def test_recipe_under_torchrun_trains_both_ranks_in_lock_step(case, benchmark, tmp_path):
+    from safetensors.torch import load_file
+
+    run, steps = RECIPE_RUNS[case], 3
+    overrides = [o.replace("DATA", str(benchmark["data"])).replace("MODEL", str(benchmark["pretrained"]))
+                 for o in run.overrides]
+    common = [f"train.output_dir={tmp_path}", f"train.max_steps={steps}", "train.batch_size=4", "train.save_every=null",
+              "train.save_rank_weights=true", "train.progress_bar=false", "train.tensorboard=false"]
+    completed = torchrun(["-m", "interbert.cli", *run.command, "--config", str(CONFIGS / run.config), *common, *overrides],
+                         cwd=tmp_path)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-8000:]
+
+    weights = {(rank, step): load_file(tmp_path / "rank_weights" / f"rank{rank}_step{step}.safetensors")
+               for rank in (0, 1) for step in (0, steps)}
+    for step in (0, steps):  # DDP broadcasts rank 0's start; the all-reduced gradients keep the ranks equal
+        assert weights[0, step].keys() == weights[1, step].keys()
+        for name, value in weights[0, step].items():
+            assert torch.equal(value, weights[1, step][name]), f"step {step}: the ranks differ in {name}"
+    start, end = weights[0, 0], weights[0, steps]
+    moved = {name for name in start if not torch.equal(start[name], end[name])}
+    assert {run.moves, "interbert.single_stream.0.ffn_out.weight"} <= moved  # it did train
+    assert not moved & set(run.frozen)
+    history = json.loads((tmp_path / "loss_history.json").read_text())
+    assert len(history["loss"]) == steps and all(math.isfinite(loss) for loss in history["loss"])
+    assert (tmp_path / "model" / "config.json").is_file()  # rank 0 saved the model
 
 
 VOCABULARY_SCRIPT = """
