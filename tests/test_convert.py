@@ -15,6 +15,7 @@ from interbert.convert import (
     from_bert,
     from_official,
     load_state_dict,
+    map_official_state,
     retrieval_from_pretraining,
 )
 from interbert.modeling import InterBertForPreTraining, InterBertForSequenceClassification
@@ -59,6 +60,28 @@ def test_official_checkpoint_reproduces_original_outputs(official, tmp_path):
     torch.testing.assert_close(out.image_pooled, want["pooled_output_v"], atol=1e-5, rtol=0)
     # the original's column 0 means "match"; ours is column 1
     torch.testing.assert_close(out.itm_logits, want["seq_relationship_score"].flip(-1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("predict_feature", [False, True])
+def test_official_checkpoint_fills_every_weight_and_its_one_mrm_decoder(official, predict_feature):
+    # The original trains one image decoder: classes (v_target_size) or, with predict_feature, the features.
+    # Ours has only that decoder, so nothing is left randomly initialised (and DDP finds no untrained head).
+    arrays, original = official
+    state = load_state_dict(shared_path("fixtures", "official_tiny.npz"))
+    original = {**original, "predict_feature": predict_feature}
+    if predict_feature:  # a feature decoder in the original's layout: v_feature_size x hidden
+        g = torch.Generator().manual_seed(0)
+        state["cls.imagePredictions.decoder.weight"] = torch.randn(original["v_feature_size"], original["hidden_size"], generator=g)
+        state["cls.imagePredictions.decoder.bias"] = torch.randn(original["v_feature_size"], generator=g)
+    model = from_official(state, original)
+    assert model.config.mrm_target == ("features" if predict_feature else "classes")
+    decoder = model.mrm_feature_decoder if predict_feature else model.mrm_class_decoder
+    torch.testing.assert_close(decoder.bias, state["cls.imagePredictions.decoder.bias"], atol=0, rtol=0)
+    assert not hasattr(model, "mrm_class_decoder" if predict_feature else "mrm_feature_decoder")
+    mapped = map_official_state(state, original)
+    assert set(model.state_dict()) == set(mapped)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, mapped[name], atol=0, rtol=0, msg=name)
 
 
 def test_official_converter_refuses_unknown_weights(official):

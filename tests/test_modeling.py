@@ -54,8 +54,15 @@ def test_output_shapes_and_field_names():
     assert out.text_sequence.shape == (3, 7, 32) and out.image_sequence.shape == (3, 5, 32)
     assert out.text_pooled.shape == (3, 16) and out.image_pooled.shape == (3, 16)
     assert out.msm_logits.shape == (3, 7, V)
-    assert out.mrm_class_logits.shape == (3, 5, C) and out.mrm_feature_predictions.shape == (3, 5, D)
+    assert out.mrm_class_logits.shape == (3, 5, C) and out.mrm_feature_predictions is None
     assert out.itm_logits.shape == (3, 2) and out.loss is None
+    # MRM on features: the feature decoder, and no class decoder (nothing would train it)
+    model = InterBertForPreTraining(small_config(mrm_target="features")).eval()
+    out = model(**batch())
+    assert out.mrm_feature_predictions.shape == (3, 5, D) and out.mrm_class_logits is None
+    assert not hasattr(model, "mrm_class_decoder")
+    with pytest.raises(ValueError, match="mrm_target"):
+        small_config(mrm_target="both")
 
 
 @pytest.mark.parametrize("fusion", ["mul", "sum"])
@@ -94,31 +101,36 @@ def test_text_only_and_regions_only_passes():
     assert not torch.allclose(model(**{**full, "region_features": other["region_features"]}).text_pooled, both.text_pooled)
 
 
-def test_save_and_load_round_trip_gives_identical_outputs(tmp_path):
-    model = InterBertForPreTraining(small_config()).eval()
+@pytest.mark.parametrize("mrm_target", ["classes", "features"])
+def test_save_and_load_round_trip_gives_identical_outputs(tmp_path, mrm_target):
+    model = InterBertForPreTraining(small_config(mrm_target=mrm_target)).eval()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     loaded = InterBertForPreTraining.from_pretrained(tmp_path).eval()
+    assert loaded.config.mrm_target == mrm_target
     b = batch()
     with torch.no_grad():
         a, c = model(**b), loaded(**b)
-    for name in ("text_sequence", "image_sequence", "msm_logits", "mrm_class_logits", "mrm_feature_predictions", "itm_logits"):
+    mrm = "mrm_class_logits" if mrm_target == "classes" else "mrm_feature_predictions"
+    for name in ("text_sequence", "image_sequence", "msm_logits", mrm, "itm_logits"):
         torch.testing.assert_close(getattr(a, name), getattr(c, name), atol=0, rtol=0)
     # the masked-token decoder stays tied to the word embeddings after loading
     assert loaded.msm_bias.shape == (V,)
 
 
-def _pretraining_labels(b, t, r):
+def _pretraining_labels(b, t, r, itm_labels=(1, 0, 1), mrm_target=None):
+    """MSM and MRM labels and ITM labels; MRM targets of ``mrm_target``'s kind only (as the data
+    pipeline makes them), or of both kinds when None."""
     msm = torch.full((b, t), -100)
     msm[:, 2] = 5
     mrm = torch.zeros(b, r, dtype=torch.bool)
     mrm[:, 1:3] = True
-    return dict(
-        msm_labels=msm, mrm_mask=mrm,
-        mrm_class_targets=torch.softmax(torch.randn(b, r, C), -1),
-        mrm_feature_targets=torch.randn(b, r, D),
-        itm_labels=torch.tensor([1, 0, 1]),
-    )
+    labels = dict(msm_labels=msm, mrm_mask=mrm, itm_labels=torch.tensor(itm_labels))
+    if mrm_target in (None, "classes"):
+        labels["mrm_class_targets"] = torch.softmax(torch.randn(b, r, C), -1)
+    if mrm_target in (None, "features"):
+        labels["mrm_feature_targets"] = torch.randn(b, r, D)
+    return labels
 
 
 def test_every_parameter_gets_a_gradient_from_the_pretraining_loss():
@@ -132,14 +144,68 @@ def test_every_parameter_gets_a_gradient_from_the_pretraining_loss():
     assert zero == []
 
 
-def test_mrm_loss_ignores_mismatched_pairs():
-    model = InterBertForPreTraining(small_config()).eval()
-    b, labels = batch(), _pretraining_labels(3, 7, 5)
+# DistributedDataParallel fails unless every parameter it trains gets a gradient on every rank in every
+# step. The parameters that take no part are exactly those the model names as unused (the training loop
+# freezes them): checked here for each pretraining variant, including the batches a rank's small share
+# can hold (no matched pair, a single one), which in-process tests with the big batches never see.
+PRETRAINING_VARIANTS = [
+    # (mrm_target, embedding_size, itc_loss_weight, itm_negatives, itm_labels)
+    ("classes", 8, 0.5, "data", (1, 0, 1)),
+    ("features", 8, 0.5, "data", (1, 0, 1)),
+    ("classes", 8, 0.5, "data", (0, 0, 0)),  # no matched pair: nothing to contrast
+    ("features", 8, 0.5, "data", (0, 1, 0)),  # one matched pair: nothing to contrast either
+    ("classes", 8, 0.0, "data", (1, 0, 1)),  # ITC off: the projections are unused
+    ("features", 0, 0.5, "data", (1, 0, 1)),  # ITC on the pooled outputs
+    ("classes", 8, 0.5, "in_batch", (1, 1, 1)),
+    ("features", 8, 0.0, "in_batch", (1, 1, 1)),
+    ("features", 8, 0.5, "in_batch", (1,)),  # a single caption: 0, still with a graph
+]
+
+
+def projection_names(model) -> set[str]:
+    """The single-modal embedding projections, which only the contrastive loss trains."""
+    return {n for n, _ in model.named_parameters() if n.startswith(("interbert.text_projection.", "interbert.image_projection."))}
+
+
+@pytest.mark.parametrize("mrm_target,embedding_size,itc,negatives,itm_labels", PRETRAINING_VARIANTS)
+def test_pretraining_gives_a_gradient_to_exactly_the_parameters_it_does_not_name_unused(
+    mrm_target, embedding_size, itc, negatives, itm_labels
+):
+    config = small_config(mrm_target=mrm_target, embedding_size=embedding_size, itc_loss_weight=itc, itm_negatives=negatives)
+    model = InterBertForPreTraining(config).train()
+    b = len(itm_labels)
+    labels = _pretraining_labels(b, 7, 5, itm_labels=itm_labels, mrm_target=mrm_target)
+    out = model(**batch(b=b), **labels, image_index=torch.arange(b))
+    out.loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    unused = set(model.unused_parameter_names())
+    assert with_grad == {n for n, _ in model.named_parameters()} - unused
+    assert unused == (projection_names(model) if itc == 0 else set())
+    assert (out.itc_loss is not None) == (itc > 0)
+
+
+def test_pretraining_refuses_targets_its_mrm_head_does_not_predict():
+    b = batch()
+    for mrm_target, other in (("classes", "features"), ("features", "classes")):
+        model = InterBertForPreTraining(small_config(mrm_target=mrm_target))
+        with pytest.raises(ValueError, match=f"predicts region {mrm_target}.*mrm_target='{other}'"):
+            model(**b, **_pretraining_labels(3, 7, 5, mrm_target=other))
+
+
+@pytest.mark.parametrize("mrm_target", ["classes", "features"])
+def test_mrm_loss_ignores_mismatched_pairs(mrm_target):
+    model = InterBertForPreTraining(small_config(mrm_target=mrm_target)).eval()
+    b, labels = batch(), _pretraining_labels(3, 7, 5, mrm_target=mrm_target)
     out = model(**b, **labels)
+    assert out.mrm_loss > 0
     # change the targets of the mismatched pair only: the region loss must not move
-    labels2 = {**labels, "mrm_feature_targets": labels["mrm_feature_targets"].clone()}
-    labels2["mrm_feature_targets"][1] += 100.0
+    key = "mrm_class_targets" if mrm_target == "classes" else "mrm_feature_targets"
+    labels2 = {**labels, key: labels[key].clone()}
+    labels2[key][1] = labels2[key][1].flip(-1) if mrm_target == "classes" else labels2[key][1] + 100.0
     torch.testing.assert_close(model(**b, **labels2).mrm_loss, out.mrm_loss)
+    labels2[key][0] = labels2[key][1]  # a matched pair's targets do count
+    assert not torch.allclose(model(**b, **labels2).mrm_loss, out.mrm_loss)
 
 
 def test_retrieval_group_loss_and_multiple_choice():
@@ -162,6 +228,34 @@ def test_sequence_classification_needs_no_regions():
     b = batch()
     out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=torch.tensor([0, 1, 2]))
     assert out.logits.shape == (3, 3) and out.loss.ndim == 0
+
+
+def _grad_check(model, out) -> tuple[set[str], set[str]]:
+    """(names of the parameters with a gradient after backward, names of all the others)"""
+    out.loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    return with_grad, {n for n, _ in model.named_parameters()} - with_grad
+
+
+def test_fine_tuning_heads_name_exactly_the_parameters_their_loss_does_not_reach():
+    # DDP needs a gradient for every trained parameter; what a head names unused the loop freezes
+    cfg = dict(embedding_size=8, num_labels=2)
+    text = InterBertForSequenceClassification(small_config(**cfg))
+    b = batch()
+    _, without = _grad_check(text, text(input_ids=b["input_ids"], labels=torch.tensor([0, 1, 1])))
+    assert without == set(text.unused_parameter_names())
+    assert {n.split(".")[1] for n in without} == {"region_embeddings", "image_stream", "image_pooler", "text_pooler",
+                                                  "text_projection", "image_projection"}
+    for itc in (0.0, 1.0):
+        retrieval = InterBertForImageTextRetrieval(small_config(**cfg, itc_loss_weight=itc))
+        _, without = _grad_check(retrieval, retrieval(**batch(b=4), group_size=4))  # one group: ITC over 1 pair
+        assert without == set(retrieval.unused_parameter_names()) == (projection_names(retrieval) if itc == 0 else set())
+    choice = InterBertForMultipleChoice(small_config(**cfg))
+    b = batch(b=2 * 4)
+    out = choice(**{k: b[k].view(2, 4, -1) for k in ("input_ids", "attention_mask")},
+                 **{k: b[k][:2] for k in ("region_features", "region_boxes", "region_mask")}, labels=torch.tensor([0, 3]))
+    _, without = _grad_check(choice, out)
+    assert without == set(choice.unused_parameter_names()) == projection_names(choice)  # no ITC here
 
 
 def test_clear_errors_on_wrong_shapes():

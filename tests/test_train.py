@@ -100,6 +100,35 @@ def test_trainer_learning_rates_follow_the_multipliers(tmp_path):
         Trainer(ToyModel(), ToyDataset(64), quiet_config(tmp_path, lr_multipliers={"x": 0.1}), lr_multiplier_for=len)
 
 
+class RegressionWithAnIdleHead(LinearRegression):
+    """A model with a parameter its loss never reaches, and that says so (as the InterBERT heads do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.idle = nn.Linear(8, 2)
+
+    def unused_parameter_names(self) -> list[str]:
+        return ["idle.weight", "idle.bias"]
+
+
+def test_parameters_the_model_names_unused_are_frozen_and_left_alone(tmp_path):
+    model = RegressionWithAnIdleHead()
+    idle_before = model.idle.weight.detach().clone()
+    config = quiet_config(tmp_path, batch_size=8, max_steps=2, learning_rate=0.1, save_rank_weights=True)
+    trainer = Trainer(model, ToyDataset(64), config)
+    optimized = {name for group in trainer.optimizer.param_groups for name in group["param_names"]}
+    assert optimized == {"linear.weight", "linear.bias"}
+    assert not model.idle.weight.requires_grad and model.linear.weight.requires_grad
+    trainer.fit()
+    assert torch.equal(model.idle.weight, idle_before)
+    # save_rank_weights: this rank's weights at the start and at the end of fit
+    from safetensors.torch import load_file
+
+    start, end = (load_file(tmp_path / "rank_weights" / f"rank0_step{step}.safetensors") for step in (0, 2))
+    assert torch.equal(end["linear.weight"], model.linear.weight.detach())
+    assert not torch.equal(start["linear.weight"], end["linear.weight"])
+
+
 def test_ema_math_with_and_without_warmup():
     model = nn.Linear(1, 1, bias=False)
     with torch.no_grad():

@@ -78,6 +78,46 @@ def test_train_config_from_dict_rejects_unknown_settings():
         TrainConfig(batch_size=0)
 
 
+def test_optional_keys_may_be_set_although_the_file_leaves_them_out(config_file):
+    optional = {"train": ["find_unused_parameters", "warmup_steps"]}
+    config = load_config(config_file, ["train.find_unused_parameters=true"], optional_keys=optional)
+    assert config["train"]["find_unused_parameters"] is True
+    assert "warmup_steps" not in config["train"]  # not overridden: left to the default, not filled in
+    with pytest.raises(ConfigError, match="unknown config key 'train.find_unused_parameters'"):
+        load_config(config_file, ["train.find_unused_parameters=true"])  # not declared optional
+    # a typo is still refused, naming the file's keys and the optional ones
+    with pytest.raises(ConfigError, match="unknown config key 'train.find_unused_parameter'.*known keys here: "
+                                          "ema_decay, find_unused_parameters, learning_rate"):
+        load_config(config_file, ["train.find_unused_parameter=true"], optional_keys=optional)
+    with pytest.raises(ConfigError, match="unknown config key 'model.find_unused_parameters'"):
+        load_config(config_file, ["model.find_unused_parameters=true"], optional_keys=optional)  # other section
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_recipes_accept_every_train_setting_as_a_typed_override(path):
+    from interbert.recipes.common import load_recipe_config
+
+    config = load_recipe_config(path, ["train.find_unused_parameters=true", "train.warmup_steps=3", "train.bf16=false",
+                                       "train.adam_beta2=0.98", "train.eval_every=null"])
+    train = TrainConfig.from_dict(config["train"])
+    assert train.find_unused_parameters is True and train.bf16 is False  # booleans, not the strings
+    assert (train.warmup_steps, train.adam_beta2, train.eval_every) == (3, 0.98, None)
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.find_unused'.*known keys here: .*find_unused_parameters"):
+        load_recipe_config(path, ["train.find_unused=true"])
+    for bad, message in (("find_unused_parameters=maybe", "find_unused_parameters must be bool, got 'maybe'"),
+                         ("warmup_steps=2.5", "warmup_steps must be int, got 2.5"),
+                         ("batch_size=true", "batch_size must be int, got True"),
+                         ("max_grad_norm=big", "max_grad_norm must be float or null, got 'big'")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.from_dict(load_recipe_config(path, [f"train.{bad}"])["train"])
+
+
+def test_train_config_from_dict_converts_ints_to_floats_and_paths_to_str(tmp_path):
+    config = TrainConfig.from_dict({"learning_rate": 1, "output_dir": tmp_path, "max_grad_norm": None})
+    assert config.learning_rate == 1.0 and isinstance(config.learning_rate, float)
+    assert config.output_dir == str(tmp_path) and config.max_grad_norm is None
+
+
 def test_recipe_arguments_take_a_config_and_overrides(config_file):
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)

@@ -13,6 +13,7 @@ from transformers import PretrainedConfig
 
 FUSIONS = ("mul", "sum")
 ITM_NEGATIVES = ("data", "in_batch")
+MRM_TARGETS = ("classes", "features")
 
 
 class InterBertConfig(PretrainedConfig):
@@ -45,6 +46,7 @@ class InterBertConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         msm_loss_weight: float = 1.0,
         mrm_loss_weight: float = 1.0,
+        mrm_target: str = "classes",
         itm_loss_weight: float = 1.0,
         embedding_size: int = 0,
         itc_loss_weight: float = 0.0,
@@ -82,6 +84,11 @@ class InterBertConfig(PretrainedConfig):
         self.msm_loss_weight = msm_loss_weight
         self.mrm_loss_weight = mrm_loss_weight
         self.itm_loss_weight = itm_loss_weight
+        # What InterBertForPreTraining predicts for a masked region: "classes" - the detector's class
+        # distribution (KL, the paper), "features" - the region's features (regression, for feature
+        # stores without class distributions). Only that decoder is built: a decoder no loss trains
+        # would leave DistributedDataParallel waiting for its gradient.
+        self.mrm_target = mrm_target
         # Single-modal embeddings for fast candidate search (text-only / regions-only passes, pooled and
         # projected to `embedding_size`; 0 = use the pooled outputs as they are) and the optional
         # in-batch contrastive (ITC) loss that trains them; off in the paper-faithful configs.
@@ -99,6 +106,8 @@ class InterBertConfig(PretrainedConfig):
     def validate(self) -> None:
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.mrm_target not in MRM_TARGETS:
+            raise ValueError(f"mrm_target must be one of {MRM_TARGETS}, got {self.mrm_target!r}")
         if self.itm_negatives not in ITM_NEGATIVES:
             raise ValueError(f"itm_negatives must be one of {ITM_NEGATIVES}, got {self.itm_negatives!r}")
         if not 0.0 <= self.itm_negative_ratio <= 1.0:

@@ -213,6 +213,7 @@ def config_from_official(original: dict) -> InterBertConfig:
         image_intermediate_size=original["v_intermediate_size"],
         region_feature_size=original["v_feature_size"],
         num_region_classes=1601 if predict_feature else original["v_target_size"],
+        mrm_target="features" if predict_feature else "classes",  # the one decoder the checkpoint trained
         pooled_size=original["bi_hidden_size"],
         fusion=original.get("fusion_method", "mul"),
         hidden_act=original.get("hidden_act", "gelu"),

@@ -242,11 +242,26 @@ class InterBertPreTrainedModel(PreTrainedModel):
     config: InterBertConfig
     base_model_prefix = "interbert"
     _supports_sdpa = True
+    _trains_embeddings = False  # whether the head has the contrastive (ITC) loss, on when itc_loss_weight > 0
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, InterBertForPreTraining):
             init.zeros_(module.msm_bias)
+
+    def unused_parameter_names(self) -> list[str]:
+        """The parameters that no loss of this model reaches with its current config (e.g. the image side
+        of a text classifier). The training loop freezes them: DistributedDataParallel would otherwise
+        wait for gradients that never come, and fail."""
+        unused = {id(p) for module in self._modules_without_loss() for p in module.parameters()}
+        return [name for name, p in self.named_parameters() if id(p) in unused]
+
+    def _modules_without_loss(self) -> list[nn.Module]:
+        # The single-modal embedding projections serve candidate search; only the contrastive loss trains them.
+        base = getattr(self, self.base_model_prefix, self)
+        if base.config.embedding_size and not (self._trains_embeddings and self.config.itc_loss_weight > 0):
+            return [base.text_projection, base.image_projection]
+        return []
 
 
 class InterBertModel(InterBertPreTrainedModel):
@@ -363,8 +378,18 @@ class InterBertModel(InterBertPreTrainedModel):
         return F.normalize(self.image_projection(pooled) if self.config.embedding_size else pooled, dim=-1)
 
     def contrastive_loss(self, batch: dict, positives: torch.Tensor) -> torch.Tensor:
-        """In-batch InfoNCE (both directions) between the texts and images of the matched pairs."""
+        """In-batch InfoNCE (both directions) between the texts and images of the matched pairs.
+
+        With one matched pair there is nothing to contrast and the loss is 0; with none, 0 through the
+        projections: either way they get a (zero) gradient, as DistributedDataParallel needs on every
+        rank, whatever a rank's share of the batch holds."""
         rows = positives.nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            zero = torch.zeros((), device=positives.device)
+            if self.config.embedding_size:
+                for p in (*self.text_projection.parameters(), *self.image_projection.parameters()):
+                    zero = zero + 0.0 * p.sum()
+            return zero
         take = lambda name: None if batch.get(name) is None else batch[name][rows]  # noqa: E731
         text = self.embed_text(take("input_ids"), take("attention_mask"), take("token_type_ids"))
         image = self.embed_images(take("region_features"), take("region_boxes"), take("region_mask"))
@@ -381,28 +406,23 @@ def contrastive_loss(text: torch.Tensor, image: torch.Tensor, temperature: float
 # --------------------------------------------------------------------------------------------------
 # Heads
 # --------------------------------------------------------------------------------------------------
-def mrm_loss(
-    class_logits: torch.Tensor,
-    feature_predictions: torch.Tensor,
-    class_targets: torch.Tensor | None,
-    feature_targets: torch.Tensor | None,
-) -> torch.Tensor:
-    """Masked region modeling over the N scored regions (rows): KL to the detector's class
-    distribution and/or feature regression (mean squared error per dimension, so its scale does not
-    grow with the feature size). Zero, with the graph kept, when no region is scored."""
-    if class_logits.shape[0] == 0:
-        return 0.0 * (class_logits.sum() + feature_predictions.sum())
-    loss = class_logits.new_zeros(())
-    if class_targets is not None:
-        log_p = F.log_softmax(class_logits, dim=-1)
-        loss = loss + F.kl_div(log_p, class_targets, reduction="sum") / class_logits.shape[0]
-    if feature_targets is not None:
-        loss = loss + F.mse_loss(feature_predictions, feature_targets)
-    return loss
+def mrm_loss(predictions: torch.Tensor, targets: torch.Tensor, target: str = "classes") -> torch.Tensor:
+    """Masked region modeling over the N scored regions (rows). ``target="classes"``: KL from the
+    predicted class logits to the detector's class distribution; ``"features"``: feature regression
+    (mean squared error per dimension, so its scale does not grow with the feature size). Zero, with
+    the graph kept, when no region is scored."""
+    if predictions.shape[0] == 0:
+        return 0.0 * predictions.sum()
+    if target == "classes":
+        return F.kl_div(F.log_softmax(predictions, dim=-1), targets, reduction="sum") / predictions.shape[0]
+    return F.mse_loss(predictions, targets)
 
 
 class InterBertForPreTraining(InterBertPreTrainedModel):
-    """MSM (masked segments) + MRM (masked region groups) + ITM, on top of :class:`InterBertModel`."""
+    """MSM (masked segments) + MRM (masked region groups) + ITM (+ ITC when ``itc_loss_weight > 0``), on
+    top of :class:`InterBertModel`. The MRM head has the one decoder of ``config.mrm_target``."""
+
+    _trains_embeddings = True
 
     def __init__(self, config: InterBertConfig):
         super().__init__(config)
@@ -410,8 +430,10 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
         self.msm_transform = HeadTransform(config)
         self.msm_bias = nn.Parameter(torch.zeros(config.vocab_size))  # decoder weight = word embeddings (tied)
         self.mrm_transform = HeadTransform(config)
-        self.mrm_class_decoder = nn.Linear(config.hidden_size, config.num_region_classes)
-        self.mrm_feature_decoder = nn.Linear(config.hidden_size, config.region_feature_size)
+        if config.mrm_target == "classes":
+            self.mrm_class_decoder = nn.Linear(config.hidden_size, config.num_region_classes)
+        else:
+            self.mrm_feature_decoder = nn.Linear(config.hidden_size, config.region_feature_size)
         self.itm_dropout = nn.Dropout(config.itm_dropout_prob)
         self.itm_classifier = nn.Linear(config.pooled_size, 2)  # column 1 = "the caption matches the image"
         self.post_init()
@@ -437,6 +459,8 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
         predict (the vocabulary projection over every token would dominate the step): ``msm_logits`` is
         then N_masked x V, ``mrm_*`` N_scored x C / x D, in row-major order of the masked positions.
         Without labels, or with ``full_logits=True``, they cover every position (B x T x V, B x R x C).
+        The MRM output is ``mrm_class_logits`` or ``mrm_feature_predictions`` as ``config.mrm_target``
+        says, and with ``mrm_mask`` the batch must hold the targets of that kind.
 
         With ``config.itm_negatives == "in_batch"`` the batch holds matched pairs only (``itm_labels`` all
         1); some captions are re-paired here with another image of the batch (``image_index``: equal values
@@ -455,7 +479,7 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.itc_loss_weight > 0):
                 text = self.interbert.embed_text(**text_inputs)
                 image = self.interbert.embed_images(**image_inputs)
-            if self.config.itc_loss_weight > 0 and len(text) > 1:
+            if self.config.itc_loss_weight > 0:  # a single pair: 0, with the graph DDP needs
                 out["itc_loss"] = contrastive_loss(text, image, self.config.itc_temperature)
             same = None if image_index is None else image_index[:, None] == image_index[None, :]
             similarity = (text @ image.T).detach() / self.config.itc_temperature
@@ -479,10 +503,11 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
             h = base.text_sequence if text_at is None else base.text_sequence[text_at]
             word_embeddings = self.interbert.embeddings.word_embeddings.weight
             out["msm_logits"] = F.linear(self.msm_transform(h), word_embeddings, self.msm_bias)
+        predicts_classes = self.config.mrm_target == "classes"
+        mrm_output = "mrm_class_logits" if predicts_classes else "mrm_feature_predictions"
         if base.image_sequence is not None:
             h = self.mrm_transform(base.image_sequence if region_at is None else base.image_sequence[region_at])
-            out["mrm_class_logits"] = self.mrm_class_decoder(h)
-            out["mrm_feature_predictions"] = self.mrm_feature_decoder(h)
+            out[mrm_output] = self.mrm_class_decoder(h) if predicts_classes else self.mrm_feature_decoder(h)
         if base.text_pooled is not None and base.image_pooled is not None:
             fused = fuse(base.text_pooled, base.image_pooled, self.config.fusion)
             out["itm_logits"] = self.itm_classifier(self.itm_dropout(fused))
@@ -494,17 +519,19 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
                 out["msm_loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
             else:  # a batch with no masked token: zero, but keep the graph
                 out["msm_loss"] = 0.0 * logits.sum()
-        if scored is not None and "mrm_class_logits" in out:
-            def at(t):
-                return None if t is None else t[scored]
-
-            class_logits, feature_predictions = out["mrm_class_logits"], out["mrm_feature_predictions"]
-            if region_at is None:
-                class_logits, feature_predictions = class_logits[scored], feature_predictions[scored]
-            out["mrm_loss"] = mrm_loss(class_logits, feature_predictions, at(mrm_class_targets), at(mrm_feature_targets))
+        if scored is not None and mrm_output in out:
+            targets = mrm_class_targets if predicts_classes else mrm_feature_targets
+            if targets is None:
+                raise ValueError(
+                    f"this model predicts region {self.config.mrm_target} (config.mrm_target) but the batch has no "
+                    f"{'mrm_class_targets' if predicts_classes else 'mrm_feature_targets'}; build the model with "
+                    f"mrm_target={'features' if predicts_classes else 'classes'!r} for these features"
+                )
+            predictions = out[mrm_output] if region_at is not None else out[mrm_output][scored]
+            out["mrm_loss"] = mrm_loss(predictions, targets[scored], self.config.mrm_target)
         if itm_labels is not None and "itm_logits" in out:
             out["itm_loss"] = F.cross_entropy(out["itm_logits"], itm_labels.long())
-            if self.config.itc_loss_weight > 0 and "itc_loss" not in out and int(itm_labels.sum()) > 1:
+            if self.config.itc_loss_weight > 0 and "itc_loss" not in out:
                 out["itc_loss"] = self.interbert.contrastive_loss({**text_inputs, **image_inputs}, itm_labels.bool())
         weights = {"msm": self.config.msm_loss_weight, "mrm": self.config.mrm_loss_weight,
                    "itm": self.config.itm_loss_weight, "itc": self.config.itc_loss_weight}
@@ -535,7 +562,9 @@ class _PairScorer(InterBertPreTrainedModel):
 class InterBertForImageTextRetrieval(_PairScorer):
     """Scores (image, caption) pairs. Fine-tuned as the original: groups of ``group_size`` pairs whose
     first pair is the positive (positive, random caption, random image, hard negative), cross-entropy
-    over each group."""
+    over each group (+ ITC between the positives when ``itc_loss_weight > 0``)."""
+
+    _trains_embeddings = True
 
     def forward(
         self,
@@ -556,7 +585,7 @@ class InterBertForImageTextRetrieval(_PairScorer):
                 raise ValueError(f"batch of {logits.shape[0]} pairs is not a multiple of group_size={group_size}")
             grouped = logits.view(-1, group_size)
             loss = F.cross_entropy(grouped, grouped.new_zeros(grouped.shape[0], dtype=torch.long))
-            if self.config.itc_loss_weight > 0 and grouped.shape[0] > 1:
+            if self.config.itc_loss_weight > 0:  # a single group: 0, with the graph DDP needs
                 positives = torch.zeros_like(logits, dtype=torch.bool).view(-1, group_size)
                 positives[:, 0] = True
                 inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
@@ -622,6 +651,12 @@ class InterBertForSequenceClassification(InterBertPreTrainedModel):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
+
+    def _modules_without_loss(self) -> list[nn.Module]:
+        # Text only: the image side is never run, and the classifier reads its own pooler, not text_pooler.
+        base = self.interbert
+        return [base.region_embeddings, base.image_stream, base.image_pooler, base.text_pooler,
+                *super()._modules_without_loss()]
 
     def forward(
         self,

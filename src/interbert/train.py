@@ -18,6 +18,12 @@ Distributed: launch with ``torchrun --nproc_per_node N ...``; the loop joins the
 describes (NCCL on GPU, gloo on CPU), wraps the model in ``DistributedDataParallel`` and shards the data
 with ``DistributedSampler``. ``batch_size`` is per process and per micro-batch, so one update sees
 ``batch_size * grad_accum_steps * world_size`` examples. Only rank 0 writes logs and checkpoints.
+
+DDP all-reduces the gradient of every trainable parameter after each backward and fails when one never
+gets a gradient. A model may therefore name, in ``unused_parameter_names()``, the parameters that no
+loss of its current configuration reaches (the InterBERT heads do: e.g. the image side of a text
+classifier); the loop freezes them, in one process or many alike. ``find_unused_parameters`` remains
+for models whose unused parameters change from step to step (slower: DDP then walks the graph each step).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import math
 import os
 import random
 import time
+import types
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +99,9 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes
     drop_last: bool = True  # drop the incomplete last batch of an epoch
     find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
+    # Debugging DDP: every rank writes its weights to rank_weights/rank{r}_step{n}.safetensors when fit
+    # starts and when it ends, so that one can check the ranks stayed identical (tests do).
+    save_rank_weights: bool = False
     progress_bar: bool = True
     tensorboard: bool = True
 
@@ -116,16 +127,42 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.lr_multipliers[{pattern!r}] must be a number >= 0, got {factor!r}")
 
     @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """Build from a config file's ``train:`` section; an unknown key is an error naming it."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """Build from a config file's ``train:`` section; an unknown key, or a value of the wrong type
+        (``"yes"`` for a bool, ``1.5`` for an int), is an error naming it. Ints are accepted as floats."""
+        known = cls.field_names()
+        unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        types_of = typing.get_type_hints(cls)
+        return cls(**{name: _typed(f"train.{name}", value, types_of[name]) for name, value in values.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _typed(name: str, value: Any, annotation: Any) -> Any:
+    """``value`` checked against a field annotation of :class:`TrainConfig` (bool, int, float, str, dict,
+    each optionally ``| None``); an int becomes a float where a float is expected, a path a str."""
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        kind = typing.get_origin(kind) or kind  # dict[str, float] -> dict
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, bool):
+            continue  # True is an int to Python, not to a config file
+        if kind is str and isinstance(value, os.PathLike):  # output_dir from Python code
+            return os.fspath(value)
+        if kind is not type(None) and isinstance(value, kind):
+            return value
+    expected = " or ".join("null" if kind is type(None) else getattr(kind, "__name__", str(kind)) for kind in allowed)
+    raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 @dataclass
@@ -286,6 +323,17 @@ def batch_seed(seed: int, epoch: int, rank: int, batch_index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank, batch_index]).generate_state(1)[0])
 
 
+def freeze_unused_parameters(model: nn.Module) -> list[str]:
+    """Freeze the parameters that ``model.unused_parameter_names()`` names (none when it has no such
+    method) and return their names."""
+    names_of_unused = getattr(model, "unused_parameter_names", None)
+    unused = set(names_of_unused()) if callable(names_of_unused) else set()
+    for name, param in model.named_parameters():
+        if name in unused:
+            param.requires_grad_(False)
+    return sorted(unused)
+
+
 def loss_components(output: Any) -> dict[str, torch.Tensor | None]:
     """The output's ``loss`` and every field named ``*_loss`` (None where the model gave none)."""
     if dataclasses.is_dataclass(output):
@@ -319,6 +367,11 @@ class DistributedContext:
         return self.world_size > 1
 
 
+# Whether init_distributed joined the process group (not the program around it): then the loop that
+# finishes leaves it. Recipes join before they build their data (see main_process_first), the loop after.
+_joined_process_group = False
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -327,21 +380,39 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def init_distributed(device: torch.device) -> DistributedContext:
     """Join the process group that torchrun describes in the environment (no-op for one process)."""
+    global _joined_process_group
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1 and not dist.is_initialized():
         return DistributedContext()
-    created = False
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        created = True
+        _joined_process_group = True
     return DistributedContext(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        created_process_group=created,
+        created_process_group=_joined_process_group,
     )
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[bool]:
+    """Run a block on the main process (rank 0) first and then on the others; yields whether this is
+    the main process. For set-up that every rank must share but cannot reproduce on its own (a trained
+    WordPiece vocabulary: its ties break in hash order, so each process would number it differently) or
+    that writes files (caches): the main process makes and writes it, the others read what it wrote.
+    A no-op in one process, or before the process group is joined (:func:`init_distributed`)."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    main = not distributed or dist.get_rank() == 0
+    if distributed and not main:
+        dist.barrier()  # until the main process has run the block
+    try:
+        yield main
+    finally:
+        if distributed and main:
+            dist.barrier()
 
 
 def epoch_batches(
@@ -440,6 +511,10 @@ class Trainer:
         self.use_bf16 = config.bf16 and self.device.type == "cuda"
 
         self.model = model.to(self.device)  # the bare module: names, EMA, saving
+        frozen = freeze_unused_parameters(self.model)
+        if frozen:
+            modules = sorted({".".join(name.split(".")[:2]) for name in frozen})
+            logger.info("no loss reaches %d parameter tensors; frozen: %s", len(frozen), ", ".join(modules))
         multiplier = lr_multiplier_for or lr_multiplier_from_patterns(config.lr_multipliers)
         self.optimizer = torch.optim.AdamW(
             build_param_groups(self.model, config.weight_decay, multiplier),
@@ -589,6 +664,8 @@ class Trainer:
             self.load_checkpoint(self.output_dir / CHECKPOINT_NAME)
         else:
             seed_everything(cfg.seed + self.dist.rank)  # dropout noise differs per rank
+        if cfg.save_rank_weights:
+            self.save_rank_weights()
 
         writer = self._summary_writer()
         progress = self._progress_bar()
@@ -642,6 +719,8 @@ class Trainer:
             if self._last_saved_step != self.step:
                 self.save_checkpoint()
             self.save_final_weights()
+            if cfg.save_rank_weights:
+                self.save_rank_weights()
         finally:
             if progress is not None:
                 progress.close()
@@ -653,9 +732,10 @@ class Trainer:
         return result
 
     def close_distributed(self) -> None:
-        """Leave the process group this trainer created, in an order that lets gloo stop cleanly: drop
+        """Leave the process group init_distributed joined, in an order that lets gloo stop cleanly: drop
         the DDP wrapper first (its reducer holds the group and would otherwise free it during interpreter
         shutdown, after gloo's threads are gone), wait for every rank, then destroy the group."""
+        global _joined_process_group
         if not (self.dist.created_process_group and dist.is_initialized()):
             return
         if self.ddp_model is not self.model:
@@ -663,6 +743,7 @@ class Trainer:
             gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+        _joined_process_group = False
 
     # -- logging -------------------------------------------------------------------------------------
 
@@ -792,6 +873,16 @@ class Trainer:
         self.eval_history = list(state["eval_history"])
         self._last_saved_step = self.step
         set_rng_state(state["rng_states"][self.dist.rank])
+
+    def save_rank_weights(self) -> Path:
+        """This rank's current (not averaged) weights to ``rank_weights/rank{r}_step{n}.safetensors``."""
+        from safetensors.torch import save_file
+
+        path = self.output_dir / "rank_weights" / f"rank{self.dist.rank}_step{self.step}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # clone: safetensors refuses tensors that share storage (tied weights)
+        save_file({name: value.detach().cpu().clone() for name, value in self.model.state_dict().items()}, str(path))
+        return path
 
     def save_final_weights(self) -> Path | None:
         """Rank 0 writes the model's state dict (EMA weights when EMA is on) to ``model.pt``."""

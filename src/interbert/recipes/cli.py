@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from interbert.utils import add_config_arguments, load_config
+from interbert.utils import add_config_arguments
 
 REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
@@ -28,17 +28,19 @@ def _print_summary(summary: dict) -> None:
 
 def _cmd_pretrain(args) -> int:
     from interbert.recipes import pretrain
+    from interbert.recipes.common import load_recipe_config
 
     _setup_logging()
-    _print_summary(pretrain.run(load_config(args.config, args.overrides), resume=args.resume, source=args.config))
+    _print_summary(pretrain.run(load_recipe_config(args.config, args.overrides), resume=args.resume, source=args.config))
     return 0
 
 
 def _cmd_finetune_retrieval(args) -> int:
     from interbert.recipes import finetune_retrieval
+    from interbert.recipes.common import load_recipe_config
 
     _setup_logging()
-    _print_summary(finetune_retrieval.run(load_config(args.config, args.overrides), resume=args.resume,
+    _print_summary(finetune_retrieval.run(load_recipe_config(args.config, args.overrides), resume=args.resume,
                                           source=args.config))
     return 0
 

@@ -2,12 +2,17 @@
 
 A recipe is a thin script: config (YAML + ``key=value`` overrides) -> these builders -> the one
 training loop (:mod:`interbert.train`) or the evaluation functions -> files in ``train.output_dir``.
+
+Under torchrun every rank runs the recipe. :func:`start_run` joins the process group first, so that
+what all ranks must share is made once, on rank 0 (:func:`interbert.train.main_process_first`: a
+trained vocabulary, the TF-IDF cache), and only rank 0 writes the results.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,12 +26,27 @@ from interbert.data.features import FeatureStore, open_features
 from interbert.data.tokenize import load_tokenizer, train_wordpiece
 from interbert.errors import UsageError
 from interbert.modeling import InterBertPreTrainedModel
-from interbert.train import FINAL_WEIGHTS_NAME, Trainer, TrainConfig
+from interbert.train import (
+    FINAL_WEIGHTS_NAME,
+    Trainer,
+    TrainConfig,
+    init_distributed,
+    main_process_first,
+    resolve_device,
+)
+from interbert.utils import load_config
 from interbert.utils.config_files import ConfigError
 
 logger = logging.getLogger(__name__)
 
 MODEL_DIR = "model"  # under output_dir: the trained model as save_pretrained + its tokenizer
+
+
+def load_recipe_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """A training recipe's YAML with its ``key=value`` overrides. ``train.*`` may set every
+    :class:`TrainConfig` field, whether the file lists it or not (e.g. ``train.find_unused_parameters=true``);
+    any other key must be in the file."""
+    return load_config(path, overrides, optional_keys={"train": TrainConfig.field_names()})
 
 
 def setting(cfg: Mapping, key: str) -> Any:
@@ -90,23 +110,38 @@ def tokenizer_for(data_cfg: dict, captions: list[Caption], output_dir: Path, ber
         return load_tokenizer(data_cfg["tokenizer"])
     if bert_dir:
         return load_tokenizer(bert_dir)
-    vocab_size = int(data_cfg.get("vocab_size", 30522))
-    logger.info("training a %d-token WordPiece vocabulary on %d captions", vocab_size, len(captions))
-    return train_wordpiece((c.text for c in captions), output_dir / "tokenizer", vocab_size=vocab_size,
-                           lowercase=data_cfg.get("lowercase", True), min_frequency=1)
+    return train_run_wordpiece([c.text for c in captions], output_dir / "tokenizer",
+                               vocab_size=int(data_cfg.get("vocab_size", 30522)), lowercase=data_cfg.get("lowercase", True))
+
+
+def train_run_wordpiece(texts: list[str], folder: Path, vocab_size: int, lowercase: bool = True):
+    """A run's WordPiece vocabulary trained on ``texts`` into ``folder``. Under torchrun rank 0 trains it
+    and the other ranks load what it wrote: the ranks must encode the data with the same ids, and
+    training is not reproducible from process to process (ties break in hash order)."""
+    with main_process_first() as main:
+        if not main:
+            return load_tokenizer(folder)
+        logger.info("training a %d-token WordPiece vocabulary on %d texts", vocab_size, len(texts))
+        return train_wordpiece(texts, folder, vocab_size=vocab_size, lowercase=lowercase, min_frequency=1)
 
 
 def build_config(model_cfg: dict, **fields: Any) -> InterBertConfig:
     return preset(model_cfg.get("preset", "tiny"), **{**(model_cfg.get("overrides") or {}), **fields})
 
 
+def mrm_target_of(store: FeatureStore) -> str:
+    """What masked region modeling can predict on this store: the detector's class distributions when
+    it has them (the paper), else the region features."""
+    return "classes" if store[store.ids()[0]].class_probs is not None else "features"
+
+
 def new_model(model_cfg: dict, tokenizer, store: FeatureStore, model_class: type[InterBertPreTrainedModel]):
-    """A model sized to the data: region features and detector classes from the store; the text path from
-    ``model.from_bert`` (BERT's width and vocabulary) or, from scratch, the preset with the tokenizer's
-    vocabulary."""
+    """A model sized to the data: region features, detector classes and the MRM target from the store; the
+    text path from ``model.from_bert`` (BERT's width and vocabulary) or, from scratch, the preset with the
+    tokenizer's vocabulary."""
     from interbert.convert import from_bert
 
-    fields = dict(region_feature_size=store.feature_dim)
+    fields = dict(region_feature_size=store.feature_dim, mrm_target=mrm_target_of(store))
     first = store[store.ids()[0]]
     if first.class_probs is not None:
         fields["num_region_classes"] = int(first.class_probs.shape[1])
@@ -155,8 +190,11 @@ def load_model(model_dir: str | Path, model_class: type[InterBertPreTrainedModel
 
 
 def save_trained(trainer: Trainer, tokenizer, output_dir: Path, extra: dict | None = None) -> Path:
-    """The trained model (EMA weights when EMA is on) as a ``save_pretrained`` folder with its tokenizer."""
+    """The trained model (EMA weights when EMA is on) as a ``save_pretrained`` folder with its tokenizer,
+    written by the main process (the ranks of a distributed run hold the same weights)."""
     target = output_dir / MODEL_DIR
+    if not trainer.dist.is_main:
+        return target
     with trainer.averaged_weights() as model:
         model.save_pretrained(target)
     tokenizer.save_pretrained(str(target))
@@ -184,6 +222,7 @@ def start_run(cfg: dict, source: str = "config") -> tuple[TrainConfig, Path]:
         train_cfg = TrainConfig.from_dict(cfg["train"])
     except (TypeError, ValueError) as e:  # TrainConfig's own checks (ValueError) and values of the wrong type
         raise ConfigError(f"{source}: train: {e}") from None
+    init_distributed(resolve_device(train_cfg.device, int(os.environ.get("LOCAL_RANK", "0"))))
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     return train_cfg, out

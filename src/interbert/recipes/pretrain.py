@@ -23,6 +23,7 @@ from interbert.recipes.common import (
     check_region_feature_size,
     feature_store,
     model_folder,
+    mrm_target_of,
     new_model,
     require_settings,
     save_trained,
@@ -30,7 +31,7 @@ from interbert.recipes.common import (
     tokenizer_for,
     verify_features,
 )
-from interbert.train import Trainer
+from interbert.train import Trainer, main_process_first
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,17 @@ REQUIRED = {"data.captions": "FILE", "data.features": "PATH"}  # setting -> what
 
 
 def build_model(model_cfg: dict, tokenizer, store) -> InterBertForPreTraining:
-    if model_cfg.get("from_checkpoint"):
-        return InterBertForPreTraining.from_pretrained(model_cfg["from_checkpoint"])
-    return new_model(model_cfg, tokenizer, store, InterBertForPreTraining)
+    checkpoint = model_cfg.get("from_checkpoint")
+    if not checkpoint:
+        return new_model(model_cfg, tokenizer, store, InterBertForPreTraining)
+    model = InterBertForPreTraining.from_pretrained(checkpoint)
+    target = mrm_target_of(store)
+    if model.config.mrm_target != target:  # its MRM decoder has nothing to learn from these features
+        raise ValueError(
+            f"{checkpoint} predicts masked region {model.config.mrm_target} but {store.path} "
+            f"{'has' if target == 'classes' else 'has no'} class distributions: continue on features of its kind"
+        )
+    return model
 
 
 def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
@@ -65,16 +74,17 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     model = build_model(model_cfg, tokenizer, store)
     check_region_feature_size(model, store, source)
     model.config.itm_negatives = "in_batch" if negatives == "in_batch" else "data"
-    dataset = PretrainingDataset(
-        captions, store, tokenizer,
-        max_tokens=data.get("max_tokens", 36), max_regions=data.get("max_regions", 36),
-        msm=data.get("msm", "span"), mrm=data.get("mrm", "group"),
-        word_segmenter=data.get("word_segmenter"),
-        hard_negatives="tfidf" if negatives == "tfidf" else None,
-        hard_ratio=data.get("hard_ratio", 1.0), num_hard=data.get("num_hard", 10),
-        p_positive=1.0 if negatives == "in_batch" else 0.5,
-        cache_dir=out / "cache", seed=train_cfg.seed,
-    )
+    with main_process_first():  # rank 0 computes the TF-IDF negatives into the cache, the others read it
+        dataset = PretrainingDataset(
+            captions, store, tokenizer,
+            max_tokens=data.get("max_tokens", 36), max_regions=data.get("max_regions", 36),
+            msm=data.get("msm", "span"), mrm=data.get("mrm", "group"),
+            word_segmenter=data.get("word_segmenter"),
+            hard_negatives="tfidf" if negatives == "tfidf" else None,
+            hard_ratio=data.get("hard_ratio", 1.0), num_hard=data.get("num_hard", 10),
+            p_positive=1.0 if negatives == "in_batch" else 0.5,
+            cache_dir=out / "cache", seed=train_cfg.seed,
+        )
     multiplier = bert_lr_multiplier(model_cfg)
     logger.info("pretraining on %d captions of %d images (%s negatives, %s/%s masking)", len(dataset),
                 len(dataset.image_ids), negatives, data.get("msm", "span"), data.get("mrm", "group"))

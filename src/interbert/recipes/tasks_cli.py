@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 from interbert.recipes import cli as recipes_cli
-from interbert.utils import load_config
 
 
 def _print_summary(summary: dict) -> None:
@@ -18,17 +17,19 @@ def _print_summary(summary: dict) -> None:
 
 def _cmd_finetune_vcr(args) -> int:
     from interbert.recipes import vcr
+    from interbert.recipes.common import load_recipe_config
 
     recipes_cli._setup_logging()
-    _print_summary(vcr.run(load_config(args.config, args.overrides), resume=args.resume, source=args.config))
+    _print_summary(vcr.run(load_recipe_config(args.config, args.overrides), resume=args.resume, source=args.config))
     return 0
 
 
 def _cmd_finetune_text(args) -> int:
     from interbert.recipes import text
+    from interbert.recipes.common import load_recipe_config
 
     recipes_cli._setup_logging()
-    _print_summary(text.run(load_config(args.config, args.overrides), resume=args.resume, source=args.config))
+    _print_summary(text.run(load_recipe_config(args.config, args.overrides), resume=args.resume, source=args.config))
     return 0
 
 

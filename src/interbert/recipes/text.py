@@ -28,9 +28,17 @@ from interbert.data.glue import (
     read_glue,
     split_examples,
 )
-from interbert.data.tokenize import load_tokenizer, train_wordpiece
+from interbert.data.tokenize import load_tokenizer
 from interbert.modeling import InterBertForSequenceClassification
-from interbert.recipes.common import argmax_predictions, build_config, model_folder, require_settings, save_trained, start_run
+from interbert.recipes.common import (
+    argmax_predictions,
+    build_config,
+    model_folder,
+    require_settings,
+    save_trained,
+    start_run,
+    train_run_wordpiece,
+)
 from interbert.utils.config_files import ConfigError
 from interbert.train import Trainer
 
@@ -65,7 +73,7 @@ def text_tokenizer(data_cfg: dict, model_cfg: dict, texts: list[str], output_dir
     source = data_cfg.get("tokenizer") or model_cfg.get("from_checkpoint") or model_cfg.get("from_bert")
     if source:
         return load_tokenizer(source)
-    return train_wordpiece(texts, output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)), min_frequency=1)
+    return train_run_wordpiece(texts, output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)))
 
 
 def predict_text(model: nn.Module, dataset: TextClassificationDataset, batch_size: int = 64, pad_token_id: int = 0) -> list[int]:
@@ -113,10 +121,12 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     trainer = Trainer(model, train_set, train_cfg, collate_fn=functools.partial(collate_text, pad_token_id=tokenizer.pad_token_id))
     result = trainer.fit(resume=resume)
     seconds = time.perf_counter() - start
-    with trainer.averaged_weights() as trained:
-        metrics = evaluate_text(trained, dev_set, task.f1, pad_token_id=tokenizer.pad_token_id)
+    metrics = None
+    if trainer.dist.is_main:  # the ranks hold the same weights: one evaluates and writes
+        with trainer.averaged_weights() as trained:
+            metrics = evaluate_text(trained, dev_set, task.f1, pad_token_id=tokenizer.pad_token_id)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     model_dir = save_trained(trainer, tokenizer, out, extra={"recipe": "finetune_text", "task": task.name, "config": cfg})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return {"model_dir": str(model_dir), "task": task.name, "metrics": metrics, "steps": result.step,
             "seconds": seconds, "train_examples": len(train_set), "dev_examples": len(dev_set), "history": result.history}
 

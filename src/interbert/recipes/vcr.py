@@ -29,7 +29,7 @@ from torch import nn
 
 from interbert.convert import from_bert, retrieval_from_pretraining
 from interbert.data.features import FeatureStore, open_features
-from interbert.data.tokenize import load_tokenizer, train_wordpiece
+from interbert.data.tokenize import load_tokenizer
 from interbert.data.vcr import TASKS, VcrDataset, VcrItem, collate_choices, object_names, read_vcr, render_tokens
 from interbert.modeling import InterBertForMultipleChoice, InterBertForPreTraining
 from interbert.data.check import verify_images
@@ -41,6 +41,7 @@ from interbert.recipes.common import (
     save_trained,
     setting,
     start_run,
+    train_run_wordpiece,
 )
 from interbert.errors import UsageError
 from interbert.utils.config_files import ConfigError
@@ -121,8 +122,7 @@ def vcr_tokenizer(data_cfg: dict, model_cfg: dict, items: Sequence[VcrItem], out
             logger.warning("%.0f%% of the VCR tokens are [UNK] with the tokenizer of %s: its vocabulary does not cover "
                            "the VCR language, so the choices read alike", 100 * rate, source)
         return tokenizer
-    return train_wordpiece(vcr_texts(items), output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)),
-                           min_frequency=1)
+    return train_run_wordpiece(vcr_texts(items), output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)))
 
 
 def predict_choices(model: nn.Module, dataset: VcrDataset, batch_size: int = 32, pad_token_id: int = 0) -> list[int]:
@@ -188,7 +188,7 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     result = trainer.fit(resume=resume)
     seconds = time.perf_counter() - start
     summary = {"steps": result.step, "seconds": seconds, "items": len(items), "examples": len(dataset), "history": result.history}
-    if data.get("val"):
+    if data.get("val") and trainer.dist.is_main:  # the ranks hold the same weights: one evaluates
         val_items = read_vcr(data["val"], data.get("images_root"))
         with trainer.averaged_weights() as trained:
             metrics = evaluate_vcr(trained, val_items, tokenizer, store, feature_dim, batch_size=32, **sizes)

@@ -3,13 +3,15 @@
 A recipe's config is one YAML mapping (``configs/*.yaml``), e.g. ``train: {learning_rate: 1.0e-4}``.
 On the command line ``train.learning_rate=2e-4`` replaces that value; the value is parsed as YAML,
 so ``true``, ``null``, ``[1, 2]`` and ``{a: 1}`` work. Only keys that the file already has can be
-overridden: a typo must fail loudly, not train with the default silently.
+overridden, and those a recipe declares optional (``optional_keys``: every ``TrainConfig`` field under
+``train``, listed in the file or not): a typo must fail loudly, not train with the default silently.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +65,11 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     return path, _parse_yaml(raw_value, f"override {override!r}")
 
 
-def apply_override(config: dict, override: str, source: str = "config") -> None:
-    """Set one dotted ``key=value`` in ``config`` in place; the key must exist already."""
+def apply_override(
+    config: dict, override: str, source: str = "config", optional_keys: Mapping[str, Collection[str]] | None = None
+) -> None:
+    """Set one dotted ``key=value`` in ``config`` in place. The key must exist already, or be one of
+    ``optional_keys[parent]`` (``parent``: the dotted path of its mapping, e.g. ``"train"``)."""
     path, value = parse_override(override)
     node = config
     for depth, part in enumerate(path):
@@ -74,8 +79,12 @@ def apply_override(config: dict, override: str, source: str = "config") -> None:
                 f"{source}: cannot override {'.'.join(path)!r}: "
                 f"{'.'.join(path[:depth])!r} is a {type(node).__name__}, not a mapping"
             )
+        optional = (optional_keys or {}).get(".".join(path[:depth]), ())
+        if part not in node and depth == len(path) - 1 and part in optional:
+            node[part] = value  # a key the file leaves at its default
+            return
         if part not in node:
-            known = ", ".join(sorted(map(str, node))) or "(none)"
+            known = ", ".join(sorted({*map(str, node), *optional})) or "(none)"
             raise ConfigError(
                 f"{source}: unknown config key {dotted!r} in override {override!r}; known keys here: {known}"
             )
@@ -85,8 +94,12 @@ def apply_override(config: dict, override: str, source: str = "config") -> None:
             node = node[part]
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """Read a YAML config file and apply ``dotted.key=value`` overrides in order."""
+def load_config(
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    optional_keys: Mapping[str, Collection[str]] | None = None,
+) -> dict:
+    """Read a YAML config file and apply ``dotted.key=value`` overrides in order (see :func:`apply_override`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -96,7 +109,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(config).__name__}")
     for override in overrides:
-        apply_override(config, override, source=str(path))
+        apply_override(config, override, source=str(path), optional_keys=optional_keys)
     return config
 
 
