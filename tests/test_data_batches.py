@@ -88,8 +88,10 @@ def test_pretraining_dataset_batches_feed_the_tiny_model(real_data, tmp_path):
 
     from interbert.config import preset
     from interbert.modeling import InterBertForPreTraining
+    from interbert.recipes.common import mrm_target_of
 
-    model = InterBertForPreTraining(preset("tiny", region_feature_size=1024, vocab_size=len(tokenizer)))
+    model = InterBertForPreTraining(preset("tiny", region_feature_size=1024, vocab_size=len(tokenizer),
+                                           mrm_target=mrm_target_of(store)))
     out = model(**{k: v for k, v in batch.items() if k not in ("image_ids", "caption_ids")})
     assert torch.isfinite(out.loss)
 

@@ -185,7 +185,7 @@ import torch.distributed as dist
 from interbert.recipes.common import captions_of_split, start_run, tokenizer_for
 
 out, captions = Path(sys.argv[1]), captions_of_split(sys.argv[2], "train")
-start_run({"train": {"output_dir": str(out), "device": "cpu"}})
+start_run({"model": {}, "data": {}, "train": {"output_dir": str(out), "device": "cpu"}})
 tokenizer = tokenizer_for({"vocab_size": 200}, captions, out, None)
 (out / f"vocab_rank{os.environ['RANK']}.json").write_text(json.dumps(tokenizer.get_vocab()))
 dist.destroy_process_group()
