@@ -2,9 +2,15 @@
 
 ``store[image_id] -> Regions`` in O(1) for every format (a dict from id to where the image lives, never
 a list search), without loading the whole file: the TSV is indexed by line byte offsets in one pass and
-read by seeking; the project's own store (:class:`RegionStore`) memory-maps concatenated ``.npy``
+read with ``os.pread``; the project's own store (:class:`RegionStore`) memory-maps concatenated ``.npy``
 arrays. Pickled LMDB values (ViLBERT / the original code) are read only with ``trust_pickle=True`` —
 pickle runs code, so it is meant for a one-time ``interbert data convert``.
+
+Every reader may be shared by threads (the search service's workers) and inherited by forked processes
+(DataLoader workers): reads never move a shared file position, and what a reader opens on first use
+(a file, an HDF5 file, an LMDB environment, the store's array maps) is opened once per process and
+published only when complete. A malformed input raises :class:`DataFormatError` naming the file and
+line or the image id, never a bare numpy / json / h5py / zipfile / unicode error.
 """
 
 from __future__ import annotations
@@ -14,6 +20,10 @@ import binascii
 import io
 import json
 import os
+import threading
+import weakref
+import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,6 +33,19 @@ import numpy as np
 import torch
 
 from interbert.data.errors import DataFormatError, UnknownImageError
+
+# Guards the first open of a reader's handle in a process. Re-created in a forked child: a child forked
+# while another thread held it would otherwise wait for it forever. Re-entrant because opening an LMDB
+# handle takes it again for the process-wide environment table.
+_OPEN_LOCK = threading.RLock()
+
+
+def _fresh_open_lock_after_fork() -> None:
+    global _OPEN_LOCK
+    _OPEN_LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_fresh_open_lock_after_fork)
 
 
 @dataclass
@@ -56,6 +79,20 @@ class FeatureStore:
 
     def _read(self, image_id: str, location: object) -> Regions:
         raise NotImplementedError
+
+    def _per_process(self, attr: str, open_handle):
+        """The handle in ``self.<attr>``, opened by ``open_handle()`` on first use in this process. It is
+        kept as one ``(pid, handle)`` tuple, assigned only once the handle is complete, so a thread reads
+        either nothing (and opens it under the lock) or a finished handle, and a forked DataLoader worker
+        sees another process's pid and opens its own. The fast path takes no lock."""
+        current, pid = getattr(self, attr), os.getpid()
+        if current is None or current[0] != pid:
+            with _OPEN_LOCK:
+                current = getattr(self, attr)
+                if current is None or current[0] != pid:
+                    current = (pid, open_handle())
+                    setattr(self, attr, current)
+        return current[1]
 
     def __getitem__(self, image_id: str | int) -> Regions:
         image_id = str(image_id)
@@ -95,88 +132,133 @@ TSV_LAYOUTS = {
 _TSV_ALIASES = {"img_id": "image_id", "img_w": "image_w", "img_h": "image_h"}
 
 
-def _decode_float32(path: Path, line: int, image_id: str, field: str, value: str, rows: int) -> np.ndarray:
+def _utf8(path: Path, line: int | None, raw: bytes, what: str = "line") -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, f"{what} is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})",
+                              line) from None
+
+
+def _load_json(path: Path):
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except json.JSONDecodeError as e:
+        raise DataFormatError(path, f"not valid JSON ({e.msg}, column {e.colno})", e.lineno) from None
+    except UnicodeDecodeError as e:  # json.loads decodes bytes as UTF-8/16/32 itself
+        raise DataFormatError(path, f"not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def _decode_float32(path: Path, line: int | None, image_id: str, field: str, value: str | bytes, rows: int,
+                    columns: int | None = None) -> np.ndarray:
+    """Base64 float32 ``value`` as ``rows x columns`` (``columns`` inferred when None)."""
     try:
         flat = np.frombuffer(base64.b64decode(value, validate=True), dtype=np.float32)
-    except (binascii.Error, ValueError) as e:
+    except (binascii.Error, ValueError) as e:  # bad characters, cut padding, a length not whole floats
         raise DataFormatError(path, f"image {image_id}: field {field!r} is not valid base64 float32 ({e})", line) from None
-    if rows <= 0 or flat.size % rows:
+    if rows < 1:
+        raise DataFormatError(path, f"image {image_id}: num_boxes={rows}, expected at least 1", line)
+    if columns is not None and flat.size != rows * columns:
+        raise DataFormatError(path, f"image {image_id}: field {field!r} holds {flat.size} floats, expected "
+                                    f"num_boxes={rows} x {columns}", line)
+    if flat.size % rows:
         raise DataFormatError(
             path, f"image {image_id}: field {field!r} holds {flat.size} floats, not a multiple of num_boxes={rows}", line)
     return flat.reshape(rows, -1)
 
 
+def _pread_exactly(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset``, or fewer at the end of the file. ``os.pread`` reads at an offset
+    without moving the descriptor's position, so threads sharing the descriptor cannot disturb each other."""
+    parts = []
+    while length > 0:
+        part = os.pread(fd, length, offset)
+        if not part:
+            break
+        parts.append(part)
+        length, offset = length - len(part), offset + len(part)
+    return b"".join(parts)
+
+
 class TsvFeatures(FeatureStore):
     """Bottom-up-attention TSV (6 columns), its ``cls_prob`` variant (7) or LXMERT's (10), no header
-    (an optional header line naming the fields is honoured). One pass records each line's byte offset;
-    lookups seek and decode one line."""
+    (an optional header line naming the fields is honoured). One pass records each line's byte offset
+    and length; a lookup reads exactly that line with ``os.pread`` and decodes it."""
 
     def __init__(self, path: str | Path, fieldnames: list[str] | None = None):
         self.path = Path(path)
         self.fieldnames = fieldnames
-        self._index, self._lines = {}, {}
-        self._file, self._pid = None, None
+        self._index: dict[str, tuple[int, int, int]] = {}  # image id -> (byte offset, byte length, line number)
+        self._file = None  # (pid, unbuffered file) once read in this process; see FeatureStore._per_process
+        header_line = None
         with open(self.path, "rb") as f:
-            offset, line_no = 0, 0
-            for raw in f:
-                line_no += 1
+            offset = 0
+            for line_no, raw in enumerate(f, 1):
                 if line_no == 1 and fieldnames is None and raw.split(b"\t", 1)[0].strip() in (b"image_id", b"img_id"):
-                    self.fieldnames = raw.decode().rstrip("\r\n").split("\t")
-                    offset += len(raw)
-                    continue
-                if raw.strip():
-                    if self.fieldnames is None:
-                        n = raw.count(b"\t") + 1
-                        if n not in TSV_LAYOUTS:
-                            raise DataFormatError(self.path, f"{n} tab-separated fields; expected one of "
-                                                             f"{sorted(TSV_LAYOUTS)} (or pass fieldnames)", line_no)
-                        self.fieldnames = TSV_LAYOUTS[n]
-                    n = raw.count(b"\t") + 1
-                    if n != len(self.fieldnames):
-                        raise DataFormatError(
-                            self.path, f"{n} tab-separated fields, expected {len(self.fieldnames)} (truncated line?)", line_no)
-                    image_id = raw.split(b"\t", 1)[0].decode().strip()
-                    if image_id in self._index:
-                        raise DataFormatError(self.path, f"image id {image_id!r} appears twice", line_no)
-                    self._index[image_id], self._lines[image_id] = offset, line_no
+                    self.fieldnames = _utf8(self.path, line_no, raw, "the header line").rstrip("\r\n").split("\t")
+                    header_line = line_no
+                elif raw.strip():
+                    self._index_line(raw, offset, line_no)
                 offset += len(raw)
         if not self._index:
             raise DataFormatError(self.path, "no feature lines")
         self._columns = [_TSV_ALIASES.get(name, name) for name in self.fieldnames]
-        self.feature_dim = self[next(iter(self._index))].features.shape[1]
+        missing = {"image_id", "image_w", "image_h", "num_boxes", "boxes", "features"} - set(self._columns)
+        if missing:
+            raise DataFormatError(self.path, f"the field names lack {sorted(missing)}", header_line)
+        first = next(iter(self._index))
+        self._first_line = self._index[first][2]
+        self.feature_dim = self[first].features.shape[1]
 
-    def _handle(self):
-        if self._file is None or self._pid != os.getpid():  # one handle per DataLoader worker process
-            self._file, self._pid = open(self.path, "rb"), os.getpid()
-        return self._file
+    def _index_line(self, raw: bytes, offset: int, line_no: int) -> None:
+        n = raw.count(b"\t") + 1
+        if self.fieldnames is None:
+            if n not in TSV_LAYOUTS:
+                raise DataFormatError(self.path, f"{n} tab-separated fields; expected one of {sorted(TSV_LAYOUTS)} "
+                                                 "(or pass fieldnames)", line_no)
+            self.fieldnames = TSV_LAYOUTS[n]
+        if n != len(self.fieldnames):
+            raise DataFormatError(
+                self.path, f"{n} tab-separated fields, expected {len(self.fieldnames)} (truncated line?)", line_no)
+        image_id = _utf8(self.path, line_no, raw.split(b"\t", 1)[0], "the image id").strip()
+        if image_id in self._index:
+            raise DataFormatError(self.path, f"image id {image_id!r} appears twice (first on line "
+                                             f"{self._index[image_id][2]})", line_no)
+        self._index[image_id] = (offset, len(raw), line_no)
 
-    def _read(self, image_id: str, offset: int) -> Regions:
-        f = self._handle()
-        f.seek(offset)
-        raw, line = f.readline(), self._lines[image_id]
-        values = raw.decode().rstrip("\r\n").split("\t")
+    def _read(self, image_id: str, location: tuple[int, int, int]) -> Regions:
+        offset, length, line = location
+        f = self._per_process("_file", lambda: open(self.path, "rb", buffering=0))
+        raw = _pread_exactly(f.fileno(), length, offset)
+        # stop at the line's end as readline would, should the file have been rewritten since it was indexed
+        values = _utf8(self.path, line, raw.split(b"\n", 1)[0]).rstrip("\r\n").split("\t")
         if len(values) != len(self._columns):
             raise DataFormatError(self.path, f"image {image_id}: {len(values)} fields, expected {len(self._columns)} "
                                              "(truncated line?)", line)
         row = dict(zip(self._columns, values))
+        if row["image_id"].strip() != image_id:
+            raise DataFormatError(self.path, f"image {image_id}: the line now holds image {row['image_id'].strip()!r} "
+                                             "(the file changed after it was opened)", line)
         try:
             num_boxes, image_w, image_h = int(row["num_boxes"]), int(float(row["image_w"])), int(float(row["image_h"]))
         except ValueError as e:
             raise DataFormatError(self.path, f"image {image_id}: bad number ({e})", line) from None
+        # boxes first: 4 floats per box make them the check that catches a wrong num_boxes
+        boxes = _decode_float32(self.path, line, image_id, "boxes", row["boxes"], num_boxes, 4)
         features = _decode_float32(self.path, line, image_id, "features", row["features"], num_boxes)
-        boxes = _decode_float32(self.path, line, image_id, "boxes", row["boxes"], num_boxes)
-        if boxes.shape[1] != 4:
-            raise DataFormatError(self.path, f"image {image_id}: boxes hold {boxes.shape[1]} values per box, not 4", line)
-        if getattr(self, "feature_dim", features.shape[1]) != features.shape[1]:
-            raise DataFormatError(self.path, f"image {image_id}: {features.size} feature values for num_boxes={num_boxes}"
-                                             f" (expected {num_boxes} x {self.feature_dim})", line)
+        known_dim = getattr(self, "feature_dim", features.shape[1])  # unset while the first line is being read
+        if features.shape[1] != known_dim:  # name the line the size came from: either line may be the wrong one
+            raise DataFormatError(self.path, f"image {image_id}: {features.size} feature values for num_boxes="
+                                             f"{num_boxes} (expected {num_boxes} x {known_dim}, the feature size of "
+                                             f"line {self._first_line})", line)
         class_probs = None
         if "cls_prob" in row:
             class_probs = _decode_float32(self.path, line, image_id, "cls_prob", row["cls_prob"], num_boxes)
         return Regions(features, boxes, image_w, image_h, class_probs)
 
-    def __getstate__(self):  # picklable for DataLoader workers: the open handle is not
-        return {**self.__dict__, "_file": None, "_pid": None}
+    def __getstate__(self):  # picklable for DataLoader workers (spawn): the open file is not
+        return {**self.__dict__, "_file": None}
 
 
 def write_tsv(path: str | Path, items: Iterable[tuple[str, Regions]], with_class_probs: bool = False) -> None:
@@ -205,15 +287,29 @@ class NpzFolderFeatures(FeatureStore):
         self.feature_dim = self[next(iter(self._index))].features.shape[1]
 
     def _read(self, image_id: str, file: Path) -> Regions:
-        with np.load(file) as z:
-            missing = {"features", "boxes", "image_w", "image_h"} - set(z.files)
-            if missing:
-                raise DataFormatError(file, f"image {image_id}: missing arrays {sorted(missing)}")
-            probs = z["class_probs"] if "class_probs" in z.files else (z["cls_prob"] if "cls_prob" in z.files else None)
-            features, boxes = z["features"], z["boxes"]
-            if features.ndim != 2 or len(boxes) != len(features):
-                raise DataFormatError(file, f"image {image_id}: features {features.shape} and boxes {boxes.shape} disagree")
-            return Regions(features, boxes, int(z["image_w"]), int(z["image_h"]), probs)
+        # np.load opens the file anew for every read, so threads and processes share nothing here
+        try:
+            with np.load(file) as z:
+                missing = {"features", "boxes", "image_w", "image_h"} - set(z.files)
+                if missing:
+                    raise DataFormatError(file, f"image {image_id}: missing arrays {sorted(missing)}")
+                probs = z["class_probs"] if "class_probs" in z.files else (z["cls_prob"] if "cls_prob" in z.files else None)
+                features, boxes, image_w, image_h = z["features"], z["boxes"], z["image_w"], z["image_h"]
+        except (DataFormatError, FileNotFoundError):  # already clear (a file deleted since the folder was listed)
+            raise
+        # a cut or corrupt archive fails in many layers: the zip directory, inflate, the .npy header, a pickle
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as e:
+            raise DataFormatError(file, f"image {image_id}: not a readable .npz ({type(e).__name__}: {e})") from None
+        if features.ndim != 2 or boxes.ndim != 2 or len(boxes) != len(features) or boxes.shape[1] != 4:
+            raise DataFormatError(file, f"image {image_id}: features {features.shape} and boxes {boxes.shape} disagree")
+        if probs is not None and (probs.ndim != 2 or len(probs) != len(features)):
+            raise DataFormatError(file, f"image {image_id}: class_probs {probs.shape} do not match features {features.shape}")
+        if image_w.size != 1 or image_h.size != 1:
+            raise DataFormatError(file, f"image {image_id}: image_w/image_h are not single numbers")
+        try:
+            return Regions(features, boxes, image_w.item(), image_h.item(), probs)
+        except (TypeError, ValueError) as e:  # e.g. string arrays where numbers belong
+            raise DataFormatError(file, f"image {image_id}: arrays of the wrong type ({e})") from None
 
 
 def write_npz_folder(path: str | Path, items: Iterable[tuple[str, Regions]]) -> None:
@@ -259,16 +355,21 @@ class Hdf5Features(FeatureStore):
         import h5py
 
         self.path = Path(path)
-        self._file, self._pid = None, None
-        with h5py.File(self.path, "r") as f:
-            features = _first(f, HDF5_FLAT_FIELDS["features"])
-            if features is not None and features.ndim == 3:
-                self._flat = self._read_flat_index(f, features, trust_pickle)
-                self._index = {image_id: row for row, image_id in enumerate(self._flat["ids"])}
-                self.feature_dim = int(features.shape[2])
-                return
-            self._flat = None
-            self._index = {name: name for name in f.keys() if hasattr(f[name], "keys")}
+        self._file = None  # (pid, h5py.File) once read in this process; see FeatureStore._per_process
+        try:
+            with h5py.File(self.path, "r") as f:
+                features = _first(f, HDF5_FLAT_FIELDS["features"])
+                if features is not None and features.ndim == 3:
+                    self._flat = self._read_flat_index(f, features, trust_pickle)
+                    self._index = {image_id: row for row, image_id in enumerate(self._flat["ids"])}
+                    self.feature_dim = int(features.shape[2])
+                    return
+                self._flat = None
+                self._index = {name: name for name in f.keys() if hasattr(f[name], "keys")}
+        except (DataFormatError, FileNotFoundError, PermissionError):  # clear already (PermissionError: a pickle)
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as e:  # h5py's errors for a cut or corrupt file
+            raise DataFormatError(self.path, f"not a readable HDF5 file ({type(e).__name__}: {e})") from None
         if not self._index:
             raise DataFormatError(self.path, "neither image groups nor a flat N x K x D 'features' dataset in this HDF5 file")
         self.feature_dim = self[next(iter(self._index))].features.shape[1]
@@ -291,7 +392,8 @@ class Hdf5Features(FeatureStore):
 
         ids = per_image("ids", None)
         ids = self._sidecar_ids(n, trust_pickle) if ids is None else [
-            i.decode() if isinstance(i, bytes) else str(i) for i in ids.tolist()]
+            _utf8(self.path, None, i, f"the image id of row {row}") if isinstance(i, bytes) else str(i)
+            for row, i in enumerate(ids.tolist())]
         duplicates = sorted(i for i, count in Counter(ids).items() if count > 1)
         if duplicates:
             raise DataFormatError(self.path, f"flat layout: image ids occur more than once: {duplicates[:5]}")
@@ -314,7 +416,7 @@ class Hdf5Features(FeatureStore):
         stem = self.path.with_suffix("")
         json_file, pkl_file = Path(f"{stem}_imgid2idx.json"), Path(f"{stem}_imgid2idx.pkl")
         if json_file.exists():
-            mapping = json.loads(json_file.read_text())
+            mapping = _load_json(json_file)
         elif pkl_file.exists():
             if not trust_pickle:
                 raise PermissionError(
@@ -323,16 +425,21 @@ class Hdf5Features(FeatureStore):
                     f"write the same mapping as {json_file.name}.")
             import pickle
 
-            with open(pkl_file, "rb") as handle:
-                mapping = pickle.load(handle)
+            try:
+                with open(pkl_file, "rb") as handle:
+                    mapping = pickle.load(handle)
+            except Exception as e:  # noqa: BLE001 -- a broken pickle fails with any type (EOFError, ImportError, ...)
+                raise DataFormatError(pkl_file, f"not a readable pickle ({type(e).__name__}: {e})") from None
         else:
             raise DataFormatError(self.path, f"flat layout without an ids dataset {HDF5_FLAT_FIELDS['ids']} and no "
                                   f"{json_file.name} or {pkl_file.name} beside it: which row is which image is unknown")
+        id_map = json_file if json_file.exists() else pkl_file
+        if not isinstance(mapping, dict):
+            raise DataFormatError(id_map, f"holds a {type(mapping).__name__}, not a mapping of image id to row")
         ids: list[str | None] = [None] * n
         for image_id, row in mapping.items():
-            if not 0 <= int(row) < n:
-                raise DataFormatError(json_file if json_file.exists() else pkl_file,
-                                      f"image {image_id}: row {row} outside the {n} rows of {self.path.name}")
+            if not isinstance(row, (int, np.integer)) or not 0 <= int(row) < n:
+                raise DataFormatError(id_map, f"image {image_id}: row {row!r} is not one of the {n} rows of {self.path.name}")
             ids[int(row)] = str(image_id)
         missing = [row for row, i in enumerate(ids) if i is None]
         if missing:  # rows without an id would be silently unreachable
@@ -357,29 +464,37 @@ class Hdf5Features(FeatureStore):
             raise DataFormatError(self.path, f"image {ids[bad[0]]}: spatial_features do not give its size")
         return np.rint(width).astype(np.int64), np.rint(height).astype(np.int64)
 
-    def _handle(self):
+    def _read(self, image_id: str, location: str | int) -> Regions:
         import h5py
 
-        if self._file is None or self._pid != os.getpid():
-            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
-        return self._file
+        # One h5py.File per process, shared by its threads: h5py serialises every call into the HDF5 library
+        # with its own global lock, and a dataset read names its position, so threads do not disturb each other.
+        f = self._per_process("_file", lambda: h5py.File(self.path, "r"))
+        try:
+            if self._flat is not None:
+                flat, row = self._flat, int(location)
+                count = int(flat["num_boxes"][row])
+                probs = None if flat["class_probs"] is None else f[flat["class_probs"]][row, :count]
+                return Regions(f[flat["features"]][row, :count], f[flat["boxes"]][row, :count, :4],
+                               int(flat["image_w"][row]), int(flat["image_h"][row]), probs)
+            g = f[location]
+            try:
+                features, boxes, image_w, image_h = g["features"][()], g["boxes"][()], g.attrs["image_w"], g.attrs["image_h"]
+            except KeyError:  # (only now ask what is missing: every h5py call costs)
+                missing = {"features", "boxes"} - set(g.keys()) | {"image_w", "image_h"} - set(g.attrs.keys())
+                raise DataFormatError(self.path, f"image {image_id}: group lacks {sorted(missing)}") from None
+            probs = g["class_probs"][()] if "class_probs" in g else None
+            if features.ndim != 2 or boxes.shape != (len(features), 4):
+                raise DataFormatError(self.path, f"image {image_id}: features {features.shape} and boxes {boxes.shape} "
+                                                 "disagree")
+            return Regions(features, boxes, image_w, image_h, probs)
+        except DataFormatError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as e:  # unreadable data (a cut file), wrong types
+            raise DataFormatError(self.path, f"image {image_id}: unreadable ({type(e).__name__}: {e})") from None
 
-    def _read(self, image_id: str, location: str | int) -> Regions:
-        f = self._handle()
-        if self._flat is not None:
-            flat, row = self._flat, int(location)
-            count = int(flat["num_boxes"][row])
-            probs = None if flat["class_probs"] is None else f[flat["class_probs"]][row, :count]
-            return Regions(f[flat["features"]][row, :count], f[flat["boxes"]][row, :count, :4],
-                           int(flat["image_w"][row]), int(flat["image_h"][row]), probs)
-        g = f[location]
-        if "features" not in g or "boxes" not in g:
-            raise DataFormatError(self.path, f"image {image_id}: group lacks 'features' or 'boxes'")
-        probs = g["class_probs"][()] if "class_probs" in g else None
-        return Regions(g["features"][()], g["boxes"][()], g.attrs["image_w"], g.attrs["image_h"], probs)
-
-    def __getstate__(self):
-        return {**self.__dict__, "_file": None, "_pid": None}
+    def __getstate__(self):  # picklable for DataLoader workers (spawn): the open file is not
+        return {**self.__dict__, "_file": None}
 
 
 def write_hdf5(path: str | Path, items: Iterable[tuple[str, Regions]], layout: str = "groups") -> None:
@@ -419,6 +534,30 @@ def write_hdf5(path: str | Path, items: Iterable[tuple[str, Regions]], layout: s
 
 
 # --------------------------------------------------------------------------- ViLBERT / original LMDB
+# One read-only environment per LMDB and process, shared by all its readers and threads: py-lmdb refuses to
+# open an environment twice in one process, and LMDB forbids using one inherited through fork. Keyed by
+# (pid, device, inode of the data file), so a re-created LMDB at the same path is a new environment.
+_LMDB_ENVS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _lmdb_env(path: Path):
+    import lmdb
+
+    subdir = path.is_dir()
+    data = os.stat(path / "data.mdb" if subdir else path)
+    key = (os.getpid(), data.st_dev, data.st_ino)
+    with _OPEN_LOCK:
+        env = _LMDB_ENVS.get(key)
+        if env is None:
+            for inherited in [k for k in _LMDB_ENVS if k[0] != key[0] and k[1:] == key[1:]]:
+                _LMDB_ENVS.pop(inherited).close()  # the parent's, in a forked child: close our copy, then reopen
+            # read-only with lock=False: nothing writes while we read, so no reader table is needed; an
+            # environment's read transactions may be begun from any thread
+            env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=subdir)
+            _LMDB_ENVS[key] = env
+    return env
+
+
 class LmdbFeatures(FeatureStore):
     """ViLBERT's LMDB (what the original InterBERT code reads): key ``b"keys"`` holds a pickled list of
     ids, each value a pickled dict with ``image_id, image_h, image_w, num_boxes, features, boxes``
@@ -432,45 +571,62 @@ class LmdbFeatures(FeatureStore):
                 f"{self.path} is a ViLBERT-style LMDB whose values are Python pickles; unpickling runs code that "
                 "the file's author chose. If you trust its source, pass trust_pickle=True (CLI: --trust-pickle) and "
                 "convert it once into the project's store with `interbert data convert`.")
-        import lmdb
         import pickle
 
         self._pickle = pickle
-        self._env, self._pid = None, None
-        with lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, subdir=self.path.is_dir()) as env:
-            with env.begin() as txn:
-                raw = txn.get(b"keys")
-                if raw is None:
-                    raise DataFormatError(self.path, "no b'keys' entry (not a ViLBERT feature LMDB)")
-                keys = pickle.loads(raw)
+        self._env = None  # (pid, environment) once opened in this process; see FeatureStore._per_process
+        keys = self._unpickle("b'keys' entry", self._get(b"keys"))
+        if keys is None:
+            raise DataFormatError(self.path, "no b'keys' entry (not a ViLBERT feature LMDB)")
+        if not isinstance(keys, (list, tuple)):
+            raise DataFormatError(self.path, f"the b'keys' entry holds a {type(keys).__name__}, not a list of ids")
         self._index = {(k.decode() if isinstance(k, bytes) else str(k)): (k if isinstance(k, bytes) else str(k).encode())
                        for k in keys}
         self.feature_dim = self[next(iter(self._index))].features.shape[1]
 
-    def _read(self, image_id: str, key: bytes) -> Regions:
+    def _get(self, key: bytes) -> bytes | None:
         import lmdb
 
-        if self._env is None or self._pid != os.getpid():
-            self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, subdir=self.path.is_dir())
-            self._pid = os.getpid()
-        with self._env.begin() as txn:
-            raw = txn.get(key)
+        try:
+            env = self._per_process("_env", lambda: _lmdb_env(self.path))
+            with env.begin() as txn:  # a read transaction per lookup: transactions are not shared by threads
+                return txn.get(key)
+        except lmdb.Error as e:  # not an LMDB, a cut data.mdb
+            raise DataFormatError(self.path, f"not a readable LMDB ({type(e).__name__}: {e})") from None
+
+    def _unpickle(self, what: str, raw: bytes | None):
         if raw is None:
+            return None
+        try:
+            return self._pickle.loads(raw)
+        except Exception as e:  # noqa: BLE001 -- a broken pickle fails with any type (EOFError, ImportError, ...)
+            raise DataFormatError(self.path, f"{what}: not a readable pickle ({type(e).__name__}: {e})") from None
+
+    def _read(self, image_id: str, key: bytes) -> Regions:
+        item = self._unpickle(f"image {image_id}", self._get(key))
+        if item is None:
             raise DataFormatError(self.path, f"image {image_id}: listed in b'keys' but has no value")
-        item = self._pickle.loads(raw)
-        num_boxes = int(item["num_boxes"])
+        missing = {"num_boxes", "image_w", "image_h", "features", "boxes"} - set(item if isinstance(item, dict) else ())
+        if missing:
+            raise DataFormatError(self.path, f"image {image_id}: the value lacks {sorted(missing)}")
+        try:
+            num_boxes = int(item["num_boxes"])
 
-        def array(field: str) -> np.ndarray:
-            value = item[field]
-            if isinstance(value, (str, bytes)):
-                return _decode_float32(self.path, None, image_id, field, value, num_boxes)
-            return np.asarray(value, dtype=np.float32).reshape(num_boxes, -1)
+            def array(field: str, columns: int | None = None) -> np.ndarray:
+                value = item[field]
+                if isinstance(value, (str, bytes)):
+                    return _decode_float32(self.path, None, image_id, field, value, num_boxes, columns)
+                return np.asarray(value, dtype=np.float32).reshape(num_boxes, -1 if columns is None else columns)
 
-        probs = array("cls_prob") if "cls_prob" in item else None
-        return Regions(array("features"), array("boxes"), item["image_w"], item["image_h"], probs)
+            probs = array("cls_prob") if "cls_prob" in item else None
+            return Regions(array("features"), array("boxes", 4), item["image_w"], item["image_h"], probs)
+        except DataFormatError:
+            raise
+        except (TypeError, ValueError) as e:  # a count that is no number, arrays of the wrong size
+            raise DataFormatError(self.path, f"image {image_id}: {type(e).__name__}: {e}") from None
 
     def __getstate__(self):
-        return {**self.__dict__, "_env": None, "_pid": None, "_pickle": None}
+        return {**self.__dict__, "_env": None, "_pickle": None}
 
     def __setstate__(self, state):
         import pickle
@@ -504,49 +660,95 @@ class RegionStore(FeatureStore):
     """The project's own store: a folder of chunks, each a set of memory-mapped ``.npy`` arrays
     concatenated over its images (``features`` float32 or float16, ``boxes``, ``class_probs`` when
     present) plus ``index.json`` with ``ids, offsets, counts, image_w, image_h``. ``manifest.json`` lists
-    the complete chunks; a chunk exists for readers only once the manifest names it."""
+    the complete chunks; a chunk exists for readers only once the manifest names it.
+
+    Opening reads every index and maps every array, checking them against each other, so a damaged store
+    fails here, naming the file, rather than on some later read."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.exists():
             raise DataFormatError(self.path, f"no {MANIFEST}: not an interbert region store")
-        with open(manifest_path) as f:
-            self.manifest = json.load(f)
-        if self.manifest.get("format") != STORE_FORMAT:
-            raise DataFormatError(manifest_path, f"format is {self.manifest.get('format')!r}, not {STORE_FORMAT!r}")
-        self.feature_dim = int(self.manifest["feature_dim"])
-        self._chunks: list[dict[str, np.ndarray | None]] = []
-        self._index = {}
-        for c, chunk in enumerate(self.manifest["chunks"]):
-            with open(self.path / f"{chunk}.index.json") as f:
-                index = json.load(f)
+        self.manifest = _load_json(manifest_path)
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != STORE_FORMAT:
+            found = self.manifest.get("format") if isinstance(self.manifest, dict) else type(self.manifest).__name__
+            raise DataFormatError(manifest_path, f"format is {found!r}, not {STORE_FORMAT!r}")
+        chunks, dim = self.manifest.get("chunks"), self.manifest.get("feature_dim")
+        if not isinstance(chunks, list) or not all(isinstance(c, str) for c in chunks) or not isinstance(dim, int):
+            raise DataFormatError(manifest_path, "needs 'chunks' (a list of chunk names) and 'feature_dim' (an integer)")
+        self.feature_dim = dim
+        self._index: dict[str, tuple[int, int, int, int, int]] = {}  # id -> (chunk, first row, rows, width, height)
+        self._rows = []  # rows each chunk's arrays must hold at least
+        for c, chunk in enumerate(chunks):
+            index_path = self.path / f"{chunk}.index.json"
+            index = self._chunk_index(index_path)
             for image_id, offset, count, w, h in zip(index["ids"], index["offsets"], index["counts"],
                                                      index["image_w"], index["image_h"]):
+                if image_id in self._index:
+                    raise DataFormatError(index_path, f"image {image_id} is also in {chunks[self._index[image_id][0]]}")
                 self._index[image_id] = (c, offset, count, w, h)
-        self._mapped: list[dict[str, np.ndarray | None]] | None = None
+            self._rows.append(max((o + n for o, n in zip(index["offsets"], index["counts"])), default=0))
+        self._maps = None  # (pid, one dict of arrays per chunk); see FeatureStore._per_process
+        self._per_process("_maps", self._map_chunks)
 
-    def _arrays(self, c: int) -> dict[str, np.ndarray | None]:
-        if self._mapped is None:  # map lazily, so a pickled store opens its maps in each worker
-            self._mapped = []
-            for chunk in self.manifest["chunks"]:
-                probs = self.path / f"{chunk}.class_probs.npy"
-                self._mapped.append({
-                    "features": np.load(self.path / f"{chunk}.features.npy", mmap_mode="r"),
-                    "boxes": np.load(self.path / f"{chunk}.boxes.npy", mmap_mode="r"),
-                    "class_probs": np.load(probs, mmap_mode="r") if probs.exists() else None,
-                })
-        return self._mapped[c]
+    @staticmethod
+    def _chunk_index(index_path: Path) -> dict:
+        if not index_path.exists():
+            raise DataFormatError(index_path, f"missing, but {MANIFEST} lists its chunk")
+        index = _load_json(index_path)
+        fields = ("ids", "offsets", "counts", "image_w", "image_h")
+        if not isinstance(index, dict) or not all(isinstance(index.get(f), list) for f in fields):
+            raise DataFormatError(index_path, f"needs the lists {list(fields)}")
+        if len({len(index[f]) for f in fields}) != 1:
+            raise DataFormatError(index_path, "its lists " + ", ".join(f"{f} ({len(index[f])})" for f in fields) +
+                                  " differ in length")
+        for row, (image_id, *numbers) in enumerate(zip(*(index[f] for f in fields))):
+            if not isinstance(image_id, str) or not all(isinstance(x, int) and x >= 0 for x in numbers) or numbers[1] < 1:
+                raise DataFormatError(index_path, f"entry {row} (image {image_id!r}): expected a string id and counts "
+                                                  f"of at least 1, found {numbers}")
+        return index
+
+    def _map_chunks(self) -> list[dict[str, np.ndarray | None]]:
+        """Memory-map every chunk's arrays. The list is complete before anyone sees it (the caller publishes it)."""
+        maps = []
+        with_probs = self.manifest.get("num_classes") is not None
+        for chunk, rows in zip(self.manifest["chunks"], self._rows):
+            arrays = {key: self._map(f"{chunk}.{key}.npy") for key in ("features", "boxes")}
+            arrays["class_probs"] = self._map(f"{chunk}.class_probs.npy") if with_probs else None
+            features, boxes, probs = arrays["features"], arrays["boxes"], arrays["class_probs"]
+            if features.ndim != 2 or (self.feature_dim and features.shape[1] != self.feature_dim):
+                raise DataFormatError(self.path / f"{chunk}.features.npy", f"shape {features.shape}, expected "
+                                      f"(rows, {self.feature_dim}) as {MANIFEST} says")
+            if len(features) < rows:
+                raise DataFormatError(self.path / f"{chunk}.features.npy", f"{len(features)} rows, but "
+                                      f"{chunk}.index.json needs {rows}")
+            for key, array, width in (("boxes", boxes, 4), ("class_probs", probs, None)):
+                if array is not None and (array.ndim != 2 or len(array) != len(features) or
+                                          (width is not None and array.shape[1] != width)):
+                    raise DataFormatError(self.path / f"{chunk}.{key}.npy", f"shape {array.shape} does not match "
+                                          f"the {len(features)} feature rows")
+            maps.append(arrays)
+        return maps
+
+    def _map(self, name: str) -> np.ndarray:
+        file = self.path / name
+        if not file.exists():
+            raise DataFormatError(file, f"missing, but {MANIFEST} lists its chunk")
+        try:
+            return np.load(file, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as e:  # a bad header, a file shorter than its header says
+            raise DataFormatError(file, f"not a readable .npy ({e})") from None
 
     def _read(self, image_id: str, location: tuple) -> Regions:
         c, offset, count, w, h = location
-        arrays = self._arrays(c)
+        arrays = self._per_process("_maps", self._map_chunks)[c]
         rows = slice(offset, offset + count)
         probs = arrays["class_probs"]
         return Regions(arrays["features"][rows], arrays["boxes"][rows], w, h, None if probs is None else probs[rows])
 
-    def __getstate__(self):
-        return {**self.__dict__, "_mapped": None}
+    def __getstate__(self):  # an unpickled copy (a spawned DataLoader worker) maps the arrays anew
+        return {**self.__dict__, "_maps": None}
 
 
 class RegionStoreWriter:
