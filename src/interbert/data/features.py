@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 from interbert.data.errors import DataFormatError, UnknownImageError
+from interbert.errors import InterBertError, UsageError
+from interbert.utils.files import atomic_write, atomic_write_json, fsync_dir
 
 # Guards the first open of a reader's handle in a process. Re-created in a forked child: a child forked
 # while another thread held it would otherwise wait for it forever. Re-entrant because opening an LMDB
@@ -751,27 +753,37 @@ class RegionStore(FeatureStore):
         return {**self.__dict__, "_maps": None}
 
 
+class StoreWriteError(InterBertError, OSError):
+    """Writing a store failed (a full disk, a lost mount): the store still holds what it held before."""
+
+
 class RegionStoreWriter:
-    """Append images to a :class:`RegionStore`, restartably: each full chunk is written under temporary
-    names, renamed into place, then the manifest is replaced atomically (``os.replace``). A crash loses at
-    most the unflushed chunk; reopening skips every id already in the manifest."""
+    """Append images to a :class:`RegionStore`, restartably. Each full chunk's arrays and index are written
+    first, then the manifest that names the chunk: that write is the commit point. Every file is replaced
+    crash-safely (:mod:`interbert.utils.files`: a temporary beside it, fsync, rename, fsync of the folder).
+    A failed write leaves the store as it was: the manifest untouched, the chunk's files removed, and the
+    writer's own state unchanged, so writing again (re-running the convert) resumes with each id once.
+    Reopening skips every id already in the manifest."""
 
     def __init__(self, path: str | Path, feature_dtype: str = "float32", chunk_size: int = 1000):
         if feature_dtype not in ("float32", "float16"):
-            raise ValueError(f"feature_dtype must be float32 or float16, not {feature_dtype!r}")
+            raise UsageError(f"feature_dtype must be float32 or float16, not {feature_dtype!r}")
         self.path, self.chunk_size = Path(path), chunk_size
-        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.path.is_dir():
+            self.path.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.path.parent)  # the new folder's own entry must survive a crash too
         if (self.path / MANIFEST).exists():
             existing = RegionStore(self.path)
             self.manifest = existing.manifest
             self.written_ids = set(existing.ids())
             if self.manifest["feature_dtype"] != feature_dtype:
-                raise ValueError(f"{self.path} holds {self.manifest['feature_dtype']} features; resume with that dtype")
+                raise UsageError(f"{self.path} holds {self.manifest['feature_dtype']} features; resume with that dtype")
         else:
             self.manifest = {"format": STORE_FORMAT, "version": 1, "feature_dim": None, "feature_dtype": feature_dtype,
                              "num_classes": None, "chunks": []}
             self.written_ids = set()
         self._pending: list[tuple[str, Regions]] = []
+        self._failed = False  # the last write failed: __exit__ does not try again
 
     def __contains__(self, image_id: str) -> bool:
         return image_id in self.written_ids
@@ -781,7 +793,7 @@ class RegionStoreWriter:
         if image_id in self.written_ids:
             raise ValueError(f"image id {image_id!r} is already in {self.path}")
         dim, classes = regions.features.shape[1], None if regions.class_probs is None else regions.class_probs.shape[1]
-        if self.manifest["feature_dim"] is None:
+        if not self.manifest["feature_dim"]:  # None for a new store, 0 for one closed empty
             self.manifest["feature_dim"], self.manifest["num_classes"] = dim, classes
         if dim != self.manifest["feature_dim"] or classes != self.manifest["num_classes"]:
             raise DataFormatError(self.path, f"image {image_id}: {dim}-d features / {classes} classes, but the store "
@@ -794,7 +806,10 @@ class RegionStoreWriter:
     def flush(self) -> None:
         if not self._pending:
             return
-        name = f"chunk-{len(self.manifest['chunks']):05d}"
+        number = len(self.manifest["chunks"])
+        while f"chunk-{number:05d}" in self.manifest["chunks"]:
+            number += 1
+        name = f"chunk-{number:05d}"
         regions = [r for _, r in self._pending]
         counts = [r.num_regions for r in regions]
         arrays = {
@@ -805,39 +820,54 @@ class RegionStoreWriter:
             arrays["class_probs"] = np.concatenate([r.class_probs for r in regions]).astype(np.float32)
         index = {"ids": [i for i, _ in self._pending], "offsets": np.cumsum([0] + counts[:-1]).tolist(),
                  "counts": counts, "image_w": [r.image_w for r in regions], "image_h": [r.image_h for r in regions]}
-        for key, array in arrays.items():
-            self._atomic_write(f"{name}.{key}.npy", lambda f, a=array: np.save(f, a))
-        self._atomic_write(f"{name}.index.json", lambda f: f.write(json.dumps(index).encode()))
-        self.manifest["chunks"].append(name)
-        self._atomic_write(MANIFEST, lambda f: f.write(json.dumps(self.manifest, indent=1).encode()))
+        chunk_files = {self.path / f"{name}.{key}.npy": lambda f, a=array: np.save(f, a) for key, array in arrays.items()}
+        chunk_files[self.path / f"{name}.index.json"] = lambda f: f.write(json.dumps(index).encode())
+        # the new manifest is a copy: self.manifest changes only once the store on disk does
+        self._commit({**self.manifest, "chunks": [*self.manifest["chunks"], name]}, chunk_files, name)
         self._pending = []
 
-    def _atomic_write(self, name: str, write) -> None:
-        tmp = self.path / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / name)
+    def _commit(self, manifest: dict, chunk_files: dict, what: str) -> None:
+        """Write ``chunk_files`` (path -> writer), then ``manifest``; adopt ``manifest`` only if all succeeded."""
+        try:
+            for file, write in chunk_files.items():
+                atomic_write(file, write)
+            atomic_write_json(self.path / MANIFEST, manifest)
+        except OSError as e:
+            self._failed = True
+            for file in chunk_files:  # named by no manifest, so unreachable: give the (maybe full) disk its space back
+                file.unlink(missing_ok=True)
+            fsync_dir(self.path)
+            kept = len(self.written_ids) - len(self._pending)
+            error = StoreWriteError(f"{self.path}: writing {what} failed ({e.strerror or e}); the store is unchanged "
+                                    f"and holds the {kept} images written before it: write again to resume")
+            error.errno = e.errno
+            raise error from e
+        except BaseException:  # e.g. Ctrl-C: the chunk's files stay unlisted and the next write of it replaces them
+            self._failed = True
+            raise
+        self.manifest, self._failed = manifest, False
 
     def close(self) -> RegionStore:
         self.flush()
         if self.manifest["feature_dim"] is None:  # an empty store is still a valid one
-            self.manifest["feature_dim"] = 0
-            self._atomic_write(MANIFEST, lambda f: f.write(json.dumps(self.manifest, indent=1).encode()))
+            self._commit({**self.manifest, "feature_dim": 0}, {}, MANIFEST)
         return RegionStore(self.path)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.flush()  # keep what was complete, also when interrupted
+        # keep what was complete, also when interrupted; but not after a failed write: a full disk does not
+        # empty itself in a millisecond, and a second failure would only bury the first
+        if not self._failed:
+            self.flush()
 
 
 def convert_features(source: FeatureStore, destination: str | Path, feature_dtype: str = "float32",
                      chunk_size: int = 1000, progress: bool = True) -> tuple[int, int]:
     """Copy every image of ``source`` into a :class:`RegionStore` at ``destination``, resuming a partial
-    one. Returns ``(written, already_there)``."""
+    one. Returns ``(written, already_there)``. A failed write raises :class:`StoreWriteError` and leaves
+    the store as its last complete chunk left it; running the conversion again completes it."""
     from tqdm.auto import tqdm
 
     written = skipped = 0
