@@ -577,14 +577,20 @@ class LmdbFeatures(FeatureStore):
 
         self._pickle = pickle
         self._env = None  # (pid, environment) once opened in this process; see FeatureStore._per_process
-        keys = self._unpickle("b'keys' entry", self._get(b"keys"))
-        if keys is None:
-            raise DataFormatError(self.path, "no b'keys' entry (not a ViLBERT feature LMDB)")
-        if not isinstance(keys, (list, tuple)):
-            raise DataFormatError(self.path, f"the b'keys' entry holds a {type(keys).__name__}, not a list of ids")
-        self._index = {(k.decode() if isinstance(k, bytes) else str(k)): (k if isinstance(k, bytes) else str(k).encode())
-                       for k in keys}
-        self.feature_dim = self[next(iter(self._index))].features.shape[1]
+        try:
+            keys = self._unpickle("b'keys' entry", self._get(b"keys"))
+            if keys is None:
+                raise DataFormatError(self.path, "no b'keys' entry (not a ViLBERT feature LMDB)")
+            if not isinstance(keys, (list, tuple)):
+                raise DataFormatError(self.path, f"the b'keys' entry holds a {type(keys).__name__}, not a list of ids")
+            self._index = {(k.decode() if isinstance(k, bytes) else str(k)):
+                           (k if isinstance(k, bytes) else str(k).encode()) for k in keys}
+            self.feature_dim = self[next(iter(self._index))].features.shape[1]
+        except BaseException:
+            # the traceback keeps this half-built reader alive: let go of the environment now, or the
+            # process could not open this LMDB again (not even to repair it) while the error is around
+            self._env = None
+            raise
 
     def _get(self, key: bytes) -> bytes | None:
         import lmdb
@@ -620,8 +626,9 @@ class LmdbFeatures(FeatureStore):
                     return _decode_float32(self.path, None, image_id, field, value, num_boxes, columns)
                 return np.asarray(value, dtype=np.float32).reshape(num_boxes, -1 if columns is None else columns)
 
+            boxes = array("boxes", 4)  # first: 4 floats per box make them the check that catches a wrong num_boxes
             probs = array("cls_prob") if "cls_prob" in item else None
-            return Regions(array("features"), array("boxes", 4), item["image_w"], item["image_h"], probs)
+            return Regions(array("features"), boxes, item["image_w"], item["image_h"], probs)
         except DataFormatError:
             raise
         except (TypeError, ValueError) as e:  # a count that is no number, arrays of the wrong size
