@@ -14,7 +14,7 @@ from test_data_features_concurrency import fingerprint, synthetic_regions
 
 from interbert.cli import main
 from interbert.data import RegionStore, open_features
-from interbert.data.features import StoreWriteError, convert_features, write_npz_folder
+from interbert.data.features import StoreWriteError, convert_features, write_hdf5, write_npz_folder, write_tsv
 from interbert.utils.files import leftover_temporaries
 
 CHUNK = 4
@@ -90,3 +90,22 @@ def test_cli_convert_with_a_full_disk_says_one_error_line_and_a_rerun_completes(
     assert main(["data", "convert", src, dst, "--chunk-size", str(CHUNK)]) == 0
     assert f"wrote {len(expected) - CHUNK} images, {CHUNK} already there" in capsys.readouterr().out
     assert_store_holds_exactly(Path(dst), expected, store.ids())
+
+
+@pytest.mark.parametrize("write", [write_tsv, write_hdf5])
+def test_a_single_file_writer_that_fails_part_way_keeps_the_old_file(tmp_path, write):
+    items = synthetic_regions(n=6, dim=4, classes=3)
+    path = tmp_path / "features"
+    write(path, items.items())
+    before = path.read_bytes()
+
+    def cut_short():
+        for n, item in enumerate(items.items()):
+            if n == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            yield item
+
+    with pytest.raises(OSError, match="No space left"):
+        write(path, cut_short())
+    assert path.read_bytes() == before and leftover_temporaries(tmp_path) == []
+    assert sorted(open_features(path).ids()) == sorted(items)

@@ -34,7 +34,7 @@ import torch
 
 from interbert.data.errors import DataFormatError, UnknownImageError
 from interbert.errors import InterBertError, UsageError
-from interbert.utils.files import atomic_write, atomic_write_json, fsync_dir
+from interbert.utils.files import atomic_path, atomic_write, atomic_write_json, fsync_dir
 
 # Guards the first open of a reader's handle in a process. Re-created in a forked child: a child forked
 # while another thread held it would otherwise wait for it forever. Re-entrant because opening an LMDB
@@ -264,11 +264,12 @@ class TsvFeatures(FeatureStore):
 
 
 def write_tsv(path: str | Path, items: Iterable[tuple[str, Regions]], with_class_probs: bool = False) -> None:
-    """Write the bottom-up-attention TSV (``with_class_probs`` adds its ``cls_prob`` column)."""
+    """Write the bottom-up-attention TSV (``with_class_probs`` adds its ``cls_prob`` column). The file
+    appears complete or not at all: a failure part-way keeps the file that was there before."""
     def b64(a: np.ndarray) -> str:
         return base64.b64encode(np.ascontiguousarray(a, dtype=np.float32).tobytes()).decode()
 
-    with open(path, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         for image_id, r in items:
             fields = [image_id, r.image_w, r.image_h, r.num_regions, b64(r.boxes), b64(r.features)]
             if with_class_probs:
@@ -500,12 +501,13 @@ class Hdf5Features(FeatureStore):
 
 
 def write_hdf5(path: str | Path, items: Iterable[tuple[str, Regions]], layout: str = "groups") -> None:
-    """``groups``: one group per image. ``flat``: padded N x K arrays with ``image_ids`` and ``num_boxes``."""
+    """``groups``: one group per image. ``flat``: padded N x K arrays with ``image_ids`` and ``num_boxes``.
+    The file appears complete or not at all, as with :func:`write_tsv`."""
     import h5py
 
     if layout not in ("groups", "flat"):
         raise ValueError(f"layout must be 'groups' or 'flat', not {layout!r}")
-    with h5py.File(path, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         if layout == "groups":
             for image_id, r in items:
                 g = f.create_group(image_id)
