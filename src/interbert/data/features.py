@@ -554,7 +554,9 @@ def _lmdb_env(path: Path):
         env = _LMDB_ENVS.get(key)
         if env is None:
             for inherited in [k for k in _LMDB_ENVS if k[0] != key[0] and k[1:] == key[1:]]:
-                _LMDB_ENVS.pop(inherited).close()  # the parent's, in a forked child: close our copy, then reopen
+                stale = _LMDB_ENVS.pop(inherited, None)  # (None if collected meanwhile: the table holds weakly)
+                if stale is not None:
+                    stale.close()  # the parent's, in a forked child: close our copy, then open our own
             # read-only with lock=False: nothing writes while we read, so no reader table is needed; an
             # environment's read transactions may be begun from any thread
             env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=subdir)
