@@ -6,8 +6,6 @@ code the user should see (1 for data that cannot train, 2 for a usage problem, 0
 legitimately possible), and the message names the file and the line or the image id. Training must fail
 before it starts, so the failing cases cost no training step. Most cases run in-process through
 ``interbert.cli.main`` (fast); a few run as real subprocesses, as a user would.
-
-Cases whose fix lies in the feature readers (``data/features.py``, another branch) are marked xfail.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ from interbert.data.features import Regions, open_features, write_npz_folder, wr
 
 PRETRAIN_CONFIG = REPO / "configs" / "pretrain_tiny.yaml"
 VCR_CONFIG = REPO / "configs" / "finetune_vcr_tiny.yaml"
-FEATURES_FIX = "needs the feature reader fix on branch features"
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +324,6 @@ class Case:
     build: Callable[[Path, Path], Inputs]
     check_exit: int = 1
     train_exit: int = 1
-    xfail: str | None = None
     # what training logs when it legitimately goes on (a warning with a count)
     train_warning: str | None = None
 
@@ -353,7 +349,7 @@ CASES = [
     Case(sentence_without_raw),
     Case(non_utf8_in_captions),
     Case(non_utf8_in_caption_lines),
-    Case(non_utf8_in_tsv, xfail=FEATURES_FIX),
+    Case(non_utf8_in_tsv),
     Case(caption_whose_image_has_no_features, check_exit=0, train_exit=0, train_warning="skipping 5 of 160 captions"),
     Case(duplicate_image_id_in_captions),
     Case(duplicate_image_id_in_tsv),
@@ -365,8 +361,7 @@ CASES = [
 
 
 def _params(cases):
-    return [pytest.param(c, id=c.name, marks=[pytest.mark.xfail(reason=c.xfail, strict=False)] if c.xfail else [])
-            for c in cases]
+    return [pytest.param(c, id=c.name) for c in cases]
 
 
 # ------------------------------------------------------------------------------------------ commands

@@ -6,7 +6,6 @@ import argparse
 import json
 
 import numpy as np
-import pytest
 from conftest import shared_path
 
 from interbert.cli import main

@@ -56,14 +56,7 @@ def _synth_index(folder, model, fmt: str):
     return folder / "index", texts
 
 
-@pytest.mark.parametrize(
-    "fmt",
-    [
-        pytest.param("tsv", marks=pytest.mark.xfail(
-            reason="needs the thread-safe feature readers from branch features", strict=False)),
-        "store",
-    ],
-)
+@pytest.mark.parametrize("fmt", ["tsv", "store"])
 def test_concurrent_reranked_searches_equal_the_sequential_answers(model, synth_index, fmt):
     index, texts = synth_index(fmt)
     queries = texts[:CONCURRENT]

@@ -234,7 +234,7 @@ class TsvFeatures(FeatureStore):
         f = self._per_process("_file", lambda: open(self.path, "rb", buffering=0))
         raw = _pread_exactly(f.fileno(), length, offset)
         # stop at the line's end as readline would, should the file have been rewritten since it was indexed
-        values = _utf8(self.path, line, raw.split(b"\n", 1)[0]).rstrip("\r\n").split("\t")
+        values = _utf8(self.path, line, raw.split(b"\n", 1)[0], f"the line of image {image_id}").rstrip("\r\n").split("\t")
         if len(values) != len(self._columns):
             raise DataFormatError(self.path, f"image {image_id}: {len(values)} fields, expected {len(self._columns)} "
                                              "(truncated line?)", line)
