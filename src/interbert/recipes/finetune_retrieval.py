@@ -72,7 +72,7 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     captions = captions_of_split(data["captions"], data.get("split", "train"), data.get("max_images"))
     store = feature_store(data["features"])
     verify_features(captions, store, data, progress=train_cfg.progress_bar)
-    tokenizer = load_tokenizer(checkpoint) if checkpoint else tokenizer_for(data, captions, out, model_cfg.get("from_bert"))
+    tokenizer = load_tokenizer(checkpoint) if checkpoint else tokenizer_for(data, captions, out, model_cfg.get("from_bert"), resume)
     model = build_model(model_cfg, tokenizer, store)
     check_region_feature_size(model, store, source)
     for name, value in (model_cfg.get("config_updates") or {}).items():  # e.g. itc_loss_weight for fine-tuning

@@ -70,7 +70,7 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     captions = captions_of_split(data["captions"], data.get("split", "train"), data.get("max_images"))
     store = feature_store(data["features"])
     verify_features(captions, store, data, progress=train_cfg.progress_bar)
-    tokenizer = tokenizer_for(data, captions, out, model_cfg.get("from_bert"))
+    tokenizer = tokenizer_for(data, captions, out, model_cfg.get("from_bert"), resume)
     model = build_model(model_cfg, tokenizer, store)
     check_region_feature_size(model, store, source)
     model.config.itm_negatives = "in_batch" if negatives == "in_batch" else "data"

@@ -69,11 +69,12 @@ def build_text_model(model_cfg: dict, tokenizer, num_labels: int) -> InterBertFo
     return InterBertForSequenceClassification(build_config(model_cfg, vocab_size=len(tokenizer), num_labels=num_labels))
 
 
-def text_tokenizer(data_cfg: dict, model_cfg: dict, texts: list[str], output_dir: Path):
+def text_tokenizer(data_cfg: dict, model_cfg: dict, texts: list[str], output_dir: Path, resume: bool = False):
     source = data_cfg.get("tokenizer") or model_cfg.get("from_checkpoint") or model_cfg.get("from_bert")
     if source:
         return load_tokenizer(source)
-    return train_run_wordpiece(texts, output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)))
+    return train_run_wordpiece(texts, output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)),
+                               resume=resume)
 
 
 def predict_text(model: nn.Module, dataset: TextClassificationDataset, batch_size: int = 64, pad_token_id: int = 0) -> list[int]:
@@ -111,7 +112,8 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     if model_cfg.get("from_checkpoint"):
         model_folder(model_cfg["from_checkpoint"], "model.from_checkpoint", source)
     task, train, dev = train_and_dev_examples(data, source)
-    tokenizer = text_tokenizer(data, model_cfg, [e.text_a for e in train] + [e.text_b for e in train if e.text_b], out)
+    tokenizer = text_tokenizer(data, model_cfg, [e.text_a for e in train] + [e.text_b for e in train if e.text_b], out,
+                               resume)
     model = build_text_model(model_cfg, tokenizer, num_labels=len(task.labels))
     max_tokens = int(data.get("max_tokens", 128))
     train_set = TextClassificationDataset(train, tokenizer, max_tokens)

@@ -113,7 +113,8 @@ def unknown_word_rate(tokenizer, texts: Sequence[str]) -> float:
     return sum(i == tokenizer.unk_token_id for i in ids) / max(1, len(ids))
 
 
-def vcr_tokenizer(data_cfg: dict, model_cfg: dict, items: Sequence[VcrItem], output_dir: Path):
+def vcr_tokenizer(data_cfg: dict, model_cfg: dict, items: Sequence[VcrItem], output_dir: Path,
+                  resume: bool = False):
     source = data_cfg.get("tokenizer") or model_cfg.get("from_checkpoint") or model_cfg.get("from_bert")
     if source:
         tokenizer = load_tokenizer(source)
@@ -122,7 +123,8 @@ def vcr_tokenizer(data_cfg: dict, model_cfg: dict, items: Sequence[VcrItem], out
             logger.warning("%.0f%% of the VCR tokens are [UNK] with the tokenizer of %s: its vocabulary does not cover "
                            "the VCR language, so the choices read alike", 100 * rate, source)
         return tokenizer
-    return train_run_wordpiece(vcr_texts(items), output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)))
+    return train_run_wordpiece(vcr_texts(items), output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)),
+                               resume=resume)
 
 
 def predict_choices(model: nn.Module, dataset: VcrDataset, batch_size: int = 32, pad_token_id: int = 0) -> list[int]:
@@ -178,7 +180,7 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     store, feature_dim = _store_and_dim(data, source)
     if store is not None and data.get("verify_features", True) is not False:  # as common.verify_features
         verify_images(store, sorted({i.image_id for i in items if i.image_id in store}), progress=train_cfg.progress_bar)
-    tokenizer = vcr_tokenizer(data, model_cfg, items, out)
+    tokenizer = vcr_tokenizer(data, model_cfg, items, out, resume)
     model = build_vcr_model(model_cfg, tokenizer, feature_dim)
     sizes = dict(max_tokens=int(data.get("max_tokens", 64)), max_regions=int(data.get("max_regions", 36)))
     dataset = VcrDataset(items, tokenizer, store, tasks=tasks, feature_dim=feature_dim, **sizes)
