@@ -108,3 +108,34 @@ def test_bad_watch_settings_are_one_line_usage_errors(synth, tmp_path, capsys, o
     assert main(retrieval_args(synth, tmp_path / "run", *overrides)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_text_fine_tuning_keeps_model_best_by_f1_on_a_pair_task(synth, tmp_path, capsys):
+    out = tmp_path / "text"
+    assert main(["finetune", "text", "--config", str(CONFIGS / "finetune_text_tiny.yaml"),
+                 f"data.train={synth / 'glue' / 'train.tsv'}", f"data.dev={synth / 'glue' / 'dev.tsv'}",
+                 f"train.output_dir={out}", "train.progress_bar=false", "train.tensorboard=false", "train.max_steps=4",
+                 "train.batch_size=8", "train.save_every=null", "train.eval_every=2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [sorted(e) for e in summary["validation"]] == [["accuracy", "f1", "step"]] * 2
+    assert summary["best"]["metric"] == "f1" and summary["best"]["mode"] == "max"
+    assert (out / BEST_MODEL_DIR / "config.json").is_file()
+
+
+def vcr_args(synth: Path, out: Path, *overrides: str) -> list[str]:
+    return ["finetune", "vcr", "--config", str(CONFIGS / "finetune_vcr_tiny.yaml"),
+            f"data.train={synth / 'vcr' / 'train.jsonl'}", f"data.images_root={synth / 'images'}",
+            f"data.features={synth / 'regions.tsv'}", f"train.output_dir={out}", "train.progress_bar=false",
+            "train.tensorboard=false", "train.max_steps=4", "train.batch_size=4", "train.save_every=null",
+            "train.eval_every=2", *overrides]
+
+
+def test_vcr_fine_tuning_evaluates_q_ar_on_its_val_file(synth, tmp_path, capsys):
+    assert main(vcr_args(synth, tmp_path / "vcr", f"data.val={synth / 'vcr' / 'val.jsonl'}")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [sorted(e) for e in summary["validation"]] == [["q_a", "q_ar", "qa_r", "step"]] * 2
+    assert summary["best"]["metric"] == "q_ar"
+    assert summary["validation"][-1]["q_a"] == summary["val"]["Q->A"]  # the last evaluation is the final one
+
+    assert main(vcr_args(synth, tmp_path / "no_val", "data.val=null")) == 2
+    assert "train.eval_every evaluates on data.val" in capsys.readouterr().err
