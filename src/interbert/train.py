@@ -6,7 +6,7 @@ dataclass field whose name ends in ``_loss`` is logged as a loss component.
 
 What it does, in order of a step: seeded batch -> forward (bf16 autocast on CUDA only) -> backward of
 ``loss / grad_accum_steps`` -> after ``grad_accum_steps`` micro-batches: gradient clipping, AdamW,
-linear warm-up / linear decay schedule, EMA update -> log, checkpoint, evaluate.
+linear warm-up / linear decay schedule, EMA update -> log, evaluate (model_best, early stopping), checkpoint.
 
 Reproducibility contract: the data order is a seeded permutation per epoch (``DistributedSampler`` with
 ``set_epoch`` semantics), and every batch is built with the python/numpy/torch RNGs seeded from
