@@ -40,6 +40,7 @@ from interbert.recipes.common import (
     train_run_wordpiece,
 )
 from interbert.utils.config_files import ConfigError
+from interbert.recipes.validation import best_model_saver, with_best_metric
 from interbert.train import Trainer
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,9 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     if model_cfg.get("from_checkpoint"):
         model_folder(model_cfg["from_checkpoint"], "model.from_checkpoint", source)
     task, train, dev = train_and_dev_examples(data, source)
+    # model_best by default: F1 where the task reports it (MRPC-style pairs), else accuracy
+    train_cfg = with_best_metric(train_cfg, ["accuracy", "f1"] if task.f1 else ["accuracy"],
+                                 "f1" if task.f1 else "accuracy", source)
     tokenizer = text_tokenizer(data, model_cfg, [e.text_a for e in train] + [e.text_b for e in train if e.text_b], out,
                                resume)
     model = build_text_model(model_cfg, tokenizer, num_labels=len(task.labels))
@@ -120,7 +124,12 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     dev_set = TextClassificationDataset(dev, tokenizer, max_tokens)
     logger.info("%s: fine-tuning on %d examples, evaluating on %d", task.name, len(train_set), len(dev_set))
     start = time.perf_counter()
-    trainer = Trainer(model, train_set, train_cfg, collate_fn=functools.partial(collate_text, pad_token_id=tokenizer.pad_token_id))
+    extra = {"recipe": "finetune_text", "task": task.name, "config": cfg}
+    eval_fn = None
+    if train_cfg.eval_every:
+        eval_fn = functools.partial(evaluate_text, dataset=dev_set, f1=task.f1, pad_token_id=tokenizer.pad_token_id)
+    trainer = Trainer(model, train_set, train_cfg, collate_fn=functools.partial(collate_text, pad_token_id=tokenizer.pad_token_id),
+                      eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
     result = trainer.fit(resume=resume)
     seconds = time.perf_counter() - start
     metrics = None
@@ -128,9 +137,10 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
         with trainer.averaged_weights() as trained:
             metrics = evaluate_text(trained, dev_set, task.f1, pad_token_id=tokenizer.pad_token_id)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    model_dir = save_trained(trainer, tokenizer, out, extra={"recipe": "finetune_text", "task": task.name, "config": cfg})
+    model_dir = save_trained(trainer, tokenizer, out, extra=extra)
     return {"model_dir": str(model_dir), "task": task.name, "metrics": metrics, "steps": result.step,
-            "seconds": seconds, "train_examples": len(train_set), "dev_examples": len(dev_set), "history": result.history}
+            "seconds": seconds, "train_examples": len(train_set), "dev_examples": len(dev_set), "history": result.history,
+            "validation": result.eval_history, "best": result.best, "stopped_early": result.stopped_early}
 
 
 def run_evaluate(model_dir: str, data_path: str, task: str | None = None, max_tokens: int | None = None,
