@@ -1,6 +1,6 @@
 """The data layer: files -> typed examples -> masking/negatives -> padded batches.
 
-- :mod:`~interbert.data.captions`: caption readers (Karpathy, COCO, Flickr8k/30k, JSON lines)
+- :mod:`~interbert.data.captions`: caption readers (Karpathy, COCO, Flickr8k/30k, LAVIS/ALBEF lists, JSON lines)
 - :mod:`~interbert.data.features`: region-feature stores (TSV, npz, HDF5, LMDB, our own, WebDataset)
 - :mod:`~interbert.data.tokenize`: WordPiece loading/training, Chinese word boundaries
 - :mod:`~interbert.data.masking`: MSM spans and MRM region groups

@@ -73,7 +73,8 @@ def register(subparsers) -> None:
                         description="Reads every entry and every image once and lists every problem with its place "
                                     "(the first 20 of each kind, and the count). Exit 1 when the data cannot train, "
                                     "0 when it can (warnings allowed).")
-    k.add_argument("--captions", help="Karpathy JSON, COCO JSON, Flickr8k token file, Flickr30k JSON or JSON lines")
+    k.add_argument("--captions", help="Karpathy JSON, COCO JSON, Flickr8k token file, Flickr30k JSON, a LAVIS/ALBEF "
+                                        "annotation list or JSON lines")
     k.add_argument("--captions-format", default="auto")
     k.add_argument("--vcr", help="a VCR jsonl file (its images are looked up in --features by the stem of img_fn)")
     k.add_argument("--images-root", help="the folder VCR's metadata_fn is relative to (default: as `finetune vcr`)")
