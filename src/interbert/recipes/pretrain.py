@@ -74,6 +74,7 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     model = build_model(model_cfg, tokenizer, store)
     check_region_feature_size(model, store, source)
     model.config.itm_negatives = "in_batch" if negatives == "in_batch" else "data"
+    region_cache = check_choice(cfg, "data.region_cache", (True, False, "auto"), "auto", source)
     with main_process_first():  # rank 0 computes the TF-IDF negatives into the cache, the others read it
         dataset = PretrainingDataset(
             captions, store, tokenizer,
@@ -83,7 +84,7 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
             hard_negatives="tfidf" if negatives == "tfidf" else None,
             hard_ratio=data.get("hard_ratio", 1.0), num_hard=data.get("num_hard", 10),
             p_positive=1.0 if negatives == "in_batch" else 0.5,
-            cache_dir=out / "cache", seed=train_cfg.seed,
+            cache_dir=out / "cache", seed=train_cfg.seed, region_cache=region_cache,
         )
     multiplier = bert_lr_multiplier(model_cfg)
     logger.info("pretraining on %d captions of %d images (%s negatives, %s/%s masking)", len(dataset),
