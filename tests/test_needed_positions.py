@@ -98,3 +98,22 @@ def test_first_position_marks_position_zero_only():
     keep = torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
     assert first_position(keep).tolist() == [[True, False, False], [True, False, False]]
     assert first_position(None) is None
+
+
+def test_text_classifier_logits_and_gradients_equal_the_full_pass():
+    from interbert.modeling import InterBertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = InterBertForSequenceClassification(small_config(num_labels=3)).eval()
+    b = padded_batch()
+    labels = torch.tensor([0, 2, 1, 1])
+    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels)
+    full = model.interbert(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).text_sequence[:, 0]
+    expected = model.classifier(torch.tanh(model.pooler(full)))
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(expected, labels).backward()
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -726,7 +726,9 @@ class InterBertForSequenceClassification(InterBertPreTrainedModel):
     ) -> InterBertScoreOutput:
         if input_ids is None:
             raise ValueError("InterBertForSequenceClassification needs input_ids")
-        base = self.interbert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        # The classifier reads [CLS] only: the text stream's last layer computes that position alone.
+        text, keep, _, _ = self.interbert.embed_inputs(input_ids, attention_mask, token_type_ids)
+        base = self.interbert.encode(text, keep, None, None, text_needed=first_position(keep))
         pooled = torch.tanh(self.pooler(base.text_sequence[:, 0]))
         logits = self.classifier(self.dropout(pooled))
         loss = None
