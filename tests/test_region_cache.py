@@ -103,3 +103,14 @@ def test_auto_cache_follows_the_memory_estimate(data, monkeypatch):
     assert not RegionCache.decide(False, store, ids, 10) and RegionCache.decide(True, store, ids, 10)
     with pytest.raises(ValueError):
         RegionCache.decide("yes", store, ids, 10)
+
+
+def test_captions_encoded_together_equal_one_by_one(data):
+    from interbert.data.tokenize import encode_caption, encode_captions
+
+    _, captions, tokenizer = data
+    texts = [c.text for c in captions] + ["", "a " * 60]  # empty, and cut at max_tokens
+    together = encode_captions(tokenizer, texts, max_tokens=12)
+    alone = [encode_caption(tokenizer, t, 12) for t in texts]
+    assert [(e.input_ids, e.word_ids) for e in together] == [(e.input_ids, e.word_ids) for e in alone]
+    assert max(len(e.input_ids) for e in together) == 12

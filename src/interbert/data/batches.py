@@ -35,7 +35,7 @@ from interbert.data.negatives import (
     sample_itm_caption,
     tfidf_hard_negatives,
 )
-from interbert.data.tokenize import encode_caption
+from interbert.data.tokenize import encode_captions
 from interbert.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class _CaptionImageDataset(torch.utils.data.Dataset):
     """What both datasets share: aligned captions, a tokenizer, region preparation, seeded randomness.
 
     ``region_cache``: keep every image's prepared regions in memory (:class:`RegionCache`); ``"auto"``
-    when they fit in a quarter of the available memory. Captions are tokenised once, on first use."""
+    when they fit in a quarter of the available memory. Captions are tokenised once, all together."""
 
     _cache_overlaps = False  # whether the region cache also holds IoU-group overlaps (group masking)
 
@@ -210,7 +210,9 @@ class _CaptionImageDataset(torch.utils.data.Dataset):
         if RegionCache.decide(region_cache, store, self.image_ids, max_regions):
             self.region_cache = RegionCache(store, self.image_ids, max_regions,
                                             IOU_GROUP_THRESHOLD if self._cache_overlaps else None)
-        self._encoded: dict[int, tuple] = {}
+        # Every caption once, up front (token ids are small): per example the tokenizer cost more than
+        # the rest of the example's text work, every epoch.
+        self._encoded = encode_captions(tokenizer, [c.text for c in self.captions], max_tokens, word_segmenter)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -222,13 +224,7 @@ class _CaptionImageDataset(torch.utils.data.Dataset):
         return len(self.captions)
 
     def _text(self, caption_index: int):
-        """The caption's encoding (computed once: the tokenizer costs more than the rest of an example's text)."""
-        text = self._encoded.get(caption_index)
-        if text is None:
-            caption = self.captions[caption_index]
-            text = encode_caption(self.tokenizer, caption.text, self.max_tokens, self.word_segmenter)
-            self._encoded[caption_index] = text
-        return text
+        return self._encoded[caption_index]
 
     def _regions(self, image_id: str) -> dict[str, np.ndarray | None]:
         if self.region_cache is not None:
