@@ -44,6 +44,33 @@ def machine_info() -> dict:
     }
 
 
+MAX_START_LOAD = 1.0  # a run that starts on a busier machine measures the other jobs too
+
+
+def load_average() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def check_start_load(force: bool, limit: float = MAX_START_LOAD) -> dict:
+    """Refuse (SystemExit) to start a timed run when the 1-minute load average is above ``limit``, unless
+    ``force``: then the run goes on and its results say they were measured on a loaded machine."""
+    load = load_average()
+    loaded = load is not None and load > limit
+    if loaded and not force:
+        raise SystemExit(f"1-minute load average {load:.2f} > {limit}: the machine is busy, timings would measure "
+                         "other jobs too. Wait for an idle machine, or pass --force to run anyway (results marked loaded).")
+    return {"load_average_at_start": load, "load_limit": limit, "loaded": loaded}
+
+
+def load_markdown(load: dict) -> str:
+    end = load.get("load_average_at_end")
+    text = f"1-min load average {load['load_average_at_start']:.2f} at start"
+    text += f", {end:.2f} at end." if end is not None else "."
+    if load.get("loaded"):
+        text += f" **Measured on a loaded machine (start load above {load['load_limit']}): ratios only, absolute times are not representative.**"
+    return text
+
+
 def machine_markdown(info: dict) -> str:
     return (
         f"Machine: {info['cpu']}, {info['cores']} cores ({info['cpu_capability']}), torch {info['torch']} "

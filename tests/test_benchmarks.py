@@ -45,3 +45,19 @@ def test_padding_pack_unpack_keeps_real_rows_and_zeroes_padding():
     assert (back[~keep] == 0).all()
     full = Padding.from_keep(torch.ones(2, 3, dtype=torch.bool))
     assert full.attn_mask is None and full.unpack(full.pack(x)).data_ptr() == x.data_ptr()  # no copies
+
+
+def test_timed_runs_refuse_a_busy_machine_unless_forced(monkeypatch):
+    import os
+
+    import pytest
+    from common import check_start_load, load_markdown
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.7, 1.0, 1.0))
+    with pytest.raises(SystemExit, match="load average 1.70"):
+        check_start_load(force=False)
+    load = check_start_load(force=True)
+    assert load["loaded"] and "loaded machine" in load_markdown({**load, "load_average_at_end": 2.0})
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 1.0, 1.0))
+    quiet = check_start_load(force=False)
+    assert not quiet["loaded"] and "loaded machine" not in load_markdown(quiet)

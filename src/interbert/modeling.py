@@ -148,6 +148,15 @@ class Padding:
             x = x.new_zeros(b * n, x.shape[-1]).index_copy(0, self.index, x)
         return x.view(b, n, -1)
 
+    def rows_of(self, needed: torch.Tensor) -> torch.Tensor:
+        """Packed row indices of the real positions where ``needed`` (B x L bool) is True."""
+        flat = needed.flatten()
+        return (flat if self.index is None else flat[self.index]).nonzero().squeeze(1)
+
+    def sequence_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The batch row (sequence) of each packed row."""
+        return (rows if self.index is None else self.index[rows]) // self.shape[1]
+
 
 class TransformerLayer(nn.Module):
     """A post-LayerNorm BERT layer: self-attention and feed-forward, each with residual + LayerNorm."""
@@ -167,28 +176,56 @@ class TransformerLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(hidden, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, padding: Padding) -> torch.Tensor:
-        """``x``: N x H, the real positions of a B x L batch as ``padding`` packed them."""
+    def forward(self, x: torch.Tensor, padding: Padding, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: N x H, the real positions of a B x L batch as ``padding`` packed them.
+
+        ``rows`` (packed row indices): compute the output of those rows only (M x H). Keys and values
+        still come from every row; the queries, attention output and feed-forward - most of a layer -
+        run on the M rows. The last layer of a stack whose readers look at a few positions (the poolers'
+        first position, the masked tokens and regions) needs no more."""
         (b, n), h = padding.shape, x.shape[-1]
 
         def split_heads(t: torch.Tensor) -> torch.Tensor:
             return padding.unpack(t).view(b, n, self.heads, h // self.heads).transpose(1, 2)
 
-        q, k, v = split_heads(self.query(x)), split_heads(self.key(x)), split_heads(self.value(x))
+        k, v = split_heads(self.key(x)), split_heads(self.value(x))
         p = self.attn_dropout if self.training else 0.0
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=padding.attn_mask, dropout_p=p)
-        context = padding.pack(context.transpose(1, 2).reshape(b, n, h))
+        if rows is None:
+            q = split_heads(self.query(x))
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=padding.attn_mask, dropout_p=p)
+            context = padding.pack(context.transpose(1, 2).reshape(b, n, h))
+        else:  # each needed row attends, as a batch of one query, over the keys of its own sequence
+            seq = padding.sequence_of(rows)
+            x = x.index_select(0, rows)
+            q = self.query(x).view(-1, self.heads, 1, h // self.heads)
+            mask = None if padding.attn_mask is None else padding.attn_mask[seq]
+            context = F.scaled_dot_product_attention(q, k[seq], v[seq], attn_mask=mask, dropout_p=p).reshape(-1, h)
         x = self.attn_norm(x + self.dropout(self.attn_out(context)))
         return self.ffn_norm(x + self.dropout(self.ffn_out(self.act(self.ffn_in(x)))))
 
 
-def run_stack(layers: nn.ModuleList, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Run ``layers`` over a padded B x L x H batch (``keep``: B x L, True at real positions)."""
+def run_stack(layers: nn.ModuleList, hidden: torch.Tensor, keep: torch.Tensor,
+              needed: torch.Tensor | None = None) -> torch.Tensor:
+    """Run ``layers`` over a padded B x L x H batch (``keep``: B x L, True at real positions).
+    ``needed`` (B x L bool): the positions whose output is read; the last layer computes only those,
+    the others are zero in the result (None: every real position)."""
     padding = Padding.from_keep(keep)
     x = padding.pack(hidden)
-    for layer in layers:
-        x = layer(x, padding)
+    rows = None if needed is None or not len(layers) else padding.rows_of(needed)
+    for i, layer in enumerate(layers):
+        x = layer(x, padding, rows if i == len(layers) - 1 else None)
+    if rows is not None:
+        x = x.new_zeros(len(padding.index) if padding.index is not None else keep.numel(), x.shape[-1]).index_copy(0, rows, x)
     return padding.unpack(x)
+
+
+def first_position(keep: torch.Tensor | None) -> torch.Tensor | None:
+    """B x L bool, True at position 0 only: what the poolers read."""
+    if keep is None:
+        return None
+    needed = torch.zeros_like(keep, dtype=torch.bool)
+    needed[:, 0] = True
+    return needed
 
 
 def _text_layer(config: InterBertConfig) -> TransformerLayer:
@@ -329,6 +366,12 @@ class InterBertModel(InterBertPreTrainedModel):
         region_mask: torch.Tensor | None = None,
         **_: object,
     ) -> InterBertOutput:
+        return self.encode(*self.embed_inputs(input_ids, attention_mask, token_type_ids, region_features, region_boxes,
+                                              region_mask))
+
+    def embed_inputs(self, input_ids=None, attention_mask=None, token_type_ids=None, region_features=None,
+                     region_boxes=None, region_mask=None) -> tuple:
+        """Checked inputs -> ``(text, text_keep, image, image_keep)`` embedded, as :meth:`encode` takes them."""
         self._check_inputs(input_ids, attention_mask, token_type_ids, region_features, region_boxes, region_mask)
         image = image_keep = text = text_keep = None
         if region_features is not None:
@@ -337,7 +380,7 @@ class InterBertModel(InterBertPreTrainedModel):
         if input_ids is not None:
             text = self.embeddings(input_ids, token_type_ids)
             text_keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        return self.encode(text, text_keep, image, image_keep)
+        return text, text_keep, image, image_keep
 
     def encode(
         self,
@@ -345,11 +388,16 @@ class InterBertModel(InterBertPreTrainedModel):
         text_keep: torch.Tensor | None,
         image: torch.Tensor | None,
         image_keep: torch.Tensor | None,
+        text_needed: torch.Tensor | None = None,
+        image_needed: torch.Tensor | None = None,
     ) -> InterBertOutput:
         """Everything after the embeddings, on already-embedded inputs (B x L x H, keep masks B x L).
 
         Retrieval evaluation embeds each image and caption once and pairs the embeddings up here,
         instead of re-embedding an image for every caption it is scored against.
+        ``text_needed`` / ``image_needed`` (B x L bool, position 0 included): the sequence positions the
+        caller reads; the streams' last layers compute only those, and the other positions of the
+        sequence outputs are zero (the poolers read position 0). None: every position.
         """
         streams = [(h, k.bool()) for h, k in ((image, image_keep), (text, text_keep)) if h is not None]
         # Single-stream interaction: full attention over [regions ; text].
@@ -359,10 +407,10 @@ class InterBertModel(InterBertPreTrainedModel):
         # Two-stream extraction: each modality continues in its own stack.
         out = {}
         if image is not None:
-            image_out = run_stack(self.image_stream, hidden[:, : image.shape[1]], image_keep.bool())
+            image_out = run_stack(self.image_stream, hidden[:, : image.shape[1]], image_keep.bool(), image_needed)
             out.update(image_sequence=image_out, image_pooled=self.image_pooler(image_out))
         if text is not None:
-            text_out = run_stack(self.text_stream, hidden[:, hidden.shape[1] - text.shape[1] :], text_keep.bool())
+            text_out = run_stack(self.text_stream, hidden[:, hidden.shape[1] - text.shape[1] :], text_keep.bool(), text_needed)
             out.update(text_sequence=text_out, text_pooled=self.text_pooler(text_out))
         return InterBertOutput(**out)
 
@@ -370,11 +418,13 @@ class InterBertModel(InterBertPreTrainedModel):
     # Single-modal embeddings: each modality alone through the same path (the two-stream module keeps
     # its own stack), pooled, projected, L2-normalised. Cosine similarity of these gives candidates.
     def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids=None) -> torch.Tensor:
-        pooled = self(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).text_pooled
+        text, keep, _, _ = self.embed_inputs(input_ids, attention_mask, token_type_ids)
+        pooled = self.encode(text, keep, None, None, text_needed=first_position(keep)).text_pooled
         return F.normalize(self.text_projection(pooled) if self.config.embedding_size else pooled, dim=-1)
 
     def embed_images(self, region_features: torch.Tensor, region_boxes: torch.Tensor, region_mask: torch.Tensor | None = None) -> torch.Tensor:
-        pooled = self(region_features=region_features, region_boxes=region_boxes, region_mask=region_mask).image_pooled
+        _, _, image, keep = self.embed_inputs(region_features=region_features, region_boxes=region_boxes, region_mask=region_mask)
+        pooled = self.encode(None, None, image, keep, image_needed=first_position(keep)).image_pooled
         return F.normalize(self.image_projection(pooled) if self.config.embedding_size else pooled, dim=-1)
 
     def contrastive_loss(self, batch: dict, positives: torch.Tensor) -> torch.Tensor:
@@ -489,8 +539,6 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
                 for t in (region_features, region_boxes, region_mask, mrm_mask, mrm_class_targets, mrm_feature_targets)
             )
             out["itm_labels"] = itm_labels
-        base = self.interbert(input_ids, attention_mask, token_type_ids, region_features, region_boxes, region_mask)
-        out.update(base)
         text_at = msm_labels != -100 if (msm_labels is not None and not full_logits) else None
         scored = None
         if mrm_mask is not None:
@@ -498,6 +546,15 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
             if itm_labels is not None:  # regions of a mismatched caption are not predictable from it
                 scored = scored & itm_labels.bool()[:, None]
         region_at = scored if not full_logits else None
+        # The streams' last layers compute only what the heads read: position 0 and the scored positions.
+        embedded = self.interbert.embed_inputs(input_ids, attention_mask, token_type_ids, region_features, region_boxes,
+                                               region_mask)
+        base = self.interbert.encode(
+            *embedded,
+            text_needed=None if text_at is None else text_at | first_position(text_at),
+            image_needed=None if region_at is None else region_at | first_position(region_at),
+        )
+        out.update(base)
 
         if base.text_sequence is not None:
             h = base.text_sequence if text_at is None else base.text_sequence[text_at]
@@ -552,7 +609,10 @@ class _PairScorer(InterBertPreTrainedModel):
         self.post_init()
 
     def pair_scores(self, **inputs: torch.Tensor | None) -> tuple[torch.Tensor, InterBertOutput]:
-        base = self.interbert(**inputs)
+        """The score of each pair and the pooled outputs (the sequence outputs hold position 0 only:
+        the streams' last layers compute what the poolers read and no more)."""
+        text, text_keep, image, image_keep = self.interbert.embed_inputs(**inputs)
+        base = self.interbert.encode(text, text_keep, image, image_keep, first_position(text_keep), first_position(image_keep))
         if base.text_pooled is None or base.image_pooled is None:
             raise ValueError(f"{type(self).__name__} scores (image, text) pairs: give both text and regions")
         logits = self.score(self.dropout(fuse(base.text_pooled, base.image_pooled, self.config.fusion))).squeeze(-1)
@@ -666,7 +726,9 @@ class InterBertForSequenceClassification(InterBertPreTrainedModel):
     ) -> InterBertScoreOutput:
         if input_ids is None:
             raise ValueError("InterBertForSequenceClassification needs input_ids")
-        base = self.interbert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        # The classifier reads [CLS] only: the text stream's last layer computes that position alone.
+        text, keep, _, _ = self.interbert.embed_inputs(input_ids, attention_mask, token_type_ids)
+        base = self.interbert.encode(text, keep, None, None, text_needed=first_position(keep))
         pooled = torch.tanh(self.pooler(base.text_sequence[:, 0]))
         logits = self.classifier(self.dropout(pooled))
         loss = None

@@ -9,6 +9,7 @@ longest text and region list (masks: 1 = keep). Randomness comes from a generato
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,11 +20,13 @@ from interbert.data.captions import Caption
 from interbert.data.features import FeatureStore, Regions
 from interbert.data.masking import (
     IGNORE_INDEX,
+    IOU_GROUP_THRESHOLD,
     TEXT_MASKERS,
     apply_region_masking,
     apply_token_masking,
     mask_region_groups,
     mask_regions_independently,
+    region_iou,
 )
 from interbert.data.negatives import (
     image_hard_negatives,
@@ -32,7 +35,7 @@ from interbert.data.negatives import (
     sample_itm_caption,
     tfidf_hard_negatives,
 )
-from interbert.data.tokenize import encode_caption
+from interbert.data.tokenize import encode_captions
 from interbert.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -123,11 +126,78 @@ def captions_with_features(captions: Sequence[Caption], store: FeatureStore) -> 
     return kept
 
 
+# Share of the memory available at start-up that region_cache="auto" may fill.
+AUTO_CACHE_MEMORY_SHARE = 0.25
+
+
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no estimate, no auto cache
+        return None
+
+
+class RegionCache:
+    """Every image's :func:`prepare_regions` output, made once, for a training run that reads each image
+    many times (an epoch reads an image once per caption, more with negatives and 4-way groups).
+
+    Without it a step decodes base64 (TSV), unzips (npz) or copies (store) every image of the batch
+    again, and recomputes the IoU groups of the masking: on the tiny preset that was a fifth of the
+    step. The arrays are filled in the main process, before DataLoader workers fork, so the workers
+    share them instead of each building its own. They are read-only: examples are built from copies.
+    With ``iou_threshold`` the cache also holds each image's region-overlap matrix (IoU >= threshold),
+    which is what :func:`~interbert.data.masking.mask_region_groups` computes otherwise on every draw.
+    """
+
+    def __init__(self, store: FeatureStore, image_ids: Sequence[str], max_regions: int,
+                 iou_threshold: float | None = None):
+        items = {}
+        for image_id in image_ids:
+            prepared = prepare_regions(store[image_id], max_regions)
+            if iou_threshold is not None:
+                prepared["overlaps"] = region_iou(prepared["region_boxes"]) >= iou_threshold
+            for value in prepared.values():
+                if value is not None:
+                    value.flags.writeable = False
+            items[image_id] = prepared
+        self._items = items  # published complete (see features.py on threads)
+        self.nbytes = sum(v.nbytes for item in items.values() for v in item.values() if v is not None)
+
+    def __getitem__(self, image_id: str) -> dict[str, np.ndarray | None]:
+        return self._items[image_id]
+
+    @staticmethod
+    def estimated_bytes(store: FeatureStore, image_ids: Sequence[str], max_regions: int) -> int:
+        """What caching ``image_ids`` takes, from the first image's sizes (float32, ``max_regions`` each)."""
+        first = store[image_ids[0]]
+        per_region = first.features.shape[1] + 5 + (0 if first.class_probs is None else first.class_probs.shape[1])
+        return len(image_ids) * max_regions * (4 * per_region + max_regions)
+
+    @classmethod
+    def decide(cls, setting: bool | str, store: FeatureStore, image_ids: Sequence[str], max_regions: int) -> bool:
+        """Whether to cache: ``True``/``False`` as given; ``"auto"`` when the cache fits in
+        ``AUTO_CACHE_MEMORY_SHARE`` of the memory available now (logged either way)."""
+        if setting in (True, False):
+            return bool(setting)
+        if setting != "auto":
+            raise ValueError(f"region cache setting must be true, false or 'auto', not {setting!r}")
+        need, available = cls.estimated_bytes(store, image_ids, max_regions), _available_memory()
+        fits = available is not None and need <= AUTO_CACHE_MEMORY_SHARE * available
+        logger.info("region cache %s: %.0f MB for %d images, %s MB available", "on" if fits else "off",
+                    need / 1e6, len(image_ids), "unknown" if available is None else f"{available / 1e6:.0f}")
+        return fits
+
+
 class _CaptionImageDataset(torch.utils.data.Dataset):
-    """What both datasets share: aligned captions, a tokenizer, region preparation, seeded randomness."""
+    """What both datasets share: aligned captions, a tokenizer, region preparation, seeded randomness.
+
+    ``region_cache``: keep every image's prepared regions in memory (:class:`RegionCache`); ``"auto"``
+    when they fit in a quarter of the available memory. Captions are tokenised once, all together."""
+
+    _cache_overlaps = False  # whether the region cache also holds IoU-group overlaps (group masking)
 
     def __init__(self, captions: Sequence[Caption], store: FeatureStore, tokenizer, max_tokens: int, max_regions: int,
-                 word_segmenter: str | None, seed: int):
+                 word_segmenter: str | None, seed: int, region_cache: bool | str = "auto"):
         self.captions = captions_with_features(captions, store)
         self.skipped_captions = len(captions) - len(self.captions)
         self.store, self.tokenizer = store, tokenizer
@@ -136,6 +206,13 @@ class _CaptionImageDataset(torch.utils.data.Dataset):
         self.image_ids = sorted({c.image_id for c in self.captions})
         index_of_image = {image_id: n for n, image_id in enumerate(self.image_ids)}
         self.image_codes = np.array([index_of_image[c.image_id] for c in self.captions])
+        self.region_cache = None
+        if RegionCache.decide(region_cache, store, self.image_ids, max_regions):
+            self.region_cache = RegionCache(store, self.image_ids, max_regions,
+                                            IOU_GROUP_THRESHOLD if self._cache_overlaps else None)
+        # Every caption once, up front (token ids are small): per example the tokenizer cost more than
+        # the rest of the example's text work, every epoch.
+        self._encoded = encode_captions(tokenizer, [c.text for c in self.captions], max_tokens, word_segmenter)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -146,11 +223,17 @@ class _CaptionImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.captions)
 
+    def _text(self, caption_index: int):
+        return self._encoded[caption_index]
+
+    def _regions(self, image_id: str) -> dict[str, np.ndarray | None]:
+        if self.region_cache is not None:
+            return self.region_cache[image_id]
+        return prepare_regions(self.store[image_id], self.max_regions)
+
     def _pair(self, caption_index: int, image_id: str) -> dict:
-        caption = self.captions[caption_index]
-        text = encode_caption(self.tokenizer, caption.text, self.max_tokens, self.word_segmenter)
-        regions = prepare_regions(self.store[image_id], self.max_regions)
-        return {"text": text, "regions": regions, "image_id": image_id, "caption_id": caption.caption_id}
+        text, regions = self._text(caption_index), self._regions(image_id)
+        return {"text": text, "regions": regions, "image_id": image_id, "caption_id": self.captions[caption_index].caption_id}
 
 
 class PretrainingDataset(_CaptionImageDataset):
@@ -167,8 +250,9 @@ class PretrainingDataset(_CaptionImageDataset):
                  max_regions: int = 36, msm: str = "span", mrm: str = "group", whole_word: bool = False,
                  word_segmenter: str | None = None, hard_negatives: str | np.ndarray | None = "tfidf",
                  hard_ratio: float = 1.0, p_positive: float = 0.5, num_hard: int = 10,
-                 cache_dir: str | Path | None = None, seed: int = 0):
-        super().__init__(captions, store, tokenizer, max_tokens, max_regions, word_segmenter, seed)
+                 cache_dir: str | Path | None = None, seed: int = 0, region_cache: bool | str = "auto"):
+        self._cache_overlaps = mrm == "group"
+        super().__init__(captions, store, tokenizer, max_tokens, max_regions, word_segmenter, seed, region_cache)
         if msm not in TEXT_MASKERS:
             raise ValueError(f"msm must be one of {sorted(TEXT_MASKERS)}, not {msm!r}")
         if mrm not in ("group", "region"):
@@ -197,7 +281,7 @@ class PretrainingDataset(_CaptionImageDataset):
 
         real = np.ones(len(regions["region_features"]), dtype=bool)
         if self.mrm == "group":
-            region_mask = mask_region_groups(regions["region_boxes"], real, rng)
+            region_mask = mask_region_groups(regions["region_boxes"], real, rng, overlaps=regions.get("overlaps"))
         else:
             region_mask = mask_regions_independently(real, rng)
         features, targets = apply_region_masking(regions["region_features"], region_mask, regions["class_probs"])
@@ -215,8 +299,8 @@ class RetrievalDataset(_CaptionImageDataset):
 
     def __init__(self, captions: Sequence[Caption], store: FeatureStore, tokenizer, max_tokens: int = 36,
                  max_regions: int = 36, hard_negative: str = "image", num_hard: int = 100,
-                 cache_dir: str | Path | None = None, seed: int = 0):
-        super().__init__(captions, store, tokenizer, max_tokens, max_regions, None, seed)
+                 cache_dir: str | Path | None = None, seed: int = 0, region_cache: bool | str = "auto"):
+        super().__init__(captions, store, tokenizer, max_tokens, max_regions, None, seed, region_cache)
         if hard_negative == "image":
             self.hard_pool = image_hard_negatives(mean_region_features(store, self.image_ids), k=num_hard)
         elif hard_negative == "caption":

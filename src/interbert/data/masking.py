@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 IGNORE_INDEX = -100
+IOU_GROUP_THRESHOLD = 0.4  # the original's: an anchor masks every region overlapping it this much
 
 
 def _units(maskable: np.ndarray, word_ids: np.ndarray | list | None) -> list[np.ndarray]:
@@ -108,15 +109,19 @@ def region_iou(boxes: np.ndarray) -> np.ndarray:
 
 
 def mask_region_groups(boxes: np.ndarray, real_mask: np.ndarray, rng: np.random.Generator, p_anchor: float = 0.1,
-                       iou_threshold: float = 0.4) -> np.ndarray:
+                       iou_threshold: float = IOU_GROUP_THRESHOLD, overlaps: np.ndarray | None = None) -> np.ndarray:
     """InterBERT's masked group modeling for regions: bool mask of the regions to zero. Position 0 (the
-    global region) is never an anchor nor masked; padding never is."""
+    global region) is never an anchor nor masked; padding never is. ``overlaps``: the boxes'
+    ``region_iou(boxes) >= iou_threshold``, when the caller keeps it per image (it depends on the boxes
+    only, and computing it was most of this function's cost)."""
     real = np.asarray(real_mask, bool).copy()
     real[0] = False
     anchors = real & (rng.random(len(real)) < p_anchor)
     if not anchors.any():
         return np.zeros(len(real), dtype=bool)
-    return (region_iou(boxes)[anchors] >= iou_threshold).any(axis=0) & real
+    if overlaps is None:
+        return (region_iou(boxes)[anchors] >= iou_threshold).any(axis=0) & real
+    return overlaps[anchors].any(axis=0) & real
 
 
 def mask_regions_independently(real_mask: np.ndarray, rng: np.random.Generator, p: float = 0.15) -> np.ndarray:

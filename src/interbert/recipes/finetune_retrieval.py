@@ -87,12 +87,13 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     check_region_feature_size(model, store, source)
     for name, value in (model_cfg.get("config_updates") or {}).items():  # e.g. itc_loss_weight for fine-tuning
         setattr(model.config, name, value)
+    region_cache = check_choice(cfg, "data.region_cache", (True, False, "auto"), "auto", source)
     with main_process_first():  # rank 0 computes TF-IDF negatives (hard_negative: caption) into the cache
         dataset = RetrievalDataset(
             captions, store, tokenizer,
             max_tokens=data.get("max_tokens", 36), max_regions=data.get("max_regions", 36),
             hard_negative=data.get("hard_negative", "image"), num_hard=data.get("num_hard", 100),
-            cache_dir=out / "cache", seed=train_cfg.seed,
+            cache_dir=out / "cache", seed=train_cfg.seed, region_cache=region_cache,
         )
     multiplier = bert_lr_multiplier(model_cfg)
     eval_fn = None

@@ -78,6 +78,7 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     model = build_model(model_cfg, tokenizer, store)
     check_region_feature_size(model, store, source)
     model.config.itm_negatives = "in_batch" if negatives == "in_batch" else "data"
+    region_cache = check_choice(cfg, "data.region_cache", (True, False, "auto"), "auto", source)
     dataset_settings = dict(
         max_tokens=data.get("max_tokens", 36), max_regions=data.get("max_regions", 36),
         msm=data.get("msm", "span"), mrm=data.get("mrm", "group"),
@@ -85,7 +86,7 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
         hard_negatives="tfidf" if negatives == "tfidf" else None,
         hard_ratio=data.get("hard_ratio", 1.0), num_hard=data.get("num_hard", 10),
         p_positive=1.0 if negatives == "in_batch" else 0.5,
-        cache_dir=out / "cache", seed=train_cfg.seed,
+        cache_dir=out / "cache", seed=train_cfg.seed, region_cache=region_cache,
     )
     with main_process_first():  # rank 0 computes the TF-IDF negatives into the cache, the others read it
         dataset = PretrainingDataset(captions, store, tokenizer, **dataset_settings)
