@@ -5,7 +5,7 @@ padding included, and gradients must too; only the unread sequence positions dif
 from __future__ import annotations
 
 import torch
-from test_modeling import C, D, V, _pretraining_labels, small_config
+from test_modeling import D, V, _pretraining_labels, small_config
 
 from interbert.modeling import (
     InterBertForImageTextRetrieval,
