@@ -26,7 +26,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import (
+    AutoModel,
+    AutoModelForMultipleChoice,
+    AutoModelForPreTraining,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
@@ -676,6 +682,16 @@ class InterBertForSequenceClassification(InterBertPreTrainedModel):
             else:
                 loss = F.cross_entropy(logits, labels.long())
         return InterBertScoreOutput(loss=loss, logits=logits, text_pooled=base.text_pooled)
+
+
+# Importing this module makes the transformers Auto classes load InterBERT folders (model_type "interbert"):
+# AutoModel gives the encoder, the others the head of their name. The retrieval scorer has no Auto class
+# whose contract fits (one matching logit per (image, text) pair): load it as
+# InterBertForImageTextRetrieval.from_pretrained or interbert.load_model(folder, task="retrieval").
+AutoModel.register(InterBertConfig, InterBertModel)
+AutoModelForPreTraining.register(InterBertConfig, InterBertForPreTraining)
+AutoModelForSequenceClassification.register(InterBertConfig, InterBertForSequenceClassification)
+AutoModelForMultipleChoice.register(InterBertConfig, InterBertForMultipleChoice)
 
 
 __all__ = [
