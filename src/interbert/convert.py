@@ -19,6 +19,7 @@ from interbert.modeling import (
     InterBertForImageTextRetrieval,
     InterBertForPreTraining,
     InterBertPreTrainedModel,
+    _PairScorer,
 )
 
 # BERT layer sub-module names -> ours (our TransformerLayer is flat).
@@ -285,15 +286,18 @@ def from_official(state_dict: dict[str, torch.Tensor], original_config: dict) ->
     return model.eval()
 
 
-def retrieval_from_pretraining(model: InterBertForPreTraining) -> InterBertForImageTextRetrieval:
-    """A retrieval model whose score starts as the pretraining ITM margin (logit[match] - logit[no match]),
-    so fine-tuning starts from the zero-shot ranking instead of a random head."""
-    retrieval = InterBertForImageTextRetrieval(model.config)
-    retrieval.interbert.load_state_dict(model.interbert.state_dict())
+def retrieval_from_pretraining(
+    model: InterBertForPreTraining, model_class: type[_PairScorer] = InterBertForImageTextRetrieval
+) -> _PairScorer:
+    """A pair scorer (retrieval, or VCR's ``InterBertForMultipleChoice``: the same weights) whose score
+    starts as the pretraining ITM margin (logit[match] - logit[no match]), so fine-tuning starts from the
+    zero-shot ranking instead of a random head."""
+    scorer = model_class(model.config)
+    scorer.interbert.load_state_dict(model.interbert.state_dict())
     w, b = model.itm_classifier.weight.data, model.itm_classifier.bias.data
-    retrieval.score.weight.data.copy_((w[1] - w[0])[None])
-    retrieval.score.bias.data.copy_((b[1] - b[0])[None])
-    return retrieval
+    scorer.score.weight.data.copy_((w[1] - w[0])[None])
+    scorer.score.bias.data.copy_((b[1] - b[0])[None])
+    return scorer
 
 
 if __name__ == "__main__":  # pragma: no cover

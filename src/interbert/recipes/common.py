@@ -182,13 +182,6 @@ def verify_features(captions: list[Caption], store: FeatureStore, data_cfg: Mapp
     verify_images(store, sorted({c.image_id for c in captions if c.image_id in store}), progress=progress)
 
 
-def load_model(model_dir: str | Path, model_class: type[InterBertPreTrainedModel]) -> InterBertPreTrainedModel:
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json); give the `model` folder a recipe wrote")
-    return model_class.from_pretrained(model_dir)
-
-
 def save_trained(trainer: Trainer, tokenizer, output_dir: Path, extra: dict | None = None) -> Path:
     """The trained model (EMA weights when EMA is on) as a ``save_pretrained`` folder with its tokenizer,
     written by the main process (the ranks of a distributed run hold the same weights)."""

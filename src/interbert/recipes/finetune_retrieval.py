@@ -11,17 +11,15 @@ starts as the ITM margin (the zero-shot ranking); ``model.from_checkpoint: null`
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
-from pathlib import Path
 
 import torch
 
-from interbert.convert import retrieval_from_pretraining
 from interbert.data.batches import RetrievalDataset, collate
 from interbert.data.tokenize import load_tokenizer
-from interbert.modeling import InterBertForImageTextRetrieval, InterBertForPreTraining
+from interbert.loading import load_model
+from interbert.modeling import InterBertForImageTextRetrieval
 from interbert.recipes.common import (
     bert_lr_multiplier,
     captions_of_split,
@@ -53,10 +51,7 @@ def collate_groups(groups, pad_token_id: int) -> dict:
 def build_model(model_cfg: dict, tokenizer, store) -> InterBertForImageTextRetrieval:
     checkpoint = model_cfg.get("from_checkpoint")
     if checkpoint:
-        architectures = json.loads((Path(checkpoint) / "config.json").read_text()).get("architectures") or []
-        if "InterBertForImageTextRetrieval" in architectures:
-            return InterBertForImageTextRetrieval.from_pretrained(checkpoint)
-        return retrieval_from_pretraining(InterBertForPreTraining.from_pretrained(checkpoint))
+        return load_model(checkpoint, task="retrieval")
     return new_model(model_cfg, tokenizer, store, InterBertForImageTextRetrieval)
 
 

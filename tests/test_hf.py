@@ -1,0 +1,137 @@
+"""Hugging Face integration: the Auto classes, the package's public names, and the one model loader."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_modeling import batch, small_config
+
+from interbert.errors import UsageError
+from interbert.loading import load_model
+from interbert.modeling import (
+    InterBertForImageTextRetrieval,
+    InterBertForMultipleChoice,
+    InterBertForPreTraining,
+    InterBertForSequenceClassification,
+    InterBertModel,
+)
+
+
+@pytest.fixture(scope="module")
+def pretrained_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    model = InterBertForPreTraining(small_config()).eval()
+    folder = tmp_path_factory.mktemp("pretrained")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def test_auto_classes_load_a_saved_folder_as_the_loader_and_the_original_do(pretrained_folder):
+    from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+
+    original, folder = pretrained_folder
+    inputs = batch()
+    assert type(AutoConfig.from_pretrained(folder)).__name__ == "InterBertConfig"
+    auto = AutoModelForPreTraining.from_pretrained(folder).eval()
+    ours = load_model(folder, task="pretraining").eval()
+    assert type(auto) is InterBertForPreTraining and type(ours) is InterBertForPreTraining
+    encoder = AutoModel.from_pretrained(folder).eval()  # the encoder of the pretraining folder
+    assert type(encoder) is InterBertModel
+    with torch.no_grad():
+        want = original(**inputs)
+        for got in (auto(**inputs), ours(**inputs)):
+            for name in ("msm_logits", "mrm_class_logits", "itm_logits", "text_sequence", "image_pooled"):
+                torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0)
+        torch.testing.assert_close(encoder(**inputs).text_pooled, want.text_pooled, rtol=0, atol=0)
+
+
+def test_auto_classes_load_the_fine_tuning_heads(tmp_path):
+    from transformers import AutoModelForMultipleChoice, AutoModelForSequenceClassification
+
+    inputs = batch()
+    classifier = InterBertForSequenceClassification(small_config(num_labels=3)).eval()
+    classifier.save_pretrained(tmp_path / "text")
+    auto = AutoModelForSequenceClassification.from_pretrained(tmp_path / "text").eval()
+    ours = load_model(tmp_path / "text", task="sequence_classification", num_labels=3).eval()
+    text = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    with torch.no_grad():
+        want = classifier(**text).logits
+        assert want.shape == (3, 3)
+        torch.testing.assert_close(auto(**text).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(ours(**text).logits, want, rtol=0, atol=0)
+
+    choice = InterBertForMultipleChoice(small_config()).eval()
+    choice.save_pretrained(tmp_path / "vcr")
+    auto = AutoModelForMultipleChoice.from_pretrained(tmp_path / "vcr").eval()
+    choices = {k: v.unsqueeze(0) for k, v in inputs.items()}  # one item, 3 choices
+    with torch.no_grad():
+        torch.testing.assert_close(auto(**choices).logits, choice(**choices).logits, rtol=0, atol=0)
+
+
+def test_the_loader_converts_a_pretraining_folder_for_the_fine_tuning_tasks(pretrained_folder):
+    original, folder = pretrained_folder
+    inputs = batch()
+    with torch.no_grad():
+        itm = original(**inputs).itm_logits
+        retrieval = load_model(folder, task="retrieval").eval()
+        assert type(retrieval) is InterBertForImageTextRetrieval
+        torch.testing.assert_close(retrieval(**inputs).logits, itm[:, 1] - itm[:, 0], rtol=0, atol=1e-5)
+        choice = load_model(folder, task="multiple_choice").eval()
+        scores = choice(**{k: v.unsqueeze(0) for k, v in inputs.items()}).logits[0]
+        torch.testing.assert_close(scores, itm[:, 1] - itm[:, 0], rtol=0, atol=1e-5)
+        classifier = load_model(folder, task="sequence_classification", num_labels=4).eval()
+        assert classifier.config.num_labels == 4
+        ids = inputs["input_ids"]
+        torch.testing.assert_close(classifier.interbert(input_ids=ids).text_sequence,
+                                   original.interbert(input_ids=ids).text_sequence, rtol=0, atol=0)
+    assert type(load_model(folder)) is InterBertForPreTraining  # no task: as saved
+    assert type(load_model(folder, task="scoring")) is InterBertForPreTraining
+
+
+def test_the_loader_names_the_folder_and_what_it_holds(pretrained_folder, tmp_path):
+    _, folder = pretrained_folder
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UsageError, match=r"not a model folder: no config.json \(it holds notes.txt\)"):
+        load_model(tmp_path)
+    with pytest.raises(UsageError, match="no such model folder"):
+        load_model(tmp_path / "absent", task="retrieval")
+    retrieval = tmp_path / "retrieval"
+    InterBertForImageTextRetrieval(small_config()).save_pretrained(retrieval)
+    with pytest.raises(UsageError, match=f"{retrieval} holds an InterBertForImageTextRetrieval; the pretraining "
+                                         "task loads InterBertForPreTraining"):
+        load_model(retrieval, task="pretraining")
+    with pytest.raises(UsageError, match="holds an InterBertForImageTextRetrieval; the multiple_choice task"):
+        load_model(retrieval, task="multiple_choice")
+    with pytest.raises(UsageError, match="unknown task 'vqa'"):
+        load_model(retrieval, task="vqa")
+    # a saved classifier keeps its labels: another label count is a different task
+    text = tmp_path / "text"
+    InterBertForSequenceClassification(small_config(num_labels=3)).save_pretrained(text)
+    with pytest.raises(UsageError, match="classifies into 3 labels, the task has 2"):
+        load_model(text, task="sequence_classification", num_labels=2)
+    # a folder of another model type
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(UsageError, match="holds a 'bert' model \\(BertModel\\), not an InterBERT one; .*model.from_bert"):
+        load_model(bert)
+
+
+def test_the_package_exports_its_classes_lazily():
+    # a fresh interpreter: `import interbert` stays light; reaching a class registers the Auto classes
+    code = ("import sys, interbert; light = not {'torch', 'transformers'} & set(sys.modules); "
+            "from interbert import InterBertModel, load_model, preset; import transformers; "
+            "from transformers.models.auto.configuration_auto import CONFIG_MAPPING; "
+            "print(light, InterBertModel.__name__, 'interbert' in CONFIG_MAPPING, callable(load_model))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "InterBertModel", "True", "True"]
+    import interbert
+
+    assert {"InterBertConfig", "InterBertForPreTraining", "InterBertForImageTextRetrieval", "InterBertForMultipleChoice",
+            "InterBertForSequenceClassification", "preset", "load_model"} <= set(dir(interbert))
+    with pytest.raises(AttributeError, match="no attribute 'InterBertForVQA'"):
+        interbert.InterBertForVQA
