@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from interbert.config import PRESETS, InterBertConfig, preset
+from interbert.utils.hub_cache import local_pretrained
 from interbert.modeling import (
     InterBertForImageTextRetrieval,
     InterBertForPreTraining,
@@ -175,12 +176,13 @@ def from_bert(
     model_class: type[InterBertPreTrainedModel] = InterBertForPreTraining,
     **overrides,
 ) -> InterBertPreTrainedModel:
-    """Initialise InterBERT's text path from a local transformers BERT checkpoint folder.
+    """Initialise InterBERT's text path from a transformers BERT checkpoint: a folder, or a Hub name
+    (``bert-base-uncased``) already in the local Hugging Face cache (never downloaded).
 
     ``config``: a preset name or an :class:`InterBertConfig` supplying the image side; the text path's
     sizes always come from BERT. With no regions the text stream's output equals ``BertModel``'s.
     """
-    bert_dir = Path(bert_dir)
+    bert_dir = local_pretrained(bert_dir)
     config_file = bert_dir / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{bert_dir}: not a BERT checkpoint folder (no config.json)")
