@@ -135,3 +135,41 @@ def test_the_package_exports_its_classes_lazily():
             "InterBertForSequenceClassification", "preset", "load_model"} <= set(dir(interbert))
     with pytest.raises(AttributeError, match="no attribute 'InterBertForVQA'"):
         interbert.InterBertForVQA
+
+
+@pytest.mark.parametrize("model_class, wrong", [
+    (InterBertModel, {"output_attentions": True}),
+    (InterBertForPreTraining, {"labels": torch.tensor([1, 0, 1])}),  # the pretraining labels are msm_/itm_labels
+    (InterBertForImageTextRetrieval, {"group_sizes": 3}),
+    (InterBertForSequenceClassification, {"label": torch.tensor([1, 0, 1])}),
+])
+def test_a_misspelt_forward_argument_is_a_type_error(model_class, wrong):
+    model = model_class(small_config()).eval()
+    inputs = batch()
+    if model_class is InterBertForSequenceClassification:  # text only: regions are not its arguments either
+        inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{next(iter(wrong))}'"):
+        model(**inputs, **wrong)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'image_ids'"):
+        InterBertForMultipleChoice(small_config())(**{k: v.unsqueeze(0) for k, v in batch().items()}, image_ids=["a"])
+
+
+def test_the_training_loop_passes_every_batch_key_but_the_bookkeeping(tmp_path):
+    from interbert.data import META
+    from interbert.train import Trainer, TrainConfig
+
+    rows = batch(b=4)
+    examples = [{k: v[i] for k, v in rows.items()} for i in range(4)]
+
+    def collate(items, misspelt: bool):
+        out = {k: torch.stack([e[k] for e in items]) for k in items[0]}
+        out["itm_label" if misspelt else "itm_labels"] = torch.ones(len(items), dtype=torch.long)
+        out[META] = {"image_ids": [str(i) for i in range(len(items))]}
+        return out
+
+    config = TrainConfig(output_dir=str(tmp_path), batch_size=4, max_steps=1, progress_bar=False, tensorboard=False,
+                         save_every=None)
+    model = InterBertForPreTraining(small_config())
+    assert Trainer(model, examples, config, collate_fn=lambda items: collate(items, False)).fit().step == 1
+    with pytest.raises(TypeError, match="unexpected keyword argument 'itm_label'"):
+        Trainer(model, examples, config, collate_fn=lambda items: collate(items, True)).fit()

@@ -333,7 +333,6 @@ class InterBertModel(InterBertPreTrainedModel):
         region_features: torch.Tensor | None = None,
         region_boxes: torch.Tensor | None = None,
         region_mask: torch.Tensor | None = None,
-        **_: object,
     ) -> InterBertOutput:
         self._check_inputs(input_ids, attention_mask, token_type_ids, region_features, region_boxes, region_mask)
         image = image_keep = text = text_keep = None
@@ -459,7 +458,6 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
         itm_labels: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
         full_logits: bool = False,
-        **_: object,
     ) -> InterBertPreTrainingOutput:
         """With labels, the masked-token and masked-region heads run only where there is something to
         predict (the vocabulary projection over every token would dominate the step): ``msm_logits`` is
@@ -578,7 +576,6 @@ class InterBertForImageTextRetrieval(_PairScorer):
         region_features=None, region_boxes=None, region_mask=None,
         group_size: int | None = None,
         labels: torch.Tensor | None = None,
-        **_: object,
     ) -> InterBertScoreOutput:
         logits, base = self.pair_scores(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
@@ -617,7 +614,6 @@ class InterBertForMultipleChoice(_PairScorer):
         input_ids=None, attention_mask=None, token_type_ids=None,
         region_features=None, region_boxes=None, region_mask=None,
         labels: torch.Tensor | None = None,
-        **_: object,
     ) -> InterBertScoreOutput:
         if input_ids is None or input_ids.dim() != 3:
             raise ValueError("InterBertForMultipleChoice expects input_ids of shape batch x choices x tokens")
@@ -668,7 +664,6 @@ class InterBertForSequenceClassification(InterBertPreTrainedModel):
         self,
         input_ids=None, attention_mask=None, token_type_ids=None,
         labels: torch.Tensor | None = None,
-        **_: object,
     ) -> InterBertScoreOutput:
         if input_ids is None:
             raise ValueError("InterBertForSequenceClassification needs input_ids")

@@ -9,6 +9,18 @@
 """
 
 import importlib
+from collections.abc import Mapping
+
+# A batch holds the keyword arguments of the model's forward, and under this one key the bookkeeping
+# that is no model input (which image and caption each row is, the VCR task of each row). The training
+# loop and the evaluators pass every other key to forward, so a key the model does not take fails
+# there by name instead of being dropped silently.
+META = "meta"
+
+
+def model_inputs(batch: Mapping) -> dict:
+    """The batch without its bookkeeping: what ``model(**inputs)`` takes."""
+    return {key: value for key, value in batch.items() if key != META}
 
 # Names re-exported here, by the module that defines them. They load on first use (PEP 562), so that
 # importing a light sub-module (the CLI's argument parsers, interbert.data.errors) does not pull in torch.
@@ -34,6 +46,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "META",
+    "model_inputs",
     "Caption",
     "PretrainingDataset",
     "RetrievalDataset",

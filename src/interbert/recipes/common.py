@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from interbert.config import InterBertConfig, preset
+from interbert.data import model_inputs
 from interbert.data.captions import Caption, read_captions
 from interbert.data.check import verify_images
 from interbert.data.features import FeatureStore, open_features
@@ -224,14 +225,14 @@ def start_run(cfg: dict, source: str = "config") -> tuple[TrainConfig, Path]:
 @torch.no_grad()
 def argmax_predictions(model: torch.nn.Module, dataset, collate_fn, batch_size: int) -> list[int]:
     """Arg-max of the model's ``logits`` for every example of ``dataset``, in order, batched through
-    ``collate_fn`` (labels and non-tensor keys are not passed on; eval mode, the model's mode restored)."""
+    ``collate_fn`` (labels and the batch's bookkeeping are not passed on; eval mode, the model's mode restored)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     predictions: list[int] = []
     for start in range(0, len(dataset), batch_size):
         batch = collate_fn([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
-        inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
+        inputs = {k: v.to(device) for k, v in model_inputs(batch).items() if k != "labels"}
         predictions.extend(model(**inputs).logits.argmax(-1).tolist())
     model.train(was_training)
     return predictions

@@ -14,8 +14,6 @@ import functools
 import logging
 import time
 
-import torch
-
 from interbert.data.batches import RetrievalDataset, collate
 from interbert.data.tokenize import load_tokenizer
 from interbert.loading import load_model
@@ -39,13 +37,6 @@ from interbert.train import Trainer, main_process_first
 logger = logging.getLogger(__name__)
 
 REQUIRED = {"data.captions": "FILE", "data.features": "PATH"}  # setting -> what to pass
-
-
-def collate_groups(groups, pad_token_id: int) -> dict:
-    """Flattened 4-way groups; ``group_size`` as a tensor so the loop passes it to the model."""
-    batch = collate(groups, pad_token_id=pad_token_id)
-    batch["group_size"] = torch.tensor(batch["group_size"])
-    return batch
 
 
 def build_model(model_cfg: dict, tokenizer, store) -> InterBertForImageTextRetrieval:
@@ -83,7 +74,7 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     logger.info("retrieval fine-tuning on %d captions of %d images from %s", len(dataset), len(dataset.image_ids),
                 checkpoint or ("BERT " + model_cfg["from_bert"] if model_cfg.get("from_bert") else "scratch"))
     start = time.perf_counter()
-    trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate_groups, pad_token_id=tokenizer.pad_token_id),
+    trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
                       lr_multiplier_for=multiplier)
     result = trainer.fit(resume=resume)
     model_dir = save_trained(trainer, tokenizer, out, extra={"recipe": "finetune_retrieval", "config": cfg})
