@@ -173,3 +173,26 @@ def test_the_training_loop_passes_every_batch_key_but_the_bookkeeping(tmp_path):
     assert Trainer(model, examples, config, collate_fn=lambda items: collate(items, False)).fit().step == 1
     with pytest.raises(TypeError, match="unexpected keyword argument 'itm_label'"):
         Trainer(model, examples, config, collate_fn=lambda items: collate(items, True)).fit()
+
+
+def test_the_model_card_says_what_the_folder_holds(tmp_path):
+    from interbert.model_card import final_losses, write_model_card
+
+    model = InterBertForPreTraining(small_config(embedding_size=8))
+    recipe = {"recipe": "pretrain", "config": {
+        "model": {"from_bert": "bert-base-uncased"},
+        "data": {"captions": "data/captions.json", "features": "data/regions", "split": "train", "msm": "span"},
+        "train": {"batch_size": 16, "learning_rate": 1e-4, "seed": 3}}}
+    history = {"loss": [9.0] + [2.0] * 10, "itm_loss": [None, 0.5, 0.7], "lr": [1e-4] * 11}
+    assert final_losses(history) == {"loss": 2.0, "itm_loss": pytest.approx(0.6)}
+    card = write_model_card(tmp_path, model, recipe=recipe, steps=11, history=history,
+                            metrics={"R@1": 41.5, "split": "test"}).read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    for line in ("| single-stream / text-stream / image-stream layers | 2 / 1 / 2 |", "| region feature size | 24 |",
+                 "| search embedding size | 8 |", f"| parameters | {sum(p.numel() for p in model.parameters()):,} |",
+                 "- started from BERT `bert-base-uncased`", "- captions: `data/captions.json`", "- split: `train`",
+                 "- train.batch_size: `16`", "- optimizer updates: 11", "| loss | 2.0000 |", "| itm_loss | 0.6000 |",
+                 "| R@1 | 41.5 |", "model = interbert.load_model(\"path/to/this/folder\", task=\"pretraining\")",
+                 "model = AutoModelForPreTraining.from_pretrained(\"path/to/this/folder\")"):
+        assert line in card, line
+    assert "msm" not in card and "split | `test`" not in card  # masking settings and non-numeric results stay out

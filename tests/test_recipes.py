@@ -80,6 +80,9 @@ def test_pretrain_cli_with_overrides_and_resume(demo, tmp_path, capsys):
     assert (tmp_path / "run" / "model" / "config.json").exists()
     history = json.loads((tmp_path / "run" / "loss_history.json").read_text())
     assert len(history["loss"]) == 3
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "Written by the `pretrain` recipe" in card and f"captions: `{out / 'data' / 'captions.json'}`" in card
+    assert "optimizer updates: 3" in card and "| msm_loss |" in card and "| masked region target | classes |" in card
     # an unknown key is refused by name, as one error line (exit 2)
     capsys.readouterr()
     assert main(args[:3] + ["train.max_stepz=3"]) == 2

@@ -79,6 +79,10 @@ def test_finetune_and_evaluate_text_from_the_command_line(tmp_path):
                  "model.overrides={" + MICRO + "}"]) == 0
     trained = json.loads((out / "metrics.json").read_text())
     assert set(trained) == {"accuracy", "f1"}
+    card = (out / "model" / "README.md").read_text()  # the folder explains itself: data, steps, results
+    assert "# InterBERT: InterBertForSequenceClassification" in card and f"train: `{tmp_path / 'train.tsv'}`" in card
+    assert "optimizer updates: 2" in card and f"| accuracy | {trained['accuracy']:.4g} |" in card
+    assert "| loss |" in card and 'task="sequence_classification"' in card
     assert main(["evaluate", "text", "--model", str(out / "model"), "--data", str(tmp_path / "train.tsv"),
                  "--out", str(tmp_path / "eval.json")]) == 0
     evaluated = json.loads((tmp_path / "eval.json").read_text())

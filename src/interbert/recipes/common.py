@@ -26,6 +26,7 @@ from interbert.data.check import verify_images
 from interbert.data.features import FeatureStore, open_features
 from interbert.data.tokenize import load_tokenizer, train_wordpiece
 from interbert.errors import UsageError
+from interbert.model_card import write_model_card
 from interbert.modeling import InterBertPreTrainedModel
 from interbert.train import (
     FINAL_WEIGHTS_NAME,
@@ -184,13 +185,16 @@ def verify_features(captions: list[Caption], store: FeatureStore, data_cfg: Mapp
 
 
 def save_trained(trainer: Trainer, tokenizer, output_dir: Path, extra: dict | None = None) -> Path:
-    """The trained model (EMA weights when EMA is on) as a ``save_pretrained`` folder with its tokenizer,
-    written by the main process (the ranks of a distributed run hold the same weights)."""
+    """The trained model (EMA weights when EMA is on) as a ``save_pretrained`` folder with its tokenizer
+    and model card (README.md; ``extra["metrics"]``: final results for it), written by the main process
+    (the ranks of a distributed run hold the same weights)."""
     target = output_dir / MODEL_DIR
     if not trainer.dist.is_main:
         return target
     with trainer.averaged_weights() as model:
         model.save_pretrained(target)
+        write_model_card(target, model, recipe=extra, steps=trainer.step, history=trainer.history,
+                         metrics=(extra or {}).get("metrics"))
     tokenizer.save_pretrained(str(target))
     if extra:
         (target / "recipe.json").write_text(json.dumps(extra, indent=2, default=str))

@@ -114,7 +114,8 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
         with trainer.averaged_weights() as trained:
             metrics = evaluate_text(trained, dev_set, task.f1, pad_token_id=tokenizer.pad_token_id)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    model_dir = save_trained(trainer, tokenizer, out, extra={"recipe": "finetune_text", "task": task.name, "config": cfg})
+    model_dir = save_trained(trainer, tokenizer, out, extra={"recipe": "finetune_text", "task": task.name, "config": cfg,
+                                                                   "metrics": metrics})
     return {"model_dir": str(model_dir), "task": task.name, "metrics": metrics, "steps": result.step,
             "seconds": seconds, "train_examples": len(train_set), "dev_examples": len(dev_set), "history": result.history}
 

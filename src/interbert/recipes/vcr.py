@@ -179,7 +179,8 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
         summary["val"] = metrics
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     summary["model_dir"] = str(save_trained(trainer, tokenizer, out, extra={
-        "recipe": "finetune_vcr", "config": cfg, "feature_dim": feature_dim, "stand_in_features": store is None, **sizes}))
+        "recipe": "finetune_vcr", "config": cfg, "feature_dim": feature_dim, "stand_in_features": store is None, **sizes,
+        "metrics": summary.get("val")}))
     return summary
 
 
