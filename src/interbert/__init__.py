@@ -6,7 +6,7 @@ transformers, so ``interbert --help`` and the light commands stay fast. Reaching
 classes; from then on ``AutoModel.from_pretrained(folder)`` loads InterBERT folders.
 """
 
-import importlib
+from interbert._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -23,15 +23,4 @@ _EXPORTS = {
 }
 
 __all__ = [*_EXPORTS, "__version__"]
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'interbert' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"interbert.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
