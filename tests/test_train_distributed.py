@@ -52,6 +52,24 @@ def test_two_process_torchrun_keeps_ranks_identical_on_disjoint_shards(tmp_path)
     assert checkpoint["world_size"] == 2 and len(checkpoint["rng_states"]) == 2
 
 
+def test_early_stopping_decided_on_rank_0_stops_every_rank_at_the_same_update(tmp_path):
+    # rank 0 alone evaluates; a rank that missed its decision would wait in the next all-reduce forever
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+        str(TOY_SCRIPT), "--output-dir", str(tmp_path), "--max-steps", "12", "--batch-size", "4",
+        "--dataset-size", "32", "--eval-every", "2", "--patience", "2",
+    ]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    runs = [json.loads((tmp_path / f"run_rank{rank}.json").read_text()) for rank in (0, 1)]
+    # the best evaluation is the first (update 2); 4 and 6 do not improve: both ranks end at update 6
+    assert len(runs[0]["loss_history"]) == len(runs[1]["loss_history"]) == 6
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["best"] == {
+        "value": -2.0, "step": 2, "evals_since_best": 2}
+    assert (tmp_path / "model_best" / "model.pt").is_file()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Every training recipe under torchrun: the real CLI, the real InterBERT models, the generated benchmark
 # ---------------------------------------------------------------------------------------------------

@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--kill-after-step", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
+    # evaluations whose score only falls after the first: early stopping after --patience of them
+    parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument("--patience", type=int, default=None)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -114,9 +117,13 @@ def main(argv: list[str] | None = None) -> None:
         num_workers=args.num_workers,
         log_every=1,
         progress_bar=False,
+        eval_every=args.eval_every,
+        best_metric="score" if args.eval_every else None,
+        early_stopping_patience=args.patience,
     )
     model = ToyModel()
-    trainer = KillAfterCheckpoint(model, ToyDataset(args.dataset_size), config, collate_fn=noisy_collate)
+    trainer = KillAfterCheckpoint(model, ToyDataset(args.dataset_size), config, collate_fn=noisy_collate,
+                                  eval_fn=lambda evaluated: {"score": -float(trainer.step)})
     trainer.kill_after_step = args.kill_after_step
     rank = trainer.dist.rank
     result = trainer.fit(resume=args.resume)

@@ -6,7 +6,7 @@ dataclass field whose name ends in ``_loss`` is logged as a loss component.
 
 What it does, in order of a step: seeded batch -> forward (bf16 autocast on CUDA only) -> backward of
 ``loss / grad_accum_steps`` -> after ``grad_accum_steps`` micro-batches: gradient clipping, AdamW,
-linear warm-up / linear decay schedule, EMA update -> log, checkpoint, evaluate.
+linear warm-up / linear decay schedule, EMA update -> log, evaluate (model_best, early stopping), checkpoint.
 
 Reproducibility contract: the data order is a seeded permutation per epoch (``DistributedSampler`` with
 ``set_epoch`` semantics), and every batch is built with the python/numpy/torch RNGs seeded from
@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 import types
 import typing
@@ -57,6 +58,8 @@ from interbert.utils import files
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"  # latest full training state, for resume
+NUMBERED_CHECKPOINT = "checkpoint-{step}.pt"  # with keep_checkpoints: one per kept save
+BEST_MODEL_DIR = "model_best"  # the weights of the best evaluation (train.best_metric)
 HISTORY_NAME = "loss_history.json"  # per-step losses and lr, for plots
 FINAL_WEIGHTS_NAME = "model.pt"  # state dict after the last step (EMA weights when EMA is on)
 CHECKPOINT_FORMAT = 1
@@ -96,7 +99,16 @@ class TrainConfig:
     device: str = "auto"  # auto -> cuda:LOCAL_RANK when available, else cpu
     save_every: int | None = None  # checkpoint every N updates (and always at the end)
     log_every: int = 10  # TensorBoard scalars every N updates
-    eval_every: int | None = None  # call eval_fn every N updates
+    eval_every: int | None = None  # call eval_fn every N updates (and after the last one)
+    # Watching a run. best_metric: the eval_fn metric whose best value is kept in model_best/ (None: no
+    # model_best); best_mode: max or min (None: min for names ending in "loss" or "rank", else max);
+    # early_stopping_patience: end the run after this many evaluations without improvement (None: never).
+    best_metric: str | None = None
+    best_mode: str | None = None
+    early_stopping_patience: int | None = None
+    # None: one checkpoint.pt, overwritten. K: checkpoint-<step>.pt for the last K saves as well, with
+    # checkpoint.pt the latest of them (what --resume reads).
+    keep_checkpoints: int | None = None
     num_workers: int = 0  # DataLoader worker processes
     drop_last: bool = True  # drop the incomplete last batch of an epoch
     find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
@@ -111,10 +123,17 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_every", "eval_every"):
+        for name in ("max_steps", "save_every", "eval_every", "early_stopping_patience", "keep_checkpoints"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1 or None, got {value}")
+        if self.best_mode not in (None, "max", "min"):
+            raise ValueError(f"TrainConfig.best_mode must be max, min or None, got {self.best_mode!r}")
+        # Without evaluations there is nothing to pick a best model by or to stop on; say so rather than
+        # silently writing no model_best.
+        for name in ("best_metric", "early_stopping_patience"):
+            if getattr(self, name) is not None and self.eval_every is None:
+                raise ValueError(f"TrainConfig.{name} needs eval_every (evaluations to compare)")
         if self.learning_rate <= 0:
             raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -145,6 +164,12 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def resolved_best_mode(self) -> str:
+        """``best_mode``, or inferred from ``best_metric``'s name: losses and ranks are better low."""
+        if self.best_mode is not None:
+            return self.best_mode
+        return "min" if (self.best_metric or "").endswith(("loss", "rank")) else "max"
+
 
 def _typed(name: str, value: Any, annotation: Any) -> Any:
     """``value`` checked against a field annotation of :class:`TrainConfig` (bool, int, float, str, dict,
@@ -173,6 +198,8 @@ class TrainResult:
     history: dict[str, list[float | None]]  # "loss", each "*_loss" component, "lr", per update
     eval_history: list[dict[str, float]]  # one {"step": s, metric: value, ...} per evaluation
     output_dir: Path
+    best: dict[str, Any] | None = None  # {"metric", "mode", "value", "step"} when best_metric is set
+    stopped_early: bool = False
 
     @property
     def loss_history(self) -> list[float]:
@@ -469,6 +496,14 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     files.atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
+def save_weights_folder(model: nn.Module, folder: Path) -> None:
+    """The default ``save_best``: a ``save_pretrained`` folder, or the state dict in ``model.pt``."""
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(folder)
+    else:
+        torch.save(model.state_dict(), folder / FINAL_WEIGHTS_NAME)
+
+
 def atomic_write_json(obj: Any, path: Path) -> None:
     # (obj, path) like torch.save; interbert.utils.files takes (path, obj).
     files.atomic_write_json(path, obj)
@@ -488,6 +523,9 @@ class Trainer:
     a parameter's learning-rate factor (e.g. 0.1 for BERT-initialised weights); it replaces
     ``config.lr_multipliers``. ``eval_fn(model) -> {metric: value}`` runs on rank 0 every
     ``eval_every`` updates, in eval mode, without gradients, with the EMA weights when EMA is on.
+    ``save_best(model, folder)`` writes the model that scored best on ``config.best_metric`` into an
+    empty folder (default: ``save_pretrained`` when the model has it, else ``model.pt``); the loop
+    puts the folder in place as ``model_best/`` only once it is complete.
     """
 
     def __init__(
@@ -498,14 +536,20 @@ class Trainer:
         collate_fn: Callable[[list[Any]], Mapping[str, Any]] | None = None,
         lr_multiplier_for: Callable[[str], float] | None = None,
         eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
+        save_best: Callable[[nn.Module, Path], None] | None = None,
     ):
         if lr_multiplier_for is not None and config.lr_multipliers:
             raise ValueError("give either lr_multiplier_for or config.lr_multipliers, not both")
+        if config.early_stopping_patience is not None and config.best_metric is None:
+            raise ValueError("early_stopping_patience needs best_metric: the metric whose improvement it waits for")
+        if config.eval_every is not None and eval_fn is None and config.best_metric is not None:
+            raise ValueError("best_metric is set but there is no eval_fn to compute it")
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.train_dataset = train_dataset
         self.collate_fn = collate_fn or default_collate
         self.eval_fn = eval_fn
+        self.save_best = save_best or save_weights_folder
 
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = resolve_device(config.device, local_rank)
@@ -565,6 +609,11 @@ class Trainer:
         self.history: dict[str, list[float | None]] = {}
         self.eval_history: list[dict[str, float]] = []
         self._last_saved_step = -1
+        # Best evaluation so far and the evaluations since it (early stopping); saved in checkpoints so
+        # that a resumed run keeps the same model_best and stops where the uninterrupted run would.
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.evals_since_best = 0
 
     # -- data ------------------------------------------------------------------------------------
 
@@ -677,7 +726,7 @@ class Trainer:
         micro_batches, examples = 0, 0
         interval_start, interval_examples = time.perf_counter(), 0
         try:
-            while self.step < self.total_steps:
+            while self.step < self.total_steps and not self.should_stop():
                 for batch in self._loader(self.epoch, self.batch_in_epoch):
                     self.batch_in_epoch += 1
                     micro_batches += 1
@@ -708,13 +757,22 @@ class Trainer:
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                         if writer is not None:
                             self._write_scalars(writer, means, lr, throughput, grad_norm)
+                        if progress is None and self.dist.is_main:  # else the bar shows the loss
+                            logger.info(self._log_line(means, lr, throughput))
                         interval_start, interval_examples = time.perf_counter(), 0
 
-                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    # The last update is evaluated too, so that model_best also considers the final weights.
+                    if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
                         self.evaluate(writer)
-                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    stop = self.should_stop()
+                    if stop:
+                        logger.info(
+                            "early stopping at update %d: %s has not improved for %d evaluations (best %.4g at update %d)",
+                            self.step, cfg.best_metric, self.evals_since_best, self.best_value, self.best_step,
+                        )
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps and not stop:
                         self.save_checkpoint()
-                    if self.step >= self.total_steps:
+                    if self.step >= self.total_steps or stop:
                         break
                 else:
                     self.epoch += 1
@@ -729,10 +787,20 @@ class Trainer:
                 progress.close()
             if writer is not None:
                 writer.close()
-        result = TrainResult(self.step, self.epoch, self.history, self.eval_history, self.output_dir)
+        best = None
+        if cfg.best_metric is not None:
+            best = {"metric": cfg.best_metric, "mode": cfg.resolved_best_mode(), "value": self.best_value,
+                    "step": self.best_step}
+        result = TrainResult(self.step, self.epoch, self.history, self.eval_history, self.output_dir, best=best,
+                             stopped_early=self.should_stop() and self.step < self.total_steps)
         if self.dist.created_process_group:
             self.close_distributed()
         return result
+
+    def should_stop(self) -> bool:
+        """Whether early stopping ends the run: ``early_stopping_patience`` evaluations without improvement."""
+        patience = self.config.early_stopping_patience
+        return patience is not None and self.evals_since_best >= patience
 
     def close_distributed(self) -> None:
         """Leave the process group init_distributed joined, in an order that lets gloo stop cleanly: drop
@@ -765,6 +833,13 @@ class Trainer:
 
         return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
 
+    def _log_line(self, means: Mapping[str, float | None], lr: float, throughput: float) -> str:
+        """One console line per ``log_every`` updates, for runs without a progress bar (batch jobs, CI logs)."""
+        components = " ".join(f"{name} {value:.4f}" for name, value in sorted(means.items())
+                              if name != "loss" and value is not None)
+        return (f"update {self.step}/{self.total_steps} epoch {self.epoch} | loss {means['loss']:.4f}"
+                + (f" ({components})" if components else "") + f" | lr {lr:.3g} | {throughput:.1f} examples/s")
+
     def _write_scalars(self, writer, means, lr, throughput, grad_norm) -> None:
         for name, value in means.items():
             if value is not None:
@@ -790,7 +865,11 @@ class Trainer:
             self.model.load_state_dict(backup)
 
     def evaluate(self, writer=None) -> dict[str, float] | None:
-        """Run ``eval_fn`` on rank 0 (EMA weights, eval mode, no grad); the training RNG is untouched."""
+        """Run ``eval_fn`` on rank 0 (EMA weights, eval mode, no grad); the training RNG is untouched.
+
+        The metrics go to the history, TensorBoard (``val/<metric>``) and one console line; with
+        ``best_metric`` set, an improvement replaces ``model_best/`` and anything else counts towards
+        early stopping."""
         if self.eval_fn is None:
             return None
         metrics = None
@@ -801,13 +880,40 @@ class Trainer:
                     metrics = {name: float(value) for name, value in self.eval_fn(model).items()}
                 finally:
                     model.train()
+                # inside the block: model_best must hold the weights just evaluated (EMA ones with EMA)
+                improved = self._track_best(metrics, model) if self.config.best_metric else False
             self.eval_history.append({"step": self.step, **metrics})
+            shown = " ".join(f"{name} {value:.4g}" for name, value in metrics.items())
+            logger.info("validation at update %d: %s%s", self.step, shown, " (new best)" if improved else "")
             if writer is not None:
                 for name, value in metrics.items():
-                    writer.add_scalar(f"eval/{name}", value, self.step)
+                    writer.add_scalar(f"val/{name}", value, self.step)
+                writer.flush()  # someone is watching: show the point now, not at the next flush
+            atomic_write_json({**self.history, "eval": self.eval_history}, self.output_dir / HISTORY_NAME)
         if self.dist.enabled:
-            dist.barrier()
+            # every rank must agree on early stopping: rank 0 alone evaluated
+            counter = torch.tensor([self.evals_since_best], device=self.device)
+            dist.broadcast(counter, src=0)
+            self.evals_since_best = int(counter.item())
         return metrics
+
+    def _track_best(self, metrics: Mapping[str, float], model: nn.Module) -> bool:
+        """Compare with the best evaluation so far; on improvement write ``model_best/`` (before the state
+        changes: a failed save leaves the previous best folder and state). Returns whether it improved."""
+        name = self.config.best_metric
+        if name not in metrics:
+            raise ValueError(f"best_metric {name!r} is not among the evaluation's metrics ({', '.join(metrics)})")
+        value = metrics[name]
+        if self.config.resolved_best_mode() == "max":
+            improved = math.isfinite(value) and (self.best_value is None or value > self.best_value)
+        else:
+            improved = math.isfinite(value) and (self.best_value is None or value < self.best_value)
+        if not improved:
+            self.evals_since_best += 1
+            return False
+        files.replace_folder(self.output_dir / BEST_MODEL_DIR, lambda folder: self.save_best(model, folder))
+        self.best_value, self.best_step, self.evals_since_best = value, self.step, 0
+        return True
 
     def _gather_rng_states(self) -> list[dict[str, Any]]:
         state = rng_state()
@@ -838,10 +944,31 @@ class Trainer:
             "train_config": self.config.to_dict(),
             "history": self.history,
             "eval_history": self.eval_history,
+            "best": {"value": self.best_value, "step": self.best_step, "evals_since_best": self.evals_since_best},
         }
-        atomic_torch_save(state, path)
+        if self.config.keep_checkpoints:
+            numbered = self.output_dir / NUMBERED_CHECKPOINT.format(step=self.step)
+            atomic_torch_save(state, numbered)
+            files.atomic_link(numbered, path)  # checkpoint.pt: the latest, what --resume reads
+            self._delete_old_checkpoints()
+        else:
+            atomic_torch_save(state, path)
         atomic_write_json({**self.history, "eval": self.eval_history}, self.output_dir / HISTORY_NAME)
         return path
+
+    def _delete_old_checkpoints(self) -> None:
+        """Keep the ``keep_checkpoints`` newest numbered checkpoints up to this update. Newer numbers are
+        left over from a run that was killed and resumed from an earlier checkpoint: this run is
+        rewriting that stretch, so they go too."""
+        numbered = {}
+        for candidate in self.output_dir.glob("checkpoint-*.pt"):
+            match = re.fullmatch(r"checkpoint-(\d+)\.pt", candidate.name)
+            if match:
+                numbered[int(match.group(1))] = candidate
+        kept = sorted(step for step in numbered if step <= self.step)[-self.config.keep_checkpoints :]
+        for step, candidate in numbered.items():
+            if step not in kept:
+                candidate.unlink(missing_ok=True)
 
     def load_checkpoint(self, path: Path) -> None:
         if not path.is_file():
@@ -874,6 +1001,9 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history = {name: list(series) for name, series in state["history"].items()}
         self.eval_history = list(state["eval_history"])
+        best = state.get("best") or {}  # absent in checkpoints written before model_best existed
+        self.best_value, self.best_step = best.get("value"), best.get("step")
+        self.evals_since_best = best.get("evals_since_best", 0)
         self._last_saved_step = self.step
         set_rng_state(state["rng_states"][self.dist.rank])
 

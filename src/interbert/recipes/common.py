@@ -105,21 +105,29 @@ def captions_of_split(path: str | Path, split: str | None, max_images: int | Non
     return captions
 
 
-def tokenizer_for(data_cfg: dict, captions: list[Caption], output_dir: Path, bert_dir: str | None):
+def tokenizer_for(data_cfg: dict, captions: list[Caption], output_dir: Path, bert_dir: str | None,
+                  resume: bool = False):
     """The tokenizer a run uses: the configured one, BERT's when the text path comes from BERT, or a
-    WordPiece vocabulary trained on the training captions (saved with the model)."""
+    WordPiece vocabulary trained on the training captions (saved with the model; a resumed run reuses it)."""
     if data_cfg.get("tokenizer"):
         return load_tokenizer(data_cfg["tokenizer"])
     if bert_dir:
         return load_tokenizer(bert_dir)
     return train_run_wordpiece([c.text for c in captions], output_dir / "tokenizer",
-                               vocab_size=int(data_cfg.get("vocab_size", 30522)), lowercase=data_cfg.get("lowercase", True))
+                               vocab_size=int(data_cfg.get("vocab_size", 30522)), lowercase=data_cfg.get("lowercase", True),
+                               resume=resume)
 
 
-def train_run_wordpiece(texts: list[str], folder: Path, vocab_size: int, lowercase: bool = True):
-    """A run's WordPiece vocabulary trained on ``texts`` into ``folder``. Under torchrun rank 0 trains it
-    and the other ranks load what it wrote: the ranks must encode the data with the same ids, and
-    training is not reproducible from process to process (ties break in hash order)."""
+def train_run_wordpiece(texts: list[str], folder: Path, vocab_size: int, lowercase: bool = True,
+                        resume: bool = False):
+    """A run's WordPiece vocabulary trained on ``texts`` into ``folder``. WordPiece training is not
+    reproducible from process to process (the tokenizers library breaks ties between equally frequent
+    merges in hash order: two runs on the same captions give different vocabularies), so whoever must
+    encode like this run reads what it wrote: under torchrun rank 0 trains it and the other ranks load
+    it, and a resumed run (``resume``) loads the vocabulary its checkpoint was trained with."""
+    if resume and (folder / "vocab.txt").is_file():
+        logger.info("resuming: reusing the run's WordPiece vocabulary in %s", folder)
+        return load_tokenizer(folder)
     with main_process_first() as main:
         if not main:
             return load_tokenizer(folder)

@@ -32,6 +32,13 @@ from interbert.recipes.common import (
     tokenizer_for,
     verify_features,
 )
+from interbert.recipes.validation import (
+    RETRIEVAL_METRICS,
+    best_model_saver,
+    retrieval_eval_fn,
+    validation_captions,
+    with_best_metric,
+)
 from interbert.train import Trainer, main_process_first
 
 logger = logging.getLogger(__name__)
@@ -56,9 +63,12 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     if checkpoint:
         model_folder(checkpoint, "model.from_checkpoint", source)
     captions = captions_of_split(data["captions"], data.get("split", "train"), data.get("max_images"))
+    # IR R@1 picks model_best by default: the paper's headline number (ViLBERT/InterBERT report IR only)
+    train_cfg = with_best_metric(train_cfg, RETRIEVAL_METRICS, "ir_r1", source)
+    val_captions = validation_captions(data, source) if train_cfg.eval_every else None
     store = feature_store(data["features"])
     verify_features(captions, store, data, progress=train_cfg.progress_bar)
-    tokenizer = load_tokenizer(checkpoint) if checkpoint else tokenizer_for(data, captions, out, model_cfg.get("from_bert"))
+    tokenizer = load_tokenizer(checkpoint) if checkpoint else tokenizer_for(data, captions, out, model_cfg.get("from_bert"), resume)
     model = build_model(model_cfg, tokenizer, store)
     check_region_feature_size(model, store, source)
     for name, value in (model_cfg.get("config_updates") or {}).items():  # e.g. itc_loss_weight for fine-tuning
@@ -71,12 +81,17 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
             cache_dir=out / "cache", seed=train_cfg.seed,
         )
     multiplier = bert_lr_multiplier(model_cfg)
+    eval_fn = None
+    if train_cfg.eval_every:
+        eval_fn = retrieval_eval_fn(val_captions, store, tokenizer, data.get("max_tokens", 36), data.get("max_regions", 36))
+    extra = {"recipe": "finetune_retrieval", "config": cfg}
     logger.info("retrieval fine-tuning on %d captions of %d images from %s", len(dataset), len(dataset.image_ids),
                 checkpoint or ("BERT " + model_cfg["from_bert"] if model_cfg.get("from_bert") else "scratch"))
     start = time.perf_counter()
     trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
-                      lr_multiplier_for=multiplier)
+                      lr_multiplier_for=multiplier, eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
     result = trainer.fit(resume=resume)
-    model_dir = save_trained(trainer, tokenizer, out, extra={"recipe": "finetune_retrieval", "config": cfg})
+    model_dir = save_trained(trainer, tokenizer, out, extra=extra)
     return {"model_dir": str(model_dir), "steps": result.step, "seconds": time.perf_counter() - start,
-            "history": result.history, "examples": len(dataset), "images": len(dataset.image_ids)}
+            "history": result.history, "examples": len(dataset), "images": len(dataset.image_ids),
+            "validation": result.eval_history, "best": result.best, "stopped_early": result.stopped_early}

@@ -32,6 +32,7 @@ from interbert.recipes.common import (
     tokenizer_for,
     verify_features,
 )
+from interbert.recipes.validation import best_model_saver, heldout_loss_eval_fn, validation_captions, with_best_metric
 from interbert.train import Trainer, main_process_first
 
 logger = logging.getLogger(__name__)
@@ -69,30 +70,41 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
 
     # every input is read and checked before the (slow) tokenizer, model and negatives are built
     captions = captions_of_split(data["captions"], data.get("split", "train"), data.get("max_images"))
+    # the held-out total loss picks model_best by default; a component (itm_loss, ...) may instead
+    train_cfg = with_best_metric(train_cfg, ["loss", "msm_loss", "mrm_loss", "itm_loss", "itc_loss"], "loss", source)
+    val_captions = validation_captions(data, source) if train_cfg.eval_every else None
     store = feature_store(data["features"])
     verify_features(captions, store, data, progress=train_cfg.progress_bar)
-    tokenizer = tokenizer_for(data, captions, out, model_cfg.get("from_bert"))
+    tokenizer = tokenizer_for(data, captions, out, model_cfg.get("from_bert"), resume)
     model = build_model(model_cfg, tokenizer, store)
     check_region_feature_size(model, store, source)
     model.config.itm_negatives = "in_batch" if negatives == "in_batch" else "data"
+    dataset_settings = dict(
+        max_tokens=data.get("max_tokens", 36), max_regions=data.get("max_regions", 36),
+        msm=data.get("msm", "span"), mrm=data.get("mrm", "group"),
+        word_segmenter=data.get("word_segmenter"),
+        hard_negatives="tfidf" if negatives == "tfidf" else None,
+        hard_ratio=data.get("hard_ratio", 1.0), num_hard=data.get("num_hard", 10),
+        p_positive=1.0 if negatives == "in_batch" else 0.5,
+        cache_dir=out / "cache", seed=train_cfg.seed,
+    )
     with main_process_first():  # rank 0 computes the TF-IDF negatives into the cache, the others read it
-        dataset = PretrainingDataset(
-            captions, store, tokenizer,
-            max_tokens=data.get("max_tokens", 36), max_regions=data.get("max_regions", 36),
-            msm=data.get("msm", "span"), mrm=data.get("mrm", "group"),
-            word_segmenter=data.get("word_segmenter"),
-            hard_negatives="tfidf" if negatives == "tfidf" else None,
-            hard_ratio=data.get("hard_ratio", 1.0), num_hard=data.get("num_hard", 10),
-            p_positive=1.0 if negatives == "in_batch" else 0.5,
-            cache_dir=out / "cache", seed=train_cfg.seed,
-        )
+        dataset = PretrainingDataset(captions, store, tokenizer, **dataset_settings)
     multiplier = bert_lr_multiplier(model_cfg)
+    collate_fn = functools.partial(collate, pad_token_id=tokenizer.pad_token_id)
+    eval_fn = None
+    if train_cfg.eval_every:  # the pretraining losses on the validation split (why not zero-shot R@1: validation.py)
+        with main_process_first():
+            heldout = PretrainingDataset(val_captions, store, tokenizer, **dataset_settings)
+        eval_fn = heldout_loss_eval_fn(heldout, collate_fn, train_cfg.batch_size)
+    extra = {"recipe": "pretrain", "config": cfg}
     logger.info("pretraining on %d captions of %d images (%s negatives, %s/%s masking)", len(dataset),
                 len(dataset.image_ids), negatives, data.get("msm", "span"), data.get("mrm", "group"))
     start = time.perf_counter()
-    trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
-                      lr_multiplier_for=multiplier)
+    trainer = Trainer(model, dataset, train_cfg, collate_fn=collate_fn, lr_multiplier_for=multiplier,
+                      eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
     result = trainer.fit(resume=resume)
-    model_dir = save_trained(trainer, tokenizer, out, extra={"recipe": "pretrain", "config": cfg})
+    model_dir = save_trained(trainer, tokenizer, out, extra=extra)
     return {"model_dir": str(model_dir), "steps": result.step, "seconds": time.perf_counter() - start,
-            "history": result.history, "examples": len(dataset), "images": len(dataset.image_ids)}
+            "history": result.history, "examples": len(dataset), "images": len(dataset.image_ids),
+            "validation": result.eval_history, "best": result.best, "stopped_early": result.stopped_early}

@@ -41,6 +41,7 @@ from interbert.recipes.common import (
     train_run_wordpiece,
 )
 from interbert.utils.config_files import ConfigError
+from interbert.recipes.validation import best_model_saver, with_best_metric
 from interbert.train import Trainer
 
 logger = logging.getLogger(__name__)
@@ -57,11 +58,12 @@ def build_text_model(model_cfg: dict, tokenizer, num_labels: int) -> InterBertFo
     return InterBertForSequenceClassification(build_config(model_cfg, vocab_size=len(tokenizer), num_labels=num_labels))
 
 
-def text_tokenizer(data_cfg: dict, model_cfg: dict, texts: list[str], output_dir: Path):
+def text_tokenizer(data_cfg: dict, model_cfg: dict, texts: list[str], output_dir: Path, resume: bool = False):
     source = data_cfg.get("tokenizer") or model_cfg.get("from_checkpoint") or model_cfg.get("from_bert")
     if source:
         return load_tokenizer(source)
-    return train_run_wordpiece(texts, output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)))
+    return train_run_wordpiece(texts, output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)),
+                               resume=resume)
 
 
 def predict_text(model: nn.Module, dataset: TextClassificationDataset, batch_size: int = 64, pad_token_id: int = 0) -> list[int]:
@@ -99,14 +101,23 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     if model_cfg.get("from_checkpoint"):
         model_folder(model_cfg["from_checkpoint"], "model.from_checkpoint", source)
     task, train, dev = train_and_dev_examples(data, source)
-    tokenizer = text_tokenizer(data, model_cfg, [e.text_a for e in train] + [e.text_b for e in train if e.text_b], out)
+    # model_best by default: F1 where the task reports it (MRPC-style pairs), else accuracy
+    train_cfg = with_best_metric(train_cfg, ["accuracy", "f1"] if task.f1 else ["accuracy"],
+                                 "f1" if task.f1 else "accuracy", source)
+    tokenizer = text_tokenizer(data, model_cfg, [e.text_a for e in train] + [e.text_b for e in train if e.text_b], out,
+                               resume)
     model = build_text_model(model_cfg, tokenizer, num_labels=len(task.labels))
     max_tokens = int(data.get("max_tokens", 128))
     train_set = TextClassificationDataset(train, tokenizer, max_tokens)
     dev_set = TextClassificationDataset(dev, tokenizer, max_tokens)
     logger.info("%s: fine-tuning on %d examples, evaluating on %d", task.name, len(train_set), len(dev_set))
     start = time.perf_counter()
-    trainer = Trainer(model, train_set, train_cfg, collate_fn=functools.partial(collate_text, pad_token_id=tokenizer.pad_token_id))
+    extra = {"recipe": "finetune_text", "task": task.name, "config": cfg}
+    eval_fn = None
+    if train_cfg.eval_every:
+        eval_fn = functools.partial(evaluate_text, dataset=dev_set, f1=task.f1, pad_token_id=tokenizer.pad_token_id)
+    trainer = Trainer(model, train_set, train_cfg, collate_fn=functools.partial(collate_text, pad_token_id=tokenizer.pad_token_id),
+                      eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
     result = trainer.fit(resume=resume)
     seconds = time.perf_counter() - start
     metrics = None
@@ -114,10 +125,10 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
         with trainer.averaged_weights() as trained:
             metrics = evaluate_text(trained, dev_set, task.f1, pad_token_id=tokenizer.pad_token_id)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    model_dir = save_trained(trainer, tokenizer, out, extra={"recipe": "finetune_text", "task": task.name, "config": cfg,
-                                                                   "metrics": metrics})
+    model_dir = save_trained(trainer, tokenizer, out, extra={**extra, "metrics": metrics})
     return {"model_dir": str(model_dir), "task": task.name, "metrics": metrics, "steps": result.step,
-            "seconds": seconds, "train_examples": len(train_set), "dev_examples": len(dev_set), "history": result.history}
+            "seconds": seconds, "train_examples": len(train_set), "dev_examples": len(dev_set), "history": result.history,
+            "validation": result.eval_history, "best": result.best, "stopped_early": result.stopped_early}
 
 
 def run_evaluate(model_dir: str, data_path: str, task: str | None = None, max_tokens: int | None = None,

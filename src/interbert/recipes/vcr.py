@@ -46,6 +46,7 @@ from interbert.recipes.common import (
 )
 from interbert.errors import UsageError
 from interbert.utils.config_files import ConfigError
+from interbert.recipes.validation import VCR_METRICS, best_model_saver, with_best_metric
 from interbert.train import Trainer
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ def unknown_word_rate(tokenizer, texts: Sequence[str]) -> float:
     return sum(i == tokenizer.unk_token_id for i in ids) / max(1, len(ids))
 
 
-def vcr_tokenizer(data_cfg: dict, model_cfg: dict, items: Sequence[VcrItem], output_dir: Path):
+def vcr_tokenizer(data_cfg: dict, model_cfg: dict, items: Sequence[VcrItem], output_dir: Path,
+                  resume: bool = False):
     source = data_cfg.get("tokenizer") or model_cfg.get("from_checkpoint") or model_cfg.get("from_bert")
     if source:
         tokenizer = load_tokenizer(source)
@@ -105,7 +107,8 @@ def vcr_tokenizer(data_cfg: dict, model_cfg: dict, items: Sequence[VcrItem], out
             logger.warning("%.0f%% of the VCR tokens are [UNK] with the tokenizer of %s: its vocabulary does not cover "
                            "the VCR language, so the choices read alike", 100 * rate, source)
         return tokenizer
-    return train_run_wordpiece(vcr_texts(items), output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)))
+    return train_run_wordpiece(vcr_texts(items), output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)),
+                               resume=resume)
 
 
 def predict_choices(model: nn.Module, dataset: VcrDataset, batch_size: int = 32, pad_token_id: int = 0) -> list[int]:
@@ -155,22 +158,37 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
         raise ConfigError(f"{source}: data.tasks must be a list of {', '.join(TASKS)}, not {tasks!r}")
     if model_cfg.get("from_checkpoint"):
         model_folder(model_cfg["from_checkpoint"], "model.from_checkpoint", source)
+    # model_best by default: Q->AR when both tasks are trained (the VCR headline), else the one trained
+    default_best = VCR_METRICS["Q->AR"] if len(tasks) > 1 else VCR_METRICS[tasks[0]]
+    train_cfg = with_best_metric(train_cfg, list(VCR_METRICS.values()), default_best, source)
+    if train_cfg.eval_every and not data.get("val"):
+        raise ConfigError(f"{source}: train.eval_every evaluates on data.val; pass data.val=VCR_JSONL")
     items = read_vcr(data["train"], data.get("images_root"))
     if data.get("max_items"):
         items = items[: int(data["max_items"])]
     store, feature_dim = _store_and_dim(data, source)
     if store is not None and data.get("verify_features", True) is not False:  # as common.verify_features
         verify_images(store, sorted({i.image_id for i in items if i.image_id in store}), progress=train_cfg.progress_bar)
-    tokenizer = vcr_tokenizer(data, model_cfg, items, out)
+    tokenizer = vcr_tokenizer(data, model_cfg, items, out, resume)
     model = build_vcr_model(model_cfg, tokenizer, feature_dim)
     sizes = dict(max_tokens=int(data.get("max_tokens", 64)), max_regions=int(data.get("max_regions", 36)))
     dataset = VcrDataset(items, tokenizer, store, tasks=tasks, feature_dim=feature_dim, **sizes)
+    eval_fn = None
+    if train_cfg.eval_every:
+        val_items = read_vcr(data["val"], data.get("images_root"))
+
+        def eval_fn(model):
+            metrics = evaluate_vcr(model, val_items, tokenizer, store, feature_dim, batch_size=32, **sizes)
+            return {name: metrics[task] for task, name in VCR_METRICS.items()}
+    extra = {"recipe": "finetune_vcr", "config": cfg, "feature_dim": feature_dim, "stand_in_features": store is None, **sizes}
     logger.info("VCR fine-tuning on %d items x %s = %d examples", len(items), list(dataset.tasks), len(dataset))
     start = time.perf_counter()
-    trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate_choices, pad_token_id=tokenizer.pad_token_id))
+    trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate_choices, pad_token_id=tokenizer.pad_token_id),
+                      eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
     result = trainer.fit(resume=resume)
     seconds = time.perf_counter() - start
-    summary = {"steps": result.step, "seconds": seconds, "items": len(items), "examples": len(dataset), "history": result.history}
+    summary = {"steps": result.step, "seconds": seconds, "items": len(items), "examples": len(dataset), "history": result.history,
+               "validation": result.eval_history, "best": result.best, "stopped_early": result.stopped_early}
     if data.get("val") and trainer.dist.is_main:  # the ranks hold the same weights: one evaluates
         val_items = read_vcr(data["val"], data.get("images_root"))
         with trainer.averaged_weights() as trained:
@@ -178,9 +196,7 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
         (out / "val_predictions.json").write_text(json.dumps(metrics.pop("predictions"), indent=1))
         summary["val"] = metrics
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    summary["model_dir"] = str(save_trained(trainer, tokenizer, out, extra={
-        "recipe": "finetune_vcr", "config": cfg, "feature_dim": feature_dim, "stand_in_features": store is None, **sizes,
-        "metrics": summary.get("val")}))
+    summary["model_dir"] = str(save_trained(trainer, tokenizer, out, extra={**extra, "metrics": summary.get("val")}))
     return summary
 
 

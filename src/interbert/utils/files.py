@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,6 +76,57 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def atomic_link(source: str | Path, path: str | Path) -> None:
+    """Replace ``path`` with the content of ``source``: a hard link (no second copy on disk), or a copy
+    where the filesystem has no hard links."""
+    with atomic_path(path) as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+
+def _previous_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.previous")
+
+
+def replace_folder(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """Replace the folder ``path`` with what ``write(folder)`` puts into an empty folder.
+
+    ``write`` fills a temporary folder beside ``path``; only when it has finished (and its files are
+    fsynced) does that folder take ``path``'s name. A failure while writing removes the temporary folder
+    and leaves ``path`` as it was. Two renames swap the folders (POSIX cannot replace a non-empty folder
+    in one): a crash between them leaves the previous content at ``.<name>.previous``, which the next
+    call puts back before it starts, so a reader never finds a half-written folder under ``path``.
+    """
+    path = Path(path)
+    previous = _previous_name(path)
+    if previous.exists():
+        if not path.exists():
+            os.replace(previous, path)  # a crash between the two renames of an earlier call
+        else:
+            shutil.rmtree(previous)  # a crash after them, before the clean-up
+    tmp = temporary_name(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        for written in tmp.rglob("*"):
+            if written.is_file():
+                fsync_file(written)
+        fsync_dir(tmp)
+        if path.exists():
+            os.replace(path, previous)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if previous.exists() and not path.exists():  # the second rename failed: put the old one back
+            os.replace(previous, path)
+        raise
+    fsync_dir(path.parent)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def leftover_temporaries(folder: str | Path) -> list[Path]:

@@ -1,0 +1,132 @@
+"""Validation while training (``train.eval_every``): each recipe's metric on held-out data, which of
+its metrics picks ``model_best/`` by default, and the function that writes that folder.
+
+What each recipe evaluates:
+
+- retrieval fine-tuning: the full protocol (every caption x every image) on the validation split,
+  flattened to ``ir_r1 ir_r5 ir_r10 ir_median_rank ir_mean_rank``, the same for text retrieval
+  (``tr_*``) and ``rsum``; ``data.val_images`` caps the images, since the cost grows with their square;
+- VCR: ``q_a``, ``qa_r`` and ``q_ar`` accuracies on ``data.val``;
+- text tasks: ``accuracy`` (and ``f1`` for the pair tasks that report it) on the dev examples;
+- pretraining: the pretraining losses on the validation split (``loss`` and each ``*_loss``). Not
+  zero-shot retrieval: that costs captions x images pair forwards and stays near chance for much of a
+  pretraining run, so it says little while costing much; the held-out loss is the objective itself,
+  one forward per held-out caption, with the same masks and negatives at every evaluation (they are
+  seeded per example), so successive values are comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from interbert.data import model_inputs
+from interbert.data.captions import Caption, read_captions
+from interbert.evaluate import retrieval_metrics
+from interbert.model_card import write_model_card
+from interbert.train import TrainConfig, loss_components
+from interbert.utils.config_files import ConfigError
+
+RETRIEVAL_METRICS = tuple(
+    f"{side}_{name}" for side in ("ir", "tr") for name in ("r1", "r5", "r10", "median_rank", "mean_rank")
+) + ("rsum",)
+VCR_METRICS = {"Q->A": "q_a", "QA->R": "qa_r", "Q->AR": "q_ar"}  # TensorBoard-friendly names
+
+
+def with_best_metric(train_cfg: TrainConfig, metrics: Sequence[str], default: str, source: str = "config") -> TrainConfig:
+    """``train_cfg`` with ``best_metric`` set to the recipe's ``default`` when the run evaluates and the
+    user chose none; a ``best_metric`` the recipe does not compute is refused before training starts
+    (found at the first evaluation, it would cost a run's first ``eval_every`` updates)."""
+    if train_cfg.eval_every is None:
+        return train_cfg
+    if train_cfg.best_metric is None:
+        return dataclasses.replace(train_cfg, best_metric=default)
+    if train_cfg.best_metric not in metrics:
+        raise ConfigError(f"{source}: train.best_metric={train_cfg.best_metric!r} is not a validation metric of this "
+                          f"recipe; choose one of {', '.join(metrics)}")
+    return train_cfg
+
+
+def validation_captions(data_cfg: Mapping, source: str = "config") -> list[Caption]:
+    """The captions of ``data.val_split`` (default ``val``), the first ``data.val_images`` images of it."""
+    from interbert.recipes.common import captions_of_split
+
+    split = data_cfg.get("val_split")
+    if split is None:
+        splits = {str(c.split) for c in read_captions(data_cfg["captions"])}
+        if "val" not in splits:
+            raise ConfigError(f"{source}: train.eval_every needs validation captions, but {data_cfg['captions']} has "
+                              f"no 'val' split (its splits: {', '.join(sorted(splits))}); pass data.val_split=NAME")
+        split = "val"
+    max_images = data_cfg.get("val_images")
+    if max_images is not None and (not isinstance(max_images, int) or isinstance(max_images, bool) or max_images < 1):
+        raise ConfigError(f"{source}: data.val_images must be a whole number >= 1 or null, not {max_images!r}")
+    return captions_of_split(data_cfg["captions"], split, max_images)
+
+
+def flat_retrieval_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """:func:`interbert.evaluate.retrieval_metrics` as flat names (``ir_r1`` ...) for logs and TensorBoard."""
+    flat = {}
+    for side, key in (("ir", "image_retrieval"), ("tr", "text_retrieval")):
+        summary = metrics[key]
+        flat.update({f"{side}_r1": summary["R@1"], f"{side}_r5": summary["R@5"], f"{side}_r10": summary["R@10"],
+                     f"{side}_median_rank": summary["median_rank"], f"{side}_mean_rank": summary["mean_rank"]})
+    flat["rsum"] = metrics["rsum"]
+    return flat
+
+
+def retrieval_eval_fn(captions: Sequence[Caption], store, tokenizer, max_tokens: int, max_regions: int,
+                      pair_batch_size: int = 512) -> Callable[[nn.Module], dict[str, float]]:
+    """R@K, median and mean rank of the full protocol on ``captions`` (prepared once, scored per call)."""
+    from interbert.recipes.evaluate_retrieval import prepare_split
+    from interbert.retrieval import score_pairs
+
+    token_ids, images, index, _ = prepare_split(captions, store, tokenizer, max_tokens, max_regions)
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        report = score_pairs(model, token_ids, images, pair_batch_size=pair_batch_size, progress=False)
+        return flat_retrieval_metrics(retrieval_metrics(report.scores, index))
+
+    return evaluate
+
+
+def heldout_loss_eval_fn(dataset, collate_fn, batch_size: int) -> Callable[[nn.Module], dict[str, float]]:
+    """The model's losses on ``dataset`` (e.g. the pretraining losses on the validation split): each
+    component's batch means, weighted by the examples in the batch."""
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        device = next(model.parameters()).device
+        totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for start in range(0, len(dataset), batch_size):
+            examples = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+            batch = collate_fn(examples)
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs(batch).items()}
+            for name, value in loss_components(model(**inputs)).items():
+                if value is not None:
+                    totals[name] = totals.get(name, 0.0) + float(value) * len(examples)
+                    counts[name] = counts.get(name, 0) + len(examples)
+        return {name: totals[name] / counts[name] for name in sorted(totals)}
+
+    return evaluate
+
+
+def best_model_saver(tokenizer, extra: Mapping[str, Any] | None = None) -> Callable[[nn.Module, Path], None]:
+    """``save_best`` for the loop: ``model_best/`` as the recipe's ``model/`` is (save_pretrained, the
+    tokenizer, recipe.json, the model card), so that every command that takes a model folder takes it too."""
+
+    def save(model: nn.Module, folder: Path) -> None:
+        model.save_pretrained(folder)
+        write_model_card(folder, model, recipe=extra)  # the step and score of the best are in the run's history
+        tokenizer.save_pretrained(str(folder))
+        if extra:
+            (folder / "recipe.json").write_text(json.dumps(extra, indent=2, default=str))
+
+    return save

@@ -1,0 +1,142 @@
+"""The recipes evaluate while training (train.eval_every) on `interbert data synth` data: retrieval R@K
+per evaluation in TensorBoard, model_best/ at the best evaluation, bad settings as one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from interbert.cli import main
+from interbert.train import BEST_MODEL_DIR, HISTORY_NAME
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    assert main(["data", "synth", str(out), "--images", "60", "--feature-dim", "32", "--num-classes", "12",
+                 "--no-images", "--workers", "1"]) == 0  # 48 train / 6 val / 6 test images
+    return out
+
+
+def retrieval_args(data: Path, out: Path, *overrides: str) -> list[str]:
+    return ["finetune", "retrieval", "--config", str(CONFIGS / "finetune_retrieval_tiny.yaml"),
+            f"data.captions={data / 'captions.json'}", f"data.features={data / 'regions.tsv'}", "data.vocab_size=200",
+            f"train.output_dir={out}", "train.progress_bar=false", "train.max_steps=8", "train.batch_size=4",
+            "train.learning_rate=1e-3", "train.warmup_ratio=0", "train.ema_decay=null", "train.save_every=null",
+            *overrides]
+
+
+def scalars(event_folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(event_folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_retrieval_fine_tuning_logs_validation_recalls_and_keeps_the_best_model(synth, tmp_path, capsys):
+    out = tmp_path / "run"
+    # mean rank varies from evaluation to evaluation on 6 images where R@1 mostly ties; lower is better
+    assert main(retrieval_args(synth, out, "train.eval_every=2", "train.best_metric=ir_mean_rank")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    evaluations = json.loads((out / HISTORY_NAME).read_text())["eval"]
+    assert [e["step"] for e in evaluations] == [2, 4, 6, 8]
+    assert summary["validation"] == evaluations
+
+    # TensorBoard holds every evaluation's recalls under val/
+    logged = scalars(out / "tensorboard")
+    for name in ("ir_r1", "ir_r5", "ir_r10", "ir_median_rank", "tr_r1", "tr_median_rank", "rsum"):
+        assert [step for step, _ in logged[f"val/{name}"]] == [2, 4, 6, 8], name
+        assert [value for _, value in logged[f"val/{name}"]] == pytest.approx([e[name] for e in evaluations])
+    for e in evaluations:
+        assert 0 <= e["ir_r1"] <= e["ir_r5"] <= e["ir_r10"] <= 100 and e["ir_median_rank"] >= 1
+
+    # model_best is the first evaluation with the lowest mean rank ...
+    best = min(evaluations, key=lambda e: e["ir_mean_rank"])
+    assert summary["best"] == {"metric": "ir_mean_rank", "mode": "min", "value": best["ir_mean_rank"],
+                               "step": best["step"]}
+    assert len({e["ir_mean_rank"] for e in evaluations}) > 1  # else any evaluation would pass for the best
+    # ... and re-evaluating the folder gives that evaluation's numbers (so it holds those weights)
+    from interbert.recipes.evaluate_retrieval import evaluate_retrieval
+    from interbert.recipes.validation import flat_retrieval_metrics
+
+    folder = out / BEST_MODEL_DIR
+    assert (folder / "tokenizer.json").exists() and json.loads((folder / "recipe.json").read_text())["recipe"] == \
+        "finetune_retrieval"
+    again = flat_retrieval_metrics(evaluate_retrieval(folder, synth / "captions.json", synth / "regions.tsv",
+                                                      split="val", max_images=100, progress=False))
+    assert again == pytest.approx({k: v for k, v in best.items() if k != "step"})
+
+
+def test_pretraining_evaluates_its_losses_on_the_validation_split(synth, tmp_path, capsys):
+    out = tmp_path / "pretrain"
+    args = ["pretrain", "--config", str(CONFIGS / "pretrain_tiny.yaml"), f"data.captions={synth / 'captions.json'}",
+            f"data.features={synth / 'regions.tsv'}", "data.vocab_size=200", f"train.output_dir={out}",
+            "train.progress_bar=false", "train.tensorboard=false", "train.max_steps=4", "train.batch_size=8",
+            "train.save_every=null", "train.eval_every=2", "train.early_stopping_patience=5"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [e["step"] for e in summary["validation"]] == [2, 4]
+    assert {"loss", "msm_loss", "mrm_loss", "itm_loss"} <= set(summary["validation"][0])
+    assert summary["best"]["metric"] == "loss" and summary["best"]["mode"] == "min"
+    from interbert.modeling import InterBertForPreTraining
+
+    InterBertForPreTraining.from_pretrained(out / BEST_MODEL_DIR)  # a model folder like model/
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.eval_every=2", "train.best_metric=accuracy"],
+     "train.best_metric='accuracy' is not a validation metric of this recipe; choose one of ir_r1"),
+    (["train.keep_checkpoints=0"], "keep_checkpoints must be >= 1"),
+    (["train.early_stopping_patience=2"], "early_stopping_patience needs eval_every"),
+    (["train.eval_every=2", "data.val_split=dev"], "no captions in split 'dev'"),
+])
+def test_bad_watch_settings_are_one_line_usage_errors(synth, tmp_path, capsys, overrides, message):
+    assert main(retrieval_args(synth, tmp_path / "run", *overrides)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_text_fine_tuning_keeps_model_best_by_f1_on_a_pair_task(synth, tmp_path, capsys):
+    out = tmp_path / "text"
+    assert main(["finetune", "text", "--config", str(CONFIGS / "finetune_text_tiny.yaml"),
+                 f"data.train={synth / 'glue' / 'train.tsv'}", f"data.dev={synth / 'glue' / 'dev.tsv'}",
+                 f"train.output_dir={out}", "train.progress_bar=false", "train.tensorboard=false", "train.max_steps=4",
+                 "train.batch_size=8", "train.save_every=null", "train.eval_every=2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [sorted(e) for e in summary["validation"]] == [["accuracy", "f1", "step"]] * 2
+    assert summary["best"]["metric"] == "f1" and summary["best"]["mode"] == "max"
+    assert (out / BEST_MODEL_DIR / "config.json").is_file()
+    assert "# InterBERT: InterBertForSequenceClassification" in (out / BEST_MODEL_DIR / "README.md").read_text()
+
+
+def vcr_args(synth: Path, out: Path, *overrides: str) -> list[str]:
+    return ["finetune", "vcr", "--config", str(CONFIGS / "finetune_vcr_tiny.yaml"),
+            f"data.train={synth / 'vcr' / 'train.jsonl'}", f"data.images_root={synth / 'images'}",
+            f"data.features={synth / 'regions.tsv'}", f"train.output_dir={out}", "train.progress_bar=false",
+            "train.tensorboard=false", "train.max_steps=4", "train.batch_size=4", "train.save_every=null",
+            "train.eval_every=2", *overrides]
+
+
+def test_vcr_fine_tuning_evaluates_q_ar_on_its_val_file(synth, tmp_path, capsys):
+    assert main(vcr_args(synth, tmp_path / "vcr", f"data.val={synth / 'vcr' / 'val.jsonl'}")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [sorted(e) for e in summary["validation"]] == [["q_a", "q_ar", "qa_r", "step"]] * 2
+    assert summary["best"]["metric"] == "q_ar"
+    assert summary["validation"][-1]["q_a"] == summary["val"]["Q->A"]  # the last evaluation is the final one
+
+    assert main(vcr_args(synth, tmp_path / "no_val", "data.val=null")) == 2
+    assert "train.eval_every evaluates on data.val" in capsys.readouterr().err
