@@ -149,3 +149,63 @@ def test_truncated_and_empty_files(tmp_path):
     no_captions = _karpathy(tmp_path, [], name="none.json")
     with pytest.raises(DataFormatError, match=r"none.json: no captions"):
         read_captions(no_captions)
+
+
+def _lavis_lists_from_real_coco(folder):
+    """LAVIS's two shapes, built from the real COCO val2017 captions: a train file (one caption per entry,
+    an ``image_id``) and a test file (a caption list per entry, no ``image_id``, as LAVIS's val/test)."""
+    coco = read_captions(shared_path("data", "coco_val2017", "captions_val2017.json"))
+    by_image: dict[str, list[str]] = {}
+    for c in coco:
+        by_image.setdefault(c.image_id, []).append(c.text)
+    images = sorted(by_image)[:20]
+    train = [{"caption": text, "image": f"val2014/COCO_val2014_{int(i):012d}.jpg", "image_id": f"coco_{i}"}
+             for i in images[:10] for text in by_image[i]]
+    test = [{"image": f"val2014/COCO_val2014_{int(i):012d}.jpg", "caption": by_image[i]} for i in images[10:]]
+    (folder / "coco_karpathy_train.json").write_text(json.dumps(train))
+    (folder / "coco_karpathy_test.json").write_text(json.dumps(test, indent=2))
+    return by_image, images
+
+
+def test_lavis_annotation_lists_train_and_test_shapes(tmp_path):
+    by_image, images = _lavis_lists_from_real_coco(tmp_path)
+    train_path, test_path = tmp_path / "coco_karpathy_train.json", tmp_path / "coco_karpathy_test.json"
+    assert sniff_caption_format(train_path) == "lavis" and sniff_caption_format(test_path) == "lavis"
+
+    train = read_captions(train_path)
+    assert {c.split for c in train} == {"train"}  # from the file name
+    assert [c.image_id for c in train][:1] == [f"coco_{images[0]}"]  # the entry's image_id
+    assert len(train) == sum(len(by_image[i]) for i in images[:10])
+    assert [c.text for c in train if c.image_id == f"coco_{images[0]}"] == [t.strip() for t in by_image[images[0]]]
+    assert len({c.caption_id for c in train}) == len(train)  # numbered per image across its entries
+
+    test = read_captions(test_path)
+    assert {c.split for c in test} == {"test"}
+    first = f"COCO_val2014_{int(images[10]):012d}"  # no image_id: the image file's stem
+    assert [c.text for c in test if c.image_id == first] == [t.strip() for t in by_image[images[10]]]
+    assert len({c.image_id for c in test}) == 10
+
+
+def test_albef_list_and_split_field(tmp_path):
+    path = tmp_path / "pretrain_data.json"  # no split in the name: the entry's 'split' decides, else none
+    path.write_text(json.dumps([{"image": "/data/vg/1.jpg", "caption": "a man on a horse"},
+                                {"image": "/data/vg/2.jpg", "caption": "a red bus", "split": "validation"}]))
+    captions = read_captions(path)
+    assert [(c.image_id, c.split, c.text) for c in captions] == [("1", None, "a man on a horse"), ("2", "val", "a red bus")]
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([{"image": "a.jpg", "caption": "x"}, 7], r"\[1\] is a number, not an object"),
+    ([{"image": "a.jpg", "caption": "x"}, {"caption": "y"}], r"\[1\] has no 'image' and no 'image_id'"),
+    ([{"image": "a.jpg", "caption": "x"}, {"image": "b.jpg", "caption": 3}], r"\[1\] \(image 'b'\): 'caption' is a number"),
+    ([{"image": "a.jpg", "caption": "x"}, {"image": "b.jpg", "caption": ["ok", None]}], r"\[1\] \(image 'b'\): 'caption' is a list"),
+    ([{"image": "a.jpg", "caption": "x"}, {"image": "b.jpg"}], r"\[1\] \(image 'b'\): no 'caption'"),
+    ([{"image": "a.jpg", "caption": "x"}, {"image_id": [1], "caption": "y"}], r"\[1\]: 'image_id' is a list"),
+])
+def test_malformed_annotation_list_entries_name_file_and_index(tmp_path, entries, message):
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(entries))
+    with pytest.raises(DataFormatError, match=r"ann.json: " + message):
+        read_captions(path)
+    problems = []  # collected: the good entry is still read
+    assert [c.image_id for c in read_captions(path, problems=problems)] == ["a"] and len(problems) == 1

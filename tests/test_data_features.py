@@ -7,19 +7,16 @@ import base64
 
 import numpy as np
 import pytest
-import torch
 from conftest import shared_path
 
 from interbert.data import DataFormatError, RegionStore, RegionStoreWriter, Regions, UnknownImageError, open_features
 from interbert.data.captions import read_captions
 from interbert.data.features import (
-    WebDatasetRegions,
     convert_features,
     write_hdf5,
     write_npz_folder,
     write_tsv,
     write_vilbert_lmdb,
-    write_webdataset,
 )
 from interbert.utils.files import leftover_temporaries
 
@@ -187,25 +184,6 @@ def test_store_survives_pickling_for_dataloader_workers(real, tmp_path):
         store["1339"]
         clone = pickle.loads(pickle.dumps(store))
         assert_same(clone["1339"], real[1]["1339"])
-
-
-def _worker_keys(dataset, workers):
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=lambda s: s)
-    return [s["meta"]["image_id"] for s in loader]
-
-
-def test_webdataset_shards_split_over_workers_exactly_once(real, tmp_path):
-    _, items = real
-    shards = write_webdataset(tmp_path / "wds", ((i, r, {"captions": [f"cap {i}"]}) for i, r in items.items()), 5)
-    assert len(shards) == 3
-    dataset = WebDatasetRegions(tmp_path / "wds")
-    samples = list(dataset)
-    assert sorted(s["meta"]["image_id"] for s in samples) == sorted(items)
-    for s in samples:
-        assert_same(s["regions"], items[s["meta"]["image_id"]])
-    for workers in (2, 4):  # 3 shards: dealt whole to 2 workers, split by sample over 4
-        keys = _worker_keys(dataset, workers)
-        assert sorted(keys) == sorted(items)
 
 
 def write_one_line(path, fields):

@@ -1,7 +1,7 @@
 """The data layer: files -> typed examples -> masking/negatives -> padded batches.
 
-- :mod:`~interbert.data.captions`: caption readers (Karpathy, COCO, Flickr8k/30k, JSON lines)
-- :mod:`~interbert.data.features`: region-feature stores (TSV, npz, HDF5, LMDB, our own, WebDataset)
+- :mod:`~interbert.data.captions`: caption readers (Karpathy, COCO, Flickr8k/30k, LAVIS/ALBEF lists, JSON lines)
+- :mod:`~interbert.data.features`: region-feature stores (TSV, npz, HDF5, LMDB, our own)
 - :mod:`~interbert.data.tokenize`: WordPiece loading/training, Chinese word boundaries
 - :mod:`~interbert.data.masking`: MSM spans and MRM region groups
 - :mod:`~interbert.data.negatives`: TF-IDF / nearest-image hard negatives, ITM sampling
@@ -31,7 +31,7 @@ _EXPORTS = {
     "Caption": "captions", "read_captions": "captions",
     "DataFormatError": "errors", "UnknownImageError": "errors",
     "FeatureStore": "features", "Regions": "features", "RegionStore": "features", "RegionStoreWriter": "features",
-    "WebDatasetRegions": "features", "convert_features": "features", "open_features": "features",
+    "convert_features": "features", "open_features": "features",
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
@@ -51,7 +51,6 @@ __all__ = [
     "RegionStoreWriter",
     "Regions",
     "UnknownImageError",
-    "WebDatasetRegions",
     "convert_features",
     "open_features",
     "read_captions",

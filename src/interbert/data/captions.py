@@ -1,6 +1,6 @@
 """Caption readers for the layouts users bring: Karpathy split JSON, COCO caption annotations, the
-Flickr8k token file (also COCO-CN's), the Flickr30k ``{"<id>.jpg": [captions..., path]}`` layout, and
-JSON lines. Every reader yields :class:`Caption`; image ids are strings everywhere so that ``1339``
+Flickr8k token file (also COCO-CN's), the Flickr30k ``{"<id>.jpg": [captions..., path]}`` layout,
+LAVIS / ALBEF annotation lists (``[{"image", "caption", "image_id"?}]``), and JSON lines. Every reader yields :class:`Caption`; image ids are strings everywhere so that ``1339``
 from a TSV and ``"1339"`` from a JSON file name the same image.
 
 A malformed entry is a :class:`DataFormatError` naming the file and the entry: the line for line-based
@@ -12,6 +12,7 @@ skipping the bad entries, which is how ``interbert data check`` reports every on
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,59 @@ def read_flickr30k(path: str | Path, split: str | None = None, problems: Problem
             yield Caption(image_id, f"{image_id}#{k}", text.strip(), image_split)
 
 
+def split_from_file_name(path: Path) -> str | None:
+    """The split a file's name says: the last of its name's ``_``/``-``/``.``-separated words that names
+    one (``coco_karpathy_train.json`` -> train, ``flickr30k-val.json`` -> val), None when none does."""
+    words = re.split(r"[_\-.]", path.stem.lower())
+    return next((SPLIT_NAMES[w] for w in reversed(words) if w in SPLIT_NAMES), None)
+
+
+def read_annotation_list(path: str | Path, split: str | None = None, problems: Problems = None) -> Iterator[Caption]:
+    """LAVIS's and ALBEF's annotation lists: ``[{"image": "<folder>/<file>.jpg", "caption": ..., "image_id"?,
+    "split"?}]``, e.g. LAVIS's ``coco_karpathy_train.json`` (one caption string per entry, an image over
+    several entries) or its val/test files (a list of captions per entry, no ``image_id``).
+
+    The image id is the entry's ``image_id`` when it has one (LAVIS's train files: ``"coco_391895"``),
+    else the file name of ``image`` without its suffix (``COCO_val2014_000000391895``) — so the feature
+    store must be keyed the same way as the file's ids. The split is the entry's ``split`` field when
+    present, else ``split`` when given, else the one the file's name says (:func:`split_from_file_name`)."""
+    path = Path(path)
+    data = load_json(path)
+    if not isinstance(data, list):
+        raise DataFormatError(path, "not an annotation list: expected a top-level JSON list of "
+                                    '{"image": ..., "caption": ...} objects')
+    file_split = split or split_from_file_name(path)
+    captions_of_image: dict[str, int] = {}  # numbers an image's captions across its entries
+    for n, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            report(problems, DataFormatError(path, f"[{n}] is {_kind(entry)}, not an object"))
+            continue
+        image, image_id = entry.get("image"), entry.get("image_id")
+        if image_id is None and not isinstance(image, str):
+            found = "no 'image'" if "image" not in entry else f"'image' is {_kind(image)}"
+            report(problems, DataFormatError(path, f"[{n}] has {found} and no 'image_id' to name its image"))
+            continue
+        if image_id is not None and not isinstance(image_id, (str, int)):
+            report(problems, DataFormatError(path, f"[{n}]: 'image_id' is {_kind(image_id)}, not a string or number"))
+            continue
+        image_id = str(image_id) if image_id is not None else image_id_from_filename(image)
+        where = f"[{n}] (image {image_id!r})"
+        texts = entry.get("caption")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            found = "no 'caption'" if "caption" not in entry else f"'caption' is {_kind(entry['caption'])}"
+            if isinstance(texts, list) and texts:
+                found = "'caption' is a list holding a non-string"
+            report(problems, DataFormatError(path, f"{where}: {found}; expected a caption string or a list of them"))
+            continue
+        entry_split = entry.get("split")
+        entry_split = SPLIT_NAMES.get(entry_split, entry_split) if isinstance(entry_split, str) else file_split
+        for text in texts:
+            k = captions_of_image.get(image_id, 0)
+            captions_of_image[image_id] = k + 1
+            yield Caption(image_id, f"{image_id}#{k}", text.strip(), entry_split)
+
+
 def read_jsonl(path: str | Path, problems: Problems = None) -> Iterator[Caption]:
     """One object per line: ``{"image_id", "caption", "split"?, "caption_id"?}``."""
     path = Path(path)
@@ -175,6 +229,7 @@ READERS = {
     "flickr8k": read_token_file,
     "flickr30k": read_flickr30k,
     "jsonl": read_jsonl,
+    "lavis": read_annotation_list,
 }
 
 
@@ -212,12 +267,17 @@ def sniff_caption_format(path: str | Path) -> str:
             return "karpathy"
         if data and all(k.lower().endswith(IMAGE_SUFFIXES) for k in list(data)[:10]):
             return "flickr30k"
-    raise DataFormatError(path, "unknown caption format (JSON, but neither Karpathy, COCO nor Flickr30k layout)")
+    # a list of objects with a caption: LAVIS's / ALBEF's annotation list; its reader names a bad entry
+    if isinstance(data, list) and data and isinstance(data[0], dict) and "caption" in data[0]:
+        return "lavis"
+    raise DataFormatError(path, "unknown caption format (JSON, but neither Karpathy, COCO, Flickr30k nor a "
+                                'LAVIS/ALBEF list of {"image", "caption"} objects)')
 
 
 def read_captions(path: str | Path, format: str = "auto", problems: Problems = None) -> list[Caption]:
     """All captions of ``path``; ``format`` is one of ``auto``, ``karpathy``, ``coco``, ``flickr8k``,
-    ``flickr30k``, ``jsonl``. With ``problems`` a list, malformed entries are recorded there and skipped."""
+    ``flickr30k``, ``jsonl``, ``lavis`` (LAVIS / ALBEF annotation lists). With ``problems`` a list,
+    malformed entries are recorded there and skipped."""
     if format not in ("auto", *READERS):
         raise UsageError(f"unknown caption format {format!r}; choose auto or one of {sorted(READERS)}")
     if format == "auto":

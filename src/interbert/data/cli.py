@@ -39,12 +39,48 @@ def _cmd_check(args) -> int:
     from interbert.data.check import check_files
     from interbert.errors import UsageError
 
-    if not args.captions and not args.vcr:
-        raise UsageError("data check: give --captions FILE and/or --vcr FILE (with --features)")
+    if args.config:
+        if args.captions or args.vcr or args.features:
+            raise UsageError("data check: give --config, or --captions/--vcr with --features, not both")
+        return _check_sources(args.config, args.trust_pickle)
+    if not args.features or (not args.captions and not args.vcr):
+        raise UsageError("data check: give --captions FILE and/or --vcr FILE with --features, or --config RUN.yaml")
     report = check_files(args.features, captions=args.captions, captions_format=args.captions_format, vcr=args.vcr,
                          images_root=args.images_root, trust_pickle=args.trust_pickle, progress=True)
     print("\n".join(report.lines()))
     return 1 if report.errors else 0
+
+
+def _check_sources(config: str, trust_pickle: bool) -> int:
+    """Check every source a training config names (``data.sources``, or ``data.captions`` + ``data.features``),
+    each as ``--captions``/``--features`` would, then whether their features can train one model together."""
+    from interbert.data.check import check_files
+    from interbert.data.features import open_features
+    from interbert.data.sources import SourceStore, sources_from_config
+    from interbert.errors import DataError
+    from interbert.utils import load_config
+    from interbert.utils.config_files import ConfigError
+
+    data = load_config(config).get("data")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config}: no 'data' section to check")
+    sources = sources_from_config(data, config)
+    failed = False
+    for source in sources:
+        if source.name is not None:
+            print(f"== source {source.name!r} ==")
+        report = check_files(source.features, captions=source.captions, trust_pickle=trust_pickle, progress=True)
+        print("\n".join(report.lines()))
+        failed |= bool(report.errors)
+    if len(sources) > 1 and not failed:  # each can train alone; can one model train on all of them?
+        try:
+            SourceStore({s.name: open_features(s.features, trust_pickle=trust_pickle) for s in sources})
+        except DataError as e:
+            print(f"ERROR: {e}\nFAILED: the sources cannot train together")
+            failed = True
+        else:
+            print(f"OK: the {len(sources)} sources can train together (image ids become <name>/<id>)")
+    return 1 if failed else 0
 
 
 def _cmd_tokenizer_train(args) -> int:
@@ -73,11 +109,14 @@ def register(subparsers) -> None:
                         description="Reads every entry and every image once and lists every problem with its place "
                                     "(the first 20 of each kind, and the count). Exit 1 when the data cannot train, "
                                     "0 when it can (warnings allowed).")
-    k.add_argument("--captions", help="Karpathy JSON, COCO JSON, Flickr8k token file, Flickr30k JSON or JSON lines")
+    k.add_argument("--captions", help="Karpathy JSON, COCO JSON, Flickr8k token file, Flickr30k JSON, a LAVIS/ALBEF "
+                                        "annotation list or JSON lines")
     k.add_argument("--captions-format", default="auto")
     k.add_argument("--vcr", help="a VCR jsonl file (its images are looked up in --features by the stem of img_fn)")
     k.add_argument("--images-root", help="the folder VCR's metadata_fn is relative to (default: as `finetune vcr`)")
-    k.add_argument("--features", required=True)
+    k.add_argument("--features", help="the feature store (TSV, npz folder, HDF5, LMDB, project store)")
+    k.add_argument("--config", help="a training config: check each of its data.sources (or its data.captions + "
+                                    "data.features) and whether they can train together")
     k.add_argument("--trust-pickle", action="store_true")
     k.set_defaults(func=_cmd_check)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import os
 import threading
@@ -30,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from interbert.data.errors import DataFormatError, UnknownImageError
 from interbert.errors import InterBertError, UsageError
@@ -932,101 +930,3 @@ def open_features(path: str | Path, format: str = "auto", trust_pickle: bool = F
     if format == "lmdb":
         return LmdbFeatures(path, trust_pickle=trust_pickle)
     raise ValueError(f"unknown feature format {format!r}; choose auto or one of {FORMATS}")
-
-
-# --------------------------------------------------------------------------- WebDataset shards
-def _regions_from_npz_bytes(data: bytes, where: str) -> Regions:
-    with np.load(io.BytesIO(data)) as z:
-        if "features" not in z.files or "boxes" not in z.files:
-            raise DataFormatError(where, "sample npz lacks 'features' or 'boxes'")
-        probs = z["class_probs"] if "class_probs" in z.files else None
-        return Regions(z["features"], z["boxes"], int(z["image_w"]), int(z["image_h"]), probs)
-
-
-def write_webdataset(out_dir: str | Path, items: Iterable[tuple[str, Regions, dict]], shard_size: int = 1000) -> list[Path]:
-    """Write ``(image_id, regions, meta)`` as tar shards of ``{key}.json`` (meta + image_id) and ``{key}.npz``."""
-    import tarfile
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards, tar = [], None
-
-    def add(name: str, payload: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
-
-    for n, (image_id, r, meta) in enumerate(items):
-        if n % shard_size == 0:
-            if tar is not None:
-                tar.close()
-            shards.append(out_dir / f"shard-{len(shards):06d}.tar")
-            tar = tarfile.open(shards[-1], "w")
-        buffer = io.BytesIO()
-        extra = {} if r.class_probs is None else {"class_probs": r.class_probs}
-        np.savez(buffer, features=r.features, boxes=r.boxes, image_w=r.image_w, image_h=r.image_h, **extra)
-        key = f"{n:09d}"
-        add(f"{key}.json", json.dumps({"image_id": image_id, **meta}).encode())
-        add(f"{key}.npz", buffer.getvalue())
-    if tar is not None:
-        tar.close()
-    return shards
-
-
-def _consumer() -> tuple[int, int]:
-    """This process's place among all readers: (DDP rank x DataLoader worker, their total)."""
-    import torch.distributed as dist
-
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    info = torch.utils.data.get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-    return rank * workers + worker, world * workers
-
-
-class WebDatasetRegions(torch.utils.data.IterableDataset):
-    """Stream ``(meta, regions)`` samples from tar shards, each sample seen by exactly one consumer: whole
-    shards are dealt to (rank, worker) pairs when there are enough of them, samples otherwise."""
-
-    def __init__(self, shards: str | Path | list[str | Path]):
-        if isinstance(shards, (str, Path)) and Path(shards).is_dir():
-            shards = sorted(Path(shards).glob("*.tar"))
-        elif isinstance(shards, (str, Path)):
-            shards = [shards]
-        self.shards = [Path(s) for s in shards]
-        if not self.shards:
-            raise FileNotFoundError("no .tar shards given")
-
-    def _samples(self, shard: Path) -> Iterator[dict]:
-        import tarfile
-
-        pending: dict[str, dict] = {}
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                sample = pending.setdefault(key, {})
-                sample[ext] = tar.extractfile(member).read()
-                if "json" in sample and "npz" in sample:
-                    del pending[key]
-                    where = f"{shard}:{key}"
-                    try:
-                        meta = json.loads(sample["json"])
-                    except json.JSONDecodeError as e:
-                        raise DataFormatError(where, f"malformed {key}.json: {e.msg}") from None
-                    yield {"key": key, "meta": meta, "regions": _regions_from_npz_bytes(sample["npz"], where)}
-        if pending:
-            raise DataFormatError(shard, f"incomplete samples (need .json and .npz): {sorted(pending)[:5]}")
-
-    def __iter__(self) -> Iterator[dict]:
-        me, total = _consumer()
-        if len(self.shards) >= total:
-            for shard in self.shards[me::total]:
-                yield from self._samples(shard)
-            return
-        n = 0
-        for shard in self.shards:
-            for sample in self._samples(shard):
-                if n % total == me:
-                    yield sample
-                n += 1

@@ -105,6 +105,20 @@ def captions_of_split(path: str | Path, split: str | None, max_images: int | Non
     return captions
 
 
+def training_data(data_cfg: Mapping, split: str | None, source: str = "config") -> tuple[list[Caption], FeatureStore]:
+    """The captions of ``split`` and the features of their images, from ``data.captions`` +
+    ``data.features`` or from every source of ``data.sources`` (ids namespaced by source name, the
+    first ``data.max_images`` images of each; the mixing rule: :mod:`interbert.data.sources`)."""
+    from interbert.data.sources import SourceStore, namespaced, sources_from_config
+
+    sources = sources_from_config(data_cfg, source)
+    max_images = data_cfg.get("max_images")
+    if sources[0].name is None:  # the single-path form: ids as the files spell them
+        return captions_of_split(sources[0].captions, split, max_images), feature_store(sources[0].features)
+    captions = [c for s in sources for c in namespaced(captions_of_split(s.captions, split, max_images), s.name)]
+    return captions, SourceStore({s.name: feature_store(s.features) for s in sources})
+
+
 def tokenizer_for(data_cfg: dict, captions: list[Caption], output_dir: Path, bert_dir: str | None,
                   resume: bool = False):
     """The tokenizer a run uses: the configured one, BERT's when the text path comes from BERT, or a
@@ -249,3 +263,14 @@ def argmax_predictions(model: torch.nn.Module, dataset, collate_fn, batch_size: 
     model.train(was_training)
     return predictions
 
+
+
+def weighted_sources(dataset, data_cfg: Mapping, seed: int):
+    """``dataset`` drawn by the weights of ``data.sources`` (:class:`~interbert.data.sources.WeightedSources`),
+    or ``dataset`` itself when no source sets a weight other than 1 (plain concatenation)."""
+    from interbert.data.sources import WeightedSources, sources_from_config
+
+    weights = {s.name: s.weight for s in sources_from_config(data_cfg)}
+    if all(weight == 1.0 for weight in weights.values()):
+        return dataset
+    return WeightedSources(dataset, weights, seed)

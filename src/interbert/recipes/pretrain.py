@@ -19,18 +19,19 @@ from interbert.loading import load_model
 from interbert.modeling import InterBertForPreTraining
 from interbert.recipes.common import (
     bert_lr_multiplier,
-    captions_of_split,
     check_choice,
     check_region_feature_size,
-    feature_store,
     model_folder,
     mrm_target_of,
     new_model,
     require_settings,
     save_trained,
+    setting,
     start_run,
     tokenizer_for,
+    training_data,
     verify_features,
+    weighted_sources,
 )
 from interbert.recipes.validation import best_model_saver, heldout_loss_eval_fn, validation_captions, with_best_metric
 from interbert.train import Trainer, main_process_first
@@ -59,7 +60,7 @@ def build_model(model_cfg: dict, tokenizer, store) -> InterBertForPreTraining:
 
 def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     """``source``: where ``cfg`` came from (the config file), for error messages."""
-    require_settings(cfg, REQUIRED, source)
+    require_settings(cfg, {} if setting(cfg, "data.sources") else REQUIRED, source)
     train_cfg, out = start_run(cfg, source)
     data, model_cfg = cfg["data"], cfg["model"]
     negatives = check_choice(cfg, "data.negatives", NEGATIVES, "tfidf", source)
@@ -69,11 +70,10 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
         model_folder(model_cfg["from_checkpoint"], "model.from_checkpoint", source)
 
     # every input is read and checked before the (slow) tokenizer, model and negatives are built
-    captions = captions_of_split(data["captions"], data.get("split", "train"), data.get("max_images"))
+    captions, store = training_data(data, data.get("split", "train"), source)
     # the held-out total loss picks model_best by default; a component (itm_loss, ...) may instead
     train_cfg = with_best_metric(train_cfg, ["loss", "msm_loss", "mrm_loss", "itm_loss", "itc_loss"], "loss", source)
     val_captions = validation_captions(data, source) if train_cfg.eval_every else None
-    store = feature_store(data["features"])
     verify_features(captions, store, data, progress=train_cfg.progress_bar)
     tokenizer = tokenizer_for(data, captions, out, model_cfg.get("from_bert"), resume)
     model = build_model(model_cfg, tokenizer, store)
@@ -90,6 +90,7 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     )
     with main_process_first():  # rank 0 computes the TF-IDF negatives into the cache, the others read it
         dataset = PretrainingDataset(captions, store, tokenizer, **dataset_settings)
+    train_set = weighted_sources(dataset, data, train_cfg.seed)
     multiplier = bert_lr_multiplier(model_cfg)
     collate_fn = functools.partial(collate, pad_token_id=tokenizer.pad_token_id)
     eval_fn = None
@@ -101,7 +102,7 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     logger.info("pretraining on %d captions of %d images (%s negatives, %s/%s masking)", len(dataset),
                 len(dataset.image_ids), negatives, data.get("msm", "span"), data.get("mrm", "group"))
     start = time.perf_counter()
-    trainer = Trainer(model, dataset, train_cfg, collate_fn=collate_fn, lr_multiplier_for=multiplier,
+    trainer = Trainer(model, train_set, train_cfg, collate_fn=collate_fn, lr_multiplier_for=multiplier,
                       eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
     result = trainer.fit(resume=resume)
     model_dir = save_trained(trainer, tokenizer, out, extra=extra)

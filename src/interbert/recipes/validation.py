@@ -54,7 +54,14 @@ def with_best_metric(train_cfg: TrainConfig, metrics: Sequence[str], default: st
 
 
 def validation_captions(data_cfg: Mapping, source: str = "config") -> list[Caption]:
-    """The captions of ``data.val_split`` (default ``val``), the first ``data.val_images`` images of it."""
+    """The captions of ``data.val_split`` (default ``val``), the first ``data.val_images`` images of it;
+    with ``data.sources``, those of every source (each must have the split), ids namespaced by source."""
+    if data_cfg.get("sources"):
+        from interbert.data.sources import namespaced, sources_from_config
+
+        return [c for s in sources_from_config(data_cfg, source)
+                for c in namespaced(validation_captions({**data_cfg, "sources": None, "captions": s.captions}, source),
+                                    s.name)]
     from interbert.recipes.common import captions_of_split
 
     split = data_cfg.get("val_split")
