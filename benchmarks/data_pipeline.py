@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from interbert.data import Caption, PretrainingDataset, Regions, RegionStoreWriter, collate
+from interbert.data import Caption, PretrainingDataset, Regions, RegionStoreWriter, collate, model_inputs
 from interbert.data.tokenize import load_tokenizer, train_wordpiece
 from interbert.utils.machine import cpu_model
 
@@ -76,7 +76,7 @@ def model_rate(batches, vocab_size: int, steps: int):
     model.train()
 
     def step(batch):
-        out = model(**{k: v for k, v in batch.items() if k not in ("image_ids", "caption_ids")})
+        out = model(**model_inputs(batch))
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -37,8 +37,9 @@ import torch
 from interbert.convert import from_bert
 from interbert.data.glue import TextClassificationDataset, collate_text, read_glue, split_examples
 from interbert.data.tokenize import load_tokenizer
+from interbert.loading import load_model
 from interbert.modeling import InterBertForSequenceClassification
-from interbert.recipes.text import evaluate_text, load_text_model
+from interbert.recipes.text import evaluate_text
 from interbert.train import Trainer, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,7 +249,7 @@ def main() -> None:
             runs[key][task] = fine_tune(model, train_set, test_set, f1, args, args.work / f"{key}_{task}", pad_id)
             logger.info("%s %s: %s", key, task, runs[key][task])
         if pretrained_dir:
-            model = load_text_model(pretrained_dir, num_labels=2)
+            model = load_model(pretrained_dir, task="sequence_classification", num_labels=2)
             same_start(model, initial, bert_pooler_from=initial)
             runs["interbert_pretrained"][task] = fine_tune(model, train_set, test_set, f1, args,
                                                            args.work / f"interbert_pretrained_{task}", pad_id)

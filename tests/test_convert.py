@@ -154,3 +154,52 @@ def test_retrieval_head_starts_at_the_zero_shot_margin():
         itm = pre(**b).itm_logits
         score = ret(**b).logits
     torch.testing.assert_close(score, itm[:, 1] - itm[:, 0], atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A local Hugging Face cache laid out as the hub writes it, holding MiniLM as org/name."""
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in _minilm_dir().iterdir():
+        if file.is_file():
+            (snapshot / file.name).symlink_to(file)  # the hub links snapshot files to blobs
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)  # no folder of the model's name beside us
+    return tmp_path / "hub"
+
+
+def test_from_bert_takes_a_name_from_the_local_hub_cache(hub_cache, tmp_path):
+    from interbert.data.tokenize import load_tokenizer
+
+    name = "sentence-transformers/all-MiniLM-L6-v2"
+    ids = torch.tensor([[101, 1037, 2417, 14606, 102]])
+    with torch.no_grad():
+        want = from_bert(_minilm_dir(), "tiny").eval()(input_ids=ids).text_sequence
+        got = from_bert(name, "tiny").eval()(input_ids=ids).text_sequence
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert load_tokenizer(name)("a red ball")["input_ids"] == load_tokenizer(_minilm_dir())("a red ball")["input_ids"]
+    assert main(["convert", "bert", name, str(tmp_path / "out"), "--preset", "tiny"]) == 0
+    assert (tmp_path / "out" / "vocab.txt").exists()
+
+
+def test_a_name_neither_a_folder_nor_cached_is_a_usage_error_and_nothing_is_downloaded(hub_cache, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    from interbert.errors import UsageError
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to reach the Hub")
+
+    monkeypatch.setattr(HfApi, "repo_info", no_network)  # what snapshot_download asks first when online
+    with pytest.raises(UsageError, match=f"bert-base-uncased is neither a folder nor a model in the local Hugging Face "
+                                         f"cache \\({hub_cache}\\)"):
+        from_bert("bert-base-uncased", "tiny")
+    assert main(["convert", "bert", "google/bert_uncased_L-2_H-128_A-2", "out"]) == 2
+    assert "neither a folder nor a model in the local Hugging Face cache" in capsys.readouterr().err

@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import shared_path
 
-from interbert.data import Caption, Regions, open_features, read_captions
+from interbert.data import Caption, Regions, model_inputs, open_features, read_captions
 from interbert.data.batches import PretrainingDataset, RetrievalDataset, collate, prepare_regions
 from interbert.data.tokenize import load_tokenizer
 
 MODEL_KEYS = {"input_ids", "attention_mask", "token_type_ids", "region_features", "region_boxes", "region_mask"}
-PRETRAIN_KEYS = MODEL_KEYS | {"msm_labels", "mrm_mask", "mrm_feature_targets", "itm_labels", "image_index", "image_ids", "caption_ids"}
+PRETRAIN_KEYS = MODEL_KEYS | {"msm_labels", "mrm_mask", "mrm_feature_targets", "itm_labels", "image_index", "meta"}
 
 
 def test_prepare_regions_global_first_and_5d_boxes():
@@ -46,7 +46,7 @@ def test_collate_pads_to_the_longest_with_keep_masks():
     assert batch["region_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0]]
     assert batch["input_ids"][0, 3:].tolist() == [0, 0, 0] and batch["msm_labels"][0, 3:].tolist() == [-100] * 3
     assert not batch["mrm_mask"][1, 2:].any() and (batch["region_features"][1, 2:] == 0).all()
-    assert batch["itm_labels"].tolist() == [1, 0] and batch["image_ids"] == ["i3", "i6"]
+    assert batch["itm_labels"].tolist() == [1, 0] and batch["meta"]["image_ids"] == ["i3", "i6"]
     assert batch["input_ids"].dtype == torch.long and batch["mrm_mask"].dtype == torch.bool
 
 
@@ -92,7 +92,7 @@ def test_pretraining_dataset_batches_feed_the_tiny_model(real_data, tmp_path):
 
     model = InterBertForPreTraining(preset("tiny", region_feature_size=1024, vocab_size=len(tokenizer),
                                            mrm_target=mrm_target_of(store)))
-    out = model(**{k: v for k, v in batch.items() if k not in ("image_ids", "caption_ids")})
+    out = model(**model_inputs(batch))  # every key but the bookkeeping is a forward argument
     assert torch.isfinite(out.loss)
 
 
@@ -109,7 +109,7 @@ def test_retrieval_groups_flatten_to_4b_pairs(real_data):
     near = dataset.hard_pool[dataset.image_codes[0]]
     assert hard["image_id"] in {dataset.image_ids[j] for j in near}
     batch = collate([dataset[0], dataset[5]])
-    assert batch["group_size"] == 4 and batch["input_ids"].shape[0] == 8 and len(batch["image_ids"]) == 8
-    assert set(batch) == MODEL_KEYS | {"image_ids", "caption_ids", "group_size"}
+    assert batch["group_size"] == 4 and batch["input_ids"].shape[0] == 8 and len(batch["meta"]["caption_ids"]) == 8
+    assert set(batch) == MODEL_KEYS | {"meta", "group_size"}
     caption_hard = RetrievalDataset(captions, store, tokenizer, hard_negative="caption", num_hard=2)[0][3]
     assert caption_hard["image_id"] == positive["image_id"] and caption_hard["caption_id"] != positive["caption_id"]

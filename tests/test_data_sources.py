@@ -130,7 +130,7 @@ def test_pretraining_on_two_sources_with_colliding_ids_feeds_each_row_its_own_fe
 
     class RecordingTrainer(pretrain.Trainer):
         def _forward_backward(self, batch, sync_gradients):
-            seen.append((list(batch["image_ids"]), batch["region_features"][:, 0, 0].tolist()))
+            seen.append((list(batch["meta"]["image_ids"]), batch["region_features"][:, 0, 0].tolist()))
             return super()._forward_backward(batch, sync_gradients)
 
     monkeypatch.setattr(pretrain, "Trainer", RecordingTrainer)

@@ -80,6 +80,9 @@ def test_pretrain_cli_with_overrides_and_resume(demo, tmp_path, capsys):
     assert (tmp_path / "run" / "model" / "config.json").exists()
     history = json.loads((tmp_path / "run" / "loss_history.json").read_text())
     assert len(history["loss"]) == 3
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "Written by the `pretrain` recipe" in card and f"captions: `{out / 'data' / 'captions.json'}`" in card
+    assert "optimizer updates: 3" in card and "| msm_loss |" in card and "| masked region target | classes |" in card
     # --resume continues with the vocabulary the checkpoint was trained with: WordPiece training is not
     # reproducible from process to process, so training it again would renumber the tokens under the weights
     vocab = tmp_path / "run" / "tokenizer" / "vocab.txt"

@@ -14,7 +14,7 @@ from interbert.config import preset
 from interbert.data.errors import DataFormatError
 from interbert.data.glue import classification_metrics, read_glue, split_examples
 from interbert.modeling import InterBertForPreTraining
-from interbert.recipes.text import load_text_model
+from interbert.loading import load_model
 
 MICRO = ("hidden_size: 32, num_attention_heads: 2, intermediate_size: 64, image_num_attention_heads: 2, "
          "image_intermediate_size: 64, pooled_size: 32, num_single_stream_layers: 1, num_text_stream_layers: 1, "
@@ -79,6 +79,10 @@ def test_finetune_and_evaluate_text_from_the_command_line(tmp_path):
                  "model.overrides={" + MICRO + "}"]) == 0
     trained = json.loads((out / "metrics.json").read_text())
     assert set(trained) == {"accuracy", "f1"}
+    card = (out / "model" / "README.md").read_text()  # the folder explains itself: data, steps, results
+    assert "# InterBERT: InterBertForSequenceClassification" in card and f"train: `{tmp_path / 'train.tsv'}`" in card
+    assert "optimizer updates: 2" in card and f"| accuracy | {trained['accuracy']:.4g} |" in card
+    assert "| loss |" in card and 'task="sequence_classification"' in card
     assert main(["evaluate", "text", "--model", str(out / "model"), "--data", str(tmp_path / "train.tsv"),
                  "--out", str(tmp_path / "eval.json")]) == 0
     evaluated = json.loads((tmp_path / "eval.json").read_text())
@@ -91,7 +95,7 @@ def test_a_pretraining_checkpoint_keeps_its_text_path_as_a_classifier(tmp_path):
                     intermediate_size=64, image_num_attention_heads=2, image_intermediate_size=64, pooled_size=32)
     pretrained = InterBertForPreTraining(config).eval()
     pretrained.save_pretrained(tmp_path / "pre")
-    classifier = load_text_model(tmp_path / "pre", num_labels=3).eval()
+    classifier = load_model(tmp_path / "pre", task="sequence_classification", num_labels=3).eval()
     assert classifier.config.num_labels == 3
     ids = torch.tensor([[2, 7, 9, 11, 3]])
     with torch.no_grad():

@@ -181,7 +181,7 @@ def test_tagged_box_takes_the_feature_of_the_store_region_it_overlaps_most(tmp_p
     ds = VcrDataset([item], WordTokenizer(), store=OneImageStore(detected), max_regions=4)
     batch = collate_choices([ds[0], ds[1]])
     assert batch["input_ids"].shape[:2] == (2, 4) and batch["region_features"].shape == (2, 4, 2)
-    assert batch["tasks"] == ["Q->A", "QA->R"] and batch["labels"].tolist() == [0, 1]
+    assert batch["meta"]["tasks"] == ["Q->A", "QA->R"] and batch["labels"].tolist() == [0, 1]
     assert (batch["token_type_ids"][0, 0] == 1).any()  # the answer is segment 1
 
 

@@ -11,9 +11,11 @@ from conftest import REPO
 
 from interbert.cli import main
 from interbert.config import preset
+from interbert.convert import retrieval_from_pretraining
+from interbert.data import model_inputs
 from interbert.data.vcr import VcrDataset, collate_choices, read_vcr
-from interbert.modeling import InterBertForPreTraining
-from interbert.recipes.vcr import multiple_choice_from_pretraining, vcr_accuracies
+from interbert.modeling import InterBertForMultipleChoice, InterBertForPreTraining
+from interbert.recipes.vcr import vcr_accuracies
 
 
 def test_q_to_ar_counts_an_item_only_when_answer_and_rationale_are_right():
@@ -92,10 +94,10 @@ def test_choice_score_starts_as_the_pretraining_itm_margin(tmp_path):
     config = preset("tiny", vocab_size=50, region_feature_size=16, num_single_stream_layers=1,
                     num_text_stream_layers=1, num_image_stream_layers=1)
     pretrained = InterBertForPreTraining(config).eval()
-    choice = multiple_choice_from_pretraining(pretrained).eval()
+    choice = retrieval_from_pretraining(pretrained, InterBertForMultipleChoice).eval()
     batch = collate_choices([VcrDataset(items, Words(), feature_dim=16)[0]])
     with torch.no_grad():
-        scores = choice(**{k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}).logits[0]
+        scores = choice(**{k: v for k, v in model_inputs(batch).items() if k != "labels"}).logits[0]
         for k in range(4):
             itm = pretrained(input_ids=batch["input_ids"][:, k], attention_mask=batch["attention_mask"][:, k],
                              token_type_ids=batch["token_type_ids"][:, k], region_features=batch["region_features"],

@@ -120,6 +120,7 @@ def test_text_fine_tuning_keeps_model_best_by_f1_on_a_pair_task(synth, tmp_path,
     assert [sorted(e) for e in summary["validation"]] == [["accuracy", "f1", "step"]] * 2
     assert summary["best"]["metric"] == "f1" and summary["best"]["mode"] == "max"
     assert (out / BEST_MODEL_DIR / "config.json").is_file()
+    assert "# InterBERT: InterBertForSequenceClassification" in (out / BEST_MODEL_DIR / "README.md").read_text()
 
 
 def vcr_args(synth: Path, out: Path, *overrides: str) -> list[str]:

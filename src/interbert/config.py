@@ -9,7 +9,7 @@ in one sequence.
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 FUSIONS = ("mul", "sum")
 ITM_NEGATIVES = ("data", "in_batch")
@@ -130,6 +130,11 @@ class InterBertConfig(PretrainedConfig):
     def num_text_layers(self) -> int:
         """Depth of the BERT text path: single-stream + text-stream layers."""
         return self.num_single_stream_layers + self.num_text_stream_layers
+
+
+# `AutoConfig.from_pretrained(folder)` reads model_type "interbert" from config.json; the model classes
+# register with the AutoModel* classes in interbert.modeling.
+AutoConfig.register(InterBertConfig.model_type, InterBertConfig)
 
 
 PRESETS: dict[str, dict] = {

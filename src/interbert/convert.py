@@ -15,10 +15,12 @@ import numpy as np
 import torch
 
 from interbert.config import PRESETS, InterBertConfig, preset
+from interbert.utils.hub_cache import local_pretrained
 from interbert.modeling import (
     InterBertForImageTextRetrieval,
     InterBertForPreTraining,
     InterBertPreTrainedModel,
+    _PairScorer,
 )
 
 # BERT layer sub-module names -> ours (our TransformerLayer is flat).
@@ -174,12 +176,13 @@ def from_bert(
     model_class: type[InterBertPreTrainedModel] = InterBertForPreTraining,
     **overrides,
 ) -> InterBertPreTrainedModel:
-    """Initialise InterBERT's text path from a local transformers BERT checkpoint folder.
+    """Initialise InterBERT's text path from a transformers BERT checkpoint: a folder, or a Hub name
+    (``bert-base-uncased``) already in the local Hugging Face cache (never downloaded).
 
     ``config``: a preset name or an :class:`InterBertConfig` supplying the image side; the text path's
     sizes always come from BERT. With no regions the text stream's output equals ``BertModel``'s.
     """
-    bert_dir = Path(bert_dir)
+    bert_dir = local_pretrained(bert_dir)
     config_file = bert_dir / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{bert_dir}: not a BERT checkpoint folder (no config.json)")
@@ -285,15 +288,18 @@ def from_official(state_dict: dict[str, torch.Tensor], original_config: dict) ->
     return model.eval()
 
 
-def retrieval_from_pretraining(model: InterBertForPreTraining) -> InterBertForImageTextRetrieval:
-    """A retrieval model whose score starts as the pretraining ITM margin (logit[match] - logit[no match]),
-    so fine-tuning starts from the zero-shot ranking instead of a random head."""
-    retrieval = InterBertForImageTextRetrieval(model.config)
-    retrieval.interbert.load_state_dict(model.interbert.state_dict())
+def retrieval_from_pretraining(
+    model: InterBertForPreTraining, model_class: type[_PairScorer] = InterBertForImageTextRetrieval
+) -> _PairScorer:
+    """A pair scorer (retrieval, or VCR's ``InterBertForMultipleChoice``: the same weights) whose score
+    starts as the pretraining ITM margin (logit[match] - logit[no match]), so fine-tuning starts from the
+    zero-shot ranking instead of a random head."""
+    scorer = model_class(model.config)
+    scorer.interbert.load_state_dict(model.interbert.state_dict())
     w, b = model.itm_classifier.weight.data, model.itm_classifier.bias.data
-    retrieval.score.weight.data.copy_((w[1] - w[0])[None])
-    retrieval.score.bias.data.copy_((b[1] - b[0])[None])
-    return retrieval
+    scorer.score.weight.data.copy_((w[1] - w[0])[None])
+    scorer.score.bias.data.copy_((b[1] - b[0])[None])
+    return scorer
 
 
 if __name__ == "__main__":  # pragma: no cover

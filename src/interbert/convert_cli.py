@@ -16,10 +16,12 @@ PRESET_NAMES = ["base", "tiny"]  # interbert.config.PRESETS; a test keeps the tw
 # --------------------------------------------------------------------------------------------------
 def _cmd_bert(args) -> int:
     from interbert.convert import from_bert
+    from interbert.utils.hub_cache import local_pretrained
 
-    model = from_bert(args.bert_dir, args.preset, **_split_layers(args))
+    bert_dir = local_pretrained(args.bert_dir)  # a folder, or a name in the local Hugging Face cache
+    model = from_bert(bert_dir, args.preset, **_split_layers(args))
     model.save_pretrained(args.out_dir)
-    _copy_tokenizer(Path(args.bert_dir), Path(args.out_dir))
+    _copy_tokenizer(bert_dir, Path(args.out_dir))
     c = model.config
     print(
         f"wrote {args.out_dir}: text path from {args.bert_dir} "
@@ -61,7 +63,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="convert checkpoints (BERT -> InterBERT, original code -> ours)")
     sub = p.add_subparsers(dest="convert_command", metavar="<source>", required=True)
     b = sub.add_parser("bert", help="initialise InterBERT's text path from a local BERT checkpoint folder")
-    b.add_argument("bert_dir", help="folder with config.json and model.safetensors/pytorch_model.bin")
+    b.add_argument("bert_dir", help="folder with config.json and model.safetensors/pytorch_model.bin, or a Hub "
+                   "name (bert-base-uncased) in the local Hugging Face cache")
     b.add_argument("out_dir")
     b.add_argument("--preset", default="base", choices=PRESET_NAMES, help="image-side sizes (default: base)")
     b.add_argument("--single-stream-layers", type=int, help="BERT layers used as the single stream (default: half)")

@@ -26,7 +26,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import (
+    AutoModel,
+    AutoModelForMultipleChoice,
+    AutoModelForPreTraining,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
@@ -364,7 +370,6 @@ class InterBertModel(InterBertPreTrainedModel):
         region_features: torch.Tensor | None = None,
         region_boxes: torch.Tensor | None = None,
         region_mask: torch.Tensor | None = None,
-        **_: object,
     ) -> InterBertOutput:
         return self.encode(*self.embed_inputs(input_ids, attention_mask, token_type_ids, region_features, region_boxes,
                                               region_mask))
@@ -503,7 +508,6 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
         itm_labels: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
         full_logits: bool = False,
-        **_: object,
     ) -> InterBertPreTrainingOutput:
         """With labels, the masked-token and masked-region heads run only where there is something to
         predict (the vocabulary projection over every token would dominate the step): ``msm_logits`` is
@@ -632,7 +636,6 @@ class InterBertForImageTextRetrieval(_PairScorer):
         region_features=None, region_boxes=None, region_mask=None,
         group_size: int | None = None,
         labels: torch.Tensor | None = None,
-        **_: object,
     ) -> InterBertScoreOutput:
         logits, base = self.pair_scores(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
@@ -671,7 +674,6 @@ class InterBertForMultipleChoice(_PairScorer):
         input_ids=None, attention_mask=None, token_type_ids=None,
         region_features=None, region_boxes=None, region_mask=None,
         labels: torch.Tensor | None = None,
-        **_: object,
     ) -> InterBertScoreOutput:
         if input_ids is None or input_ids.dim() != 3:
             raise ValueError("InterBertForMultipleChoice expects input_ids of shape batch x choices x tokens")
@@ -722,7 +724,6 @@ class InterBertForSequenceClassification(InterBertPreTrainedModel):
         self,
         input_ids=None, attention_mask=None, token_type_ids=None,
         labels: torch.Tensor | None = None,
-        **_: object,
     ) -> InterBertScoreOutput:
         if input_ids is None:
             raise ValueError("InterBertForSequenceClassification needs input_ids")
@@ -738,6 +739,16 @@ class InterBertForSequenceClassification(InterBertPreTrainedModel):
             else:
                 loss = F.cross_entropy(logits, labels.long())
         return InterBertScoreOutput(loss=loss, logits=logits, text_pooled=base.text_pooled)
+
+
+# Importing this module makes the transformers Auto classes load InterBERT folders (model_type "interbert"):
+# AutoModel gives the encoder, the others the head of their name. The retrieval scorer has no Auto class
+# whose contract fits (one matching logit per (image, text) pair): load it as
+# InterBertForImageTextRetrieval.from_pretrained or interbert.load_model(folder, task="retrieval").
+AutoModel.register(InterBertConfig, InterBertModel)
+AutoModelForPreTraining.register(InterBertConfig, InterBertForPreTraining)
+AutoModelForSequenceClassification.register(InterBertConfig, InterBertForSequenceClassification)
+AutoModelForMultipleChoice.register(InterBertConfig, InterBertForMultipleChoice)
 
 
 __all__ = [

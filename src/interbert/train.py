@@ -52,6 +52,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
+from interbert.data import model_inputs
 from interbert.utils import files
 
 logger = logging.getLogger(__name__)
@@ -516,8 +517,9 @@ def atomic_write_json(obj: Any, path: Path) -> None:
 class Trainer:
     """Train ``model`` on ``train_dataset``; see the module docstring for the contract.
 
-    ``collate_fn`` turns a list of dataset items into a ``dict`` batch (only its tensors are passed to
-    the model; bookkeeping lists such as ``image_ids`` stay out). ``lr_multiplier_for(name)`` gives
+    ``collate_fn`` turns a list of dataset items into a ``dict`` batch: every key is passed to the model's
+    forward except ``meta`` (:data:`interbert.data.META`), the bookkeeping such as ``image_ids``, so
+    a key the model does not take is a TypeError, not dropped. ``lr_multiplier_for(name)`` gives
     a parameter's learning-rate factor (e.g. 0.1 for BERT-initialised weights); it replaces
     ``config.lr_multipliers``. ``eval_fn(model) -> {metric: value}`` runs on rank 0 every
     ``eval_every`` updates, in eval mode, without gradients, with the EMA weights when EMA is on.
@@ -653,7 +655,8 @@ class Trainer:
     def _forward_backward(self, batch: Mapping[str, Any], sync_gradients: bool) -> dict[str, torch.Tensor | None]:
         if not isinstance(batch, Mapping):
             raise TypeError(f"collate_fn must return a dict of tensors, got {type(batch).__name__}")
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        inputs = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                  for k, v in model_inputs(batch).items()}
         no_sync = self.dist.enabled and not sync_gradients
         with self.ddp_model.no_sync() if no_sync else contextlib.nullcontext():
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_bf16):

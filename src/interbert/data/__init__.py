@@ -8,7 +8,21 @@
 - :mod:`~interbert.data.batches`: region preparation, examples, collate, datasets
 """
 
-import importlib
+from collections.abc import Mapping
+
+from interbert._lazy import lazy_exports
+
+# A batch holds the keyword arguments of the model's forward, and under this one key the bookkeeping
+# that is no model input (which image and caption each row is, the VCR task of each row). The training
+# loop and the evaluators pass every other key to forward, so a key the model does not take fails
+# there by name instead of being dropped silently.
+META = "meta"
+
+
+def model_inputs(batch: Mapping) -> dict:
+    """The batch without its bookkeeping: what ``model(**inputs)`` takes."""
+    return {key: value for key, value in batch.items() if key != META}
+
 
 # Names re-exported here, by the module that defines them. They load on first use (PEP 562), so that
 # importing a light sub-module (the CLI's argument parsers, interbert.data.errors) does not pull in torch.
@@ -20,20 +34,12 @@ _EXPORTS = {
     "convert_features": "features", "open_features": "features",
 }
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'interbert.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"interbert.data.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [
+    "META",
+    "model_inputs",
     "Caption",
     "PretrainingDataset",
     "RetrievalDataset",

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from interbert.data import META
 from interbert.data.captions import Caption
 from interbert.data.features import FeatureStore, Regions
 from interbert.data.masking import (
@@ -106,8 +107,7 @@ def collate(examples: Sequence[dict] | Sequence[Sequence[dict]], pad_token_id: i
         # which rows show the same picture (equal values): in-batch negatives never pair those
         _, codes = np.unique(np.asarray([str(e["image_id"]) for e in examples]), return_inverse=True)
         batch["image_index"] = torch.as_tensor(codes.reshape(-1), dtype=torch.long)
-    batch["image_ids"] = [e["image_id"] for e in examples]
-    batch["caption_ids"] = [e["caption_id"] for e in examples]
+    batch[META] = {"image_ids": [e["image_id"] for e in examples], "caption_ids": [e["caption_id"] for e in examples]}
     if group_size is not None:
         batch["group_size"] = group_size
     return batch

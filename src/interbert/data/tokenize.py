@@ -10,17 +10,20 @@ from pathlib import Path
 
 from transformers import BertTokenizerFast, PreTrainedTokenizerBase
 
+from interbert.utils.hub_cache import local_pretrained
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def load_tokenizer(path: str | Path, lowercase: bool = True) -> PreTrainedTokenizerBase:
-    """A fast BERT WordPiece tokenizer from a BERT folder (its own config decides casing) or a bare
-    ``vocab.txt`` (``lowercase`` decides). CJK characters are split one by one, as bert-base-chinese."""
+    """A fast BERT WordPiece tokenizer from a BERT folder (its own config decides casing), a Hub name in
+    the local Hugging Face cache (``model.from_bert=bert-base-uncased``), or a bare ``vocab.txt``
+    (``lowercase`` decides). CJK characters are split one by one, as bert-base-chinese."""
     path = Path(path)
+    if not path.exists():
+        path = local_pretrained(path)
     if path.is_dir():
         return BertTokenizerFast.from_pretrained(str(path))
-    if not path.exists():
-        raise FileNotFoundError(f"no tokenizer at {path} (give a BERT folder or a vocab.txt)")
     with open(path, encoding="utf-8") as f:
         vocab = {line.rstrip("\n"): n for n, line in enumerate(f)}
     return BertTokenizerFast(vocab=vocab, do_lower_case=lowercase, tokenize_chinese_chars=True)

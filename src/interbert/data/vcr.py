@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from interbert.data import META
 from interbert.data.batches import prepare_regions
 from interbert.data.captions import image_id_from_filename
 from interbert.data.errors import DataFormatError
@@ -405,4 +406,4 @@ def collate_choices(examples: Sequence[dict], pad_token_id: int = 0) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
             "region_features": features, "region_boxes": boxes, "region_mask": region_mask,
             "labels": torch.tensor([int(e["labels"]) for e in examples]),
-            "tasks": [e["task"] for e in examples], "annot_ids": [e["annot_id"] for e in examples]}
+            META: {"tasks": [e["task"] for e in examples], "annot_ids": [e["annot_id"] for e in examples]}}

@@ -20,11 +20,13 @@ from typing import Any
 import torch
 
 from interbert.config import InterBertConfig, preset
+from interbert.data import model_inputs
 from interbert.data.captions import Caption, read_captions
 from interbert.data.check import verify_images
 from interbert.data.features import FeatureStore, open_features
 from interbert.data.tokenize import load_tokenizer, train_wordpiece
 from interbert.errors import UsageError
+from interbert.model_card import write_model_card
 from interbert.modeling import InterBertPreTrainedModel
 from interbert.train import (
     FINAL_WEIGHTS_NAME,
@@ -204,21 +206,17 @@ def verify_features(captions: list[Caption], store: FeatureStore, data_cfg: Mapp
     verify_images(store, sorted({c.image_id for c in captions if c.image_id in store}), progress=progress)
 
 
-def load_model(model_dir: str | Path, model_class: type[InterBertPreTrainedModel]) -> InterBertPreTrainedModel:
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json); give the `model` folder a recipe wrote")
-    return model_class.from_pretrained(model_dir)
-
-
 def save_trained(trainer: Trainer, tokenizer, output_dir: Path, extra: dict | None = None) -> Path:
-    """The trained model (EMA weights when EMA is on) as a ``save_pretrained`` folder with its tokenizer,
-    written by the main process (the ranks of a distributed run hold the same weights)."""
+    """The trained model (EMA weights when EMA is on) as a ``save_pretrained`` folder with its tokenizer
+    and model card (README.md; ``extra["metrics"]``: final results for it), written by the main process
+    (the ranks of a distributed run hold the same weights)."""
     target = output_dir / MODEL_DIR
     if not trainer.dist.is_main:
         return target
     with trainer.averaged_weights() as model:
         model.save_pretrained(target)
+        write_model_card(target, model, recipe=extra, steps=trainer.step, history=trainer.history,
+                         metrics=(extra or {}).get("metrics"))
     tokenizer.save_pretrained(str(target))
     if extra:
         (target / "recipe.json").write_text(json.dumps(extra, indent=2, default=str))
@@ -253,14 +251,14 @@ def start_run(cfg: dict, source: str = "config") -> tuple[TrainConfig, Path]:
 @torch.no_grad()
 def argmax_predictions(model: torch.nn.Module, dataset, collate_fn, batch_size: int) -> list[int]:
     """Arg-max of the model's ``logits`` for every example of ``dataset``, in order, batched through
-    ``collate_fn`` (labels and non-tensor keys are not passed on; eval mode, the model's mode restored)."""
+    ``collate_fn`` (labels and the batch's bookkeeping are not passed on; eval mode, the model's mode restored)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     predictions: list[int] = []
     for start in range(0, len(dataset), batch_size):
         batch = collate_fn([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
-        inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
+        inputs = {k: v.to(device) for k, v in model_inputs(batch).items() if k != "labels"}
         predictions.extend(model(**inputs).logits.argmax(-1).tolist())
     model.train(was_training)
     return predictions

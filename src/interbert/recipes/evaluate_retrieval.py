@@ -22,7 +22,8 @@ from interbert.data.check import verify_images
 from interbert.data.tokenize import encode_caption, load_tokenizer
 from interbert.errors import DataError, UsageError
 from interbert.evaluate import image_retrieval_ranks, retrieval_metrics, write_rank_histogram
-from interbert.modeling import InterBertForImageTextRetrieval, InterBertForPreTraining
+from interbert.loading import load_model
+from interbert.modeling import InterBertForPreTraining
 from interbert.recipes.common import captions_of_split, feature_store, set_threads
 from interbert.retrieval import RegionInput, score_pairs, two_stage_scores
 
@@ -30,25 +31,19 @@ logger = logging.getLogger(__name__)
 
 
 def load_scoring_model(model_dir: str | Path, zero_shot: bool):
-    """The fine-tuned retrieval head, or with ``zero_shot`` the ITM head of a pretrained model."""
-    model_dir = Path(model_dir)
-    config_file = model_dir / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json)")
-    architectures = json.loads(config_file.read_text()).get("architectures") or []
-    if zero_shot:
-        if "InterBertForPreTraining" not in architectures:
-            raise UsageError(
-                f"{model_dir} holds {architectures}: --zero-shot scores with the pretraining ITM head of a "
-                "model that was never fine-tuned for retrieval (an InterBertForPreTraining checkpoint)"
-            )
-        return InterBertForPreTraining.from_pretrained(model_dir).eval()
-    if "InterBertForImageTextRetrieval" not in architectures:
+    """The fine-tuned retrieval head, or with ``zero_shot`` the ITM head of a pretrained model. The flag
+    must say which the folder holds: a table of results must not call one the other."""
+    model = load_model(model_dir, task="scoring").eval()
+    pretrained = isinstance(model, InterBertForPreTraining)
+    if zero_shot and not pretrained:
         raise UsageError(
-            f"{model_dir} holds {architectures}, not a fine-tuned retrieval model; "
-            "use --zero-shot to score with a pretraining checkpoint's ITM head"
+            f"{model_dir} holds an {type(model).__name__}: --zero-shot scores with the pretraining ITM head of a "
+            "model that was never fine-tuned for retrieval (an InterBertForPreTraining folder)"
         )
-    return InterBertForImageTextRetrieval.from_pretrained(model_dir).eval()
+    if pretrained and not zero_shot:
+        raise UsageError(f"{model_dir} holds an InterBertForPreTraining, not a fine-tuned retrieval model; "
+                         "use --zero-shot to score with its ITM head")
+    return model
 
 
 def prepare_split(captions, store, tokenizer, max_tokens: int, max_regions: int):

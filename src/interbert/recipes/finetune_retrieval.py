@@ -11,17 +11,13 @@ starts as the ITM margin (the zero-shot ranking); ``model.from_checkpoint: null`
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
-from pathlib import Path
 
-import torch
-
-from interbert.convert import retrieval_from_pretraining
 from interbert.data.batches import RetrievalDataset, collate
 from interbert.data.tokenize import load_tokenizer
-from interbert.modeling import InterBertForImageTextRetrieval, InterBertForPreTraining
+from interbert.loading import load_model
+from interbert.modeling import InterBertForImageTextRetrieval
 from interbert.recipes.common import (
     bert_lr_multiplier,
     captions_of_split,
@@ -50,20 +46,10 @@ logger = logging.getLogger(__name__)
 REQUIRED = {"data.captions": "FILE", "data.features": "PATH"}  # setting -> what to pass
 
 
-def collate_groups(groups, pad_token_id: int) -> dict:
-    """Flattened 4-way groups; ``group_size`` as a tensor so the loop passes it to the model."""
-    batch = collate(groups, pad_token_id=pad_token_id)
-    batch["group_size"] = torch.tensor(batch["group_size"])
-    return batch
-
-
 def build_model(model_cfg: dict, tokenizer, store) -> InterBertForImageTextRetrieval:
     checkpoint = model_cfg.get("from_checkpoint")
     if checkpoint:
-        architectures = json.loads((Path(checkpoint) / "config.json").read_text()).get("architectures") or []
-        if "InterBertForImageTextRetrieval" in architectures:
-            return InterBertForImageTextRetrieval.from_pretrained(checkpoint)
-        return retrieval_from_pretraining(InterBertForPreTraining.from_pretrained(checkpoint))
+        return load_model(checkpoint, task="retrieval")
     return new_model(model_cfg, tokenizer, store, InterBertForImageTextRetrieval)
 
 
@@ -103,7 +89,7 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     logger.info("retrieval fine-tuning on %d captions of %d images from %s", len(dataset), len(dataset.image_ids),
                 checkpoint or ("BERT " + model_cfg["from_bert"] if model_cfg.get("from_bert") else "scratch"))
     start = time.perf_counter()
-    trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate_groups, pad_token_id=tokenizer.pad_token_id),
+    trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
                       lr_multiplier_for=multiplier, eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
     result = trainer.fit(resume=resume)
     model_dir = save_trained(trainer, tokenizer, out, extra=extra)

@@ -15,6 +15,7 @@ import time
 
 from interbert.data.batches import PretrainingDataset, collate
 from interbert.data.masking import TEXT_MASKERS
+from interbert.loading import load_model
 from interbert.modeling import InterBertForPreTraining
 from interbert.recipes.common import (
     bert_lr_multiplier,
@@ -47,7 +48,7 @@ def build_model(model_cfg: dict, tokenizer, store) -> InterBertForPreTraining:
     checkpoint = model_cfg.get("from_checkpoint")
     if not checkpoint:
         return new_model(model_cfg, tokenizer, store, InterBertForPreTraining)
-    model = InterBertForPreTraining.from_pretrained(checkpoint)
+    model = load_model(checkpoint, task="pretraining")
     target = mrm_target_of(store)
     if model.config.mrm_target != target:  # its MRM decoder has nothing to learn from these features
         raise ValueError(

@@ -29,6 +29,7 @@ from interbert.data.glue import (
     split_examples,
 )
 from interbert.data.tokenize import load_tokenizer
+from interbert.loading import load_model
 from interbert.modeling import InterBertForSequenceClassification
 from interbert.recipes.common import (
     argmax_predictions,
@@ -48,22 +49,9 @@ logger = logging.getLogger(__name__)
 REQUIRED = {"data.train": "GLUE_TSV"}  # setting -> what to pass
 
 
-def load_text_model(model_dir: str | Path, num_labels: int) -> InterBertForSequenceClassification:
-    """An InterBERT folder as a text classifier: a text model as it is, any other InterBERT (e.g. a
-    pretraining checkpoint) with its text path kept and a new pooler + classifier."""
-    model_dir = Path(model_dir)
-    config_file = model_dir / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json)")
-    architectures = json.loads(config_file.read_text()).get("architectures") or []
-    if "InterBertForSequenceClassification" in architectures:
-        return InterBertForSequenceClassification.from_pretrained(model_dir)
-    return InterBertForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
-
-
 def build_text_model(model_cfg: dict, tokenizer, num_labels: int) -> InterBertForSequenceClassification:
-    if model_cfg.get("from_checkpoint"):
-        return load_text_model(model_cfg["from_checkpoint"], num_labels)
+    if model_cfg.get("from_checkpoint"):  # a text model as it is; any other InterBERT keeps its text path
+        return load_model(model_cfg["from_checkpoint"], task="sequence_classification", num_labels=num_labels)
     if model_cfg.get("from_bert"):
         return from_bert(model_cfg["from_bert"], model_cfg.get("preset", "tiny"), InterBertForSequenceClassification,
                          num_labels=num_labels, **(model_cfg.get("overrides") or {}))
@@ -137,7 +125,7 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
         with trainer.averaged_weights() as trained:
             metrics = evaluate_text(trained, dev_set, task.f1, pad_token_id=tokenizer.pad_token_id)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    model_dir = save_trained(trainer, tokenizer, out, extra=extra)
+    model_dir = save_trained(trainer, tokenizer, out, extra={**extra, "metrics": metrics})
     return {"model_dir": str(model_dir), "task": task.name, "metrics": metrics, "steps": result.step,
             "seconds": seconds, "train_examples": len(train_set), "dev_examples": len(dev_set), "history": result.history,
             "validation": result.eval_history, "best": result.best, "stopped_early": result.stopped_early}
@@ -151,7 +139,7 @@ def run_evaluate(model_dir: str, data_path: str, task: str | None = None, max_to
         trained = json.loads(recipe_file.read_text()) if recipe_file.exists() else {}
         max_tokens = int(((trained.get("config") or {}).get("data") or {}).get("max_tokens", 128))
     spec, examples = read_glue(data_path, task)
-    model = load_text_model(model_dir, len(spec.labels))
+    model = load_model(model_dir, task="sequence_classification", num_labels=len(spec.labels))
     tokenizer = load_tokenizer(model_dir)
     metrics = evaluate_text(model, TextClassificationDataset(examples, tokenizer, max_tokens), spec.f1, batch_size,
                             tokenizer.pad_token_id)

@@ -26,8 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from interbert.data import model_inputs
 from interbert.data.captions import Caption, read_captions
 from interbert.evaluate import retrieval_metrics
+from interbert.model_card import write_model_card
 from interbert.train import TrainConfig, loss_components
 from interbert.utils.config_files import ConfigError
 
@@ -113,7 +115,7 @@ def heldout_loss_eval_fn(dataset, collate_fn, batch_size: int) -> Callable[[nn.M
         for start in range(0, len(dataset), batch_size):
             examples = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
             batch = collate_fn(examples)
-            inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs(batch).items()}
             for name, value in loss_components(model(**inputs)).items():
                 if value is not None:
                     totals[name] = totals.get(name, 0.0) + float(value) * len(examples)
@@ -125,10 +127,11 @@ def heldout_loss_eval_fn(dataset, collate_fn, batch_size: int) -> Callable[[nn.M
 
 def best_model_saver(tokenizer, extra: Mapping[str, Any] | None = None) -> Callable[[nn.Module, Path], None]:
     """``save_best`` for the loop: ``model_best/`` as the recipe's ``model/`` is (save_pretrained, the
-    tokenizer, recipe.json), so that every command that takes a model folder takes it too."""
+    tokenizer, recipe.json, the model card), so that every command that takes a model folder takes it too."""
 
     def save(model: nn.Module, folder: Path) -> None:
         model.save_pretrained(folder)
+        write_model_card(folder, model, recipe=extra)  # the step and score of the best are in the run's history
         tokenizer.save_pretrained(str(folder))
         if extra:
             (folder / "recipe.json").write_text(json.dumps(extra, indent=2, default=str))

@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from interbert.convert import from_bert, retrieval_from_pretraining
+from interbert.convert import from_bert
 from interbert.data.features import FeatureStore, open_features
 from interbert.data.tokenize import load_tokenizer
 from interbert.data.vcr import TASKS, VcrDataset, VcrItem, collate_choices, object_names, read_vcr, render_tokens
-from interbert.modeling import InterBertForMultipleChoice, InterBertForPreTraining
+from interbert.loading import load_model
+from interbert.modeling import InterBertForMultipleChoice
 from interbert.data.check import verify_images
 from interbert.recipes.common import (
     argmax_predictions,
@@ -66,28 +67,10 @@ def vcr_accuracies(answer_predictions: Sequence[int], answer_labels: Sequence[in
             "Q->AR": 100.0 * float((answer_right & rationale_right).mean())}
 
 
-def multiple_choice_from_pretraining(model: InterBertForPreTraining) -> InterBertForMultipleChoice:
-    """A VCR model whose choice score starts as the pretraining ITM margin."""
-    retrieval = retrieval_from_pretraining(model)
-    choice = InterBertForMultipleChoice(model.config)
-    choice.load_state_dict(retrieval.state_dict())
-    return choice
-
-
-def load_vcr_model(model_dir: str | Path) -> InterBertForMultipleChoice:
-    """A VCR model folder as it is; a pretraining folder with its ITM margin as the choice score."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json)")
-    architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
-    if "InterBertForPreTraining" in architectures:
-        return multiple_choice_from_pretraining(InterBertForPreTraining.from_pretrained(model_dir))
-    return InterBertForMultipleChoice.from_pretrained(model_dir)
-
-
 def build_vcr_model(model_cfg: dict, tokenizer, feature_dim: int) -> InterBertForMultipleChoice:
     if model_cfg.get("from_checkpoint"):
-        model = load_vcr_model(model_cfg["from_checkpoint"])
+        # a VCR folder as it is; a pretraining folder with its ITM margin as the choice score
+        model = load_model(model_cfg["from_checkpoint"], task="multiple_choice")
         if model.config.region_feature_size != feature_dim:
             raise UsageError(f"model.from_checkpoint={model_cfg['from_checkpoint']} expects "
                              f"{model.config.region_feature_size}-d region features, the data has {feature_dim}-d")
@@ -213,7 +196,7 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
         (out / "val_predictions.json").write_text(json.dumps(metrics.pop("predictions"), indent=1))
         summary["val"] = metrics
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    summary["model_dir"] = str(save_trained(trainer, tokenizer, out, extra=extra))
+    summary["model_dir"] = str(save_trained(trainer, tokenizer, out, extra={**extra, "metrics": summary.get("val")}))
     return summary
 
 
@@ -222,7 +205,7 @@ def run_evaluate(model_dir: str, annotations: str, features: str | None = None, 
     """Evaluate a model folder on a VCR jsonl; settings default to those the model was trained with."""
     recipe_file = Path(model_dir) / "recipe.json"
     trained = json.loads(recipe_file.read_text()) if recipe_file.exists() else {}
-    model = load_vcr_model(model_dir)
+    model = load_model(model_dir, task="multiple_choice")
     tokenizer = load_tokenizer(model_dir)
     store = open_features(features) if features else None
     items = read_vcr(annotations, images_root)

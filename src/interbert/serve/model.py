@@ -16,13 +16,10 @@ import numpy as np
 import torch
 
 from interbert.config import InterBertConfig
-from interbert.modeling import InterBertForImageTextRetrieval, InterBertForPreTraining, fuse
+from interbert.loading import load_model
+from interbert.modeling import InterBertForImageTextRetrieval, fuse
 from interbert.serve._data import load_tokenizer
 
-SCORERS = {
-    "InterBertForImageTextRetrieval": InterBertForImageTextRetrieval,
-    "InterBertForPreTraining": InterBertForPreTraining,
-}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 MAX_QUERY_TOKENS = 64
 
@@ -41,17 +38,6 @@ def weights_fingerprint(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def architecture_of(model_dir: str | Path) -> str:
-    config = InterBertConfig.from_pretrained(str(model_dir))
-    names = [a for a in (config.architectures or []) if a in SCORERS]
-    if not names:
-        raise ValueError(
-            f"{model_dir}: config.architectures={config.architectures} names no model that scores (image, text) "
-            f"pairs; search needs one of {sorted(SCORERS)}"
-        )
-    return names[0]
-
-
 class SearchModel:
     """Loads a checkpoint once; every method is inference-only and safe to call from worker threads.
 
@@ -61,8 +47,9 @@ class SearchModel:
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", need_tokenizer: bool = True):
         self.model_dir = Path(model_dir)
-        self.architecture = architecture_of(self.model_dir)
-        self.model = SCORERS[self.architecture].from_pretrained(str(self.model_dir)).to(device).eval()
+        # a fine-tuned retrieval scorer, or a pretraining folder's ITM head
+        self.model = load_model(self.model_dir, task="scoring").to(device).eval()
+        self.architecture = type(self.model).__name__
         self.config: InterBertConfig = self.model.config
         self.device = device
         self.tokenizer = load_tokenizer(self.model_dir) if need_tokenizer else None

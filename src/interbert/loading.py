@@ -1,0 +1,111 @@
+"""One way to load a saved model folder for a task: every recipe, evaluator and the search service use it.
+
+A folder says what it holds in ``config.json`` (``model_type`` and ``architectures``, as
+``save_pretrained`` writes them). A task asks for one kind of model; the table :data:`TASKS` says which
+saved architectures can serve it and how:
+
+- ``saved``: loaded as it was saved;
+- ``itm``: a pretraining folder becomes a pair scorer whose score starts as the ITM margin
+  (:func:`interbert.convert.retrieval_from_pretraining`), so fine-tuning starts from the zero-shot ranking;
+- ``text``: any InterBERT keeps its text path and gets a new pooler + classifier.
+
+Anything else is refused with a :class:`~interbert.errors.UsageError` that names the folder and what it holds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from interbert.config import InterBertConfig
+from interbert.convert import retrieval_from_pretraining
+from interbert.errors import DataError, UsageError
+from interbert.modeling import (
+    InterBertForImageTextRetrieval,
+    InterBertForMultipleChoice,
+    InterBertForPreTraining,
+    InterBertForSequenceClassification,
+    InterBertModel,
+    InterBertPreTrainedModel,
+)
+
+CLASSES: dict[str, type[InterBertPreTrainedModel]] = {
+    cls.__name__: cls
+    for cls in (InterBertModel, InterBertForPreTraining, InterBertForImageTextRetrieval, InterBertForMultipleChoice,
+                InterBertForSequenceClassification)
+}
+
+# task -> the class it loads (None: the saved one) and {saved architecture: how}
+TASKS: dict[str, tuple[type[InterBertPreTrainedModel] | None, dict[str, str]]] = {
+    "pretraining": (InterBertForPreTraining, {"InterBertForPreTraining": "saved"}),
+    "retrieval": (InterBertForImageTextRetrieval, {"InterBertForImageTextRetrieval": "saved", "InterBertForPreTraining": "itm"}),
+    "multiple_choice": (InterBertForMultipleChoice, {"InterBertForMultipleChoice": "saved", "InterBertForPreTraining": "itm"}),
+    "sequence_classification": (InterBertForSequenceClassification, {
+        "InterBertForSequenceClassification": "saved", "InterBertForPreTraining": "text",
+        "InterBertForImageTextRetrieval": "text", "InterBertForMultipleChoice": "text", "InterBertModel": "text",
+    }),
+    # what scores (image, text) pairs as it is: a fine-tuned retrieval head or the pretraining ITM head
+    "scoring": (None, {"InterBertForImageTextRetrieval": "saved", "InterBertForPreTraining": "saved"}),
+}
+
+
+def _holdings(folder: Path) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    if not names:
+        return "it is empty"
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return f"it holds {shown}"
+
+
+def saved_architecture(folder: str | Path) -> str:
+    """The InterBERT class a saved folder holds, or a UsageError saying what the folder is."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such model folder (give the `model` folder a recipe wrote)")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise UsageError(f"{folder} is not a model folder: no config.json ({_holdings(folder)})")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{config_file}: not a JSON config ({e})") from None
+    architectures = config.get("architectures") or []
+    model_type = config.get("model_type")
+    if model_type != InterBertConfig.model_type:
+        hint = "; a BERT folder starts a text path with model.from_bert" if model_type == "bert" else ""
+        raise UsageError(f"{folder} holds a {model_type!r} model ({', '.join(architectures) or 'no architectures'}), "
+                         f"not an InterBERT one{hint}")
+    known = [name for name in architectures if name in CLASSES]
+    if not known:
+        raise UsageError(f"{config_file}: architectures={architectures} names no InterBERT class "
+                         f"(one of {', '.join(CLASSES)})")
+    return known[0]
+
+
+def load_model(folder: str | Path, task: str | None = None, num_labels: int | None = None) -> InterBertPreTrainedModel:
+    """The model a saved ``folder`` gives for ``task`` (one of :data:`TASKS`; None: the saved class as it is).
+
+    ``num_labels``: for ``sequence_classification``, the task's number of classes; a saved classifier
+    must have as many, any other InterBERT gets a new classifier of that size.
+    """
+    folder = Path(folder)
+    name = saved_architecture(folder)
+    if task is None:
+        return CLASSES[name].from_pretrained(folder)
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    target, sources = TASKS[task]
+    how = sources.get(name)
+    if how is None:
+        raise UsageError(f"{folder} holds an {name}; the {task} task loads {' or '.join(sources)}")
+    if how == "itm":
+        return retrieval_from_pretraining(InterBertForPreTraining.from_pretrained(folder), target)
+    if how == "text":
+        return target.from_pretrained(folder, **({} if num_labels is None else {"num_labels": num_labels}))
+    model = CLASSES[name].from_pretrained(folder)
+    if num_labels is not None and task == "sequence_classification" and model.config.num_labels != num_labels:
+        raise UsageError(f"{folder} classifies into {model.config.num_labels} labels, the task has {num_labels}")
+    return model
+
+
+__all__ = ["CLASSES", "TASKS", "load_model", "saved_architecture"]
