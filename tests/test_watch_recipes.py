@@ -49,8 +49,10 @@ def scalars(event_folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 def test_retrieval_fine_tuning_logs_validation_recalls_and_keeps_the_best_model(synth, tmp_path, capsys):
     out = tmp_path / "run"
-    # mean rank varies from evaluation to evaluation on 6 images where R@1 mostly ties; lower is better
-    assert main(retrieval_args(synth, out, "train.eval_every=2", "train.best_metric=ir_mean_rank")) == 0
+    # mean rank (lower is better) on 6 images; every evaluation's weights are kept as a checkpoint, so that
+    # model_best can be compared with the weights of the evaluation it claims to be, whatever the metrics
+    assert main(retrieval_args(synth, out, "train.eval_every=2", "train.best_metric=ir_mean_rank",
+                               "train.save_every=2", "train.keep_checkpoints=4")) == 0
     summary = json.loads(capsys.readouterr().out)
     evaluations = json.loads((out / HISTORY_NAME).read_text())["eval"]
     assert [e["step"] for e in evaluations] == [2, 4, 6, 8]
@@ -68,8 +70,18 @@ def test_retrieval_fine_tuning_logs_validation_recalls_and_keeps_the_best_model(
     best = min(evaluations, key=lambda e: e["ir_mean_rank"])
     assert summary["best"] == {"metric": "ir_mean_rank", "mode": "min", "value": best["ir_mean_rank"],
                                "step": best["step"]}
-    assert len({e["ir_mean_rank"] for e in evaluations}) > 1  # else any evaluation would pass for the best
-    # ... and re-evaluating the folder gives that evaluation's numbers (so it holds those weights)
+    # ... it holds the weights of that step (not those of another evaluation, nor the last ones) ...
+    import torch
+    from safetensors.torch import load_file
+
+    best_weights = load_file(out / BEST_MODEL_DIR / "model.safetensors")
+    saved = {e["step"]: torch.load(out / f"checkpoint-{e['step']}.pt", weights_only=True)["model"]
+             for e in evaluations}
+    def same(weights):
+        return all(torch.equal(best_weights[name], weights[name]) for name in best_weights)
+    assert same(saved[best["step"]])
+    assert [step for step, weights in saved.items() if same(weights)] == [best["step"]]  # the steps' weights differ
+    # ... and re-evaluating the folder gives that evaluation's numbers
     from interbert.recipes.evaluate_retrieval import evaluate_retrieval
     from interbert.recipes.validation import flat_retrieval_metrics
 
