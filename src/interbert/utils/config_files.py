@@ -147,6 +147,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
         raise ValueError(f"no shipped config named {default_config!r}; shipped: {sorted(packaged_configs())}")
     parser.add_argument(
         "--config",
+        # a shipped config's name becomes its path here, so recipes log and report the file they read
+        type=lambda value: str(resolve_config(value)),
         default=None if default_config is None else str(resolve_config(default_config)),
         required=default_config is None,
         help="YAML config file, or a shipped config's name ("
