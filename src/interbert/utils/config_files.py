@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import re
-from importlib import resources
 from collections.abc import Collection, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -142,18 +142,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
 
     ``default_config``: the name of the recipe's shipped config (``"pretrain_tiny"``), used when
     ``--config`` is not given; ``None`` makes ``--config`` required."""
-    if default_config is not None and default_config not in packaged_configs():
+    shipped = packaged_configs()
+    if default_config is not None and default_config not in shipped:
         # a programming error (a renamed YAML), caught by any test that builds the parser
-        raise ValueError(f"no shipped config named {default_config!r}; shipped: {sorted(packaged_configs())}")
+        raise ValueError(f"no shipped config named {default_config!r}; shipped: {sorted(shipped)}")
     parser.add_argument(
         "--config",
         # a shipped config's name becomes its path here, so recipes log and report the file they read
         type=lambda value: str(resolve_config(value)),
-        default=None if default_config is None else str(resolve_config(default_config)),
+        default=None if default_config is None else str(shipped[default_config]),
         required=default_config is None,
-        help="YAML config file, or a shipped config's name ("
-        + ", ".join(sorted(packaged_configs()))
-        + ")"
+        help=f"YAML config file, or a shipped config's name ({', '.join(sorted(shipped))})"
         + ("" if default_config is None else f"; default: {default_config}"),
     )
     parser.add_argument(
