@@ -185,13 +185,15 @@ def test_the_wheel_ships_configs_and_page_and_declares_ranges(wheel):
 def test_a_non_editable_install_trains_from_its_packaged_config(wheel, tmp_path):
     """The done-when check of issue 16: a fresh venv, the wheel installed with constraints.txt (torch
     2.13.0 = the CPU build), then `interbert pretrain` without --config, from a folder without configs/."""
+    # without the test run's PYTHONPATH: pip would take the checkout's sources for an installed interbert
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "INTERBERT_DEBUG")}
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300, env=env)
     bin_ = venv / "bin"
-    subprocess.run([bin_ / "pip", "install", "-q", "-c", REPO / "constraints.txt", wheel], check=True, timeout=1800)
+    subprocess.run([bin_ / "pip", "install", "-q", "-c", REPO / "constraints.txt", wheel], check=True, timeout=1800,
+                   env=env)
     work = tmp_path / "work"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "INTERBERT_DEBUG")}
 
     def run(*argv) -> subprocess.CompletedProcess:
         result = subprocess.run([str(a) for a in argv], cwd=work, env=env, capture_output=True, text=True,
