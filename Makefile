@@ -1,18 +1,20 @@
 # Two commands a newcomer needs: `make demo` (the main job) and `make test` (the test suite).
-# Both create .venv when it is missing. torch==2.13.0 is installed first: it is the CPU build,
-# so no multi-GB CUDA build is pulled by the dependency resolver.
+# Both create .venv when it is missing. pyproject.toml declares version ranges; constraints.txt holds
+# the exact versions installed here, torch==2.13.0 among them: the CPU build, so no multi-GB CUDA
+# build is pulled by the dependency resolver.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the extras the tests and the demo use: serve (the demo's search index, the serve tests), zh (Chinese tests)
+EXTRAS := dev,serve,zh
 
 .PHONY: venv demo test test-slow bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -40,24 +42,23 @@ clean:
 	rm -rf $(VENV) runs build src/*.egg-info
 
 # ---- region-feature extraction (optional extra, its own venv) -------------------------------------
-# `interbert extract` needs torchvision. The only torch/torchvision pair on the reference machine is
-# torch 2.14.1 + torchvision 0.29.1, a CUDA build (~5.5 GB installed) that also runs on CPU; the main
-# .venv keeps the small torch 2.13.0 CPU build. So extraction gets .venv-extract (see docs/extract.md).
-# pyproject pins torch==2.13.0, so the package goes in with --no-deps after its other requirements.
+# `interbert extract` needs torchvision, and torchvision must be the build made for the installed
+# torch. The only such pair on the reference machine is torch 2.14.1 + torchvision 0.29.1, a CUDA
+# build (~5.5 GB installed) that also runs on CPU; PyPI's torchvision 0.28 (torch 2.13's) fails beside
+# the small torch 2.13.0 CPU build the main .venv keeps. So extraction gets .venv-extract (see
+# docs/extract.md): constraints.txt with its torch line swapped for that pair, and the [extract] extra.
 EXTRACT_VENV := .venv-extract
 EXTRACT_BIN := $(EXTRACT_VENV)/bin
 EXTRACT_STAMP := $(EXTRACT_VENV)/.installed
+EXTRACT_TORCH := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: venv-extract test-extract
 
-$(EXTRACT_STAMP): pyproject.toml
+$(EXTRACT_STAMP): pyproject.toml constraints.txt
 	@test -x $(EXTRACT_BIN)/python || $(PY) -m venv $(EXTRACT_VENV) || python3 -m venv $(EXTRACT_VENV)
-	$(EXTRACT_BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(EXTRACT_BIN)/python -c "import re, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-	print('\n'.join(r for r in p['dependencies'] + p['optional-dependencies']['dev'] \
-	if not re.match(r'(torch|torchvision)\s*([=<>!~;\[]|$$)', r)))" > $(EXTRACT_VENV)/requirements.txt
-	$(EXTRACT_BIN)/pip install -q -r $(EXTRACT_VENV)/requirements.txt
-	$(EXTRACT_BIN)/pip install -q --no-deps -e .
+	grep -v '^torch==' constraints.txt > $(EXTRACT_VENV)/constraints.txt
+	printf '%s\n' $(EXTRACT_TORCH) >> $(EXTRACT_VENV)/constraints.txt
+	$(EXTRACT_BIN)/pip install -q -c $(EXTRACT_VENV)/constraints.txt -e '.[$(EXTRAS),extract]'
 	@touch $(EXTRACT_STAMP)
 
 venv-extract: $(EXTRACT_STAMP)

@@ -7,6 +7,7 @@ args; its return value is the exit code). Modules are imported lazily by name so
 
 Errors a user can cause (a bad setting, a missing file, a malformed line; see :mod:`interbert.errors`)
 end the command with one line, ``error: ...``, and a non-zero exit: 2 for usage and config, 1 for data.
+So does an optional dependency that is not installed: the line names the extra to install (:mod:`interbert.extras`).
 ``--debug`` (or ``INTERBERT_DEBUG=1``) re-raises them with their traceback instead.
 """
 
@@ -78,10 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 -- sorted into the user's errors and bugs below
-        code = error_exit_code(error)
+        from interbert.extras import extra_for_missing_module
+
+        # an optional dependency (pyproject's extras) imported where the command uses it: name the extra
+        shown = extra_for_missing_module(error, needed_by=f"interbert {args.command}") or error
+        code = error_exit_code(shown)
         if debug or code is None:
             raise
-        print(f"error: {error_message(error)}", file=sys.stderr)
+        print(f"error: {error_message(shown)}", file=sys.stderr)
         return code
 
 

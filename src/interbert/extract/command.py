@@ -10,10 +10,12 @@ import argparse
 import importlib.util
 import sys
 
-MISSING_TORCHVISION = (
-    "interbert extract needs torchvision, which is not installed in this environment.\n"
-    "Create the extraction environment with `make venv-extract` (then use .venv-extract/bin/interbert),\n"
-    "or, in an environment of your own: pip install torch==2.14.1 torchvision==0.29.1, then this package."
+from interbert.extras import MissingExtraError
+
+# torchvision must be the build made for the installed torch, which is why the checkout has its own venv
+MISSING_TORCHVISION_HINT = (
+    "with the torchvision build made for your torch; in this checkout: `make venv-extract`, "
+    "then .venv-extract/bin/interbert, see docs/extract.md"
 )
 
 
@@ -62,8 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("torchvision") is None:
-        print(MISSING_TORCHVISION, file=sys.stderr)
-        return 2
+        raise MissingExtraError("extract", "torchvision", "interbert extract", MISSING_TORCHVISION_HINT)
     from interbert.extract.detector import DetectorConfig
     from interbert.extract.images import parse_shard
     from interbert.extract.run import extract_features

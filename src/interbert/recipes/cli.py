@@ -5,16 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 from interbert.utils import add_config_arguments
-
-REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
-
-
-def _default_config(name: str) -> str | None:
-    path = REPO_CONFIGS / name
-    return str(path) if path.exists() else None
 
 
 def _setup_logging() -> None:
@@ -53,15 +45,23 @@ def _cmd_evaluate_retrieval(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    from interbert.extras import require_extra
     from interbert.recipes.demo import run_cli
+
+    # the demo's last step builds a search index (FAISS): refuse now rather than after the training
+    if not args.ablations_only:
+        require_extra("serve", "interbert demo (its last step builds a search index)")
+    if args.lang == "zh":
+        require_extra("zh", "interbert demo --lang zh (Chinese word segmentation)")
 
     _setup_logging()
     return run_cli(args)
 
 
 def _training_parser(sub, name: str, help: str, config: str, func) -> argparse.ArgumentParser:
+    """``config``: the name of the recipe's shipped config (package data), its ``--config`` default."""
     p = sub.add_parser(name, help=help, description=help + "  Overrides: dotted.key=value (e.g. train.max_steps=500).")
-    add_config_arguments(p, default_config=_default_config(config))
+    add_config_arguments(p, default_config=config)
     p.add_argument("--resume", action="store_true", help="continue from train.output_dir/checkpoint.pt")
     p.set_defaults(func=func)
     return p
@@ -75,12 +75,12 @@ evaluate_subparsers = None
 def register(subparsers) -> None:
     global finetune_subparsers, evaluate_subparsers
     _training_parser(subparsers, "pretrain", "Pretrain InterBERT with MSM + MRM + ITM (hard negatives).",
-                     "pretrain_tiny.yaml", _cmd_pretrain)
+                     "pretrain_tiny", _cmd_pretrain)
 
     finetune = subparsers.add_parser("finetune", help="fine-tune for a downstream task")
     finetune_subparsers = finetune.add_subparsers(dest="task", metavar="<task>", required=True)
     _training_parser(finetune_subparsers, "retrieval", "Fine-tune for caption-based image retrieval (4-way objective).",
-                     "finetune_retrieval_tiny.yaml", _cmd_finetune_retrieval)
+                     "finetune_retrieval_tiny", _cmd_finetune_retrieval)
 
     evaluate = subparsers.add_parser("evaluate", help="evaluate a model on a downstream task")
     evaluate_subparsers = evaluate.add_subparsers(dest="task", metavar="<task>", required=True)

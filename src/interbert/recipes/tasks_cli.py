@@ -73,9 +73,9 @@ def register(subparsers) -> None:
         raise RuntimeError("interbert.recipes.cli must be registered before interbert.recipes.tasks_cli")
 
     recipes_cli._training_parser(finetune, "vcr", "Fine-tune for VCR (Q->A and QA->R, 4-way multiple choice).",
-                                 "finetune_vcr_tiny.yaml", _cmd_finetune_vcr)
+                                 "finetune_vcr_tiny", _cmd_finetune_vcr)
     recipes_cli._training_parser(finetune, "text", "Fine-tune a text-only task (GLUE TSV) through the text path.",
-                                 "finetune_text_tiny.yaml", _cmd_finetune_text)
+                                 "finetune_text_tiny", _cmd_finetune_text)
 
     e = evaluate.add_parser("vcr", help="VCR accuracies: Q->A, QA->R and Q->AR (both right)")
     e.add_argument("--model", required=True, help="a model folder written by `finetune vcr` (or a pretraining model)")

@@ -1,10 +1,14 @@
 """YAML config files with dotted ``key=value`` overrides from the command line.
 
-A recipe's config is one YAML mapping (``configs/*.yaml``), e.g. ``train: {learning_rate: 1.0e-4}``.
+A recipe's config is one YAML mapping, e.g. ``train: {learning_rate: 1.0e-4}``.
 On the command line ``train.learning_rate=2e-4`` replaces that value; the value is parsed as YAML,
 so ``true``, ``null``, ``[1, 2]`` and ``{a: 1}`` work. Only keys that the file already has can be
 overridden, and those a recipe declares optional (``optional_keys``: every ``TrainConfig`` field under
 ``train``, listed in the file or not): a typo must fail loudly, not train with the default silently.
+
+The shipped configs are package data (``src/interbert/configs/*.yaml``; the checkout's top-level
+``configs/`` links there), so a non-editable install has them too: ``--config`` takes a file path or
+the name of a shipped config (``pretrain_tiny``), and each recipe defaults to its shipped config.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Collection, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -94,15 +99,34 @@ def apply_override(
             node = node[part]
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The configs shipped inside the package, by name (``"pretrain_tiny"`` -> its ``.yaml`` path)."""
+    # A wheel installs as plain files, so the resource is a real path (a zip import would not be; the
+    # project does not support being imported from a zip).
+    folder = resources.files("interbert") / "configs"
+    return {Path(str(entry)).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
+def resolve_config(value: str | Path) -> Path:
+    """``--config``'s value as a path: an existing file as given, else a shipped config's name
+    (``pretrain_tiny`` or ``pretrain_tiny.yaml``). Anything else is returned as given, for
+    :func:`load_config` to report as missing."""
+    path = Path(value)
+    if path.is_file() or len(path.parts) != 1:
+        return path  # a file, or a path with folders: never silently swapped for a shipped config
+    return packaged_configs().get(path.name.removesuffix(".yaml"), path)
+
+
 def load_config(
     path: str | Path,
     overrides: list[str] | tuple[str, ...] = (),
     optional_keys: Mapping[str, Collection[str]] | None = None,
 ) -> dict:
     """Read a YAML config file and apply ``dotted.key=value`` overrides in order (see :func:`apply_override`)."""
-    path = Path(path)
+    path = resolve_config(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        shipped = ", ".join(sorted(packaged_configs())) or "(none)"
+        raise ConfigError(f"config file {path} does not exist (shipped configs, usable by name: {shipped})")
     config = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
     if config is None:
         config = {}
@@ -114,9 +138,22 @@ def load_config(
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
-    """Add ``--config FILE`` and trailing ``key=value`` overrides to a recipe's sub-parser."""
+    """Add ``--config FILE|NAME`` and trailing ``key=value`` overrides to a recipe's sub-parser.
+
+    ``default_config``: the name of the recipe's shipped config (``"pretrain_tiny"``), used when
+    ``--config`` is not given; ``None`` makes ``--config`` required."""
+    shipped = packaged_configs()
+    if default_config is not None and default_config not in shipped:
+        # a programming error (a renamed YAML), caught by any test that builds the parser
+        raise ValueError(f"no shipped config named {default_config!r}; shipped: {sorted(shipped)}")
     parser.add_argument(
-        "--config", default=default_config, required=default_config is None, help="YAML config file (configs/*.yaml)"
+        "--config",
+        # a shipped config's name becomes its path here, so recipes log and report the file they read
+        type=lambda value: str(resolve_config(value)),
+        default=None if default_config is None else str(shipped[default_config]),
+        required=default_config is None,
+        help=f"YAML config file, or a shipped config's name ({', '.join(sorted(shipped))})"
+        + ("" if default_config is None else f"; default: {default_config}"),
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides of the config, e.g. train.max_steps=100"
