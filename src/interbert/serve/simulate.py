@@ -81,8 +81,8 @@ def parse_topic(title: str) -> Want:
             if word in title:
                 attribute, value = LEXICON[word]
                 found.setdefault(attribute, value)
-        for size, word in ZH_SIZE.items():  # one-character size words only count right before a noun
-            if any(word + noun in title for noun in ZH_KIND.values()) and "size" not in found:
+        for size, word in ZH_SIZE.items():  # one-character size words count only as "大球" or "大的"
+            if any(word + after in title for after in (*ZH_KIND.values(), "的")) and "size" not in found:
                 found["size"] = size
     return Want(**found)
 

@@ -1,0 +1,131 @@
+"""A real `interbert serve` with two arms on localhost: no acknowledged event is lost when the process is
+killed (SIGKILL) mid-traffic, and an experiment runs end to end (simulated users, then the report)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from abtest_world import build_world
+from interbert.cli import main as interbert_main
+from interbert.serve.report import build_report
+from interbert.serve.simulate import simulate
+
+STARTUP_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(world, events, experiment="exp") -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "interbert.cli", "serve", *world.arm_flags(), "--split", "50/50",
+               "--experiment", experiment, "--events", str(events), "--port", str(port), "--log-level", "warning"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"the server exited: {server.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    server.kill()
+    raise AssertionError("the server did not answer /health in time")
+
+
+def test_a_killed_server_loses_no_acknowledged_event(world, tmp_path):
+    events = tmp_path / "events.sqlite"
+    server, url = start_server(world, events)
+    acknowledged_requests: set[str] = set()
+    acknowledged_clicks: set[tuple[str, str]] = set()
+    lock, stop = threading.Lock(), threading.Event()
+
+    def traffic(n: int) -> None:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            topics = client.get("/topics").json()
+            i = 0
+            while not stop.is_set():
+                try:
+                    feed = client.get(f"/topics/{topics[i % len(topics)]['topic_id']}", params={"user": f"u{n}-{i}"})
+                    if feed.status_code != 200:
+                        continue
+                    body = feed.json()
+                    with lock:
+                        acknowledged_requests.add(body["request_id"])
+                    for item in body["results"][:2]:
+                        click = client.post("/events/click",
+                                            json={"request_id": body["request_id"], "image_id": item["image_id"]})
+                        if click.status_code == 200:  # acknowledged: it must survive the kill
+                            with lock:
+                                acknowledged_clicks.add((body["request_id"], item["image_id"]))
+                except httpx.HTTPError:
+                    return  # the server is gone: what was in flight was never acknowledged
+                i += 1
+
+    threads = [threading.Thread(target=traffic, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(acknowledged_clicks) < 60 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.send_signal(signal.SIGKILL)  # mid-traffic: the threads are still sending
+    server.wait(30)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert len(acknowledged_clicks) >= 60, "too little traffic before the kill to test anything"
+    with sqlite3.connect(events) as db:  # opening it replays the WAL, as the next server start would
+        stored_requests = {r for (r,) in db.execute("SELECT request_id FROM impressions")}
+        stored_clicks = set(db.execute("SELECT request_id, image_id FROM clicks"))
+    assert acknowledged_requests <= stored_requests
+    assert acknowledged_clicks <= stored_clicks
+
+
+def test_an_experiment_end_to_end(world, tmp_path, capsys):
+    events = tmp_path / "events.sqlite"
+    server, url = start_server(world, events, experiment="e2e")
+    try:
+        with pytest.raises(Exception, match="only sends traffic to this machine"):
+            simulate("http://example.com:80", 5, world.data)
+        result = simulate(url, users=60, data=world.data, max_requests=240, max_seconds=60, seed=3, k=8)
+        assert interbert_main(["abtest", "simulate", "--url", url, "--users", "5", "--data", str(world.data),
+                               "--max-requests", "10", "--seed", "4"]) == 0
+        assert "10 requests from 5 users" in capsys.readouterr().out
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+    assert result.requests == 240 and set(result.by_arm) == {"control", "treatment"}
+    assert result.clicks > 0
+    out = tmp_path / "report.md"
+    assert interbert_main(["abtest", "report", str(events), "--out", str(out)]) == 0
+    report = out.read_text()
+    assert "# A/B test report: e2e" in report and "| treatment | control |" in report
+    assert "no mismatch" in report  # 65 users split by the hash fit 50/50
+    arms = {arm.name: arm for arm in build_report(events).arms}
+    assert arms["control"].users + arms["treatment"].users == 65  # 60 + 5 simulated users
+    assert arms["control"].requests + arms["treatment"].requests == 250
+    for arm, counts in result.by_arm.items():
+        assert arms[arm].requests >= counts["requests"]
+        assert arms[arm].clicks >= counts["clicks"]  # every acknowledged click of the first run is reported
+        assert f"| {arm} | 50% | {arms[arm].users} | {arms[arm].requests} |" in report
+    assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,50 @@
+"""The simulated users' ground truth: topic titles (English, Chinese) against the benchmark's scenes."""
+
+from __future__ import annotations
+
+import pytest
+
+from interbert.errors import UsageError
+from interbert.serve.simulate import Want, benchmark_topics, check_local, parse_topic
+
+
+@pytest.mark.parametrize("title, want", [
+    ("a red ball", Want(kind="ball", colour="red")),
+    ("Large blue cubes", Want(kind="cube", colour="blue", size="large")),
+    ("little rings", Want(kind="ring", size="small")),
+    ("红色的球", Want(kind="ball", colour="red")),
+    ("一个大的绿色立方体", Want(kind="cube", colour="green", size="large")),
+    ("红色的大球", Want(kind="ball", colour="red", size="large")),  # the benchmark's own word order
+    ("大家的球", Want(kind="ball")),  # 大 of 大家 (everyone) is no size
+    ("大立方体", Want(kind="cube", size="large")),
+    ("sunset over the sea", Want()),
+])
+def test_topic_titles_name_benchmark_attributes(title, want):
+    assert parse_topic(title) == want
+
+
+def test_an_image_matches_when_one_object_has_every_named_attribute():
+    objects = [{"kind": "ball", "colour": "red", "size": "small"}, {"kind": "cube", "colour": "blue", "size": "large"}]
+    assert any(Want(kind="ball", colour="red").matches(o) for o in objects)
+    assert not any(Want(kind="ball", colour="blue").matches(o) for o in objects)  # both words, not one object
+    assert not any(Want(kind="cube", size="small").matches(o) for o in objects)
+
+
+def test_benchmark_topics_are_the_most_frequent_pairs():
+    scenes = {str(i): [{"kind": "ball", "colour": "red", "size": "small"}] for i in range(5)}
+    scenes["9"] = [{"kind": "cone", "colour": "orange", "size": "large"}]
+    assert benchmark_topics(scenes, 2) == ["a red ball", "an orange cone"]
+    assert benchmark_topics(scenes, 1, lang="zh") == ["红色的球"]
+    assert parse_topic(benchmark_topics(scenes, 1, lang="zh")[0]) == Want(kind="ball", colour="red")
+
+
+@pytest.mark.parametrize("url", ["http://example.com:8000", "http://10.0.0.2:8000", "ftp://127.0.0.1:8000",
+                                 "http://127.0.0.1.example.com:8000", "127.0.0.1:8000"])
+def test_the_simulator_refuses_other_hosts(url):
+    with pytest.raises(UsageError, match="only sends traffic to this machine"):
+        check_local(url)
+
+
+def test_the_simulator_accepts_this_machine():
+    assert check_local("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
+    assert check_local("http://localhost:9") == "http://localhost:9"
