@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from interbert.errors import UsageError
@@ -48,3 +50,18 @@ def test_the_simulator_refuses_other_hosts(url):
 def test_the_simulator_accepts_this_machine():
     assert check_local("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
     assert check_local("http://localhost:9") == "http://localhost:9"
+
+
+def test_a_server_that_is_not_running_is_one_error_line(tmp_path, capsys):
+    from interbert.cli import main as interbert_main
+
+    (tmp_path / "synth.json").write_text('{"files": {"scenes": "scenes.jsonl"}}')
+    (tmp_path / "scenes.jsonl").write_text('{"image_id": 0, "objects": []}\n')
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        code = interbert_main(["abtest", "simulate", "--url", f"http://127.0.0.1:{port}", "--users", "2",
+                               "--data", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (f"error: nothing answers at http://127.0.0.1:{port}: "
+                                               "start `interbert serve --arm ...` first")

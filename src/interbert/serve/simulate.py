@@ -17,11 +17,12 @@ refuses any other host, so it cannot be pointed at a production service by mista
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 
@@ -121,6 +122,42 @@ def benchmark_topics(scenes: dict[str, list[dict]], count: int, lang: str = "en"
     return [f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {kind}" for colour, kind in pairs]
 
 
+class LocalClient:
+    """JSON over one kept-alive HTTP connection (the standard library's http.client: the simulator needs
+    no HTTP package at run time). An answer other than 2xx raises DataError naming the request."""
+
+    def __init__(self, url: str, timeout: float):
+        parts = urlsplit(url)
+        connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self.url = url
+        self._connection = connection(parts.hostname, parts.port, timeout=timeout)
+
+    def request(self, method: str, path: str, body: dict | None = None, headers: dict | None = None):
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {**(headers or {}), **({"Content-Type": "application/json"} if payload else {})}
+        for attempt in (1, 2):
+            try:
+                self._connection.request(method, path, body=payload, headers=headers)
+                response = self._connection.getresponse()
+                data = response.read()
+                break
+            except ConnectionRefusedError:
+                raise UsageError(f"nothing answers at {self.url}: start `interbert serve --arm ...` first") from None
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                # The server closed an idle kept-alive connection: reconnect once. Repeating is safe even
+                # for a click, which the server counts once per request and item.
+                self._connection.close()
+                if attempt == 2:
+                    raise
+        if not 200 <= response.status < 300:
+            raise DataError(f"{method} {self.url}{path}: HTTP {response.status} "
+                            f"{data[:300].decode(errors='replace')}")
+        return json.loads(data)
+
+    def close(self) -> None:
+        self._connection.close()
+
+
 def check_local(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or parts.hostname not in LOCAL_HOSTS:
@@ -142,8 +179,6 @@ def simulate(url: str, users: int, data: str | Path, max_requests: int = 1000, m
              seed: int = 0, k: int = 10, examine_decay: float = DEFAULT_EXAMINE_DECAY,
              click_relevant: float = DEFAULT_CLICK_RELEVANT, click_irrelevant: float = DEFAULT_CLICK_IRRELEVANT,
              interests_per_user: int = 2, timeout: float = 30.0) -> SimulationResult:
-    import httpx
-
     base = check_local(url)
     if users < 1 or max_requests < 1 or not max_seconds > 0:
         raise UsageError("--users and --max-requests must be >= 1 and --max-seconds > 0")
@@ -155,8 +190,9 @@ def simulate(url: str, users: int, data: str | Path, max_requests: int = 1000, m
     rng = np.random.default_rng(seed)
     result = SimulationResult()
     started = time.monotonic()
-    with httpx.Client(base_url=base, timeout=timeout) as client:
-        topics = client.get("/topics").raise_for_status().json()
+    client = LocalClient(base, timeout)
+    try:
+        topics = client.request("GET", "/topics")
         wants = {t["topic_id"]: parse_topic(t["title"]) for t in topics}
         usable = [t["topic_id"] for t in topics if not wants[t["topic_id"]].empty]
         if not usable:
@@ -171,9 +207,7 @@ def simulate(url: str, users: int, data: str | Path, max_requests: int = 1000, m
         while result.requests < max_requests and time.monotonic() - started < max_seconds:
             user_id, interests, propensity = population[result.requests % users]
             topic_id = str(rng.choice(interests))
-            feed = client.get(f"/topics/{topic_id}", params={"k": k}, headers={"X-User-Id": user_id})
-            feed.raise_for_status()
-            answer = feed.json()
+            answer = client.request("GET", f"/topics/{quote(topic_id, safe='')}?k={k}", headers={"X-User-Id": user_id})
             result.requests += 1
             arm = result.by_arm.setdefault(answer["arm"], {"requests": 0, "clicks": 0})
             arm["requests"] += 1
@@ -183,12 +217,13 @@ def simulate(url: str, users: int, data: str | Path, max_requests: int = 1000, m
                     continue  # never looked at
                 relevant = any(want.matches(o) for o in scenes.get(item["image_id"], ()))
                 if rng.random() < min(1.0, propensity * (click_relevant if relevant else click_irrelevant)):
-                    ack = client.post("/events/click", json={"request_id": answer["request_id"],
-                                                             "image_id": item["image_id"]})
-                    ack.raise_for_status()
-                    if ack.json()["counted"]:
+                    ack = client.request("POST", "/events/click", {"request_id": answer["request_id"],
+                                                                    "image_id": item["image_id"]})
+                    if ack["counted"]:
                         result.clicks += 1
                         arm["clicks"] += 1
                         result.acknowledged.append((answer["request_id"], item["image_id"]))
+    finally:
+        client.close()
     result.seconds = time.monotonic() - started
     return result
