@@ -4,12 +4,10 @@ feed, click an image, and find the click in the event log under the browser's co
 from __future__ import annotations
 
 import sqlite3
-import threading
-import time
 
 import pytest
 
-from abtest_world import build_world, one_torch_thread
+from abtest_world import build_world, one_torch_thread, serve_in_thread
 from interbert.serve.experiment import create_experiment_app
 from interbert.serve.topics import Feed
 from test_serve_browser import DevToolsPipe, chromium_or_skip
@@ -17,24 +15,11 @@ from test_serve_browser import DevToolsPipe, chromium_or_skip
 
 @pytest.fixture
 def experiment(tmp_path):
-    import uvicorn
-
     world = build_world(tmp_path / "world")
     events = tmp_path / "events.sqlite"
     app = create_experiment_app(world.arms(), (0.5, 0.5), "page", events)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    with one_torch_thread():
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                pytest.fail("uvicorn did not start")
-            time.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}", world, events
-        server.should_exit = True
-        thread.join(timeout=10)
+    with one_torch_thread(), serve_in_thread(app) as url:
+        yield url, world, events
 
 
 def test_the_topic_view_shows_the_arms_feed_and_logs_a_click(experiment, tmp_path):

@@ -1,5 +1,5 @@
-"""A real `interbert serve` with two arms on localhost: no acknowledged event is lost when the process is
-killed (SIGKILL) mid-traffic, and an experiment runs end to end (simulated users, then the report)."""
+"""Two arms on localhost: a real `interbert serve` process loses no acknowledged event when it is killed
+(SIGKILL) mid-traffic, and an experiment runs end to end (simulated users, then the report)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import time
 import httpx
 import pytest
 
-from abtest_world import build_world
+from abtest_world import build_world, one_torch_thread, serve_in_thread
 from interbert.cli import main as interbert_main
+from interbert.errors import UsageError
+from interbert.serve.experiment import create_experiment_app
 from interbert.serve.report import build_report
 from interbert.serve.simulate import simulate
 
@@ -34,10 +36,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(world, events, experiment="exp") -> tuple[subprocess.Popen, str]:
+def start_server(world, events) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "interbert.cli", "serve", *world.arm_flags(), "--split", "50/50",
-               "--experiment", experiment, "--events", str(events), "--port", str(port), "--log-level", "warning"]
+               "--experiment", "crash", "--events", str(events), "--port", str(port), "--log-level", "warning"]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -102,18 +104,17 @@ def test_a_killed_server_loses_no_acknowledged_event(world, tmp_path):
 
 
 def test_an_experiment_end_to_end(world, tmp_path, capsys):
+    # The server runs in a thread of this process (the SIGKILL test above covers the `interbert serve`
+    # command itself); the simulator and the report run as a user would run them.
     events = tmp_path / "events.sqlite"
-    server, url = start_server(world, events, experiment="e2e")
-    try:
-        with pytest.raises(Exception, match="only sends traffic to this machine"):
+    app = create_experiment_app(world.arms(), (0.5, 0.5), "e2e", events)
+    with one_torch_thread(), serve_in_thread(app) as url:
+        with pytest.raises(UsageError, match="only sends traffic to this machine"):
             simulate("http://example.com:80", 5, world.data)
         result = simulate(url, users=60, data=world.data, max_requests=240, max_seconds=60, seed=3, k=8)
         assert interbert_main(["abtest", "simulate", "--url", url, "--users", "5", "--data", str(world.data),
                                "--max-requests", "10", "--seed", "4"]) == 0
         assert "10 requests from 5 users" in capsys.readouterr().out
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
     assert result.requests == 240 and set(result.by_arm) == {"control", "treatment"}
     assert result.clicks > 0
     out = tmp_path / "report.md"
