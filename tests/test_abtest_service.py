@@ -185,3 +185,11 @@ def test_bad_experiments_are_refused(world, tmp_path, capsys):
                  ["serve"]):
         assert interbert_main(argv) == 2, argv
     assert all(line.startswith("error: ") for line in capsys.readouterr().err.strip().splitlines())
+
+
+def test_a_model_other_than_the_indexs_is_one_error_line(world, tmp_path, capsys):
+    code = interbert_main(["topics", "build", "--topics", str(world.topics), "--index", str(world.indexes[0]),
+                           "--model", str(world.models[1]), "--out", str(tmp_path / "f.sqlite"), "--no-progress"])
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
+    assert not (tmp_path / "f.sqlite").exists()  # refused before anything was written

@@ -23,6 +23,20 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def as_user_error(function, *args, **kwargs):
+    """Run ``function``; a plain ValueError from the search stack (e.g. "the index was built with another
+    model") is something the user fixes, so it becomes one ``error:`` line (exit 1), as `interbert serve`
+    reports it, instead of a traceback."""
+    from interbert.errors import DataError, InterBertError
+
+    try:
+        return function(*args, **kwargs)
+    except ValueError as error:
+        if isinstance(error, InterBertError):
+            raise
+        raise DataError(str(error)) from error
+
+
 def _cmd_topics_build(args: argparse.Namespace) -> int:
     from interbert.serve.topics import build_feed
 
@@ -30,8 +44,8 @@ def _cmd_topics_build(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.torch_threads)
-    counts = build_feed(args.topics, args.index, args.out, model_dir=args.model, top_n=args.top,
-                        batch_size=args.batch_size, progress=not args.no_progress)
+    counts = as_user_error(build_feed, args.topics, args.index, args.out, model_dir=args.model, top_n=args.top,
+                           batch_size=args.batch_size, progress=not args.no_progress)
     print(f"{args.out}: {counts['topics']} topics ({counts['built']} built, {counts['skipped']} already done), "
           f"top {args.top} each")
     return 0

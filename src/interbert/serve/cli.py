@@ -76,15 +76,16 @@ def _serve_experiment(args: argparse.Namespace) -> int:
     import uvicorn
 
     from interbert.serve.abtest import parse_arm, parse_split
+    from interbert.serve.abtest_cli import as_user_error
     from interbert.serve.experiment import create_experiment_app
 
     if args.index is not None or args.model is not None:
         raise UsageError("--index/--model serve one index; with --arm each arm names its own index")
     arms = [parse_arm(text) for text in args.arm]
     events = args.events or f"{args.experiment}.events.sqlite"
-    app = create_experiment_app(arms, parse_split(args.split, len(arms)), args.experiment, events, salt=args.salt,
-                                rerank_cap=args.rerank_cap, max_concurrent_reranks=args.max_concurrent_reranks,
-                                rerank_queue_timeout=args.rerank_queue_timeout)
+    app = as_user_error(create_experiment_app, arms, parse_split(args.split, len(arms)), args.experiment, events,
+                        salt=args.salt, rerank_cap=args.rerank_cap, max_concurrent_reranks=args.max_concurrent_reranks,
+                        rerank_queue_timeout=args.rerank_queue_timeout)
     shares = ", ".join(f"{name} {100 * share:g}%" for name, share in zip(app.state.experiment.arms, app.state.experiment.split))
     print(f"experiment {args.experiment!r} ({shares}) on http://{args.host}:{args.port}/, events in {events}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
