@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -20,7 +21,8 @@ from interbert.cli import main as interbert_main
 from interbert.errors import UsageError
 from interbert.serve.experiment import create_experiment_app
 from interbert.serve.report import build_report
-from interbert.serve.simulate import simulate
+from interbert.serve.abtest import ArmSpec
+from interbert.serve.simulate import parse_topic, read_scenes, simulate
 
 STARTUP_TIMEOUT_S = 120
 
@@ -103,11 +105,31 @@ def test_a_killed_server_loses_no_acknowledged_event(world, tmp_path):
     assert acknowledged_clicks <= stored_clicks
 
 
+def oracle_feed(world, path):
+    """The treatment's feed re-ranked by the ground truth: every image whose scene holds the topic's
+    attributes first. Against it the experiment has a real effect to find."""
+    shutil.copyfile(world.feeds[1], path)
+    scenes = read_scenes(world.data)
+    with sqlite3.connect(path) as db:
+        for topic_id, title in db.execute("SELECT topic_id, title FROM topics").fetchall():
+            want = parse_topic(title)
+            shown = [i for (i,) in db.execute("SELECT image_id FROM feed_items WHERE topic_id = ? ORDER BY rank",
+                                              (topic_id,))]
+            matching = sorted(i for i, objects in scenes.items() if any(want.matches(o) for o in objects))
+            ranked = (matching + [i for i in shown if i not in matching])[: len(shown)]
+            db.execute("DELETE FROM feed_items WHERE topic_id = ?", (topic_id,))
+            db.executemany("INSERT INTO feed_items VALUES (?, ?, ?, 0, 0)",
+                           [(topic_id, rank, image_id) for rank, image_id in enumerate(ranked, 1)])
+
+
 def test_an_experiment_end_to_end(world, tmp_path, capsys):
     # The server runs in a thread of this process (the SIGKILL test above covers the `interbert serve`
-    # command itself); the simulator and the report run as a user would run them.
+    # command itself); the simulator and the report run as a user would run them. The treatment ranks
+    # by the truth, so the whole chain (feeds, assignment, clicks, log, statistics) must find its lift.
     events = tmp_path / "events.sqlite"
-    app = create_experiment_app(world.arms(), (0.5, 0.5), "e2e", events)
+    oracle_feed(world, tmp_path / "oracle.sqlite")
+    arms = [world.arms()[0], ArmSpec("treatment", world.indexes[1], tmp_path / "oracle.sqlite")]
+    app = create_experiment_app(arms, (0.5, 0.5), "e2e", events)
     with one_torch_thread(), serve_in_thread(app) as url:
         with pytest.raises(UsageError, match="only sends traffic to this machine"):
             simulate("http://example.com:80", 5, world.data)
@@ -122,7 +144,12 @@ def test_an_experiment_end_to_end(world, tmp_path, capsys):
     report = out.read_text()
     assert "# A/B test report: e2e" in report and "| treatment | control |" in report
     assert "no mismatch" in report  # 65 users split by the hash fit 50/50
-    arms = {arm.name: arm for arm in build_report(events).arms}
+    built = build_report(events)
+    arms = {arm.name: arm for arm in built.arms}
+    lift = built.comparisons[0]
+    assert lift.low > 0 and lift.p_value < 0.001, lift  # the truth-ranked arm wins, significantly
+    first = {name: a.ctr_by_position[1][1] / a.ctr_by_position[1][0] for name, a in arms.items()}
+    assert first["treatment"] > first["control"]
     assert arms["control"].users + arms["treatment"].users == 65  # 60 + 5 simulated users
     assert arms["control"].requests + arms["treatment"].requests == 250
     for arm, counts in result.by_arm.items():
