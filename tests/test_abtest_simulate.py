@@ -65,3 +65,15 @@ def test_a_server_that_is_not_running_is_one_error_line(tmp_path, capsys):
     assert code == 2
     assert capsys.readouterr().err.strip() == (f"error: nothing answers at http://127.0.0.1:{port}: "
                                                "start `interbert serve --arm ...` first")
+
+
+def test_benchmark_topics_can_count_one_split_only(tmp_path):
+    from interbert.serve.simulate import read_scenes
+
+    lines = ['{"image_id": 0, "split": "train", "objects": [{"kind": "ball", "colour": "red", "size": "small"}]}',
+             '{"image_id": 1, "split": "test", "objects": [{"kind": "cube", "colour": "blue", "size": "large"}]}']
+    (tmp_path / "scenes.jsonl").write_text("\n".join(lines) + "\n")
+    assert benchmark_topics(read_scenes(tmp_path / "scenes.jsonl", "test"), 5) == ["a blue cube"]
+    assert len(read_scenes(tmp_path / "scenes.jsonl")) == 2
+    with pytest.raises(Exception, match="no scenes of split 'val'"):
+        read_scenes(tmp_path / "scenes.jsonl", "val")

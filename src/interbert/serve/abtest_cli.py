@@ -80,7 +80,7 @@ def _cmd_benchmark_topics(args: argparse.Namespace) -> int:
     from interbert.serve.simulate import benchmark_topics, read_scenes
     from interbert.utils.files import atomic_write_text
 
-    titles = benchmark_topics(read_scenes(args.data), args.count, lang=args.lang, seed=args.seed)
+    titles = benchmark_topics(read_scenes(args.data, args.split), args.count, lang=args.lang, seed=args.seed)
     atomic_write_text(args.out, "".join(t + "\n" for t in titles))
     print(f"{args.out}: {len(titles)} topics")
     return 0
@@ -126,5 +126,7 @@ def register(subparsers) -> None:
     topics_from.add_argument("--out", required=True)
     topics_from.add_argument("--count", type=_positive, default=20)
     topics_from.add_argument("--lang", choices=["en", "zh"], default="en")
+    topics_from.add_argument("--split", choices=["train", "val", "test"],
+                             help="count only this split's scenes (the split the served index holds)")
     topics_from.add_argument("--seed", type=int, default=0)
     topics_from.set_defaults(func=_cmd_benchmark_topics)

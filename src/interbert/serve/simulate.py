@@ -88,8 +88,9 @@ def parse_topic(title: str) -> Want:
     return Want(**found)
 
 
-def read_scenes(data: str | Path) -> dict[str, list[dict]]:
-    """image id -> objects, from a benchmark folder (``synth.json`` names its scenes file) or a scenes.jsonl."""
+def read_scenes(data: str | Path, split: str | None = None) -> dict[str, list[dict]]:
+    """image id -> objects, from a benchmark folder (``synth.json`` names its scenes file) or a scenes.jsonl;
+    only the scenes of ``split`` (train/val/test) when given."""
     data = Path(data)
     if data.is_dir():
         manifest = data / "synth.json"
@@ -102,9 +103,12 @@ def read_scenes(data: str | Path) -> dict[str, list[dict]]:
     for number, line in enumerate(data.read_text(encoding="utf-8").splitlines(), 1):
         try:
             record = json.loads(line)
-            scenes[str(record["image_id"])] = record["objects"]
+            if split is None or record["split"] == split:
+                scenes[str(record["image_id"])] = record["objects"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise DataError(f"{data}:{number}: not a scene record ({error})") from None
+    if not scenes:
+        raise DataError(f"{data}: no scenes" + (f" of split {split!r}" if split else ""))
     return scenes
 
 
