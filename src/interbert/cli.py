@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "interbert.convert_cli",
     "interbert.extract",
     "interbert.serve.cli",
+    "interbert.serve.abtest_cli",
     "interbert.data.cli",
     "interbert.synthetic.cli",
     "interbert.recipes.cli",

@@ -413,4 +413,5 @@ def run_cli(args) -> int:
         return 0
     print(f"Results, plots and runs: {args.out}/ (results.md, results.json, results.png)")
     print(f"Search the test images:  interbert serve --index {args.out}/index   (then open http://127.0.0.1:8000/)")
+    print("A/B test pretrained vs not on topic feeds: README.md, section 'A/B testing' (results/abtest.md: one run)")
     return 0

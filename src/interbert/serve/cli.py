@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from interbert.errors import UsageError
 from interbert.serve import DEFAULT_MAX_REGIONS, DEFAULT_RERANK_QUEUE_TIMEOUT, INDEX_TYPES
 
 
@@ -53,6 +54,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # waits at every op for the descheduled one (measured p90 of re-ranked search: 0.9-3.5 s with 2
     # threads, 70-90 ms with 1, on 2 shared cores).
     torch.set_num_threads(args.torch_threads)
+    if args.arm:
+        return _serve_experiment(args)
+    if args.index is None:
+        raise UsageError("give --index IDX (one index) or --arm NAME=IDX[,FEED] at least twice (an A/B experiment)")
     try:
         app = create_app(args.index, args.model, rerank_cap=args.rerank_cap,
                          max_concurrent_reranks=args.max_concurrent_reranks,
@@ -63,6 +68,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     gate = app.state.rerank_gate
     print(f"serving {args.index} on http://{args.host}:{args.port}/ (at most {gate.limit} re-ranked searches at once)",
           flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _serve_experiment(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from interbert.serve.abtest import parse_arm, parse_split
+    from interbert.serve.abtest_cli import as_user_error
+    from interbert.serve.experiment import create_experiment_app
+
+    if args.index is not None or args.model is not None:
+        raise UsageError("--index/--model serve one index; with --arm each arm names its own index")
+    arms = [parse_arm(text) for text in args.arm]
+    events = args.events or f"{args.experiment}.events.sqlite"
+    app = as_user_error(create_experiment_app, arms, parse_split(args.split, len(arms)), args.experiment, events,
+                        salt=args.salt, rerank_cap=args.rerank_cap, max_concurrent_reranks=args.max_concurrent_reranks,
+                        rerank_queue_timeout=args.rerank_queue_timeout)
+    shares = ", ".join(f"{name} {100 * share:g}%" for name, share in zip(app.state.experiment.arms, app.state.experiment.split))
+    print(f"experiment {args.experiment!r} ({shares}) on http://{args.host}:{args.port}/, events in {events}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -112,8 +137,15 @@ def register(subparsers) -> None:
     add.set_defaults(func=_cmd_index)
 
     serve = subparsers.add_parser("serve", help="serve text-to-image search over an index (HTTP API and web page)")
-    serve.add_argument("--index", required=True, help="index folder made by `interbert index build`")
+    serve.add_argument("--index", help="index folder made by `interbert index build`")
     serve.add_argument("--model", help="model folder (default: the one the index was built with)")
+    serve.add_argument("--arm", action="append", metavar="NAME=INDEX[,FEED]",
+                       help="an A/B experiment's arm (give it 2+ times, control first) instead of --index; FEED is "
+                            "a topic feed made by `interbert topics build`")
+    serve.add_argument("--split", help="traffic shares of the arms in --arm order, e.g. 50/50 (default: equal)")
+    serve.add_argument("--experiment", default="abtest", help="experiment name; users are reassigned when it changes")
+    serve.add_argument("--salt", help="assignment salt (default: the experiment name)")
+    serve.add_argument("--events", help="event log (SQLite) of impressions and clicks (default: EXPERIMENT.events.sqlite)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--rerank-cap", type=int, default=200, help="most candidates re-scored by ITM per query")

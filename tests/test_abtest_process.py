@@ -1,0 +1,159 @@
+"""Two arms on localhost: a real `interbert serve` process loses no acknowledged event when it is killed
+(SIGKILL) mid-traffic, and an experiment runs end to end (simulated users, then the report)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from abtest_world import build_world, one_torch_thread, serve_in_thread
+from interbert.cli import main as interbert_main
+from interbert.errors import UsageError
+from interbert.serve.experiment import create_experiment_app
+from interbert.serve.report import build_report
+from interbert.serve.abtest import ArmSpec
+from interbert.serve.simulate import parse_topic, read_scenes, simulate
+
+STARTUP_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(world, events) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "interbert.cli", "serve", *world.arm_flags(), "--split", "50/50",
+               "--experiment", "crash", "--events", str(events), "--port", str(port), "--log-level", "warning"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"the server exited: {server.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    server.kill()
+    raise AssertionError("the server did not answer /health in time")
+
+
+def test_a_killed_server_loses_no_acknowledged_event(world, tmp_path):
+    events = tmp_path / "events.sqlite"
+    server, url = start_server(world, events)
+    acknowledged_requests: set[str] = set()
+    acknowledged_clicks: set[tuple[str, str]] = set()
+    lock, stop = threading.Lock(), threading.Event()
+
+    def traffic(n: int) -> None:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            topics = client.get("/topics").json()
+            i = 0
+            while not stop.is_set():
+                try:
+                    feed = client.get(f"/topics/{topics[i % len(topics)]['topic_id']}", params={"user": f"u{n}-{i}"})
+                    if feed.status_code != 200:
+                        continue
+                    body = feed.json()
+                    with lock:
+                        acknowledged_requests.add(body["request_id"])
+                    for item in body["results"][:2]:
+                        click = client.post("/events/click",
+                                            json={"request_id": body["request_id"], "image_id": item["image_id"]})
+                        if click.status_code == 200:  # acknowledged: it must survive the kill
+                            with lock:
+                                acknowledged_clicks.add((body["request_id"], item["image_id"]))
+                except httpx.HTTPError:
+                    return  # the server is gone: what was in flight was never acknowledged
+                i += 1
+
+    threads = [threading.Thread(target=traffic, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(acknowledged_clicks) < 60 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.send_signal(signal.SIGKILL)  # mid-traffic: the threads are still sending
+    server.wait(30)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert len(acknowledged_clicks) >= 60, "too little traffic before the kill to test anything"
+    with sqlite3.connect(events) as db:  # opening it replays the WAL, as the next server start would
+        stored_requests = {r for (r,) in db.execute("SELECT request_id FROM impressions")}
+        stored_clicks = set(db.execute("SELECT request_id, image_id FROM clicks"))
+    assert acknowledged_requests <= stored_requests
+    assert acknowledged_clicks <= stored_clicks
+
+
+def oracle_feed(world, path):
+    """The treatment's feed re-ranked by the ground truth: every image whose scene holds the topic's
+    attributes first. Against it the experiment has a real effect to find."""
+    shutil.copyfile(world.feeds[1], path)
+    scenes = read_scenes(world.data)
+    with sqlite3.connect(path) as db:
+        for topic_id, title in db.execute("SELECT topic_id, title FROM topics").fetchall():
+            want = parse_topic(title)
+            shown = [i for (i,) in db.execute("SELECT image_id FROM feed_items WHERE topic_id = ? ORDER BY rank",
+                                              (topic_id,))]
+            matching = sorted(i for i, objects in scenes.items() if any(want.matches(o) for o in objects))
+            ranked = (matching + [i for i in shown if i not in matching])[: len(shown)]
+            db.execute("DELETE FROM feed_items WHERE topic_id = ?", (topic_id,))
+            db.executemany("INSERT INTO feed_items VALUES (?, ?, ?, 0, 0)",
+                           [(topic_id, rank, image_id) for rank, image_id in enumerate(ranked, 1)])
+
+
+def test_an_experiment_end_to_end(world, tmp_path, capsys):
+    # The server runs in a thread of this process (the SIGKILL test above covers the `interbert serve`
+    # command itself); the simulator and the report run as a user would run them. The treatment ranks
+    # by the truth, so the whole chain (feeds, assignment, clicks, log, statistics) must find its lift.
+    events = tmp_path / "events.sqlite"
+    oracle_feed(world, tmp_path / "oracle.sqlite")
+    arms = [world.arms()[0], ArmSpec("treatment", world.indexes[1], tmp_path / "oracle.sqlite")]
+    app = create_experiment_app(arms, (0.5, 0.5), "e2e", events)
+    with one_torch_thread(), serve_in_thread(app) as url:
+        with pytest.raises(UsageError, match="only sends traffic to this machine"):
+            simulate("http://example.com:80", 5, world.data)
+        result = simulate(url, users=60, data=world.data, max_requests=240, max_seconds=60, seed=3, k=8)
+        assert interbert_main(["abtest", "simulate", "--url", url, "--users", "5", "--data", str(world.data),
+                               "--max-requests", "10", "--seed", "4"]) == 0
+        assert "10 requests from 5 users" in capsys.readouterr().out
+    assert result.requests == 240 and set(result.by_arm) == {"control", "treatment"}
+    assert result.clicks > 0
+    out = tmp_path / "report.md"
+    assert interbert_main(["abtest", "report", str(events), "--out", str(out)]) == 0
+    report = out.read_text()
+    assert "# A/B test report: e2e" in report and "| treatment | control |" in report
+    assert "no mismatch" in report  # 65 users split by the hash fit 50/50
+    built = build_report(events)
+    arms = {arm.name: arm for arm in built.arms}
+    lift = built.comparisons[0]
+    assert lift.low > 0 and lift.p_value < 0.001, lift  # the truth-ranked arm wins, significantly
+    first = {name: a.ctr_by_position[1][1] / a.ctr_by_position[1][0] for name, a in arms.items()}
+    assert first["treatment"] > first["control"]
+    assert arms["control"].users + arms["treatment"].users == 65  # 60 + 5 simulated users
+    assert arms["control"].requests + arms["treatment"].requests == 250
+    for arm, counts in result.by_arm.items():
+        assert arms[arm].requests >= counts["requests"]
+        assert arms[arm].clicks >= counts["clicks"]  # every acknowledged click of the first run is reported
+        assert f"| {arm} | 50% | {arms[arm].users} | {arms[arm].requests} |" in report
+    assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,147 @@
+"""The report's statistics against an independent computation on a fixed log, the SRM check, the CLI."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from interbert.cli import main as interbert_main
+from interbert.serve.events import SCHEMA, ExperimentConfig
+from interbert.serve.report import build_report
+
+ITEMS = 5
+
+
+def write_log(path, users_per_arm: dict[str, int], split=(0.5, 0.5), seed=0) -> dict[str, list[tuple[int, int]]]:
+    """A log written straight to SQLite (one transaction: fast); returns each arm's per-user
+    (impressions, clicks) as generated, for the independent computation."""
+    rng = np.random.default_rng(seed)
+    config = ExperimentConfig("fixed", "fixed", tuple(users_per_arm), split)
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA)
+    db.executemany("INSERT INTO experiment VALUES (?, ?)", config.as_rows().items())
+    truth: dict[str, list[tuple[int, int]]] = {}
+    clock = 1_700_000_000.0
+    for arm_number, (arm, users) in enumerate(users_per_arm.items()):
+        truth[arm] = []
+        for u in range(users):
+            propensity = rng.beta(1, 8) * (1.3 if arm_number else 1.0)  # users differ a lot: correlated clicks
+            requests, clicks = int(rng.integers(1, 7)), 0
+            for r in range(requests):
+                request_id = f"{arm_number:02x}{u:08x}{r:022x}"
+                clock += 1
+                db.execute("INSERT INTO impressions VALUES (?, ?, ?, ?, 'topic', 't', NULL)",
+                           (request_id, clock, f"{arm}-{u}", arm))
+                db.executemany("INSERT INTO impression_items VALUES (?, ?, ?)",
+                               [(request_id, p, f"img{p}") for p in range(1, ITEMS + 1)])
+                for p in range(1, ITEMS + 1):
+                    if rng.random() < min(1.0, propensity * 0.8 ** (p - 1)):
+                        db.execute("INSERT INTO clicks (request_id, image_id, time) VALUES (?, ?, ?)",
+                                   (request_id, f"img{p}", clock + 0.5))
+                        clicks += 1
+            truth[arm].append((requests * ITEMS, clicks))
+    db.commit()
+    db.close()
+    return truth
+
+
+def independent_difference(control: np.ndarray, treatment: np.ndarray):
+    """Per-user linearisation of the ratio (written apart from the report's covariance form):
+    each user contributes (c_u - R n_u) / mean(n); the ratio's variance is that sample's variance / m."""
+    def ratio_and_variance(per_user):
+        n, c = per_user[:, 0].astype(float), per_user[:, 1].astype(float)
+        ratio = c.sum() / n.sum()
+        linearised = (c - ratio * n) / n.mean()
+        return ratio, linearised.var(ddof=1) / len(per_user)
+
+    r_c, v_c = ratio_and_variance(control)
+    r_t, v_t = ratio_and_variance(treatment)
+    difference, se = r_t - r_c, np.sqrt(v_c + v_t)
+    half = stats.norm.ppf(0.975) * se
+    return difference, difference - half, difference + half, 2 * stats.norm.sf(abs(difference) / se)
+
+
+@pytest.fixture(scope="module")
+def fixed_log(tmp_path_factory):
+    path = tmp_path_factory.mktemp("log") / "events.sqlite"
+    truth = write_log(path, {"control": 400, "treatment": 400})
+    return path, truth
+
+
+def test_counts_and_ctr_per_arm(fixed_log):
+    path, truth = fixed_log
+    report = build_report(path)
+    for arm in report.arms:
+        per_user = np.array(truth[arm.name])
+        assert arm.users == len(per_user)
+        assert (arm.impressions, arm.clicks) == tuple(per_user.sum(axis=0))
+        assert arm.ctr == pytest.approx(per_user[:, 1].sum() / per_user[:, 0].sum())
+        assert sum(shown for shown, _ in arm.ctr_by_position.values()) == arm.impressions
+        assert sum(clicks for _, clicks in arm.ctr_by_position.values()) == arm.clicks
+        # The fixed log's clicks decay with position; so must the report's CTR by position.
+        assert arm.ctr_by_position[1][1] > arm.ctr_by_position[ITEMS][1]
+
+
+def test_interval_and_p_value_agree_with_an_independent_computation(fixed_log):
+    path, truth = fixed_log
+    comparison = build_report(path).comparisons[0]
+    difference, low, high, p_value = independent_difference(np.array(truth["control"]), np.array(truth["treatment"]))
+    assert (comparison.arm, comparison.control) == ("treatment", "control")
+    assert comparison.difference == pytest.approx(difference, rel=1e-9)
+    assert (comparison.low, comparison.high) == (pytest.approx(low, rel=1e-9), pytest.approx(high, rel=1e-9))
+    assert comparison.p_value == pytest.approx(p_value, rel=1e-7)
+
+
+def test_the_delta_interval_matches_a_user_level_bootstrap(fixed_log):
+    """The delta method is an approximation: a user-level bootstrap of the same log must give about the
+    same interval (and an impression-level interval, which ignores the user correlation, a narrower one)."""
+    path, truth = fixed_log
+    comparison = build_report(path).comparisons[0]
+    rng = np.random.default_rng(1)
+    control, treatment = np.array(truth["control"]), np.array(truth["treatment"])
+
+    def ctr(per_user):
+        return per_user[:, 1].sum() / per_user[:, 0].sum()
+
+    differences = [ctr(treatment[rng.integers(0, len(treatment), len(treatment))])
+                   - ctr(control[rng.integers(0, len(control), len(control))]) for _ in range(2000)]
+    low, high = np.percentile(differences, [2.5, 97.5])
+    assert comparison.high - comparison.low == pytest.approx(high - low, rel=0.15)
+    naive = 2 * 1.96 * np.sqrt(sum(ctr(a) * (1 - ctr(a)) / a[:, 0].sum() for a in (control, treatment)))
+    assert naive < 0.9 * (comparison.high - comparison.low)
+
+
+def test_a_skewed_log_is_flagged_as_sample_ratio_mismatch(tmp_path):
+    skewed = tmp_path / "skewed.sqlite"
+    write_log(skewed, {"control": 300, "treatment": 200})
+    report = build_report(skewed)
+    expected = stats.chisquare([300, 200], [250, 250])
+    assert report.srm_chi2 == pytest.approx(expected.statistic) and report.srm_p == pytest.approx(expected.pvalue)
+    assert report.srm_flagged
+    # The same counts fit a 60/40 split.
+    fitting = tmp_path / "fitting.sqlite"
+    write_log(fitting, {"control": 300, "treatment": 200}, split=(0.6, 0.4))
+    assert not build_report(fitting).srm_flagged
+
+
+def test_the_cli_writes_markdown_and_a_png(tmp_path, capsys):
+    log = tmp_path / "skewed.sqlite"
+    write_log(log, {"control": 300, "treatment": 200})
+    out = tmp_path / "report.md"
+    assert interbert_main(["abtest", "report", str(log), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Sample-ratio mismatch" in text and "| treatment | control |" in text and "![" in text
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "sample-ratio mismatch" in capsys.readouterr().err
+
+
+def test_the_cli_refuses_a_missing_or_foreign_file(tmp_path, capsys):
+    assert interbert_main(["abtest", "report", str(tmp_path / "none.sqlite")]) == 2
+    foreign = tmp_path / "foreign.sqlite"
+    foreign.write_bytes(b"not a database at all" * 100)
+    assert interbert_main(["abtest", "report", str(foreign)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
