@@ -179,3 +179,13 @@ def test_pretrain_from_a_bert_folder_uses_its_vocabulary_and_layers(demo, tmp_pa
     model = InterBertForPreTraining.from_pretrained(tmp_path / "run" / "model")
     assert model.config.hidden_size == 384 and model.config.vocab_size == 30522
     assert len(load_tokenizer(tmp_path / "run" / "model")) == 30522
+
+
+@pytest.mark.parametrize("value", ["two", "0", "1.5", "true"])
+def test_a_bad_threads_setting_is_one_error_line(demo, tmp_path, capsys, value):
+    out, _ = demo
+    args = pretrain_args(out / "data", tmp_path / "run", f"threads={value}", "train.max_steps=1")
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "threads must be a whole number >= 1" in err[-1]

@@ -226,9 +226,14 @@ def save_trained(trainer: Trainer, tokenizer, output_dir: Path, extra: dict | No
     return target
 
 
-def set_threads(n: int | None) -> None:
-    if n:
-        torch.set_num_threads(int(n))
+def set_threads(n: int | None, key: str = "threads") -> None:
+    """Torch's intra-op threads (None: torch's default). A value that is not a whole number >= 1 is a
+    usage error naming ``key``, not a ValueError from torch."""
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UsageError(f"{key} must be a whole number >= 1 (or null for torch's default), not {n!r}")
+    torch.set_num_threads(n)
 
 
 def start_run(cfg: dict, source: str = "config") -> tuple[TrainConfig, Path]:
@@ -237,7 +242,7 @@ def start_run(cfg: dict, source: str = "config") -> tuple[TrainConfig, Path]:
     for section in ("model", "data", "train"):
         if not isinstance(cfg.get(section), dict):
             raise ConfigError(f"{source}: the '{section}' section is missing (see configs/*.yaml)")
-    set_threads(cfg.get("threads"))
+    set_threads(cfg.get("threads"), f"{source}: threads")
     try:
         train_cfg = TrainConfig.from_dict(cfg["train"])
     except (TypeError, ValueError) as e:  # TrainConfig's own checks (ValueError) and values of the wrong type
