@@ -25,13 +25,7 @@ from interbert.train import (
 from test_train_toy import ToyDataset, ToyModel
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: thread start-up costs more than the maths on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def quiet_config(tmp_path, **overrides) -> TrainConfig:

@@ -132,13 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         json.dump({"seen": model.seen_example_indices, "loss_history": result.loss_history}, handle)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: thread start-up costs more than the maths on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_training_reduces_the_loss_of_a_learnable_task(tmp_path):

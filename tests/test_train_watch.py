@@ -14,12 +14,7 @@ from interbert.utils.files import leftover_temporaries
 from test_train_toy import ToyDataset, ToyModel
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config(folder, **overrides) -> TrainConfig:
