@@ -8,19 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
-    return value
+from interbert.utils.argtypes import positive_int, positive_seconds
 
 
 def as_user_error(function, *args, **kwargs):
@@ -95,10 +83,10 @@ def register(subparsers) -> None:
     build.add_argument("--index", required=True, help="index folder made by `interbert index build`")
     build.add_argument("--model", help="model folder (default: the one the index was built with)")
     build.add_argument("--out", required=True, help="feed file (SQLite) to create or resume")
-    build.add_argument("--top", type=_positive, default=20, help="items kept per topic (default 20)")
-    build.add_argument("--batch-size", type=_positive, default=16, help="topics per batch and commit (default 16)")
+    build.add_argument("--top", type=positive_int, default=20, help="items kept per topic (default 20)")
+    build.add_argument("--batch-size", type=positive_int, default=16, help="topics per batch and commit (default 16)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
-    build.add_argument("--torch-threads", type=_positive,
+    build.add_argument("--torch-threads", type=positive_int,
                        help="intra-op threads (default: torch's, one per core; use 1 on a machine others share)")
     build.set_defaults(func=_cmd_topics_build)
 
@@ -112,19 +100,19 @@ def register(subparsers) -> None:
 
     simulate = sub.add_parser("simulate", help="simulated users of the built-in benchmark against a local server")
     simulate.add_argument("--url", required=True, help="the server, on this machine: http://127.0.0.1:PORT")
-    simulate.add_argument("--users", type=_positive, required=True)
+    simulate.add_argument("--users", type=positive_int, required=True)
     simulate.add_argument("--data", required=True,
                           help="the benchmark folder the served index was built from (`interbert data synth` output)")
-    simulate.add_argument("--max-requests", type=_positive, default=1000, help="stop after this many feeds (default 1000)")
-    simulate.add_argument("--max-seconds", type=_positive_seconds, default=60.0, help="stop after this long (default 60)")
-    simulate.add_argument("--k", type=_positive, default=10, help="items per feed request (default 10)")
+    simulate.add_argument("--max-requests", type=positive_int, default=1000, help="stop after this many feeds (default 1000)")
+    simulate.add_argument("--max-seconds", type=positive_seconds, default=60.0, help="stop after this long (default 60)")
+    simulate.add_argument("--k", type=positive_int, default=10, help="items per feed request (default 10)")
     simulate.add_argument("--seed", type=int, default=0)
     simulate.set_defaults(func=_cmd_simulate)
 
     topics_from = sub.add_parser("topics", help="write a topics file from the benchmark's most frequent colour+kind pairs")
     topics_from.add_argument("data", help="benchmark folder (`interbert data synth` output)")
     topics_from.add_argument("--out", required=True)
-    topics_from.add_argument("--count", type=_positive, default=20)
+    topics_from.add_argument("--count", type=positive_int, default=20)
     topics_from.add_argument("--lang", choices=["en", "zh"], default="en")
     topics_from.add_argument("--split", choices=["train", "val", "test"],
                              help="count only this split's scenes (the split the served index holds)")

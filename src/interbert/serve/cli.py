@@ -9,6 +9,7 @@ from pathlib import Path
 
 from interbert.errors import UsageError
 from interbert.serve import DEFAULT_MAX_REGIONS, DEFAULT_RERANK_QUEUE_TIMEOUT, INDEX_TYPES
+from interbert.utils.argtypes import positive_int, seconds
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -92,20 +93,6 @@ def _serve_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
-    return value
-
-
 def _common_index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", required=True, help="feature store of the images (npz folder, TSV, HDF5, region store)")
     p.add_argument("--captions", help="captions file (Karpathy/COCO/Flickr JSON, token file, JSON lines): shown with results")
@@ -149,10 +136,10 @@ def register(subparsers) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--rerank-cap", type=int, default=200, help="most candidates re-scored by ITM per query")
-    serve.add_argument("--max-concurrent-reranks", type=_at_least_one, default=None,
+    serve.add_argument("--max-concurrent-reranks", type=positive_int, default=None,
                        help="re-ranked searches running at once; more wait (see --rerank-queue-timeout) "
                             "(default: half the cores, at least 1)")
-    serve.add_argument("--rerank-queue-timeout", type=_seconds, default=DEFAULT_RERANK_QUEUE_TIMEOUT,
+    serve.add_argument("--rerank-queue-timeout", type=seconds, default=DEFAULT_RERANK_QUEUE_TIMEOUT,
                        help="seconds a re-ranked search waits for a free slot before it is answered 503 with "
                             f"Retry-After (default {DEFAULT_RERANK_QUEUE_TIMEOUT:g}; 0 = never wait)")
     serve.add_argument("--torch-threads", type=int, default=1,

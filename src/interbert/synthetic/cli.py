@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 from interbert.data.cli import get_data_subparsers
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+from interbert.utils.argtypes import positive_int
 
 
 def _cmd_synth(args) -> int:
@@ -46,16 +39,16 @@ def register(subparsers) -> None:
                     "pair task. The same seed always writes the same bytes.",
     )
     p.add_argument("out", help="output folder")
-    p.add_argument("--images", type=_positive, default=1000, help="number of scenes (default: 1000)")
+    p.add_argument("--images", type=positive_int, default=1000, help="number of scenes (default: 1000)")
     p.add_argument("--lang", choices=["en", "zh"], default="en", help="caption language (default: en)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=["tsv", "npz", "store"], default="tsv",
                    help="region feature layout: bottom-up TSV (default), npz folder, or interbert's store")
-    p.add_argument("--feature-dim", type=_positive, default=2048, help="region feature size (default: 2048)")
-    p.add_argument("--num-classes", type=_positive, default=1601,
+    p.add_argument("--feature-dim", type=positive_int, default=2048, help="region feature size (default: 2048)")
+    p.add_argument("--num-classes", type=positive_int, default=1601,
                    help="detector classes incl. background (default: 1601, as Visual Genome)")
     p.add_argument("--val-images", type=int, help="default: 10%% of --images")
     p.add_argument("--test-images", type=int, help="default: 10%% of --images (whole twin pairs)")
     p.add_argument("--no-images", action="store_true", help="skip the PNG pictures (faster; the web page needs them)")
-    p.add_argument("--workers", type=_positive, help="processes (default: CPU count; never changes the output)")
+    p.add_argument("--workers", type=positive_int, help="processes (default: CPU count; never changes the output)")
     p.set_defaults(func=_cmd_synth)
