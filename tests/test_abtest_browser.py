@@ -7,7 +7,8 @@ import sqlite3
 
 import pytest
 
-from abtest_world import build_world, one_torch_thread, serve_in_thread
+from conftest import single_torch_thread
+from abtest_world import build_world, serve_in_thread
 from interbert.serve.experiment import create_experiment_app
 from interbert.serve.topics import Feed
 from test_serve_browser import DevToolsPipe, chromium_or_skip
@@ -18,7 +19,7 @@ def experiment(tmp_path):
     world = build_world(tmp_path / "world")
     events = tmp_path / "events.sqlite"
     app = create_experiment_app(world.arms(), (0.5, 0.5), "page", events)
-    with one_torch_thread(), serve_in_thread(app) as url:
+    with single_torch_thread(), serve_in_thread(app) as url:
         yield url, world, events
 
 

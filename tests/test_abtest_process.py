@@ -16,7 +16,8 @@ import time
 import httpx
 import pytest
 
-from abtest_world import build_world, one_torch_thread, serve_in_thread
+from conftest import single_torch_thread
+from abtest_world import build_world, serve_in_thread
 from interbert.cli import main as interbert_main
 from interbert.errors import UsageError
 from interbert.serve.experiment import create_experiment_app
@@ -130,7 +131,7 @@ def test_an_experiment_end_to_end(world, tmp_path, capsys):
     oracle_feed(world, tmp_path / "oracle.sqlite")
     arms = [world.arms()[0], ArmSpec("treatment", world.indexes[1], tmp_path / "oracle.sqlite")]
     app = create_experiment_app(arms, (0.5, 0.5), "e2e", events)
-    with one_torch_thread(), serve_in_thread(app) as url:
+    with single_torch_thread(), serve_in_thread(app) as url:
         with pytest.raises(UsageError, match="only sends traffic to this machine"):
             simulate("http://example.com:80", 5, world.data)
         result = simulate(url, users=60, data=world.data, max_requests=240, max_seconds=60, seed=3, k=8)

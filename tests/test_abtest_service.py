@@ -8,7 +8,8 @@ import sqlite3
 import pytest
 from fastapi.testclient import TestClient
 
-from abtest_world import TOP_N, build_world, one_torch_thread
+from conftest import single_torch_thread
+from abtest_world import TOP_N, build_world
 from interbert.cli import main as interbert_main
 from interbert.errors import UsageError
 from interbert.serve.abtest import ArmSpec, assign_arm
@@ -28,7 +29,7 @@ def world(tmp_path_factory):
 def served(world, tmp_path_factory):
     events = tmp_path_factory.mktemp("events") / "events.sqlite"
     app = create_experiment_app(world.arms(), (0.5, 0.5), "exp", events)
-    with one_torch_thread(), TestClient(app) as client:
+    with single_torch_thread(), TestClient(app) as client:
         yield client, app, events
 
 

