@@ -13,6 +13,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 FUSIONS = ("mul", "sum")
 ITM_NEGATIVES = ("data", "in_batch")
+ITM_INPUTS = ("masked", "clean")
+MSM_PAIRS = ("all", "matched")
 MRM_TARGETS = ("classes", "features")
 
 
@@ -53,6 +55,8 @@ class InterBertConfig(PretrainedConfig):
         itc_temperature: float = 0.07,
         itm_negatives: str = "data",
         itm_negative_ratio: float = 0.5,
+        itm_inputs: str = "masked",
+        msm_pairs: str = "all",
         pad_token_id: int = 0,
         **kwargs,
     ):
@@ -101,6 +105,16 @@ class InterBertConfig(PretrainedConfig):
         # another image of the batch, drawn by embedding similarity (ALBEF's hard negatives).
         self.itm_negatives = itm_negatives
         self.itm_negative_ratio = itm_negative_ratio
+        # What the matching objectives (ITM, ITC) of InterBertForPreTraining see: "masked" - the original:
+        # ITM reads the pooled outputs of the masked pass (MSM/MRM's inputs, often without the words and
+        # objects that tell a hard negative apart), ITC embeds the masked caption (and the unmasked regions
+        # when the batch carries mrm_feature_targets); "clean" - a second pass on the unmasked caption
+        # (restored from msm_labels) and regions (restored from mrm_feature_targets) feeds ITM and ITC,
+        # as retrieval and search see them. Clean costs a second forward/backward per step.
+        self.itm_inputs = itm_inputs
+        # Which pairs the masked-token (MSM) loss is taken on: "all" (the original) or "matched" (itm_label 1:
+        # a mismatched caption says nothing about the image). MRM is always on matched pairs only.
+        self.msm_pairs = msm_pairs
         self.validate()
 
     def validate(self) -> None:
@@ -110,6 +124,10 @@ class InterBertConfig(PretrainedConfig):
             raise ValueError(f"mrm_target must be one of {MRM_TARGETS}, got {self.mrm_target!r}")
         if self.itm_negatives not in ITM_NEGATIVES:
             raise ValueError(f"itm_negatives must be one of {ITM_NEGATIVES}, got {self.itm_negatives!r}")
+        if self.itm_inputs not in ITM_INPUTS:
+            raise ValueError(f"itm_inputs must be one of {ITM_INPUTS}, got {self.itm_inputs!r}")
+        if self.msm_pairs not in MSM_PAIRS:
+            raise ValueError(f"msm_pairs must be one of {MSM_PAIRS}, got {self.msm_pairs!r}")
         if not 0.0 <= self.itm_negative_ratio <= 1.0:
             raise ValueError(f"itm_negative_ratio must be in [0, 1], got {self.itm_negative_ratio}")
         if self.hidden_size % self.num_attention_heads:

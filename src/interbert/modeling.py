@@ -519,69 +519,146 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
         With ``config.itm_negatives == "in_batch"`` the batch holds matched pairs only (``itm_labels`` all
         1); some captions are re-paired here with another image of the batch (``image_index``: equal values
         mark captions of the same image, never used as each other's negatives) and ``itm_labels`` in the
-        output are the labels the ITM loss was computed with."""
+        output are the labels the ITM loss was computed with.
+
+        The objectives, in order: (1) in-batch negative mining (``itm_negatives == "in_batch"`` only),
+        (2) the masked pass: MSM and MRM heads on the masked inputs, (3) the matching pass: ITM on the
+        pooled outputs of the masked pass (``config.itm_inputs == "masked"``, the original) or of a
+        second pass on the clean inputs (``"clean"``), (4) the losses, ITC among them on the matching
+        inputs. ``text_pooled``/``image_pooled`` in the output are the ones ITM read."""
         out: dict = {}
-        text_inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        image_inputs = dict(region_features=region_features, region_boxes=region_boxes, region_mask=region_mask)
-        if mrm_feature_targets is not None and mrm_mask is not None:  # embed and contrast the unmasked regions
-            image_inputs["region_features"] = torch.where(mrm_mask.bool()[..., None], mrm_feature_targets, region_features)
+        masked_text = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        masked_image = dict(region_features=region_features, region_boxes=region_boxes, region_mask=region_mask)
+        clean_text, clean_image = self.clean_inputs(masked_text, masked_image, msm_labels, mrm_mask, mrm_feature_targets)
+        image_side = dict(masked_image=masked_image, clean_image=clean_image, mrm_mask=mrm_mask,
+                          mrm_class_targets=mrm_class_targets, mrm_feature_targets=mrm_feature_targets)
+
+        # 1. In-batch negatives: re-pair some captions with other images of the batch (ITC on the way).
         if self.config.itm_negatives == "in_batch" and itm_labels is not None:
-            if not bool(itm_labels.bool().all()):
-                raise ValueError("in-batch ITM negatives start from matched pairs: every itm_label must be 1")
-            if msm_labels is not None:  # the caption as written, for its embedding
-                text_inputs["input_ids"] = torch.where(msm_labels != -100, msm_labels, input_ids)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.itc_loss_weight > 0):
-                text = self.interbert.embed_text(**text_inputs)
-                image = self.interbert.embed_images(**image_inputs)
-            if self.config.itc_loss_weight > 0:  # a single pair: 0, with the graph DDP needs
-                out["itc_loss"] = contrastive_loss(text, image, self.config.itc_temperature)
-            same = None if image_index is None else image_index[:, None] == image_index[None, :]
-            similarity = (text @ image.T).detach() / self.config.itc_temperature
-            order, itm_labels = in_batch_itm_pairs(similarity, same, self.config.itm_negative_ratio)
-            region_features, region_boxes, region_mask, mrm_mask, mrm_class_targets, mrm_feature_targets = (
-                None if t is None else t[order]
-                for t in (region_features, region_boxes, region_mask, mrm_mask, mrm_class_targets, mrm_feature_targets)
-            )
+            order, itm_labels, itc = self.mine_in_batch_negatives(clean_text, clean_image, itm_labels, image_index)
+            if itc is not None:
+                out["itc_loss"] = itc
+            image_side = {k: _take_rows(v, order) for k, v in image_side.items()}
             out["itm_labels"] = itm_labels
-        text_at = msm_labels != -100 if (msm_labels is not None and not full_logits) else None
-        scored = None
+        masked_image, clean_image, mrm_mask = image_side["masked_image"], image_side["clean_image"], image_side["mrm_mask"]
+
+        # 2. The masked pass: what MSM and MRM score, on the masked inputs.
+        msm_targets, scored = self.masked_targets(msm_labels, mrm_mask, itm_labels)
+        text_at = None if (msm_targets is None or full_logits) else msm_targets != -100
+        region_at = None if full_logits else scored
+        out.update(self.masked_pass(masked_text, masked_image, text_at, region_at))
+
+        # 3. The matching pass: ITM's pooled outputs, from the masked pass or from the clean inputs.
+        clean = self.config.itm_inputs == "clean"
+        if clean:
+            out.update({k: v for k, v in self.matching_pass(clean_text, clean_image).items() if k.endswith("_pooled")})
+        if out.get("text_pooled") is not None and out.get("image_pooled") is not None:
+            out["itm_logits"] = self.itm_logits(out["text_pooled"], out["image_pooled"])
+
+        # 4. The losses. ITC (unless taken in step 1) contrasts the matched pairs' single-modal embeddings:
+        # of the clean inputs, or (masked, the original) of the masked caption with the regions unmasked
+        # where the batch carries their features.
+        matching_inputs = {**clean_text, **clean_image} if clean else {
+            **masked_text, **(clean_image if image_side["mrm_feature_targets"] is not None else masked_image)}
+        out.update(self.losses(out, msm_targets, text_at, scored, region_at, image_side, itm_labels, matching_inputs))
+        weights = {"msm": self.config.msm_loss_weight, "mrm": self.config.mrm_loss_weight,
+                   "itm": self.config.itm_loss_weight, "itc": self.config.itc_loss_weight}
+        losses = [w * out[f"{k}_loss"] for k, w in weights.items() if f"{k}_loss" in out]
+        if losses:
+            out["loss"] = torch.stack(losses).sum()
+        return InterBertPreTrainingOutput(**out)
+
+    @staticmethod
+    def clean_inputs(text: dict, image: dict, msm_labels, mrm_mask, mrm_feature_targets) -> tuple[dict, dict]:
+        """The caption as written (masked ids restored from ``msm_labels``) and the regions as detected
+        (masked features restored from ``mrm_feature_targets``, the original features); an input without
+        what restores it stays as given."""
+        text, image = dict(text), dict(image)
+        if msm_labels is not None and text["input_ids"] is not None:
+            text["input_ids"] = torch.where(msm_labels != -100, msm_labels, text["input_ids"])
+        if mrm_feature_targets is not None and mrm_mask is not None and image["region_features"] is not None:
+            image["region_features"] = torch.where(mrm_mask.bool()[..., None], mrm_feature_targets, image["region_features"])
+        return text, image
+
+    def mine_in_batch_negatives(self, text: dict, image: dict, itm_labels: torch.Tensor, image_index):
+        """ALBEF's in-batch negatives from a batch of matched pairs: ``(image_order, itm_labels, itc_loss)``.
+        Caption i is to be paired with image ``image_order[i]``; the similarity that draws the negatives is
+        of the clean single-modal embeddings, whose contrastive loss (ITC) comes out on the way (None
+        when ``itc_loss_weight`` is 0)."""
+        if not bool(itm_labels.bool().all()):
+            raise ValueError("in-batch ITM negatives start from matched pairs: every itm_label must be 1")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.itc_loss_weight > 0):
+            text_embedding = self.interbert.embed_text(**text)
+            image_embedding = self.interbert.embed_images(**image)
+        itc = None
+        if self.config.itc_loss_weight > 0:  # a single pair: 0, with the graph DDP needs
+            itc = contrastive_loss(text_embedding, image_embedding, self.config.itc_temperature)
+        same = None if image_index is None else image_index[:, None] == image_index[None, :]
+        similarity = (text_embedding @ image_embedding.T).detach() / self.config.itc_temperature
+        order, itm_labels = in_batch_itm_pairs(similarity, same, self.config.itm_negative_ratio)
+        return order, itm_labels, itc
+
+    def masked_targets(self, msm_labels, mrm_mask, itm_labels) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(msm_targets, scored)``: the MSM labels the loss takes (``msm_labels``, or with -100 on the
+        mismatched pairs when ``config.msm_pairs == "matched"``) and the regions MRM scores (masked, of
+        matched pairs only, as the original: the regions of a mismatched caption are not predictable from it)."""
+        msm_targets, scored = msm_labels, None
+        if msm_labels is not None and self.config.msm_pairs == "matched" and itm_labels is not None:
+            msm_targets = msm_labels.masked_fill(~itm_labels.bool()[:, None], -100)
         if mrm_mask is not None:
             scored = mrm_mask.bool()
-            if itm_labels is not None:  # regions of a mismatched caption are not predictable from it
+            if itm_labels is not None:
                 scored = scored & itm_labels.bool()[:, None]
-        region_at = scored if not full_logits else None
-        # The streams' last layers compute only what the heads read: position 0 and the scored positions.
-        embedded = self.interbert.embed_inputs(input_ids, attention_mask, token_type_ids, region_features, region_boxes,
-                                               region_mask)
+        return msm_targets, scored
+
+    def masked_pass(self, text: dict, image: dict, text_at, region_at) -> dict[str, torch.Tensor]:
+        """The encoder on the masked inputs and the MSM / MRM heads where they score (``text_at`` /
+        ``region_at``, None: every position). The streams' last layers compute only what the heads read:
+        position 0 (the poolers) and the scored positions."""
+        embedded = self.interbert.embed_inputs(**text, **image)
         base = self.interbert.encode(
             *embedded,
             text_needed=None if text_at is None else text_at | first_position(text_at),
             image_needed=None if region_at is None else region_at | first_position(region_at),
         )
-        out.update(base)
-
+        out = dict(base)
         if base.text_sequence is not None:
             h = base.text_sequence if text_at is None else base.text_sequence[text_at]
             word_embeddings = self.interbert.embeddings.word_embeddings.weight
             out["msm_logits"] = F.linear(self.msm_transform(h), word_embeddings, self.msm_bias)
-        predicts_classes = self.config.mrm_target == "classes"
-        mrm_output = "mrm_class_logits" if predicts_classes else "mrm_feature_predictions"
         if base.image_sequence is not None:
             h = self.mrm_transform(base.image_sequence if region_at is None else base.image_sequence[region_at])
-            out[mrm_output] = self.mrm_class_decoder(h) if predicts_classes else self.mrm_feature_decoder(h)
-        if base.text_pooled is not None and base.image_pooled is not None:
-            fused = fuse(base.text_pooled, base.image_pooled, self.config.fusion)
-            out["itm_logits"] = self.itm_classifier(self.itm_dropout(fused))
+            if self.config.mrm_target == "classes":
+                out["mrm_class_logits"] = self.mrm_class_decoder(h)
+            else:
+                out["mrm_feature_predictions"] = self.mrm_feature_decoder(h)
+        return out
 
-        if msm_labels is not None and "msm_logits" in out:
+    def matching_pass(self, text: dict, image: dict) -> InterBertOutput:
+        """The encoder on the pairs ITM scores, computing only what the poolers read (position 0)."""
+        embedded = self.interbert.embed_inputs(**text, **image)
+        text_keep, image_keep = embedded[1], embedded[3]
+        return self.interbert.encode(*embedded, text_needed=first_position(text_keep),
+                                     image_needed=first_position(image_keep))
+
+    def itm_logits(self, text_pooled: torch.Tensor, image_pooled: torch.Tensor) -> torch.Tensor:
+        return self.itm_classifier(self.itm_dropout(fuse(text_pooled, image_pooled, self.config.fusion)))
+
+    def losses(self, out: dict, msm_targets, text_at, scored, region_at, image_side: dict, itm_labels,
+               matching_inputs: dict) -> dict[str, torch.Tensor]:
+        """MSM, MRM, ITM and (unless taken in the mining) ITC, each where it has labels and logits."""
+        losses = {}
+        if msm_targets is not None and "msm_logits" in out:
             logits = out["msm_logits"]
-            targets = msm_labels[text_at] if text_at is not None else msm_labels.flatten()
+            targets = msm_targets[text_at] if text_at is not None else msm_targets.flatten()
             if (targets != -100).any():
-                out["msm_loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
+                losses["msm_loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
             else:  # a batch with no masked token: zero, but keep the graph
-                out["msm_loss"] = 0.0 * logits.sum()
+                losses["msm_loss"] = 0.0 * logits.sum()
+        predicts_classes = self.config.mrm_target == "classes"
+        mrm_output = "mrm_class_logits" if predicts_classes else "mrm_feature_predictions"
         if scored is not None and mrm_output in out:
-            targets = mrm_class_targets if predicts_classes else mrm_feature_targets
+            targets = image_side["mrm_class_targets"] if predicts_classes else image_side["mrm_feature_targets"]
             if targets is None:
                 raise ValueError(
                     f"this model predicts region {self.config.mrm_target} (config.mrm_target) but the batch has no "
@@ -589,17 +666,19 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
                     f"mrm_target={'features' if predicts_classes else 'classes'!r} for these features"
                 )
             predictions = out[mrm_output] if region_at is not None else out[mrm_output][scored]
-            out["mrm_loss"] = mrm_loss(predictions, targets[scored], self.config.mrm_target)
+            losses["mrm_loss"] = mrm_loss(predictions, targets[scored], self.config.mrm_target)
         if itm_labels is not None and "itm_logits" in out:
-            out["itm_loss"] = F.cross_entropy(out["itm_logits"], itm_labels.long())
+            losses["itm_loss"] = F.cross_entropy(out["itm_logits"], itm_labels.long())
             if self.config.itc_loss_weight > 0 and "itc_loss" not in out:
-                out["itc_loss"] = self.interbert.contrastive_loss({**text_inputs, **image_inputs}, itm_labels.bool())
-        weights = {"msm": self.config.msm_loss_weight, "mrm": self.config.mrm_loss_weight,
-                   "itm": self.config.itm_loss_weight, "itc": self.config.itc_loss_weight}
-        losses = [w * out[f"{k}_loss"] for k, w in weights.items() if f"{k}_loss" in out]
-        if losses:
-            out["loss"] = torch.stack(losses).sum()
-        return InterBertPreTrainingOutput(**out)
+                losses["itc_loss"] = self.interbert.contrastive_loss(matching_inputs, itm_labels.bool())
+        return losses
+
+
+def _take_rows(value, order: torch.Tensor):
+    """``value`` (a tensor, a dict of tensors, or None) with its rows in ``order``."""
+    if isinstance(value, dict):
+        return {k: _take_rows(v, order) for k, v in value.items()}
+    return None if value is None else value[order]
 
 
 class _PairScorer(InterBertPreTrainedModel):

@@ -464,17 +464,27 @@ class _SeededBatches(Dataset):
     Seeding per batch makes random masking a function of the position in the data order (the same
     in any worker process and after a resume), and the save/restore around it keeps data loading
     from consuming the training RNG.
+
+    A dataset with ``set_progress(step, total_steps)`` (a schedule over the run, e.g. the share of hard
+    negatives) is told, before each batch is built and in the process that builds it, the optimisation
+    step the batch is for: ``(epoch * batches_per_epoch + batch index) // grad_accum_steps``, the
+    update its gradient joins.
     """
 
-    def __init__(self, dataset, batches, collate_fn, seed: int, epoch: int, rank: int, start: int):
+    def __init__(self, dataset, batches, collate_fn, seed: int, epoch: int, rank: int, start: int,
+                 progress: tuple[int, int, int] | None = None):
         self.dataset, self.batches, self.collate_fn = dataset, batches, collate_fn
         self.seed, self.epoch, self.rank, self.start = seed, epoch, rank, start
+        self.progress = progress  # (batches_per_epoch, grad_accum_steps, total_steps)
 
     def __len__(self) -> int:
         return len(self.batches) - self.start
 
     def __getitem__(self, position: int):
         batch_index = self.start + position
+        if self.progress is not None and hasattr(self.dataset, "set_progress"):
+            per_epoch, accumulate, total = self.progress
+            self.dataset.set_progress((self.epoch * per_epoch + batch_index) // accumulate, total)
         with seeded_rng(batch_seed(self.seed, self.epoch, self.rank, batch_index)):
             return self.collate_fn([self.dataset[i] for i in self.batches[batch_index]])
 
@@ -637,6 +647,7 @@ class Trainer:
             epoch=epoch,
             rank=self.dist.rank,
             start=start,
+            progress=(self.batches_per_epoch, self.config.grad_accum_steps, self.total_steps),
         )
         return DataLoader(
             batches,

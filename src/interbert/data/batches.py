@@ -30,6 +30,7 @@ from interbert.data.masking import (
     region_iou,
 )
 from interbert.data.negatives import (
+    hard_ratio_at,
     image_hard_negatives,
     mean_region_features,
     random_other_image_caption,
@@ -244,13 +245,19 @@ class PretrainingDataset(_CaptionImageDataset):
     ``msm``: ``span`` (the original), ``geometric`` (SpanBERT) or ``token`` (BERT's 15%); ``mrm``:
     ``group`` (IoU groups) or ``region`` (15% each). ``hard_negatives``: ``"tfidf"`` to compute (cached
     in ``cache_dir``), an ``N x k`` array over the aligned captions, or None for random negatives only.
+    ``hard_ratio_start``: when given, the hard share ramps from it to ``hard_ratio`` over the run
+    (:func:`~interbert.data.negatives.hard_ratio_at`; the training loop calls :meth:`set_progress`);
+    before any progress is set (a held-out set) the share is ``hard_ratio``.
+    ``clean_features``: every example carries its regions' original features as ``mrm_feature_targets``
+    even when the targets are class distributions — what the model's clean matching pass restores.
     """
 
     def __init__(self, captions: Sequence[Caption], store: FeatureStore, tokenizer, max_tokens: int = 36,
                  max_regions: int = 36, msm: str = "span", mrm: str = "group", whole_word: bool = False,
                  word_segmenter: str | None = None, hard_negatives: str | np.ndarray | None = "tfidf",
                  hard_ratio: float = 1.0, p_positive: float = 0.5, num_hard: int = 10,
-                 cache_dir: str | Path | None = None, seed: int = 0, region_cache: bool | str = "auto"):
+                 cache_dir: str | Path | None = None, seed: int = 0, region_cache: bool | str = "auto",
+                 hard_ratio_start: float | None = None, clean_features: bool = False):
         self._cache_overlaps = mrm == "group"
         super().__init__(captions, store, tokenizer, max_tokens, max_regions, word_segmenter, seed, region_cache)
         if msm not in TEXT_MASKERS:
@@ -258,7 +265,12 @@ class PretrainingDataset(_CaptionImageDataset):
         if mrm not in ("group", "region"):
             raise ValueError(f"mrm must be 'group' or 'region', not {mrm!r}")
         self.msm, self.mrm, self.whole_word = msm, mrm, whole_word or word_segmenter is not None
-        self.hard_ratio, self.p_positive = hard_ratio, p_positive
+        for name, share in (("hard_ratio", hard_ratio), ("hard_ratio_start", hard_ratio_start)):
+            if share is not None and not 0.0 <= share <= 1.0:
+                raise ValueError(f"{name} must be a share in [0, 1], not {share!r}")
+        self.hard_ratio, self.hard_ratio_start, self.p_positive = hard_ratio, hard_ratio_start, p_positive
+        self.clean_features = clean_features
+        self.step, self.total_steps = None, None
         if isinstance(hard_negatives, str):
             if hard_negatives != "tfidf":
                 raise ValueError(f"hard_negatives must be 'tfidf', an array or None, not {hard_negatives!r}")
@@ -267,10 +279,19 @@ class PretrainingDataset(_CaptionImageDataset):
         self.hard_negatives = hard_negatives
         self.vocab_size, self.mask_token_id = len(tokenizer), tokenizer.mask_token_id
 
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """The optimisation step the next examples are for (the hard-negative schedule reads it)."""
+        self.step, self.total_steps = step, total_steps
+
+    def current_hard_ratio(self) -> float:
+        if self.step is None:
+            return self.hard_ratio
+        return hard_ratio_at(self.step, self.total_steps, self.hard_ratio, self.hard_ratio_start)
+
     def __getitem__(self, index: int) -> dict:
         rng = self._rng(index)
         caption_index, itm_label = sample_itm_caption(index, rng, self.image_codes, self.hard_negatives,
-                                                      self.hard_ratio, self.p_positive)
+                                                      self.current_hard_ratio(), self.p_positive)
         pair = self._pair(caption_index, self.captions[index].image_id)
         text, regions = pair["text"], pair["regions"]
 
@@ -285,6 +306,8 @@ class PretrainingDataset(_CaptionImageDataset):
         else:
             region_mask = mask_regions_independently(real, rng)
         features, targets = apply_region_masking(regions["region_features"], region_mask, regions["class_probs"])
+        if self.clean_features:
+            targets["mrm_feature_targets"] = np.asarray(regions["region_features"], np.float32)
         return {"input_ids": input_ids, "msm_labels": msm_labels, "region_features": features,
                 "region_boxes": regions["region_boxes"], **targets, "itm_labels": itm_label,
                 "image_id": pair["image_id"], "caption_id": pair["caption_id"]}

@@ -4,6 +4,7 @@
   of *other* images, computed once in chunks of sparse products and cached on disk by content hash.
 - :func:`sample_itm_caption`: a pair is positive with p=0.5, else a hard negative (``hard_ratio``) or a
   random other image's caption.
+- :func:`hard_ratio_at`: the hard share at a step of the run: fixed, or ramping linearly (random -> hard).
 - :func:`image_hard_negatives`: nearest images by mean region feature (ViLBERT/InterBERT's hard pool for
   retrieval fine-tuning).
 - :func:`sample_in_batch_negatives`: ALBEF's in-batch hard negatives, sampled from softmax(similarity).
@@ -77,6 +78,17 @@ def tfidf_hard_negatives(texts: Sequence[str], image_ids: Sequence[str], k: int 
         # A handle, not a name: np.save would append ".npy" to the temporary's name.
         atomic_write(cache, lambda handle: np.save(handle, out))
     return out
+
+
+def hard_ratio_at(step: int, total_steps: int, end: float, start: float | None = None) -> float:
+    """The share of negatives that are hard at optimisation ``step`` (0-based) of ``total_steps``: ``end``
+    throughout when ``start`` is None, else linear from ``start`` at step 0 to ``end`` at the last step
+    (``start + (end - start) * min(1, step / (total_steps - 1))``), e.g. 0 -> 1: random negatives
+    first, while the matching head cannot yet tell hard ones apart, TF-IDF-similar ones at the end."""
+    if start is None:
+        return end
+    fraction = min(1.0, max(0, step) / max(1, total_steps - 1))
+    return start + (end - start) * fraction
 
 
 def sample_itm_caption(index: int, rng: np.random.Generator, image_codes: np.ndarray,

@@ -186,6 +186,10 @@ class WeightedSources(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.draws)
 
+    def set_progress(self, step: int, total_steps: int) -> None:
+        if hasattr(self.dataset, "set_progress"):
+            self.dataset.set_progress(step, total_steps)
+
     def __getitem__(self, position: int):
         index, copy = self.draws[position]
         # the dataset seeds an example by (seed, epoch, index): one epoch value per copy keeps copies apart

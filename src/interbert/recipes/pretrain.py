@@ -14,6 +14,7 @@ import logging
 import time
 
 from interbert.data.batches import PretrainingDataset, collate
+from interbert.config import ITM_INPUTS, MSM_PAIRS
 from interbert.data.masking import TEXT_MASKERS
 from interbert.loading import load_model
 from interbert.modeling import InterBertForPreTraining
@@ -35,6 +36,7 @@ from interbert.recipes.common import (
 )
 from interbert.recipes.validation import best_model_saver, heldout_loss_eval_fn, validation_captions, with_best_metric
 from interbert.train import Trainer, main_process_first
+from interbert.utils.config_files import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,16 @@ def build_model(model_cfg: dict, tokenizer, store) -> InterBertForPreTraining:
     return model
 
 
+def share(cfg: dict, key: str, default: float | None, source: str) -> float | None:
+    """A setting that is a share in [0, 1] (or null where ``default`` is None), refused by name otherwise."""
+    value = setting(cfg, key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{source}: {key} must be a share between 0 and 1, not {value!r}")
+    return float(value)
+
+
 def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     """``source``: where ``cfg`` came from (the config file), for error messages."""
     require_settings(cfg, {} if setting(cfg, "data.sources") else REQUIRED, source)
@@ -66,6 +78,12 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     negatives = check_choice(cfg, "data.negatives", NEGATIVES, "tfidf", source)
     check_choice(cfg, "data.msm", TEXT_MASKERS, "span", source)
     check_choice(cfg, "data.mrm", ("group", "region"), "group", source)
+    # how the objectives are wired (InterBertConfig fields): set on a continued checkpoint too
+    objectives = {key: check_choice(cfg, f"model.overrides.{key}", choices, choices[0], source)
+                  for key, choices in (("itm_inputs", ITM_INPUTS), ("msm_pairs", MSM_PAIRS))
+                  if setting(cfg, f"model.overrides.{key}") is not None}
+    hard_ratio, hard_ratio_start = (share(cfg, key, default, source)
+                                    for key, default in (("data.hard_ratio", 1.0), ("data.hard_ratio_start", None)))
     if model_cfg.get("from_checkpoint"):
         model_folder(model_cfg["from_checkpoint"], "model.from_checkpoint", source)
 
@@ -79,13 +97,16 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     model = build_model(model_cfg, tokenizer, store)
     check_region_feature_size(model, store, source)
     model.config.itm_negatives = "in_batch" if negatives == "in_batch" else "data"
+    for key, value in objectives.items():
+        setattr(model.config, key, value)
     region_cache = check_choice(cfg, "data.region_cache", (True, False, "auto"), "auto", source)
     dataset_settings = dict(
         max_tokens=data.get("max_tokens", 36), max_regions=data.get("max_regions", 36),
         msm=data.get("msm", "span"), mrm=data.get("mrm", "group"),
         word_segmenter=data.get("word_segmenter"),
         hard_negatives="tfidf" if negatives == "tfidf" else None,
-        hard_ratio=data.get("hard_ratio", 1.0), num_hard=data.get("num_hard", 10),
+        hard_ratio=hard_ratio, hard_ratio_start=hard_ratio_start, num_hard=data.get("num_hard", 10),
+        clean_features=model.config.itm_inputs == "clean",
         p_positive=1.0 if negatives == "in_batch" else 0.5,
         cache_dir=out / "cache", seed=train_cfg.seed, region_cache=region_cache,
     )
@@ -100,8 +121,10 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
             heldout = PretrainingDataset(val_captions, store, tokenizer, **dataset_settings)
         eval_fn = heldout_loss_eval_fn(heldout, collate_fn, train_cfg.batch_size)
     extra = {"recipe": "pretrain", "config": cfg}
-    logger.info("pretraining on %d captions of %d images (%s negatives, %s/%s masking)", len(dataset),
-                len(dataset.image_ids), negatives, data.get("msm", "span"), data.get("mrm", "group"))
+    logger.info("pretraining on %d captions of %d images (%s negatives, hard share %s, %s/%s masking, matching on "
+                "%s inputs, MSM on %s pairs)", len(dataset), len(dataset.image_ids), negatives,
+                hard_ratio if hard_ratio_start is None else f"{hard_ratio_start}->{hard_ratio}", data.get("msm", "span"),
+                data.get("mrm", "group"), model.config.itm_inputs, model.config.msm_pairs)
     start = time.perf_counter()
     trainer = Trainer(model, train_set, train_cfg, collate_fn=collate_fn, lr_multiplier_for=multiplier,
                       eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
