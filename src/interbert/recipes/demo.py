@@ -30,6 +30,7 @@ import torch
 from interbert.errors import UsageError
 from interbert.recipes import finetune_retrieval, pretrain
 from interbert.recipes.evaluate_retrieval import evaluate_retrieval
+from interbert.utils.files import atomic_write, atomic_write_json, atomic_write_text
 from interbert.utils.machine import cpu_model
 
 logger = logging.getLogger(__name__)
@@ -203,6 +204,9 @@ def run_demo(out: Path, plan: DemoPlan) -> dict:
     return summary
 
 
+FINAL_STEPS = 100  # the window of the end-of-pretraining loss means and of the "ITM learned" step
+
+
 # name -> (row label, changes to the demo plan). The first is the reference: the demo's own recipe.
 ABLATIONS = {
     "interbert": ("group masking + TF-IDF hard negatives (InterBERT)", {}),
@@ -263,7 +267,7 @@ def run_ablations(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path,
     unknown = [v for v in variants if v not in ABLATIONS]
     if unknown:
         raise UsageError(f"unknown ablation(s) {unknown}; choose from {list(ABLATIONS)}")
-    rows, curves, minutes = {}, {}, 0.0
+    rows, curves, minutes, folders, extra = {}, {}, 0.0, {}, {}
     for variant in variants:
         label, change = ABLATIONS[variant]
         runs = []
@@ -278,7 +282,7 @@ def run_ablations(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path,
             else:
                 logger.info("ablation %s, seed %d", variant, seed)
                 result = {"plan": planned, **run_variant(folder, variant_plan, manifest, data_dir)}
-                record.write_text(json.dumps(result, indent=2, default=float))
+                atomic_write_json(record, json.loads(json.dumps(result, default=float)))
             minutes += result.get("seconds", 0.0) / 60
             runs.append(result)
         metrics = {}
@@ -288,16 +292,27 @@ def run_ablations(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path,
             values = [r[pick[0]]["image_retrieval"][pick[1]] for r in runs]
             metrics[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
         rows[label] = metrics
-        curves[label] = final_pretraining_losses([out / f"{variant}_seed{seed}" for seed in ABLATION_SEEDS])
+        folders[label] = [out / f"{variant}_seed{seed}" for seed in ABLATION_SEEDS]
+        curves[label] = final_pretraining_losses(folders[label])
+        steps = [itm_learning_step(f) for f in folders[label]]
+        pretrain_minutes = [r["pretrain_seconds"] / 60 for r in runs if "pretrain_seconds" in r]
+        extra[label] = {"itm_below_step": steps, "pretrain_minutes": pretrain_minutes,
+                        "pretrain_steps": runs[0]["plan"]["pretrain_steps"]}
     columns = list(next(iter(rows.values())))
     table = [f"# Ablations (built-in benchmark, {len(ABLATION_SEEDS)} seeds, mean +- std)", "",
-             "| pretraining | " + " | ".join(columns) + " |",
-             "|---|" + "---|" * len(columns)]
+             "| pretraining | " + " | ".join(columns) + f" | ITM < {ITM_LEARNED} at step | pretrain steps | pretrain min |",
+             "|---|" + "---|" * (len(columns) + 3)]
     for label, metrics in rows.items():
-        table.append(f"| {label} | " + " | ".join(f"{m['mean']:.1f} +- {m['std']:.1f}" for m in metrics.values()) + " |")
-    table += ["", f"Seeds {list(ABLATION_SEEDS)}; each run pretrains {plan.pretrain_steps} steps and fine-tunes "
-              f"{plan.finetune_steps} steps as in the main table; {minutes:.1f} min of runs in all. "
-              f"Machine: {machine()['cpu']}, torch threads {torch.get_num_threads()}.", ""]
+        cells = [f"{m['mean']:.1f} +- {m['std']:.1f}" for m in metrics.values()]
+        e = extra[label]
+        cells += [_learning_cell(e["itm_below_step"]), str(e["pretrain_steps"]),
+                  f"{np.mean(e['pretrain_minutes']):.1f}" if e["pretrain_minutes"] else "-"]
+        table.append(f"| {label} | " + " | ".join(cells) + " |")
+    table += ["", f"Seeds {list(ABLATION_SEEDS)}; each run pretrains {plan.pretrain_steps} steps (unless the row says) and "
+              f"fine-tunes {plan.finetune_steps} steps as in the main table; {minutes:.1f} min of runs in all. "
+              f"Machine: {machine()['cpu']}, torch threads {torch.get_num_threads()}. "
+              f"'ITM < {ITM_LEARNED} at step': the first step whose {FINAL_STEPS}-step mean ITM loss is below "
+              f"{ITM_LEARNED}, mean over the seeds that get there (how many in brackets); '-': none does.", ""]
     names = sorted({name for losses in curves.values() for name in losses})
     if names:
         table += [f"Pretraining losses at the end (mean of the last {FINAL_STEPS} steps, averaged over seeds; "
@@ -305,11 +320,71 @@ def run_ablations(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path,
                   "| pretraining | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         table += [f"| {label} | " + " | ".join(f"{losses[n]:.3f}" if n in losses else "" for n in names) + " |"
                   for label, losses in curves.items()]
-        table.append("")
-    (out / "ablations.json").write_text(json.dumps({label: {**rows[label], "final_pretraining_losses": curves[label]}
-                                                    for label in rows}, indent=2))
-    (out / "ablations.md").write_text("\n".join(table))
+        table += ["", "Losses over pretraining (100-step moving mean, averaged over seeds): ![ITM and ITC losses]"
+                  "(ablations_losses.png)", ""]
+    atomic_write_json(out / "ablations.json", {label: {**rows[label], "final_pretraining_losses": curves[label],
+                                                       **extra[label]} for label in rows})
+    atomic_write_text(out / "ablations.md", "\n".join(table))
+    write_loss_plot(folders, out / "ablations_losses.png")
     return rows
+
+
+ITM_LEARNED = 0.6  # the ITM loss (chance 0.693) below which the matching head has clearly left chance
+
+
+def first_step_below(values: Sequence[float | None], threshold: float, window: int = FINAL_STEPS) -> int | None:
+    """The first step (1-based) at which the mean of the last ``window`` values is below ``threshold``;
+    None when it never is (steps without a value are skipped)."""
+    series = np.asarray([v for v in values if v is not None], dtype=float)
+    if len(series) < window:
+        return None
+    means = np.convolve(series, np.ones(window) / window, mode="valid")  # means[i]: steps i+1 .. i+window
+    below = np.flatnonzero(means < threshold)
+    return int(below[0] + window) if len(below) else None
+
+
+def itm_learning_step(folder: Path) -> int | None:
+    history_file = folder / "pretrain" / "loss_history.json"
+    if not history_file.exists():
+        return None
+    return first_step_below(json.loads(history_file.read_text()).get("itm_loss", []), ITM_LEARNED)
+
+
+def _learning_cell(steps: Sequence[int | None]) -> str:
+    reached = [s for s in steps if s is not None]
+    return f"{np.mean(reached):.0f} ({len(reached)}/{len(steps)})" if reached else "-"
+
+
+def write_loss_plot(folders: dict[str, Sequence[Path]], path: Path, names: Sequence[str] = ("itm_loss", "itc_loss")) -> None:
+    """One panel per loss: each row's pretraining curve (``FINAL_STEPS``-step moving mean), averaged over its runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5))
+    for label, runs in folders.items():
+        histories = [json.loads((f / "pretrain" / "loss_history.json").read_text()) for f in runs
+                     if (f / "pretrain" / "loss_history.json").exists()]
+        for ax, name in zip(np.atleast_1d(axes), names):
+            series = [np.asarray([v for v in h.get(name, []) if v is not None], float) for h in histories]
+            series = [x for x in series if len(x) >= FINAL_STEPS]
+            if not series:
+                continue
+            length = min(len(x) for x in series)
+            mean = np.mean([np.convolve(x[:length], np.ones(FINAL_STEPS) / FINAL_STEPS, mode="valid") for x in series], 0)
+            ax.plot(np.arange(FINAL_STEPS, length + 1), mean, label=label)
+    for ax, name in zip(np.atleast_1d(axes), names):
+        ax.set_xlabel("pretraining step")
+        ax.set_ylabel(f"{name} ({FINAL_STEPS}-step mean, over seeds)")
+        if name == "itm_loss":
+            ax.axhline(0.693, color="grey", lw=0.8, ls=":")
+            ax.axhline(ITM_LEARNED, color="grey", lw=0.8, ls="--")
+    if np.atleast_1d(axes)[0].get_legend_handles_labels()[0]:
+        np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
+    plt.close(fig)
 
 
 def same_plan(recorded: dict | None, planned: dict) -> bool:
@@ -320,8 +395,6 @@ def same_plan(recorded: dict | None, planned: dict) -> bool:
     defaults = json.loads(json.dumps(DemoPlan().__dict__))
     return {**{k: defaults[k] for k in planned if k not in recorded}, **recorded} == planned
 
-
-FINAL_STEPS = 100
 
 
 def final_pretraining_losses(folders: Sequence[Path]) -> dict[str, float]:

@@ -1,0 +1,266 @@
+"""What each pretraining objective sees (issue 13): matching on clean or masked inputs, MSM on which
+pairs, and the hard-negative share over the run — the data side, the training loop's step, the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from interbert.data import Caption, Regions
+from interbert.data.batches import PretrainingDataset, collate
+from interbert.data.negatives import hard_ratio_at
+from interbert.modeling import InterBertForPreTraining, InterBertModel, contrastive_loss, fuse
+from interbert.train import TrainConfig, train
+from test_modeling import C, V, batch, small_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+MASK_ID = 3
+
+
+def masked_batch(b=6, t=8, r=5, seed=0) -> tuple[dict, dict]:
+    """``(clean, masked)``: a batch as written and detected, and the same batch with some tokens replaced
+    by [MASK] and some regions zeroed, with the labels that restore it (itm_labels 1, 0, 1, 0, ...)."""
+    g = torch.Generator().manual_seed(seed)
+    clean = batch(b, t, r, seed)
+    text_masked = torch.rand(b, t, generator=g) < 0.4
+    text_masked[:, 0] = False
+    region_masked = torch.rand(b, r, generator=g) < 0.4
+    region_masked[:, 0] = False
+    labels = dict(
+        msm_labels=torch.where(text_masked, clean["input_ids"], -100),
+        mrm_mask=region_masked,
+        mrm_class_targets=torch.softmax(torch.randn(b, r, C, generator=g), -1),
+        mrm_feature_targets=clean["region_features"],
+        itm_labels=torch.tensor([1, 0] * (b // 2)),
+    )
+    masked = {**clean, "input_ids": clean["input_ids"].masked_fill(text_masked, MASK_ID),
+              "region_features": clean["region_features"].masked_fill(region_masked[..., None], 0.0), **labels}
+    return clean, masked
+
+
+def sharp(model: InterBertForPreTraining) -> InterBertForPreTraining:
+    """Eval mode, with the ITM classifier scaled up so that its logits are O(1-10), not O(1e-3) as at
+    initialisation: a 1e-5 tolerance then tells inputs apart."""
+    with torch.no_grad():
+        model.itm_classifier.weight.normal_(0.0, 30.0)
+    return model.eval()
+
+
+def itm_logits_of(model: InterBertForPreTraining, inputs: dict) -> torch.Tensor:
+    """The ITM head on a separate, plain InterBertModel forward of ``inputs``."""
+    out = InterBertModel.forward(model.interbert, **inputs)
+    return model.itm_classifier(fuse(out.text_pooled, out.image_pooled, model.config.fusion))
+
+
+@pytest.mark.parametrize("mrm_target", ["classes", "features"])
+def test_clean_matching_sees_exactly_the_unmasked_caption_and_regions(mrm_target):
+    torch.manual_seed(0)
+    model = InterBertForPreTraining(small_config(itm_inputs="clean", mrm_target=mrm_target, embedding_size=8,
+                                                 itc_loss_weight=1.0))
+    sharp(model)
+    clean, masked = masked_batch()
+    out = model(**masked)
+    with torch.no_grad():
+        torch.testing.assert_close(out.itm_logits, itm_logits_of(model, clean), atol=1e-5, rtol=0)
+        assert out.itm_logits.abs().max() > 1  # a tolerance of 1e-5 means something
+        assert not torch.allclose(out.itm_logits, itm_logits_of(model, {k: masked[k] for k in clean}), atol=1e-2)
+        # ITC: the matched pairs' clean single-modal embeddings
+        rows = masked["itm_labels"].bool()
+        text = model.interbert.embed_text(clean["input_ids"][rows], clean["attention_mask"][rows])
+        image = model.interbert.embed_images(clean["region_features"][rows], clean["region_boxes"][rows])
+        torch.testing.assert_close(out.itc_loss, contrastive_loss(text, image, model.config.itc_temperature),
+                                   atol=1e-5, rtol=0)
+    # the masked heads still read the masked pass: MSM's loss is the one the masked mode computes
+    masked_mode = InterBertForPreTraining(small_config(mrm_target=mrm_target, embedding_size=8, itc_loss_weight=1.0)).eval()
+    masked_mode.load_state_dict(model.state_dict())
+    reference = masked_mode(**masked)
+    torch.testing.assert_close(out.msm_loss, reference.msm_loss)
+    torch.testing.assert_close(out.mrm_loss, reference.mrm_loss)
+
+
+def test_masked_matching_reads_the_masked_inputs_as_the_original():
+    torch.manual_seed(0)
+    model = sharp(InterBertForPreTraining(small_config()))
+    clean, masked = masked_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**masked).itm_logits, itm_logits_of(model, {k: masked[k] for k in clean}),
+                                   atol=1e-5, rtol=0)
+
+
+def test_clean_matching_takes_in_batch_negatives_from_the_clean_pairs():
+    torch.manual_seed(0)
+    model = InterBertForPreTraining(small_config(itm_inputs="clean", itm_negatives="in_batch", embedding_size=8,
+                                                 itc_loss_weight=1.0))
+    sharp(model)
+    clean, masked = masked_batch()
+    masked["itm_labels"] = torch.ones(6, dtype=torch.long)
+    torch.manual_seed(1)
+    out = model(**masked)
+    # replay the draw: the clean embeddings' similarity picks the same images
+    torch.manual_seed(1)
+    order, _, _ = model.mine_in_batch_negatives(*model.clean_inputs(
+        {k: masked[k] for k in ("input_ids", "attention_mask")} | {"token_type_ids": None},
+        {k: masked[k] for k in ("region_features", "region_boxes", "region_mask")},
+        masked["msm_labels"], masked["mrm_mask"], masked["mrm_feature_targets"]), masked["itm_labels"], None)
+    assert (out.itm_labels == (order == torch.arange(6)).long()).all() and not out.itm_labels.all()
+    paired = {**{k: clean[k] for k in ("input_ids", "attention_mask")},
+              **{k: clean[k][order] for k in ("region_features", "region_boxes", "region_mask")}}
+    with torch.no_grad():
+        torch.testing.assert_close(out.itm_logits, itm_logits_of(model, paired), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("msm_pairs, moves", [("matched", False), ("all", True)])
+def test_msm_on_matched_pairs_ignores_the_mismatched_ones(msm_pairs, moves):
+    torch.manual_seed(0)
+    model = InterBertForPreTraining(small_config(msm_pairs=msm_pairs)).eval()
+    _, masked = masked_batch()
+    out = model(**masked)
+    assert out.msm_loss > 0
+    changed = {**masked, "msm_labels": masked["msm_labels"].clone()}
+    row = 1  # a mismatched pair
+    assert masked["itm_labels"][row] == 0 and (masked["msm_labels"][row] != -100).any()
+    at = changed["msm_labels"][row] != -100
+    changed["msm_labels"][row, at] = (changed["msm_labels"][row, at] + 7) % V
+    assert torch.allclose(model(**changed).msm_loss, out.msm_loss) != moves
+    # a matched pair's labels count either way
+    changed["msm_labels"][0] = torch.where(masked["msm_labels"][0] != -100, (masked["msm_labels"][0] + 7) % V, -100)
+    assert not torch.allclose(model(**changed).msm_loss, out.msm_loss)
+    # full logits (every position) take the same loss
+    torch.testing.assert_close(model(**masked, full_logits=True).msm_loss, out.msm_loss)
+
+
+def test_config_refuses_unknown_matching_inputs_and_msm_pairs():
+    with pytest.raises(ValueError, match="itm_inputs"):
+        small_config(itm_inputs="unmasked")
+    with pytest.raises(ValueError, match="msm_pairs"):
+        small_config(msm_pairs="some")
+
+
+# -- the hard-negative schedule --------------------------------------------------------------------
+def test_hard_ratio_follows_its_formula():
+    assert [hard_ratio_at(step, 101, 0.5) for step in (0, 50, 100)] == [0.5, 0.5, 0.5]  # fixed share
+    for step in (0, 1, 25, 50, 99, 100, 150):
+        assert hard_ratio_at(step, 101, end=1.0, start=0.0) == pytest.approx(min(1.0, step / 100))
+    assert hard_ratio_at(0, 11, end=0.2, start=0.8) == pytest.approx(0.8)
+    assert hard_ratio_at(5, 11, end=0.2, start=0.8) == pytest.approx(0.5)
+    assert hard_ratio_at(10, 11, end=0.2, start=0.8) == pytest.approx(0.2)
+    assert hard_ratio_at(0, 1, end=1.0, start=0.0) == 0.0  # a one-step run: the start share
+
+
+class _Store:
+    """Three regions per image, distinct features per image, class distributions."""
+
+    path, feature_dim = "memory", 4
+
+    def __init__(self, ids):
+        self.ids_ = set(ids)
+
+    def __contains__(self, image_id):
+        return image_id in self.ids_
+
+    def __getitem__(self, image_id):
+        rng = np.random.default_rng(int(image_id))
+        boxes = np.array([[0, 0, 10, 10], [5, 5, 20, 20], [30, 30, 40, 40]], np.float32)
+        return Regions(rng.standard_normal((3, 4)), boxes, 64, 64, rng.dirichlet(np.ones(5), size=3))
+
+
+class _Tokenizer:
+    mask_token_id, pad_token_id = 3, 0
+
+    def __len__(self):
+        return 20
+
+
+@pytest.fixture()
+def dataset(monkeypatch):
+    from interbert.data import batches
+    from interbert.data.tokenize import EncodedText
+
+    monkeypatch.setattr(batches, "encode_captions", lambda tok, texts, n, seg: [
+        EncodedText([2, 5 + int(t), 6, 1], [None, 0, 1, None]) for t in texts])
+    captions = [Caption(str(n % 20), f"{n}", str(n % 10)) for n in range(200)]
+    # the "hard" negative of every caption is caption 0 or 1 (other images' captions 0/1 never are)
+    hard = np.array([[0] if c.image_id != "0" else [1] for c in captions])
+    return PretrainingDataset(captions, _Store({c.image_id for c in captions}), _Tokenizer(), hard_negatives=hard,
+                              hard_ratio=1.0, hard_ratio_start=0.0, clean_features=True, region_cache=False)
+
+
+def _hard_share(dataset) -> float:
+    negatives = [e for e in (dataset[i] for i in range(len(dataset))) if e["itm_labels"] == 0]
+    return np.mean([e["caption_id"] in ("0", "1") for e in negatives])
+
+
+def test_pretraining_data_follows_the_schedule_from_the_step_it_is_told(dataset):
+    dataset.set_progress(0, 100)
+    assert _hard_share(dataset) < 0.05  # random captions only (a random one may be caption 0/1)
+    dataset.set_progress(99, 100)
+    assert _hard_share(dataset) == 1.0
+    dataset.set_progress(50, 101)
+    assert 0.3 < _hard_share(dataset) < 0.7
+    dataset.step = None  # no progress told (a held-out set): the end share
+    assert _hard_share(dataset) == 1.0
+
+
+def test_clean_features_ride_along_with_class_targets(dataset):
+    example = dataset[4]
+    original = _Store(["0"])[dataset.captions[4].image_id].features
+    assert "mrm_class_targets" in example
+    np.testing.assert_allclose(example["mrm_feature_targets"][1:], original, rtol=1e-6)  # position 0: the global region
+    assert set(collate([dataset[0], dataset[1]])) >= {"mrm_feature_targets", "mrm_class_targets"}
+
+
+@dataclass
+class _Out:
+    loss: torch.Tensor
+
+
+class _StepRecorder(torch.utils.data.Dataset):
+    """Records, per item built, the step the training loop said it is for."""
+
+    def __init__(self):
+        self.step, self.seen = None, []
+
+    def set_progress(self, step, total_steps):
+        self.step, self.total = step, total_steps
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, index):
+        self.seen.append((self.step, self.total))
+        return {"x": torch.ones(1)}
+
+
+class _Linear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return _Out(F.mse_loss(x * self.w, x))
+
+
+def test_the_training_loop_tells_the_data_its_optimisation_step(tmp_path):
+    data = _StepRecorder()
+    # 12 examples, batches of 2, 2 micro-batches per update: 3 updates per epoch, 5 updates cross an epoch
+    config = TrainConfig(output_dir=str(tmp_path), batch_size=2, grad_accum_steps=2, max_steps=5,
+                         progress_bar=False, tensorboard=False)
+    train(_Linear(), data, config)
+    steps = [step for step, _ in data.seen[::2]]  # one entry per example, two examples per batch
+    assert steps == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4] and {total for _, total in data.seen} == {5}
+
+
+def test_the_ablation_table_reports_when_itm_leaves_chance():
+    from interbert.recipes.demo import first_step_below
+
+    itm = [0.69] * 150 + [0.5] * 150
+    # the 100-step mean first drops below 0.6 once 10% of 0.69 ... : at step 150 + k with 0.69*(100-k)+0.5k < 60
+    assert first_step_below(itm, 0.6) == 150 + 48
+    assert first_step_below([None, *itm], 0.6) == 150 + 48  # steps without a value are skipped
+    assert first_step_below([0.69] * 300, 0.6) is None and first_step_below([0.1] * 50, 0.6) is None
