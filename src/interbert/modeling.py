@@ -549,8 +549,9 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
         out.update(self.masked_pass(masked_text, masked_image, text_at, region_at))
 
         # 3. The matching pass: ITM's pooled outputs, from the masked pass or from the clean inputs.
+        # (Without anything to restore, e.g. at inference, the clean inputs are the masked pass's own.)
         clean = self.config.itm_inputs == "clean"
-        if clean:
+        if clean and (msm_labels is not None or (mrm_feature_targets is not None and mrm_mask is not None)):
             out.update({k: v for k, v in self.matching_pass(clean_text, clean_image).items() if k.endswith("_pooled")})
         if out.get("text_pooled") is not None and out.get("image_pooled") is not None:
             out["itm_logits"] = self.itm_logits(out["text_pooled"], out["image_pooled"])
