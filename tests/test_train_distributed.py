@@ -128,6 +128,7 @@ class RecipeRun:
 #
 #   case                  data.msm   data.mrm  data.negatives  MRM target (store)       ITC (itc_loss_weight)
 #   pretrain-tfidf        span       group     tfidf           classes (cls_prob)       on  (the README command)
+#   pretrain-clean        span       group     tfidf 0->1      classes, clean matching  on
 #   pretrain-random       geometric  region    random          features (no cls_prob)   off (projections frozen)
 #   pretrain-in_batch     token      group     in_batch        features                 on
 #
@@ -144,6 +145,12 @@ RECIPE_RUNS = {
     "pretrain-tfidf": RecipeRun(PRETRAIN, "pretrain_tiny.yaml", (
         *PRETRAIN_DATA, "data.features=DATA/regions.tsv", "data.msm=span", "data.mrm=group", "data.negatives=tfidf",
     ), moves="mrm_class_decoder.weight"),
+    # issue 13's options: matching on the clean inputs (the class-target store then carries the original
+    # features too), MSM on matched pairs, the TF-IDF share ramping over the run
+    "pretrain-clean": RecipeRun(PRETRAIN, "pretrain_tiny.yaml", (
+        *PRETRAIN_DATA, "data.features=DATA/regions.tsv", "data.negatives=tfidf", "data.hard_ratio_start=0.0",
+        "model.overrides.itm_inputs=clean", "model.overrides.msm_pairs=matched",
+    ), moves="itm_classifier.weight"),
     "pretrain-random": RecipeRun(PRETRAIN, "pretrain_tiny.yaml", (
         *PRETRAIN_DATA, "data.features=DATA/regions_without_classes.tsv", "data.msm=geometric", "data.mrm=region",
         "data.negatives=random", ITC_OFF,
