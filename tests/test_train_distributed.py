@@ -211,8 +211,8 @@ dist.destroy_process_group()
 
 
 def test_ranks_encode_with_one_vocabulary_trained_once(benchmark, tmp_path):
-    # WordPiece training breaks ties in hash order: each process would number the pieces differently,
-    # and the ranks would train one model on differently encoded captions without any error
+    # every rank must encode with the one vocabulary rank 0 trained and wrote (were each rank to train
+    # its own, any difference would train one model on differently encoded captions without any error)
     script = tmp_path / "train_vocabulary.py"
     script.write_text(VOCABULARY_SCRIPT)
     completed = torchrun([str(script), str(tmp_path), str(benchmark["data"] / "captions.json")], cwd=tmp_path)

@@ -428,9 +428,9 @@ def init_distributed(device: torch.device) -> DistributedContext:
 @contextlib.contextmanager
 def main_process_first() -> Iterator[bool]:
     """Run a block on the main process (rank 0) first and then on the others; yields whether this is
-    the main process. For set-up that every rank must share but cannot reproduce on its own (a trained
-    WordPiece vocabulary: its ties break in hash order, so each process would number it differently) or
-    that writes files (caches): the main process makes and writes it, the others read what it wrote.
+    the main process. For set-up that every rank must share and that is costly or writes files (a
+    trained WordPiece vocabulary, caches): the main process makes and writes it, the others read what
+    it wrote.
     A no-op in one process, or before the process group is joined (:func:`init_distributed`)."""
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     main = not distributed or dist.get_rank() == 0

@@ -35,6 +35,7 @@ from interbert.train import (
     init_distributed,
     main_process_first,
     resolve_device,
+    seed_everything,
 )
 from interbert.utils import load_config
 from interbert.utils.config_files import ConfigError
@@ -134,11 +135,11 @@ def tokenizer_for(data_cfg: dict, captions: list[Caption], output_dir: Path, ber
 
 def train_run_wordpiece(texts: list[str], folder: Path, vocab_size: int, lowercase: bool = True,
                         resume: bool = False):
-    """A run's WordPiece vocabulary trained on ``texts`` into ``folder``. WordPiece training is not
-    reproducible from process to process (the tokenizers library breaks ties between equally frequent
-    merges in hash order: two runs on the same captions give different vocabularies), so whoever must
-    encode like this run reads what it wrote: under torchrun rank 0 trains it and the other ranks load
-    it, and a resumed run (``resume``) loads the vocabulary its checkpoint was trained with."""
+    """A run's WordPiece vocabulary trained on ``texts`` into ``folder``. Training is reproducible
+    (:func:`~interbert.data.tokenize.wordpiece_vocabulary`), but reading what was written is cheaper and
+    keeps a run tied to its own vocabulary whatever the code version: under torchrun rank 0 trains it and
+    the other ranks load it, and a resumed run (``resume``) loads the vocabulary its checkpoint was
+    trained with."""
     if resume and (folder / "vocab.txt").is_file():
         logger.info("resuming: reusing the run's WordPiece vocabulary in %s", folder)
         return load_tokenizer(folder)
@@ -250,6 +251,10 @@ def start_run(cfg: dict, source: str = "config") -> tuple[TrainConfig, Path]:
     init_distributed(resolve_device(train_cfg.device, int(os.environ.get("LOCAL_RANK", "0"))))
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # A new model's initial weights (and anything else drawn before the loop seeds itself) follow the
+    # seed: torch seeds its default generator from the OS in every process, so without this two runs
+    # with the same seed start from different weights.
+    seed_everything(train_cfg.seed)
     return train_cfg, out
 
 
