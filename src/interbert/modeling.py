@@ -205,7 +205,10 @@ class TransformerLayer(nn.Module):
             x = x.index_select(0, rows)
             q = self.query(x).view(-1, self.heads, 1, h // self.heads)
             mask = None if padding.attn_mask is None else padding.attn_mask[seq]
-            context = F.scaled_dot_product_attention(q, k[seq], v[seq], attn_mask=mask, dropout_p=p).reshape(-1, h)
+            # index_select, not k[seq]: seq repeats indices, and the backward of advanced indexing on CPU
+            # with 2+ threads adds them with float atomics in any order (runs differed in the last bits)
+            k, v = k.index_select(0, seq), v.index_select(0, seq)
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p).reshape(-1, h)
         x = self.attn_norm(x + self.dropout(self.attn_out(context)))
         return self.ffn_norm(x + self.dropout(self.ffn_out(self.act(self.ffn_in(x)))))
 
