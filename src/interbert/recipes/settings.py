@@ -165,8 +165,6 @@ class TextDataSettings(TokenizerSettings):
 
     def __post_init__(self) -> None:
         _positive(self, "max_train_examples", "vocab_size", "max_tokens")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), not {self.test_fraction!r}")
 
 
 # ---- recipes ----------------------------------------------------------------------------------------

@@ -154,8 +154,11 @@ def from_dict(kind: type[T], values: Mapping[str, Any] | T | None, key: str = ""
         return kind(**typed)
     except ConfigError:
         raise
-    except ValueError as e:  # the dataclass's own checks
-        raise ConfigError(f"{source}: {key + ': ' if key else ''}{e}") from None
+    except ValueError as e:  # the dataclass's own checks; a message that starts with a field's name gets its key
+        message = str(e)
+        named = message.split(" ", 1)[0].split(":", 1)[0] in fields
+        where = f"{key}." if key and named else f"{key}: " if key else ""
+        raise ConfigError(f"{source}: {where}{message}") from None
 
 
 def to_dict(settings: Any) -> dict[str, Any]:
@@ -202,6 +205,10 @@ def keys_at(kind: type, path: list[str]) -> list[str] | None:
 def override(config: dict, text: str, kind: type, source: str = "config") -> None:
     """Apply one ``dotted.key=value`` to a config file's mapping, for any field of ``kind``'s schema."""
     path, value = parse_override(text)
+    for depth in range(1, len(path)):
+        if keys_at(kind, path[:depth]) is None:  # a free-form mapping: the rest is one key, dots and all
+            path = path[:depth] + [".".join(path[depth:])]  # train.lr_multipliers.interbert.text_stream.*=0.1
+            break
     set_dotted(config, path, value, text, source, lambda prefix, node: keys_at(kind, prefix))
 
 
