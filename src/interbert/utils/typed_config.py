@@ -206,6 +206,8 @@ def override(config: dict, text: str, kind: type, source: str = "config") -> Non
     """Apply one ``dotted.key=value`` to a config file's mapping, for any field of ``kind``'s schema."""
     path, value = parse_override(text)
     for depth in range(1, len(path)):
+        if path[depth - 1] not in (keys_at(kind, path[: depth - 1]) or ()):
+            break  # an unknown key: set_dotted names it
         if keys_at(kind, path[:depth]) is None:  # a free-form mapping: the rest is one key, dots and all
             path = path[:depth] + [".".join(path[depth:])]  # train.lr_multipliers.interbert.text_stream.*=0.1
             break
