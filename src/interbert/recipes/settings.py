@@ -168,13 +168,17 @@ class TextDataSettings(TokenizerSettings):
 
 
 # ---- recipes ----------------------------------------------------------------------------------------
-WHOLE_NUMBER = "a whole number >= 1"
 THREADS = "a whole number >= 1 (or null for torch's default)"
 
 
+@dataclass
 class RecipeSettings:
-    """What every recipe's settings do; each recipe's dataclass holds ``model``, ``data``, ``train``
-    (:class:`TrainConfig`) and ``threads`` (torch's intra-op threads; null: torch's default)."""
+    """What every recipe's settings hold and do; each recipe narrows ``model`` and ``data`` to its own sections."""
+
+    model: ModelSettings = section(ModelSettings)
+    data: TokenizerSettings = section(TokenizerSettings)
+    train: TrainConfig = section(TrainConfig)
+    threads: int | None = setting(None, expect=THREADS)  # torch's intra-op threads; null: torch's default
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -198,32 +202,22 @@ class RecipeSettings:
 class PretrainSettings(RecipeSettings):
     model: BertModelSettings = section(BertModelSettings)
     data: PretrainDataSettings = section(PretrainDataSettings)
-    train: TrainConfig = section(TrainConfig)
-    threads: int | None = setting(None, expect=THREADS)
 
 
 @dataclass
 class RetrievalSettings(RecipeSettings):
     model: RetrievalModelSettings = section(RetrievalModelSettings)
     data: RetrievalDataSettings = section(RetrievalDataSettings)
-    train: TrainConfig = section(TrainConfig)
-    threads: int | None = setting(None, expect=THREADS)
 
 
 @dataclass
 class VcrSettings(RecipeSettings):
-    model: ModelSettings = section(ModelSettings)
     data: VcrDataSettings = section(VcrDataSettings)
-    train: TrainConfig = section(TrainConfig)
-    threads: int | None = setting(None, expect=THREADS)
 
 
 @dataclass
 class TextSettings(RecipeSettings):
-    model: ModelSettings = section(ModelSettings)
     data: TextDataSettings = section(TextDataSettings)
-    train: TrainConfig = section(TrainConfig)
-    threads: int | None = setting(None, expect=THREADS)
 
 
 # the command -> its schema (``interbert pretrain``, ``interbert finetune retrieval`` ...)

@@ -140,7 +140,7 @@ def run_evaluate(model_dir: str, data_path: str, task: str | None = None, max_to
     recipe_file = Path(model_dir) / "recipe.json"
     if max_tokens is None:
         trained = json.loads(recipe_file.read_text()) if recipe_file.exists() else {}
-        max_tokens = int(((trained.get("config") or {}).get("data") or {}).get("max_tokens", 128))
+        max_tokens = int(((trained.get("config") or {}).get("data") or {}).get("max_tokens") or TextDataSettings.max_tokens)
     spec, examples = read_glue(data_path, task)
     model = load_model(model_dir, task="sequence_classification", num_labels=len(spec.labels))
     tokenizer = load_tokenizer(model_dir)

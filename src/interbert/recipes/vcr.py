@@ -205,8 +205,9 @@ def run_evaluate(model_dir: str, annotations: str, features: str | None = None, 
     store = open_features(features) if features else None
     items = read_vcr(annotations, images_root)
     metrics = evaluate_vcr(model, items, tokenizer, store, feature_dim=model.config.region_feature_size,
-                           max_tokens=max_tokens or trained.get("max_tokens", 64),
-                           max_regions=max_regions or trained.get("max_regions", 36), batch_size=batch_size)
+                           max_tokens=max_tokens or trained.get("max_tokens", VcrDataSettings.max_tokens),
+                           max_regions=max_regions or trained.get("max_regions", VcrDataSettings.max_regions),
+                           batch_size=batch_size)
     return metrics
 
 
