@@ -40,7 +40,7 @@ def _config_fields() -> dict[str, Any]:
     hints = typing.get_type_hints(InterBertConfig.__init__)
     parameters = inspect.signature(InterBertConfig.__init__).parameters.values()
     return {p.name: hints.get(p.name, Any) for p in parameters
-            if p.name != "self" and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD}
+            if p.name != "self" and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
 
 
 def config_fields(values: dict[str, Any], key: str, source: str = "config") -> dict[str, Any]:
