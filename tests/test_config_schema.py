@@ -208,3 +208,11 @@ def test_shipped_configs_state_only_what_differs_or_documents():
         settings = RECIPES[recipe].load(name)
         assert settings.train.output_dir == f"runs/{name}"
         assert settings.data.vocab_size == 1000  # the tiny choice (the schema's default is BERT's 30522)
+
+
+def test_a_whole_number_given_to_a_name_setting_is_that_name():
+    """``data.split=2014`` names a split; YAML reads the text as a number, the setting keeps it as text."""
+    settings = PretrainSettings.load("pretrain_tiny", ["data.split=2014"])
+    assert settings.data.split == "2014"
+    with pytest.raises(ConfigError, match="data.split must be"):  # a float would not round-trip as written
+        PretrainSettings.load("pretrain_tiny", ["data.split=1e3"])

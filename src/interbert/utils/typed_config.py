@@ -92,6 +92,10 @@ def _same(value: Any, option: Any) -> bool:
     return type(value) is type(option) and value == option  # True is not 1 here
 
 
+def _whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def coerce(value: Any, annotation: Any, key: str, source: str = "config", choices: tuple | None = None,
            expect: str | None = None) -> Any:
     """``value`` checked against ``annotation`` (and ``choices``) for the setting ``key``: an int becomes a
@@ -119,6 +123,8 @@ def coerce(value: Any, annotation: Any, key: str, source: str = "config", choice
             return float(value)
         if origin is str and isinstance(value, str | os.PathLike):
             return os.fspath(value)
+        if origin is str and _whole_number(value) and not any((typing.get_origin(k) or k) in (int, float) for k in kinds):
+            return str(value)  # data.split=2014: YAML reads a number, the setting names something
         if origin is dict and isinstance(value, Mapping):
             item = args[1] if args else Any
             return {name: coerce(v, item, _join(key, name), source) for name, v in value.items()}
