@@ -441,6 +441,26 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def checked_device(name: str, option: str = "--device", local_rank: int = 0) -> torch.device:
+    """:func:`resolve_device` for a device a user named (``cpu``, ``cuda``, ``cuda:N``, ``auto``): one that
+    cannot be used here is a usage error naming ``option``, not a torch error at the first forward."""
+    from interbert.errors import UsageError
+
+    try:
+        device = resolve_device(name, local_rank)
+    except RuntimeError:
+        raise UsageError(f"{option} {name!r} is not a device (cpu, cuda, cuda:N or auto)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"{option} {name!r}: only cpu, cuda, cuda:N and auto are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{option} {name}: CUDA is not available on this machine (torch {torch.__version__}); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def init_distributed(device: torch.device) -> DistributedContext:
     """Join the process group that torchrun describes in the environment (no-op for one process)."""
     global _joined_process_group

@@ -89,10 +89,10 @@ def evaluate_retrieval(
 ) -> dict:
     """Score the split with the full protocol (and ``two_stage``), on ``device`` (``auto``: the GPU if any).
     Under torchrun the pairs are shared out over the ranks (every rank must call this alike)."""
-    from interbert.train import init_distributed, resolve_device
+    from interbert.train import checked_device, init_distributed
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    target = resolve_device(device, local_rank)
+    target = checked_device(device, "--device", local_rank)
     context = init_distributed(target)  # one process: a no-op
     shard = (context.rank, context.world_size) if context.enabled else None
     model = load_scoring_model(model_dir, zero_shot).to(target)

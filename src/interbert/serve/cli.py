@@ -14,6 +14,7 @@ from interbert.utils.argtypes import positive_int, seconds
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from interbert.serve.index import build_index
+    from interbert.train import checked_device
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     append = args.index_command == "add"
@@ -29,11 +30,13 @@ def _cmd_index(args: argparse.Namespace) -> int:
             print(f"error: {out} is not an index folder ({MANIFEST} is missing): build it first", file=sys.stderr)
             return 2
         model = json.loads(manifest_path.read_text())["model"]
+    device = str(checked_device(args.device))
     try:
         report = build_index(
             model, args.features, out, captions=args.captions, thumbnails=args.thumbnails, split=args.split,
             index_type=args.index_type,
             batch_size=args.batch_size, max_regions=getattr(args, "max_regions", DEFAULT_MAX_REGIONS), append=append,
+            device=device,
         )
     except (ValueError, OSError, KeyError) as error:  # bad input: say what and where, no traceback
         print(f"error: {error}", file=sys.stderr)
@@ -50,11 +53,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from interbert.serve.service import create_app
+    from interbert.train import checked_device
 
     # Requests, not intra-op threads, use the cores: on a busy machine a forward split over 2 threads
     # waits at every op for the descheduled one (measured p90 of re-ranked search: 0.9-3.5 s with 2
     # threads, 70-90 ms with 1, on 2 shared cores).
     torch.set_num_threads(args.torch_threads)
+    args.device = str(checked_device(args.device))
     if args.arm:
         return _serve_experiment(args)
     if args.index is None:
@@ -62,13 +67,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         app = create_app(args.index, args.model, rerank_cap=args.rerank_cap,
                          max_concurrent_reranks=args.max_concurrent_reranks,
-                         rerank_queue_timeout=args.rerank_queue_timeout)
+                         rerank_queue_timeout=args.rerank_queue_timeout, device=args.device)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     gate = app.state.rerank_gate
-    print(f"serving {args.index} on http://{args.host}:{args.port}/ (at most {gate.limit} re-ranked searches at once)",
-          flush=True)
+    print(f"serving {args.index} on http://{args.host}:{args.port}/ (at most {gate.limit} re-ranked searches at once, "
+          f"model on {args.device})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -86,7 +91,7 @@ def _serve_experiment(args: argparse.Namespace) -> int:
     events = args.events or f"{args.experiment}.events.sqlite"
     app = as_user_error(create_experiment_app, arms, parse_split(args.split, len(arms)), args.experiment, events,
                         salt=args.salt, rerank_cap=args.rerank_cap, max_concurrent_reranks=args.max_concurrent_reranks,
-                        rerank_queue_timeout=args.rerank_queue_timeout)
+                        rerank_queue_timeout=args.rerank_queue_timeout, device=args.device)
     shares = ", ".join(f"{name} {100 * share:g}%" for name, share in zip(app.state.experiment.arms, app.state.experiment.split))
     print(f"experiment {args.experiment!r} ({shares}) on http://{args.host}:{args.port}/, events in {events}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -99,6 +104,12 @@ def _common_index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="only the images that --captions puts in this split (e.g. test)")
     p.add_argument("--thumbnails", help="folder of <image_id>.jpg/.png images; small copies are kept in the index")
     p.add_argument("--batch-size", type=int, default=64, help="images embedded (and committed) per batch (default 64)")
+    _device_argument(p)
+
+
+def _device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu (default), cuda, cuda:N, or auto (the GPU if there is one)")
 
 
 def register(subparsers) -> None:
@@ -142,6 +153,7 @@ def register(subparsers) -> None:
     serve.add_argument("--rerank-queue-timeout", type=seconds, default=DEFAULT_RERANK_QUEUE_TIMEOUT,
                        help="seconds a re-ranked search waits for a free slot before it is answered 503 with "
                             f"Retry-After (default {DEFAULT_RERANK_QUEUE_TIMEOUT:g}; 0 = never wait)")
+    _device_argument(serve)
     serve.add_argument("--torch-threads", type=int, default=1,
                        help="intra-op threads per forward (default 1: concurrent requests use the cores)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

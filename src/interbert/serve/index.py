@@ -291,13 +291,14 @@ def build_index(
     append: bool = False,
     search_model: SearchModel | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> BuildReport:
     """Embed every image of the feature store ``features`` into the index folder ``out``.
 
     A new folder is created; an existing one built with the same model is continued (the ids it holds
     are skipped), which is both the restart of an interrupted build and ``index add`` (``append=True``
     requires the folder to exist). ``split`` keeps only the images that ``captions`` puts in that split.
-    Then the FAISS index is rebuilt over all stored embeddings.
+    Then the FAISS index is rebuilt over all stored embeddings. ``device``: where the model embeds.
     """
     if split is not None and captions is None:
         raise ValueError(f"choosing the images of split {split!r} needs the captions file that names the splits")
@@ -311,7 +312,7 @@ def build_index(
         raise FileNotFoundError(f"{out} is not an index folder ({MANIFEST} is missing): build it first")
     out.mkdir(parents=True, exist_ok=True)
 
-    search_model = search_model or SearchModel(model_dir, need_tokenizer=False)
+    search_model = search_model or SearchModel(model_dir, device=device, need_tokenizer=False)
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         _check_same_model(manifest, model_dir, out)
