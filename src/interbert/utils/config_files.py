@@ -9,6 +9,10 @@ overridden, and those a recipe declares optional (``optional_keys``: every ``Tra
 The shipped configs are package data (``src/interbert/configs/*.yaml``; the checkout's top-level
 ``configs/`` links there), so a non-editable install has them too: ``--config`` takes a file path or
 the name of a shipped config (``pretrain_tiny``), and each recipe defaults to its shipped config.
+
+A value of ``???`` (OmegaConf's and Hydra's "mandatory, no default") must be given on the command line
+before a recipe runs (:func:`mandatory_keys`; ``pretrain_base.yaml`` has ``model.from_bert: ???``, as there is
+no sensible default for where BERT lives); the file itself loads, e.g. to be printed or checked.
 """
 
 from __future__ import annotations
@@ -135,6 +139,20 @@ def load_config(
     for override in overrides:
         apply_override(config, override, source=str(path), optional_keys=optional_keys)
     return config
+
+
+MANDATORY = "???"
+
+
+def mandatory_keys(config: Mapping, prefix: str = "") -> list[str]:
+    """The dotted keys whose value is still ``???``."""
+    keys = []
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            keys += mandatory_keys(value, f"{prefix}{key}.")
+        elif value == MANDATORY:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
