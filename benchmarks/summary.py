@@ -62,8 +62,8 @@ def main() -> int:
             "Threads (`tiny` train step, s): " + ", ".join(f"{k}: {v:.2f}" for k, v in th.items()) + ". Other processes "
             "kept the 1-min load average at 7-14 on these 2 cores during this session; with 2 OpenMP threads each "
             "parallel region waits for a descheduled thread, so 1 thread was several times faster. `model_step` and "
-            "`speedups` were therefore run with `--threads 1`; `memory` and `eval_cost` ran with 2 threads under that "
-            "load, so their rates are pessimistic. On an idle machine rerun with the default `--threads 2`."
+            "`speedups` were therefore run with `--threads 1` (and `memory`, whose figures do not depend on it); "
+            "`eval_cost` ran with 2 threads under that load, so its rates are pessimistic. On an idle machine rerun with the default `--threads 2`."
         )
     if speed and speed.get("compile"):
         c = speed["compile"][0]
@@ -82,6 +82,17 @@ def main() -> int:
             f"**{t['peak_mib']:.0f} MiB**; of `base` full-protocol pair scoring (no_grad, {memory['settings']['pair_batch_size']} "
             f"pairs per batch): **{s['peak_mib']:.0f} MiB**."
         )
+        g = memory.get("train_base_checkpointed")
+        if g:
+            def grows(run: dict) -> float:
+                return run["phases_peak_mib"]["forward_backward"] - run["phases_peak_mib"]["model_built"]
+
+            parts.append(
+                f"With `train.gradient_checkpointing=true` the same step peaks at **{g['peak_mib']:.0f} MiB**; its forward + "
+                f"backward adds {grows(g):.0f} instead of {grows(t):.0f} MiB, with the same loss "
+                f"(|diff| {memory['checkpointing_equal']['loss_abs_diff']:.1e}) and gradient norm "
+                f"(|diff| {memory['checkpointing_equal']['grad_norm_abs_diff']:.1e}). Memory does not depend on the load."
+            )
     if cost:
         parts.append("## Retrieval evaluation cost (`eval_cost.md`)")
         rows = [[r["preset"], f"{r['pairs_per_s']:.1f}"] for r in cost["rates"]]
