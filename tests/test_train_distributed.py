@@ -129,7 +129,7 @@ class RecipeRun:
 #   case                  data.msm   data.mrm  data.negatives  MRM target (store)       ITC (itc_loss_weight)
 #   pretrain-tfidf        span       group     tfidf           classes (cls_prob)       on  (the README command)
 #   pretrain-random       geometric  region    random          features (no cls_prob)   off (projections frozen)
-#   pretrain-in_batch     token      group     in_batch        features                 on
+#   pretrain-in_batch     token      group     in_batch        features                 on  (gradient checkpointing)
 #
 # (test_modeling.py checks in one process that the other combinations give a gradient to every parameter
 # that is not frozen, also on the batches a rank's small share can hold: no matched pair, a single one.)
@@ -150,7 +150,7 @@ RECIPE_RUNS = {
     ), moves="mrm_feature_decoder.weight", frozen=(PROJECTION,)),
     "pretrain-in_batch": RecipeRun(PRETRAIN, "pretrain_tiny.yaml", (
         *PRETRAIN_DATA, "data.features=DATA/regions_without_classes.tsv", "data.msm=token", "data.mrm=group",
-        "data.negatives=in_batch",
+        "data.negatives=in_batch", "train.gradient_checkpointing=true",  # recomputed layers under DDP too
     ), moves=PROJECTION),
     "finetune-retrieval": RecipeRun(("finetune", "retrieval"), "finetune_retrieval_tiny.yaml", (
         "model.from_checkpoint=MODEL", "model.config_updates={itc_loss_weight: 0.0}", "data.captions=DATA/captions.json",
