@@ -104,10 +104,16 @@ def test_fp16_is_refused_on_cpu_and_together_with_bf16(tmp_path):
         Trainer(_Toy(), _toy_data(), config)
 
 
-def _scaled_step(scale: float, max_grad_norm: float | None, make_inf: bool = False):
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1),  # its update shows an unscaled gradient
+    "fused_adamw": lambda params: torch.optim.AdamW(params, lr=0.1, fused=True),  # the Trainer's optimizer
+}
+
+
+def _scaled_step(scale: float, max_grad_norm: float | None, make_inf: bool = False, optimizer: str = "sgd"):
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = OPTIMIZERS[optimizer](model.parameters())
     scaler = torch.amp.GradScaler("cpu", init_scale=scale, enabled=scale != 1.0)
     x = torch.randn(5, 3)
     loss = (model(x) ** 2).sum() * 10
@@ -120,10 +126,11 @@ def _scaled_step(scale: float, max_grad_norm: float | None, make_inf: bool = Fal
     return norm, before, after, scaler
 
 
-def test_scaled_update_unscales_before_clipping():
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_scaled_update_unscales_before_clipping(optimizer):
     # a scale of 1024 must change neither the clipped norm nor the update: clipping saw true gradients
-    norm_plain, _, after_plain, _ = _scaled_step(1.0, max_grad_norm=1.0)
-    norm_scaled, _, after_scaled, scaler = _scaled_step(1024.0, max_grad_norm=1.0)
+    norm_plain, _, after_plain, _ = _scaled_step(1.0, max_grad_norm=1.0, optimizer=optimizer)
+    norm_scaled, _, after_scaled, scaler = _scaled_step(1024.0, max_grad_norm=1.0, optimizer=optimizer)
     assert norm_plain > 1.0  # clipping does act
     assert norm_scaled == pytest.approx(norm_plain, rel=1e-5)
     for name in after_plain:
@@ -131,8 +138,9 @@ def test_scaled_update_unscales_before_clipping():
     assert scaler.get_scale() == 1024.0  # finite gradients: the scale stays (grows after 2000 good steps)
 
 
-def test_scaled_update_skips_a_step_whose_gradients_overflowed():
-    _, before, after, scaler = _scaled_step(1024.0, max_grad_norm=1.0, make_inf=True)
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_scaled_update_skips_a_step_whose_gradients_overflowed(optimizer):
+    _, before, after, scaler = _scaled_step(1024.0, max_grad_norm=1.0, make_inf=True, optimizer=optimizer)
     for name in before:
         assert torch.equal(before[name], after[name]), f"{name} changed in an overflowed step"
     assert scaler.get_scale() == 512.0  # backed off

@@ -436,8 +436,12 @@ _joined_process_group = False
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: this process's GPU when there is one, else the CPU. ``cuda`` without an index is this process's
+    GPU too (``cuda:LOCAL_RANK``: under torchrun each rank its own, not all of them on GPU 0)."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
     return torch.device(name)
 
 
