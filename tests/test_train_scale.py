@@ -42,6 +42,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(dropout):
     checkpointed = copy.deepcopy(plain)
     enable_gradient_checkpointing(checkpointed)
     assert checkpointed.is_activation_checkpointing and not plain.is_activation_checkpointing
+    legacy = copy.deepcopy(plain)
+    with pytest.warns(FutureWarning):  # transformers' older name works too (deprecated in transformers 5)
+        legacy.gradient_checkpointing_enable()
+    assert legacy.is_activation_checkpointing
     inputs = _padded_pretraining_batch()
 
     loss, grads = _loss_and_grads(plain, inputs)
