@@ -108,8 +108,8 @@ def start_gap(a, b, dataset, pad_id: int) -> float:
 def pretrain_on_synth(bert: Path, args, work: Path) -> tuple[Path, dict]:
     """Brief multimodal pretraining of a from_bert InterBERT on the built-in benchmark (the pretrain recipe)."""
     from interbert.recipes import pretrain
+    from interbert.recipes.settings import PretrainSettings
     from interbert.synthetic import generate
-    from interbert.utils import load_config
 
     info_file = work / "pretrain_info.json"
     wanted = {"steps": args.pretrain_steps, "batch_size": args.pretrain_batch_size, "learning_rate": args.pretrain_lr,
@@ -123,7 +123,7 @@ def pretrain_on_synth(bert: Path, args, work: Path) -> tuple[Path, dict]:
     data = work / "synth"
     if not (data / "synth.json").exists():
         generate(data, images=args.synth_images, seed=0, feature_dim=64, val_images=20, test_images=20, render_images=False)
-    cfg = load_config(REPO / "configs" / "pretrain_tiny.yaml", [
+    cfg = PretrainSettings.load(REPO / "configs" / "pretrain_tiny.yaml", [
         f"model.from_bert={bert}", f"data.captions={data / 'captions.json'}", f"data.features={data / 'regions.tsv'}",
         f"train.output_dir={work / 'pretrain'}", f"train.max_steps={args.pretrain_steps}",
         f"train.batch_size={args.pretrain_batch_size}", f"train.learning_rate={args.pretrain_lr}",

@@ -11,26 +11,26 @@ import torch
 
 from conftest import minilm_dir
 from interbert.cli import main
-from interbert.recipes.common import load_recipe_config
-from interbert.train import TrainConfig
+from interbert.recipes.settings import PretrainSettings, RetrievalSettings
 
 
 def test_base_configs_hold_the_authors_settings():
-    pretrain = load_recipe_config("pretrain_base")
-    train = TrainConfig.from_dict(pretrain["train"])
-    assert pretrain["model"]["preset"] == "base" and pretrain["model"]["overrides"] == {}
+    pretrain = PretrainSettings.load("pretrain_base")
+    train = pretrain.train
+    assert pretrain.model.preset == "base" and pretrain.model.overrides == {} and pretrain.model.from_bert == "???"
     assert train.batch_size * train.grad_accum_steps == 512 and train.learning_rate == 1e-4
     assert (train.num_epochs, train.warmup_ratio, train.bf16, train.fp16) == (15, 0.1, True, False)
-    assert (pretrain["data"]["msm"], pretrain["data"]["mrm"], pretrain["data"]["negatives"]) == ("span", "group", "tfidf")
+    assert (pretrain.data.msm, pretrain.data.mrm, pretrain.data.negatives) == ("span", "group", "tfidf")
 
-    finetune = load_recipe_config("finetune_retrieval_base")
-    train = TrainConfig.from_dict(finetune["train"])
-    assert finetune["model"]["preset"] == "base"
+    finetune = RetrievalSettings.load("finetune_retrieval_base")
+    train = finetune.train
+    assert finetune.model.preset == "base"
     assert train.batch_size * train.grad_accum_steps == 64 and train.learning_rate == 4e-5
-    assert (train.num_epochs, train.ema_decay, finetune["data"]["max_tokens"]) == (20, 0.9999, 30)
+    assert (train.num_epochs, train.ema_decay, finetune.data.max_tokens) == (20, 0.9999, 30)
     # the switches for smaller or older GPUs are plain overrides
-    assert TrainConfig.from_dict(load_recipe_config(
-        "pretrain_base", ["train.gradient_checkpointing=true", "train.bf16=false", "train.fp16=true"])["train"]).fp16
+    switched = PretrainSettings.load("pretrain_base", ["train.gradient_checkpointing=true", "train.bf16=false",
+                                                       "train.fp16=true"]).train
+    assert switched.gradient_checkpointing and switched.fp16 and not switched.bf16
 
 
 @pytest.mark.parametrize(("command", "config", "key"), [
