@@ -82,6 +82,8 @@ def test_approximate_milvus_indexes_find_each_image_by_its_own_embedding(demo_ga
     assert report.index_type == index_type
     index = ImageIndex(tmp_path / "idx")
     assert index.engine.uri == f"milvus:{db.resolve()}" and index.index_type == index_type
+    described = index.vectors.client.describe_index(index.vectors.collection, "embedding")
+    assert (described["index_type"], described["metric_type"]) == ({"hnsw": "HNSW", "ivf": "IVF_FLAT"}[index_type], "IP")
     rows = np.arange(1, TEST_IMAGES + 1)
     own = ImageIndex(folder / "faiss").faiss  # the same embeddings, by row
     vectors = np.stack([own.reconstruct(int(r)) for r in rows])
@@ -139,6 +141,30 @@ def test_cli_builds_a_milvus_index_and_says_which_engine(demo_gallery, tmp_path,
     printed = capsys.readouterr().out
     assert "0 added" in printed and "(faiss)" in printed
     assert ImageIndex(out).engine.kind == "faiss" and len(ImageIndex(out)) == TEST_IMAGES
+
+
+def test_a_milvus_rebuild_that_fails_midway_keeps_serving_the_previous_vectors(demo_gallery, tmp_path, monkeypatch):
+    from pymilvus import MilvusClient
+
+    _, model, search_model, captions, regions = demo_gallery
+    out = tmp_path / "idx"
+    common = dict(captions=captions, split="test", search_model=search_model, progress=False, engine="milvus")
+    build_index(model, regions, out, index_type="flat", **common)
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(MilvusClient, "insert", full_disk)
+    with pytest.raises(UsageError, match="milvus: writing the vectors failed.*No space left"):
+        build_index(model, regions, out, index_type="hnsw", **common)
+    monkeypatch.undo()
+    index = ImageIndex(out)  # the alias still names the first build's complete collection
+    assert (index.index_type, len(index)) == ("flat", TEST_IMAGES)
+    index.close()
+    build_index(model, regions, out, index_type="hnsw", **common)
+    index = ImageIndex(out)
+    assert (index.index_type, len(index)) == ("hnsw", TEST_IMAGES)
+    assert index.vectors.client.list_collections() == ["images__3"]  # the failed build's leftover is gone
 
 
 # ------------------------------------------------------------------------------------------------

@@ -230,10 +230,17 @@ def _milvus_client(engine: Engine):
         logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
         logging.getLogger("milvus_lite").setLevel(logging.WARNING)
     token = os.environ.get("MILVUS_TOKEN", "") if not engine.is_milvus_lite else ""
+    lite_log = logging.getLogger("milvus_lite")
+    level = lite_log.level
+    lite_log.setLevel(logging.CRITICAL)  # a failed start is logged with its traceback; our error says it in one line
     try:
         return MilvusClient(uri=engine.client_uri, token=token, timeout=MILVUS_CONNECT_TIMEOUT_S)
     except Exception as error:  # pymilvus raises MilvusException or grpc errors; either way: unreachable
-        raise UsageError(f"index engine {engine.uri}: cannot connect to Milvus ({_reason(error)})") from None
+        hint = (f"; a milvus-lite file is open in one process at a time: is another interbert command using "
+                f"{engine.client_uri}? (several processes need a Milvus server)" if engine.is_milvus_lite else "")
+        raise UsageError(f"index engine {engine.uri}: cannot connect to Milvus ({_reason(error)}){hint}") from None
+    finally:
+        lite_log.setLevel(level)
 
 
 def _reason(error: Exception) -> str:
@@ -326,11 +333,15 @@ class MilvusVectors:
                             "ivf": {"nlist": ivf_lists(len(vectors))}}.get(index_type, {})
             index_params.add_index(field_name="embedding", index_type=MILVUS_INDEX_TYPES[index_type],
                                    metric_type="IP", params=build_params)
-            client.create_collection(target, schema=schema, index_params=index_params)
+            # Bulk-load order: insert and seal the rows, then index them, then load. (A collection created
+            # with its index is loaded at once; milvus-lite then answers from unindexed rows until a
+            # background build catches up, and a server indexes segment by segment as they seal.)
+            client.create_collection(target, schema=schema)
             for start in range(0, len(vectors), MILVUS_INSERT_BATCH):
                 chunk = slice(start, start + MILVUS_INSERT_BATCH)
                 client.insert(target, [{"row": int(r), "embedding": v} for r, v in zip(rows[chunk], vectors[chunk])])
             client.flush(target)
+            client.create_index(target, index_params)
             client.load_collection(target)
             # The switch: readers of the alias move from the previous vectors to these in one step.
             if current is None:
