@@ -2,8 +2,12 @@
 
     index.json     what built it (model path, weights fingerprint, config, feature stores, index type)
     meta.sqlite    one row per image: id, caption, thumbnail, feature store, embedding (float32 blob)
-    index.faiss    the FAISS index over the embeddings, ids = the SQLite rows
+    index.faiss    the FAISS index over the embeddings, ids = the SQLite rows (the default engine)
     thumbnails/    small JPEG copies of the images, served by the web page
+
+With ``engine`` (``--engine``) the vectors are searched by Milvus instead of index.faiss: a milvus-lite
+file or a Milvus server (:mod:`interbert.serve.engines`); index.json records which, and the SQLite file
+stays the source of truth either way.
 
 Images whose embedding holds NaN or inf are not indexed (FAISS would drop them without a word); index.json
 counts and names them per feature store (``not_indexed_non_finite``), and a store where most images are
