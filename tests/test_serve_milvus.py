@@ -18,7 +18,7 @@ from interbert.extras import MissingExtraError
 pytest.importorskip("pymilvus", reason="the Milvus engine needs the [milvus] extra: pip install 'interbert[milvus]'")
 pytest.importorskip("milvus_lite", reason="the Milvus engine tests need milvus-lite: pip install 'interbert[milvus]'")
 
-from interbert.serve.engines import parse_engine  # noqa: E402
+from interbert.serve.engines import ivf_lists, parse_engine  # noqa: E402
 from interbert.serve.index import ImageIndex, build_index  # noqa: E402
 from interbert.serve.model import SearchModel  # noqa: E402
 from interbert.serve.synthetic_gallery import save_tiny_model  # noqa: E402
@@ -84,6 +84,9 @@ def test_approximate_milvus_indexes_find_each_image_by_its_own_embedding(demo_ga
     assert index.engine.uri == f"milvus:{db.resolve()}" and index.index_type == index_type
     described = index.vectors.client.describe_index(index.vectors.collection, "embedding")
     assert (described["index_type"], described["metric_type"]) == ({"hnsw": "HNSW", "ivf": "IVF_FLAT"}[index_type], "IP")
+    # FAISS's build parameters, not the engine's defaults (milvus-lite reads only the nested form of them)
+    expected = {"hnsw": {"M": 32, "efConstruction": 80}, "ivf": {"nlist": ivf_lists(TEST_IMAGES)}}[index_type]
+    assert {key: int(described["params"][key]) for key in expected} == expected
     rows = np.arange(1, TEST_IMAGES + 1)
     own = ImageIndex(folder / "faiss").faiss  # the same embeddings, by row
     vectors = np.stack([own.reconstruct(int(r)) for r in rows])

@@ -331,8 +331,10 @@ class MilvusVectors:
             index_params = client.prepare_index_params()
             build_params = {"hnsw": {"M": HNSW_NEIGHBOURS, "efConstruction": HNSW_EF_CONSTRUCTION},
                             "ivf": {"nlist": ivf_lists(len(vectors))}}.get(index_type, {})
+            # pymilvus 3 sends the build parameters as separate key/values, which milvus-lite 3.2 ignores (it
+            # reads only the older nested "params" JSON, which servers also read): send both, same values.
             index_params.add_index(field_name="embedding", index_type=MILVUS_INDEX_TYPES[index_type],
-                                   metric_type="IP", params=build_params)
+                                   metric_type="IP", params={**build_params, "params": build_params})
             # Bulk-load order: insert and seal the rows, then index them, then load. (A collection created
             # with its index is loaded at once; milvus-lite then answers from unindexed rows until a
             # background build catches up, and a server indexes segment by segment as they seal.)
