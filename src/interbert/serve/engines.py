@@ -234,7 +234,11 @@ def _milvus_client(engine: Engine):
     level = lite_log.level
     lite_log.setLevel(logging.CRITICAL)  # a failed start is logged with its traceback; our error says it in one line
     try:
-        return MilvusClient(uri=engine.client_uri, token=token, timeout=MILVUS_CONNECT_TIMEOUT_S)
+        # pymilvus pings every 10 s; milvus-lite's in-process server allows one ping per 5 minutes and
+        # answers more with GOAWAY "too_many_pings", which gRPC prints on stderr. Locally there is no idle
+        # connection to keep alive.
+        options = {"grpc_options": {"grpc.keepalive_time_ms": 2**31 - 1}} if engine.is_milvus_lite else {}
+        return MilvusClient(uri=engine.client_uri, token=token, timeout=MILVUS_CONNECT_TIMEOUT_S, **options)
     except Exception as error:  # pymilvus raises MilvusException or grpc errors; either way: unreachable
         hint = (f"; a milvus-lite file is open in one process at a time: is another interbert command using "
                 f"{engine.client_uri}? (several processes need a Milvus server)" if engine.is_milvus_lite else "")
