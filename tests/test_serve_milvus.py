@@ -204,6 +204,12 @@ def test_serve_given_a_milvus_uri_as_index_says_to_name_the_folder(capsys):
     assert code != 0 and "--engine" in err and "Traceback" not in err
 
 
+def test_serve_refuses_engine_with_arms_each_arm_uses_its_folders_engine(capsys):
+    code = interbert_main(["serve", "--arm", "control=a", "--arm", "treatment=b", "--engine", "milvus"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--engine" in err and "Traceback" not in err
+
+
 def test_engine_uris_are_checked_before_use(tmp_path):
     assert parse_engine(None, tmp_path).uri == "faiss"
     cluster = parse_engine("milvus://milvus.internal:19530/catalogue", tmp_path)

@@ -13,7 +13,9 @@ L2-normalised vectors, so scores are cosine similarities in both engines.
 
 A Milvus rebuild writes a new collection ``COLLECTION__<n>`` and then points the alias ``COLLECTION`` at it:
 servers reading the alias see the old vectors until the new ones are complete, and a build that stops
-midway leaves the alias where it was (the unfinished collection is dropped by the next build).
+midway leaves the alias where it was (the unfinished collection is dropped by the next build). Every build
+or add writes all the vectors again, as FAISS does: simple and always consistent with the SQLite file, at
+the cost of re-sending the whole gallery (an incremental insert is not done).
 """
 
 from __future__ import annotations
@@ -224,20 +226,19 @@ def _milvus_client(engine: Engine):
         Path(engine.client_uri).parent.mkdir(parents=True, exist_ok=True)
     # pymilvus logs every failed call at ERROR with its traceback; the error we raise says it in one line.
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+    options, token = {}, os.environ.get("MILVUS_TOKEN", "")
     if engine.is_milvus_lite:
         # milvus-lite's in-process gRPC server logs each call it does not implement (pymilvus's
         # AllocTimestamp while it waits for an index) with a traceback, and every segment flush at INFO.
         logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
         logging.getLogger("milvus_lite").setLevel(logging.WARNING)
-    token = os.environ.get("MILVUS_TOKEN", "") if not engine.is_milvus_lite else ""
+        # pymilvus pings every 10 s; milvus-lite's server allows one ping per 5 minutes and answers more with
+        # GOAWAY "too_many_pings", which gRPC prints on stderr. Locally there is no idle connection to keep alive.
+        options, token = {"grpc_options": {"grpc.keepalive_time_ms": 2**31 - 1}}, ""
     lite_log = logging.getLogger("milvus_lite")
     level = lite_log.level
     lite_log.setLevel(logging.CRITICAL)  # a failed start is logged with its traceback; our error says it in one line
     try:
-        # pymilvus pings every 10 s; milvus-lite's in-process server allows one ping per 5 minutes and
-        # answers more with GOAWAY "too_many_pings", which gRPC prints on stderr. Locally there is no idle
-        # connection to keep alive.
-        options = {"grpc_options": {"grpc.keepalive_time_ms": 2**31 - 1}} if engine.is_milvus_lite else {}
         return MilvusClient(uri=engine.client_uri, token=token, timeout=MILVUS_CONNECT_TIMEOUT_S, **options)
     except Exception as error:  # pymilvus raises MilvusException or grpc errors; either way: unreachable
         hint = (f"; a milvus-lite file is open in one process at a time: is another interbert command using "
