@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/eval_cost.py
 	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/profile_loop.py
+	$(BIN)/python benchmarks/text_step.py
 	$(BIN)/python benchmarks/summary.py
 
 clean:

@@ -85,6 +85,7 @@ def benchmark(tmp_path_factory) -> dict[str, Path]:
     from interbert.data.features import open_features, write_tsv
     from interbert.modeling import InterBertForPreTraining
     from interbert.recipes.common import captions_of_split, new_model, tokenizer_for
+    from interbert.recipes.settings import CaptionDataSettings, ModelSettings
 
     root = tmp_path_factory.mktemp("ddp_benchmark")
     data = root / "data"
@@ -95,8 +96,9 @@ def benchmark(tmp_path_factory) -> dict[str, Path]:
     write_tsv(data / "regions_without_classes.tsv", ((i, store[i]) for i in store.ids()))  # no cls_prob column
 
     pretrained = root / "pretrained"
-    tokenizer = tokenizer_for({"vocab_size": 200}, captions_of_split(data / "captions.json", "train"), root, None)
-    model = new_model({"preset": "tiny", "overrides": {"embedding_size": 32, "itc_loss_weight": 1.0}}, tokenizer,
+    tokenizer = tokenizer_for(CaptionDataSettings(vocab_size=200), captions_of_split(data / "captions.json", "train"),
+                              root, None)
+    model = new_model(ModelSettings(overrides={"embedding_size": 32, "itc_loss_weight": 1.0}), tokenizer,
                       store, InterBertForPreTraining)
     model.save_pretrained(pretrained)
     tokenizer.save_pretrained(str(pretrained))
@@ -201,10 +203,12 @@ from pathlib import Path
 import torch.distributed as dist
 
 from interbert.recipes.common import captions_of_split, start_run, tokenizer_for
+from interbert.recipes.settings import PretrainSettings
 
 out, captions = Path(sys.argv[1]), captions_of_split(sys.argv[2], "train")
-start_run({"model": {}, "data": {}, "train": {"output_dir": str(out), "device": "cpu"}})
-tokenizer = tokenizer_for({"vocab_size": 200}, captions, out, None)
+cfg = PretrainSettings.coerce({"data": {"vocab_size": 200}, "train": {"output_dir": str(out), "device": "cpu"}})
+start_run(cfg)
+tokenizer = tokenizer_for(cfg.data, captions, out, None)
 (out / f"vocab_rank{os.environ['RANK']}.json").write_text(json.dumps(tokenizer.get_vocab()))
 dist.destroy_process_group()
 """

@@ -38,8 +38,6 @@ import os
 import random
 import re
 import time
-import types
-import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from interbert.data import model_inputs
-from interbert.utils import files
+from interbert.utils import files, typed_config
 
 logger = logging.getLogger(__name__)
 
@@ -151,15 +149,11 @@ class TrainConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> TrainConfig:
         """Build from a config file's ``train:`` section; an unknown key, or a value of the wrong type
-        (``"yes"`` for a bool, ``1.5`` for an int), is an error naming it. Ints are accepted as floats."""
-        known = cls.field_names()
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
-        types_of = typing.get_type_hints(cls)
-        return cls(**{name: _typed(f"train.{name}", value, types_of[name]) for name, value in values.items()})
+        (``"yes"`` for a bool, ``1.5`` for an int), is a ConfigError (a ValueError) naming it. Ints are
+        accepted as floats, paths as str (:mod:`interbert.utils.typed_config`)."""
+        return typed_config.from_dict(cls, values, "train", source)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,26 +163,6 @@ class TrainConfig:
         if self.best_mode is not None:
             return self.best_mode
         return "min" if (self.best_metric or "").endswith(("loss", "rank")) else "max"
-
-
-def _typed(name: str, value: Any, annotation: Any) -> Any:
-    """``value`` checked against a field annotation of :class:`TrainConfig` (bool, int, float, str, dict,
-    each optionally ``| None``); an int becomes a float where a float is expected, a path a str."""
-    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    if value is None and type(None) in allowed:
-        return None
-    for kind in allowed:
-        kind = typing.get_origin(kind) or kind  # dict[str, float] -> dict
-        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if kind is int and isinstance(value, bool):
-            continue  # True is an int to Python, not to a config file
-        if kind is str and isinstance(value, os.PathLike):  # output_dir from Python code
-            return os.fspath(value)
-        if kind is not type(None) and isinstance(value, kind):
-            return value
-    expected = " or ".join("null" if kind is type(None) else getattr(kind, "__name__", str(kind)) for kind in allowed)
-    raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 @dataclass

@@ -41,7 +41,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
         )
     except (ValueError, OSError, KeyError) as error:  # bad input: say what and where, no traceback
         print(f"error: {error}", file=sys.stderr)
-        print("(finished batches are kept; fix the input and run the same command again to resume)", file=sys.stderr)
+        from interbert.serve.index import MANIFEST
+
+        if (Path(out) / MANIFEST).is_file():  # the build had started: what it committed is kept
+            print("(finished batches are kept; fix the input and run the same command again to resume)", file=sys.stderr)
         return 1
     left_out = f", {len(report.non_finite)} left out (non-finite embeddings, listed in index.json)" if report.non_finite else ""
     engine = json.loads((Path(out) / "index.json").read_text()).get("engine", "faiss")
