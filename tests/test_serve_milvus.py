@@ -15,8 +15,8 @@ from interbert.cli import main as interbert_main
 from interbert.errors import UsageError
 from interbert.extras import MissingExtraError
 
-pytest.importorskip("pymilvus", reason="the Milvus engine needs the [milvus] extra: pip install 'interbert[milvus]'")
-pytest.importorskip("milvus_lite", reason="the Milvus engine tests need milvus-lite: pip install 'interbert[milvus]'")
+for _module in ("pymilvus", "milvus_lite"):  # skipped with the CLI's own line for the missing extra
+    pytest.importorskip(_module, reason=str(MissingExtraError("milvus", _module, "the Milvus engine tests")))
 
 from interbert.serve.engines import ivf_lists, parse_engine  # noqa: E402
 from interbert.serve.index import ImageIndex, build_index  # noqa: E402
