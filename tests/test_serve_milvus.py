@@ -16,7 +16,7 @@ from interbert.errors import UsageError
 from interbert.extras import MissingExtraError
 
 for _module in ("pymilvus", "milvus_lite"):  # skipped with the CLI's own line for the missing extra
-    pytest.importorskip(_module, reason=str(MissingExtraError("milvus", _module, "the Milvus engine tests")))
+    pytest.importorskip(_module, reason=str(MissingExtraError("milvus", _module, "tests/test_serve_milvus.py")))
 
 from interbert.serve.engines import ivf_lists, parse_engine  # noqa: E402
 from interbert.serve.index import ImageIndex, build_index  # noqa: E402
