@@ -11,8 +11,13 @@ from interbert.errors import UsageError
 from interbert.serve import DEFAULT_MAX_REGIONS, DEFAULT_RERANK_QUEUE_TIMEOUT, INDEX_TYPES
 from interbert.utils.argtypes import positive_int, seconds
 
+ENGINE_HELP = ("where the vectors are searched: faiss (index.faiss in the folder), milvus (milvus-lite in the folder), "
+               "milvus:PATH.db, or milvus://HOST:PORT/COLLECTION (a Milvus server)")
+
 
 def _cmd_index(args: argparse.Namespace) -> int:
+    import json
+
     from interbert.serve.index import build_index
     from interbert.train import checked_device
 
@@ -21,8 +26,6 @@ def _cmd_index(args: argparse.Namespace) -> int:
     out = args.index if append else args.out
     model = args.model
     if append and model is None:
-        import json
-
         from interbert.serve.index import MANIFEST
 
         manifest_path = Path(out) / MANIFEST
@@ -36,7 +39,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
             model, args.features, out, captions=args.captions, thumbnails=args.thumbnails, split=args.split,
             index_type=args.index_type,
             batch_size=args.batch_size, max_regions=getattr(args, "max_regions", DEFAULT_MAX_REGIONS), append=append,
-            device=device,
+            engine=args.engine, device=device,
         )
     except (ValueError, OSError, KeyError) as error:  # bad input: say what and where, no traceback
         print(f"error: {error}", file=sys.stderr)
@@ -46,8 +49,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
             print("(finished batches are kept; fix the input and run the same command again to resume)", file=sys.stderr)
         return 1
     left_out = f", {len(report.non_finite)} left out (non-finite embeddings, listed in index.json)" if report.non_finite else ""
+    engine = json.loads((Path(out) / "index.json").read_text()).get("engine", "faiss")
     print(f"{out}: {report.total} images ({report.added} added, {report.already_indexed} already indexed{left_out}), "
-          f"{report.index_type} index")
+          f"{report.index_type} index ({engine})")
     return 0
 
 
@@ -68,7 +72,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.index is None:
         raise UsageError("give --index IDX (one index) or --arm NAME=IDX[,FEED] at least twice (an A/B experiment)")
     try:
-        app = create_app(args.index, args.model, rerank_cap=args.rerank_cap,
+        app = create_app(args.index, args.model, rerank_cap=args.rerank_cap, engine=args.engine,
                          max_concurrent_reranks=args.max_concurrent_reranks,
                          rerank_queue_timeout=args.rerank_queue_timeout, device=args.device)
     except (ValueError, OSError) as error:
@@ -88,8 +92,9 @@ def _serve_experiment(args: argparse.Namespace) -> int:
     from interbert.serve.abtest_cli import as_user_error
     from interbert.serve.experiment import create_experiment_app
 
-    if args.index is not None or args.model is not None:
-        raise UsageError("--index/--model serve one index; with --arm each arm names its own index")
+    if args.index is not None or args.model is not None or args.engine is not None:
+        raise UsageError("--index/--model/--engine serve one index; with --arm each arm names its own index "
+                         "(searched by the engine its index folder records)")
     arms = [parse_arm(text) for text in args.arm]
     events = args.events or f"{args.experiment}.events.sqlite"
     app = as_user_error(create_experiment_app, arms, parse_split(args.split, len(arms)), args.experiment, events,
@@ -107,6 +112,7 @@ def _common_index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="only the images that --captions puts in this split (e.g. test)")
     p.add_argument("--thumbnails", help="folder of <image_id>.jpg/.png images; small copies are kept in the index")
     p.add_argument("--batch-size", type=int, default=64, help="images embedded (and committed) per batch (default 64)")
+    p.add_argument("--engine", metavar="URI", help=ENGINE_HELP + " (default: the folder's; another one moves the vectors there)")
     _device_argument(p)
 
 
@@ -116,7 +122,7 @@ def _device_argument(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    index = subparsers.add_parser("index", help="build a FAISS image index for text-to-image search")
+    index = subparsers.add_parser("index", help="build an image index (FAISS or Milvus) for text-to-image search")
     sub = index.add_subparsers(dest="index_command", metavar="<action>", required=True)
 
     build = sub.add_parser("build", help="embed a feature store's images into a new index (re-run to resume)")
@@ -140,6 +146,9 @@ def register(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="serve text-to-image search over an index (HTTP API and web page)")
     serve.add_argument("--index", help="index folder made by `interbert index build`")
     serve.add_argument("--model", help="model folder (default: the one the index was built with)")
+    serve.add_argument("--engine", metavar="URI",
+                       help="search the index's vectors there (default: the engine its folder records), e.g. the same "
+                            "Milvus collection at another address: milvus://HOST:PORT/COLLECTION")
     serve.add_argument("--arm", action="append", metavar="NAME=INDEX[,FEED]",
                        help="an A/B experiment's arm (give it 2+ times, control first) instead of --index; FEED is "
                             "a topic feed made by `interbert topics build`")
