@@ -38,6 +38,10 @@ def start_load(result: dict) -> float | None:
     return None
 
 
+# Results whose headline figures are not timings (peak memory): a busy machine does not change them.
+LOAD_INDEPENDENT = {"memory"}
+
+
 def provenance(names: list[str]) -> tuple[str, list[str]]:
     """A table of when and at what load each result was measured, and the results measured on a busy machine."""
     rows, loaded = [], []
@@ -49,10 +53,14 @@ def provenance(names: list[str]) -> tuple[str, list[str]]:
         when = machine.get("date", result.get("date", "?")) if isinstance(machine, dict) else result.get("date", "?")
         start = start_load(result)
         busy = start is None or start > MAX_LOAD
-        if busy:
+        if busy and name in LOAD_INDEPENDENT:
+            status = "loaded; its memory figures do not depend on load (its seconds do)"
+        elif busy:
             loaded.append(name)
-        rows.append([f"`{name}.md`", str(when), "unknown" if start is None else f"{start:.2f}",
-                     "**loaded: re-run on an idle machine**" if busy else "idle"])
+            status = "**loaded: re-run on an idle machine**"
+        else:
+            status = "idle"
+        rows.append([f"`{name}.md`", str(when), "unknown" if start is None else f"{start:.2f}", status])
     return table(["result", "measured", "1-min load at start", "status"], rows), loaded
 
 
@@ -111,8 +119,8 @@ def main() -> int:
             "Threads (`tiny` train step, s): " + ", ".join(f"{k}: {v:.2f}" for k, v in th.items()) + ". Other processes "
             "kept the 1-min load average at 7-14 on these 2 cores during this session; with 2 OpenMP threads each "
             "parallel region waits for a descheduled thread, so 1 thread was several times faster. `model_step` and "
-            "`speedups` were therefore run with `--threads 1`; `memory` and `eval_cost` ran with 2 threads under that "
-            "load, so their rates are pessimistic. On an idle machine rerun with the default `--threads 2`."
+            "`speedups` were therefore run with `--threads 1` (and `memory`, whose figures do not depend on it); "
+            "`eval_cost` ran with 2 threads under that load, so its rates are pessimistic. On an idle machine rerun with the default `--threads 2`."
         )
     if speed and speed.get("compile"):
         c = speed["compile"][0]
@@ -131,6 +139,17 @@ def main() -> int:
             f"**{t['peak_mib']:.0f} MiB**; of `base` full-protocol pair scoring (no_grad, {memory['settings']['pair_batch_size']} "
             f"pairs per batch): **{s['peak_mib']:.0f} MiB**."
         )
+        g = memory.get("train_base_checkpointed")
+        if g:
+            def grows(run: dict) -> float:
+                return run["phases_peak_mib"]["forward_backward"] - run["phases_peak_mib"]["model_built"]
+
+            parts.append(
+                f"With `train.gradient_checkpointing=true` the same step peaks at **{g['peak_mib']:.0f} MiB**; its forward + "
+                f"backward adds {grows(g):.0f} instead of {grows(t):.0f} MiB, with the same loss "
+                f"(|diff| {memory['checkpointing_equal']['loss_abs_diff']:.1e}) and gradient norm "
+                f"(|diff| {memory['checkpointing_equal']['grad_norm_abs_diff']:.1e}). Memory does not depend on the load."
+            )
     if cost:
         parts.append("## Retrieval evaluation cost (`eval_cost.md`)")
         rows = [[r["preset"], f"{r['pairs_per_s']:.1f}"] for r in cost["rates"]]

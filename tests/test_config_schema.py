@@ -25,7 +25,8 @@ SPECIAL = {
     "data.sources": ("data.sources", [{"name": "a", "captions": "a.json", "features": "a.tsv"}]),
 }
 NEEDS = {"train.best_metric": ["train.eval_every=5"], "train.early_stopping_patience": ["train.eval_every=5"],
-         "data.sources": ["data.captions=null", "data.features=null"]}
+         "data.sources": ["data.captions=null", "data.features=null"],
+         "train.fp16": ["train.bf16=false"]}  # one half-precision kind at a time
 
 
 def _field(settings_class: type, key: str) -> tuple[typing.Any, dataclasses.Field, typing.Any]:

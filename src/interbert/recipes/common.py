@@ -46,7 +46,7 @@ from interbert.recipes.settings import (
     RecipeSettings,
 )
 from interbert.utils import load_config
-from interbert.utils.config_files import ConfigError
+from interbert.utils.config_files import MANDATORY, ConfigError, mandatory_keys
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ def require_settings(cfg: Any, required: Mapping[str, str], source: str = "confi
 
     ``required`` maps dotted keys to what their value is (``{"data.captions": "FILE"}``); without this a
     missing path surfaced as ``TypeError: expected str ... not NoneType`` from deep inside a reader."""
-    missing = [key for key in required if setting(cfg, key) in (None, "")]
+    required = {**required, **{key: "VALUE" for key in mandatory_keys(cfg)}}  # ??? in the file: no default
+    missing = [key for key in required if setting(cfg, key) in (None, "", MANDATORY)]
     if missing:
         verb = "is" if len(missing) == 1 else "are"
         how = " ".join(f"{key}={required[key]}" for key in missing)

@@ -9,11 +9,16 @@ overridden, and those a recipe declares optional (``optional_keys``: every ``Tra
 The shipped configs are package data (``src/interbert/configs/*.yaml``; the checkout's top-level
 ``configs/`` links there), so a non-editable install has them too: ``--config`` takes a file path or
 the name of a shipped config (``pretrain_tiny``), and each recipe defaults to its shipped config.
+
+A value of ``???`` (OmegaConf's and Hydra's "mandatory, no default") must be given on the command line
+before a recipe runs (:func:`mandatory_keys`; ``pretrain_base.yaml`` has ``model.from_bert: ???``, as there is
+no sensible default for where BERT lives); the file itself loads, e.g. to be printed or checked.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from collections.abc import Callable, Collection, Mapping
 from importlib import resources
@@ -150,6 +155,22 @@ def load_config(
     for override in overrides:
         apply_override(config, override, source=str(path), optional_keys=optional_keys)
     return config
+
+
+MANDATORY = "???"
+
+
+def mandatory_keys(config: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose value is still ``???`` (``config``: a mapping or typed settings, a dataclass)."""
+    if dataclasses.is_dataclass(config):
+        config = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    keys = []
+    for key, value in config.items():
+        if isinstance(value, Mapping) or dataclasses.is_dataclass(value):
+            keys += mandatory_keys(value, f"{prefix}{key}.")
+        elif value == MANDATORY:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
