@@ -6,10 +6,12 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# the extras the tests and the demo use: serve (the demo's search index, the serve tests), zh (Chinese tests)
+# the extras the tests and the demo use: serve (the demo's search index, the serve tests), zh (Chinese tests).
+# Not milvus: it adds ~265 MB installed (pyarrow, pandas) for one optional engine; its tests skip without
+# it, and `make test-milvus` installs it and runs them.
 EXTRAS := dev,serve,zh
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv demo test test-slow test-milvus bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -28,6 +30,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
+# Milvus as the index engine (pymilvus + milvus-lite, the [milvus] extra): installed into .venv on demand.
+test-milvus: $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e '.[$(EXTRAS),milvus]'
+	$(BIN)/python -m pytest tests/test_serve_milvus.py
+
 # Benchmarks run by hand, never in the test suite; results land in benchmarks/results/ with the machine.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/model_step.py
@@ -36,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/eval_cost.py
 	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/profile_loop.py
+	$(BIN)/python benchmarks/text_step.py
 	$(BIN)/python benchmarks/summary.py
 
 clean:

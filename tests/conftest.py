@@ -52,6 +52,12 @@ def one_torch_thread():
         yield
 
 
+def minilm_dir() -> Path:
+    """The MiniLM checkpoint folder that the dev dependency ships (a real, small BERT: 6 layers, hidden 384)
+    for tests that need a BERT folder; skips the test, saying why, when the package is absent."""
+    return Path(str(minilm_vocab())).parent
+
+
 def minilm_vocab() -> Path:
     """The WordPiece vocabulary of the MiniLM checkpoint that the dev dependency ships (a real BERT
     vocabulary for tiny test models); skips the test, saying why, when the package is absent."""

@@ -185,6 +185,7 @@ def test_data_check_reads_the_sources_of_a_training_config(two_sources, tmp_path
 
 
 def test_validation_captions_come_from_every_source_namespaced(tmp_path):
+    from interbert.recipes.settings import PretrainDataSettings
     from interbert.recipes.validation import validation_captions
     from interbert.utils.config_files import ConfigError
 
@@ -192,10 +193,10 @@ def test_validation_captions_come_from_every_source_namespaced(tmp_path):
     b = write_source(tmp_path / "b", 2.0, images=2, split="val")
     data = {"sources": [{"name": "a", "captions": str(a[0]), "features": str(a[1])},
                         {"name": "b", "captions": str(b[0]), "features": str(b[1])}], "val_images": 2}
-    captions = validation_captions(data, "run.yaml")
+    captions = validation_captions(PretrainDataSettings(**data), "run.yaml")
     assert sorted({c.image_id for c in captions}) == ["a/0", "a/1", "b/0", "b/1"]  # the first 2 images of each
     assert all(c.caption_id.split("/")[0] == c.image_id.split("/")[0] for c in captions)
     c = write_source(tmp_path / "c", 3.0, images=2, split="train")
     data["sources"].append({"name": "c", "captions": str(c[0]), "features": str(c[1])})
     with pytest.raises(ConfigError, match=r"run.yaml: .*c/captions.jsonl has no 'val' split"):
-        validation_captions(data, "run.yaml")
+        validation_captions(PretrainDataSettings(**data), "run.yaml")

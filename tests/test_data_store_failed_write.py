@@ -9,12 +9,20 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_data_features_concurrency import fingerprint, synthetic_regions
 
 from interbert.cli import main
 from interbert.data import RegionStore, open_features
-from interbert.data.features import StoreWriteError, convert_features, write_hdf5, write_npz_folder, write_tsv
+from interbert.data.features import (
+    StoreWriteError,
+    convert_features,
+    write_hdf5,
+    write_npz_folder,
+    write_tsv,
+    write_vilbert_lmdb,
+)
 from interbert.utils.files import leftover_temporaries
 
 CHUNK = 4
@@ -109,3 +117,47 @@ def test_a_single_file_writer_that_fails_part_way_keeps_the_old_file(tmp_path, w
         write(path, cut_short())
     assert path.read_bytes() == before and leftover_temporaries(tmp_path) == []
     assert sorted(open_features(path).ids()) == sorted(items)
+
+
+def test_an_npz_writer_that_fails_mid_file_leaves_no_cut_archive(tmp_path, monkeypatch):
+    """A full disk while one ``.npz`` is being written: the images before it read back, that one is absent
+    (not a cut archive a later reader would trip on), and no temporary file is left."""
+    items = synthetic_regions(n=4, dim=4, classes=3)
+    real_savez, calls = np.savez, []
+
+    def savez(file, **arrays):
+        calls.append(file)
+        if len(calls) == 3:
+            file.write(b"PK\x03\x04 half an archive")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_savez(file, **arrays)
+
+    monkeypatch.setattr(np, "savez", savez)
+    with pytest.raises(OSError, match="No space left"):
+        write_npz_folder(tmp_path / "npz", items.items())
+    written = list(items)[:2]
+    assert sorted(p.name for p in (tmp_path / "npz").iterdir()) == sorted(f"{i}.npz" for i in written)
+    store = open_features(tmp_path / "npz")
+    assert sorted(store.ids()) == sorted(written)
+    for image_id in written:
+        assert fingerprint(store[image_id]) == fingerprint(items[image_id])
+
+
+def test_an_lmdb_writer_that_fails_part_way_keeps_the_old_environment(tmp_path):
+    pytest.importorskip("lmdb")
+    items = synthetic_regions(n=6, dim=4, classes=3)
+    path = tmp_path / "features.lmdb"
+    write_vilbert_lmdb(path, list(items.items())[:3])
+    before = {image_id: fingerprint(open_features(path, trust_pickle=True)[image_id]) for image_id in list(items)[:3]}
+
+    def cut_short():
+        for n, item in enumerate(items.items()):
+            if n == 4:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            yield item
+
+    with pytest.raises(OSError, match="No space left"):
+        write_vilbert_lmdb(path, cut_short())
+    store = open_features(path, trust_pickle=True)
+    assert {image_id: fingerprint(store[image_id]) for image_id in store.ids()} == before
+    assert leftover_temporaries(tmp_path) == []

@@ -26,7 +26,8 @@ from interbert.utils.config_files import load_config, packaged_configs, resolve_
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-SHIPPED = {"pretrain_tiny", "finetune_retrieval_tiny", "finetune_vcr_tiny", "finetune_text_tiny"}
+SHIPPED = {"pretrain_tiny", "finetune_retrieval_tiny", "finetune_vcr_tiny", "finetune_text_tiny", "pretrain_base",
+           "finetune_retrieval_base"}
 # each training command and the shipped config it defaults to
 RECIPE_DEFAULTS = {
     ("pretrain",): "pretrain_tiny",

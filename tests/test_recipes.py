@@ -83,8 +83,8 @@ def test_pretrain_cli_with_overrides_and_resume(demo, tmp_path, capsys):
     card = (tmp_path / "run" / "model" / "README.md").read_text()
     assert "Written by the `pretrain` recipe" in card and f"captions: `{out / 'data' / 'captions.json'}`" in card
     assert "optimizer updates: 3" in card and "| msm_loss |" in card and "| masked region target | classes |" in card
-    # --resume continues with the vocabulary the checkpoint was trained with: WordPiece training is not
-    # reproducible from process to process, so training it again would renumber the tokens under the weights
+    # --resume continues with the vocabulary the checkpoint was trained with, read back rather than trained
+    # again (a vocabulary trained by another code version could renumber the tokens under the weights)
     vocab = tmp_path / "run" / "tokenizer" / "vocab.txt"
     before = (vocab.read_bytes(), vocab.stat().st_mtime_ns)
     assert main([*args[:3], "--resume", *args[3:], "train.max_steps=5"]) == 0

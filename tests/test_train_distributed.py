@@ -85,6 +85,7 @@ def benchmark(tmp_path_factory) -> dict[str, Path]:
     from interbert.data.features import open_features, write_tsv
     from interbert.modeling import InterBertForPreTraining
     from interbert.recipes.common import captions_of_split, new_model, tokenizer_for
+    from interbert.recipes.settings import CaptionDataSettings, ModelSettings
 
     root = tmp_path_factory.mktemp("ddp_benchmark")
     data = root / "data"
@@ -95,8 +96,9 @@ def benchmark(tmp_path_factory) -> dict[str, Path]:
     write_tsv(data / "regions_without_classes.tsv", ((i, store[i]) for i in store.ids()))  # no cls_prob column
 
     pretrained = root / "pretrained"
-    tokenizer = tokenizer_for({"vocab_size": 200}, captions_of_split(data / "captions.json", "train"), root, None)
-    model = new_model({"preset": "tiny", "overrides": {"embedding_size": 32, "itc_loss_weight": 1.0}}, tokenizer,
+    tokenizer = tokenizer_for(CaptionDataSettings(vocab_size=200), captions_of_split(data / "captions.json", "train"),
+                              root, None)
+    model = new_model(ModelSettings(overrides={"embedding_size": 32, "itc_loss_weight": 1.0}), tokenizer,
                       store, InterBertForPreTraining)
     model.save_pretrained(pretrained)
     tokenizer.save_pretrained(str(pretrained))
@@ -130,7 +132,7 @@ class RecipeRun:
 #   pretrain-tfidf        span       group     tfidf           classes (cls_prob)       on  (the README command)
 #   pretrain-clean        span       group     tfidf 0->1      classes, clean matching  on
 #   pretrain-random       geometric  region    random          features (no cls_prob)   off (projections frozen)
-#   pretrain-in_batch     token      group     in_batch        features                 on
+#   pretrain-in_batch     token      group     in_batch        features                 on  (gradient checkpointing)
 #
 # (test_modeling.py checks in one process that the other combinations give a gradient to every parameter
 # that is not frozen, also on the batches a rank's small share can hold: no matched pair, a single one.)
@@ -157,7 +159,7 @@ RECIPE_RUNS = {
     ), moves="mrm_feature_decoder.weight", frozen=(PROJECTION,)),
     "pretrain-in_batch": RecipeRun(PRETRAIN, "pretrain_tiny.yaml", (
         *PRETRAIN_DATA, "data.features=DATA/regions_without_classes.tsv", "data.msm=token", "data.mrm=group",
-        "data.negatives=in_batch",
+        "data.negatives=in_batch", "train.gradient_checkpointing=true",  # recomputed layers under DDP too
     ), moves=PROJECTION),
     "finetune-retrieval": RecipeRun(("finetune", "retrieval"), "finetune_retrieval_tiny.yaml", (
         "model.from_checkpoint=MODEL", "model.config_updates={itc_loss_weight: 0.0}", "data.captions=DATA/captions.json",
@@ -208,21 +210,61 @@ from pathlib import Path
 import torch.distributed as dist
 
 from interbert.recipes.common import captions_of_split, start_run, tokenizer_for
+from interbert.recipes.settings import PretrainSettings
 
 out, captions = Path(sys.argv[1]), captions_of_split(sys.argv[2], "train")
-start_run({"model": {}, "data": {}, "train": {"output_dir": str(out), "device": "cpu"}})
-tokenizer = tokenizer_for({"vocab_size": 200}, captions, out, None)
+cfg = PretrainSettings.coerce({"data": {"vocab_size": 200}, "train": {"output_dir": str(out), "device": "cpu"}})
+start_run(cfg)
+tokenizer = tokenizer_for(cfg.data, captions, out, None)
 (out / f"vocab_rank{os.environ['RANK']}.json").write_text(json.dumps(tokenizer.get_vocab()))
 dist.destroy_process_group()
 """
 
 
 def test_ranks_encode_with_one_vocabulary_trained_once(benchmark, tmp_path):
-    # WordPiece training breaks ties in hash order: each process would number the pieces differently,
-    # and the ranks would train one model on differently encoded captions without any error
+    # every rank must encode with the one vocabulary rank 0 trained and wrote (were each rank to train
+    # its own, any difference would train one model on differently encoded captions without any error)
     script = tmp_path / "train_vocabulary.py"
     script.write_text(VOCABULARY_SCRIPT)
     completed = torchrun([str(script), str(tmp_path), str(benchmark["data"] / "captions.json")], cwd=tmp_path)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-8000:]
     vocabularies = [json.loads((tmp_path / f"vocab_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert len(vocabularies[0]) > 50 and vocabularies[0] == vocabularies[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Retrieval evaluation under torchrun: the pairs are shared out, the JSON is the one-process JSON
+# ---------------------------------------------------------------------------------------------------
+def _without_timings(result: dict, prefix: str = "") -> dict:
+    """The result, flattened, minus what legitimately differs between runs: wall time, output paths, the
+    per-rank split."""
+    flat = {}
+    for key, value in result.items():
+        if key in ("seconds", "histogram", "pair_forwards_per_rank"):
+            continue
+        flat.update(_without_timings(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return flat
+
+
+def test_evaluate_retrieval_under_torchrun_gives_the_one_process_json_each_rank_scoring_half(benchmark, tmp_path):
+    data = benchmark["data"]
+    args = ["-m", "interbert.cli", "evaluate", "retrieval", "--model", str(benchmark["pretrained"]), "--zero-shot",
+            "--captions", str(data / "captions.json"), "--features", str(data / "regions.tsv"), "--split", "test",
+            "--two-stage", "3", "--device", "cpu", "--threads", "1", "--pair-batch-size", "16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    alone = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one.json")], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=240)
+    assert alone.returncode == 0, alone.stderr[-5000:]
+    shared = torchrun([*args, "--out", str(tmp_path / "two.json")], cwd=tmp_path)
+    assert shared.returncode == 0, shared.stdout[-3000:] + shared.stderr[-8000:]
+    assert shared.stdout.count('"pair_forwards_per_rank"') == 2  # printed once (rank 0): full + two-stage
+
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert _without_timings(two) == pytest.approx(_without_timings(one), abs=1e-6)
+    captions, images = one["num_captions"], one["num_images"]
+    assert one["pair_forwards"] == captions * images and one["pair_forwards_per_rank"] == [captions * images]
+    # each rank scored its half of the captions against every image; together all pairs, once
+    assert two["pair_forwards_per_rank"] == [(captions + 1) // 2 * images, captions // 2 * images]
+    assert sum(two["two_stage"]["pair_forwards_per_rank"]) == one["two_stage"]["pair_forwards"] == 3 * captions
+    assert (tmp_path / "two.png").is_file()  # rank 0 wrote the histogram

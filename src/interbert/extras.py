@@ -2,7 +2,8 @@
 
 The core install trains, evaluates and runs the demo's models; a few commands need more:
 ``[serve]`` for ``interbert index|serve`` (and the demo's search index), ``[extract]`` for
-``interbert extract``, ``[zh]`` for Chinese word segmentation. Without them, the command stops with
+``interbert extract``, ``[zh]`` for Chinese word segmentation, ``[milvus]`` for an index searched by
+Milvus (``--engine milvus...``). Without them, the command stops with
 ``error: ... pip install 'interbert[serve]'`` (the CLI's usage-error path, exit 2) instead of an
 ImportError traceback. ``tests/test_packaging.py`` keeps :data:`EXTRA_MODULES` in step with pyproject.
 """
@@ -18,6 +19,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "serve": ("fastapi", "pydantic", "uvicorn", "faiss"),
     "extract": ("torchvision",),
     "zh": ("jieba",),
+    "milvus": ("pymilvus", "milvus_lite"),
 }
 
 _EXTRA_OF_MODULE = {module: extra for extra, modules in EXTRA_MODULES.items() for module in modules}

@@ -15,7 +15,9 @@ Anything else is refused with a :class:`~interbert.errors.UsageError` that names
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from interbert.config import InterBertConfig
 from interbert.convert import retrieval_from_pretraining
@@ -82,16 +84,25 @@ def saved_architecture(folder: str | Path) -> str:
     return known[0]
 
 
-def load_model(folder: str | Path, task: str | None = None, num_labels: int | None = None) -> InterBertPreTrainedModel:
+def load_model(folder: str | Path, task: str | None = None, num_labels: int | None = None,
+               config_updates: Mapping[str, Any] | None = None) -> InterBertPreTrainedModel:
     """The model a saved ``folder`` gives for ``task`` (one of :data:`TASKS`; None: the saved class as it is).
 
     ``num_labels``: for ``sequence_classification``, the task's number of classes; a saved classifier
     must have as many, any other InterBERT gets a new classifier of that size.
+    ``config_updates``: InterBertConfig fields to change (e.g. ``{"itc_loss_weight": 0.0}``); the model is
+    built from the saved config with these changes, validated by InterBertConfig.
     """
     folder = Path(folder)
     name = saved_architecture(folder)
+
+    def load(cls: type[InterBertPreTrainedModel], **config_fields: Any) -> InterBertPreTrainedModel:
+        if config_updates:  # the config the model is built from, changed and validated
+            return cls.from_pretrained(folder, config=updated_config(folder, {**config_updates, **config_fields}))
+        return cls.from_pretrained(folder, **config_fields)
+
     if task is None:
-        return CLASSES[name].from_pretrained(folder)
+        return load(CLASSES[name])
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     target, sources = TASKS[task]
@@ -99,13 +110,27 @@ def load_model(folder: str | Path, task: str | None = None, num_labels: int | No
     if how is None:
         raise UsageError(f"{folder} holds an {name}; the {task} task loads {' or '.join(sources)}")
     if how == "itm":
-        return retrieval_from_pretraining(InterBertForPreTraining.from_pretrained(folder), target)
+        return retrieval_from_pretraining(load(InterBertForPreTraining), target)
     if how == "text":
-        return target.from_pretrained(folder, **({} if num_labels is None else {"num_labels": num_labels}))
-    model = CLASSES[name].from_pretrained(folder)
+        return load(target, **({} if num_labels is None else {"num_labels": num_labels}))
+    model = load(CLASSES[name])
     if num_labels is not None and task == "sequence_classification" and model.config.num_labels != num_labels:
         raise UsageError(f"{folder} classifies into {model.config.num_labels} labels, the task has {num_labels}")
     return model
+
+
+def updated_config(folder: str | Path, updates: Mapping[str, Any]) -> InterBertConfig:
+    """The config saved in ``folder`` with ``updates``, validated (a field it does not have is refused)."""
+    config = InterBertConfig.from_pretrained(folder)
+    unknown = [key for key in updates if not hasattr(config, key)]
+    if unknown:
+        raise UsageError(f"{folder}: {', '.join(unknown)} is not a field of its InterBertConfig")
+    config = InterBertConfig.from_pretrained(folder, **updates)
+    try:
+        config.validate()
+    except ValueError as e:
+        raise UsageError(f"{folder}: its config with {dict(updates)}: {e}") from None
+    return config
 
 
 __all__ = ["CLASSES", "TASKS", "load_model", "saved_architecture"]

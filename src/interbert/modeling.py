@@ -21,10 +21,12 @@ per-position work runs on the real positions only (see `Padding`) and padded out
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import (
     AutoModel,
@@ -167,6 +169,13 @@ class Padding:
 class TransformerLayer(nn.Module):
     """A post-LayerNorm BERT layer: self-attention and feed-forward, each with residual + LayerNorm."""
 
+    # Gradient checkpointing (transformers' convention: ``model.gradient_checkpointing_enable()`` sets
+    # these on every module that has them): keep only the layer's input for the backward pass and
+    # recompute its activations there. Non-reentrant checkpointing restores the RNG state, so dropout
+    # draws the same masks in the recomputation and the gradients equal those of a plain run.
+    gradient_checkpointing = False
+    _gradient_checkpointing_func = staticmethod(functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False))
+
     def __init__(self, hidden: int, heads: int, intermediate: int, act: str, dropout: float, attn_dropout: float, eps: float):
         super().__init__()
         self.heads = heads
@@ -205,7 +214,10 @@ class TransformerLayer(nn.Module):
             x = x.index_select(0, rows)
             q = self.query(x).view(-1, self.heads, 1, h // self.heads)
             mask = None if padding.attn_mask is None else padding.attn_mask[seq]
-            context = F.scaled_dot_product_attention(q, k[seq], v[seq], attn_mask=mask, dropout_p=p).reshape(-1, h)
+            # index_select, not k[seq]: seq repeats indices, and the backward of advanced indexing on CPU
+            # with 2+ threads adds them with float atomics in any order (runs differed in the last bits)
+            k, v = k.index_select(0, seq), v.index_select(0, seq)
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p).reshape(-1, h)
         x = self.attn_norm(x + self.dropout(self.attn_out(context)))
         return self.ffn_norm(x + self.dropout(self.ffn_out(self.act(self.ffn_in(x)))))
 
@@ -219,7 +231,11 @@ def run_stack(layers: nn.ModuleList, hidden: torch.Tensor, keep: torch.Tensor,
     x = padding.pack(hidden)
     rows = None if needed is None or not len(layers) else padding.rows_of(needed)
     for i, layer in enumerate(layers):
-        x = layer(x, padding, rows if i == len(layers) - 1 else None)
+        last_rows = rows if i == len(layers) - 1 else None
+        if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+            x = layer._gradient_checkpointing_func(layer, x, padding, last_rows)
+        else:
+            x = layer(x, padding, last_rows)
     if rows is not None:
         x = x.new_zeros(len(padding.index) if padding.index is not None else keep.numel(), x.shape[-1]).index_copy(0, rows, x)
     return padding.unpack(x)
@@ -285,6 +301,7 @@ class InterBertPreTrainedModel(PreTrainedModel):
     config: InterBertConfig
     base_model_prefix = "interbert"
     _supports_sdpa = True
+    supports_gradient_checkpointing = True  # per TransformerLayer, see run_stack
     _trains_embeddings = False  # whether the head has the contrastive (ITC) loss, on when itc_loss_weight > 0
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -7,6 +7,10 @@ broadcast into pair batches, and captions are batched by length so padding stays
 
 Two-stage: candidates by single-modal embedding similarity (one text pass per caption, one image pass
 per image), then only the top K images of each caption are re-scored by the cross-encoder.
+
+Sharded (under torchrun, ``shard=(rank, world_size)``): each rank scores the pairs of every
+``world_size``-th caption in length order (so the ranks get captions of the same lengths, and about the
+same work), and the ranks' rows are all-gathered: every rank ends with the full score matrix.
 """
 
 from __future__ import annotations
@@ -34,8 +38,28 @@ class RegionInput:
 @dataclass
 class ScoreReport:
     scores: np.ndarray  # captions x images
-    pair_forwards: int
+    pair_forwards: int  # over all ranks
     seconds: float
+    pair_forwards_by_rank: list[int] | None = None  # each rank's share (one entry in one process)
+
+
+def caption_shard(lengths: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """The captions (indices) that ``rank`` scores, sorted by length: every ``world_size``-th one of the
+    length order, so each rank's captions are as long as the others' and batch as tightly."""
+    order = sorted(range(len(lengths)), key=lambda c: lengths[c])
+    return order[rank::world_size]
+
+
+def _gather_rows(scores: np.ndarray, rows: list[int], forwards: int) -> tuple[np.ndarray, list[int]]:
+    """Every rank's scored ``rows`` of the captions x images matrix, gathered on every rank."""
+    import torch.distributed as dist
+
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (rows, scores[rows], forwards))
+    full = np.full_like(scores, np.nan)
+    for rank_rows, block, _ in gathered:
+        full[rank_rows] = block
+    return full, [count for _, _, count in gathered]
 
 
 def pair_scorer(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -100,12 +124,15 @@ def score_pairs(
     pairs: np.ndarray | None = None,
     pair_batch_size: int = 512,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> ScoreReport:
     """Cross-encoder scores of caption x image pairs.
 
     ``captions``: token ids with [CLS]/[SEP]; ``images``: prepared regions. ``pairs``: a boolean
     captions x images matrix of the pairs to score (default: all, the full protocol); unscored pairs
     are ``nan`` in the result. Runs on the model's device (move the model to a GPU to score there).
+    ``shard=(rank, world_size)``: this rank scores its share of the captions (:func:`caption_shard`) and
+    the ranks exchange their rows (every rank of the process group must call this alike).
     """
     model.eval()
     head = pair_scorer(model)
@@ -118,12 +145,13 @@ def score_pairs(
 
     # Captions sorted by length; pair batches = (one image) x (a run of similar-length captions),
     # or several images x those captions when the runs are short.
-    order = sorted(range(n_c), key=lambda c: len(captions[c]))
-    caption_block = max(1, min(pair_batch_size, n_c))
+    rank, world_size = shard or (0, 1)
+    order = caption_shard([len(c) for c in captions], rank, world_size)
+    caption_block = max(1, min(pair_batch_size, len(order)))
     image_block = max(1, pair_batch_size // caption_block)
-    total = int(wanted.sum())
+    total = int(wanted[order].sum())
     bar = tqdm(total=total, desc="scoring pairs", unit="pair", disable=not progress, leave=False)
-    for c0 in range(0, n_c, caption_block):
+    for c0 in range(0, len(order), caption_block):
         cap_ids = order[c0 : c0 + caption_block]
         texts, text_keep = _pad([text_emb[c] for c in cap_ids])
         for i0 in range(0, n_i, image_block):
@@ -140,7 +168,11 @@ def score_pairs(
                 scores[cap_ids[ci], ii] = value
             bar.update(len(sel))
     bar.close()
-    return ScoreReport(scores=scores, pair_forwards=total, seconds=time.perf_counter() - start_time)
+    by_rank = [total]
+    if world_size > 1:
+        scores, by_rank = _gather_rows(scores, order, total)
+    return ScoreReport(scores=scores, pair_forwards=sum(by_rank), seconds=time.perf_counter() - start_time,
+                       pair_forwards_by_rank=by_rank)
 
 
 @torch.no_grad()
@@ -170,6 +202,7 @@ def two_stage_scores(
     k: int,
     pair_batch_size: int = 512,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> ScoreReport:
     """Candidates by embedding similarity, the top ``k`` per caption re-ranked by the cross-encoder.
 
@@ -182,9 +215,11 @@ def two_stage_scores(
     top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
     chosen = np.zeros_like(sim, dtype=bool)
     np.put_along_axis(chosen, top, True, axis=1)
-    report = score_pairs(model, captions, images, pairs=chosen, pair_batch_size=pair_batch_size, progress=progress)
+    report = score_pairs(model, captions, images, pairs=chosen, pair_batch_size=pair_batch_size, progress=progress,
+                         shard=shard)
     # candidates (shifted to >= 1) rank above every non-candidate (similarity - 2 <= -1)
     pair = report.scores
     floor = np.nanmin(pair) if chosen.any() else 0.0
     final = np.where(chosen, np.nan_to_num(pair - floor) + 1.0, sim - 2.0).astype(np.float32)
-    return ScoreReport(scores=final, pair_forwards=report.pair_forwards, seconds=time.perf_counter() - start_time)
+    return ScoreReport(scores=final, pair_forwards=report.pair_forwards, seconds=time.perf_counter() - start_time,
+                       pair_forwards_by_rank=report.pair_forwards_by_rank)

@@ -4,8 +4,9 @@ The loop knows nothing about InterBERT: it trains any ``nn.Module`` whose ``forw
 an object with a scalar ``.loss`` (a dataclass, e.g. a transformers ``ModelOutput``). Every other
 dataclass field whose name ends in ``_loss`` is logged as a loss component.
 
-What it does, in order of a step: seeded batch -> forward (bf16 autocast on CUDA only) -> backward of
-``loss / grad_accum_steps`` -> after ``grad_accum_steps`` micro-batches: gradient clipping, AdamW,
+What it does, in order of a step: seeded batch -> forward (bf16 or fp16 autocast on CUDA only) -> backward
+of ``loss / grad_accum_steps`` (loss-scaled with fp16) -> after ``grad_accum_steps`` micro-batches: unscaling,
+gradient clipping, AdamW,
 linear warm-up / linear decay schedule, EMA update -> log, evaluate (model_best, early stopping), checkpoint.
 
 Reproducibility contract: the data order is a seeded permutation per epoch (``DistributedSampler`` with
@@ -38,8 +39,6 @@ import os
 import random
 import re
 import time
-import types
-import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from interbert.data import model_inputs
-from interbert.utils import files
+from interbert.utils import files, typed_config
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +95,12 @@ class TrainConfig:
     ema_decay: float | None = None
     ema_warmup: bool = True
     bf16: bool = True  # autocast to bfloat16 on CUDA; never on CPU (bf16 matmuls are ~100x slower there)
+    # autocast to float16 with a dynamic loss scale (torch.amp.GradScaler), for GPUs without bf16 (V100, T4).
+    # CUDA only: refused on CPU, and with bf16 (set train.bf16=false).
+    fp16: bool = False
+    # Recompute each transformer layer's activations in the backward pass instead of keeping them: less
+    # memory for a slower step (the model must support it: transformers' gradient_checkpointing_enable).
+    gradient_checkpointing: bool = False
     device: str = "auto"  # auto -> cuda:LOCAL_RANK when available, else cpu
     save_every: int | None = None  # checkpoint every N updates (and always at the end)
     log_every: int = 10  # TensorBoard scalars every N updates
@@ -136,6 +141,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} needs eval_every (evaluations to compare)")
         if self.learning_rate <= 0:
             raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
+        if self.fp16 and self.bf16:
+            raise ValueError("TrainConfig.fp16 and bf16 are both on: choose one (train.bf16=false train.fp16=true)")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -151,15 +158,11 @@ class TrainConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> TrainConfig:
         """Build from a config file's ``train:`` section; an unknown key, or a value of the wrong type
-        (``"yes"`` for a bool, ``1.5`` for an int), is an error naming it. Ints are accepted as floats."""
-        known = cls.field_names()
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
-        types_of = typing.get_type_hints(cls)
-        return cls(**{name: _typed(f"train.{name}", value, types_of[name]) for name, value in values.items()})
+        (``"yes"`` for a bool, ``1.5`` for an int), is a ConfigError (a ValueError) naming it. Ints are
+        accepted as floats, paths as str (:mod:`interbert.utils.typed_config`)."""
+        return typed_config.from_dict(cls, values, "train", source)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,26 +172,6 @@ class TrainConfig:
         if self.best_mode is not None:
             return self.best_mode
         return "min" if (self.best_metric or "").endswith(("loss", "rank")) else "max"
-
-
-def _typed(name: str, value: Any, annotation: Any) -> Any:
-    """``value`` checked against a field annotation of :class:`TrainConfig` (bool, int, float, str, dict,
-    each optionally ``| None``); an int becomes a float where a float is expected, a path a str."""
-    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    if value is None and type(None) in allowed:
-        return None
-    for kind in allowed:
-        kind = typing.get_origin(kind) or kind  # dict[str, float] -> dict
-        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if kind is int and isinstance(value, bool):
-            continue  # True is an int to Python, not to a config file
-        if kind is str and isinstance(value, os.PathLike):  # output_dir from Python code
-            return os.fspath(value)
-        if kind is not type(None) and isinstance(value, kind):
-            return value
-    expected = " or ".join("null" if kind is type(None) else getattr(kind, "__name__", str(kind)) for kind in allowed)
-    raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 @dataclass
@@ -362,6 +345,32 @@ def freeze_unused_parameters(model: nn.Module) -> list[str]:
     return sorted(unused)
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on gradient checkpointing the transformers way (non-reentrant ``torch.utils.checkpoint``);
+    a model without support for it is refused rather than silently trained without it."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing")
+    # transformers >= 5 renamed gradient_checkpointing_enable (now a deprecated alias)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
+def scaled_optimizer_step(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, parameters: Iterator[nn.Parameter],
+    max_grad_norm: float | None,
+) -> float | None:
+    """One update from gradients that ``scaler`` scaled: unscale them first, so that clipping sees the true
+    norm, then step (skipped by the scaler when a gradient is inf/NaN) and adjust the scale. Returns the
+    gradient norm before clipping (None without clipping). With a disabled scaler: clip + step."""
+    grad_norm = None
+    scaler.unscale_(optimizer)
+    if max_grad_norm is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(parameters), max_grad_norm))
+    scaler.step(optimizer)
+    scaler.update()
+    return grad_norm
+
+
 def loss_components(output: Any) -> dict[str, torch.Tensor | None]:
     """The output's ``loss`` and every field named ``*_loss`` (None where the model gave none)."""
     if dataclasses.is_dataclass(output):
@@ -401,9 +410,33 @@ _joined_process_group = False
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: this process's GPU when there is one, else the CPU. ``cuda`` without an index is this process's
+    GPU too (``cuda:LOCAL_RANK``: under torchrun each rank its own, not all of them on GPU 0)."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
     return torch.device(name)
+
+
+def checked_device(name: str, option: str = "--device", local_rank: int = 0) -> torch.device:
+    """:func:`resolve_device` for a device a user named (``cpu``, ``cuda``, ``cuda:N``, ``auto``): one that
+    cannot be used here is a usage error naming ``option``, not a torch error at the first forward."""
+    from interbert.errors import UsageError
+
+    try:
+        device = resolve_device(name, local_rank)
+    except RuntimeError:
+        raise UsageError(f"{option} {name!r} is not a device (cpu, cuda, cuda:N or auto)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"{option} {name!r}: only cpu, cuda, cuda:N and auto are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{option} {name}: CUDA is not available on this machine (torch {torch.__version__}); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def init_distributed(device: torch.device) -> DistributedContext:
@@ -428,9 +461,9 @@ def init_distributed(device: torch.device) -> DistributedContext:
 @contextlib.contextmanager
 def main_process_first() -> Iterator[bool]:
     """Run a block on the main process (rank 0) first and then on the others; yields whether this is
-    the main process. For set-up that every rank must share but cannot reproduce on its own (a trained
-    WordPiece vocabulary: its ties break in hash order, so each process would number it differently) or
-    that writes files (caches): the main process makes and writes it, the others read what it wrote.
+    the main process. For set-up that every rank must share and that is costly or writes files (a
+    trained WordPiece vocabulary, caches): the main process makes and writes it, the others read what
+    it wrote.
     A no-op in one process, or before the process group is joined (:func:`init_distributed`)."""
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     main = not distributed or dist.get_rank() == 0
@@ -565,6 +598,16 @@ class Trainer:
         self.device = resolve_device(config.device, local_rank)
         self.dist = init_distributed(self.device)
         self.use_bf16 = config.bf16 and self.device.type == "cuda"
+        if config.fp16 and self.device.type != "cuda":
+            raise ValueError(f"TrainConfig.fp16 needs a CUDA device, not {self.device} (float16 autocast and loss "
+                             "scaling are for GPUs; leave train.fp16=false on CPU)")
+        self.use_fp16 = config.fp16
+        # A no-op unless fp16: then the loss is scaled up before backward (small fp16 gradients would
+        # underflow to 0) and the gradients unscaled before clipping; a step whose gradients overflowed
+        # is skipped and the scale lowered.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_fp16)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
 
         self.model = model.to(self.device)  # the bare module: names, EMA, saving
         frozen = freeze_unused_parameters(self.model)
@@ -670,7 +713,8 @@ class Trainer:
                   for k, v in model_inputs(batch).items()}
         no_sync = self.dist.enabled and not sync_gradients
         with self.ddp_model.no_sync() if no_sync else contextlib.nullcontext():
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_bf16):
+            with torch.autocast("cuda", dtype=torch.float16 if self.use_fp16 else torch.bfloat16,
+                                enabled=self.use_bf16 or self.use_fp16):
                 output = self.ddp_model(**inputs)
             components = loss_components(output)
             loss = components.get("loss")
@@ -678,14 +722,11 @@ class Trainer:
                 raise ValueError(
                     f"the model returned no loss for a batch with keys {sorted(inputs)}; are its labels in the batch?"
                 )
-            (loss / self.config.grad_accum_steps).backward()
+            self.scaler.scale(loss / self.config.grad_accum_steps).backward()
         return {name: None if value is None else value.detach().float() for name, value in components.items()}
 
     def _optimizer_step(self) -> float | None:
-        grad_norm = None
-        if self.config.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm))
-        self.optimizer.step()
+        grad_norm = scaled_optimizer_step(self.optimizer, self.scaler, self.model.parameters(), self.config.max_grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -950,6 +991,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "scaler": self.scaler.state_dict() if self.use_fp16 else None,
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
@@ -1012,6 +1054,8 @@ class Trainer:
             if state["ema"] is None:
                 raise ValueError(f"{path}: EMA is on but the checkpoint holds no EMA weights")
             self.ema.load_state_dict(state["ema"])
+        if self.use_fp16 and state.get("scaler"):  # a run that switched to fp16 starts with a fresh scale
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history = {name: list(series) for name, series in state["history"].items()}
         self.eval_history = list(state["eval_history"])

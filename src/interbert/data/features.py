@@ -32,7 +32,7 @@ import numpy as np
 
 from interbert.data.errors import DataFormatError, UnknownImageError
 from interbert.errors import InterBertError, UsageError
-from interbert.utils.files import atomic_path, atomic_write, atomic_write_json, fsync_dir
+from interbert.utils.files import atomic_path, atomic_write, atomic_write_json, fsync_dir, replace_folder
 
 # Guards the first open of a reader's handle in a process. Re-created in a forked child: a child forked
 # while another thread held it would otherwise wait for it forever. Re-entrant because opening an LMDB
@@ -314,12 +314,14 @@ class NpzFolderFeatures(FeatureStore):
 
 
 def write_npz_folder(path: str | Path, items: Iterable[tuple[str, Regions]]) -> None:
+    """One ``<image_id>.npz`` per image in the folder ``path`` (added to what is there). Each file is
+    written under a temporary name and renamed when complete, so a killed writer leaves no cut archive."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for image_id, r in items:
         extra = {} if r.class_probs is None else {"class_probs": r.class_probs}
-        np.savez(path / f"{image_id}.npz", features=r.features, boxes=r.boxes, image_w=r.image_w, image_h=r.image_h,
-                 **extra)
+        atomic_write(path / f"{image_id}.npz", lambda handle: np.savez(
+            handle, features=r.features, boxes=r.boxes, image_w=r.image_w, image_h=r.image_h, **extra))
 
 
 # --------------------------------------------------------------------------- HDF5
@@ -646,20 +648,28 @@ class LmdbFeatures(FeatureStore):
 
 
 def write_vilbert_lmdb(path: str | Path, items: Iterable[tuple[str, Regions]]) -> None:
-    """Write ViLBERT's pickled layout (for tests and for interoperating with the original code)."""
+    """Write ViLBERT's pickled layout (for tests and for interoperating with the original code). The
+    environment folder is written beside ``path`` and takes its name only when complete."""
     import lmdb
     import pickle
 
     items = list(items)
     size = sum(r.features.nbytes * 2 + r.boxes.nbytes * 2 + 4096 for _, r in items) + (1 << 20)
-    env = lmdb.open(str(path), map_size=size * 2)
-    with env.begin(write=True) as txn:
-        for image_id, r in items:
-            item = {"image_id": image_id, "image_h": r.image_h, "image_w": r.image_w, "num_boxes": r.num_regions,
-                    "features": base64.b64encode(r.features.tobytes()), "boxes": base64.b64encode(r.boxes.tobytes())}
-            txn.put(image_id.encode(), pickle.dumps(item))
-        txn.put(b"keys", pickle.dumps([image_id.encode() for image_id, _ in items]))
-    env.close()
+
+    def write(folder: Path) -> None:
+        env = lmdb.open(str(folder), map_size=size * 2)
+        try:
+            with env.begin(write=True) as txn:
+                for image_id, r in items:
+                    item = {"image_id": image_id, "image_h": r.image_h, "image_w": r.image_w,
+                            "num_boxes": r.num_regions, "features": base64.b64encode(r.features.tobytes()),
+                            "boxes": base64.b64encode(r.boxes.tobytes())}
+                    txn.put(image_id.encode(), pickle.dumps(item))
+                txn.put(b"keys", pickle.dumps([image_id.encode() for image_id, _ in items]))
+        finally:
+            env.close()
+
+    replace_folder(path, write)
 
 
 # --------------------------------------------------------------------------- the project's store

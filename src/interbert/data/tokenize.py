@@ -4,12 +4,15 @@ splits every character, the words of ``jieba``)."""
 
 from __future__ import annotations
 
+import heapq
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import BertTokenizerFast, PreTrainedTokenizerBase
 
+from interbert.utils.files import atomic_write_text
 from interbert.utils.hub_cache import local_pretrained
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -31,19 +34,96 @@ def load_tokenizer(path: str | Path, lowercase: bool = True) -> PreTrainedTokeni
 
 def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 30522, lowercase: bool = True,
                     min_frequency: int = 2) -> PreTrainedTokenizerBase:
-    """Train a WordPiece vocabulary on captions and save a BERT-style tokenizer folder at ``out_dir``."""
-    from tokenizers import BertWordPieceTokenizer
+    """Train a WordPiece vocabulary on captions and save a BERT-style tokenizer folder at ``out_dir``.
 
+    Reproducible: the same texts and settings give a byte-identical ``vocab.txt`` in every process (see
+    :func:`wordpiece_vocabulary`; the ``tokenizers`` trainer breaks ties in hash order and does not)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
-    # limit_alphabet: keep every character seen (Chinese needs thousands), within the vocabulary size
-    trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
-                                special_tokens=SPECIAL_TOKENS, limit_alphabet=vocab_size, wordpieces_prefix="##")
-    trainer.save_model(str(out_dir))
+    vocab = wordpiece_vocabulary(texts, vocab_size, lowercase=lowercase, min_frequency=min_frequency)
+    atomic_write_text(out_dir / "vocab.txt", "".join(f"{token}\n" for token in vocab))
     tokenizer = load_tokenizer(out_dir / "vocab.txt", lowercase=lowercase)
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
+
+
+def wordpiece_vocabulary(texts: Iterable[str], vocab_size: int, lowercase: bool = True, min_frequency: int = 2,
+                         prefix: str = "##") -> list[str]:
+    """The WordPiece vocabulary of ``tokenizers``' trainer (BPE merges over BERT-normalised words), built
+    deterministically: ``vocab.txt`` order is the special tokens, the alphabet (every character seen, the
+    most frequent when there are more than ``vocab_size``) by code point, the ``##`` continuations seen in
+    the same order, then the merged tokens in merge order; the most frequent pair merges first, ties broken by
+    the ids of the pair (the library breaks them by ids assigned in hash order, so two processes can train
+    different vocabularies from the same texts)."""
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    pre_tokenizer = BertPreTokenizer()
+    word_counts: Counter[str] = Counter()
+    for text in texts:
+        word_counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    char_counts: Counter[str] = Counter()
+    for word, count in word_counts.items():
+        for char in word:
+            char_counts[char] += count
+    kept = sorted(char_counts, key=lambda c: (-char_counts[c], c))[:vocab_size]  # limit_alphabet = vocab_size
+    alphabet = sorted(kept)
+    inner = {c for word in word_counts for c in word[1:]}  # the characters that continue a word
+    vocab = list(dict.fromkeys([*SPECIAL_TOKENS, *alphabet, *(prefix + c for c in alphabet if c in inner)]))
+    ids = {token: n for n, token in enumerate(vocab)}
+    # each word as symbol ids: its first character, then ##-continuations; characters off the alphabet dropped
+    words, counts = [], []
+    for word in sorted(word_counts):
+        symbols = [ids[c if n == 0 else prefix + c] for n, c in enumerate(word) if c in ids]
+        if symbols:
+            words.append(symbols)
+            counts.append(word_counts[word])
+    pair_counts: Counter[tuple[int, int]] = Counter()
+    where: dict[tuple[int, int], set[int]] = {}
+    for w, (symbols, count) in enumerate(zip(words, counts)):
+        for pair in zip(symbols, symbols[1:]):
+            pair_counts[pair] += count
+            where.setdefault(pair, set()).add(w)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        negative, pair = heapq.heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if count != -negative:  # stale: re-queue with the current count
+            if count > 0:
+                heapq.heappush(heap, (-count, pair))
+            continue
+        if count < min_frequency:
+            break
+        a, b = vocab[pair[0]], vocab[pair[1]]
+        token = a + (b[len(prefix):] if b.startswith(prefix) else b)
+        if token not in ids:
+            ids[token] = len(vocab)
+            vocab.append(token)
+        new_id = ids[token]
+        changed = set()
+        for w in sorted(where.pop(pair)):
+            symbols, count = words[w], counts[w]
+            for old in zip(symbols, symbols[1:]):
+                pair_counts[old] -= count
+            merged, n = [], 0
+            while n < len(symbols):
+                if n + 1 < len(symbols) and (symbols[n], symbols[n + 1]) == pair:
+                    merged.append(new_id)
+                    n += 2
+                else:
+                    merged.append(symbols[n])
+                    n += 1
+            words[w] = merged
+            for new in zip(merged, merged[1:]):
+                pair_counts[new] += count
+                where.setdefault(new, set()).add(w)
+                changed.add(new)
+        for new in sorted(changed):
+            if pair_counts[new] > 0:
+                heapq.heappush(heap, (-pair_counts[new], new))
+    return vocab
 
 
 @dataclass

@@ -18,23 +18,31 @@ def _print_summary(summary: dict) -> None:
     print(json.dumps(shown, indent=2, default=str))
 
 
-def _cmd_pretrain(args) -> int:
-    from interbert.recipes import pretrain
-    from interbert.recipes.common import load_recipe_config
+def run_training(args, recipe: str, module: str) -> int:
+    """``interbert <recipe>``: its settings (``--config`` + overrides, typed by
+    :mod:`interbert.recipes.settings`), printed with ``--print-config`` or run by ``module.run``."""
+    import importlib
 
+    from interbert.recipes.settings import RECIPES
+
+    settings = RECIPES[recipe].load(args.config, args.overrides)
+    if args.print_config:
+        from interbert.utils.typed_config import to_yaml
+
+        print(f"# interbert {recipe}: every setting, resolved; run it again with --config THIS_FILE")
+        print(to_yaml(settings), end="")
+        return 0
     _setup_logging()
-    _print_summary(pretrain.run(load_recipe_config(args.config, args.overrides), resume=args.resume, source=args.config))
+    _print_summary(importlib.import_module(module).run(settings, resume=args.resume, source=args.config))
     return 0
+
+
+def _cmd_pretrain(args) -> int:
+    return run_training(args, "pretrain", "interbert.recipes.pretrain")
 
 
 def _cmd_finetune_retrieval(args) -> int:
-    from interbert.recipes import finetune_retrieval
-    from interbert.recipes.common import load_recipe_config
-
-    _setup_logging()
-    _print_summary(finetune_retrieval.run(load_recipe_config(args.config, args.overrides), resume=args.resume,
-                                          source=args.config))
-    return 0
+    return run_training(args, "finetune retrieval", "interbert.recipes.finetune_retrieval")
 
 
 def _cmd_evaluate_retrieval(args) -> int:
@@ -60,9 +68,15 @@ def _cmd_demo(args) -> int:
 
 def _training_parser(sub, name: str, help: str, config: str, func) -> argparse.ArgumentParser:
     """``config``: the name of the recipe's shipped config (package data), its ``--config`` default."""
-    p = sub.add_parser(name, help=help, description=help + "  Overrides: dotted.key=value (e.g. train.max_steps=500).")
+    p = sub.add_parser(name, help=help, description=help + "  Overrides: dotted.key=value for any setting "
+                       "(e.g. train.max_steps=500 data.max_tokens=48 model.overrides.hidden_dropout_prob=0.2): "
+                       "model.*, data.*, train.* (every field of the training loop's TrainConfig) and threads. "
+                       "--print-config lists every setting with its value.")
     add_config_arguments(p, default_config=config)
     p.add_argument("--resume", action="store_true", help="continue from train.output_dir/checkpoint.pt")
+    p.add_argument("--print-config", action="store_true",
+                   help="print every setting, resolved (config file, defaults, overrides), as YAML and exit; "
+                        "the output is a config file that gives the same run")
     p.set_defaults(func=func)
     return p
 

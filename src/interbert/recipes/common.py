@@ -1,6 +1,7 @@
 """What the recipes share: reading a model folder, building the tokenizer and the data, saving results.
 
-A recipe is a thin script: config (YAML + ``key=value`` overrides) -> these builders -> the one
+A recipe is a thin script: settings (:mod:`interbert.recipes.settings`: YAML + ``key=value`` overrides,
+typed) -> these builders -> the one
 training loop (:mod:`interbert.train`) or the evaluation functions -> files in ``train.output_dir``.
 
 Under torchrun every rank runs the recipe. :func:`start_run` joins the process group first, so that
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,17 @@ from interbert.train import (
     init_distributed,
     main_process_first,
     resolve_device,
+    seed_everything,
+)
+from interbert.recipes.settings import (
+    BertModelSettings,
+    CaptionDataSettings,
+    ModelSettings,
+    PretrainDataSettings,
+    RecipeSettings,
 )
 from interbert.utils import load_config
-from interbert.utils.config_files import ConfigError
+from interbert.utils.config_files import MANDATORY, ConfigError, mandatory_keys
 
 logger = logging.getLogger(__name__)
 
@@ -45,39 +54,32 @@ MODEL_DIR = "model"  # under output_dir: the trained model as save_pretrained + 
 
 
 def load_recipe_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """A training recipe's YAML with its ``key=value`` overrides. ``train.*`` may set every
-    :class:`TrainConfig` field, whether the file lists it or not (e.g. ``train.find_unused_parameters=true``);
-    any other key must be in the file."""
+    """A recipe's YAML with its ``key=value`` overrides, untyped: ``train.*`` may set every
+    :class:`TrainConfig` field, any other key must be in the file. The recipes' ``run`` takes it (coercing
+    it through their schema); ``Settings.load`` (:mod:`interbert.recipes.settings`) accepts every setting."""
     return load_config(path, overrides, optional_keys={"train": TrainConfig.field_names()})
 
 
-def setting(cfg: Mapping, key: str) -> Any:
-    """The value of a dotted ``key`` (``data.captions``), None when it or a section above it is absent."""
+def setting(cfg: Any, key: str) -> Any:
+    """The value of a dotted ``key`` (``data.captions``) of typed settings or a mapping, None when it or
+    a section above it is absent."""
     node: Any = cfg
     for part in key.split("."):
-        node = node.get(part) if isinstance(node, Mapping) else None
+        node = node.get(part) if isinstance(node, Mapping) else getattr(node, part, None)
     return node
 
 
-def require_settings(cfg: Mapping, required: Mapping[str, str], source: str = "config") -> None:
+def require_settings(cfg: Any, required: Mapping[str, str], source: str = "config") -> None:
     """Refuse a run whose required settings are null or absent, naming every one and how to pass it.
 
     ``required`` maps dotted keys to what their value is (``{"data.captions": "FILE"}``); without this a
     missing path surfaced as ``TypeError: expected str ... not NoneType`` from deep inside a reader."""
-    missing = [key for key in required if setting(cfg, key) in (None, "")]
+    required = {**required, **{key: "VALUE" for key in mandatory_keys(cfg)}}  # ??? in the file: no default
+    missing = [key for key in required if setting(cfg, key) in (None, "", MANDATORY)]
     if missing:
         verb = "is" if len(missing) == 1 else "are"
         how = " ".join(f"{key}={required[key]}" for key in missing)
         raise ConfigError(f"{source}: {' and '.join(missing)} {verb} required (pass {how})")
-
-
-def check_choice(cfg: Mapping, key: str, choices: Iterable[str], default: str, source: str = "config") -> str:
-    """The value of ``key`` (``default`` when unset), refused by name unless it is one of ``choices``."""
-    value = setting(cfg, key)
-    value = default if value is None else value
-    if value not in choices:
-        raise ConfigError(f"{source}: {key} must be one of {', '.join(map(str, choices))}, not {value!r}")
-    return value
 
 
 def model_folder(path: str | Path, key: str, source: str = "config") -> Path:
@@ -105,40 +107,39 @@ def captions_of_split(path: str | Path, split: str | None, max_images: int | Non
     return captions
 
 
-def training_data(data_cfg: Mapping, split: str | None, source: str = "config") -> tuple[list[Caption], FeatureStore]:
+def training_data(data_cfg: CaptionDataSettings, split: str | None, source: str = "config") -> tuple[list[Caption], FeatureStore]:
     """The captions of ``split`` and the features of their images, from ``data.captions`` +
     ``data.features`` or from every source of ``data.sources`` (ids namespaced by source name, the
     first ``data.max_images`` images of each; the mixing rule: :mod:`interbert.data.sources`)."""
     from interbert.data.sources import SourceStore, namespaced, sources_from_config
 
-    sources = sources_from_config(data_cfg, source)
-    max_images = data_cfg.get("max_images")
+    sources = sources_from_config(vars(data_cfg), source)
+    max_images = data_cfg.max_images
     if sources[0].name is None:  # the single-path form: ids as the files spell them
         return captions_of_split(sources[0].captions, split, max_images), feature_store(sources[0].features)
     captions = [c for s in sources for c in namespaced(captions_of_split(s.captions, split, max_images), s.name)]
     return captions, SourceStore({s.name: feature_store(s.features) for s in sources})
 
 
-def tokenizer_for(data_cfg: dict, captions: list[Caption], output_dir: Path, bert_dir: str | None,
+def tokenizer_for(data_cfg: CaptionDataSettings, captions: list[Caption], output_dir: Path, bert_dir: str | None,
                   resume: bool = False):
     """The tokenizer a run uses: the configured one, BERT's when the text path comes from BERT, or a
     WordPiece vocabulary trained on the training captions (saved with the model; a resumed run reuses it)."""
-    if data_cfg.get("tokenizer"):
-        return load_tokenizer(data_cfg["tokenizer"])
+    if data_cfg.tokenizer:
+        return load_tokenizer(data_cfg.tokenizer)
     if bert_dir:
         return load_tokenizer(bert_dir)
-    return train_run_wordpiece([c.text for c in captions], output_dir / "tokenizer",
-                               vocab_size=int(data_cfg.get("vocab_size", 30522)), lowercase=data_cfg.get("lowercase", True),
-                               resume=resume)
+    return train_run_wordpiece([c.text for c in captions], output_dir / "tokenizer", vocab_size=data_cfg.vocab_size,
+                               lowercase=data_cfg.lowercase, resume=resume)
 
 
 def train_run_wordpiece(texts: list[str], folder: Path, vocab_size: int, lowercase: bool = True,
                         resume: bool = False):
-    """A run's WordPiece vocabulary trained on ``texts`` into ``folder``. WordPiece training is not
-    reproducible from process to process (the tokenizers library breaks ties between equally frequent
-    merges in hash order: two runs on the same captions give different vocabularies), so whoever must
-    encode like this run reads what it wrote: under torchrun rank 0 trains it and the other ranks load
-    it, and a resumed run (``resume``) loads the vocabulary its checkpoint was trained with."""
+    """A run's WordPiece vocabulary trained on ``texts`` into ``folder``. Training is reproducible
+    (:func:`~interbert.data.tokenize.wordpiece_vocabulary`), but reading what was written is cheaper and
+    keeps a run tied to its own vocabulary whatever the code version: under torchrun rank 0 trains it and
+    the other ranks load it, and a resumed run (``resume``) loads the vocabulary its checkpoint was
+    trained with."""
     if resume and (folder / "vocab.txt").is_file():
         logger.info("resuming: reusing the run's WordPiece vocabulary in %s", folder)
         return load_tokenizer(folder)
@@ -149,8 +150,9 @@ def train_run_wordpiece(texts: list[str], folder: Path, vocab_size: int, lowerca
         return train_wordpiece(texts, folder, vocab_size=vocab_size, lowercase=lowercase, min_frequency=1)
 
 
-def build_config(model_cfg: dict, **fields: Any) -> InterBertConfig:
-    return preset(model_cfg.get("preset", "tiny"), **{**(model_cfg.get("overrides") or {}), **fields})
+def build_config(model_cfg: ModelSettings, **fields: Any) -> InterBertConfig:
+    """``model.preset`` with ``model.overrides`` and the recipe's ``fields`` (sizes from the data)."""
+    return preset(model_cfg.preset, **{**model_cfg.overrides, **fields})
 
 
 def mrm_target_of(store: FeatureStore) -> str:
@@ -159,19 +161,19 @@ def mrm_target_of(store: FeatureStore) -> str:
     return "classes" if store[store.ids()[0]].class_probs is not None else "features"
 
 
-def new_model(model_cfg: dict, tokenizer, store: FeatureStore, model_class: type[InterBertPreTrainedModel]):
+def new_model(model_cfg: ModelSettings, tokenizer, store: FeatureStore, model_class: type[InterBertPreTrainedModel],
+              **fields: Any):
     """A model sized to the data: region features, detector classes and the MRM target from the store; the
     text path from ``model.from_bert`` (BERT's width and vocabulary) or, from scratch, the preset with the
-    tokenizer's vocabulary."""
+    tokenizer's vocabulary. ``fields``: further InterBertConfig fields the recipe sets."""
     from interbert.convert import from_bert
 
-    fields = dict(region_feature_size=store.feature_dim, mrm_target=mrm_target_of(store))
+    fields.update(region_feature_size=store.feature_dim, mrm_target=mrm_target_of(store))
     first = store[store.ids()[0]]
     if first.class_probs is not None:
         fields["num_region_classes"] = int(first.class_probs.shape[1])
-    if model_cfg.get("from_bert"):
-        overrides = {**(model_cfg.get("overrides") or {}), **fields}
-        return from_bert(model_cfg["from_bert"], model_cfg.get("preset", "tiny"), model_class, **overrides)
+    if model_cfg.from_bert:
+        return from_bert(model_cfg.from_bert, model_cfg.preset, model_class, **{**model_cfg.overrides, **fields})
     return model_class(build_config(model_cfg, vocab_size=len(tokenizer), **fields))
 
 
@@ -182,11 +184,11 @@ def check_region_feature_size(model: InterBertPreTrainedModel, store: FeatureSto
                           f"but {store.path} holds {store.feature_dim}-d ones")
 
 
-def bert_lr_multiplier(model_cfg: dict):
+def bert_lr_multiplier(model_cfg: BertModelSettings):
     """``model.bert_lr_factor`` for the BERT-initialised weights (embeddings, single and text streams),
     when the text path comes from BERT; None otherwise."""
-    factor = model_cfg.get("bert_lr_factor")
-    if not (factor and model_cfg.get("from_bert")):
+    factor = model_cfg.bert_lr_factor
+    if not (factor and model_cfg.from_bert):
         return None
     prefixes = ("interbert.embeddings.", "interbert.single_stream.", "interbert.text_stream.")
     return lambda name: factor if name.startswith(prefixes) else 1.0
@@ -196,12 +198,13 @@ def feature_store(path: str | Path) -> FeatureStore:
     return open_features(path)
 
 
-def verify_features(captions: list[Caption], store: FeatureStore, data_cfg: Mapping, progress: bool = False) -> None:
+def verify_features(captions: list[Caption], store: FeatureStore, data_cfg: CaptionDataSettings,
+                    progress: bool = False) -> None:
     """Before training: read every image the captions use once and refuse the run, naming the image,
     when one cannot train (undecodable, NaN, wrong size, no regions). Found later, such an image stops
     a run hours in, or NaN poisons the weights silently. ``data.verify_features: false`` skips the pass
     (one read of the images) for a store ``interbert data check`` has passed."""
-    if data_cfg.get("verify_features", True) is False:
+    if not data_cfg.verify_features:
         return
     verify_images(store, sorted({c.image_id for c in captions if c.image_id in store}), progress=progress)
 
@@ -236,20 +239,18 @@ def set_threads(n: int | None, key: str = "threads") -> None:
     torch.set_num_threads(n)
 
 
-def start_run(cfg: dict, source: str = "config") -> tuple[TrainConfig, Path]:
-    """What every training recipe does first: threads, the loop's config, the output folder. A bad
-    ``train`` setting is a usage error naming the config, not a traceback."""
-    for section in ("model", "data", "train"):
-        if not isinstance(cfg.get(section), dict):
-            raise ConfigError(f"{source}: the '{section}' section is missing (see configs/*.yaml)")
-    set_threads(cfg.get("threads"), f"{source}: threads")
-    try:
-        train_cfg = TrainConfig.from_dict(cfg["train"])
-    except (TypeError, ValueError) as e:  # TrainConfig's own checks (ValueError) and values of the wrong type
-        raise ConfigError(f"{source}: train: {e}") from None
+def start_run(cfg: RecipeSettings, source: str = "config") -> tuple[TrainConfig, Path]:
+    """What every training recipe does first (after reading its settings): threads, joining the process
+    group, the output folder."""
+    set_threads(cfg.threads, f"{source}: threads")
+    train_cfg = cfg.train
     init_distributed(resolve_device(train_cfg.device, int(os.environ.get("LOCAL_RANK", "0"))))
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # A new model's initial weights (and anything else drawn before the loop seeds itself) follow the
+    # seed: torch seeds its default generator from the OS in every process, so without this two runs
+    # with the same seed start from different weights.
+    seed_everything(train_cfg.seed)
     return train_cfg, out
 
 
@@ -270,12 +271,12 @@ def argmax_predictions(model: torch.nn.Module, dataset, collate_fn, batch_size: 
 
 
 
-def weighted_sources(dataset, data_cfg: Mapping, seed: int):
+def weighted_sources(dataset, data_cfg: PretrainDataSettings, seed: int):
     """``dataset`` drawn by the weights of ``data.sources`` (:class:`~interbert.data.sources.WeightedSources`),
     or ``dataset`` itself when no source sets a weight other than 1 (plain concatenation)."""
     from interbert.data.sources import WeightedSources, sources_from_config
 
-    weights = {s.name: s.weight for s in sources_from_config(data_cfg)}
+    weights = {s.name: s.weight for s in sources_from_config(vars(data_cfg))}
     if all(weight == 1.0 for weight in weights.values()):
         return dataset
     return WeightedSources(dataset, weights, seed)

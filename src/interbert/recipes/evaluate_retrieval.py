@@ -7,15 +7,23 @@
 Every caption of the split is scored against every image of the split (5,000 x 1,000 on Flickr30K
 test). Reported: image retrieval R@1/5/10, median and mean rank; text retrieval R@K (UNITER's); the
 number of pair forwards and the wall time. Ties count against the model.
+
+    torchrun --nproc_per_node 2 -m interbert.cli evaluate retrieval --model ... --out results.json
+
+Under torchrun each rank scores its share of the pairs (every world_size-th caption; see
+:func:`interbert.retrieval.score_pairs`), the ranks' scores are gathered, and rank 0 computes the metrics and
+writes the JSON: the same JSON as one process, plus each rank's pair count in ``pair_forwards_per_rank``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 
 from interbert.data.batches import prepare_regions
 from interbert.data.check import verify_images
@@ -26,6 +34,7 @@ from interbert.loading import load_model
 from interbert.modeling import InterBertForPreTraining
 from interbert.recipes.common import captions_of_split, feature_store, set_threads
 from interbert.retrieval import RegionInput, score_pairs, two_stage_scores
+from interbert.utils.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -78,30 +87,38 @@ def evaluate_retrieval(
     progress: bool = True,
     device: str = "cpu",
 ) -> dict:
-    """Score the split with the full protocol (and ``two_stage``), on ``device`` (``auto``: the GPU if any)."""
-    from interbert.train import resolve_device
+    """Score the split with the full protocol (and ``two_stage``), on ``device`` (``auto``: the GPU if any).
+    Under torchrun the pairs are shared out over the ranks (every rank must call this alike)."""
+    from interbert.train import checked_device, init_distributed
 
-    model = load_scoring_model(model_dir, zero_shot).to(resolve_device(device))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    target = checked_device(device, "--device", local_rank)
+    context = init_distributed(target)  # one process: a no-op
+    shard = (context.rank, context.world_size) if context.enabled else None
+    model = load_scoring_model(model_dir, zero_shot).to(target)
     tokenizer = load_tokenizer(model_dir)
     caps = captions_of_split(captions, split, max_images)
     token_ids, images, index, image_ids = prepare_split(caps, feature_store(features), tokenizer, max_tokens, max_regions)
     logger.info("scoring %d captions x %d images (%d pairs)", len(caps), len(images), len(caps) * len(images))
-    full = score_pairs(model, token_ids, images, pair_batch_size=pair_batch_size, progress=progress)
+    full = score_pairs(model, token_ids, images, pair_batch_size=pair_batch_size, progress=progress, shard=shard)
     result = {
         "model": str(model_dir), "split": split, "zero_shot": zero_shot,
         **retrieval_metrics(full.scores, index),
-        "pair_forwards": full.pair_forwards, "seconds": round(full.seconds, 2), "device": str(resolve_device(device)),
+        "pair_forwards": full.pair_forwards, "seconds": round(full.seconds, 2), "device": str(target),
+        "pair_forwards_per_rank": full.pair_forwards_by_rank,
     }
     ranks = {"full protocol": image_retrieval_ranks(full.scores, index)}
     if two_stage:
-        staged = two_stage_scores(model, token_ids, images, k=two_stage, pair_batch_size=pair_batch_size, progress=progress)
+        staged = two_stage_scores(model, token_ids, images, k=two_stage, pair_batch_size=pair_batch_size,
+                                  progress=progress, shard=shard)
         result["two_stage"] = {
             "k": int(two_stage), **retrieval_metrics(staged.scores, index),
             "pair_forwards": staged.pair_forwards, "seconds": round(staged.seconds, 2),
+            "pair_forwards_per_rank": staged.pair_forwards_by_rank,
             "fewer_pair_forwards": round(full.pair_forwards / max(1, staged.pair_forwards), 2),
         }
         ranks[f"two-stage (top {two_stage})"] = image_retrieval_ranks(staged.scores, index)
-    if histogram:
+    if histogram and context.is_main:
         write_rank_histogram(ranks, histogram, num_candidates=len(images))
         result["histogram"] = str(histogram)
     return result
@@ -116,9 +133,24 @@ def run_cli(args) -> int:
         two_stage=args.two_stage, max_images=args.max_images, max_tokens=args.max_tokens,
         max_regions=args.max_regions, pair_batch_size=args.pair_batch_size, histogram=histogram, device=args.device,
     )
+    if not _is_main_process():  # every rank has the result; rank 0 writes and prints it
+        _leave_process_group()
+        return 0
     text = json.dumps(result, indent=2)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        atomic_write_text(out, text + "\n")
     print(text)
+    _leave_process_group()
     return 0
+
+
+def _is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: wait for every rank (rank 0's file is complete when the command ends), then leave."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -21,7 +21,6 @@ from interbert.modeling import InterBertForImageTextRetrieval
 from interbert.recipes.common import (
     bert_lr_multiplier,
     captions_of_split,
-    check_choice,
     check_region_feature_size,
     feature_store,
     model_folder,
@@ -32,6 +31,7 @@ from interbert.recipes.common import (
     tokenizer_for,
     verify_features,
 )
+from interbert.recipes.settings import RetrievalModelSettings, RetrievalSettings
 from interbert.recipes.validation import (
     RETRIEVAL_METRICS,
     best_model_saver,
@@ -46,48 +46,46 @@ logger = logging.getLogger(__name__)
 REQUIRED = {"data.captions": "FILE", "data.features": "PATH"}  # setting -> what to pass
 
 
-def build_model(model_cfg: dict, tokenizer, store) -> InterBertForImageTextRetrieval:
-    checkpoint = model_cfg.get("from_checkpoint")
-    if checkpoint:
-        return load_model(checkpoint, task="retrieval")
-    return new_model(model_cfg, tokenizer, store, InterBertForImageTextRetrieval)
+def build_model(model_cfg: RetrievalModelSettings, tokenizer, store) -> InterBertForImageTextRetrieval:
+    """``model.from_checkpoint`` with ``model.config_updates`` (e.g. itc_loss_weight for fine-tuning), or a
+    new model sized to the data."""
+    if model_cfg.from_checkpoint:
+        return load_model(model_cfg.from_checkpoint, task="retrieval", config_updates=model_cfg.config_updates)
+    return new_model(model_cfg, tokenizer, store, InterBertForImageTextRetrieval, **model_cfg.config_updates)
 
 
-def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
-    """``source``: where ``cfg`` came from (the config file), for error messages."""
+def run(cfg: RetrievalSettings | dict, resume: bool = False, source: str = "config") -> dict:
+    """``cfg``: the settings, or a dict of them (checked and completed with the defaults); ``source``:
+    where they came from (the config file), for error messages."""
+    cfg = RetrievalSettings.coerce(cfg, source)
+    data, model_cfg = cfg.data, cfg.model
     require_settings(cfg, REQUIRED, source)
     train_cfg, out = start_run(cfg, source)
-    data, model_cfg = cfg["data"], cfg["model"]
-    check_choice(cfg, "data.hard_negative", ("image", "caption"), "image", source)
-    checkpoint = model_cfg.get("from_checkpoint")
+    checkpoint = model_cfg.from_checkpoint
     if checkpoint:
         model_folder(checkpoint, "model.from_checkpoint", source)
-    captions = captions_of_split(data["captions"], data.get("split", "train"), data.get("max_images"))
+    captions = captions_of_split(data.captions, data.split, data.max_images)
     # IR R@1 picks model_best by default: the paper's headline number (ViLBERT/InterBERT report IR only)
     train_cfg = with_best_metric(train_cfg, RETRIEVAL_METRICS, "ir_r1", source)
     val_captions = validation_captions(data, source) if train_cfg.eval_every else None
-    store = feature_store(data["features"])
+    store = feature_store(data.features)
     verify_features(captions, store, data, progress=train_cfg.progress_bar)
-    tokenizer = load_tokenizer(checkpoint) if checkpoint else tokenizer_for(data, captions, out, model_cfg.get("from_bert"), resume)
+    tokenizer = load_tokenizer(checkpoint) if checkpoint else tokenizer_for(data, captions, out, model_cfg.from_bert, resume)
     model = build_model(model_cfg, tokenizer, store)
     check_region_feature_size(model, store, source)
-    for name, value in (model_cfg.get("config_updates") or {}).items():  # e.g. itc_loss_weight for fine-tuning
-        setattr(model.config, name, value)
-    region_cache = check_choice(cfg, "data.region_cache", (True, False, "auto"), "auto", source)
     with main_process_first():  # rank 0 computes TF-IDF negatives (hard_negative: caption) into the cache
         dataset = RetrievalDataset(
-            captions, store, tokenizer,
-            max_tokens=data.get("max_tokens", 36), max_regions=data.get("max_regions", 36),
-            hard_negative=data.get("hard_negative", "image"), num_hard=data.get("num_hard", 100),
-            cache_dir=out / "cache", seed=train_cfg.seed, region_cache=region_cache,
+            captions, store, tokenizer, max_tokens=data.max_tokens, max_regions=data.max_regions,
+            hard_negative=data.hard_negative, num_hard=data.num_hard,
+            cache_dir=out / "cache", seed=train_cfg.seed, region_cache=data.region_cache,
         )
     multiplier = bert_lr_multiplier(model_cfg)
     eval_fn = None
     if train_cfg.eval_every:
-        eval_fn = retrieval_eval_fn(val_captions, store, tokenizer, data.get("max_tokens", 36), data.get("max_regions", 36))
-    extra = {"recipe": "finetune_retrieval", "config": cfg}
+        eval_fn = retrieval_eval_fn(val_captions, store, tokenizer, data.max_tokens, data.max_regions)
+    extra = {"recipe": "finetune_retrieval", "config": cfg.to_dict()}
     logger.info("retrieval fine-tuning on %d captions of %d images from %s", len(dataset), len(dataset.image_ids),
-                checkpoint or ("BERT " + model_cfg["from_bert"] if model_cfg.get("from_bert") else "scratch"))
+                checkpoint or ("BERT " + model_cfg.from_bert if model_cfg.from_bert else "scratch"))
     start = time.perf_counter()
     trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
                       lr_multiplier_for=multiplier, eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))

@@ -11,26 +11,12 @@ import json
 from interbert.recipes import cli as recipes_cli
 
 
-def _print_summary(summary: dict) -> None:
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2, default=str))
-
-
 def _cmd_finetune_vcr(args) -> int:
-    from interbert.recipes import vcr
-    from interbert.recipes.common import load_recipe_config
-
-    recipes_cli._setup_logging()
-    _print_summary(vcr.run(load_recipe_config(args.config, args.overrides), resume=args.resume, source=args.config))
-    return 0
+    return recipes_cli.run_training(args, "finetune vcr", "interbert.recipes.vcr")
 
 
 def _cmd_finetune_text(args) -> int:
-    from interbert.recipes import text
-    from interbert.recipes.common import load_recipe_config
-
-    recipes_cli._setup_logging()
-    _print_summary(text.run(load_recipe_config(args.config, args.overrides), resume=args.resume, source=args.config))
-    return 0
+    return recipes_cli.run_training(args, "finetune text", "interbert.recipes.text")
 
 
 def _write(result: dict, out: str | None) -> None:

@@ -41,6 +41,7 @@ from interbert.recipes.common import (
     train_run_wordpiece,
 )
 from interbert.utils.config_files import ConfigError
+from interbert.recipes.settings import ModelSettings, TextDataSettings, TextSettings
 from interbert.recipes.validation import best_model_saver, with_best_metric
 from interbert.train import Trainer
 
@@ -49,21 +50,21 @@ logger = logging.getLogger(__name__)
 REQUIRED = {"data.train": "GLUE_TSV"}  # setting -> what to pass
 
 
-def build_text_model(model_cfg: dict, tokenizer, num_labels: int) -> InterBertForSequenceClassification:
-    if model_cfg.get("from_checkpoint"):  # a text model as it is; any other InterBERT keeps its text path
-        return load_model(model_cfg["from_checkpoint"], task="sequence_classification", num_labels=num_labels)
-    if model_cfg.get("from_bert"):
-        return from_bert(model_cfg["from_bert"], model_cfg.get("preset", "tiny"), InterBertForSequenceClassification,
-                         num_labels=num_labels, **(model_cfg.get("overrides") or {}))
+def build_text_model(model_cfg: ModelSettings, tokenizer, num_labels: int) -> InterBertForSequenceClassification:
+    if model_cfg.from_checkpoint:  # a text model as it is; any other InterBERT keeps its text path
+        return load_model(model_cfg.from_checkpoint, task="sequence_classification", num_labels=num_labels)
+    if model_cfg.from_bert:
+        return from_bert(model_cfg.from_bert, model_cfg.preset, InterBertForSequenceClassification,
+                         num_labels=num_labels, **model_cfg.overrides)
     return InterBertForSequenceClassification(build_config(model_cfg, vocab_size=len(tokenizer), num_labels=num_labels))
 
 
-def text_tokenizer(data_cfg: dict, model_cfg: dict, texts: list[str], output_dir: Path, resume: bool = False):
-    source = data_cfg.get("tokenizer") or model_cfg.get("from_checkpoint") or model_cfg.get("from_bert")
+def text_tokenizer(data_cfg: TextDataSettings, model_cfg: ModelSettings, texts: list[str], output_dir: Path,
+                   resume: bool = False):
+    source = data_cfg.tokenizer or model_cfg.from_checkpoint or model_cfg.from_bert
     if source:
         return load_tokenizer(source)
-    return train_run_wordpiece(texts, output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)),
-                               resume=resume)
+    return train_run_wordpiece(texts, output_dir / "tokenizer", vocab_size=data_cfg.vocab_size, resume=resume)
 
 
 def predict_text(model: nn.Module, dataset: TextClassificationDataset, batch_size: int = 64, pad_token_id: int = 0) -> list[int]:
@@ -78,28 +79,30 @@ def evaluate_text(model: nn.Module, dataset: TextClassificationDataset, f1: bool
     return classification_metrics(predictions, [e.label for e in dataset.examples], f1=f1)
 
 
-def train_and_dev_examples(data_cfg: dict, source: str = "config"):
+def train_and_dev_examples(data_cfg: TextDataSettings, source: str = "config"):
     """(task, train examples, dev examples): ``data.dev`` when given, else a seeded hold-out of train."""
-    task, train = read_glue(data_cfg["train"], data_cfg.get("task"))
-    if data_cfg.get("dev"):
-        _, dev = read_glue(data_cfg["dev"], task.name)
+    task, train = read_glue(data_cfg.train, data_cfg.task)
+    if data_cfg.dev:
+        _, dev = read_glue(data_cfg.dev, task.name)
     else:
         try:
-            train, dev = split_examples(train, float(data_cfg.get("test_fraction", 0.3)), int(data_cfg.get("split_seed", 0)))
-        except (TypeError, ValueError) as e:
+            train, dev = split_examples(train, data_cfg.test_fraction, data_cfg.split_seed)
+        except ValueError as e:
             raise ConfigError(f"{source}: data.test_fraction / data.split_seed: {e}") from None
-    if data_cfg.get("max_train_examples"):
-        train = train[: int(data_cfg["max_train_examples"])]
+    if data_cfg.max_train_examples:
+        train = train[: data_cfg.max_train_examples]
     return task, train, dev
 
 
-def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
-    """``source``: where ``cfg`` came from (the config file), for error messages."""
+def run(cfg: TextSettings | dict, resume: bool = False, source: str = "config") -> dict:
+    """``cfg``: the settings, or a dict of them (checked and completed with the defaults); ``source``:
+    where they came from (the config file), for error messages."""
+    cfg = TextSettings.coerce(cfg, source)
+    data, model_cfg = cfg.data, cfg.model
     require_settings(cfg, REQUIRED, source)
     train_cfg, out = start_run(cfg, source)
-    data, model_cfg = cfg["data"], cfg["model"]
-    if model_cfg.get("from_checkpoint"):
-        model_folder(model_cfg["from_checkpoint"], "model.from_checkpoint", source)
+    if model_cfg.from_checkpoint:
+        model_folder(model_cfg.from_checkpoint, "model.from_checkpoint", source)
     task, train, dev = train_and_dev_examples(data, source)
     # model_best by default: F1 where the task reports it (MRPC-style pairs), else accuracy
     train_cfg = with_best_metric(train_cfg, ["accuracy", "f1"] if task.f1 else ["accuracy"],
@@ -107,12 +110,12 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     tokenizer = text_tokenizer(data, model_cfg, [e.text_a for e in train] + [e.text_b for e in train if e.text_b], out,
                                resume)
     model = build_text_model(model_cfg, tokenizer, num_labels=len(task.labels))
-    max_tokens = int(data.get("max_tokens", 128))
+    max_tokens = data.max_tokens
     train_set = TextClassificationDataset(train, tokenizer, max_tokens)
     dev_set = TextClassificationDataset(dev, tokenizer, max_tokens)
     logger.info("%s: fine-tuning on %d examples, evaluating on %d", task.name, len(train_set), len(dev_set))
     start = time.perf_counter()
-    extra = {"recipe": "finetune_text", "task": task.name, "config": cfg}
+    extra = {"recipe": "finetune_text", "task": task.name, "config": cfg.to_dict()}
     eval_fn = None
     if train_cfg.eval_every:
         eval_fn = functools.partial(evaluate_text, dataset=dev_set, f1=task.f1, pad_token_id=tokenizer.pad_token_id)
@@ -137,7 +140,7 @@ def run_evaluate(model_dir: str, data_path: str, task: str | None = None, max_to
     recipe_file = Path(model_dir) / "recipe.json"
     if max_tokens is None:
         trained = json.loads(recipe_file.read_text()) if recipe_file.exists() else {}
-        max_tokens = int(((trained.get("config") or {}).get("data") or {}).get("max_tokens", 128))
+        max_tokens = int(((trained.get("config") or {}).get("data") or {}).get("max_tokens") or TextDataSettings.max_tokens)
     spec, examples = read_glue(data_path, task)
     model = load_model(model_dir, task="sequence_classification", num_labels=len(spec.labels))
     tokenizer = load_tokenizer(model_dir)

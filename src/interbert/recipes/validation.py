@@ -30,6 +30,7 @@ from interbert.data import model_inputs
 from interbert.data.captions import Caption, read_captions
 from interbert.evaluate import retrieval_metrics
 from interbert.model_card import write_model_card
+from interbert.recipes.settings import CaptionDataSettings
 from interbert.train import TrainConfig, loss_components
 from interbert.utils.config_files import ConfigError
 
@@ -53,28 +54,25 @@ def with_best_metric(train_cfg: TrainConfig, metrics: Sequence[str], default: st
     return train_cfg
 
 
-def validation_captions(data_cfg: Mapping, source: str = "config") -> list[Caption]:
+def validation_captions(data_cfg: CaptionDataSettings, source: str = "config") -> list[Caption]:
     """The captions of ``data.val_split`` (default ``val``), the first ``data.val_images`` images of it;
     with ``data.sources``, those of every source (each must have the split), ids namespaced by source."""
-    if data_cfg.get("sources"):
+    if getattr(data_cfg, "sources", None):
         from interbert.data.sources import namespaced, sources_from_config
 
-        return [c for s in sources_from_config(data_cfg, source)
-                for c in namespaced(validation_captions({**data_cfg, "sources": None, "captions": s.captions}, source),
-                                    s.name)]
+        return [c for s in sources_from_config(vars(data_cfg), source)
+                for c in namespaced(validation_captions(dataclasses.replace(data_cfg, sources=None,
+                                                                            captions=str(s.captions)), source), s.name)]
     from interbert.recipes.common import captions_of_split
 
-    split = data_cfg.get("val_split")
+    split = data_cfg.val_split
     if split is None:
-        splits = {str(c.split) for c in read_captions(data_cfg["captions"])}
+        splits = {str(c.split) for c in read_captions(data_cfg.captions)}
         if "val" not in splits:
-            raise ConfigError(f"{source}: train.eval_every needs validation captions, but {data_cfg['captions']} has "
+            raise ConfigError(f"{source}: train.eval_every needs validation captions, but {data_cfg.captions} has "
                               f"no 'val' split (its splits: {', '.join(sorted(splits))}); pass data.val_split=NAME")
         split = "val"
-    max_images = data_cfg.get("val_images")
-    if max_images is not None and (not isinstance(max_images, int) or isinstance(max_images, bool) or max_images < 1):
-        raise ConfigError(f"{source}: data.val_images must be a whole number >= 1 or null, not {max_images!r}")
-    return captions_of_split(data_cfg["captions"], split, max_images)
+    return captions_of_split(data_cfg.captions, split, data_cfg.val_images)
 
 
 def flat_retrieval_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

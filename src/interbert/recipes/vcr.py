@@ -40,12 +40,12 @@ from interbert.recipes.common import (
     model_folder,
     require_settings,
     save_trained,
-    setting,
     start_run,
     train_run_wordpiece,
 )
 from interbert.errors import UsageError
 from interbert.utils.config_files import ConfigError
+from interbert.recipes.settings import ModelSettings, VcrDataSettings, VcrSettings
 from interbert.recipes.validation import VCR_METRICS, best_model_saver, with_best_metric
 from interbert.train import Trainer
 
@@ -67,19 +67,18 @@ def vcr_accuracies(answer_predictions: Sequence[int], answer_labels: Sequence[in
             "Q->AR": 100.0 * float((answer_right & rationale_right).mean())}
 
 
-def build_vcr_model(model_cfg: dict, tokenizer, feature_dim: int) -> InterBertForMultipleChoice:
-    if model_cfg.get("from_checkpoint"):
+def build_vcr_model(model_cfg: ModelSettings, tokenizer, feature_dim: int) -> InterBertForMultipleChoice:
+    if model_cfg.from_checkpoint:
         # a VCR folder as it is; a pretraining folder with its ITM margin as the choice score
-        model = load_model(model_cfg["from_checkpoint"], task="multiple_choice")
+        model = load_model(model_cfg.from_checkpoint, task="multiple_choice")
         if model.config.region_feature_size != feature_dim:
-            raise UsageError(f"model.from_checkpoint={model_cfg['from_checkpoint']} expects "
+            raise UsageError(f"model.from_checkpoint={model_cfg.from_checkpoint} expects "
                              f"{model.config.region_feature_size}-d region features, the data has {feature_dim}-d")
         return model
-    overrides = {**(model_cfg.get("overrides") or {}), "region_feature_size": feature_dim}
-    if model_cfg.get("from_bert"):
-        return from_bert(model_cfg["from_bert"], model_cfg.get("preset", "tiny"), InterBertForMultipleChoice, **overrides)
-    return InterBertForMultipleChoice(build_config({"preset": model_cfg.get("preset", "tiny"), "overrides": overrides},
-                                                   vocab_size=len(tokenizer)))
+    if model_cfg.from_bert:
+        return from_bert(model_cfg.from_bert, model_cfg.preset, InterBertForMultipleChoice,
+                         **{**model_cfg.overrides, "region_feature_size": feature_dim})
+    return InterBertForMultipleChoice(build_config(model_cfg, region_feature_size=feature_dim, vocab_size=len(tokenizer)))
 
 
 def vcr_texts(items: Sequence[VcrItem]) -> list[str]:
@@ -97,9 +96,9 @@ def unknown_word_rate(tokenizer, texts: Sequence[str]) -> float:
     return sum(i == tokenizer.unk_token_id for i in ids) / max(1, len(ids))
 
 
-def vcr_tokenizer(data_cfg: dict, model_cfg: dict, items: Sequence[VcrItem], output_dir: Path,
+def vcr_tokenizer(data_cfg: VcrDataSettings, model_cfg: ModelSettings, items: Sequence[VcrItem], output_dir: Path,
                   resume: bool = False):
-    source = data_cfg.get("tokenizer") or model_cfg.get("from_checkpoint") or model_cfg.get("from_bert")
+    source = data_cfg.tokenizer or model_cfg.from_checkpoint or model_cfg.from_bert
     if source:
         tokenizer = load_tokenizer(source)
         rate = unknown_word_rate(tokenizer, vcr_texts(items[:200]))
@@ -107,8 +106,7 @@ def vcr_tokenizer(data_cfg: dict, model_cfg: dict, items: Sequence[VcrItem], out
             logger.warning("%.0f%% of the VCR tokens are [UNK] with the tokenizer of %s: its vocabulary does not cover "
                            "the VCR language, so the choices read alike", 100 * rate, source)
         return tokenizer
-    return train_run_wordpiece(vcr_texts(items), output_dir / "tokenizer", vocab_size=int(data_cfg.get("vocab_size", 1000)),
-                               resume=resume)
+    return train_run_wordpiece(vcr_texts(items), output_dir / "tokenizer", vocab_size=data_cfg.vocab_size, resume=resume)
 
 
 def predict_choices(model: nn.Module, dataset: VcrDataset, batch_size: int = 32, pad_token_id: int = 0) -> list[int]:
@@ -132,55 +130,52 @@ def evaluate_vcr(model: nn.Module, items: Sequence[VcrItem], tokenizer, store: F
                             for i, a, r in zip(items, predictions["Q->A"], predictions["QA->R"])]}
 
 
-def _store_and_dim(data_cfg: dict, source: str = "config") -> tuple[FeatureStore | None, int]:
-    if data_cfg.get("features"):
-        store = open_features(data_cfg["features"])
+def _store_and_dim(data_cfg: VcrDataSettings, source: str = "config") -> tuple[FeatureStore | None, int]:
+    if data_cfg.features:
+        store = open_features(data_cfg.features)
         return store, store.feature_dim
-    dim = data_cfg.get("feature_dim")
+    dim = data_cfg.feature_dim  # >= 5: VcrDataSettings checks it
     if not dim:
         raise ConfigError(f"{source}: data.features or data.feature_dim is required (pass data.features=PATH, a "
                           "feature store keyed by the stem of img_fn, or data.feature_dim=N for stand-in features "
                           "computed from the metadata boxes and names)")
-    if not isinstance(dim, int) or dim < 5:
-        raise ConfigError(f"{source}: data.feature_dim must be a whole number >= 5 (the stand-in features hold the "
-                          f"box geometry in their first 5 values), not {dim!r}")
     logger.warning("no feature store: using stand-in features from the metadata (vcr_standin_features), not visual ones")
-    return None, int(dim)
+    return None, dim
 
 
-def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
-    """``source``: where ``cfg`` came from (the config file), for error messages."""
+def run(cfg: VcrSettings | dict, resume: bool = False, source: str = "config") -> dict:
+    """``cfg``: the settings, or a dict of them (checked and completed with the defaults); ``source``:
+    where they came from (the config file), for error messages."""
+    cfg = VcrSettings.coerce(cfg, source)
+    data, model_cfg = cfg.data, cfg.model
     require_settings(cfg, REQUIRED, source)
     train_cfg, out = start_run(cfg, source)
-    data, model_cfg = cfg["data"], cfg["model"]
-    tasks = setting(cfg, "data.tasks") or list(TASKS)
-    if not isinstance(tasks, list) or not set(tasks) <= set(TASKS):
-        raise ConfigError(f"{source}: data.tasks must be a list of {', '.join(TASKS)}, not {tasks!r}")
-    if model_cfg.get("from_checkpoint"):
-        model_folder(model_cfg["from_checkpoint"], "model.from_checkpoint", source)
+    tasks = data.tasks
+    if model_cfg.from_checkpoint:
+        model_folder(model_cfg.from_checkpoint, "model.from_checkpoint", source)
     # model_best by default: Q->AR when both tasks are trained (the VCR headline), else the one trained
     default_best = VCR_METRICS["Q->AR"] if len(tasks) > 1 else VCR_METRICS[tasks[0]]
     train_cfg = with_best_metric(train_cfg, list(VCR_METRICS.values()), default_best, source)
-    if train_cfg.eval_every and not data.get("val"):
+    if train_cfg.eval_every and not data.val:
         raise ConfigError(f"{source}: train.eval_every evaluates on data.val; pass data.val=VCR_JSONL")
-    items = read_vcr(data["train"], data.get("images_root"))
-    if data.get("max_items"):
-        items = items[: int(data["max_items"])]
+    items = read_vcr(data.train, data.images_root)
+    if data.max_items:
+        items = items[: data.max_items]
     store, feature_dim = _store_and_dim(data, source)
-    if store is not None and data.get("verify_features", True) is not False:  # as common.verify_features
+    if store is not None and data.verify_features:  # as common.verify_features
         verify_images(store, sorted({i.image_id for i in items if i.image_id in store}), progress=train_cfg.progress_bar)
     tokenizer = vcr_tokenizer(data, model_cfg, items, out, resume)
     model = build_vcr_model(model_cfg, tokenizer, feature_dim)
-    sizes = dict(max_tokens=int(data.get("max_tokens", 64)), max_regions=int(data.get("max_regions", 36)))
+    sizes = dict(max_tokens=data.max_tokens, max_regions=data.max_regions)
     dataset = VcrDataset(items, tokenizer, store, tasks=tasks, feature_dim=feature_dim, **sizes)
     eval_fn = None
     if train_cfg.eval_every:
-        val_items = read_vcr(data["val"], data.get("images_root"))
+        val_items = read_vcr(data.val, data.images_root)
 
         def eval_fn(model):
             metrics = evaluate_vcr(model, val_items, tokenizer, store, feature_dim, batch_size=32, **sizes)
             return {name: metrics[task] for task, name in VCR_METRICS.items()}
-    extra = {"recipe": "finetune_vcr", "config": cfg, "feature_dim": feature_dim, "stand_in_features": store is None, **sizes}
+    extra = {"recipe": "finetune_vcr", "config": cfg.to_dict(), "feature_dim": feature_dim, "stand_in_features": store is None, **sizes}
     logger.info("VCR fine-tuning on %d items x %s = %d examples", len(items), list(dataset.tasks), len(dataset))
     start = time.perf_counter()
     trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate_choices, pad_token_id=tokenizer.pad_token_id),
@@ -189,8 +184,8 @@ def run(cfg: dict, resume: bool = False, source: str = "config") -> dict:
     seconds = time.perf_counter() - start
     summary = {"steps": result.step, "seconds": seconds, "items": len(items), "examples": len(dataset), "history": result.history,
                "validation": result.eval_history, "best": result.best, "stopped_early": result.stopped_early}
-    if data.get("val") and trainer.dist.is_main:  # the ranks hold the same weights: one evaluates
-        val_items = read_vcr(data["val"], data.get("images_root"))
+    if data.val and trainer.dist.is_main:  # the ranks hold the same weights: one evaluates
+        val_items = read_vcr(data.val, data.images_root)
         with trainer.averaged_weights() as trained:
             metrics = evaluate_vcr(trained, val_items, tokenizer, store, feature_dim, batch_size=32, **sizes)
         (out / "val_predictions.json").write_text(json.dumps(metrics.pop("predictions"), indent=1))
@@ -210,8 +205,9 @@ def run_evaluate(model_dir: str, annotations: str, features: str | None = None, 
     store = open_features(features) if features else None
     items = read_vcr(annotations, images_root)
     metrics = evaluate_vcr(model, items, tokenizer, store, feature_dim=model.config.region_feature_size,
-                           max_tokens=max_tokens or trained.get("max_tokens", 64),
-                           max_regions=max_regions or trained.get("max_regions", 36), batch_size=batch_size)
+                           max_tokens=max_tokens or trained.get("max_tokens", VcrDataSettings.max_tokens),
+                           max_regions=max_regions or trained.get("max_regions", VcrDataSettings.max_regions),
+                           batch_size=batch_size)
     return metrics
 
 

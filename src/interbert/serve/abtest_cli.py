@@ -33,7 +33,7 @@ def _cmd_topics_build(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.torch_threads)
     counts = as_user_error(build_feed, args.topics, args.index, args.out, model_dir=args.model, top_n=args.top,
-                           batch_size=args.batch_size, progress=not args.no_progress)
+                           batch_size=args.batch_size, progress=not args.no_progress, engine=args.engine)
     print(f"{args.out}: {counts['topics']} topics ({counts['built']} built, {counts['skipped']} already done), "
           f"top {args.top} each")
     return 0
@@ -82,6 +82,8 @@ def register(subparsers) -> None:
                        help='topics file: one title per line, or JSON lines {"topic_id": ..., "title": ...}')
     build.add_argument("--index", required=True, help="index folder made by `interbert index build`")
     build.add_argument("--model", help="model folder (default: the one the index was built with)")
+    build.add_argument("--engine", metavar="URI",
+                       help="search the index's vectors there (default: the engine its folder records)")
     build.add_argument("--out", required=True, help="feed file (SQLite) to create or resume")
     build.add_argument("--top", type=positive_int, default=20, help="items kept per topic (default 20)")
     build.add_argument("--batch-size", type=positive_int, default=16, help="topics per batch and commit (default 16)")

@@ -11,17 +11,21 @@ from interbert.errors import UsageError
 from interbert.serve import DEFAULT_MAX_REGIONS, DEFAULT_RERANK_QUEUE_TIMEOUT, INDEX_TYPES
 from interbert.utils.argtypes import positive_int, seconds
 
+ENGINE_HELP = ("where the vectors are searched: faiss (index.faiss in the folder), milvus (milvus-lite in the folder), "
+               "milvus:PATH.db, or milvus://HOST:PORT/COLLECTION (a Milvus server)")
+
 
 def _cmd_index(args: argparse.Namespace) -> int:
+    import json
+
     from interbert.serve.index import build_index
+    from interbert.train import checked_device
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     append = args.index_command == "add"
     out = args.index if append else args.out
     model = args.model
     if append and model is None:
-        import json
-
         from interbert.serve.index import MANIFEST
 
         manifest_path = Path(out) / MANIFEST
@@ -29,19 +33,25 @@ def _cmd_index(args: argparse.Namespace) -> int:
             print(f"error: {out} is not an index folder ({MANIFEST} is missing): build it first", file=sys.stderr)
             return 2
         model = json.loads(manifest_path.read_text())["model"]
+    device = str(checked_device(args.device))
     try:
         report = build_index(
             model, args.features, out, captions=args.captions, thumbnails=args.thumbnails, split=args.split,
             index_type=args.index_type,
             batch_size=args.batch_size, max_regions=getattr(args, "max_regions", DEFAULT_MAX_REGIONS), append=append,
+            engine=args.engine, device=device,
         )
     except (ValueError, OSError, KeyError) as error:  # bad input: say what and where, no traceback
         print(f"error: {error}", file=sys.stderr)
-        print("(finished batches are kept; fix the input and run the same command again to resume)", file=sys.stderr)
+        from interbert.serve.index import MANIFEST
+
+        if (Path(out) / MANIFEST).is_file():  # the build had started: what it committed is kept
+            print("(finished batches are kept; fix the input and run the same command again to resume)", file=sys.stderr)
         return 1
     left_out = f", {len(report.non_finite)} left out (non-finite embeddings, listed in index.json)" if report.non_finite else ""
+    engine = json.loads((Path(out) / "index.json").read_text()).get("engine", "faiss")
     print(f"{out}: {report.total} images ({report.added} added, {report.already_indexed} already indexed{left_out}), "
-          f"{report.index_type} index")
+          f"{report.index_type} index ({engine})")
     return 0
 
 
@@ -50,25 +60,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from interbert.serve.service import create_app
+    from interbert.train import checked_device
 
     # Requests, not intra-op threads, use the cores: on a busy machine a forward split over 2 threads
     # waits at every op for the descheduled one (measured p90 of re-ranked search: 0.9-3.5 s with 2
     # threads, 70-90 ms with 1, on 2 shared cores).
     torch.set_num_threads(args.torch_threads)
+    args.device = str(checked_device(args.device))
     if args.arm:
         return _serve_experiment(args)
     if args.index is None:
         raise UsageError("give --index IDX (one index) or --arm NAME=IDX[,FEED] at least twice (an A/B experiment)")
     try:
-        app = create_app(args.index, args.model, rerank_cap=args.rerank_cap,
+        app = create_app(args.index, args.model, rerank_cap=args.rerank_cap, engine=args.engine,
                          max_concurrent_reranks=args.max_concurrent_reranks,
-                         rerank_queue_timeout=args.rerank_queue_timeout)
+                         rerank_queue_timeout=args.rerank_queue_timeout, device=args.device)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     gate = app.state.rerank_gate
-    print(f"serving {args.index} on http://{args.host}:{args.port}/ (at most {gate.limit} re-ranked searches at once)",
-          flush=True)
+    print(f"serving {args.index} on http://{args.host}:{args.port}/ (at most {gate.limit} re-ranked searches at once, "
+          f"model on {args.device})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -80,13 +92,14 @@ def _serve_experiment(args: argparse.Namespace) -> int:
     from interbert.serve.abtest_cli import as_user_error
     from interbert.serve.experiment import create_experiment_app
 
-    if args.index is not None or args.model is not None:
-        raise UsageError("--index/--model serve one index; with --arm each arm names its own index")
+    if args.index is not None or args.model is not None or args.engine is not None:
+        raise UsageError("--index/--model/--engine serve one index; with --arm each arm names its own index "
+                         "(searched by the engine its index folder records)")
     arms = [parse_arm(text) for text in args.arm]
     events = args.events or f"{args.experiment}.events.sqlite"
     app = as_user_error(create_experiment_app, arms, parse_split(args.split, len(arms)), args.experiment, events,
                         salt=args.salt, rerank_cap=args.rerank_cap, max_concurrent_reranks=args.max_concurrent_reranks,
-                        rerank_queue_timeout=args.rerank_queue_timeout)
+                        rerank_queue_timeout=args.rerank_queue_timeout, device=args.device)
     shares = ", ".join(f"{name} {100 * share:g}%" for name, share in zip(app.state.experiment.arms, app.state.experiment.split))
     print(f"experiment {args.experiment!r} ({shares}) on http://{args.host}:{args.port}/, events in {events}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -99,10 +112,17 @@ def _common_index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="only the images that --captions puts in this split (e.g. test)")
     p.add_argument("--thumbnails", help="folder of <image_id>.jpg/.png images; small copies are kept in the index")
     p.add_argument("--batch-size", type=int, default=64, help="images embedded (and committed) per batch (default 64)")
+    p.add_argument("--engine", metavar="URI", help=ENGINE_HELP + " (default: the folder's; another one moves the vectors there)")
+    _device_argument(p)
+
+
+def _device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu (default), cuda, cuda:N, or auto (the GPU if there is one)")
 
 
 def register(subparsers) -> None:
-    index = subparsers.add_parser("index", help="build a FAISS image index for text-to-image search")
+    index = subparsers.add_parser("index", help="build an image index (FAISS or Milvus) for text-to-image search")
     sub = index.add_subparsers(dest="index_command", metavar="<action>", required=True)
 
     build = sub.add_parser("build", help="embed a feature store's images into a new index (re-run to resume)")
@@ -126,6 +146,9 @@ def register(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="serve text-to-image search over an index (HTTP API and web page)")
     serve.add_argument("--index", help="index folder made by `interbert index build`")
     serve.add_argument("--model", help="model folder (default: the one the index was built with)")
+    serve.add_argument("--engine", metavar="URI",
+                       help="search the index's vectors there (default: the engine its folder records), e.g. the same "
+                            "Milvus collection at another address: milvus://HOST:PORT/COLLECTION")
     serve.add_argument("--arm", action="append", metavar="NAME=INDEX[,FEED]",
                        help="an A/B experiment's arm (give it 2+ times, control first) instead of --index; FEED is "
                             "a topic feed made by `interbert topics build`")
@@ -142,6 +165,7 @@ def register(subparsers) -> None:
     serve.add_argument("--rerank-queue-timeout", type=seconds, default=DEFAULT_RERANK_QUEUE_TIMEOUT,
                        help="seconds a re-ranked search waits for a free slot before it is answered 503 with "
                             f"Retry-After (default {DEFAULT_RERANK_QUEUE_TIMEOUT:g}; 0 = never wait)")
+    _device_argument(serve)
     serve.add_argument("--torch-threads", type=int, default=1,
                        help="intra-op threads per forward (default 1: concurrent requests use the cores)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

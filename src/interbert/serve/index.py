@@ -2,8 +2,12 @@
 
     index.json     what built it (model path, weights fingerprint, config, feature stores, index type)
     meta.sqlite    one row per image: id, caption, thumbnail, feature store, embedding (float32 blob)
-    index.faiss    the FAISS index over the embeddings, ids = the SQLite rows
+    index.faiss    the FAISS index over the embeddings, ids = the SQLite rows (the default engine)
     thumbnails/    small JPEG copies of the images, served by the web page
+
+With ``engine`` (``--engine``) the vectors are searched by Milvus instead of index.faiss: a milvus-lite
+file or a Milvus server (:mod:`interbert.serve.engines`); index.json records which, and the SQLite file
+stays the source of truth either way.
 
 Images whose embedding holds NaN or inf are not indexed (FAISS would drop them without a word); index.json
 counts and names them per feature store (``not_indexed_non_finite``), and a store where most images are
@@ -27,7 +31,6 @@ import json
 import logging
 import os
 import sqlite3
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -38,18 +41,21 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from interbert.data.features import FeatureStore
-from interbert.errors import DataError
+from interbert.errors import DataError, UsageError
 from interbert.serve import DEFAULT_MAX_REGIONS, INDEX_TYPES
 from interbert.serve._data import first_captions, open_features, region_batch
+from interbert.serve.engines import (  # noqa: F401  (build_faiss_index, ivf_lists: the FAISS API, kept importable here)
+    FAISS_FILE, HNSW_NEIGHBOURS, Engine, VectorIndex, build_faiss_index, build_vectors, check_engine, faiss_search_params, ivf_lists,
+    open_vectors, parse_engine, vectors_exist,
+)
 from interbert.serve.model import SearchModel, weights_fingerprint
-from interbert.utils.files import atomic_path, atomic_write_json
+from interbert.utils.files import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-MANIFEST, METADATA, FAISS_FILE, THUMBNAILS = "index.json", "meta.sqlite", "index.faiss", "thumbnails"
+MANIFEST, METADATA, THUMBNAILS = "index.json", "meta.sqlite", "thumbnails"
 # Exact search costs one dot product per image per query; past this size an approximate index pays off.
 FLAT_MAX_IMAGES = 50_000
-HNSW_NEIGHBOURS = 32
 THUMBNAIL_SIZE = 256
 THUMBNAIL_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # Images whose embedding is not finite are left out of the index (FAISS would silently lose them). When
@@ -71,7 +77,7 @@ CREATE TABLE IF NOT EXISTS images (
 
 
 # --------------------------------------------------------------------------------------------------
-# FAISS
+# Index type
 # --------------------------------------------------------------------------------------------------
 def choose_index_type(num_images: int, requested: str = "auto") -> str:
     """``flat`` (exact inner product) up to FLAT_MAX_IMAGES images, ``hnsw`` above; or what was asked."""
@@ -82,38 +88,9 @@ def choose_index_type(num_images: int, requested: str = "auto") -> str:
     return "flat" if num_images <= FLAT_MAX_IMAGES else "hnsw"
 
 
-def ivf_lists(num_images: int) -> int:
-    # ~4 sqrt(n) lists, each with enough points (>= 39, FAISS's rule of thumb) to train its centroid.
-    return max(1, min(int(4 * np.sqrt(num_images)), num_images // 39))
-
-
-def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, index_type: str) -> faiss.Index:
-    """An inner-product index over L2-normalised ``vectors`` (so scores are cosine similarities)."""
-    dim = vectors.shape[1]
-    if index_type == "flat":
-        base = faiss.IndexFlatIP(dim)
-    elif index_type == "hnsw":
-        base = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
-        base.hnsw.efConstruction = 80
-    elif index_type == "ivf":
-        base = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, ivf_lists(len(vectors)), faiss.METRIC_INNER_PRODUCT)
-        base.train(vectors)
-    else:
-        raise ValueError(f"index type must be one of {INDEX_TYPES[1:]}, got {index_type!r}")
-    index = faiss.IndexIDMap2(base)
-    if len(vectors):
-        index.add_with_ids(vectors, ids.astype(np.int64))
-    return index
-
-
 def search_params(index: faiss.Index, k: int) -> faiss.SearchParameters | None:
-    """Per-query breadth for approximate indexes (passed per call: no shared state between threads)."""
-    base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
-    if isinstance(base, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(efSearch=max(128, 2 * k))
-    if isinstance(base, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(nprobe=min(base.nlist, max(16, base.nlist // 8)))
-    return None
+    """Per-query breadth of a FAISS index (kept for callers of the FAISS-only API)."""
+    return faiss_search_params(index, k)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,22 +165,35 @@ def write_thumbnail(source: Path, target: Path) -> None:
 
 
 class ImageIndex:
-    """A built index folder, opened for search (read-only)."""
+    """A built index folder, opened for search (read-only). Its vectors are searched by the engine its
+    manifest records (FAISS by default), or by ``engine`` when given: the same vectors reached another way,
+    e.g. the Milvus cluster's address as seen from this machine."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, engine: str | None = None):
         self.folder = Path(folder)
+        if str(folder).startswith("milvus:"):
+            raise UsageError(f"{folder} names a Milvus engine, not an index folder: give the folder made by "
+                             f"`interbert index build --engine {folder}` (and --engine {folder} to search it there)")
         manifest = self.folder / MANIFEST
         if not manifest.is_file():
             raise FileNotFoundError(f"{self.folder} is not an index folder: {MANIFEST} is missing (run `interbert index build`)")
         self.manifest: dict = json.loads(manifest.read_text())
-        if not (self.folder / FAISS_FILE).is_file() or "index_type" not in self.manifest:
+        self.engine: Engine = parse_engine(engine or self.manifest.get("engine"), self.folder)
+        if not vectors_exist(self.engine, self.folder) or "index_type" not in self.manifest:
             raise FileNotFoundError(f"{self.folder / FAISS_FILE} is missing: the last build did not finish; run it again")
-        self.faiss = faiss.read_index(str(self.folder / FAISS_FILE))
+        self.vectors: VectorIndex = open_vectors(self.engine, self.folder, self.manifest["index_type"],
+                                                 int(self.manifest["embedding_dim"]), self.manifest.get("num_images"))
         self._db = _connect(self.folder, read_only=True)
-        self._search_lock = threading.Lock()
+
+    @property
+    def faiss(self) -> faiss.Index:
+        """The FAISS index (FAISS engine only)."""
+        if self.engine.kind != "faiss":
+            raise AttributeError(f"{self.folder} is searched by {self.engine.uri}, not FAISS")
+        return self.vectors.faiss
 
     def __len__(self) -> int:
-        return int(self.faiss.ntotal)
+        return len(self.vectors)
 
     @property
     def index_type(self) -> str:
@@ -219,11 +209,7 @@ class ImageIndex:
         if k == 0:
             empty = np.zeros((len(query_vectors), 0))
             return empty.astype(np.float32), empty.astype(np.int64)
-        query = np.ascontiguousarray(query_vectors, dtype=np.float32)
-        # One search at a time: each FAISS call starts its own OpenMP team, and concurrent teams from the
-        # service's worker threads oversubscribe the cores (measured: half the throughput at concurrency 8).
-        with self._search_lock:
-            return self.faiss.search(query, k, params=search_params(self.faiss, k))
+        return self.vectors.search(np.ascontiguousarray(query_vectors, dtype=np.float32), k)
 
     def records(self, rows: Iterable[int]) -> list[ImageRecord]:
         """Metadata of ``rows``, in the given order."""
@@ -250,6 +236,7 @@ class ImageIndex:
         return None if row is None else ImageRecord(*row)
 
     def close(self) -> None:
+        self.vectors.close()
         self._db.close()
 
 
@@ -291,13 +278,17 @@ def build_index(
     append: bool = False,
     search_model: SearchModel | None = None,
     progress: bool = True,
+    engine: str | None = None,
+    device: str = "cpu",
 ) -> BuildReport:
     """Embed every image of the feature store ``features`` into the index folder ``out``.
 
     A new folder is created; an existing one built with the same model is continued (the ids it holds
     are skipped), which is both the restart of an interrupted build and ``index add`` (``append=True``
     requires the folder to exist). ``split`` keeps only the images that ``captions`` puts in that split.
-    Then the FAISS index is rebuilt over all stored embeddings.
+    Then the engine's index (FAISS by default) is rebuilt over all stored embeddings. ``engine``
+    (see :mod:`interbert.serve.engines`) is recorded in the folder; a later run keeps the recorded one
+    unless given another, which moves the vectors there. ``device``: where the model embeds.
     """
     if split is not None and captions is None:
         raise ValueError(f"choosing the images of split {split!r} needs the captions file that names the splits")
@@ -309,9 +300,12 @@ def build_index(
     manifest_path = out / MANIFEST
     if append and not manifest_path.is_file():
         raise FileNotFoundError(f"{out} is not an index folder ({MANIFEST} is missing): build it first")
+    # A bad engine URI, a missing pymilvus or an unreachable server fails now, not after the embedding.
+    chosen_engine = parse_engine(engine or _recorded_engine(manifest_path), out)
+    check_engine(chosen_engine)
     out.mkdir(parents=True, exist_ok=True)
 
-    search_model = search_model or SearchModel(model_dir, need_tokenizer=False)
+    search_model = search_model or SearchModel(model_dir, device=device, need_tokenizer=False)
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         _check_same_model(manifest, model_dir, out)
@@ -366,12 +360,13 @@ def build_index(
         # `index add` keeps the folder's choice unless told otherwise; `auto` re-decides on the new size.
         requested = manifest.get("requested_index_type", "auto") if append and index_type == "auto" else index_type
         total = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-        up_to_date = (not added and (out / FAISS_FILE).is_file() and manifest.get("num_images") == total
-                      and manifest.get("index_type") == choose_index_type(total, requested))
-        chosen = manifest["index_type"] if up_to_date else _rebuild_faiss(db, out, requested)
+        up_to_date = (not added and vectors_exist(chosen_engine, out) and manifest.get("num_images") == total
+                      and manifest.get("index_type") == choose_index_type(total, requested)
+                      and manifest.get("engine", "faiss") == chosen_engine.uri)
+        chosen = manifest["index_type"] if up_to_date else _rebuild_vectors(db, out, requested, chosen_engine)
     finally:
         db.close()
-    manifest.update(index_type=chosen, requested_index_type=requested, num_images=total,
+    manifest.update(engine=chosen_engine.uri, index_type=chosen, requested_index_type=requested, num_images=total,
                     updated=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     manifest["feature_stores"] = sorted(set(manifest.get("feature_stores", [])) | {str(features.resolve())})
     # Per store, as of its latest run: the ids are never stored, so every run over the store meets them again.
@@ -436,7 +431,11 @@ def _index_batch(
     return missing, [i for i, ok in zip(ids, finite) if not ok]
 
 
-def _rebuild_faiss(db: sqlite3.Connection, out: Path, requested: str) -> str:
+def _recorded_engine(manifest_path: Path) -> str | None:
+    return json.loads(manifest_path.read_text()).get("engine") if manifest_path.is_file() else None
+
+
+def _rebuild_vectors(db: sqlite3.Connection, out: Path, requested: str, engine: Engine) -> str:
     total = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
     rows = np.empty(total, dtype=np.int64)
     vectors = None
@@ -448,7 +447,5 @@ def _rebuild_faiss(db: sqlite3.Connection, out: Path, requested: str) -> str:
     if vectors is None:
         raise ValueError(f"{out}: no images to index (the feature store was empty)")
     chosen = choose_index_type(total, requested)
-    index = build_faiss_index(vectors, rows, chosen)
-    with atomic_path(out / FAISS_FILE) as tmp:
-        faiss.write_index(index, str(tmp))
+    build_vectors(engine, out, vectors, rows, chosen)
     return chosen

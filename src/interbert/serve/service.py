@@ -129,8 +129,8 @@ class SearchService:
     """The two stages, independent of HTTP (the app is a thin layer over :meth:`search`)."""
 
     def __init__(self, index_dir: str | Path, model_dir: str | Path | None = None, rerank_cap: int = RERANK_CAP,
-                 device: str = "cpu"):
-        self.index = ImageIndex(index_dir)
+                 device: str = "cpu", engine: str | None = None):
+        self.index = ImageIndex(index_dir, engine=engine)
         built_with = self.index.manifest["model"]
         model_dir = Path(model_dir or built_with)
         if weights_fingerprint(model_dir) != self.index.manifest["weights_sha256"]:
@@ -223,13 +223,13 @@ def _validation_message(error: RequestValidationError) -> str:
 
 def create_app(index_dir: str | Path, model_dir: str | Path | None = None, rerank_cap: int = RERANK_CAP,
                max_body_bytes: int = MAX_BODY_BYTES, device: str = "cpu", max_concurrent_reranks: int | None = None,
-               rerank_queue_timeout: float = DEFAULT_RERANK_QUEUE_TIMEOUT) -> FastAPI:
+               rerank_queue_timeout: float = DEFAULT_RERANK_QUEUE_TIMEOUT, engine: str | None = None) -> FastAPI:
     """The app over one index; ``model_dir`` defaults to the model recorded in the index.
     ``max_concurrent_reranks`` defaults to :func:`default_max_concurrent_reranks`."""
     if max_concurrent_reranks is None:
         max_concurrent_reranks = default_max_concurrent_reranks()
     gate = RerankGate(max_concurrent_reranks, rerank_queue_timeout)
-    service = SearchService(index_dir, model_dir, rerank_cap=rerank_cap, device=device)
+    service = SearchService(index_dir, model_dir, rerank_cap=rerank_cap, device=device, engine=engine)
     page = resources.files("interbert.serve").joinpath("page.html").read_text(encoding="utf-8")
     app = FastAPI(title="interbert search", version="1")
     app.state.service = service
@@ -242,6 +242,7 @@ def create_app(index_dir: str | Path, model_dir: str | Path | None = None, reran
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "images": len(service.index), "index_type": service.index.index_type,
+                "engine": service.index.engine.uri,
                 "model": str(service.model.model_dir.resolve()), "scorer": service.model.architecture,
                 "max_concurrent_reranks": gate.limit, "rerank_queue_timeout_s": gate.queue_timeout}
 

@@ -124,7 +124,8 @@ def _open_feed(path: Path, meta: dict[str, str]) -> sqlite3.Connection:
 
 
 def build_feed(topics_path: str | Path, index_dir: str | Path, out: str | Path, model_dir: str | Path | None = None,
-               top_n: int = DEFAULT_TOP_N, batch_size: int = 16, progress: bool = True, device: str = "cpu") -> dict:
+               top_n: int = DEFAULT_TOP_N, batch_size: int = 16, progress: bool = True, device: str = "cpu",
+               engine: str | None = None) -> dict:
     """Compute the feed of every topic not yet done in ``out``; returns counts {topics, built, skipped}."""
     from tqdm.auto import tqdm
 
@@ -135,7 +136,7 @@ def build_feed(topics_path: str | Path, index_dir: str | Path, out: str | Path, 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     topics = read_topics(topics_path)
-    service = SearchService(index_dir, model_dir, device=device)  # checks the model matches the index
+    service = SearchService(index_dir, model_dir, device=device, engine=engine)  # checks the model matches the index
     depth = rerank_depth(top_n, service.rerank_cap)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

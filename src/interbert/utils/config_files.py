@@ -9,13 +9,18 @@ overridden, and those a recipe declares optional (``optional_keys``: every ``Tra
 The shipped configs are package data (``src/interbert/configs/*.yaml``; the checkout's top-level
 ``configs/`` links there), so a non-editable install has them too: ``--config`` takes a file path or
 the name of a shipped config (``pretrain_tiny``), and each recipe defaults to its shipped config.
+
+A value of ``???`` (OmegaConf's and Hydra's "mandatory, no default") must be given on the command line
+before a recipe runs (:func:`mandatory_keys`; ``pretrain_base.yaml`` has ``model.from_bert: ???``, as there is
+no sensible default for where BERT lives); the file itself loads, e.g. to be printed or checked.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -37,18 +42,15 @@ class _Loader(yaml.SafeLoader):
     """
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
+FLOAT_RESOLVER = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
 )
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_RESOLVER, list("-+0123456789."))
 
 
 def _parse_yaml(text: str, source: str) -> Any:
@@ -70,12 +72,13 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     return path, _parse_yaml(raw_value, f"override {override!r}")
 
 
-def apply_override(
-    config: dict, override: str, source: str = "config", optional_keys: Mapping[str, Collection[str]] | None = None
+def set_dotted(
+    config: dict, path: list[str], value: Any, text: str, source: str,
+    known_keys: Callable[[list[str], dict], Collection[str] | None],
 ) -> None:
-    """Set one dotted ``key=value`` in ``config`` in place. The key must exist already, or be one of
-    ``optional_keys[parent]`` (``parent``: the dotted path of its mapping, e.g. ``"train"``)."""
-    path, value = parse_override(override)
+    """Set ``config[path[0]][path[1]]... = value`` in place (``text``: the override, for messages).
+    ``known_keys(prefix, node)``: the keys the mapping at ``prefix`` may hold (None: any); a missing
+    mapping on the way is created, a key it may not hold is refused with the ones it may."""
     node = config
     for depth, part in enumerate(path):
         dotted = ".".join(path[: depth + 1])
@@ -84,19 +87,30 @@ def apply_override(
                 f"{source}: cannot override {'.'.join(path)!r}: "
                 f"{'.'.join(path[:depth])!r} is a {type(node).__name__}, not a mapping"
             )
-        optional = (optional_keys or {}).get(".".join(path[:depth]), ())
-        if part not in node and depth == len(path) - 1 and part in optional:
-            node[part] = value  # a key the file leaves at its default
-            return
-        if part not in node:
-            known = ", ".join(sorted({*map(str, node), *optional})) or "(none)"
-            raise ConfigError(
-                f"{source}: unknown config key {dotted!r} in override {override!r}; known keys here: {known}"
-            )
+        known = known_keys(path[:depth], node)
+        if known is not None and part not in known:
+            listed = ", ".join(map(str, known)) or "(none)"
+            raise ConfigError(f"{source}: unknown config key {dotted!r} in override {text!r}; known keys here: {listed}")
         if depth == len(path) - 1:
             node[part] = value
         else:
+            if node.get(part) is None:
+                node[part] = {}  # a section the file leaves out (or null): its defaults, then this key
             node = node[part]
+
+
+def apply_override(
+    config: dict, override: str, source: str = "config", optional_keys: Mapping[str, Collection[str]] | None = None
+) -> None:
+    """Set one dotted ``key=value`` in ``config`` in place. The key must exist already, or be one of
+    ``optional_keys[parent]`` (``parent``: the dotted path of its mapping, e.g. ``"train"``). A config
+    with a schema uses :func:`interbert.utils.typed_config.override` instead."""
+    path, value = parse_override(override)
+
+    def known(prefix: list[str], node: dict) -> list[str]:
+        return sorted({*map(str, node), *(optional_keys or {}).get(".".join(prefix), ())})
+
+    set_dotted(config, path, value, override, source, known)
 
 
 def packaged_configs() -> dict[str, Path]:
@@ -117,12 +131,8 @@ def resolve_config(value: str | Path) -> Path:
     return packaged_configs().get(path.name.removesuffix(".yaml"), path)
 
 
-def load_config(
-    path: str | Path,
-    overrides: list[str] | tuple[str, ...] = (),
-    optional_keys: Mapping[str, Collection[str]] | None = None,
-) -> dict:
-    """Read a YAML config file and apply ``dotted.key=value`` overrides in order (see :func:`apply_override`)."""
+def read_config(path: str | Path) -> tuple[Path, dict]:
+    """A YAML config file (a path, or a shipped config's name) as its path and top-level mapping."""
     path = resolve_config(path)
     if not path.is_file():
         shipped = ", ".join(sorted(packaged_configs())) or "(none)"
@@ -132,9 +142,35 @@ def load_config(
         config = {}
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(config).__name__}")
+    return path, config
+
+
+def load_config(
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    optional_keys: Mapping[str, Collection[str]] | None = None,
+) -> dict:
+    """Read a YAML config file and apply ``dotted.key=value`` overrides in order (see :func:`apply_override`)."""
+    path, config = read_config(path)
     for override in overrides:
         apply_override(config, override, source=str(path), optional_keys=optional_keys)
     return config
+
+
+MANDATORY = "???"
+
+
+def mandatory_keys(config: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose value is still ``???`` (``config``: a mapping or typed settings, a dataclass)."""
+    if dataclasses.is_dataclass(config):
+        config = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    keys = []
+    for key, value in config.items():
+        if isinstance(value, Mapping) or dataclasses.is_dataclass(value):
+            keys += mandatory_keys(value, f"{prefix}{key}.")
+        elif value == MANDATORY:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
