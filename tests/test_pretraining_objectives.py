@@ -264,3 +264,13 @@ def test_the_ablation_table_reports_when_itm_leaves_chance():
     assert first_step_below(itm, 0.6) == 150 + 48
     assert first_step_below([None, *itm], 0.6) == 150 + 48  # steps without a value are skipped
     assert first_step_below([0.69] * 300, 0.6) is None and first_step_below([0.1] * 50, 0.6) is None
+
+
+def test_an_old_ablation_run_is_reused_as_what_it_ran():
+    from interbert.recipes.demo import DemoPlan, same_plan
+
+    planned = dict(DemoPlan(itm_inputs="masked").__dict__)
+    old = {k: v for k, v in planned.items() if k not in ("itm_inputs", "msm_pairs", "hard_ratio_start")}
+    assert same_plan(old, planned)  # recorded before the fields existed: the original's masked matching
+    assert not same_plan(old, {**planned, "itm_inputs": "clean"})
+    assert not same_plan({**old, "pretrain_steps": 10}, planned) and not same_plan(None, planned)

@@ -387,14 +387,16 @@ def write_loss_plot(folders: dict[str, Sequence[Path]], path: Path, names: Seque
     plt.close(fig)
 
 
+# DemoPlan fields added after runs were recorded, and what those runs did (not today's defaults, which may change)
+ADDED_FIELDS = {"hard_ratio_start": None, "itm_inputs": "masked", "msm_pairs": "all"}
+
+
 def same_plan(recorded: dict | None, planned: dict) -> bool:
-    """Whether a finished run's plan is ``planned``; a field the record lacks (added to DemoPlan after the
-    run) counts as its default, so a new option at its default does not invalidate old runs."""
+    """Whether a finished run's plan is ``planned``; a field the record lacks because it was added to
+    DemoPlan after the run counts as what those runs did (``ADDED_FIELDS``)."""
     if recorded is None:
         return False
-    defaults = json.loads(json.dumps(DemoPlan().__dict__))
-    return {**{k: defaults[k] for k in planned if k not in recorded}, **recorded} == planned
-
+    return {**{k: v for k, v in ADDED_FIELDS.items() if k in planned and k not in recorded}, **recorded} == planned
 
 
 def final_pretraining_losses(folders: Sequence[Path]) -> dict[str, float]:
