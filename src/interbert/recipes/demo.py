@@ -68,7 +68,7 @@ class DemoPlan:
     hard_ratio_start: float | None = None  # a share: ramp the hard share from it to hard_ratio over the run
     # What ITM/ITC see: clean (a second pass on the unmasked caption and regions) | masked (the original: the
     # inputs MSM/MRM mask). Clean: IR R@1 17.6 vs 11.3, zero-shot 13.2 vs 5.3 (results/ablations.md), and
-    # still 13.8 / 6.6 for masked with 1.4x the steps.
+    # still 12.5 / 6.7 for masked with 1.4x the steps.
     itm_inputs: str = "clean"
     msm_pairs: str = "all"  # pairs MSM is taken on: all (the original) | matched
     # VCR columns (--vcr): one multiple-choice model on Q->A and QA->R of the benchmark's VCR questions,
