@@ -75,7 +75,9 @@ def model_rate(batches, vocab_size: int, steps: int):
     from interbert.config import preset
     from interbert.modeling import InterBertForPreTraining
 
-    model = InterBertForPreTraining(preset("tiny", vocab_size=vocab_size))
+    # the generated store has no class distributions: the MRM head regresses features
+    target = "classes" if "mrm_class_targets" in batches[0] else "features"
+    model = InterBertForPreTraining(preset("tiny", vocab_size=vocab_size, mrm_target=target))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
 
