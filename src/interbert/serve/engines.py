@@ -203,7 +203,7 @@ class FaissVectors:
         with self._lock:
             return self.faiss.search(queries, k, params=faiss_search_params(self.faiss, k))
 
-    def close(self) -> None:
+    def close(self) -> None:  # an in-process FAISS index holds no connection or file handle
         pass
 
 
