@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Peak memory (RSS)",
         machine_markdown(payload["machine"]) + f" 1-min load average at the end: {payload['load_average_at_end']:.2f}.",
         "Each row is a fresh subprocess (1 torch thread); ru_maxrss is the peak resident set up to the end of each "
-        "phase. Memory does not depend on the machine's load (the shared machine was busy; only the seconds do).",
+        "phase. Memory does not depend on the machine's load; the seconds do"
+        + (" (this run started on a busy machine)." if payload["machine"]["load_average_at_start"] > 1.0 else "."),
         table(["measurement", "setting", "peak RSS MiB", "fwd+bwd adds MiB", "fwd+bwd s", "phases (peak MiB so far)"], [
             ["`base` pretraining step (MSM+MRM+ITM, fwd+bwd+AdamW)", train_setting, t["peak_mib"], activations(t),
              t["forward_backward_seconds"], ", ".join(f"{k} {v:.0f}" for k, v in t["phases_peak_mib"].items())],
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(|diff| {loss_diff:.1e}), gradient norm {t['grad_norm']:.6f} vs {g['grad_norm']:.6f} (|diff| {norm_diff:.1e}). "
         f"It cuts what the forward + backward adds from {activations(t):.0f} to {activations(g):.0f} MiB "
         f"({1 - activations(g) / activations(t):.0%} less) for {g['forward_backward_seconds'] / t['forward_backward_seconds']:.2f}x "
-        "the fwd+bwd time (timed under the shared machine's load: a rough ratio). "
+        "the fwd+bwd time (one run each, in fresh processes: a rough ratio). "
         f"Peak of the whole step: {t['peak_mib']:.0f} -> {g['peak_mib']:.0f} MiB"
         + (" (with checkpointing the peak is reached in the optimizer step, AdamW's state, not in the activations)."
            if g["phases_peak_mib"]["optimizer_step"] > g["phases_peak_mib"]["forward_backward"] + 1 else "."),
