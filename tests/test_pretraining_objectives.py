@@ -274,3 +274,117 @@ def test_an_old_ablation_run_is_reused_as_what_it_ran():
     assert same_plan(old, planned)  # recorded before the fields existed: the original's masked matching
     assert not same_plan(old, {**planned, "itm_inputs": "clean"})
     assert not same_plan({**old, "pretrain_steps": 10}, planned) and not same_plan(None, planned)
+
+
+# -- the clean-matching step shares the region projection (issue 14) ----------------------------------
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, image_hidden_dropout_prob=0.0,
+                  image_attention_probs_dropout_prob=0.0, itm_dropout_prob=0.0)
+
+
+def padded_masked_batch() -> dict:
+    """masked_batch with padded regions (zero features, never masked, as the data pipeline pads them)."""
+    _, masked = masked_batch()
+    masked["region_mask"] = masked["region_mask"].clone()
+    masked["region_mask"][::2, -2:] = 0
+    padded = ~masked["region_mask"].bool()
+    masked["mrm_mask"] = masked["mrm_mask"] & ~padded
+    masked["region_features"] = masked["region_features"].masked_fill(padded[..., None], 0.0)
+    assert masked["mrm_mask"].sum() >= 3 and padded.any()
+    return masked
+
+
+def reference_step(model: InterBertForPreTraining, masked: dict) -> torch.Tensor:
+    """The step's loss the way it was computed before the projection was shared: every pass embeds the
+    region features itself (the masked features, the restored clean ones, the matched pairs' clean ones)."""
+    text = {"input_ids": masked["input_ids"], "attention_mask": masked["attention_mask"], "token_type_ids": None}
+    image = {k: masked[k] for k in ("region_features", "region_boxes", "region_mask")}
+    clean_text, clean_image = model.clean_inputs(text, image, masked["msm_labels"], masked["mrm_mask"],
+                                                 masked["mrm_feature_targets"])
+    msm_targets, scored = model.masked_targets(masked["msm_labels"], masked["mrm_mask"], masked["itm_labels"])
+    text_at = msm_targets != -100
+    out = model.masked_pass(text, image, text_at, scored)
+    clean = model.config.itm_inputs == "clean"
+    matched = InterBertModel.forward(model.interbert, **clean_text, **clean_image) if clean else None
+    pooled = (matched.text_pooled, matched.image_pooled) if clean else (out["text_pooled"], out["image_pooled"])
+    out["itm_logits"] = model.itm_logits(*pooled)
+    side = {k: masked[k] for k in ("mrm_class_targets", "mrm_feature_targets")}
+    matching_inputs = {**clean_text, **clean_image} if clean else {**text, **clean_image}
+    losses = model.losses(out, msm_targets, text_at, scored, scored, side, masked["itm_labels"], matching_inputs)
+    c = model.config
+    weights = {"msm_loss": c.msm_loss_weight, "mrm_loss": c.mrm_loss_weight, "itm_loss": c.itm_loss_weight,
+               "itc_loss": c.itc_loss_weight}
+    return sum(weights[k] * v for k, v in losses.items())
+
+
+def loss_and_grads(model, run) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    loss = run()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("itm_inputs", ["clean", "masked"])
+@pytest.mark.parametrize("mrm_target", ["classes", "features"])
+def test_the_step_computes_the_losses_and_gradients_of_separate_passes(itm_inputs, mrm_target):
+    torch.manual_seed(0)
+    model = InterBertForPreTraining(small_config(itm_inputs=itm_inputs, mrm_target=mrm_target, embedding_size=8,
+                                                 itc_loss_weight=1.0, **NO_DROPOUT)).train()
+    with torch.no_grad():
+        model.itm_classifier.weight.normal_(0.0, 30.0)  # ITM logits O(1-10): its gradient is not noise
+    masked = padded_masked_batch()
+    loss, grads = loss_and_grads(model, lambda: model(**masked).loss)
+    reference, expected = loss_and_grads(model, lambda: reference_step(model, masked))
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=0)
+    assert grads.keys() == expected.keys() and "interbert.region_embeddings.feature_projection.weight" in grads
+    # relative to the largest gradient: some are 0 up to rounding (a key bias: softmax ignores a shift)
+    scale = max(float(g.abs().max()) for g in expected.values())
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+def test_the_clean_step_projects_each_region_once_and_the_restored_ones_again():
+    model = InterBertForPreTraining(small_config(itm_inputs="clean", embedding_size=8, itc_loss_weight=1.0)).train()
+    masked = padded_masked_batch()
+    rows = []
+    handle = model.interbert.region_embeddings.feature_projection.register_forward_hook(
+        lambda module, args, output: rows.append(args[0].shape[0]))
+    model(**masked).loss.backward()
+    handle.remove()
+    # the real regions as given, then the masked ones restored: not every region in each of the three passes
+    assert rows == [int(masked["region_mask"].sum()), int(masked["mrm_mask"].sum())]
+
+
+def test_the_clean_step_with_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    from interbert.train import enable_gradient_checkpointing
+
+    torch.manual_seed(0)
+    config = small_config(itm_inputs="clean", embedding_size=8, itc_loss_weight=1.0)  # dropout 0.1: RNG restored
+    plain = InterBertForPreTraining(config).train()
+    checkpointed = InterBertForPreTraining(config).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    enable_gradient_checkpointing(checkpointed)
+    masked = padded_masked_batch()
+
+    def run(model):
+        torch.manual_seed(3)
+        return model(**masked).loss
+
+    loss, grads = loss_and_grads(plain, lambda: run(plain))
+    loss_ckpt, grads_ckpt = loss_and_grads(checkpointed, lambda: run(checkpointed))
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=1e-5)
+    assert grads.keys() == grads_ckpt.keys() and len(grads) > 20
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_a_precomputed_region_projection_embeds_as_the_features_do():
+    torch.manual_seed(0)
+    base = InterBertModel(small_config(embedding_size=8)).eval()
+    inputs = batch(3, 7, 5)
+    projection = base.region_embeddings.feature_projection(inputs["region_features"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            base.embed_images(None, inputs["region_boxes"], inputs["region_mask"], region_projection=projection),
+            base.embed_images(inputs["region_features"], inputs["region_boxes"], inputs["region_mask"]))
+    with pytest.raises(ValueError, match=r"region_projection must be batch x regions x 32 \(config.hidden_size\)"):
+        base.embed_images(None, inputs["region_boxes"], region_projection=inputs["region_features"])

@@ -119,8 +119,12 @@ class RegionEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.image_hidden_dropout_prob)
 
-    def forward(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.LayerNorm(self.feature_projection(features) + self.box_projection(boxes)))
+    def forward(self, features: torch.Tensor | None, boxes: torch.Tensor, projected: torch.Tensor | None = None) -> torch.Tensor:
+        """``projected``: ``feature_projection(features)`` when the caller has it already (a pretraining
+        step computes it once for its passes); ``features`` is then not read."""
+        if projected is None:
+            projected = self.feature_projection(features)
+        return self.dropout(self.LayerNorm(projected + self.box_projection(boxes)))
 
 
 @dataclass
@@ -345,8 +349,9 @@ class InterBertModel(InterBertPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embeddings.word_embeddings = value
 
-    def _check_inputs(self, input_ids, attention_mask, token_type_ids, region_features, region_boxes, region_mask):
-        if input_ids is None and region_features is None:
+    def _check_inputs(self, input_ids, attention_mask, token_type_ids, region_features, region_boxes, region_mask,
+                      region_projection=None):
+        if input_ids is None and region_features is None and region_projection is None:
             raise ValueError("give input_ids (text), region_features (image), or both")
         batch = set()
         if input_ids is not None:
@@ -360,22 +365,22 @@ class InterBertModel(InterBertPreTrainedModel):
                 if t is not None and t.shape != input_ids.shape:
                     raise ValueError(f"{name} has shape {tuple(t.shape)}, input_ids {tuple(input_ids.shape)}")
             batch.add(input_ids.shape[0])
-        if region_features is not None:
-            d = self.config.region_feature_size
-            if region_features.dim() != 3 or region_features.shape[-1] != d:
-                raise ValueError(
-                    f"region_features must be batch x regions x {d} (config.region_feature_size), "
-                    f"got shape {tuple(region_features.shape)}"
-                )
-            if region_boxes is None or region_boxes.shape != (*region_features.shape[:2], BOX_DIM):
+        # the regions come as features, or as their projection (what the features project to, computed by the caller)
+        name, regions, d, field = (("region_features", region_features, self.config.region_feature_size, "region_feature_size")
+                                   if region_features is not None or region_projection is None else
+                                   ("region_projection", region_projection, self.config.hidden_size, "hidden_size"))
+        if regions is not None:
+            if regions.dim() != 3 or regions.shape[-1] != d:
+                raise ValueError(f"{name} must be batch x regions x {d} (config.{field}), got shape {tuple(regions.shape)}")
+            if region_boxes is None or region_boxes.shape != (*regions.shape[:2], BOX_DIM):
                 got = None if region_boxes is None else tuple(region_boxes.shape)
                 raise ValueError(
                     f"region_boxes must be batch x regions x {BOX_DIM} (x1/W, y1/H, x2/W, y2/H, area) matching "
-                    f"region_features {tuple(region_features.shape)}, got {got}"
+                    f"{name} {tuple(regions.shape)}, got {got}"
                 )
-            if region_mask is not None and region_mask.shape != region_features.shape[:2]:
-                raise ValueError(f"region_mask has shape {tuple(region_mask.shape)}, expected {tuple(region_features.shape[:2])}")
-            batch.add(region_features.shape[0])
+            if region_mask is not None and region_mask.shape != regions.shape[:2]:
+                raise ValueError(f"region_mask has shape {tuple(region_mask.shape)}, expected {tuple(regions.shape[:2])}")
+            batch.add(regions.shape[0])
         if len(batch) > 1:
             raise ValueError(f"text and regions have different batch sizes: {sorted(batch)}")
 
@@ -392,12 +397,15 @@ class InterBertModel(InterBertPreTrainedModel):
                                               region_mask))
 
     def embed_inputs(self, input_ids=None, attention_mask=None, token_type_ids=None, region_features=None,
-                     region_boxes=None, region_mask=None) -> tuple:
-        """Checked inputs -> ``(text, text_keep, image, image_keep)`` embedded, as :meth:`encode` takes them."""
-        self._check_inputs(input_ids, attention_mask, token_type_ids, region_features, region_boxes, region_mask)
+                     region_boxes=None, region_mask=None, region_projection=None) -> tuple:
+        """Checked inputs -> ``(text, text_keep, image, image_keep)`` embedded, as :meth:`encode` takes them.
+        ``region_projection`` (B x R x hidden): the regions' feature projection computed by the caller, in
+        place of ``region_features`` (see :meth:`InterBertForPreTraining.project_regions`)."""
+        self._check_inputs(input_ids, attention_mask, token_type_ids, region_features, region_boxes, region_mask,
+                           region_projection)
         image = image_keep = text = text_keep = None
-        if region_features is not None:
-            image = self.region_embeddings(region_features, region_boxes)
+        if region_features is not None or region_projection is not None:
+            image = self.region_embeddings(region_features, region_boxes, region_projection)
             image_keep = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device) if region_mask is None else region_mask.bool()
         if input_ids is not None:
             text = self.embeddings(input_ids, token_type_ids)
@@ -444,8 +452,10 @@ class InterBertModel(InterBertPreTrainedModel):
         pooled = self.encode(text, keep, None, None, text_needed=first_position(keep)).text_pooled
         return F.normalize(self.text_projection(pooled) if self.config.embedding_size else pooled, dim=-1)
 
-    def embed_images(self, region_features: torch.Tensor, region_boxes: torch.Tensor, region_mask: torch.Tensor | None = None) -> torch.Tensor:
-        _, _, image, keep = self.embed_inputs(region_features=region_features, region_boxes=region_boxes, region_mask=region_mask)
+    def embed_images(self, region_features: torch.Tensor | None, region_boxes: torch.Tensor, region_mask: torch.Tensor | None = None,
+                     region_projection: torch.Tensor | None = None) -> torch.Tensor:
+        _, _, image, keep = self.embed_inputs(region_features=region_features, region_boxes=region_boxes, region_mask=region_mask,
+                                              region_projection=region_projection)
         pooled = self.encode(None, None, image, keep, image_needed=first_position(keep)).image_pooled
         return F.normalize(self.image_projection(pooled) if self.config.embedding_size else pooled, dim=-1)
 
@@ -464,7 +474,7 @@ class InterBertModel(InterBertPreTrainedModel):
             return zero
         take = lambda name: None if batch.get(name) is None else batch[name][rows]  # noqa: E731
         text = self.embed_text(take("input_ids"), take("attention_mask"), take("token_type_ids"))
-        image = self.embed_images(take("region_features"), take("region_boxes"), take("region_mask"))
+        image = self.embed_images(take("region_features"), take("region_boxes"), take("region_mask"), take("region_projection"))
         return contrastive_loss(text, image, self.config.itc_temperature)
 
 
@@ -546,7 +556,8 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
         out: dict = {}
         masked_text = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         masked_image = dict(region_features=region_features, region_boxes=region_boxes, region_mask=region_mask)
-        clean_text, clean_image = self.clean_inputs(masked_text, masked_image, msm_labels, mrm_mask, mrm_feature_targets)
+        clean_text = self.clean_text(masked_text, msm_labels)
+        masked_image, clean_image = self.project_regions(masked_image, mrm_mask, mrm_feature_targets)
         image_side = dict(masked_image=masked_image, clean_image=clean_image, mrm_mask=mrm_mask,
                           mrm_class_targets=mrm_class_targets, mrm_feature_targets=mrm_feature_targets)
 
@@ -587,16 +598,49 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
         return InterBertPreTrainingOutput(**out)
 
     @staticmethod
+    def clean_text(text: dict, msm_labels) -> dict:
+        """The caption as written: masked ids restored from ``msm_labels`` (without them, as given)."""
+        text = dict(text)
+        if msm_labels is not None and text["input_ids"] is not None:
+            text["input_ids"] = torch.where(msm_labels != -100, msm_labels, text["input_ids"])
+        return text
+
+    @staticmethod
     def clean_inputs(text: dict, image: dict, msm_labels, mrm_mask, mrm_feature_targets) -> tuple[dict, dict]:
         """The caption as written (masked ids restored from ``msm_labels``) and the regions as detected
         (masked features restored from ``mrm_feature_targets``, the original features); an input without
-        what restores it stays as given."""
-        text, image = dict(text), dict(image)
-        if msm_labels is not None and text["input_ids"] is not None:
-            text["input_ids"] = torch.where(msm_labels != -100, msm_labels, text["input_ids"])
+        what restores it stays as given. (The step itself restores the regions' projection instead:
+        :meth:`project_regions`.)"""
+        text, image = InterBertForPreTraining.clean_text(text, msm_labels), dict(image)
         if mrm_feature_targets is not None and mrm_mask is not None and image["region_features"] is not None:
             image["region_features"] = torch.where(mrm_mask.bool()[..., None], mrm_feature_targets, image["region_features"])
         return text, image
+
+    def project_regions(self, image: dict, mrm_mask, mrm_feature_targets) -> tuple[dict, dict]:
+        """``(masked, clean)``: the image inputs as given and as detected (the masked regions restored from
+        ``mrm_feature_targets``, as :meth:`clean_inputs` restores them), each carrying ``region_projection``
+        (the feature projection, Linear D -> hidden) in place of ``region_features``.
+
+        The projection is the biggest single matmul of a small model's step, and a step reads it up to three
+        times (masked pass, clean matching pass, ITC's image pass): it runs once here, on the real regions as
+        given, and again on the restored rows only (~15% of them); the passes share it and its backward is
+        one matmul too. The two differ only in those rows; padded rows are zero (no layer reads them)."""
+        features = image["region_features"]
+        if features is None:
+            return image, image
+        keep = image["region_mask"]
+        self.interbert._check_inputs(None, None, None, features, image["region_boxes"], keep)  # a clear error first
+        b, r, d = features.shape
+        padding = Padding.from_keep(torch.ones(b, r, dtype=torch.bool, device=features.device) if keep is None else keep.bool())
+        project = self.interbert.region_embeddings.feature_projection
+        given = project(padding.pack(features))  # N x H, the real rows
+        masked = {**image, "region_features": None, "region_projection": padding.unpack(given)}
+        if mrm_feature_targets is None or mrm_mask is None:
+            return masked, masked
+        rows = padding.rows_of(mrm_mask.bool())
+        flat = rows if padding.index is None else padding.index.index_select(0, rows)
+        restored = given.index_copy(0, rows, project(mrm_feature_targets.reshape(-1, d).index_select(0, flat)))
+        return masked, {**masked, "region_projection": padding.unpack(restored)}
 
     def mine_in_batch_negatives(self, text: dict, image: dict, itm_labels: torch.Tensor, image_index):
         """ALBEF's in-batch negatives from a batch of matched pairs: ``(image_order, itm_labels, itc_loss)``.
