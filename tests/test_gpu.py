@@ -49,8 +49,9 @@ def _exact_float32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+# not named `benchmark`: the GPU machine has pytest-benchmark, whose fixture of that name would clash
 @pytest.fixture(scope="module")
-def benchmark(tmp_path_factory) -> dict[str, Path]:
+def gpu_data(tmp_path_factory) -> dict[str, Path]:
     """The generated benchmark (small features) and a saved, untrained pretraining model folder."""
     if ON_GPU and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -88,12 +89,12 @@ def pretrain_settings(data: Path, out: Path, *overrides: str):
 # ---------------------------------------------------------------------------------------------------
 # 1. fp16 pretraining through the recipe: it learns, the loss scale is checkpointed, a resume continues
 # ---------------------------------------------------------------------------------------------------
-def test_fp16_pretraining_learns_checkpoints_the_loss_scale_and_resumes(benchmark, tmp_path):
+def test_fp16_pretraining_learns_checkpoints_the_loss_scale_and_resumes(gpu_data, tmp_path):
     from interbert.recipes import pretrain
 
     steps, middle = 40, 20
     first = tmp_path / "uninterrupted"
-    result = pretrain.run(pretrain_settings(benchmark["data"], first, *FP16, f"train.max_steps={steps}",
+    result = pretrain.run(pretrain_settings(gpu_data["data"], first, *FP16, f"train.max_steps={steps}",
                                             f"train.save_every={middle}", "train.keep_checkpoints=2"))
     losses = result["history"]["loss"]
     assert len(losses) == steps and all(math.isfinite(v) for v in losses), losses
@@ -102,7 +103,7 @@ def test_fp16_pretraining_learns_checkpoints_the_loss_scale_and_resumes(benchmar
     final = torch.load(first / "checkpoint.pt", weights_only=True)
     if ON_GPU:  # the GradScaler's state travels with the checkpoint: a resume keeps the learned scale
         scaler = final["scaler"]
-        assert scaler is not None and {"scale", "growth_tracker"} <= set(scaler), scaler
+        assert scaler is not None and {"scale", "_growth_tracker"} <= set(scaler), scaler
         assert math.isfinite(scaler["scale"]) and scaler["scale"] > 0
     else:
         assert final["scaler"] is None
@@ -117,7 +118,7 @@ def test_fp16_pretraining_learns_checkpoints_the_loss_scale_and_resumes(benchmar
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     middle_state = torch.load(resumed / "checkpoint.pt", weights_only=True)
     assert middle_state["step"] == middle
-    again = pretrain.run(pretrain_settings(benchmark["data"], resumed, *FP16, f"train.max_steps={steps}",
+    again = pretrain.run(pretrain_settings(gpu_data["data"], resumed, *FP16, f"train.max_steps={steps}",
                                            f"train.save_every={middle}", "train.keep_checkpoints=2"), resume=True)
     continued = again["history"]["loss"]
     assert again["steps"] == steps and len(continued) == steps
@@ -136,8 +137,8 @@ DROPOUTS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "image_hidden
             "image_attention_probs_dropout_prob", "itm_dropout_prob")
 
 
-def pretraining_batch(benchmark, size: int = 8) -> tuple[dict, object]:
-    """A masked pretraining batch of the benchmark and the (untrained) model saved beside it, dropout off."""
+def pretraining_batch(gpu_data, size: int = 8) -> tuple[dict, object]:
+    """A masked pretraining batch of the generated data and the (untrained) model saved beside it, dropout off."""
     from interbert.data import model_inputs
     from interbert.data.batches import PretrainingDataset, collate
     from interbert.data.features import open_features
@@ -145,13 +146,13 @@ def pretraining_batch(benchmark, size: int = 8) -> tuple[dict, object]:
     from interbert.loading import load_model
     from interbert.recipes.common import captions_of_split
 
-    tokenizer = load_tokenizer(benchmark["pretrained"])
-    captions = captions_of_split(benchmark["data"] / "captions.json", "train")
-    dataset = PretrainingDataset(captions, open_features(benchmark["data"] / "regions.tsv"), tokenizer,
+    tokenizer = load_tokenizer(gpu_data["pretrained"])
+    captions = captions_of_split(gpu_data["data"] / "captions.json", "train")
+    dataset = PretrainingDataset(captions, open_features(gpu_data["data"] / "regions.tsv"), tokenizer,
                                  max_regions=12, hard_negatives=None, seed=0)
     batch = model_inputs(collate([dataset[i] for i in range(size)], pad_token_id=tokenizer.pad_token_id))
     assert batch["msm_labels"].ne(-100).any() and batch["mrm_mask"].any()  # every head has something to learn
-    model = load_model(benchmark["pretrained"], task="pretraining",
+    model = load_model(gpu_data["pretrained"], task="pretraining",
                        config_updates={name: 0.0 for name in DROPOUTS})
     return batch, model
 
@@ -182,8 +183,8 @@ def bf16_step(model, batch: dict, checkpointing: bool) -> tuple[float, float, in
     return loss.item(), norm.item(), len(calls)
 
 
-def test_bf16_gradient_checkpointing_gives_the_step_without_it(benchmark):
-    batch, model = pretraining_batch(benchmark)
+def test_bf16_gradient_checkpointing_gives_the_step_without_it(gpu_data):
+    batch, model = pretraining_batch(gpu_data)
     plain_loss, plain_norm, plain_calls = bf16_step(model, batch, checkpointing=False)
     loss, norm, calls = bf16_step(model, batch, checkpointing=True)
     assert calls > plain_calls >= 1  # checkpointing is really on: the layer's passes are recomputed in backward
@@ -192,8 +193,8 @@ def test_bf16_gradient_checkpointing_gives_the_step_without_it(benchmark):
     assert norm == pytest.approx(plain_norm, rel=5e-2)
 
 
-def test_float32_forward_on_cuda_matches_the_cpu(benchmark):
-    batch, model = pretraining_batch(benchmark)
+def test_float32_forward_on_cuda_matches_the_cpu(gpu_data):
+    batch, model = pretraining_batch(gpu_data)
     model.eval()
     with torch.no_grad():
         expected = model(**batch)
@@ -212,14 +213,14 @@ def test_float32_forward_on_cuda_matches_the_cpu(benchmark):
 # ---------------------------------------------------------------------------------------------------
 # 3. retrieval evaluation on CUDA ranks as on the CPU
 # ---------------------------------------------------------------------------------------------------
-def test_retrieval_scores_and_recalls_on_cuda_equal_the_cpu(benchmark, tmp_path):
+def test_retrieval_scores_and_recalls_on_cuda_equal_the_cpu(gpu_data, tmp_path):
     from interbert.data.tokenize import load_tokenizer
     from interbert.evaluate import image_retrieval_ranks
     from interbert.recipes.common import captions_of_split, feature_store
     from interbert.recipes.evaluate_retrieval import evaluate_retrieval, load_scoring_model, prepare_split
     from interbert.retrieval import score_pairs
 
-    data, model_dir = benchmark["data"], benchmark["pretrained"]
+    data, model_dir = gpu_data["data"], gpu_data["pretrained"]
     kwargs = dict(zero_shot=True, split="test", max_regions=12, pair_batch_size=64, progress=False, two_stage=3)
     on_cpu = evaluate_retrieval(model_dir, data / "captions.json", data / "regions.tsv", device="cpu", **kwargs)
     on_device = evaluate_retrieval(model_dir, data / "captions.json", data / "regions.tsv", device=DEVICE, **kwargs)
@@ -262,15 +263,15 @@ def _environment() -> dict:
             "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
 
 
-def _evaluate_args(benchmark) -> list[str]:
-    data = benchmark["data"]
-    return ["-m", "interbert.cli", "evaluate", "retrieval", "--model", str(benchmark["pretrained"]), "--zero-shot",
+def _evaluate_args(gpu_data) -> list[str]:
+    data = gpu_data["data"]
+    return ["-m", "interbert.cli", "evaluate", "retrieval", "--model", str(gpu_data["pretrained"]), "--zero-shot",
             "--captions", str(data / "captions.json"), "--features", str(data / "regions.tsv"), "--split", "test",
             "--two-stage", "3", "--device", DEVICE, "--threads", "1", "--pair-batch-size", "16", "--max-regions", "12"]
 
 
-def _torchrun_matches_one_process(benchmark, tmp_path, processes: int) -> tuple[dict, dict]:
-    args, env = _evaluate_args(benchmark), _environment()
+def _torchrun_matches_one_process(gpu_data, tmp_path, processes: int) -> tuple[dict, dict]:
+    args, env = _evaluate_args(gpu_data), _environment()
     alone = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one.json")], env=env, cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
     assert alone.returncode == 0, alone.stderr[-5000:]
@@ -285,15 +286,15 @@ def _torchrun_matches_one_process(benchmark, tmp_path, processes: int) -> tuple[
     return one, ranks
 
 
-def test_evaluate_retrieval_under_torchrun_on_cuda_writes_the_one_process_json(benchmark, tmp_path):
+def test_evaluate_retrieval_under_torchrun_on_cuda_writes_the_one_process_json(gpu_data, tmp_path):
     # one process: torchrun's environment on CUDA (WORLD_SIZE 1 joins no group; see the two-GPU test for NCCL)
-    one, ranks = _torchrun_matches_one_process(benchmark, tmp_path, processes=1)
+    one, ranks = _torchrun_matches_one_process(gpu_data, tmp_path, processes=1)
     assert ranks["pair_forwards_per_rank"] == one["pair_forwards_per_rank"] == [one["pair_forwards"]]
 
 
 @pytest.mark.skipif(not ON_GPU or torch.cuda.device_count() < 2, reason="NCCL across ranks needs two CUDA GPUs")
-def test_evaluate_retrieval_over_two_gpus_with_nccl_writes_the_one_process_json(benchmark, tmp_path):
-    one, ranks = _torchrun_matches_one_process(benchmark, tmp_path, processes=2)
+def test_evaluate_retrieval_over_two_gpus_with_nccl_writes_the_one_process_json(gpu_data, tmp_path):
+    one, ranks = _torchrun_matches_one_process(gpu_data, tmp_path, processes=2)
     captions, images = one["num_captions"], one["num_images"]
     assert ranks["pair_forwards_per_rank"] == [(captions + 1) // 2 * images, captions // 2 * images]
 
@@ -332,7 +333,7 @@ def test_nccl_backend_works_under_torchrun(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # 5. text fine-tuning on CUDA in fp16: the saved model reloads on a CPU with the GPU's logits
 # ---------------------------------------------------------------------------------------------------
-def test_fp16_text_finetuning_on_cuda_reloads_on_cpu_with_the_same_logits(benchmark, tmp_path):
+def test_fp16_text_finetuning_on_cuda_reloads_on_cpu_with_the_same_logits(gpu_data, tmp_path):
     from interbert.data.glue import TextClassificationDataset, collate_text, read_glue
     from interbert.data.tokenize import load_tokenizer
     from interbert.loading import load_model
@@ -340,7 +341,7 @@ def test_fp16_text_finetuning_on_cuda_reloads_on_cpu_with_the_same_logits(benchm
     from interbert.recipes.settings import TextSettings
     from interbert.recipes.text import run_evaluate
 
-    glue = benchmark["data"] / "glue"
+    glue = gpu_data["data"] / "glue"
     out = tmp_path / "run"
     result = text.run(TextSettings.load(CONFIGS / "finetune_text_tiny.yaml", [
         f"data.train={glue / 'train.tsv'}", f"data.dev={glue / 'dev.tsv'}", "data.vocab_size=200", "data.max_tokens=48",
