@@ -62,7 +62,7 @@ def _positive(settings: Any, *names: str) -> None:
 # ---- model ------------------------------------------------------------------------------------------
 @dataclass
 class ModelSettings:
-    preset: str = choice("tiny", PRESETS)  # tiny | base (the paper)
+    preset: str = choice("tiny", PRESETS)  # tiny | small (MiniLM-sized, 384 wide, 3+3+3) | base (the paper)
     overrides: dict[str, Any] = checked(config_fields, dict)  # InterBertConfig fields
     from_bert: str | None = None  # a BERT folder (or a name in the local Hugging Face cache): the text path
     from_checkpoint: str | None = None  # an InterBERT model folder to continue from
