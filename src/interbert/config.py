@@ -172,6 +172,24 @@ PRESETS: dict[str, dict] = {
         pooled_size=1024,
         fusion="mul",
     ),
+    # Sized to a 6-layer, 384-wide BERT (MiniLM-L6-H384, e.g. all-MiniLM-L6-v2): `model.from_bert` fills its
+    # 3 + 3 text layers, and the same preset from scratch is the "without BERT" arm of RQ4 (issue 13).
+    "small": dict(
+        vocab_size=30522,
+        hidden_size=384,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        num_single_stream_layers=3,
+        num_text_stream_layers=3,
+        num_image_stream_layers=3,
+        image_num_attention_heads=12,
+        image_intermediate_size=1536,
+        region_feature_size=2048,
+        num_region_classes=1601,
+        pooled_size=384,
+        fusion="mul",
+        layer_norm_eps=1e-12,
+    ),
     # Small enough to train in minutes on 2 CPU cores (tests, `make demo`).
     "tiny": dict(
         vocab_size=30522,
@@ -193,7 +211,7 @@ PRESETS: dict[str, dict] = {
 
 
 def preset(name: str, **overrides) -> InterBertConfig:
-    """Build a config from a named preset (``tiny`` or ``base``) with field overrides."""
+    """Build a config from a named preset (``tiny``, ``small`` or ``base``) with field overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return InterBertConfig(**{**PRESETS[name], **overrides})

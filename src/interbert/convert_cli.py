@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PRESET_NAMES = ["base", "tiny"]  # interbert.config.PRESETS; a test keeps the two in step
+PRESET_NAMES = ["base", "small", "tiny"]  # interbert.config.PRESETS; a test keeps the two in step
 
 
 # --------------------------------------------------------------------------------------------------

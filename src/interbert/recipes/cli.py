@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
+from pathlib import Path
 
 from interbert.utils import add_config_arguments
 
@@ -33,8 +36,33 @@ def run_training(args, recipe: str, module: str) -> int:
         print(to_yaml(settings), end="")
         return 0
     _setup_logging()
-    _print_summary(importlib.import_module(module).run(settings, resume=args.resume, source=args.config))
+    created = first_missing(Path(settings.train.output_dir))  # the folder the run will create, if any
+    try:
+        summary = importlib.import_module(module).run(settings, resume=args.resume, source=args.config)
+    except BaseException:
+        if created is not None:  # a run refused (bad input, bad setting) or stopped before writing anything
+            remove_if_empty(created)  # leaves no folder behind
+        raise
+    _print_summary(summary)
     return 0
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (None: ``path`` exists)."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` if it holds no file (empty sub-folders only): what a run that failed before writing
+    anything leaves. A folder with any file in it (a trained vocabulary, a checkpoint, a log) is kept."""
+    if any(files for _, _, files in os.walk(folder)):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _cmd_pretrain(args) -> int:

@@ -155,6 +155,32 @@ def build_config(model_cfg: ModelSettings, **fields: Any) -> InterBertConfig:
     return preset(model_cfg.preset, **{**model_cfg.overrides, **fields})
 
 
+# InterBertConfig fields that fix the weights' shapes or what they mean: a checkpoint keeps its own values.
+ARCHITECTURE_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "num_single_stream_layers",
+    "num_text_stream_layers", "num_image_stream_layers", "image_num_attention_heads", "image_intermediate_size",
+    "region_feature_size", "num_region_classes", "pooled_size", "fusion", "hidden_act", "max_position_embeddings",
+    "type_vocab_size", "layer_norm_eps", "embedding_size", "mrm_target", "pad_token_id", "initializer_range",
+})
+
+
+def checkpoint_updates(model_cfg: ModelSettings, source: str = "config") -> dict[str, Any]:
+    """What ``model.overrides`` change in ``model.from_checkpoint``: every field that does not fix the weights
+    (dropouts, loss weights, the objectives' wiring, the ITC temperature ...). An architecture field the
+    checkpoint has with another value cannot change: it is named in one warning line, not dropped silently."""
+    overrides = dict(model_cfg.overrides or {})
+    if not overrides:
+        return {}
+    saved = InterBertConfig.from_pretrained(model_cfg.from_checkpoint)
+    kept = {k: (v, getattr(saved, k)) for k, v in overrides.items() if k in ARCHITECTURE_FIELDS and getattr(saved, k) != v}
+    if kept:
+        logger.warning("%s: model.from_checkpoint=%s keeps its own %s (model.overrides ask for %s): a checkpoint's "
+                       "sizes are its weights'", source, model_cfg.from_checkpoint,
+                       ", ".join(f"{k}={have!r}" for k, (_, have) in kept.items()),
+                       ", ".join(f"{k}={want!r}" for k, (want, _) in kept.items()))
+    return {k: v for k, v in overrides.items() if k not in ARCHITECTURE_FIELDS}
+
+
 def mrm_target_of(store: FeatureStore) -> str:
     """What masked region modeling can predict on this store: the detector's class distributions when
     it has them (the paper), else the region features."""

@@ -19,6 +19,7 @@ from interbert.data.tokenize import load_tokenizer
 from interbert.loading import load_model
 from interbert.modeling import InterBertForImageTextRetrieval
 from interbert.recipes.common import (
+    checkpoint_updates,
     bert_lr_multiplier,
     captions_of_split,
     check_region_feature_size,
@@ -50,7 +51,8 @@ def build_model(model_cfg: RetrievalModelSettings, tokenizer, store) -> InterBer
     """``model.from_checkpoint`` with ``model.config_updates`` (e.g. itc_loss_weight for fine-tuning), or a
     new model sized to the data."""
     if model_cfg.from_checkpoint:
-        return load_model(model_cfg.from_checkpoint, task="retrieval", config_updates=model_cfg.config_updates)
+        return load_model(model_cfg.from_checkpoint, task="retrieval",
+                          config_updates={**checkpoint_updates(model_cfg), **model_cfg.config_updates})
     return new_model(model_cfg, tokenizer, store, InterBertForImageTextRetrieval, **model_cfg.config_updates)
 
 

@@ -18,6 +18,7 @@ from interbert.data.batches import PretrainingDataset, collate
 from interbert.loading import load_model
 from interbert.modeling import InterBertForPreTraining
 from interbert.recipes.common import (
+    checkpoint_updates,
     bert_lr_multiplier,
     check_region_feature_size,
     model_folder,
@@ -40,19 +41,15 @@ logger = logging.getLogger(__name__)
 REQUIRED = {"data.captions": "FILE", "data.features": "PATH"}  # setting -> what to pass
 
 
-# InterBertConfig fields that say how the objectives are wired, not what the weights are: a continued
-# checkpoint takes them from model.overrides too
-OBJECTIVE_FIELDS = ("itm_inputs", "msm_pairs")
-
-
 def build_model(model_cfg: BertModelSettings, tokenizer, store, itm_negatives: str = "data") -> InterBertForPreTraining:
     """A new model sized to the data, or ``model.from_checkpoint``; ``itm_negatives``: where ITM's
     negatives come from (InterBertConfig.itm_negatives: ``data``, or ``in_batch`` pairs the model makes)."""
     checkpoint = model_cfg.from_checkpoint
     if not checkpoint:
         return new_model(model_cfg, tokenizer, store, InterBertForPreTraining, itm_negatives=itm_negatives)
-    objectives = {k: v for k, v in model_cfg.overrides.items() if k in OBJECTIVE_FIELDS}
-    model = load_model(checkpoint, task="pretraining", config_updates={"itm_negatives": itm_negatives, **objectives})
+    # model.overrides that do not fix the weights (the objectives' wiring, loss weights, dropouts) apply too
+    model = load_model(checkpoint, task="pretraining",
+                       config_updates={**checkpoint_updates(model_cfg), "itm_negatives": itm_negatives})
     target = mrm_target_of(store)
     if model.config.mrm_target != target:  # its MRM decoder has nothing to learn from these features
         raise ValueError(

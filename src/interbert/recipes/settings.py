@@ -62,8 +62,10 @@ def _positive(settings: Any, *names: str) -> None:
 # ---- model ------------------------------------------------------------------------------------------
 @dataclass
 class ModelSettings:
-    preset: str = choice("tiny", PRESETS)  # tiny | base (the paper)
-    overrides: dict[str, Any] = checked(config_fields, dict)  # InterBertConfig fields
+    preset: str = choice("tiny", PRESETS)  # tiny | small (MiniLM-sized, 384 wide, 3+3+3) | base (the paper)
+    # InterBertConfig fields. With from_checkpoint, those that do not fix the weights (dropouts, loss weights,
+    # the objectives' wiring) change the loaded model; it keeps its own sizes (a different one is logged)
+    overrides: dict[str, Any] = checked(config_fields, dict)
     from_bert: str | None = None  # a BERT folder (or a name in the local Hugging Face cache): the text path
     from_checkpoint: str | None = None  # an InterBERT model folder to continue from
 

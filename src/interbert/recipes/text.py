@@ -32,6 +32,7 @@ from interbert.data.tokenize import load_tokenizer
 from interbert.loading import load_model
 from interbert.modeling import InterBertForSequenceClassification
 from interbert.recipes.common import (
+    checkpoint_updates,
     argmax_predictions,
     build_config,
     model_folder,
@@ -52,7 +53,8 @@ REQUIRED = {"data.train": "GLUE_TSV"}  # setting -> what to pass
 
 def build_text_model(model_cfg: ModelSettings, tokenizer, num_labels: int) -> InterBertForSequenceClassification:
     if model_cfg.from_checkpoint:  # a text model as it is; any other InterBERT keeps its text path
-        return load_model(model_cfg.from_checkpoint, task="sequence_classification", num_labels=num_labels)
+        return load_model(model_cfg.from_checkpoint, task="sequence_classification", num_labels=num_labels,
+                          config_updates=checkpoint_updates(model_cfg))
     if model_cfg.from_bert:
         return from_bert(model_cfg.from_bert, model_cfg.preset, InterBertForSequenceClassification,
                          num_labels=num_labels, **model_cfg.overrides)

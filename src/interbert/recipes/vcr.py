@@ -35,6 +35,7 @@ from interbert.loading import load_model
 from interbert.modeling import InterBertForMultipleChoice
 from interbert.data.check import verify_images
 from interbert.recipes.common import (
+    checkpoint_updates,
     argmax_predictions,
     build_config,
     model_folder,
@@ -70,7 +71,7 @@ def vcr_accuracies(answer_predictions: Sequence[int], answer_labels: Sequence[in
 def build_vcr_model(model_cfg: ModelSettings, tokenizer, feature_dim: int) -> InterBertForMultipleChoice:
     if model_cfg.from_checkpoint:
         # a VCR folder as it is; a pretraining folder with its ITM margin as the choice score
-        model = load_model(model_cfg.from_checkpoint, task="multiple_choice")
+        model = load_model(model_cfg.from_checkpoint, task="multiple_choice", config_updates=checkpoint_updates(model_cfg))
         if model.config.region_feature_size != feature_dim:
             raise UsageError(f"model.from_checkpoint={model_cfg.from_checkpoint} expects "
                              f"{model.config.region_feature_size}-d region features, the data has {feature_dim}-d")
