@@ -68,6 +68,10 @@ def load_markdown(load: dict) -> str:
     text += f", {end:.2f} at end." if end is not None else "."
     if load.get("loaded"):
         text += f" **Measured on a loaded machine (start load above {load['load_limit']}): ratios only, absolute times are not representative.**"
+    elif end is not None and end > load.get("load_limit", 1.0):
+        text += (" The machine was idle when the run started (below the limit, as the script requires); the higher "
+                 "figure at the end is the benchmark's own load: its torch threads keep the cores busy for minutes, "
+                 "so the 1-minute average climbs with nothing else running.")
     return text
 
 
