@@ -101,3 +101,62 @@ def test_a_log_of_another_experiment_is_refused(tmp_path, log):
             EventLog(log.path, other)
     EventLog(log.path, CONFIG).close()  # the same experiment reopens its log (a server restart)
     assert count(log.path, "impressions") == 1
+
+
+_WORKER = r"""
+import json, sys, time
+from pathlib import Path
+from interbert.serve.events import EventLog, ExperimentConfig
+path, start, phase, name = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+while not start.exists():  # every process opens the log at the same moment
+    time.sleep(0.001)
+log = EventLog(path, ExperimentConfig("exp", "exp", ("control", "treatment"), (0.5, 0.5)))
+if phase == "show":
+    ids = [log.log_impression(f"{name}-u{i}", "control", "topic", ["a", "b"], topic_id="t") for i in range(25)]
+    print(json.dumps(ids))
+else:  # click every request given on stdin, each item once
+    counted = [log.log_click(r, image)[0] for r in json.loads(sys.stdin.read()) for image in ("a", "b")]
+    print(json.dumps(sum(counted)))
+log.close()
+"""
+
+
+def test_several_server_processes_share_one_log(tmp_path):
+    """Uvicorn with --workers N (or two `serve` processes on one --events file) write one SQLite log from
+    several processes: every impression is kept, and a click two processes record at once counts once."""
+    import json
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    db, env = tmp_path / "events.sqlite", {**os.environ, "PYTHONPATH": str(REPO / "src")}
+
+    def run_phase(phase: str, inputs: list[str] | None = None) -> list[str]:
+        start = tmp_path / f"start-{phase}"
+        procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(db), str(start), phase, f"p{k}"], env=env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for k in range(4)]
+        time.sleep(0.5)
+        start.touch()
+        outs = []
+        for k, p in enumerate(procs):
+            out, err = p.communicate(inputs[k] if inputs else "", timeout=120)
+            assert p.returncode == 0, err
+            outs.append(out)
+        return outs
+
+    shown = [json.loads(out) for out in run_phase("show")]
+    every = [r for ids in shown for r in ids]
+    assert len(every) == len(set(every)) == 100
+    # each request is clicked by two processes at once; the second click on an item must not count
+    pairs = [json.dumps(shown[k] + shown[(k + 1) % 4]) for k in range(4)]
+    counted = sum(json.loads(out) for out in run_phase("click", pairs))
+    db_rows = sqlite3.connect(db)
+    assert db_rows.execute("SELECT COUNT(*) FROM impressions").fetchone()[0] == 100
+    assert db_rows.execute("SELECT COUNT(*) FROM impression_items").fetchone()[0] == 200
+    clicks = db_rows.execute("SELECT COUNT(*) FROM clicks").fetchone()[0]
+    assert counted == clicks == 200  # 100 requests x 2 items, each clicked by two processes, counted once
