@@ -236,6 +236,10 @@ ABLATIONS = {
                              {"pretrain_steps": 1120, "itm_inputs": "masked"}),
     "interbert_clean_matched": ("InterBERT, clean matching, MSM on matched pairs only",
                                 {"itm_inputs": "clean", "msm_pairs": "matched"}),
+    # the pretraining learning rate doubled (5e-4 -> 1e-3, same warm-up): do the objectives learn late for want of it?
+    "interbert_clean_lr1e-3": ("InterBERT, clean matching, pretraining lr 1e-3", {"itm_inputs": "clean", "pretrain_lr": 1e-3}),
+    "plain_masking_clean_lr1e-3": ("plain masking, clean matching, pretraining lr 1e-3",
+                                   {"msm": "token", "mrm": "region", "itm_inputs": "clean", "pretrain_lr": 1e-3}),
 }
 # what the paper's ablation compares (group vs plain masking, TF-IDF vs random), under the default's clean
 # matching, with the original's masked matching as the reference
