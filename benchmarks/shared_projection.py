@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-from common import check_start_load, load_average, pretraining_batch
+from common import check_start_load, load_average, pretraining_batch, time_alternating
 
 from interbert.config import preset
 from interbert.modeling import InterBertForPreTraining
@@ -57,21 +56,17 @@ def main() -> None:
     sides = {"per pass": lambda image, mask, targets: per_pass_projection(model, image, mask, targets),
              "shared": model.project_regions}
 
-    def run(side: str, steps: int, start: int) -> float:
+    def run(side: str, start: int) -> None:
         model.project_regions = sides[side]
-        began = time.perf_counter()
-        for i in range(steps):
+        for i in range(args.steps):
             model(**batches[(start + i) % len(batches)]).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return (time.perf_counter() - began) / steps
 
-    for side in sides:  # warm-up
-        run(side, 2, 0)
-    times = {side: [] for side in sides}
-    for r in range(args.rounds):
-        for side in sides:  # the same batches on both sides
-            times[side].append(run(side, args.steps, r * args.steps))
+    # the sides alternate round by round on the same batches; seconds per round -> per step
+    rounds = time_alternating({side: (lambda r, side=side: run(side, r * args.steps)) for side in sides},
+                              warmup=1, iterations=args.rounds)
+    times = {side: [t / args.steps for t in ts] for side, ts in rounds.items()}
     ratios = [a / b for a, b in zip(times["per pass"], times["shared"])]
     print(f"per pass {statistics.median(times['per pass']) * 1000:.1f} ms/step, shared "
           f"{statistics.median(times['shared']) * 1000:.1f} ms/step (medians); per pass / shared, paired by round: "
