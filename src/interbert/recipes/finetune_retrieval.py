@@ -19,10 +19,10 @@ from interbert.data.tokenize import load_tokenizer
 from interbert.loading import load_model
 from interbert.modeling import InterBertForImageTextRetrieval
 from interbert.recipes.common import (
-    checkpoint_updates,
     bert_lr_multiplier,
     captions_of_split,
     check_region_feature_size,
+    checkpoint_updates,
     feature_store,
     model_folder,
     new_model,

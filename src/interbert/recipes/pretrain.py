@@ -18,9 +18,9 @@ from interbert.data.batches import PretrainingDataset, collate
 from interbert.loading import load_model
 from interbert.modeling import InterBertForPreTraining
 from interbert.recipes.common import (
-    checkpoint_updates,
     bert_lr_multiplier,
     check_region_feature_size,
+    checkpoint_updates,
     model_folder,
     mrm_target_of,
     new_model,

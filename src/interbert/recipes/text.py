@@ -32,9 +32,9 @@ from interbert.data.tokenize import load_tokenizer
 from interbert.loading import load_model
 from interbert.modeling import InterBertForSequenceClassification
 from interbert.recipes.common import (
-    checkpoint_updates,
     argmax_predictions,
     build_config,
+    checkpoint_updates,
     model_folder,
     require_settings,
     save_trained,

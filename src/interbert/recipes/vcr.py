@@ -35,9 +35,9 @@ from interbert.loading import load_model
 from interbert.modeling import InterBertForMultipleChoice
 from interbert.data.check import verify_images
 from interbert.recipes.common import (
-    checkpoint_updates,
     argmax_predictions,
     build_config,
+    checkpoint_updates,
     model_folder,
     require_settings,
     save_trained,
