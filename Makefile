@@ -54,7 +54,9 @@ clean:
 # torch. The only such pair on the reference machine is torch 2.14.1 + torchvision 0.29.1, a CUDA
 # build (~5.5 GB installed) that also runs on CPU; PyPI's torchvision 0.28 (torch 2.13's) fails beside
 # the small torch 2.13.0 CPU build the main .venv keeps. So extraction gets .venv-extract (see
-# docs/extract.md): constraints.txt with its torch line swapped for that pair, and the [extract] extra.
+# docs/extract.md): constraints.txt with its torch line swapped for that pair, and the [extract] extra
+# (with [dev] for pytest; not serve/zh, which the extraction tests do not use). --no-cache-dir: the
+# wheels are not copied into pip's cache on top of the 5.5 GB they take in the venv.
 EXTRACT_VENV := .venv-extract
 EXTRACT_BIN := $(EXTRACT_VENV)/bin
 EXTRACT_STAMP := $(EXTRACT_VENV)/.installed
@@ -66,7 +68,7 @@ $(EXTRACT_STAMP): pyproject.toml constraints.txt
 	@test -x $(EXTRACT_BIN)/python || $(PY) -m venv $(EXTRACT_VENV) || python3 -m venv $(EXTRACT_VENV)
 	grep -v '^torch==' constraints.txt > $(EXTRACT_VENV)/constraints.txt
 	printf '%s\n' $(EXTRACT_TORCH) >> $(EXTRACT_VENV)/constraints.txt
-	$(EXTRACT_BIN)/pip install -q -c $(EXTRACT_VENV)/constraints.txt -e '.[$(EXTRAS),extract]'
+	$(EXTRACT_BIN)/pip install -q --no-cache-dir -c $(EXTRACT_VENV)/constraints.txt -e '.[dev,extract]'
 	@touch $(EXTRACT_STAMP)
 
 venv-extract: $(EXTRACT_STAMP)
