@@ -388,3 +388,85 @@ def test_a_precomputed_region_projection_embeds_as_the_features_do():
             base.embed_images(inputs["region_features"], inputs["region_boxes"], inputs["region_mask"]))
     with pytest.raises(ValueError, match=r"region_projection must be batch x regions x 32 \(config.hidden_size\)"):
         base.embed_images(None, inputs["region_boxes"], region_projection=inputs["region_features"])
+
+
+# -- UNITER-style task sampling: masked and matching steps in turn ------------------------------------------
+
+
+def test_alternating_steps_give_masked_own_pairs_then_unmasked_itm_pairs(dataset):
+    alternate = PretrainingDataset(dataset.captions, _Store({c.image_id for c in dataset.captions}), _Tokenizer(),
+                                   hard_negatives=dataset.hard_negatives, hard_ratio=1.0, clean_features=True,
+                                   region_cache=False, task_sampling="alternate")
+    alternate.set_progress(4, 10)  # even: a masked step
+    masked = [alternate[i] for i in range(len(alternate))]
+    assert all("itm_labels" not in e and "msm_labels" in e and "mrm_mask" in e for e in masked)
+    assert [e["caption_id"] for e in masked] == [c.caption_id for c in alternate.captions]  # each with its own image
+    assert all("mrm_feature_targets" not in e for e in masked)  # no clean pass to restore them for
+    assert sum(int((e["msm_labels"] != -100).sum()) for e in masked) > 0
+    alternate.set_progress(5, 10)  # odd: a matching step
+    matching = [alternate[i] for i in range(len(alternate))]
+    assert all(set(e) == {"input_ids", "region_features", "region_boxes", "itm_labels", "image_id", "caption_id"}
+               for e in matching)
+    # the caption as written (the stand-in encoding of caption text t is [2, 5 + t, 6, 1]), the regions as detected
+    for i, e in enumerate(matching):
+        if e["itm_labels"] == 1:
+            assert e["input_ids"].tolist() == [2, 5 + int(alternate.captions[i].text), 6, 1]
+        assert MASK_ID not in e["input_ids"].tolist()
+    original = _Store(["0"])[alternate.captions[4].image_id].features
+    np.testing.assert_allclose(matching[4]["region_features"][1:], original, rtol=1e-6)
+    labels = np.array([e["itm_labels"] for e in matching])
+    assert 0.3 < labels.mean() < 0.7  # kept pairs and negatives, as the joint step draws them
+    assert set(collate(matching[:4])) >= {"itm_labels", "image_index"} and "msm_labels" not in collate(matching[:4])
+    alternate.step = None  # a held-out set: every objective at once
+    assert {"itm_labels", "msm_labels", "mrm_mask"} <= set(alternate[0])
+    with pytest.raises(ValueError, match="task_sampling"):
+        PretrainingDataset(dataset.captions, _Store(["0"]), _Tokenizer(), hard_negatives=None, task_sampling="uniter")
+
+
+@pytest.mark.parametrize("itm_inputs", ["clean", "masked"])
+def test_a_matching_step_scores_the_pairs_in_one_plain_pass_and_a_masked_step_runs_only_the_heads(itm_inputs):
+    torch.manual_seed(0)
+    model = sharp(InterBertForPreTraining(small_config(itm_inputs=itm_inputs, embedding_size=8, itc_loss_weight=1.0)))
+    clean, masked = masked_batch()
+    matching = model(**clean, itm_labels=masked["itm_labels"])
+    with torch.no_grad():
+        torch.testing.assert_close(matching.itm_logits, itm_logits_of(model, clean), atol=1e-5, rtol=0)
+        rows = masked["itm_labels"].bool()
+        text = model.interbert.embed_text(clean["input_ids"][rows], clean["attention_mask"][rows])
+        image = model.interbert.embed_images(clean["region_features"][rows], clean["region_boxes"][rows])
+        torch.testing.assert_close(matching.itc_loss, contrastive_loss(text, image, model.config.itc_temperature),
+                                   atol=1e-5, rtol=0)
+    assert matching.msm_logits is None and matching.msm_loss is None and matching.mrm_loss is None
+    torch.testing.assert_close(matching.loss, matching.itm_loss + matching.itc_loss)
+
+    without_itm = {k: v for k, v in masked.items() if k != "itm_labels"}
+    step = model(**without_itm)
+    assert step.itm_loss is None and step.itc_loss is None
+    # clean mode: no second pass and no ITM logits (ITM never reads a masked pass); masked mode: the original's
+    assert (step.itm_logits is None) == (itm_inputs == "clean")
+    torch.testing.assert_close(step.loss, step.msm_loss + step.mrm_loss)
+    # every masked region is scored (the pairs of a masked step are all matched), with the joint step's heads
+    joint = model(**{**masked, "itm_labels": torch.ones(6, dtype=torch.long)})
+    torch.testing.assert_close(step.msm_loss, joint.msm_loss)
+    torch.testing.assert_close(step.mrm_loss, joint.mrm_loss)
+
+
+def test_pretraining_with_alternating_tasks_logs_each_objective_every_other_step(tmp_path):
+    from interbert.recipes import pretrain
+    from interbert.synthetic import generate
+
+    data = generate(tmp_path / "data", val_images=4, test_images=4, images=48, feature_dim=32, seed=0, fmt="store", render_images=False)
+    files = data["files"]
+    result = pretrain.run({
+        "model": {"preset": "tiny", "overrides": {"itm_inputs": "clean", "itc_loss_weight": 1.0, "embedding_size": 16}},
+        "data": {"captions": str(tmp_path / "data" / files["captions"]), "features": str(tmp_path / "data" / files["regions"]),
+                 "vocab_size": 120, "max_tokens": 16, "max_regions": 12, "hard_ratio": 0.5, "task_sampling": "alternate"},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 8, "log_every": 1,
+                  "progress_bar": False, "tensorboard": False, "learning_rate": 1e-4},
+    })
+    history = result["history"]
+    assert [v is None for v in history["itm_loss"]] == [True, False] * 3
+    assert [v is None for v in history["itc_loss"]] == [True, False] * 3
+    assert [v is None for v in history["msm_loss"]] == [False, True] * 3
+    assert [v is None for v in history["mrm_loss"]] == [False, True] * 3
+    assert all(v is not None for v in history["loss"])

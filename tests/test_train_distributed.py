@@ -131,6 +131,7 @@ class RecipeRun:
 #   case                  data.msm   data.mrm  data.negatives  MRM target (store)       ITC (itc_loss_weight)
 #   pretrain-tfidf        span       group     tfidf           classes (cls_prob)       on  (the README command)
 #   pretrain-clean        span       group     tfidf 0->1      classes, clean matching  on
+#   pretrain-alternate    span       group     tfidf           classes, masked/matching steps in turn  on
 #   pretrain-random       geometric  region    random          features (no cls_prob)   off (projections frozen)
 #   pretrain-in_batch     token      group     in_batch        features                 on  (gradient checkpointing)
 #
@@ -152,6 +153,11 @@ RECIPE_RUNS = {
     "pretrain-clean": RecipeRun(PRETRAIN, "pretrain_tiny.yaml", (
         *PRETRAIN_DATA, "data.features=DATA/regions.tsv", "data.negatives=tfidf", "data.hard_ratio_start=0.0",
         "model.overrides.itm_inputs=clean", "model.overrides.msm_pairs=matched",
+    ), moves="itm_classifier.weight"),
+    # UNITER-style alternation: the heads a step uses change from step to step (find_unused_parameters)
+    "pretrain-alternate": RecipeRun(PRETRAIN, "pretrain_tiny.yaml", (
+        *PRETRAIN_DATA, "data.features=DATA/regions.tsv", "data.task_sampling=alternate",
+        "model.overrides.itm_inputs=clean",
     ), moves="itm_classifier.weight"),
     "pretrain-random": RecipeRun(PRETRAIN, "pretrain_tiny.yaml", (
         *PRETRAIN_DATA, "data.features=DATA/regions_without_classes.tsv", "data.msm=geometric", "data.mrm=region",

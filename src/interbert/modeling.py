@@ -570,17 +570,27 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
             out["itm_labels"] = itm_labels
         masked_image, clean_image, mrm_mask = image_side["masked_image"], image_side["clean_image"], image_side["mrm_mask"]
 
-        # 2. The masked pass: what MSM and MRM score, on the masked inputs.
+        # 2. The masked pass: what MSM and MRM score, on the masked inputs. A batch with ITM labels and
+        # nothing masked (a matching step of UNITER-style alternation) has no head to run: its one pass
+        # is the matching pass.
         msm_targets, scored = self.masked_targets(msm_labels, mrm_mask, itm_labels)
         text_at = None if (msm_targets is None or full_logits) else msm_targets != -100
         region_at = None if full_logits else scored
-        out.update(self.masked_pass(masked_text, masked_image, text_at, region_at))
+        if itm_labels is not None and msm_labels is None and mrm_mask is None and not full_logits:
+            out.update(self.matching_pass(masked_text, masked_image))
+        else:
+            out.update(self.masked_pass(masked_text, masked_image, text_at, region_at))
 
         # 3. The matching pass: ITM's pooled outputs, from the masked pass or from the clean inputs.
         # (Without anything to restore, e.g. at inference, the clean inputs are the masked pass's own.)
+        # In clean mode a masked batch without ITM labels (a masked step of the alternation) gets no
+        # second pass and no ITM logits: nothing scores them, and ITM never reads a masked pass there.
         clean = self.config.itm_inputs == "clean"
         if clean and (msm_labels is not None or (mrm_feature_targets is not None and mrm_mask is not None)):
-            out.update({k: v for k, v in self.matching_pass(clean_text, clean_image).items() if k.endswith("_pooled")})
+            if itm_labels is not None:
+                out.update({k: v for k, v in self.matching_pass(clean_text, clean_image).items() if k.endswith("_pooled")})
+            else:
+                out.pop("text_pooled", None), out.pop("image_pooled", None)
         if out.get("text_pooled") is not None and out.get("image_pooled") is not None:
             out["itm_logits"] = self.itm_logits(out["text_pooled"], out["image_pooled"])
 

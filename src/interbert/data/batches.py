@@ -43,6 +43,8 @@ from interbert.errors import DataError
 logger = logging.getLogger(__name__)
 
 GLOBAL_BOX = np.array([0.0, 0.0, 1.0, 1.0, 1.0], dtype=np.float32)
+# pretraining: every objective in every step (joint), or one task a step in turn (UNITER-style alternation)
+TASK_SAMPLING = ("joint", "alternate")
 
 
 def prepare_regions(regions: Regions, max_regions: int = 36) -> dict[str, np.ndarray | None]:
@@ -250,6 +252,11 @@ class PretrainingDataset(_CaptionImageDataset):
     before any progress is set (a held-out set) the share is ``hard_ratio``.
     ``clean_features``: every example carries its regions' original features as ``mrm_feature_targets``
     even when the targets are class distributions — what the model's clean matching pass restores.
+    ``task_sampling``: ``"joint"`` (every example carries every objective's inputs) or ``"alternate"``
+    (UNITER-style, one task per optimisation step, the step told by :meth:`set_progress`): even steps are
+    *masked* steps — the caption with its own image, masked, no ITM label — and odd steps *matching*
+    steps — the pair as ITM draws it (kept or a negative), unmasked, no MSM/MRM labels. Before any
+    progress is set (a held-out set) the examples are joint.
     """
 
     def __init__(self, captions: Sequence[Caption], store: FeatureStore, tokenizer, max_tokens: int = 36,
@@ -257,7 +264,7 @@ class PretrainingDataset(_CaptionImageDataset):
                  word_segmenter: str | None = None, hard_negatives: str | np.ndarray | None = "tfidf",
                  hard_ratio: float = 1.0, p_positive: float = 0.5, num_hard: int = 10,
                  cache_dir: str | Path | None = None, seed: int = 0, region_cache: bool | str = "auto",
-                 hard_ratio_start: float | None = None, clean_features: bool = False):
+                 hard_ratio_start: float | None = None, clean_features: bool = False, task_sampling: str = "joint"):
         self._cache_overlaps = mrm == "group"
         super().__init__(captions, store, tokenizer, max_tokens, max_regions, word_segmenter, seed, region_cache)
         if msm not in TEXT_MASKERS:
@@ -270,6 +277,9 @@ class PretrainingDataset(_CaptionImageDataset):
                 raise ValueError(f"{name} must be a share in [0, 1], not {share!r}")
         self.hard_ratio, self.hard_ratio_start, self.p_positive = hard_ratio, hard_ratio_start, p_positive
         self.clean_features = clean_features
+        if task_sampling not in TASK_SAMPLING:
+            raise ValueError(f"task_sampling must be one of {TASK_SAMPLING}, not {task_sampling!r}")
+        self.task_sampling = task_sampling
         self.step, self.total_steps = None, None
         if isinstance(hard_negatives, str):
             if hard_negatives != "tfidf":
@@ -288,12 +298,27 @@ class PretrainingDataset(_CaptionImageDataset):
             return self.hard_ratio
         return hard_ratio_at(self.step, self.total_steps, self.hard_ratio, self.hard_ratio_start)
 
+    def current_task(self) -> str:
+        """``"joint"``, or under ``task_sampling="alternate"`` the task of the current step: ``"masked"``
+        (even steps) or ``"matching"`` (odd)."""
+        if self.task_sampling == "joint" or self.step is None:
+            return "joint"
+        return ("masked", "matching")[self.step % 2]
+
     def __getitem__(self, index: int) -> dict:
         rng = self._rng(index)
-        caption_index, itm_label = sample_itm_caption(index, rng, self.image_codes, self.hard_negatives,
-                                                      self.current_hard_ratio(), self.p_positive)
+        task = self.current_task()
+        if task == "masked":  # MSM/MRM read a caption with its own image
+            caption_index, itm_label = index, 1
+        else:
+            caption_index, itm_label = sample_itm_caption(index, rng, self.image_codes, self.hard_negatives,
+                                                          self.current_hard_ratio(), self.p_positive)
         pair = self._pair(caption_index, self.captions[index].image_id)
         text, regions = pair["text"], pair["regions"]
+        if task == "matching":  # the pair as written and detected, for ITM (and ITC)
+            return {"input_ids": np.asarray(text.input_ids), "region_features": regions["region_features"],
+                    "region_boxes": regions["region_boxes"], "itm_labels": itm_label,
+                    "image_id": pair["image_id"], "caption_id": pair["caption_id"]}
 
         ids = np.asarray(text.input_ids)
         word_ids = text.word_ids if self.whole_word else None
@@ -306,11 +331,14 @@ class PretrainingDataset(_CaptionImageDataset):
         else:
             region_mask = mask_regions_independently(real, rng)
         features, targets = apply_region_masking(regions["region_features"], region_mask, regions["class_probs"])
-        if self.clean_features:
+        if self.clean_features and task == "joint":
             targets["mrm_feature_targets"] = np.asarray(regions["region_features"], np.float32)
-        return {"input_ids": input_ids, "msm_labels": msm_labels, "region_features": features,
-                "region_boxes": regions["region_boxes"], **targets, "itm_labels": itm_label,
-                "image_id": pair["image_id"], "caption_id": pair["caption_id"]}
+        example = {"input_ids": input_ids, "msm_labels": msm_labels, "region_features": features,
+                   "region_boxes": regions["region_boxes"], **targets, "itm_labels": itm_label,
+                   "image_id": pair["image_id"], "caption_id": pair["caption_id"]}
+        if task == "masked":
+            del example["itm_labels"]
+        return example
 
 
 class RetrievalDataset(_CaptionImageDataset):

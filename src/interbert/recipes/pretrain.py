@@ -10,6 +10,7 @@ Writes ``train.output_dir/model`` (save_pretrained + tokenizer), checkpoints and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -84,7 +85,7 @@ def run(cfg: PretrainSettings | dict, resume: bool = False, source: str = "confi
         word_segmenter=data.word_segmenter,
         hard_negatives="tfidf" if negatives == "tfidf" else None,
         hard_ratio=data.hard_ratio, hard_ratio_start=data.hard_ratio_start, num_hard=data.num_hard,
-        clean_features=model.config.itm_inputs == "clean",
+        clean_features=model.config.itm_inputs == "clean", task_sampling=data.task_sampling,
         p_positive=1.0 if negatives == "in_batch" else 0.5,
         cache_dir=out / "cache", seed=train_cfg.seed, region_cache=data.region_cache,
     )
@@ -99,10 +100,12 @@ def run(cfg: PretrainSettings | dict, resume: bool = False, source: str = "confi
             heldout = PretrainingDataset(val_captions, store, tokenizer, **dataset_settings)
         eval_fn = heldout_loss_eval_fn(heldout, collate_fn, train_cfg.batch_size)
     extra = {"recipe": "pretrain", "config": cfg.to_dict()}
+    if data.task_sampling == "alternate":  # a step's heads are those of its task: DDP must look for the unused ones
+        train_cfg = dataclasses.replace(train_cfg, find_unused_parameters=True)
     logger.info("pretraining on %d captions of %d images (%s negatives, hard share %s, %s/%s masking, matching on "
-                "%s inputs, MSM on %s pairs)", len(dataset), len(dataset.image_ids), negatives,
+                "%s inputs, MSM on %s pairs, %s tasks)", len(dataset), len(dataset.image_ids), negatives,
                 data.hard_ratio if data.hard_ratio_start is None else f"{data.hard_ratio_start}->{data.hard_ratio}",
-                data.msm, data.mrm, model.config.itm_inputs, model.config.msm_pairs)
+                data.msm, data.mrm, model.config.itm_inputs, model.config.msm_pairs, data.task_sampling)
     start = time.perf_counter()
     trainer = Trainer(model, train_set, train_cfg, collate_fn=collate_fn, lr_multiplier_for=multiplier,
                       eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from interbert.config import PRESETS, InterBertConfig, preset
+from interbert.data.batches import TASK_SAMPLING
 from interbert.data.masking import TEXT_MASKERS
 from interbert.data.vcr import TASKS as VCR_TASKS
 from interbert.train import TrainConfig
@@ -127,6 +128,9 @@ class PretrainDataSettings(CaptionDataSettings):
     hard_ratio_start: float | None = None
     num_hard: int = 10
     word_segmenter: str | None = choice(None, ("jieba",))  # whole-word masking of Chinese captions
+    # joint: every step takes every objective; alternate: UNITER-style, masked steps (MSM + MRM on a caption
+    # with its own image) and matching steps (ITM + ITC on unmasked pairs) in turn, each one encoder pass
+    task_sampling: str = choice("joint", TASK_SAMPLING)
 
     def __post_init__(self) -> None:
         super().__post_init__()
