@@ -318,10 +318,12 @@ def ours_loop(recipe: str, data: Path, steps: int, warmup: int, out: Path, threa
     import importlib
 
     from interbert import train as train_module
-    from interbert.recipes.common import load_recipe_config
+    from interbert.recipes.settings import PretrainSettings, RetrievalSettings
 
-    module, config = {"pretrain": ("interbert.recipes.pretrain", "configs/pretrain_tiny.yaml"),
-                      "retrieval": ("interbert.recipes.finetune_retrieval", "configs/finetune_retrieval_tiny.yaml")}[recipe]
+    module, config, settings = {
+        "pretrain": ("interbert.recipes.pretrain", "configs/pretrain_tiny.yaml", PretrainSettings),
+        "retrieval": ("interbert.recipes.finetune_retrieval", "configs/finetune_retrieval_tiny.yaml", RetrievalSettings),
+    }[recipe]
     ends: list[float] = []
     original_step = train_module.Trainer._optimizer_step
 
@@ -332,10 +334,11 @@ def ours_loop(recipe: str, data: Path, steps: int, warmup: int, out: Path, threa
 
     train_module.Trainer._optimizer_step = stepped
     try:
-        cfg = load_recipe_config(REPO / config, [
+        # as `interbert pretrain --config FILE key=value ...` reads them: every setting may be overridden
+        cfg = settings.load(REPO / config, [
             f"data.captions={data}/captions.json", f"data.features={data}/regions.tsv", f"train.max_steps={warmup + steps}",
             f"train.output_dir={out}", "train.progress_bar=false", "train.save_every=null", *overrides])
-        cfg["threads"] = threads
+        cfg.threads = threads
         importlib.import_module(module).run(cfg)
     finally:
         train_module.Trainer._optimizer_step = original_step

@@ -262,7 +262,10 @@ def test_the_ablation_table_reports_when_itm_leaves_chance():
     itm = [0.69] * 150 + [0.5] * 150
     # the 100-step mean first drops below 0.6 once 10% of 0.69 ... : at step 150 + k with 0.69*(100-k)+0.5k < 60
     assert first_step_below(itm, 0.6) == 150 + 48
-    assert first_step_below([None, *itm], 0.6) == 150 + 48  # steps without a value are skipped
+    # a step without a value (e.g. ITM at the masked steps of task_sampling=alternate) is skipped, and the
+    # step reported is the pretraining step, not the count of values
+    assert first_step_below([None, *itm], 0.6) == 1 + 150 + 48
+    assert first_step_below([x for v in itm for x in (None, v)], 0.6) == 2 * (150 + 48)
     assert first_step_below([0.69] * 300, 0.6) is None and first_step_below([0.1] * 50, 0.6) is None
 
 
@@ -270,9 +273,10 @@ def test_an_old_ablation_run_is_reused_as_what_it_ran():
     from interbert.recipes.demo import DemoPlan, same_plan
 
     planned = dict(DemoPlan(itm_inputs="masked").__dict__)
-    old = {k: v for k, v in planned.items() if k not in ("itm_inputs", "msm_pairs", "hard_ratio_start")}
+    old = {k: v for k, v in planned.items() if k not in ("itm_inputs", "msm_pairs", "hard_ratio_start", "task_sampling")}
     assert same_plan(old, planned)  # recorded before the fields existed: the original's masked matching
     assert not same_plan(old, {**planned, "itm_inputs": "clean"})
+    assert not same_plan(old, {**planned, "task_sampling": "alternate"})  # those runs took every objective each step
     assert not same_plan({**old, "pretrain_steps": 10}, planned) and not same_plan(None, planned)
 
 

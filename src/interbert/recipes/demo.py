@@ -356,15 +356,22 @@ def run_ablations(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path,
 ITM_LEARNED = 0.6  # the ITM loss (chance 0.693) below which the matching head has clearly left chance
 
 
+def valued_steps(values: Sequence[float | None]) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, series)``: the 1-based pretraining steps that have a value and those values (a loss is
+    None at the steps that do not take it, e.g. ITM at the masked steps of ``task_sampling=alternate``)."""
+    steps = np.asarray([i + 1 for i, v in enumerate(values) if v is not None], dtype=int)
+    return steps, np.asarray([v for v in values if v is not None], dtype=float)
+
+
 def first_step_below(values: Sequence[float | None], threshold: float, window: int = FINAL_STEPS) -> int | None:
-    """The first step (1-based) at which the mean of the last ``window`` values is below ``threshold``;
-    None when it never is (steps without a value are skipped)."""
-    series = np.asarray([v for v in values if v is not None], dtype=float)
+    """The first pretraining step (1-based) at which the mean of the last ``window`` values is below
+    ``threshold``; None when it never is (steps without a value are skipped: the window then spans more steps)."""
+    steps, series = valued_steps(values)
     if len(series) < window:
         return None
-    means = np.convolve(series, np.ones(window) / window, mode="valid")  # means[i]: steps i+1 .. i+window
+    means = np.convolve(series, np.ones(window) / window, mode="valid")  # means[i]: values i .. i+window-1
     below = np.flatnonzero(means < threshold)
-    return int(below[0] + window) if len(below) else None
+    return int(steps[below[0] + window - 1]) if len(below) else None
 
 
 def itm_learning_step(folder: Path) -> int | None:
@@ -391,13 +398,13 @@ def write_loss_plot(folders: dict[str, Sequence[Path]], path: Path, names: Seque
         histories = [json.loads((f / "pretrain" / "loss_history.json").read_text()) for f in runs
                      if (f / "pretrain" / "loss_history.json").exists()]
         for ax, name in zip(np.atleast_1d(axes), names):
-            series = [np.asarray([v for v in h.get(name, []) if v is not None], float) for h in histories]
-            series = [x for x in series if len(x) >= FINAL_STEPS]
-            if not series:
+            valued = [valued_steps(h.get(name, [])) for h in histories]
+            valued = [(steps, x) for steps, x in valued if len(x) >= FINAL_STEPS]
+            if not valued:
                 continue
-            length = min(len(x) for x in series)
-            mean = np.mean([np.convolve(x[:length], np.ones(FINAL_STEPS) / FINAL_STEPS, mode="valid") for x in series], 0)
-            ax.plot(np.arange(FINAL_STEPS, length + 1), mean, label=label)
+            length = min(len(x) for _, x in valued)
+            mean = np.mean([np.convolve(x[:length], np.ones(FINAL_STEPS) / FINAL_STEPS, mode="valid") for _, x in valued], 0)
+            ax.plot(valued[0][0][FINAL_STEPS - 1:length], mean, label=label)  # at the step of each window's last value
     for ax, name in zip(np.atleast_1d(axes), names):
         ax.set_xlabel("pretraining step")
         ax.set_ylabel(f"{name} ({FINAL_STEPS}-step mean, over seeds)")
@@ -412,7 +419,7 @@ def write_loss_plot(folders: dict[str, Sequence[Path]], path: Path, names: Seque
 
 
 # DemoPlan fields added after runs were recorded, and what those runs did (not today's defaults, which may change)
-ADDED_FIELDS = {"hard_ratio_start": None, "itm_inputs": "masked", "msm_pairs": "all"}
+ADDED_FIELDS = {"hard_ratio_start": None, "itm_inputs": "masked", "msm_pairs": "all", "task_sampling": "joint"}
 
 
 def same_plan(recorded: dict | None, planned: dict) -> bool:
