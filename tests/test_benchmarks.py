@@ -61,3 +61,18 @@ def test_timed_runs_refuse_a_busy_machine_unless_forced(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 1.0, 1.0))
     quiet = check_start_load(force=False)
     assert not quiet["loaded"] and "loaded machine" not in load_markdown(quiet)
+
+
+def test_bert_init_runs_differ_only_in_their_initial_weights(tmp_path):
+    """RQ4 (benchmarks/bert_init.py): both variants are the demo's plan at the `small` preset with one
+    vocabulary, BERT's; only where the text path's weights come from differs."""
+    import bert_init
+
+    bert = tmp_path / "bert"
+    with_bert, scratch = (bert_init.plan_for(v, 1, bert, None, None).__dict__ for v in ("bert", "scratch"))
+    assert with_bert.pop("from_bert") == str(bert) and scratch.pop("tokenizer") == str(bert / "vocab.txt")
+    assert with_bert.pop("tokenizer") is None and scratch.pop("from_bert") is None
+    assert with_bert == scratch and scratch["preset"] == "small" and scratch["seed"] == 1
+    from interbert.recipes.demo import DemoPlan
+
+    assert scratch["pretrain_steps"] == DemoPlan().pretrain_steps  # the demo's budget unless told

@@ -73,6 +73,11 @@ class DemoPlan:
     msm_pairs: str = "all"  # pairs MSM is taken on: all (the original) | matched
     # joint: every step takes every objective | alternate: UNITER-style, masked and matching steps in turn
     task_sampling: str = "joint"
+    # the model's size, and RQ4 (benchmarks/bert_init.py): a BERT folder for the text path (its WordPiece
+    # vocabulary then tokenises), or, from scratch, a vocabulary to tokenise with (null: one trained on the captions)
+    preset: str = "tiny"
+    from_bert: str | None = None
+    tokenizer: str | None = None
     # VCR columns (--vcr): one multiple-choice model on Q->A and QA->R of the benchmark's VCR questions,
     # from the pretrained weights and from scratch. Off by default: it roughly doubles the run time.
     vcr: bool = False
@@ -97,14 +102,15 @@ def _train_section(out: Path, seed: int, steps: int, batch: int, lr: float, warm
 
 
 def _model_section(plan: DemoPlan) -> dict:
-    return {"preset": "tiny", "overrides": {"embedding_size": plan.embedding_size, "itc_loss_weight": plan.itc_loss_weight,
-                                            "itm_inputs": plan.itm_inputs, "msm_pairs": plan.msm_pairs}}
+    return {"preset": plan.preset, "from_bert": plan.from_bert,
+            "overrides": {"embedding_size": plan.embedding_size, "itc_loss_weight": plan.itc_loss_weight,
+                          "itm_inputs": plan.itm_inputs, "msm_pairs": plan.msm_pairs}}
 
 
 def _pretrain_data(plan: DemoPlan, data: dict) -> dict:
     return {**data, "split": "train", "vocab_size": plan.vocab_size, "negatives": plan.negatives, "msm": plan.msm,
             "mrm": plan.mrm, "hard_ratio": plan.hard_ratio, "hard_ratio_start": plan.hard_ratio_start,
-            "task_sampling": plan.task_sampling,
+            "task_sampling": plan.task_sampling, "tokenizer": plan.tokenizer,
             # Chinese: character tokens, masked as whole jieba words
             "word_segmenter": "jieba" if plan.lang == "zh" else None}
 
@@ -151,7 +157,8 @@ def run_demo(out: Path, plan: DemoPlan) -> dict:
     def finetune(name: str, checkpoint: str | None) -> dict:
         t = time.perf_counter()
         cfg = {
-            "model": {**model_section, "from_checkpoint": checkpoint},
+            # from a checkpoint its weights say it all; without one, the text path is BERT's where the plan says
+            "model": {**model_section, "from_checkpoint": checkpoint, **({"from_bert": None} if checkpoint else {})},
             "data": {**data, "split": "val", "tokenizer": pre["model_dir"], "hard_negative": "image", "num_hard": 20},
             "train": _train_section(out / name, plan.seed, plan.finetune_steps, plan.finetune_batch,
                                     plan.finetune_lr, plan.warmup_ratio, None),
@@ -271,7 +278,7 @@ def run_variant(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path) -> di
                                 plan.pretrain_lr, plan.warmup_ratio, None),
     })
     ft = finetune_retrieval.run({
-        "model": {**model_section, "from_checkpoint": pre["model_dir"]},
+        "model": {**model_section, "from_checkpoint": pre["model_dir"], "from_bert": None},
         "data": {**data, "split": "val", "tokenizer": pre["model_dir"], "hard_negative": "image", "num_hard": 20},
         "train": _train_section(out / "finetune", plan.seed, plan.finetune_steps, plan.finetune_batch,
                                 plan.finetune_lr, plan.warmup_ratio, None),
@@ -419,7 +426,8 @@ def write_loss_plot(folders: dict[str, Sequence[Path]], path: Path, names: Seque
 
 
 # DemoPlan fields added after runs were recorded, and what those runs did (not today's defaults, which may change)
-ADDED_FIELDS = {"hard_ratio_start": None, "itm_inputs": "masked", "msm_pairs": "all", "task_sampling": "joint"}
+ADDED_FIELDS = {"hard_ratio_start": None, "itm_inputs": "masked", "msm_pairs": "all", "task_sampling": "joint",
+                "preset": "tiny", "from_bert": None, "tokenizer": None}
 
 
 def same_plan(recorded: dict | None, planned: dict) -> bool:
