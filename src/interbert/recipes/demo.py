@@ -401,7 +401,8 @@ def write_loss_plot(folders: dict[str, Sequence[Path]], path: Path, names: Seque
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5))
-    for label, runs in folders.items():
+    colors = plt.get_cmap("tab20").colors  # one colour per row (the default cycle repeats after 10)
+    for row, (label, runs) in enumerate(folders.items()):
         histories = [json.loads((f / "pretrain" / "loss_history.json").read_text()) for f in runs
                      if (f / "pretrain" / "loss_history.json").exists()]
         for ax, name in zip(np.atleast_1d(axes), names):
@@ -411,7 +412,8 @@ def write_loss_plot(folders: dict[str, Sequence[Path]], path: Path, names: Seque
                 continue
             length = min(len(x) for _, x in valued)
             mean = np.mean([np.convolve(x[:length], np.ones(FINAL_STEPS) / FINAL_STEPS, mode="valid") for _, x in valued], 0)
-            ax.plot(valued[0][0][FINAL_STEPS - 1:length], mean, label=label)  # at the step of each window's last value
+            ax.plot(valued[0][0][FINAL_STEPS - 1:length], mean, label=label,  # at the step of each window's last value
+                    color=colors[(2 * row) % 20 + (row // 10) % 2], ls=("-", "--")[(row // 10) % 2])
     for ax, name in zip(np.atleast_1d(axes), names):
         ax.set_xlabel("pretraining step")
         ax.set_ylabel(f"{name} ({FINAL_STEPS}-step mean, over seeds)")
