@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import sqlite3
 import threading
 import time
@@ -87,13 +88,31 @@ class ExperimentConfig:
                 "split": json.dumps([round(s, 12) for s in self.split])}
 
 
+BUSY_WAIT = 30.0  # seconds a connection waits for another process's lock (sqlite3's timeout, and the WAL switch)
+
+
 def connect(path: str | Path) -> sqlite3.Connection:
     """A connection with the log's durability settings; autocommit mode, transactions are explicit."""
-    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
-    db.execute("PRAGMA journal_mode=WAL")
+    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_WAIT)
+    _write_ahead_log(db)
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA foreign_keys=ON")
     return db
+
+
+def _write_ahead_log(db: sqlite3.Connection) -> None:
+    """Switch the file to WAL mode (a no-op once it is). While other processes open the same new file, the
+    switch can answer "database is locked" at once: SQLite does not wait on a lock it could deadlock on,
+    whatever the timeout. So it is retried, with a short random pause, for up to ``BUSY_WAIT`` seconds."""
+    deadline = time.monotonic() + BUSY_WAIT
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.005 + 0.02 * random.random())
 
 
 def read_config(db: sqlite3.Connection) -> ExperimentConfig | None:
@@ -115,9 +134,13 @@ class EventLog:
         self._create(config)
 
     def _create(self, config: ExperimentConfig) -> None:
-        # executescript issues its own COMMIT, so the schema is created outside an explicit transaction;
-        # every statement is IF NOT EXISTS, so a re-run is harmless.
-        self._db.executescript(SCHEMA)
+        # The schema in one BEGIN IMMEDIATE transaction (which waits for the write lock, where a statement
+        # that reads before it writes could be told "database is locked" while other processes create it
+        # too); every statement is IF NOT EXISTS, so a re-run is harmless.
+        with self._lock, self._transaction():
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
         with self._lock, self._transaction():
             stored = read_config(self._db)
             if stored is None:
