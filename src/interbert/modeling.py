@@ -590,7 +590,8 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
             if itm_labels is not None:
                 out.update({k: v for k, v in self.matching_pass(clean_text, clean_image).items() if k.endswith("_pooled")})
             else:
-                out.pop("text_pooled", None), out.pop("image_pooled", None)
+                for key in ("text_pooled", "image_pooled"):
+                    out.pop(key, None)
         if out.get("text_pooled") is not None and out.get("image_pooled") is not None:
             out["itm_logits"] = self.itm_logits(out["text_pooled"], out["image_pooled"])
 

@@ -308,8 +308,8 @@ class PretrainingDataset(_CaptionImageDataset):
     def __getitem__(self, index: int) -> dict:
         rng = self._rng(index)
         task = self.current_task()
-        if task == "masked":  # MSM/MRM read a caption with its own image
-            caption_index, itm_label = index, 1
+        if task == "masked":  # MSM/MRM read a caption with its own image, and no ITM label
+            caption_index, itm_label = index, None
         else:
             caption_index, itm_label = sample_itm_caption(index, rng, self.image_codes, self.hard_negatives,
                                                           self.current_hard_ratio(), self.p_positive)
@@ -334,11 +334,9 @@ class PretrainingDataset(_CaptionImageDataset):
         if self.clean_features and task == "joint":
             targets["mrm_feature_targets"] = np.asarray(regions["region_features"], np.float32)
         example = {"input_ids": input_ids, "msm_labels": msm_labels, "region_features": features,
-                   "region_boxes": regions["region_boxes"], **targets, "itm_labels": itm_label,
+                   "region_boxes": regions["region_boxes"], **targets,
                    "image_id": pair["image_id"], "caption_id": pair["caption_id"]}
-        if task == "masked":
-            del example["itm_labels"]
-        return example
+        return example if itm_label is None else {**example, "itm_labels": itm_label}
 
 
 class RetrievalDataset(_CaptionImageDataset):

@@ -134,14 +134,13 @@ class EventLog:
         self._create(config)
 
     def _create(self, config: ExperimentConfig) -> None:
-        # The schema in one BEGIN IMMEDIATE transaction (which waits for the write lock, where a statement
-        # that reads before it writes could be told "database is locked" while other processes create it
-        # too); every statement is IF NOT EXISTS, so a re-run is harmless.
+        # The schema and the experiment's rows in one BEGIN IMMEDIATE transaction (which waits for the write
+        # lock, where a statement that reads before it writes could be told "database is locked" while other
+        # processes create it too); every statement is IF NOT EXISTS, so a re-run is harmless.
         with self._lock, self._transaction():
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
-        with self._lock, self._transaction():
             stored = read_config(self._db)
             if stored is None:
                 self._db.executemany("INSERT INTO experiment VALUES (?, ?)", config.as_rows().items())
