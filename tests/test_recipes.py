@@ -194,3 +194,33 @@ def test_a_bad_threads_setting_is_one_error_line(demo, tmp_path, capsys, value):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "threads must be a whole number >= 1" in err[-1]
+
+
+def test_demo_from_bert_runs_every_stage_on_a_slice_of_bert(tmp_path):
+    """`interbert demo --preset small --from-bert DIR --layers 1 1 1`: every model of the run has BERT's
+    width and the asked depths, BERT's WordPiece vocabulary tokenises, and the table is written."""
+    from conftest import minilm_dir
+
+    bert = minilm_dir()
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--preset", "small", "--from-bert", str(bert), "--layers", "1", "1", "1",
+                 "--out", str(out)]) == 0
+    from interbert.data.tokenize import load_tokenizer
+
+    bert_vocab = {line.strip() for line in (bert / "vocab.txt").read_text().splitlines()}
+    for model in ("pretrain", "finetune_scratch", "finetune_pretrained"):
+        config = json.loads((out / model / "model" / "config.json").read_text())
+        assert config["hidden_size"] == 384 and config["num_single_stream_layers"] == config["num_text_stream_layers"] \
+            == config["num_image_stream_layers"] == 1, model
+        assert set(load_tokenizer(out / model / "model").get_vocab()) == bert_vocab, model
+    assert json.loads((out / "results.json").read_text())["plan"]["layers"] == [1, 1, 1]
+    assert "| InterBERT |" in (out / "results.md").read_text()
+
+
+def test_demo_refuses_more_layers_than_bert_has_before_generating_data(tmp_path, capsys):
+    from conftest import minilm_dir
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--from-bert", str(minilm_dir()), "--layers", "4", "3", "1", "--out", str(out)]) == 2
+    assert "exceed BERT's depth of 6" in capsys.readouterr().err
+    assert not (out / "data").exists()

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from interbert.config import PRESETS, InterBertConfig, preset
+from interbert.errors import UsageError
 from interbert.utils.hub_cache import local_pretrained
 from interbert.modeling import (
     InterBertForImageTextRetrieval,
@@ -37,8 +38,8 @@ _LAYER_NAMES = {
 _LAYER_RE = re.compile(r"^encoder\.(layer|v_layer)\.(\d+)\.(.+)\.(weight|bias|gamma|beta)$")
 
 
-class ConversionError(ValueError):
-    pass
+class ConversionError(UsageError):
+    """A checkpoint or a setting that cannot be converted as asked (the CLI prints it as one line)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,6 +171,13 @@ def map_bert_state(bert_state: dict[str, torch.Tensor], config: InterBertConfig,
     return mapped
 
 
+def read_bert_config(bert_dir: Path) -> dict:
+    config_file = bert_dir / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{bert_dir}: not a BERT checkpoint folder (no config.json)")
+    return json.loads(config_file.read_text())
+
+
 def from_bert(
     bert_dir: str | Path,
     config: InterBertConfig | str = "base",
@@ -183,11 +191,7 @@ def from_bert(
     sizes always come from BERT. With no regions the text stream's output equals ``BertModel``'s.
     """
     bert_dir = local_pretrained(bert_dir)
-    config_file = bert_dir / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{bert_dir}: not a BERT checkpoint folder (no config.json)")
-    bert_config = json.loads(config_file.read_text())
-    icfg = config_from_bert(bert_config, config, **overrides)
+    icfg = config_from_bert(read_bert_config(bert_dir), config, **overrides)
     model = model_class(icfg)
     mapped = map_bert_state(load_state_dict(_bert_weights_file(bert_dir)), icfg, model_class)
     _apply(model, mapped, str(bert_dir))

@@ -155,4 +155,10 @@ def register(subparsers) -> None:
     d.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test, numbers meaningless)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    d.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"],
+                   help="the model's size (default: tiny, ~7 min on 2 cores; small from BERT: over 40 min, results/bert_init.md)")
+    d.add_argument("--from-bert", metavar="DIR", help="the text path from this BERT folder (its width; its WordPiece "
+                   "vocabulary tokenises), e.g. with --preset small and a 6-layer MiniLM (RQ4)")
+    d.add_argument("--layers", type=int, nargs=3, metavar=("SINGLE", "TEXT", "IMAGE"),
+                   help="stream depths (default: the preset's); from BERT, its first SINGLE + TEXT layers are used")
     d.set_defaults(func=_cmd_demo)

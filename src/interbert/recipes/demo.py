@@ -76,6 +76,7 @@ class DemoPlan:
     # the model's size, and RQ4 (benchmarks/bert_init.py): a BERT folder for the text path (its WordPiece
     # vocabulary then tokenises), or, from scratch, a vocabulary to tokenise with (null: one trained on the captions)
     preset: str = "tiny"
+    layers: list[int] | None = None  # [single-stream, text-stream, image-stream] depths; None: the preset's
     from_bert: str | None = None
     tokenizer: str | None = None
     # VCR columns (--vcr): one multiple-choice model on Q->A and QA->R of the benchmark's VCR questions,
@@ -102,9 +103,12 @@ def _train_section(out: Path, seed: int, steps: int, batch: int, lr: float, warm
 
 
 def _model_section(plan: DemoPlan) -> dict:
-    return {"preset": plan.preset, "from_bert": plan.from_bert,
-            "overrides": {"embedding_size": plan.embedding_size, "itc_loss_weight": plan.itc_loss_weight,
-                          "itm_inputs": plan.itm_inputs, "msm_pairs": plan.msm_pairs}}
+    overrides = {"embedding_size": plan.embedding_size, "itc_loss_weight": plan.itc_loss_weight,
+                 "itm_inputs": plan.itm_inputs, "msm_pairs": plan.msm_pairs}
+    if plan.layers:
+        single, text, image = plan.layers
+        overrides.update(num_single_stream_layers=single, num_text_stream_layers=text, num_image_stream_layers=image)
+    return {"preset": plan.preset, "from_bert": plan.from_bert, "overrides": overrides}
 
 
 def _pretrain_data(plan: DemoPlan, data: dict) -> dict:
@@ -264,26 +268,28 @@ DEFAULT_ABLATIONS = ("interbert", "interbert_clean", "plain_masking_clean", "ran
 ABLATION_SEEDS = (0, 1, 2)
 
 
-def run_variant(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path) -> dict:
-    """Pretrain with one plan, fine-tune from it, evaluate fine-tuned and zero-shot (no scratch row)."""
+def run_variant(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path, device: str | None = None) -> dict:
+    """Pretrain with one plan, fine-tune from it, evaluate fine-tuned and zero-shot (no scratch row).
+    ``device``: where to train and score (cpu, cuda, auto); None: training's default (auto), scoring on the CPU."""
     data = {"captions": str(data_dir / manifest["files"]["captions"]),
             "features": str(data_dir / manifest["files"]["regions"]),
             "max_tokens": plan.max_tokens, "max_regions": plan.max_regions}
     model_section = _model_section(plan)
+    on = {"device": device} if device else {}
     start = time.perf_counter()
     pre = pretrain.run({
         "model": model_section,
         "data": _pretrain_data(plan, data),
-        "train": _train_section(out / "pretrain", plan.seed, plan.pretrain_steps, plan.pretrain_batch,
-                                plan.pretrain_lr, plan.warmup_ratio, None),
+        "train": {**_train_section(out / "pretrain", plan.seed, plan.pretrain_steps, plan.pretrain_batch,
+                                   plan.pretrain_lr, plan.warmup_ratio, None), **on},
     })
     ft = finetune_retrieval.run({
         "model": {**model_section, "from_checkpoint": pre["model_dir"], "from_bert": None},
         "data": {**data, "split": "val", "tokenizer": pre["model_dir"], "hard_negative": "image", "num_hard": 20},
-        "train": _train_section(out / "finetune", plan.seed, plan.finetune_steps, plan.finetune_batch,
-                                plan.finetune_lr, plan.warmup_ratio, None),
+        "train": {**_train_section(out / "finetune", plan.seed, plan.finetune_steps, plan.finetune_batch,
+                                   plan.finetune_lr, plan.warmup_ratio, None), **on},
     })
-    kw = dict(split="test", max_tokens=plan.max_tokens, max_regions=plan.max_regions, progress=False)
+    kw = dict(split="test", max_tokens=plan.max_tokens, max_regions=plan.max_regions, progress=False, device=device or "cpu")
     return {"finetuned": evaluate_retrieval(ft["model_dir"], data["captions"], data["features"], **kw),
             "zero_shot": evaluate_retrieval(pre["model_dir"], data["captions"], data["features"], zero_shot=True, **kw),
             "seconds": time.perf_counter() - start, "pretrain_seconds": pre["seconds"]}
@@ -429,7 +435,7 @@ def write_loss_plot(folders: dict[str, Sequence[Path]], path: Path, names: Seque
 
 # DemoPlan fields added after runs were recorded, and what those runs did (not today's defaults, which may change)
 ADDED_FIELDS = {"hard_ratio_start": None, "itm_inputs": "masked", "msm_pairs": "all", "task_sampling": "joint",
-                "preset": "tiny", "from_bert": None, "tokenizer": None}
+                "preset": "tiny", "from_bert": None, "tokenizer": None, "layers": None}
 
 
 def same_plan(recorded: dict | None, planned: dict) -> bool:
@@ -540,11 +546,20 @@ def write_plots(summary: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def check_plan(plan: DemoPlan) -> None:
+    """Refuse, before the data are generated, a BERT folder that is not there or too shallow for the layers."""
+    if plan.from_bert:
+        from interbert.convert import config_from_bert, local_pretrained, read_bert_config
+
+        config_from_bert(read_bert_config(local_pretrained(plan.from_bert)), plan.preset, **_model_section(plan)["overrides"])
+
+
 def run_cli(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    kw = dict(lang=args.lang, seed=args.seed, vcr=args.vcr)
+    kw = dict(lang=args.lang, seed=args.seed, vcr=args.vcr, preset=args.preset, from_bert=args.from_bert, layers=args.layers)
     plan = DemoPlan.quick(**kw) if args.quick else DemoPlan(**kw)
+    check_plan(plan)
     ablations = args.ablations or args.ablations_only or bool(args.ablation_variants)
     if not args.ablations_only:
         summary = run_demo(Path(args.out), plan)
