@@ -91,8 +91,14 @@ def main() -> int:
         parts.append("`model_step.json` missing: run `python benchmarks/model_step.py`.")
     if versus:
         r = versus["results"]
-        goals = {"model_step_base": BASE_STEP_TARGET, "pretrain_loop": LOOP_TARGET, "retrieval_loop": LOOP_TARGET}
-        labels = {"model_step_base": "model step, `base`", "model_step_tiny": "model step, tiny size",
+        # the base goal is judged in issue 14's setting (the original pads its captions to 36 tokens, as its
+        # loader does); the same batch unpadded on both sides is shown beside it
+        base_goal = "model_step_base_padded" if "model_step_base_padded" in r else "model_step_base"
+        goals = {base_goal: BASE_STEP_TARGET, "pretrain_loop": LOOP_TARGET, "retrieval_loop": LOOP_TARGET}
+        labels = {"model_step_base_padded": "model step, `base` (20 real tokens; the original padded to 36, as its loader pads)",
+                  "model_step_base": "model step, `base`" + (" (the same 20 tokens, unpadded on both sides)"
+                                                               if base_goal == "model_step_base_padded" else ""),
+                  "model_step_tiny": "model step, tiny size",
                   "pretrain_loop": "pretraining loop end to end", "retrieval_loop": "retrieval fine-tuning loop end to end",
                   "evaluation": "evaluation pairs/s"}
         rows = [[labels[k] + (" (as shipped: clean matching, 2 encoder passes)" if "speedup_masked" in r.get(k, {}) else ""),
