@@ -224,3 +224,12 @@ def test_demo_refuses_more_layers_than_bert_has_before_generating_data(tmp_path,
     assert main(["demo", "--quick", "--from-bert", str(minilm_dir()), "--layers", "4", "3", "1", "--out", str(out)]) == 2
     assert "exceed BERT's depth of 6" in capsys.readouterr().err
     assert not (out / "data").exists()
+
+
+@pytest.mark.parametrize("layers, said", [(["-1", "1", "1"], "-1 layers: a stream has 0 or more"),
+                                          (["a", "1", "1"], "'a' is not a number of layers")])
+def test_demo_refuses_a_depth_that_is_not_a_layer_count(layers, said, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--quick", "--layers", *layers, "--out", str(tmp_path / "demo")])
+    assert exit_.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

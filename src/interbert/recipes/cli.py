@@ -94,6 +94,17 @@ def _cmd_demo(args) -> int:
     return run_cli(args)
 
 
+def _depth(text: str) -> int:
+    """A stream's number of layers: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of layers") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} layers: a stream has 0 or more")
+    return value
+
+
 def _training_parser(sub, name: str, help: str, config: str, func) -> argparse.ArgumentParser:
     """``config``: the name of the recipe's shipped config (package data), its ``--config`` default."""
     p = sub.add_parser(name, help=help, description=help + "  Overrides: dotted.key=value for any setting "
@@ -159,6 +170,6 @@ def register(subparsers) -> None:
                    help="the model's size (default: tiny, ~7 min on 2 cores; small from BERT: over 40 min, results/bert_init.md)")
     d.add_argument("--from-bert", metavar="DIR", help="the text path from this BERT folder (its width; its WordPiece "
                    "vocabulary tokenises), e.g. with --preset small and a 6-layer MiniLM (RQ4)")
-    d.add_argument("--layers", type=int, nargs=3, metavar=("SINGLE", "TEXT", "IMAGE"),
+    d.add_argument("--layers", type=_depth, nargs=3, metavar=("SINGLE", "TEXT", "IMAGE"),
                    help="stream depths (default: the preset's); from BERT, its first SINGLE + TEXT layers are used")
     d.set_defaults(func=_cmd_demo)
