@@ -233,3 +233,19 @@ def test_demo_refuses_a_depth_that_is_not_a_layer_count(layers, said, tmp_path, 
         main(["demo", "--quick", "--layers", *layers, "--out", str(tmp_path / "demo")])
     assert exit_.value.code == 2 and said in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_the_plans_dropout_reaches_every_dropout_of_both_models(tmp_path):
+    """DemoPlan.dropout (the `interbert_clean_dropout0` ablation) sets every dropout of the pretrained model,
+    and the fine-tuned one keeps it; None leaves the preset's."""
+    from interbert.recipes.demo import DROPOUTS
+
+    out = tmp_path / "demo"
+    summary = run_demo(out, DemoPlan.quick(dropout=0.0))
+    assert summary["plan"]["dropout"] == 0.0
+    for model in ("pretrain", "finetune_pretrained", "finetune_scratch"):
+        config = json.loads((out / model / "model" / "config.json").read_text())
+        assert all(config[name] == 0.0 for name in DROPOUTS), model
+    from interbert.recipes import demo as demo_module
+
+    assert demo_module._model_section(DemoPlan())["overrides"].keys().isdisjoint(DROPOUTS)
