@@ -63,7 +63,8 @@ def plan_for(variant: str, seed: int, bert: Path, steps: int | None, lr: float |
              layers: list[int] | None = None):
     from interbert.recipes.demo import DemoPlan
 
-    change = {"preset": "small", "seed": seed, "layers": layers}
+    # BERT's own dropout (0.1, the preset's), as these runs had before the demo switched dropout off
+    change = {"preset": "small", "seed": seed, "layers": layers, "dropout": None}
     change.update({"from_bert": str(bert)} if variant == "bert" else {"tokenizer": str(bert / "vocab.txt")})
     if steps:
         change["pretrain_steps"] = steps

@@ -236,8 +236,8 @@ def test_demo_refuses_a_depth_that_is_not_a_layer_count(layers, said, tmp_path, 
 
 
 def test_the_plans_dropout_reaches_every_dropout_of_both_models(tmp_path):
-    """DemoPlan.dropout (the `interbert_clean_dropout0` ablation) sets every dropout of the pretrained model,
-    and the fine-tuned one keeps it; None leaves the preset's."""
+    """DemoPlan.dropout (0, the default; the `interbert_clean_dropout0` ablation) sets every dropout of the
+    pretrained model, and the fine-tuned one keeps it; None leaves the preset's."""
     from interbert.recipes.demo import DROPOUTS
 
     out = tmp_path / "demo"
@@ -248,4 +248,10 @@ def test_the_plans_dropout_reaches_every_dropout_of_both_models(tmp_path):
         assert all(config[name] == 0.0 for name in DROPOUTS), model
     from interbert.recipes import demo as demo_module
 
-    assert demo_module._model_section(DemoPlan())["overrides"].keys().isdisjoint(DROPOUTS)
+    assert demo_module._model_section(DemoPlan(dropout=None))["overrides"].keys().isdisjoint(DROPOUTS)
+    # the demo's default: no dropout, as configs/pretrain_tiny.yaml
+    assert all(demo_module._model_section(DemoPlan())["overrides"][name] == 0.0 for name in DROPOUTS)
+    from interbert.recipes.settings import PretrainSettings
+
+    shipped = PretrainSettings.load("pretrain_tiny", []).model.overrides
+    assert all(shipped[name] == 0.0 for name in DROPOUTS)
