@@ -141,9 +141,10 @@ def main() -> None:
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
             for future in [pool.submit(run_one, folder, plan, data_dir, args.device, args.threads) for folder, plan in jobs]:
                 future.result()
-    for folder, plan in jobs:  # runs finished by the workers are reused
-        logging.info("%s", folder.name)
-        run_one(folder, plan, data_dir, args.device)
+    else:
+        for folder, plan in jobs:
+            logging.info("%s", folder.name)
+            run_one(folder, plan, data_dir, args.device)
     if not args.no_table:
         write_table(args, bert)
 

@@ -28,7 +28,9 @@ CLS_ID, SEP_ID, MASK_ID = 101, 102, 103
 # --------------------------------------------------------------------------------------------------
 # Machine and results
 # --------------------------------------------------------------------------------------------------
-def machine_info() -> dict:
+def machine_info(load_at_start: float | None = None) -> dict:
+    """The machine, torch's threads and versions; ``load_at_start``: the 1-min load average the run started at
+    (check_start_load's), for a caller that writes this at the end of its run. Without it, the load now."""
     import transformers
 
     return {
@@ -40,7 +42,8 @@ def machine_info() -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average_at_start": load_at_start if load_at_start is not None else (
+            os.getloadavg()[0] if hasattr(os, "getloadavg") else None),
     }
 
 

@@ -235,7 +235,7 @@ def main() -> None:
     def med(runs: list[dict], key: str | None = None) -> float:
         return statistics.median(r["step_s"] if key is None else r["phases_s"].get(key, 0.0) for r in runs)
 
-    info = machine_info()
+    info = machine_info(load["load_average_at_start"])
     payload = {"machine": info, "load": load, "before": commit_before, "after": commit_after + ("+dirty" if dirty else ""),
                "settings": {k: v for k, v in vars(args).items() if k in ("steps", "warmup", "rounds", "threads", "images")},
                "data": str(args.data or f"generated: {args.images} images"), "recipes": {},

@@ -111,7 +111,7 @@ def main() -> int:
     load["load_average_at_end"] = load_average()
     bert, ours = models
     result = {
-        "machine": machine_info() | {"load_average_at_start": load["load_average_at_start"]},
+        "machine": machine_info(load["load_average_at_start"]),
         "load": load,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "tokens_per_batch": sum(int(b["attention_mask"].sum()) for b in data) / len(data),

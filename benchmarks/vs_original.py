@@ -509,7 +509,7 @@ def main() -> None:
         print("evaluation:", json.dumps(results["evaluation"]), flush=True)
     load["load_average_at_end"] = load_average()
 
-    info = machine_info()
+    info = machine_info(load["load_average_at_start"])
     payload = {"machine": info, "load": load, "interbert": commit, "original_stand_ins": standins,
                "settings": vars(args) | {"original_code": str(args.original_code), "data": str(args.data),
                                          "output": str(args.output)},

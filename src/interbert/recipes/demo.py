@@ -15,6 +15,7 @@ Everything lands in ``--out``: data, runs, ``results.json``, ``results.md``, los
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from interbert.config import InterBertConfig
 from interbert.errors import UsageError
 from interbert.recipes import finetune_retrieval, pretrain
 from interbert.recipes.evaluate_retrieval import evaluate_retrieval
@@ -105,8 +107,8 @@ def _train_section(out: Path, seed: int, steps: int, batch: int, lr: float, warm
     }
 
 
-DROPOUTS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "image_hidden_dropout_prob",
-            "image_attention_probs_dropout_prob", "itm_dropout_prob")
+# every dropout field of the model's config (hidden, attention, both streams, the ITM head)
+DROPOUTS = tuple(name for name in inspect.signature(InterBertConfig.__init__).parameters if name.endswith("_dropout_prob"))
 
 
 def _model_section(plan: DemoPlan) -> dict:
