@@ -82,7 +82,7 @@ def machine_markdown(info: dict) -> str:
     return (
         f"Machine: {info['cpu']}, {info['cores']} cores ({info['cpu_capability']}), torch {info['torch']} "
         f"with {info['torch_threads']} threads, transformers {info['transformers']}, {info['date']} "
-        f"(1-min load average {info['load_average_at_start']:.2f} when this machine line was read)."
+        f"(1-min load average {info['load_average_at_start']:.2f} at the start of the run)."
     )
 
 
