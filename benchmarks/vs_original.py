@@ -144,29 +144,33 @@ def original_pretraining_loss(model, batch: dict) -> torch.Tensor:
 class InMemoryData:
     """Every image's regions as padded arrays and every caption as token ids, read once."""
 
-    def __init__(self, data: Path, tokenizer, split: str = "train"):
+    def __init__(self, data: Path, tokenizer, split: str = "train", captions: Path | None = None,
+                 features: Path | None = None, max_tokens: int = MAX_TOKENS, max_regions: int = MAX_REGIONS):
+        """``data``: an `interbert data synth` folder (captions.json, regions.tsv), or ``captions`` and
+        ``features`` given; captions padded to ``max_tokens``, regions to ``max_regions`` (+ the global one)."""
         from interbert.data.captions import read_captions
         from interbert.data.features import open_features
 
-        captions = [c for c in read_captions(data / "captions.json") if c.split == split]
-        store = open_features(data / "regions.tsv")
+        self.max_tokens, self.max_regions = max_tokens, max_regions
+        captions = [c for c in read_captions(captions or data / "captions.json") if c.split == split]
+        store = open_features(features or data / "regions.tsv")
         self.image_ids = sorted({c.image_id for c in captions})
         index = {image_id: n for n, image_id in enumerate(self.image_ids)}
         self.caption_image = np.array([index[c.image_id] for c in captions])
-        encoded = tokenizer([c.text for c in captions], truncation=True, max_length=MAX_TOKENS)["input_ids"]
-        self.tokens = np.zeros((len(captions), MAX_TOKENS), np.int64)
+        encoded = tokenizer([c.text for c in captions], truncation=True, max_length=max_tokens)["input_ids"]
+        self.tokens = np.zeros((len(captions), max_tokens), np.int64)
         self.lengths = np.array([len(e) for e in encoded])
         for n, ids in enumerate(encoded):
             self.tokens[n, : len(ids)] = ids
         first = store[self.image_ids[0]]
         n_images, d, c = len(self.image_ids), first.features.shape[1], first.class_probs.shape[1]
-        self.features = np.zeros((n_images, MAX_REGIONS, d), np.float32)
-        self.targets = np.zeros((n_images, MAX_REGIONS, c), np.float32)
-        self.boxes = np.zeros((n_images, MAX_REGIONS, 5), np.float32)
+        self.features = np.zeros((n_images, max_regions, d), np.float32)
+        self.targets = np.zeros((n_images, max_regions, c), np.float32)
+        self.boxes = np.zeros((n_images, max_regions, 5), np.float32)
         self.num_boxes = np.zeros(n_images, np.int64)
         for n, image_id in enumerate(self.image_ids):
             r = store[image_id]
-            k = min(MAX_REGIONS, r.num_regions)
+            k = min(max_regions, r.num_regions)
             w, h = float(r.image_w), float(r.image_h)
             self.features[n, :k], self.targets[n, :k] = r.features[:k], r.class_probs[:k]
             box = r.boxes[:k]
@@ -184,7 +188,7 @@ class InMemoryData:
         """Regions of the images, global region first; with ``rng``, IoU >= 0.4 groups around anchors
         drawn with p=0.1 zeroed (the original's span region masking)."""
         feats, boxes, real = self.features[image_index].copy(), self.boxes[image_index], \
-            np.arange(MAX_REGIONS)[None] < self.num_boxes[image_index][:, None]
+            np.arange(self.max_regions)[None] < self.num_boxes[image_index][:, None]
         label = np.full(real.shape, -1, np.int64)
         if rng is not None:
             x1, y1, x2, y2 = (boxes[..., i] for i in range(4))
@@ -207,15 +211,15 @@ class InMemoryData:
         )
 
     def texts(self, caption_index: np.ndarray, rng: np.random.Generator | None = None) -> dict:
-        """Captions padded to 36 tokens; with ``rng`` one span each (start and length uniform), 80/10/10."""
+        """Captions padded to ``max_tokens`` (the original: 36); with ``rng`` one span each (start and length uniform), 80/10/10."""
         ids, lengths = self.tokens[caption_index].copy(), self.lengths[caption_index]
-        input_mask = (np.arange(MAX_TOKENS)[None] < lengths[:, None]).astype(np.int64)
+        input_mask = (np.arange(self.max_tokens)[None] < lengths[:, None]).astype(np.int64)
         lm = np.full(ids.shape, -1, np.int64)
         if rng is not None:
             n = np.maximum(lengths - 2, 1)
             start = 1 + (rng.random(len(ids)) * n).astype(int)
             span = 1 + (rng.random(len(ids)) * n).astype(int)
-            pos = np.arange(MAX_TOKENS)[None]
+            pos = np.arange(self.max_tokens)[None]
             chosen = (pos >= start[:, None]) & (pos < np.minimum(start + span, lengths - 1)[:, None])
             lm[chosen] = ids[chosen]
             draw = rng.random(ids.shape)
@@ -337,15 +341,27 @@ def model_steps(modules, BertAdam, size: str, batch_size: int, tokens: int, warm
 def ours_loop(recipe: str, data: Path, steps: int, warmup: int, out: Path, threads: int | None,
               overrides: tuple[str, ...] = ()) -> float:
     """Seconds per step of one of our recipes (config as shipped), set-up and warm-up excluded."""
+    from interbert.recipes.settings import PretrainSettings, RetrievalSettings
+
+    config, settings = {
+        "pretrain": ("configs/pretrain_tiny.yaml", PretrainSettings),
+        "retrieval": ("configs/finetune_retrieval_tiny.yaml", RetrievalSettings),
+    }[recipe]
+    # as `interbert pretrain --config FILE key=value ...` reads them: every setting may be overridden
+    cfg = settings.load(REPO / config, [
+        f"data.captions={data}/captions.json", f"data.features={data}/regions.tsv", f"train.max_steps={warmup + steps}",
+        f"train.output_dir={out}", "train.progress_bar=false", "train.save_every=null", *overrides])
+    return ours_loop_config(recipe, cfg, steps, warmup, threads)
+
+
+def ours_loop_config(recipe: str, cfg, steps: int, warmup: int, threads: int | None) -> float:
+    """Seconds per step of our ``recipe`` run with ``cfg`` (its settings, or a dict of them) for
+    ``warmup + steps`` steps, set-up and warm-up excluded."""
     import importlib
 
     from interbert import train as train_module
-    from interbert.recipes.settings import PretrainSettings, RetrievalSettings
 
-    module, config, settings = {
-        "pretrain": ("interbert.recipes.pretrain", "configs/pretrain_tiny.yaml", PretrainSettings),
-        "retrieval": ("interbert.recipes.finetune_retrieval", "configs/finetune_retrieval_tiny.yaml", RetrievalSettings),
-    }[recipe]
+    module = {"pretrain": "interbert.recipes.pretrain", "retrieval": "interbert.recipes.finetune_retrieval"}[recipe]
     ends: list[float] = []
     original_step = train_module.Trainer._optimizer_step
 
@@ -356,11 +372,10 @@ def ours_loop(recipe: str, data: Path, steps: int, warmup: int, out: Path, threa
 
     train_module.Trainer._optimizer_step = stepped
     try:
-        # as `interbert pretrain --config FILE key=value ...` reads them: every setting may be overridden
-        cfg = settings.load(REPO / config, [
-            f"data.captions={data}/captions.json", f"data.features={data}/regions.tsv", f"train.max_steps={warmup + steps}",
-            f"train.output_dir={out}", "train.progress_bar=false", "train.save_every=null", *overrides])
-        cfg.threads = threads
+        if isinstance(cfg, dict):
+            cfg["threads"] = threads
+        else:
+            cfg.threads = threads
         importlib.import_module(module).run(cfg)
     finally:
         train_module.Trainer._optimizer_step = original_step
@@ -368,6 +383,14 @@ def ours_loop(recipe: str, data: Path, steps: int, warmup: int, out: Path, threa
 
 
 def original_loop(kind: str, modules, BertAdam, memory: InMemoryData, steps: int, warmup: int, seed: int) -> float:
+    """Seconds per step of the original's pretraining or fine-tuning loop, warm-up excluded."""
+    _, ends = original_training(kind, modules, BertAdam, memory, warmup + steps, seed)
+    return (ends[-1] - ends[warmup - 1]) / steps
+
+
+def original_training(kind: str, modules, BertAdam, memory: InMemoryData, steps: int, seed: int):
+    """``(model, step end times)``: the original's model (`tiny`, its dropout 0.1) trained ``steps`` steps
+    by its own loop: BertAdam, warm-up 10% then linear decay, the loss logged every step."""
     cfg = preset("tiny", vocab_size=memory.vocab_size, num_region_classes=memory.targets.shape[-1],
                  region_feature_size=memory.features.shape[-1])
     config = modules.BertConfig.from_dict(original_config(cfg))
@@ -377,10 +400,10 @@ def original_loop(kind: str, modules, BertAdam, memory: InMemoryData, steps: int
         model, lr, batch_size = modules.InterBertForMultiModalPreTraining(config), 5e-4, 32
     else:
         model, lr, batch_size = modules.InterBertForVLTasks(config, num_labels=1), 2e-4, 16
-    optimizer = BertAdam(model.parameters(), lr=lr, warmup=0.1, t_total=warmup + steps)
+    optimizer = BertAdam(model.parameters(), lr=lr, warmup=0.1, t_total=steps)
     model.train()
     ends = []
-    for _ in range(warmup + steps):
+    for _ in range(steps):
         if kind == "pretrain":
             loss = original_pretraining_loss(model, memory.pretraining_batch(rng, batch_size))
         else:
@@ -391,7 +414,7 @@ def original_loop(kind: str, modules, BertAdam, memory: InMemoryData, steps: int
         optimizer.zero_grad()
         loss.item()  # the original logs the loss every step
         ends.append(time.perf_counter())
-    return (ends[-1] - ends[warmup - 1]) / steps
+    return model, ends
 
 
 def evaluation(modules, memory: InMemoryData, n_captions: int, n_images: int, rounds: int) -> dict:

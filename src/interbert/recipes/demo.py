@@ -283,31 +283,48 @@ DEFAULT_ABLATIONS = ("interbert", "interbert_clean", "plain_masking_clean", "ran
 ABLATION_SEEDS = (0, 1, 2)
 
 
-def run_variant(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path, device: str | None = None) -> dict:
-    """Pretrain with one plan, fine-tune from it, evaluate fine-tuned and zero-shot (no scratch row).
-    ``device``: where to train and score (cpu, cuda, auto); None: training's default (auto), scoring on the CPU."""
-    data = {"captions": str(data_dir / manifest["files"]["captions"]),
+def variant_data(plan: DemoPlan, manifest: dict, data_dir: Path) -> dict:
+    """The ``data`` section every stage of a variant reads: the benchmark's files and the plan's padding."""
+    return {"captions": str(data_dir / manifest["files"]["captions"]),
             "features": str(data_dir / manifest["files"]["regions"]),
             "max_tokens": plan.max_tokens, "max_regions": plan.max_regions}
-    model_section = _model_section(plan)
-    on = {"device": device} if device else {}
-    start = time.perf_counter()
-    pre = pretrain.run({
-        "model": model_section,
+
+
+def pretrain_config(out: Path, plan: DemoPlan, data: dict, device: str | None = None) -> dict:
+    """The pretraining recipe's config for ``plan`` (writing to ``out/pretrain``), as the demo runs it."""
+    return {
+        "model": _model_section(plan),
         "data": _pretrain_data(plan, data),
         "train": {**_train_section(out / "pretrain", plan.seed, plan.pretrain_steps, plan.pretrain_batch,
-                                   plan.pretrain_lr, plan.warmup_ratio, None), **on},
-    })
+                                   plan.pretrain_lr, plan.warmup_ratio, None), **({"device": device} if device else {})},
+    }
+
+
+def finetune_and_evaluate(out: Path, plan: DemoPlan, data: dict, pretrained: str | Path, device: str | None = None) -> dict:
+    """Fine-tune retrieval from the ``pretrained`` folder as the demo does (``out/finetune``), then score the
+    fine-tuned model and the pretrained one zero-shot on the test split: ``{"finetuned", "zero_shot"}``.
+    ``pretrained`` may come from any pretraining (e.g. a converted checkpoint of the original code): the
+    plan's fine-tuning settings apply to it, its sizes are its own."""
+    on = {"device": device} if device else {}
     ft = finetune_retrieval.run({
-        "model": {**model_section, "from_checkpoint": pre["model_dir"], "from_bert": None},
-        "data": {**data, "split": "val", "tokenizer": pre["model_dir"], "hard_negative": "image", "num_hard": 20},
+        "model": {**_model_section(plan), "from_checkpoint": str(pretrained), "from_bert": None},
+        "data": {**data, "split": "val", "tokenizer": str(pretrained), "hard_negative": "image", "num_hard": 20},
         "train": {**_train_section(out / "finetune", plan.seed, plan.finetune_steps, plan.finetune_batch,
                                    plan.finetune_lr, plan.warmup_ratio, None), **on},
     })
     kw = dict(split="test", max_tokens=plan.max_tokens, max_regions=plan.max_regions, progress=False, device=device or "cpu")
     return {"finetuned": evaluate_retrieval(ft["model_dir"], data["captions"], data["features"], **kw),
-            "zero_shot": evaluate_retrieval(pre["model_dir"], data["captions"], data["features"], zero_shot=True, **kw),
-            "seconds": time.perf_counter() - start, "pretrain_seconds": pre["seconds"]}
+            "zero_shot": evaluate_retrieval(str(pretrained), data["captions"], data["features"], zero_shot=True, **kw)}
+
+
+def run_variant(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path, device: str | None = None) -> dict:
+    """Pretrain with one plan, fine-tune from it, evaluate fine-tuned and zero-shot (no scratch row).
+    ``device``: where to train and score (cpu, cuda, auto); None: training's default (auto), scoring on the CPU."""
+    data = variant_data(plan, manifest, data_dir)
+    start = time.perf_counter()
+    pre = pretrain.run(pretrain_config(out, plan, data, device))
+    scores = finetune_and_evaluate(out, plan, data, pre["model_dir"], device)
+    return {**scores, "seconds": time.perf_counter() - start, "pretrain_seconds": pre["seconds"]}
 
 
 def run_ablations(out: Path, plan: DemoPlan, manifest: dict, data_dir: Path,
