@@ -131,11 +131,16 @@ def original_batch_to_ours(batch: dict) -> dict:
                 mrm_class_targets=targets, itm_labels=1 - batch["is_next"])
 
 
-def original_pretraining_loss(model, batch: dict) -> torch.Tensor:
+def original_pretraining_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The original model's (MSM, MRM, ITM) losses on one of its batches."""
     t, v, itm = model(batch["input_ids"], batch["image_feat"], batch["image_loc"], batch["segment_ids"],
                       batch["input_mask"], batch["image_mask"], batch["multimodal_mask"], batch["lm_label_ids"],
                       batch["image_label"], batch["image_target"], batch["is_next"])
-    return (t + v + itm).sum()
+    return t.sum(), v.sum(), itm.sum()
+
+
+def original_pretraining_loss(model, batch: dict) -> torch.Tensor:
+    return sum(original_pretraining_losses(model, batch))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,9 +393,11 @@ def original_loop(kind: str, modules, BertAdam, memory: InMemoryData, steps: int
     return (ends[-1] - ends[warmup - 1]) / steps
 
 
-def original_training(kind: str, modules, BertAdam, memory: InMemoryData, steps: int, seed: int):
+def original_training(kind: str, modules, BertAdam, memory: InMemoryData, steps: int, seed: int,
+                      losses: list | None = None):
     """``(model, step end times)``: the original's model (`tiny`, its dropout 0.1) trained ``steps`` steps
-    by its own loop: BertAdam, warm-up 10% then linear decay, the loss logged every step."""
+    by its own loop: BertAdam, warm-up 10% then linear decay, the loss logged every step. ``losses``: a
+    list that gets each pretraining step's (MSM, MRM, ITM) losses."""
     cfg = preset("tiny", vocab_size=memory.vocab_size, num_region_classes=memory.targets.shape[-1],
                  region_feature_size=memory.features.shape[-1])
     config = modules.BertConfig.from_dict(original_config(cfg))
@@ -405,7 +412,10 @@ def original_training(kind: str, modules, BertAdam, memory: InMemoryData, steps:
     ends = []
     for _ in range(steps):
         if kind == "pretrain":
-            loss = original_pretraining_loss(model, memory.pretraining_batch(rng, batch_size))
+            parts = original_pretraining_losses(model, memory.pretraining_batch(rng, batch_size))
+            loss = sum(parts)
+            if losses is not None:
+                losses.append(tuple(float(x) for x in parts))
         else:
             logits = vil_logit(model, memory.retrieval_batch(rng, batch_size)).view(-1, 4)
             loss = F.cross_entropy(logits, logits.new_zeros(len(logits), dtype=torch.long))

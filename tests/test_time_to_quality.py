@@ -94,6 +94,7 @@ def test_a_finished_quality_run_is_read_back_not_redone(tmp_path, monkeypatch):
     monkeypatch.setattr(ttq, "QUICK", True)
     first = ttq.run_job("interbert", 0, 3, tmp_path, None, 1)
     assert first["steps"] == 3 and first["kind"] == "interbert"
+    assert "itm_loss" in first["final_losses"]  # the pretraining's own log, read back
     assert (tmp_path / "interbert-s0-k3" / "pretrain" / "model" / "config.json").is_file()
 
     def no_training(*args, **kwargs):
@@ -114,5 +115,5 @@ def test_an_original_run_at_chance_gets_no_ratio_and_its_longest_run_a_lower_bou
     assert [(v["kind"], v["original_steps"], v["fewest_steps"]) for v in found] == [
         ("at_chance", 800, None), ("at_chance", 3200, None), ("lower_bound", 3200, 400)]
     assert "speedup" not in found[0] and found[2]["speedup"] == pytest.approx(3200 / 400)
-    assert "more than 8.0x" in ttq.verdict_line(found[2], chance)
+    assert "**more than 8.0x** sooner" in ttq.verdict_line(found[2], chance)
     assert "no time is compared" in ttq.verdict_line(found[0], chance)
