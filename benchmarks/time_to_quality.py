@@ -325,6 +325,7 @@ def main() -> None:
     if not (args.original_code / "bertmodel" / "modules.py").is_file():
         raise SystemExit(f"{args.original_code}: no bertmodel/modules.py; give the folder of a checkout of black4321/InterBERT")
     args.runs.mkdir(parents=True, exist_ok=True)
+    args.output.mkdir(parents=True, exist_ok=True)
     global QUICK
     QUICK = args.quick
     if args.job:
