@@ -337,7 +337,9 @@ def main() -> None:
            [("interbert", s, k) for k in sorted(args.steps) for s in args.seeds]
     if args.phase in ("all", "quality"):
         benchmark_data(args.runs)  # once, before the workers read it
-        pending, running = list(jobs), []
+        # finished runs are read back, not re-spawned (a worker's imports alone would load the machine)
+        pending = [job for job in jobs if not (args.runs / f"{job[0]}-s{job[1]}-k{job[2]}" / "result.json").is_file()]
+        running = []
         while pending or running:
             while pending and len(running) < args.jobs:
                 kind, seed, steps = pending.pop(0)
