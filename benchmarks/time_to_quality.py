@@ -143,6 +143,17 @@ def run_job(kind: str, seed: int, steps: int, runs: Path, original_code: Path | 
     return result
 
 
+def read_result(folder: Path) -> dict:
+    """A finished run's result; our runs' final losses are read from the recipe's own log when the
+    result predates recording them."""
+    result = json.loads((folder / "result.json").read_text())
+    if result["kind"] == "interbert" and "final_losses" not in result:
+        from interbert.recipes.demo import final_pretraining_losses
+
+        result["final_losses"] = final_pretraining_losses([folder])
+    return result
+
+
 def recall_at_1(result: dict, key: str) -> float:
     return float(result[key]["R@1"])
 
@@ -356,8 +367,8 @@ def main() -> None:
                     if proc.returncode:
                         raise SystemExit(f"{name} failed ({proc.returncode}); see {log.name}")
                     print("done", name, flush=True)
-    results = [json.loads(p.read_text()) for name in jobs
-               if (p := args.runs / f"{name[0]}-s{name[1]}-k{name[2]}" / "result.json").is_file()]
+    results = [read_result(args.runs / f"{kind}-s{seed}-k{steps}") for kind, seed, steps in jobs
+               if (args.runs / f"{kind}-s{seed}-k{steps}" / "result.json").is_file()]
 
     speed_result, load = None, None
     if args.phase in ("all", "speed"):
