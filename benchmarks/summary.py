@@ -85,8 +85,8 @@ def time_to_quality_text(quality: dict) -> str:
     return (table(["quality (seed means; chance R@1 1.25)", "original code", "interbert (shipped recipe)", "sooner"], rows)
             + f"\n\nSeconds per step in this setting: original {per_step['original']:.3f}, interbert "
             f"{per_step['interbert']:.3f}. A shipped step does more work than the original's (clean matching's second "
-            "pass and ITC), so the per-step ratio above stays short of 2x; a model of the original's quality comes "
-            "sooner by the factor here.")
+            "pass and ITC), so the per-step ratio above stays short of 2x; what a user waits for, a model of a given "
+            "quality, comes sooner by the factor here.")
 
 
 def main() -> int:

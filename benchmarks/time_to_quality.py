@@ -270,7 +270,9 @@ def verdict_line(v: dict, chance: float) -> str:
             "no step count between).")
 
 
-def write_results(args, results: list[dict], speed_result: dict | None, load: dict | None, out: Path) -> str:
+def write_results(args, results: list[dict], speed_result: dict | None, load: dict | None, out: Path,
+                  machine: dict | None = None) -> str:
+    """The table and verdicts; ``machine``: the speed phase's machine as recorded (None: this machine now)."""
     means = seed_means(results)
     per_step = (speed_result or {}).get("seconds_per_step", {})
     rows = []
@@ -280,7 +282,7 @@ def write_results(args, results: list[dict], speed_result: dict | None, load: di
             ("original code: its recipe (masked matching, random negatives, no ITC, dropout 0.1)" if kind == "original"
              else "interbert: the shipped recipe (clean matching, TF-IDF negatives, ITC, no dropout)"),
             str(steps), *[f"{row[key][0]:.1f} +- {row[key][1]:.1f}" for key, _ in METRICS],
-            "-" if "itm_loss" not in row else f"{row['itm_loss'][0]:.3f}" + (f" ({row['itm_loss'][1]} seeds)"
+            "-" if "itm_loss" not in row else f"{row['itm_loss'][0]:.3f}" + (f" ({row['itm_loss'][1]} seed{'s' if row['itm_loss'][1] > 1 else ''})"
                                                                            if row["itm_loss"][1] != row["n"] else ""),
             str(row["n"]),
             "-" if s is None else f"{s:.3f}", "-" if s is None else f"{steps * s:.0f}"])
@@ -291,7 +293,7 @@ def write_results(args, results: list[dict], speed_result: dict | None, load: di
                "settings": {"steps": args.steps, "seeds": args.seeds, "original_steps": args.original_steps,
                             "threads": args.threads, "rounds": args.rounds}}
     if load is not None:
-        payload["machine"] = machine_info(load["load_average_at_start"])
+        payload["machine"] = machine or machine_info(load["load_average_at_start"])
     (out / "time_to_quality.json").write_text(json.dumps(payload, indent=2, default=float))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     lines = [f"# Time to quality: interbert ({commit}) vs the authors' code (black4321/InterBERT)", ""]
@@ -370,15 +372,15 @@ def main() -> None:
     results = [read_result(args.runs / f"{kind}-s{seed}-k{steps}") for kind, seed, steps in jobs
                if (args.runs / f"{kind}-s{seed}-k{steps}" / "result.json").is_file()]
 
-    speed_result, load = None, None
+    speed_result, load, machine = None, None, None
     if args.phase in ("all", "speed"):
         load = check_start_load(args.force)
         speed_result = speed(args, args.runs)
         load["load_average_at_end"] = load_average()
     elif (args.output / "time_to_quality.json").is_file():  # keep the recorded speed phase
         recorded = json.loads((args.output / "time_to_quality.json").read_text())
-        speed_result, load = recorded.get("speed"), recorded.get("load")
-    print(write_results(args, results, speed_result, load, args.output))
+        speed_result, load, machine = recorded.get("speed"), recorded.get("load"), recorded.get("machine")
+    print(write_results(args, results, speed_result, load, args.output, machine))
 
 
 if __name__ == "__main__":
