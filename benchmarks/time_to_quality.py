@@ -45,6 +45,8 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -91,27 +93,34 @@ def original_memory(plan, data: dict, vocabulary: Path):
 
 def convert_original(model, memory, tokenizer, folder: Path) -> Path:
     """The original's trained model as our pretraining folder (weights, config, tokenizer)."""
-    from vs_original import original_config
+    from vs_original import tiny_original_config
 
-    from interbert.config import preset
     from interbert.convert import from_official
 
-    cfg = preset("tiny", vocab_size=memory.vocab_size, num_region_classes=memory.targets.shape[-1],
-                 region_feature_size=memory.features.shape[-1])
-    ours = from_official(model.state_dict(), original_config(cfg))
+    ours = from_official(model.state_dict(), tiny_original_config(memory))
     ours.save_pretrained(folder)
     tokenizer.save_pretrained(str(folder))
     return folder
 
 
-def run_job(kind: str, seed: int, steps: int, runs: Path, original_code: Path | None, threads: int | None) -> dict:
-    """One pretraining (ours or the original's), fine-tuned and scored; cached in runs/<kind>-s<seed>-k<steps>."""
+def run_folder(runs: Path, kind: str, seed: int, steps: int) -> Path:
+    return runs / f"{kind}-s{seed}-k{steps}"
+
+
+def run_job(kind: str, seed: int, steps: int, runs: Path, original_code: Path | None, threads: int | None,
+            quick: bool | None = None) -> dict:
+    """One pretraining (ours or the original's), fine-tuned and scored; cached in runs/<kind>-s<seed>-k<steps>.
+    ``quick``: DemoPlan.quick() sizes (None: the module's QUICK; a worker process is told)."""
     import torch
+
+    global QUICK
+    if quick is not None:
+        QUICK = quick
 
     from interbert.recipes import pretrain
     from interbert.recipes.demo import FINAL_STEPS, final_pretraining_losses, finetune_and_evaluate, pretrain_config, variant_data
 
-    folder = runs / f"{kind}-s{seed}-k{steps}"
+    folder = run_folder(runs, kind, seed, steps)
     done = folder / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -140,17 +149,6 @@ def run_job(kind: str, seed: int, steps: int, runs: Path, original_code: Path | 
               "final_losses": final_losses,
               **{key: scores[key]["image_retrieval"] for key, _ in METRICS}}
     done.write_text(json.dumps(result, indent=2, default=float))
-    return result
-
-
-def read_result(folder: Path) -> dict:
-    """A finished run's result; our runs' final losses are read from the recipe's own log when the
-    result predates recording them."""
-    result = json.loads((folder / "result.json").read_text())
-    if result["kind"] == "interbert" and "final_losses" not in result:
-        from interbert.recipes.demo import final_pretraining_losses
-
-        result["final_losses"] = final_pretraining_losses([folder])
     return result
 
 
@@ -286,7 +284,8 @@ def write_results(args, results: list[dict], speed_result: dict | None, load: di
                                                                            if row["itm_loss"][1] != row["n"] else ""),
             str(row["n"]),
             "-" if s is None else f"{s:.3f}", "-" if s is None else f"{steps * s:.0f}"])
-    chance = 100 / demo_plan(0).test_images
+    plan = demo_plan(0)
+    chance = 100 / plan.test_images
     found = verdicts(means, per_step, args.original_steps, chance)
     lines_out = [verdict_line(v, chance) for v in found] or ["The original's runs are missing: no verdict."]
     payload = {"results": results, "speed": speed_result, "load": load, "verdicts": found,
@@ -301,8 +300,8 @@ def write_results(args, results: list[dict], speed_result: dict | None, load: di
         lines += [machine_markdown(payload["machine"]), load_markdown(load), ""]
     lines += [
         "`python benchmarks/time_to_quality.py --original-code DIR` (see its docstring). The demo's benchmark; each "
-        "pretraining then fine-tuned the same way (300 steps) and scored on the test split (400 captions x 80 "
-        f"images, chance R@1 {chance:.2f}%); seeds {args.seeds}, mean +- std; R@1 in %. Seconds per step: the speed phase "
+        f"pretraining then fine-tuned the same way ({plan.finetune_steps} steps) and scored on the test split "
+        f"({plan.test_images * 5} captions x {plan.test_images} images, chance R@1 {chance:.2f}%); seeds {args.seeds}, mean +- std; R@1 in %. Seconds per step: the speed phase "
         f"(alternating, {args.threads or 'default'} threads, medians of {args.rounds} runs a side); pretraining "
         "seconds = steps x s/step.", "",
         table(["pretraining", "steps", "IR R@1", "zero-shot R@1", "final ITM loss", "seeds", "s/step", "pretraining s"],
@@ -332,7 +331,6 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="time even on a busy machine (results marked loaded)")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run of every stage (numbers meaningless)")
-    parser.add_argument("--job", help=argparse.SUPPRESS)  # kind:seed:steps, run in a worker process
     args = parser.parse_args()
     args.original_code = args.original_code.resolve()
     if not (args.original_code / "bertmodel" / "modules.py").is_file():
@@ -341,36 +339,20 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     global QUICK
     QUICK = args.quick
-    if args.job:
-        kind, seed, steps = args.job.split(":")
-        print("RESULT " + json.dumps(run_job(kind, int(seed), int(steps), args.runs, args.original_code, 1), default=float))
-        return
-
     jobs = [("original", s, k) for k in sorted(args.original_steps) for s in args.seeds] + \
            [("interbert", s, k) for k in sorted(args.steps) for s in args.seeds]
     if args.phase in ("all", "quality"):
         benchmark_data(args.runs)  # once, before the workers read it
-        # finished runs are read back, not re-spawned (a worker's imports alone would load the machine)
-        pending = [job for job in jobs if not (args.runs / f"{job[0]}-s{job[1]}-k{job[2]}" / "result.json").is_file()]
-        running = []
-        while pending or running:
-            while pending and len(running) < args.jobs:
-                kind, seed, steps = pending.pop(0)
-                log = open(args.runs / f"{kind}-s{seed}-k{steps}.log", "w")
-                cmd = [sys.executable, __file__, "--original-code", str(args.original_code), "--runs", str(args.runs),
-                       "--job", f"{kind}:{seed}:{steps}", *(["--quick"] if args.quick else [])]
-                running.append((f"{kind}:{seed}:{steps}", subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
-            time.sleep(2)
-            for item in list(running):
-                name, proc, log = item
-                if proc.poll() is not None:
-                    log.close()
-                    running.remove(item)
-                    if proc.returncode:
-                        raise SystemExit(f"{name} failed ({proc.returncode}); see {log.name}")
-                    print("done", name, flush=True)
-    results = [read_result(args.runs / f"{kind}-s{seed}-k{steps}") for kind, seed, steps in jobs
-               if (args.runs / f"{kind}-s{seed}-k{steps}" / "result.json").is_file()]
+        # finished runs are read back, not given to a worker (its imports alone would load the machine)
+        pending = [job for job in jobs if not (run_folder(args.runs, *job) / "result.json").is_file()]
+        # each run in a fresh process (spawn; one run per process: the original's modules stay out of ours)
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+            futures = {pool.submit(run_job, *job, args.runs, args.original_code, 1, args.quick): job for job in pending}
+            for future in as_completed(futures):
+                future.result()  # a failed run stops the benchmark with its error
+                print("done", ":".join(map(str, futures[future])), flush=True)
+    results = [json.loads(done.read_text()) for job in jobs
+               if (done := run_folder(args.runs, *job) / "result.json").is_file()]
 
     speed_result, load, machine = None, None, None
     if args.phase in ("all", "speed"):

@@ -120,6 +120,12 @@ def original_config(cfg: InterBertConfig) -> dict:
     }
 
 
+def tiny_original_config(memory: "InMemoryData") -> dict:
+    """The original's config (its field names) of the `tiny` model for the data in ``memory``."""
+    return original_config(preset("tiny", vocab_size=memory.vocab_size, num_region_classes=memory.targets.shape[-1],
+                                  region_feature_size=memory.features.shape[-1]))
+
+
 def original_batch_to_ours(batch: dict) -> dict:
     """The original's padded pretraining batch in our interface (docs/interfaces.md)."""
     b = batch["image_label"].shape[0]
@@ -398,9 +404,7 @@ def original_training(kind: str, modules, BertAdam, memory: InMemoryData, steps:
     """``(model, step end times)``: the original's model (`tiny`, its dropout 0.1) trained ``steps`` steps
     by its own loop: BertAdam, warm-up 10% then linear decay, the loss logged every step. ``losses``: a
     list that gets each pretraining step's (MSM, MRM, ITM) losses."""
-    cfg = preset("tiny", vocab_size=memory.vocab_size, num_region_classes=memory.targets.shape[-1],
-                 region_feature_size=memory.features.shape[-1])
-    config = modules.BertConfig.from_dict(original_config(cfg))
+    config = modules.BertConfig.from_dict(tiny_original_config(memory))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if kind == "pretrain":

@@ -14,7 +14,6 @@ Everything lands in ``--out``: data, runs, ``results.json``, ``results.md``, los
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import logging
@@ -151,21 +150,14 @@ def run_demo(out: Path, plan: DemoPlan) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     manifest = generate_data(plan, out / "data")
-    captions = str(out / "data" / manifest["files"]["captions"])
-    features = str(out / "data" / manifest["files"]["regions"])
-    data = {"captions": captions, "features": features, "max_tokens": plan.max_tokens, "max_regions": plan.max_regions}
+    data = variant_data(plan, manifest, out / "data")
+    captions, features = data["captions"], data["features"]
     model_section = _model_section(plan)
     timings = {"data": time.perf_counter() - start}
 
     # 2. pretraining
     t = time.perf_counter()
-    pre_cfg = {
-        "model": model_section,
-        "data": _pretrain_data(plan, data),
-        "train": _train_section(out / "pretrain", plan.seed, plan.pretrain_steps, plan.pretrain_batch,
-                                plan.pretrain_lr, plan.warmup_ratio, None),
-    }
-    pre = pretrain.run(copy.deepcopy(pre_cfg))
+    pre = pretrain.run(pretrain_config(out, plan, data))
     timings["pretrain"] = time.perf_counter() - t
 
     # 3. fine-tuning, with and without pretraining (same tokenizer, data, steps and seed)
