@@ -1,4 +1,5 @@
-"""The event log: durable settings, clicks only on shown items, duplicates counted once, safe across threads."""
+"""The event log: durable settings, clicks only on shown items by the user who was served, duplicates counted
+once, safe across threads; arms bound to their hashes, a refused start writes nothing."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from interbert.errors import UsageError
-from interbert.serve.events import EventLog, ExperimentConfig, NotShown, UnknownRequest
+from interbert.serve.events import (
+    ArmHashes, EventLog, ExperimentConfig, NotShown, NotYours, UnknownRequest, read_arm_hashes,
+)
 
 CONFIG = ExperimentConfig("exp", "exp", ("control", "treatment"), (0.5, 0.5))
 
@@ -184,3 +187,106 @@ def test_servers_opening_a_new_log_at_once_all_start(tmp_path):
         for t in threads:
             t.join()
     assert failures == []
+
+
+def test_a_click_from_another_user_is_refused_and_not_counted(log):
+    request_id = log.log_impression("user-a", "control", "topic", ["a", "b"], topic_id="t")
+    with pytest.raises(NotYours, match="served to another user"):
+        log.log_click(request_id, "a", "user-b")
+    assert count(log.path, "clicks") == 0
+    assert log.log_click(request_id, "a", "user-a") == (True, 1)
+
+
+def hashes(weights="w" * 64, index="i" * 64, feed="f" * 64, model="/models/a") -> ArmHashes:
+    return ArmHashes(model=model, weights_sha256=weights, index_sha256=index, feed_sha256=feed)
+
+
+ARMS = {"control": hashes(), "treatment": hashes(weights="v" * 64, model="/models/b")}
+
+
+def log_state(path) -> tuple[bytes, list]:
+    """The main file's bytes and every row (read through a read-only connection, which replays a WAL)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = [db.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+                for table in ("experiment", "impressions", "impression_items", "clicks")]
+    finally:
+        db.close()
+    return path.read_bytes(), rows
+
+
+@pytest.mark.parametrize("changed, named", [
+    ({"weights": "x" * 64}, "weights sha256"),
+    ({"index": "x" * 64}, "index sha256"),
+    ({"feed": "x" * 64}, "feed sha256"),
+])
+def test_an_arm_whose_hashes_differ_from_the_logs_is_refused_writing_nothing(tmp_path, changed, named):
+    path = tmp_path / "events.sqlite"
+    first = EventLog(path, CONFIG, ARMS)
+    assert not first.upgraded
+    request_id = first.log_impression("u", "treatment", "topic", ["a"], topic_id="t")
+    first.log_click(request_id, "a", "u")
+    first.close()
+    before = log_state(path)
+    other = {**ARMS, "treatment": hashes(**{"weights": "v" * 64, "model": "/models/c", **changed})}
+    with pytest.raises(UsageError) as refused:
+        EventLog(path, CONFIG, other)
+    message = str(refused.value)
+    recorded = getattr(ARMS["treatment"], named.replace(" ", "_"))
+    assert "'treatment'" in message and named in message and recorded in message and "x" * 64 in message
+    assert "\n" not in message
+    assert log_state(path) == before
+    EventLog(path, CONFIG, dict(ARMS)).close()  # the same arms (a restart) are welcome
+    moved = {**ARMS, "control": hashes(model="/elsewhere/a")}  # a moved folder with the same weights is the same arm
+    EventLog(path, CONFIG, moved).close()
+
+
+def test_a_log_from_before_arm_hashes_is_upgraded_not_refused(tmp_path):
+    path = tmp_path / "events.sqlite"
+    old = EventLog(path, CONFIG)  # as written before arms were bound: no hashes
+    old.log_impression("u", "control", "topic", ["a"], topic_id="t")
+    old.close()
+    upgraded = EventLog(path, CONFIG, ARMS)
+    assert upgraded.upgraded
+    upgraded.close()
+    with sqlite3.connect(path) as db:
+        assert read_arm_hashes(db) == ARMS
+        assert db.execute("SELECT COUNT(*) FROM impressions").fetchone() == (1,)
+    again = EventLog(path, CONFIG, ARMS)
+    assert not again.upgraded  # recorded once
+    again.close()
+
+
+def test_another_experiment_on_a_log_is_refused_before_any_write(tmp_path, log):
+    log.log_impression("u", "control", "topic", ["a"], topic_id="t")
+    log.close()
+    before = log_state(log.path)
+    with pytest.raises(UsageError, match="another --events file"):
+        EventLog(log.path, ExperimentConfig("exp2", "exp2", CONFIG.arms, CONFIG.split), ARMS)
+    assert log_state(log.path) == before
+
+
+def test_a_file_that_is_not_a_log_is_refused_as_events(tmp_path):
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"not a database" * 200)
+    with pytest.raises(UsageError, match="is not an event log"):
+        EventLog(junk, CONFIG, ARMS)
+    assert junk.read_bytes() == b"not a database" * 200
+
+
+def test_a_refused_start_leaves_a_running_servers_wal_alone(tmp_path):
+    """A server still runs (or was killed) with events in its WAL: a refused start beside it must neither
+    checkpoint them into the main file nor change a row."""
+    path = tmp_path / "events.sqlite"
+    running = EventLog(path, CONFIG, ARMS)
+    try:
+        for n in range(5):
+            running.log_impression(f"u{n}", "control", "topic", ["a", "b"], topic_id="t")
+        wal = path.with_name(path.name + "-wal")
+        before, wal_before = log_state(path), wal.read_bytes()
+        assert len(wal_before) > 0  # the events are in the WAL, not yet in the main file
+        with pytest.raises(UsageError, match="'control'"):
+            EventLog(path, CONFIG, {**ARMS, "control": hashes(weights="x" * 64)})
+        assert log_state(path) == before and wal.read_bytes() == wal_before
+    finally:
+        running.close()

@@ -1,4 +1,5 @@
-"""The report's statistics against an independent computation on a fixed log, the SRM check, the CLI."""
+"""The report's statistics against an independent computation on a fixed log, the SRM check, the CLI, the
+arms' hashes, and files that are not logs (one error line each)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from scipy import stats
 
 from interbert.cli import main as interbert_main
-from interbert.serve.events import SCHEMA, ExperimentConfig
+from interbert.serve.events import SCHEMA, ArmHashes, EventLog, ExperimentConfig
 from interbert.serve.report import build_report
 
 ITEMS = 5
@@ -145,3 +146,65 @@ def test_the_cli_refuses_a_missing_or_foreign_file(tmp_path, capsys):
     assert interbert_main(["abtest", "report", str(foreign)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_an_sqlite_file_without_the_logs_tables_is_one_line(tmp_path, capsys):
+    no_impressions = tmp_path / "no_impressions.sqlite"
+    with sqlite3.connect(no_impressions) as db:
+        db.execute("CREATE TABLE experiment (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.executemany("INSERT INTO experiment VALUES (?, ?)",
+                       ExperimentConfig("x", "x", ("a", "b"), (0.5, 0.5)).as_rows().items())
+    assert interbert_main(["abtest", "report", str(no_impressions)]) == 2
+    line = one_error_line(capsys)
+    assert str(no_impressions) in line and "impressions" in line
+    other = tmp_path / "other.sqlite"  # some other application's database
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE photos (id INTEGER)")
+    assert interbert_main(["abtest", "report", str(other)]) == 2
+    assert str(other) in one_error_line(capsys)
+    empty_rows = tmp_path / "garbled.sqlite"  # the tables, but an experiment table that holds no experiment
+    with sqlite3.connect(empty_rows) as db:
+        db.executescript(SCHEMA)
+        db.execute("INSERT INTO experiment VALUES ('name', 'x')")
+    assert interbert_main(["abtest", "report", str(empty_rows)]) == 2
+    assert str(empty_rows) in one_error_line(capsys)
+
+
+def test_a_directory_or_a_damaged_log_is_one_line(tmp_path, capsys):
+    assert interbert_main(["abtest", "report", str(tmp_path)]) == 2
+    assert str(tmp_path) in one_error_line(capsys)
+    log = tmp_path / "events.sqlite"
+    write_log(log, {"control": 300, "treatment": 300})
+    data = bytearray(log.read_bytes())
+    page = 4096
+    for start in range(2 * page, len(data) - page, 3 * page):  # scribble over pages past the schema's
+        data[start + 8:start + 200] = b"\xff" * 192
+    log.write_bytes(bytes(data))
+    code = interbert_main(["abtest", "report", str(log), "--out", str(tmp_path / "r.md")])
+    assert code in (1, 2)
+    assert str(log) in one_error_line(capsys)
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_the_report_prints_each_arms_hashes(tmp_path, capsys):
+    log = tmp_path / "events.sqlite"
+    hashes = {"control": ArmHashes("/m/a", "a" * 64, "b" * 64, "c" * 64),
+              "treatment": ArmHashes("/m/b", "d" * 64, "e" * 64, None)}
+    EventLog(log, ExperimentConfig("bound", "bound", ("control", "treatment"), (0.5, 0.5)), hashes).close()
+    assert interbert_main(["abtest", "report", str(log)]) == 0
+    out = capsys.readouterr().out
+    assert f"| control | /m/a | {'a' * 64} | {'b' * 64} | {'c' * 64} |" in out
+    assert f"| treatment | /m/b | {'d' * 64} | {'e' * 64} | no feed |" in out
+    assert build_report(log).arm_hashes == hashes
+    old = tmp_path / "old.sqlite"  # written before hashes were recorded
+    write_log(old, {"control": 3, "treatment": 3})
+    assert interbert_main(["abtest", "report", str(old)]) == 0
+    assert "Not recorded" in capsys.readouterr().out

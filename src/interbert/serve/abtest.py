@@ -80,6 +80,26 @@ def assign_arm(user_id: str, salt: str, arms: tuple[str, ...], split: tuple[floa
     return arms[-1]  # the shares' float sum may end a hair below 1
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def index_sha256(folder: str | Path) -> str:
+    """One hash of what an index folder serves: its manifest (index.json: model, engine, type, count)
+    and its metadata (meta.sqlite: ids, captions, thumbnails, embeddings). The vectors file is derived
+    from meta.sqlite's embeddings, so it is left out (it can be large and an engine may hold it elsewhere).
+    The service opens meta.sqlite read-only, so its bytes do not change while it is served."""
+    folder = Path(folder)
+    # The hash of the two files' hashes: no content of one can pass for a part of the other.
+    parts = (file_sha256(folder / name) for name in ("index.json", "meta.sqlite"))
+    return hashlib.sha256("".join(parts).encode()).hexdigest()
+
+
 def valid_user_id(user_id: str) -> bool:
     """Printable, at most MAX_USER_ID_CHARS characters: ids end up in the event log and in cookies."""
     return 0 < len(user_id) <= MAX_USER_ID_CHARS and user_id.isprintable()

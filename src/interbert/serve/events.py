@@ -1,6 +1,8 @@
 """The experiment's event log: what each user was shown (impressions) and what they clicked, in SQLite.
 
-    experiment        key/value: name, salt, arms (JSON list, control first), split (JSON list)
+    experiment        key/value: name, salt, arms (JSON list, control first), split (JSON list), and
+                      arm_hashes (JSON: per arm its model folder and the sha256 of its weights, index and
+                      feed, recorded when the experiment first starts: the arms are bound to them)
     impressions       one row per answered request: request_id, time, user_id, arm, kind (topic|search),
                       topic_id or query
     impression_items  the items of a request with their 1-based positions; UNIQUE (request_id, image_id)
@@ -13,8 +15,8 @@ loss. (``synchronous=NORMAL`` would survive a killed process but could lose the 
 loss, which is exactly what an acknowledgement promises not to do.) One fsync per event costs ~ms on a
 local disk: cheaper than one re-rank.
 
-A click is accepted only for an item that request showed (else :class:`UnknownRequest` /
-:class:`NotShown`); a repeated click on the same item of the same request is stored once (the UNIQUE
+A click is accepted only from the user the request was served to (else :class:`NotYours`) and for an
+item that request showed (else :class:`UnknownRequest` / :class:`NotShown`); a repeated click on the same item of the same request is stored once (the UNIQUE
 constraint decides, so two concurrent duplicates cannot both count).
 
 Threads share one connection behind a lock: SQLite serialises writers anyway, and the lock also keeps
@@ -76,6 +78,27 @@ class NotShown(LookupError):
     """A click names an image that its request did not show."""
 
 
+class NotYours(PermissionError):
+    """A click names a request that was served to another user."""
+
+
+@dataclass(frozen=True)
+class ArmHashes:
+    """What an arm is: its model folder (for people to read) and the sha256 of its weights, its index
+    (index.json and meta.sqlite) and its feed (None: no feed). The hashes decide whether two starts run
+    the same arm; the folder may move."""
+
+    model: str
+    weights_sha256: str
+    index_sha256: str
+    feed_sha256: str | None
+
+    COMPARED = ("weights_sha256", "index_sha256", "feed_sha256")
+
+
+ARM_HASHES_KEY = "arm_hashes"
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str
@@ -123,17 +146,107 @@ def read_config(db: sqlite3.Connection) -> ExperimentConfig | None:
                             tuple(json.loads(rows["split"])))
 
 
+def read_arm_hashes(db: sqlite3.Connection) -> dict[str, ArmHashes] | None:
+    """The arms' hashes recorded at the experiment's first start; None for a log written before they were."""
+    row = db.execute("SELECT value FROM experiment WHERE key = ?", (ARM_HASHES_KEY,)).fetchone()
+    if row is None:
+        return None
+    return {arm: ArmHashes(**fields) for arm, fields in json.loads(row[0]).items()}
+
+
+def _arm_hashes_row(arms: dict[str, ArmHashes]) -> tuple[str, str]:
+    return ARM_HASHES_KEY, json.dumps({arm: vars(hashes) for arm, hashes in arms.items()}, sort_keys=True)
+
+
+def _refuse_other_experiment(path: Path, stored: ExperimentConfig, config: ExperimentConfig) -> None:
+    if stored.as_rows() != config.as_rows():
+        # Mixing two experiments' events in one log would make every statistic meaningless.
+        raise UsageError(
+            f"{path} logs experiment {stored.name!r} (arms {list(stored.arms)}, split "
+            f"{[round(s, 4) for s in stored.split]}); this server runs {config.name!r} (arms {list(config.arms)}, "
+            f"split {[round(s, 4) for s in config.split]}): give another --events file"
+        )
+
+
+def _refuse_other_arms(path: Path, experiment: str, stored: dict[str, ArmHashes], given: dict[str, ArmHashes]) -> None:
+    """One line naming the first arm whose weights, index or feed differ from what the log recorded: the
+    log's events under that arm's name came from other rankings than this start would serve."""
+    for arm, now in given.items():
+        before = stored.get(arm)
+        if before is None:
+            raise UsageError(f"{path}: experiment {experiment!r} recorded no hashes for arm {arm!r}")
+        for key in ArmHashes.COMPARED:
+            if getattr(before, key) != getattr(now, key):
+                what = key.removesuffix("_sha256")
+                raise UsageError(
+                    f"{path}: arm {arm!r} of experiment {experiment!r} was started with {what} sha256 "
+                    f"{getattr(before, key)} (model {before.model}), this start gives it {what} sha256 "
+                    f"{getattr(now, key)} (model {now.model}): an arm cannot change within an experiment; "
+                    f"start another --experiment with another --events file")
+
+
+def check_existing_log(path: str | Path, config: ExperimentConfig, arms: dict[str, ArmHashes] | None) -> None:
+    """Refuse, before anything is written, to run ``config`` with ``arms`` on the log at ``path`` when it
+    holds another experiment or other arms. Read-only (the main file and its WAL stay as they are); the
+    same checks run again inside the transaction that records the experiment, for a racing start."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    stored, recorded = _read_experiment(path, "give another --events file")
+    if stored is not None:
+        _refuse_other_experiment(path, stored, config)
+        if recorded is not None and arms is not None:
+            _refuse_other_arms(path, config.name, recorded, arms)
+
+
+LOG_TABLES = ("experiment", "impressions", "impression_items", "clicks")
+
+
+def _read_experiment(path: Path, advice: str) -> tuple[ExperimentConfig | None, dict[str, ArmHashes] | None]:
+    """The experiment and arm hashes a log at ``path`` records, read through a read-only connection (None
+    where the file holds no log yet); a file that is not a log is refused with one line."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_WAIT)
+    try:
+        return _read_experiment_rows(db, path, advice)
+    finally:
+        db.close()
+
+
+def _read_experiment_rows(db: sqlite3.Connection, path: Path, advice: str):
+    try:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return None, None  # an empty database: no log yet
+        missing = [table for table in LOG_TABLES if table not in tables]
+        if missing:
+            raise UsageError(f"{path} is not an event log (no {', '.join(missing)} table): {advice}")
+        return read_config(db), read_arm_hashes(db)
+    except sqlite3.DatabaseError as error:  # not SQLite at all, or a damaged file
+        raise UsageError(f"{path} is not an event log ({error}): {advice}") from None
+    except (KeyError, TypeError, json.JSONDecodeError) as error:  # SQLite, but its experiment rows are not ours
+        raise UsageError(f"{path} is not an event log (its experiment table does not hold an experiment: "
+                         f"{type(error).__name__} {error}): {advice}") from None
+
+
 class EventLog:
     """Append-only impressions and clicks of one experiment; every method commits before it returns."""
 
-    def __init__(self, path: str | Path, config: ExperimentConfig):
+    def __init__(self, path: str | Path, config: ExperimentConfig, arms: dict[str, ArmHashes] | None = None):
+        """``arms``: each arm's hashes, recorded at the experiment's first start and checked at every later
+        one (None: neither, for callers that have no models, such as tests of the log itself)."""
         self.path = Path(path)
         self.config = config
+        self.upgraded = False  # True when this start recorded arm hashes into a log that predates them
         self._lock = threading.Lock()
+        check_existing_log(self.path, config, arms)  # a refused start writes nothing, not even the WAL switch
         self._db = connect(self.path)
-        self._create(config)
+        try:
+            self._create(config, arms)
+        except BaseException:
+            self._db.close()
+            raise
 
-    def _create(self, config: ExperimentConfig) -> None:
+    def _create(self, config: ExperimentConfig, arms: dict[str, ArmHashes] | None) -> None:
         # The schema and the experiment's rows in one BEGIN IMMEDIATE transaction (which waits for the write
         # lock, where a statement that reads before it writes could be told "database is locked" while other
         # processes create it too); every statement is IF NOT EXISTS, so a re-run is harmless.
@@ -144,13 +257,16 @@ class EventLog:
             stored = read_config(self._db)
             if stored is None:
                 self._db.executemany("INSERT INTO experiment VALUES (?, ?)", config.as_rows().items())
-            elif stored.as_rows() != config.as_rows():
-                # Mixing two experiments' events in one log would make every statistic meaningless.
-                raise UsageError(
-                    f"{self.path} logs experiment {stored.name!r} (arms {list(stored.arms)}, split "
-                    f"{[round(s, 4) for s in stored.split]}); this server runs {config.name!r} (arms {list(config.arms)}, "
-                    f"split {[round(s, 4) for s in config.split]}): give another --events file"
-                )
+            else:
+                _refuse_other_experiment(self.path, stored, config)
+            if arms is None:
+                return
+            recorded = read_arm_hashes(self._db)
+            if recorded is None:
+                self._db.execute("INSERT INTO experiment VALUES (?, ?)", _arm_hashes_row(arms))
+                self.upgraded = stored is not None
+            else:
+                _refuse_other_arms(self.path, config.name, recorded, arms)
 
     @contextlib.contextmanager
     def _transaction(self):
@@ -174,12 +290,18 @@ class EventLog:
                                  [(request_id, position, image_id) for position, image_id in enumerate(image_ids, 1)])
         return request_id
 
-    def log_click(self, request_id: str, image_id: str) -> tuple[bool, int]:
-        """Record a click; returns (counted, position): ``counted`` is False for a repeated click.
-        Raises UnknownRequest / NotShown for a click that no impression explains."""
+    def log_click(self, request_id: str, image_id: str, user_id: str | None = None) -> tuple[bool, int]:
+        """Record a click by ``user_id``; returns (counted, position): ``counted`` is False for a repeated
+        click. Raises UnknownRequest / NotShown for a click that no impression explains, and NotYours for
+        a click from a user other than the one the request was served to (``user_id`` None: not checked,
+        for callers that are not the service)."""
         with self._lock, self._transaction():
-            if self._db.execute("SELECT 1 FROM impressions WHERE request_id = ?", (request_id,)).fetchone() is None:
+            served = self._db.execute("SELECT user_id FROM impressions WHERE request_id = ?", (request_id,)).fetchone()
+            if served is None:
                 raise UnknownRequest(f"no request {request_id!r} was served")
+            # Checked in the same transaction as the insert: what was served to whom cannot change in between.
+            if user_id is not None and served[0] != user_id:
+                raise NotYours(f"request {request_id!r} was served to another user: only that user's clicks count")
             shown = self._db.execute("SELECT position FROM impression_items WHERE request_id = ? AND image_id = ?",
                                      (request_id, image_id)).fetchone()
             if shown is None:
@@ -193,18 +315,21 @@ class EventLog:
             self._db.close()
 
 
-def open_log(path: str | Path) -> tuple[sqlite3.Connection, ExperimentConfig]:
-    """Open an existing log for reading (the report); refuse a file that is not one."""
+def open_log(path: str | Path) -> tuple[sqlite3.Connection, ExperimentConfig, dict[str, ArmHashes]]:
+    """Open an existing log for reading (the report): the connection, the experiment and its arms' hashes
+    (empty for a log written before they were recorded). A file that is not one is refused in one line."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory, not an event log")
     if not path.is_file():
         raise UsageError(f"{path}: no such event log")
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        config = read_config(db)
-    except sqlite3.DatabaseError as error:
+        config, arms = _read_experiment_rows(db, path, "give the --events file of `interbert serve --arm ...`")
+    except BaseException:
         db.close()
-        raise UsageError(f"{path} is not an event log ({error})") from None
+        raise
     if config is None:
         db.close()
         raise UsageError(f"{path} is not an event log (no experiment recorded)")
-    return db, config
+    return db, config, arms or {}

@@ -25,13 +25,15 @@ more often and go unlogged) and no metric of the experiment should be trusted un
 from __future__ import annotations
 
 import math
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
-from interbert.serve.events import open_log
+from interbert.errors import DataError
+from interbert.serve.events import ArmHashes, open_log
 from interbert.utils.files import atomic_path, atomic_write_text
 
 SRM_ALPHA = 0.001  # the usual threshold: SRM checks run on every experiment, so false alarms must be rare
@@ -72,6 +74,7 @@ class Report:
     srm_p: float
     srm_flagged: bool
     timeline: dict[str, tuple[np.ndarray, np.ndarray]]  # arm -> (impression times, cumulative CTR)
+    arm_hashes: dict[str, ArmHashes] = field(default_factory=dict)  # empty: a log from before they were recorded
 
 
 def ratio_se(per_user: np.ndarray) -> float:
@@ -111,32 +114,44 @@ def sample_ratio_check(users: list[int], split: tuple[float, ...]) -> tuple[floa
 
 
 def build_report(log_path: str | Path) -> Report:
-    db, config = open_log(log_path)
+    db, config, arm_hashes = open_log(log_path)
     try:
-        shown = db.execute(
-            "SELECT i.arm, i.user_id, COUNT(*) FROM impressions i JOIN impression_items it USING (request_id) "
-            "GROUP BY i.arm, i.user_id").fetchall()
-        clicked = dict(((arm, user), count) for arm, user, count in db.execute(
-            "SELECT i.arm, i.user_id, COUNT(*) FROM clicks c JOIN impressions i USING (request_id) "
-            "GROUP BY i.arm, i.user_id"))
-        requests = dict(db.execute("SELECT arm, COUNT(*) FROM impressions GROUP BY arm").fetchall())
-        by_position: dict[str, dict[int, list[int]]] = {arm: {} for arm in config.arms}
-        for arm, position, count in db.execute(
-                "SELECT i.arm, it.position, COUNT(*) FROM impressions i JOIN impression_items it USING (request_id) "
-                "GROUP BY i.arm, it.position"):
-            by_position.setdefault(arm, {}).setdefault(position, [0, 0])[0] = count
-        for arm, position, count in db.execute(
-                "SELECT i.arm, it.position, COUNT(*) FROM clicks c JOIN impression_items it USING (request_id, image_id) "
-                "JOIN impressions i USING (request_id) GROUP BY i.arm, it.position"):
-            by_position.setdefault(arm, {}).setdefault(position, [0, 0])[1] = count
-        # Per request: time, items shown, clicks; cumulated in time order for the plot.
-        timeline_rows = db.execute(
-            "SELECT i.arm, i.time, (SELECT COUNT(*) FROM impression_items it WHERE it.request_id = i.request_id), "
-            "(SELECT COUNT(*) FROM clicks c WHERE c.request_id = i.request_id) FROM impressions i ORDER BY i.time"
-        ).fetchall()
+        counts = _read_counts(db, config)
+    except sqlite3.DatabaseError as error:  # a damaged page found while reading: the log cannot be used
+        raise DataError(f"{log_path}: cannot read the event log ({error})") from None
     finally:
         db.close()
+    return _compute(config, arm_hashes, *counts)
 
+
+def _read_counts(db: sqlite3.Connection, config):
+    """What the statistics need, counted by SQLite: per (arm, user) items shown and clicks, requests per
+    arm, items shown and clicked per (arm, position), and per request its time, items and clicks."""
+    shown = db.execute(
+        "SELECT i.arm, i.user_id, COUNT(*) FROM impressions i JOIN impression_items it USING (request_id) "
+        "GROUP BY i.arm, i.user_id").fetchall()
+    clicked = dict(((arm, user), count) for arm, user, count in db.execute(
+        "SELECT i.arm, i.user_id, COUNT(*) FROM clicks c JOIN impressions i USING (request_id) "
+        "GROUP BY i.arm, i.user_id"))
+    requests = dict(db.execute("SELECT arm, COUNT(*) FROM impressions GROUP BY arm").fetchall())
+    by_position: dict[str, dict[int, list[int]]] = {arm: {} for arm in config.arms}
+    for arm, position, count in db.execute(
+            "SELECT i.arm, it.position, COUNT(*) FROM impressions i JOIN impression_items it USING (request_id) "
+            "GROUP BY i.arm, it.position"):
+        by_position.setdefault(arm, {}).setdefault(position, [0, 0])[0] = count
+    for arm, position, count in db.execute(
+            "SELECT i.arm, it.position, COUNT(*) FROM clicks c JOIN impression_items it USING (request_id, image_id) "
+            "JOIN impressions i USING (request_id) GROUP BY i.arm, it.position"):
+        by_position.setdefault(arm, {}).setdefault(position, [0, 0])[1] = count
+    # Per request: time, items shown, clicks; cumulated in time order for the plot.
+    timeline_rows = db.execute(
+        "SELECT i.arm, i.time, (SELECT COUNT(*) FROM impression_items it WHERE it.request_id = i.request_id), "
+        "(SELECT COUNT(*) FROM clicks c WHERE c.request_id = i.request_id) FROM impressions i ORDER BY i.time"
+    ).fetchall()
+    return shown, clicked, requests, by_position, timeline_rows
+
+
+def _compute(config, arm_hashes: dict[str, ArmHashes], shown, clicked, requests, by_position, timeline_rows) -> Report:
     users: dict[str, list[tuple[int, int]]] = {arm: [] for arm in config.arms}
     for arm, user, count in shown:
         users.setdefault(arm, []).append((count, clicked.get((arm, user), 0)))
@@ -159,7 +174,7 @@ def build_report(log_path: str | Path) -> Report:
         if rows:
             times, items, clicks = (np.array(col, dtype=float) for col in zip(*rows))
             timeline[arm] = (times, np.cumsum(clicks) / np.maximum(np.cumsum(items), 1))
-    return Report(config.name, arms, comparisons, chi2, srm_p, bool(srm_p < SRM_ALPHA), timeline)
+    return Report(config.name, arms, comparisons, chi2, srm_p, bool(srm_p < SRM_ALPHA), timeline, arm_hashes)
 
 
 def _pct(x: float, digits: int = 2) -> str:
@@ -198,9 +213,27 @@ def render_markdown(report: Report, plot_name: str | None) -> str:
             shown, clicks = a.ctr_by_position.get(p, (0, 0))
             cells.append(f"{_pct(clicks / shown) if shown else 'n/a'} ({clicks}/{shown})")
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines += ["", *_arm_hashes_section(report)]
     if plot_name:
         lines += ["", f"![CTR per arm and over time]({plot_name})"]
     return "\n".join(lines) + "\n"
+
+
+def _arm_hashes_section(report: Report) -> list[str]:
+    """What each arm served: the hashes the log bound it to at the experiment's first start."""
+    lines = ["## Arms' models", ""]
+    if not report.arm_hashes:
+        return lines + ["Not recorded: this log was written before arms' hashes were recorded (the next "
+                        "`interbert serve` on it records them)."]
+    lines += ["| arm | model | weights sha256 | index sha256 | feed sha256 |", "|---|---|---|---|---|"]
+    for arm in report.arms:
+        h = report.arm_hashes.get(arm.name)
+        if h is None:
+            lines.append(f"| {arm.name} | not recorded | | | |")
+        else:
+            lines.append(f"| {arm.name} | {h.model} | {h.weights_sha256} | {h.index_sha256} | "
+                         f"{h.feed_sha256 or 'no feed'} |")
+    return lines
 
 
 def plot(report: Report, path: str | Path) -> None:
