@@ -1,5 +1,6 @@
 """Two arms on localhost: a real `interbert serve` process loses no acknowledged event when it is killed
-(SIGKILL) mid-traffic, and an experiment runs end to end (simulated users, then the report)."""
+(SIGKILL) mid-traffic, says so at start when it takes unsigned user ids, and an experiment runs end to end
+(simulated users with signed ids, then the report)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,18 @@ from interbert.errors import UsageError
 from interbert.serve.experiment import create_experiment_app
 from interbert.serve.report import build_report
 from interbert.serve.abtest import ArmSpec
+from interbert.serve.identity import sign_user_id
 from interbert.serve.simulate import parse_topic, read_scenes, simulate
 
 STARTUP_TIMEOUT_S = 120
+SECRET = b"process-test-secret-" * 3
+
+
+def secret_file(folder) -> str:
+    path = folder / "user.secret"
+    path.write_bytes(SECRET)
+    path.chmod(0o600)
+    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +49,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(world, events) -> tuple[subprocess.Popen, str]:
+def start_server(world, events, *flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "interbert.cli", "serve", *world.arm_flags(), "--split", "50/50",
-               "--experiment", "crash", "--events", str(events), "--port", str(port), "--log-level", "warning"]
+               "--experiment", "crash", "--events", str(events), "--port", str(port), "--log-level", "warning", *flags]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -60,7 +70,7 @@ def start_server(world, events) -> tuple[subprocess.Popen, str]:
 
 def test_a_killed_server_loses_no_acknowledged_event(world, tmp_path):
     events = tmp_path / "events.sqlite"
-    server, url = start_server(world, events)
+    server, url = start_server(world, events, "--user-secret-file", secret_file(tmp_path))
     acknowledged_requests: set[str] = set()
     acknowledged_clicks: set[tuple[str, str]] = set()
     lock, stop = threading.Lock(), threading.Event()
@@ -71,14 +81,15 @@ def test_a_killed_server_loses_no_acknowledged_event(world, tmp_path):
             i = 0
             while not stop.is_set():
                 try:
-                    feed = client.get(f"/topics/{topics[i % len(topics)]['topic_id']}", params={"user": f"u{n}-{i}"})
+                    user = {"X-User-Id": sign_user_id(f"u{n}-{i}", SECRET)}
+                    feed = client.get(f"/topics/{topics[i % len(topics)]['topic_id']}", headers=user)
                     if feed.status_code != 200:
                         continue
                     body = feed.json()
                     with lock:
                         acknowledged_requests.add(body["request_id"])
                     for item in body["results"][:2]:
-                        click = client.post("/events/click",
+                        click = client.post("/events/click", headers=user,
                                             json={"request_id": body["request_id"], "image_id": item["image_id"]})
                         if click.status_code == 200:  # acknowledged: it must survive the kill
                             with lock:
@@ -106,6 +117,21 @@ def test_a_killed_server_loses_no_acknowledged_event(world, tmp_path):
     assert acknowledged_clicks <= stored_clicks
 
 
+def test_a_server_taking_unsigned_ids_says_so_at_start(world, tmp_path):
+    server, url = start_server(world, tmp_path / "events.sqlite", "--insecure-user-ids")
+    try:
+        health = httpx.get(f"{url}/health", timeout=10).json()
+        topic_id = httpx.get(f"{url}/topics", timeout=10).json()[0]["topic_id"]
+        plain = httpx.get(f"{url}/topics/{topic_id}", params={"user": "plain"}, timeout=10)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    assert health["user_ids"].startswith("insecure") and plain.status_code == 200
+    warnings = [line for line in err.decode().splitlines() if line.startswith("WARNING")]
+    assert any("--insecure-user-ids" in line and "UNSIGNED" in line for line in warnings), err.decode()
+    assert any("will not survive a restart" in line for line in warnings)  # no --user-secret-file
+
+
 def oracle_feed(world, path):
     """The treatment's feed re-ranked by the ground truth: every image whose scene holds the topic's
     attributes first. Against it the experiment has a real effect to find."""
@@ -130,16 +156,21 @@ def test_an_experiment_end_to_end(world, tmp_path, capsys):
     events = tmp_path / "events.sqlite"
     oracle_feed(world, tmp_path / "oracle.sqlite")
     arms = [world.arms()[0], ArmSpec("treatment", world.indexes[1], tmp_path / "oracle.sqlite")]
-    app = create_experiment_app(arms, (0.5, 0.5), "e2e", events)
+    app = create_experiment_app(arms, (0.5, 0.5), "e2e", events, user_secret=SECRET)
     with single_torch_thread(), serve_in_thread(app) as url:
         with pytest.raises(UsageError, match="only sends traffic to this machine"):
             simulate("http://example.com:80", 5, world.data)
-        result = simulate(url, users=60, data=world.data, max_requests=240, max_seconds=60, seed=3, k=8)
+        result = simulate(url, users=60, data=world.data, max_requests=240, max_seconds=60, seed=3, k=8,
+                          user_secret=SECRET)
         assert interbert_main(["abtest", "simulate", "--url", url, "--users", "5", "--data", str(world.data),
-                               "--max-requests", "10", "--seed", "4"]) == 0
+                               "--max-requests", "10", "--seed", "4", "--user-secret-file", secret_file(tmp_path)]) == 0
         assert "10 requests from 5 users" in capsys.readouterr().out
+        # Without the secret the simulated users' plain ids are refused, in one line that says why.
+        assert interbert_main(["abtest", "simulate", "--url", url, "--users", "2", "--data", str(world.data),
+                               "--max-requests", "2"]) == 1
+        assert "HTTP 401" in capsys.readouterr().err
     assert result.requests == 240 and set(result.by_arm) == {"control", "treatment"}
-    assert result.clicks > 0
+    assert result.clicks > 0 and result.rate_limited == 0
     out = tmp_path / "report.md"
     assert interbert_main(["abtest", "report", str(events), "--out", str(out)]) == 0
     report = out.read_text()

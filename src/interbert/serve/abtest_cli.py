@@ -55,12 +55,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from interbert.serve.identity import read_secret_file
     from interbert.serve.simulate import simulate
 
+    secret = read_secret_file(args.user_secret_file) if args.user_secret_file else None
     result = simulate(args.url, args.users, args.data, max_requests=args.max_requests, max_seconds=args.max_seconds,
-                      seed=args.seed, k=args.k)
+                      seed=args.seed, k=args.k, user_secret=secret)
     arms = ", ".join(f"{arm}: {v['requests']} requests, {v['clicks']} clicks" for arm, v in sorted(result.by_arm.items()))
     print(f"{result.requests} requests from {args.users} users, {result.clicks} clicks in {result.seconds:.1f} s ({arms})")
+    if result.rate_limited:
+        print(f"warning: the server refused {result.rate_limited} clicks over its click limits (429); start it with "
+              f"a higher --user-clicks-per-minute / --request-clicks-per-minute for this traffic", file=sys.stderr)
     return 0
 
 
@@ -109,6 +114,9 @@ def register(subparsers) -> None:
     simulate.add_argument("--max-seconds", type=positive_seconds, default=60.0, help="stop after this long (default 60)")
     simulate.add_argument("--k", type=positive_int, default=10, help="items per feed request (default 10)")
     simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--user-secret-file", metavar="PATH",
+                          help="the server's --user-secret-file: the simulated users' ids are signed with it "
+                               "(without it they are plain ids, which only a server with --insecure-user-ids accepts)")
     simulate.set_defaults(func=_cmd_simulate)
 
     topics_from = sub.add_parser("topics", help="write a topics file from the benchmark's most frequent colour+kind pairs")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from interbert.errors import UsageError
 from interbert.serve import DEFAULT_MAX_REGIONS, DEFAULT_RERANK_QUEUE_TIMEOUT, INDEX_TYPES
+from interbert.serve.identity import DEFAULT_REQUEST_CLICKS_PER_MINUTE, DEFAULT_USER_CLICKS_PER_MINUTE
 from interbert.utils.argtypes import positive_int, seconds
 
 ENGINE_HELP = ("where the vectors are searched: faiss (index.faiss in the folder), milvus (milvus-lite in the folder), "
@@ -91,15 +92,23 @@ def _serve_experiment(args: argparse.Namespace) -> int:
     from interbert.serve.abtest import parse_arm, parse_split
     from interbert.serve.abtest_cli import as_user_error
     from interbert.serve.experiment import create_experiment_app
+    from interbert.serve.identity import read_secret_file
 
     if args.index is not None or args.model is not None or args.engine is not None:
         raise UsageError("--index/--model/--engine serve one index; with --arm each arm names its own index "
                          "(searched by the engine its index folder records)")
     arms = [parse_arm(text) for text in args.arm]
+    split = parse_split(args.split, len(arms))
+    # Read before the models load: a bad secret file is refused in a moment, not after the slow part.
+    secret = read_secret_file(args.user_secret_file) if args.user_secret_file else None
+    # The experiment's warnings (per-process secret, insecure ids, a log upgraded) go to stderr.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     events = args.events or f"{args.experiment}.events.sqlite"
-    app = as_user_error(create_experiment_app, arms, parse_split(args.split, len(arms)), args.experiment, events,
+    app = as_user_error(create_experiment_app, arms, split, args.experiment, events,
                         salt=args.salt, rerank_cap=args.rerank_cap, max_concurrent_reranks=args.max_concurrent_reranks,
-                        rerank_queue_timeout=args.rerank_queue_timeout, device=args.device)
+                        rerank_queue_timeout=args.rerank_queue_timeout, device=args.device, user_secret=secret,
+                        insecure_user_ids=args.insecure_user_ids, user_clicks_per_minute=args.user_clicks_per_minute,
+                        request_clicks_per_minute=args.request_clicks_per_minute)
     shares = ", ".join(f"{name} {100 * share:g}%" for name, share in zip(app.state.experiment.arms, app.state.experiment.split))
     print(f"experiment {args.experiment!r} ({shares}) on http://{args.host}:{args.port}/, events in {events}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -156,6 +165,19 @@ def register(subparsers) -> None:
     serve.add_argument("--experiment", default="abtest", help="experiment name; users are reassigned when it changes")
     serve.add_argument("--salt", help="assignment salt (default: the experiment name)")
     serve.add_argument("--events", help="event log (SQLite) of impressions and clicks (default: EXPERIMENT.events.sqlite)")
+    serve.add_argument("--user-secret-file", metavar="PATH",
+                       help="with --arm: the secret (>= 32 bytes, a file only its owner may read) that user ids and "
+                            "cookies are signed with; a front end holding it may name users by a signed X-User-Id "
+                            "(default: a random secret per process: cookies do not survive a restart)")
+    serve.add_argument("--insecure-user-ids", action="store_true",
+                       help="with --arm: also accept UNSIGNED user ids from X-User-Id and ?user= (local tests and "
+                            "simulation only: anyone could then act as any user)")
+    serve.add_argument("--user-clicks-per-minute", type=positive_int, default=DEFAULT_USER_CLICKS_PER_MINUTE,
+                       help=f"with --arm: clicks one user may send in a minute before 429 "
+                            f"(default {DEFAULT_USER_CLICKS_PER_MINUTE})")
+    serve.add_argument("--request-clicks-per-minute", type=positive_int, default=DEFAULT_REQUEST_CLICKS_PER_MINUTE,
+                       help=f"with --arm: clicks on the items of one request in a minute before 429 "
+                            f"(default {DEFAULT_REQUEST_CLICKS_PER_MINUTE})")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--rerank-cap", type=int, default=200, help="most candidates re-scored by ITM per query")

@@ -7,9 +7,17 @@ feed), every user assigned to one arm by :func:`interbert.serve.abtest.assign_ar
     POST /events/click              {request_id, image_id}: a click on an item that request showed
 
 The user is named by the ``X-User-Id`` header, else the ``user`` query parameter, else the
-``interbert_user`` cookie; a request with none gets a fresh id, set as that cookie, so a browser stays in
-its arm. An answer's impression is committed to the event log (fsynced) before the answer is sent, so a
-click can always find its request; a click is acknowledged only once it is committed.
+``interbert_user`` cookie; a request with none gets a fresh id, set as that cookie (signed), so a browser
+stays in its arm. Only ids signed with the server's secret are believed (:mod:`interbert.serve.identity`):
+an unsigned header or parameter is refused with 401, one signed with another secret with 403, unless the
+server runs with ``insecure_user_ids`` (local tests); a cookie that does not verify is replaced by a
+fresh id. A click counts only from the user its request was served to (else 403), and clicks are
+rate-limited per user and per request (429 with Retry-After).
+
+An answer's impression is committed to the event log (fsynced) before the answer is sent, so a click can
+always find its request; a click is acknowledged only once it is committed. The log binds each arm to the
+hashes of its weights, index and feed at the experiment's first start; a later start whose arms differ is
+refused before anything is written.
 """
 
 from __future__ import annotations
@@ -31,8 +39,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from interbert.errors import UsageError
 from interbert.serve import DEFAULT_RERANK_QUEUE_TIMEOUT
-from interbert.serve.abtest import MAX_USER_ID_CHARS, ArmSpec, assign_arm, valid_user_id
-from interbert.serve.events import EventLog, ExperimentConfig, NotShown, UnknownRequest
+from interbert.serve.abtest import MAX_USER_ID_CHARS, ArmSpec, assign_arm, file_sha256, index_sha256, valid_user_id
+from interbert.serve.events import ArmHashes, EventLog, ExperimentConfig, NotShown, NotYours, UnknownRequest
+from interbert.serve.identity import (
+    DEFAULT_REQUEST_CLICKS_PER_MINUTE, DEFAULT_USER_CLICKS_PER_MINUTE, SIGNATURE_CHARS, Refused, TokenBuckets, UserIds,
+    random_secret, retry_after,
+)
 from interbert.serve.service import (
     MAX_BODY_BYTES, MAX_K, RERANK_CAP, RETRY_AFTER_S, BodySizeLimit, RerankGate, RerankSaturated, SearchHit,
     SearchRequest, SearchResponse, SearchService, _validation_message, default_max_concurrent_reranks,
@@ -44,6 +56,7 @@ logger = logging.getLogger(__name__)
 USER_COOKIE = "interbert_user"
 USER_HEADER = "X-User-Id"
 COOKIE_MAX_AGE_S = 365 * 24 * 3600
+MAX_USER_TOKEN_CHARS = MAX_USER_ID_CHARS + 1 + SIGNATURE_CHARS  # "<id>.<hex hmac>"
 
 
 class Arm:
@@ -58,6 +71,13 @@ class Arm:
             # thumbnails would come from elsewhere, and the experiment would compare the wrong things.
             raise UsageError(f"arm {spec.name}: the feed {spec.feed} was built with the model at "
                              f"{self.feed.meta.get('model')}, the index {spec.index} with another one")
+        self.hashes = ArmHashes(
+            model=str(self.service.model.model_dir.resolve()),
+            # SearchService checked that the model's weights hash to what the index recorded.
+            weights_sha256=self.service.index.manifest["weights_sha256"],
+            index_sha256=index_sha256(spec.index),
+            feed_sha256=file_sha256(spec.feed) if spec.feed else None,
+        )
 
 
 class ExperimentSearchResponse(SearchResponse):
@@ -96,19 +116,71 @@ class ClickResponse(BaseModel):
     counted: bool  # False: this request's item was clicked before and is counted once
 
 
-def _user_of(request: Request, user: str | None) -> tuple[str, bool]:
-    """(user id, whether it is new and needs its cookie set)."""
-    given = request.headers.get(USER_HEADER) or user or request.cookies.get(USER_COOKIE)
-    if given is None:
-        return uuid.uuid4().hex, True
-    if not valid_user_id(given):
-        raise HTTPException(422, f"user id must be 1-{MAX_USER_ID_CHARS} printable characters")
-    return given, False
+class Users:
+    """Who a request comes from (see the module's docstring), and the cookie that keeps a browser's id."""
+
+    def __init__(self, ids: UserIds):
+        self.ids = ids
+
+    def of(self, request: Request, user: str | None) -> tuple[str, str | None]:
+        """(user id, the signed cookie to set for a new browser or None); raises HTTPException."""
+        try:
+            header = request.headers.get(USER_HEADER)
+            if header is not None:
+                return self._given(header, USER_HEADER), None
+            if user is not None:
+                return self._given(user, "?user="), None
+        except Refused as refused:
+            raise HTTPException(refused.status, refused.detail) from None
+        cookie = request.cookies.get(USER_COOKIE)
+        known = self.ids.from_cookie(cookie) if cookie else None
+        if known is not None and valid_user_id(known):
+            return known, None
+        user_id = uuid.uuid4().hex  # a new browser, or a cookie this server did not sign
+        return user_id, self.ids.sign(user_id)
+
+    def _given(self, token: str, where: str) -> str:
+        if not 0 < len(token) <= MAX_USER_TOKEN_CHARS or not token.isprintable():
+            raise HTTPException(422, f"{where}: user id must be 1-{MAX_USER_ID_CHARS} printable characters "
+                                     f"(with its signature, at most {MAX_USER_TOKEN_CHARS})")
+        user_id = self.ids.from_given(token, where)
+        if not valid_user_id(user_id):
+            raise HTTPException(422, f"{where}: user id must be 1-{MAX_USER_ID_CHARS} printable characters")
+        return user_id
 
 
-def _remember(response: Response, user_id: str, new: bool) -> None:
-    if new:
-        response.set_cookie(USER_COOKIE, user_id, max_age=COOKIE_MAX_AGE_S, samesite="lax")
+def _remember(request: Request, response: Response, cookie: str | None) -> None:
+    if cookie is not None:
+        # httponly: the page never reads it (fetch sends it); secure when the request came over https.
+        response.set_cookie(USER_COOKIE, cookie, max_age=COOKIE_MAX_AGE_S, samesite="lax", httponly=True,
+                            secure=request.url.scheme == "https")
+
+
+class ClickLimits:
+    """Token buckets per user and per request (``*_per_minute`` clicks at once, refilled at that rate)."""
+
+    def __init__(self, user_per_minute: int, request_per_minute: int):
+        self.user_per_minute, self.request_per_minute = user_per_minute, request_per_minute
+        self._users, self._requests = TokenBuckets(user_per_minute), TokenBuckets(request_per_minute)
+
+    def check(self, user_id: str, request_id: str) -> None:
+        """Raise 429 with Retry-After when this user or this request has clicked too much lately."""
+        for buckets, key, what, limit in ((self._users, user_id, "this user", self.user_per_minute),
+                                          (self._requests, request_id, "this request", self.request_per_minute)):
+            wait = buckets.take(key)
+            if wait > 0:
+                raise HTTPException(429, f"too many clicks from {what} (at most {limit} a minute); retry later",
+                                    headers={"Retry-After": retry_after(wait)})
+
+
+def _warn_about_user_ids(random_secret_made: bool, insecure: bool) -> None:
+    if random_secret_made:
+        logger.warning("no --user-secret-file: user ids are signed with a random secret of this process; users' "
+                       "cookies will not survive a restart, nor be valid on another replica (each browser then "
+                       "becomes a new user)")
+    if insecure:
+        logger.warning("--insecure-user-ids: UNSIGNED user ids are accepted from X-User-Id and ?user=, so anyone "
+                       "can log impressions and clicks as any user; for local tests and simulation only")
 
 
 def common_topics(arms: Sequence[Arm]) -> list[TopicSummary]:
@@ -125,7 +197,12 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
                           events: str | Path, salt: str | None = None, rerank_cap: int = RERANK_CAP,
                           max_body_bytes: int = MAX_BODY_BYTES, device: str = "cpu",
                           max_concurrent_reranks: int | None = None,
-                          rerank_queue_timeout: float = DEFAULT_RERANK_QUEUE_TIMEOUT) -> FastAPI:
+                          rerank_queue_timeout: float = DEFAULT_RERANK_QUEUE_TIMEOUT,
+                          user_secret: bytes | None = None, insecure_user_ids: bool = False,
+                          user_clicks_per_minute: int = DEFAULT_USER_CLICKS_PER_MINUTE,
+                          request_clicks_per_minute: int = DEFAULT_REQUEST_CLICKS_PER_MINUTE) -> FastAPI:
+    """``user_secret``: the key user ids are signed with (None: a random one for this process, so cookies
+    last only as long as it); ``insecure_user_ids``: also take unsigned ids from X-User-Id / ?user=."""
     names = [spec.name for spec in arm_specs]
     if len(names) < 2:
         raise UsageError("an experiment needs at least two arms (--arm control=... --arm treatment=...)")
@@ -136,9 +213,15 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
     if [spec.feed is None for spec in arm_specs].count(True) not in (0, len(names)):
         raise UsageError("give every arm a feed (NAME=INDEX,FEED) or none: topics are compared across all arms")
     gate = RerankGate(max_concurrent_reranks or default_max_concurrent_reranks(), rerank_queue_timeout)
+    limits = ClickLimits(user_clicks_per_minute, request_clicks_per_minute)
     arms = {spec.name: Arm(spec, rerank_cap, device) for spec in arm_specs}
     config = ExperimentConfig(experiment, salt if salt is not None else experiment, tuple(names), tuple(split))
-    log = EventLog(events, config)
+    log = EventLog(events, config, {name: arm.hashes for name, arm in arms.items()})
+    if log.upgraded:
+        logger.warning("%s: recorded the arms' weights, index and feed hashes of experiment %r (a log written "
+                       "before they were recorded); later starts with other arms are refused", log.path, config.name)
+    users = Users(UserIds(user_secret if user_secret is not None else random_secret(), insecure_user_ids))
+    _warn_about_user_ids(user_secret is None, insecure_user_ids)
     topics = common_topics(list(arms.values()))
     titles = {t.topic_id: t.title for t in topics}
     page = resources.files("interbert.serve").joinpath("page.html").read_text(encoding="utf-8")
@@ -166,12 +249,15 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
                           "model": str(arm.service.model.model_dir.resolve()),
                           "topics": len(arm.feed.topics) if arm.feed else 0}
                          for arm, share in zip(arms.values(), config.split)],
-                "topics": len(topics), "max_concurrent_reranks": gate.limit}
+                "topics": len(topics), "max_concurrent_reranks": gate.limit,
+                "user_ids": "insecure: unsigned ids accepted (--insecure-user-ids)" if insecure_user_ids else "signed",
+                "user_secret": "per-process (cookies do not survive a restart)" if user_secret is None else "given",
+                "clicks_per_minute": {"user": user_clicks_per_minute, "request": request_clicks_per_minute}}
 
     @app.post("/search", response_model=ExperimentSearchResponse, response_model_exclude_none=True)
     async def search(body: SearchRequest, request: Request, response: Response,
-                     user: Annotated[str | None, Query(max_length=MAX_USER_ID_CHARS)] = None):
-        user_id, new = _user_of(request, user)
+                     user: Annotated[str | None, Query(max_length=MAX_USER_TOKEN_CHARS)] = None):
+        user_id, cookie = users.of(request, user)
         arm = arm_of(user_id)
 
         def answer() -> ExperimentSearchResponse:
@@ -180,7 +266,7 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
                                             query=body.query)
             return ExperimentSearchResponse(**found.model_dump(), request_id=request_id, arm=arm.name)
 
-        _remember(response, user_id, new)
+        _remember(request, response, cookie)
         if not body.rerank:
             return await run_in_threadpool(answer)
         try:
@@ -196,11 +282,11 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
 
     @app.get("/topics/{topic_id}", response_model=TopicResponse, response_model_exclude_none=True)
     async def topic_feed(topic_id: str, request: Request, response: Response,
-                         user: Annotated[str | None, Query(max_length=MAX_USER_ID_CHARS)] = None,
+                         user: Annotated[str | None, Query(max_length=MAX_USER_TOKEN_CHARS)] = None,
                          k: Annotated[int, Query(ge=1, le=MAX_K)] = MAX_K) -> TopicResponse:
         if topic_id not in titles:
             raise HTTPException(404, f"no topic {topic_id!r}" + ("" if topics else " (this server has no feeds)"))
-        user_id, new = _user_of(request, user)
+        user_id, cookie = users.of(request, user)
         arm = arm_of(user_id)
         items = arm.feed.items[topic_id][:k]
         records = {r.image_id: r for r in (arm.service.index.record(item.image_id) for item in items) if r}
@@ -213,18 +299,26 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
         ]
         request_id = await run_in_threadpool(log.log_impression, user_id, arm.name, "topic",
                                              [item.image_id for item in items], topic_id)
-        _remember(response, user_id, new)
+        _remember(request, response, cookie)
         return TopicResponse(request_id=request_id, arm=arm.name, topic_id=topic_id, title=titles[topic_id],
                              results=results)
 
     @app.post("/events/click", response_model=ClickResponse)
-    async def click(body: ClickRequest) -> ClickResponse:
+    async def click(body: ClickRequest, request: Request,
+                    user: Annotated[str | None, Query(max_length=MAX_USER_TOKEN_CHARS)] = None) -> ClickResponse:
+        user_id, cookie = users.of(request, user)
+        if cookie is not None:  # no id at all: nobody was served anything under it
+            raise HTTPException(401, f"a click must name its user: the {USER_COOKIE} cookie or {USER_HEADER} of "
+                                     "the request it clicks in")
+        limits.check(user_id, body.request_id)
         try:
-            counted, position = await run_in_threadpool(log.log_click, body.request_id, body.image_id)
+            counted, position = await run_in_threadpool(log.log_click, body.request_id, body.image_id, user_id)
         except UnknownRequest as error:
             raise HTTPException(404, str(error)) from None
         except NotShown as error:
             raise HTTPException(422, str(error)) from None
+        except NotYours as error:
+            raise HTTPException(403, str(error)) from None
         return ClickResponse(request_id=body.request_id, image_id=body.image_id, position=position, counted=counted)
 
     @app.get("/images/{image_id:path}")
@@ -238,11 +332,11 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
         raise HTTPException(404, f"image {image_id!r} has no thumbnail in any arm's index")
 
     @app.get("/", response_class=HTMLResponse)
-    async def home(request: Request, user: Annotated[str | None, Query(max_length=MAX_USER_ID_CHARS)] = None):
+    async def home(request: Request, user: Annotated[str | None, Query(max_length=MAX_USER_TOKEN_CHARS)] = None):
         # The page's later requests carry the cookie, so a browser stays in one arm.
-        user_id, new = _user_of(request, user)
+        _, cookie = users.of(request, user)
         response = HTMLResponse(page)
-        _remember(response, user_id, new)
+        _remember(request, response, cookie)
         return response
 
     app.add_middleware(BodySizeLimit, limit=max_body_bytes)

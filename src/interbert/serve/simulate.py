@@ -13,6 +13,10 @@ images higher therefore earns more clicks, which is what the experiment is meant
 
 Traffic is bounded (``max_requests``, ``max_seconds``) and goes only to this machine: the simulator
 refuses any other host, so it cannot be pointed at a production service by mistake.
+
+Each simulated user names itself with ``X-User-Id`` on its feeds and its clicks: signed with the server's
+secret when it is given (``--user-secret-file``, as the server's), else a plain id, which only a server
+started with ``--insecure-user-ids`` accepts.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from urllib.parse import quote, urlsplit
 import numpy as np
 
 from interbert.errors import DataError, UsageError
+from interbert.serve.identity import sign_user_id
 from interbert.synthetic.language import EN_PLURAL, EN_SIZE_WORDS, ZH_COLOUR, ZH_KIND, ZH_SIZE
 from interbert.synthetic.scenes import COLOURS, KINDS, SIZES
 
@@ -126,6 +131,14 @@ def benchmark_topics(scenes: dict[str, list[dict]], count: int, lang: str = "en"
     return [f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {kind}" for colour, kind in pairs]
 
 
+class HttpError(DataError):
+    """An answer other than 2xx; ``status`` is its HTTP status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 class LocalClient:
     """JSON over one kept-alive HTTP connection (the standard library's http.client: the simulator needs
     no HTTP package at run time). An answer other than 2xx raises DataError naming the request."""
@@ -154,8 +167,8 @@ class LocalClient:
                 if attempt == 2:
                     raise
         if not 200 <= response.status < 300:
-            raise DataError(f"{method} {self.url}{path}: HTTP {response.status} "
-                            f"{data[:300].decode(errors='replace')}")
+            raise HttpError(f"{method} {self.url}{path}: HTTP {response.status} "
+                            f"{data[:300].decode(errors='replace')}", response.status)
         return json.loads(data)
 
     def close(self) -> None:
@@ -174,6 +187,7 @@ def check_local(url: str) -> str:
 class SimulationResult:
     requests: int = 0
     clicks: int = 0  # acknowledged and counted
+    rate_limited: int = 0  # clicks the server refused with 429 (its per-user or per-request click limit)
     seconds: float = 0.0
     by_arm: dict[str, dict[str, int]] = field(default_factory=dict)
     acknowledged: list[tuple[str, str]] = field(default_factory=list)  # (request_id, image_id)
@@ -182,7 +196,7 @@ class SimulationResult:
 def simulate(url: str, users: int, data: str | Path, max_requests: int = 1000, max_seconds: float = 60.0,
              seed: int = 0, k: int = 10, examine_decay: float = DEFAULT_EXAMINE_DECAY,
              click_relevant: float = DEFAULT_CLICK_RELEVANT, click_irrelevant: float = DEFAULT_CLICK_IRRELEVANT,
-             interests_per_user: int = 2, timeout: float = 30.0) -> SimulationResult:
+             interests_per_user: int = 2, timeout: float = 30.0, user_secret: bytes | None = None) -> SimulationResult:
     base = check_local(url)
     if users < 1 or max_requests < 1 or not max_seconds > 0:
         raise UsageError("--users and --max-requests must be >= 1 and --max-seconds > 0")
@@ -211,7 +225,9 @@ def simulate(url: str, users: int, data: str | Path, max_requests: int = 1000, m
         while result.requests < max_requests and time.monotonic() - started < max_seconds:
             user_id, interests, propensity = population[result.requests % users]
             topic_id = str(rng.choice(interests))
-            answer = client.request("GET", f"/topics/{quote(topic_id, safe='')}?k={k}", headers={"X-User-Id": user_id})
+            # The same id on the feed and on its clicks: the server counts a click only from the user it served.
+            who = {"X-User-Id": sign_user_id(user_id, user_secret) if user_secret is not None else user_id}
+            answer = client.request("GET", f"/topics/{quote(topic_id, safe='')}?k={k}", headers=who)
             result.requests += 1
             arm = result.by_arm.setdefault(answer["arm"], {"requests": 0, "clicks": 0})
             arm["requests"] += 1
@@ -221,8 +237,16 @@ def simulate(url: str, users: int, data: str | Path, max_requests: int = 1000, m
                     continue  # never looked at
                 relevant = any(want.matches(o) for o in scenes.get(item["image_id"], ()))
                 if rng.random() < min(1.0, propensity * (click_relevant if relevant else click_irrelevant)):
-                    ack = client.request("POST", "/events/click", {"request_id": answer["request_id"],
-                                                                    "image_id": item["image_id"]})
+                    try:
+                        ack = client.request("POST", "/events/click", {"request_id": answer["request_id"],
+                                                                        "image_id": item["image_id"]}, headers=who)
+                    except HttpError as error:
+                        if error.status != 429:
+                            raise
+                        # Over the server's click limit: a person's click would be lost too; the run goes on
+                        # and says how many were (raise the server's --user-clicks-per-minute for few users).
+                        result.rate_limited += 1
+                        continue
                     if ack["counted"]:
                         result.clicks += 1
                         arm["clicks"] += 1
