@@ -353,8 +353,8 @@ def test_swapped_arms_on_an_existing_log_are_refused_in_one_line(world, tmp_path
         code = interbert_main(["serve", *swapped, "--experiment", "bound", "--events", str(events)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, err
+    errors = err.strip().splitlines()  # refused from the files' hashes, before any model loads: nothing else
+    assert len(errors) == 1 and errors[0].startswith("error: "), err
     assert "arm 'control'" in errors[0] and weights[0] in errors[0] and weights[1] in errors[0]
     assert log_state(events) == before  # the main file's bytes and every row
     # The report names what each arm was bound to.

@@ -23,6 +23,7 @@ refused before anything is written.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import Sequence
@@ -40,11 +41,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from interbert.errors import UsageError
 from interbert.serve import DEFAULT_RERANK_QUEUE_TIMEOUT
 from interbert.serve.abtest import MAX_USER_ID_CHARS, ArmSpec, assign_arm, file_sha256, index_sha256, valid_user_id
-from interbert.serve.events import ArmHashes, EventLog, ExperimentConfig, NotShown, NotYours, UnknownRequest
+from interbert.serve.events import (
+    ArmHashes, EventLog, ExperimentConfig, NotShown, NotYours, UnknownRequest, check_existing_log,
+)
 from interbert.serve.identity import (
     DEFAULT_REQUEST_CLICKS_PER_MINUTE, DEFAULT_USER_CLICKS_PER_MINUTE, SIGNATURE_CHARS, Refused, TokenBuckets, UserIds,
     random_secret, retry_after,
 )
+from interbert.serve.index import MANIFEST
 from interbert.serve.service import (
     MAX_BODY_BYTES, MAX_K, RERANK_CAP, RETRY_AFTER_S, BodySizeLimit, RerankGate, RerankSaturated, SearchHit,
     SearchRequest, SearchResponse, SearchService, _validation_message, default_max_concurrent_reranks,
@@ -71,13 +75,23 @@ class Arm:
             # thumbnails would come from elsewhere, and the experiment would compare the wrong things.
             raise UsageError(f"arm {spec.name}: the feed {spec.feed} was built with the model at "
                              f"{self.feed.meta.get('model')}, the index {spec.index} with another one")
-        self.hashes = ArmHashes(
-            model=str(self.service.model.model_dir.resolve()),
-            # SearchService checked that the model's weights hash to what the index recorded.
-            weights_sha256=self.service.index.manifest["weights_sha256"],
-            index_sha256=index_sha256(spec.index),
-            feed_sha256=file_sha256(spec.feed) if spec.feed else None,
-        )
+
+
+def arm_hashes(spec: ArmSpec) -> ArmHashes:
+    """What the event log binds an arm to, from its files alone (no model is loaded): the weights hash
+    the index recorded (loading the arm checks the model's weights against it), the index's and the
+    feed's content hashes."""
+    manifest = json.loads((Path(spec.index) / MANIFEST).read_text(encoding="utf-8"))
+    return ArmHashes(model=str(Path(spec.model or manifest["model"]).resolve()),
+                     weights_sha256=manifest["weights_sha256"], index_sha256=index_sha256(spec.index),
+                     feed_sha256=file_sha256(spec.feed) if spec.feed else None)
+
+
+def _hashes_before_loading(specs: Sequence[ArmSpec]) -> dict[str, ArmHashes] | None:
+    try:
+        return {spec.name: arm_hashes(spec) for spec in specs}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # an unreadable index or feed: loading the arm says what is wrong with it
 
 
 class ExperimentSearchResponse(SearchResponse):
@@ -214,9 +228,13 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
         raise UsageError("give every arm a feed (NAME=INDEX,FEED) or none: topics are compared across all arms")
     gate = RerankGate(max_concurrent_reranks or default_max_concurrent_reranks(), rerank_queue_timeout)
     limits = ClickLimits(user_clicks_per_minute, request_clicks_per_minute)
-    arms = {spec.name: Arm(spec, rerank_cap, device) for spec in arm_specs}
     config = ExperimentConfig(experiment, salt if salt is not None else experiment, tuple(names), tuple(split))
-    log = EventLog(events, config, {name: arm.hashes for name, arm in arms.items()})
+    # A log of another experiment or of other arms is refused now, in a moment, not after every arm's model
+    # has loaded; EventLog checks again (inside its transaction) once they have.
+    hashes = _hashes_before_loading(arm_specs)
+    check_existing_log(events, config, hashes)
+    arms = {spec.name: Arm(spec, rerank_cap, device) for spec in arm_specs}
+    log = EventLog(events, config, hashes or {spec.name: arm_hashes(spec) for spec in arm_specs})
     if log.upgraded:
         logger.warning("%s: recorded the arms' weights, index and feed hashes of experiment %r (a log written "
                        "before they were recorded); later starts with other arms are refused", log.path, config.name)
