@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from interbert.errors import UsageError
+from interbert.errors import InterBertError, UsageError
 from interbert.serve import DEFAULT_MAX_REGIONS, DEFAULT_RERANK_QUEUE_TIMEOUT, INDEX_TYPES
 from interbert.utils.argtypes import positive_int, seconds
 
@@ -26,13 +26,14 @@ def _cmd_index(args: argparse.Namespace) -> int:
     out = args.index if append else args.out
     model = args.model
     if append and model is None:
-        from interbert.serve.index import MANIFEST
+        from interbert.serve.index import MANIFEST, read_manifest, recorded_path
 
         manifest_path = Path(out) / MANIFEST
         if not manifest_path.is_file():
             print(f"error: {out} is not an index folder ({MANIFEST} is missing): build it first", file=sys.stderr)
             return 2
-        model = json.loads(manifest_path.read_text())["model"]
+        # The folder's record, confined as the service confines it (a relative path stays inside the folder).
+        model = recorded_path(Path(out), read_manifest(manifest_path).get("model"), "model")
     device = str(checked_device(args.device))
     try:
         report = build_index(
@@ -45,7 +46,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         from interbert.serve.index import MANIFEST
 
-        if (Path(out) / MANIFEST).is_file():  # the build had started: what it committed is kept
+        # A refusal of what the command line asked (UsageError) comes before any work: nothing to resume.
+        if (Path(out) / MANIFEST).is_file() and not isinstance(error, UsageError):  # what it committed is kept
             print("(finished batches are kept; fix the input and run the same command again to resume)", file=sys.stderr)
         return 1
     left_out = f", {len(report.non_finite)} left out (non-finite embeddings, listed in index.json)" if report.non_finite else ""
@@ -75,6 +77,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         app = create_app(args.index, args.model, rerank_cap=args.rerank_cap, engine=args.engine,
                          max_concurrent_reranks=args.max_concurrent_reranks,
                          rerank_queue_timeout=args.rerank_queue_timeout, device=args.device)
+    except InterBertError:
+        raise  # the CLI prints it with its own exit code (2 for what the command line must change)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -154,6 +154,39 @@ def find_image_file(folder: Path, image_id: str) -> Path | None:
     return None
 
 
+# --------------------------------------------------------------------------------------------------
+# What an index folder may name: it is data from wherever the folder came from, never trusted with paths
+# --------------------------------------------------------------------------------------------------
+def recorded_path(folder: Path, recorded: object, what: str) -> Path:
+    """A path that the folder's index.json or meta.sqlite records (the model, a feature store, a milvus-lite
+    file), as the service may open it.
+
+    Absolute paths are taken as they are: that is what ``index build`` records (where the model and the
+    stores were on the machine that built the folder), they are only ever opened as a model or a feature
+    store, never served, and ``--model`` overrides the model. A relative path is read against the folder
+    (not the working directory) and, symlinks resolved, must stay inside it."""
+    where = f"{folder / MANIFEST}" if what != "feature store" else f"{folder / METADATA}"
+    if not isinstance(recorded, str) or not recorded or "\0" in recorded:
+        raise DataError(f"{where}: the {what} path must be a non-empty string, got {recorded!r}")
+    path = Path(recorded)
+    if path.is_absolute():
+        return path
+    root = folder.resolve()
+    target = (root / path).resolve()
+    if not target.is_relative_to(root):
+        raise DataError(f"{where}: the {what} path {recorded!r} leads outside the index folder (to {target}); "
+                        f"relative paths in an index folder are read inside it")
+    return target
+
+
+def thumbnail_shape_ok(thumbnail: str) -> bool:
+    """``thumbnails/<one file name>``, as :func:`_thumbnail_name` writes it: no absolute path, no ``..``,
+    no subfolder (a pure string check, no file system access)."""
+    prefix = f"{THUMBNAILS}/"
+    name = thumbnail[len(prefix):] if isinstance(thumbnail, str) and thumbnail.startswith(prefix) else ""
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
 def write_thumbnail(source: Path, target: Path) -> None:
     from PIL import Image
 
@@ -177,13 +210,88 @@ class ImageIndex:
         manifest = self.folder / MANIFEST
         if not manifest.is_file():
             raise FileNotFoundError(f"{self.folder} is not an index folder: {MANIFEST} is missing (run `interbert index build`)")
-        self.manifest: dict = json.loads(manifest.read_text())
-        self.engine: Engine = parse_engine(engine or self.manifest.get("engine"), self.folder)
+        self.manifest: dict = read_manifest(manifest)
+        # Everything the folder names is checked before anything is opened: the folder may come from anyone.
+        self.engine: Engine = trusted_engine(self.folder, engine, self.manifest.get("engine"))
         if not vectors_exist(self.engine, self.folder) or "index_type" not in self.manifest:
             raise FileNotFoundError(f"{self.folder / FAISS_FILE} is missing: the last build did not finish; run it again")
-        self.vectors: VectorIndex = open_vectors(self.engine, self.folder, self.manifest["index_type"],
-                                                 int(self.manifest["embedding_dim"]), self.manifest.get("num_images"))
         self._db = _connect(self.folder, read_only=True)
+        try:
+            self._store_paths = {recorded: recorded_path(self.folder, recorded, "feature store")
+                                 for recorded in self.feature_stores()}
+            self.thumbnail_root = self._checked_thumbnails()
+            self.vectors: VectorIndex = open_vectors(self.engine, self.folder, self.manifest["index_type"],
+                                                     int(self.manifest["embedding_dim"]), self.manifest.get("num_images"))
+        except BaseException:
+            self._db.close()
+            raise
+
+    def model_path(self) -> Path:
+        """The model the folder was built with, as the service may load it (see :func:`recorded_path`)."""
+        return recorded_path(self.folder, self.manifest.get("model"), "model")
+
+    def store_path(self, recorded: str) -> Path:
+        """Where the feature store that meta.sqlite records as ``recorded`` is opened (checked at start)."""
+        return self._store_paths[recorded]
+
+    def _checked_thumbnails(self) -> Path:
+        """The resolved ``thumbnails/`` folder, after checking every row's thumbnail stays inside it.
+
+        Checked at start, so a crafted folder is refused with one line naming the image, and again per
+        request in :meth:`thumbnail_file` (a file may change after start). The start check stays cheap for
+        big galleries: the shape of every row's path (``thumbnails/<name>``: no absolute path, no ``..``, no
+        subfolder) is one SQL scan, and links are found by one listing of the folder (the entry types come
+        with it: no stat per file); only links are resolved."""
+        root = self.folder.resolve()
+        thumbnails = (root / THUMBNAILS).resolve()
+        bad = self._db.execute(
+            "SELECT row, image_id, thumbnail FROM images WHERE thumbnail IS NOT NULL AND NOT ("
+            "  typeof(thumbnail) = 'text' AND thumbnail GLOB ? AND substr(thumbnail, ?) NOT GLOB '*/*'"
+            "  AND substr(thumbnail, ?) NOT IN ('.', '..')) ORDER BY row LIMIT 1",
+            (f"{THUMBNAILS}/?*", len(THUMBNAILS) + 2, len(THUMBNAILS) + 2),
+        ).fetchone()
+        if bad is None:  # SQLite's text functions stop at a NUL character; Python's check does not
+            bad = next(((r, i, t) for r, i, t in self._db.execute(
+                "SELECT row, image_id, thumbnail FROM images WHERE instr(CAST(thumbnail AS BLOB), X'00') > 0")
+                if not thumbnail_shape_ok(t)), None)
+        if bad is not None:
+            row, image_id, thumbnail = bad
+            raise DataError(f"{self.folder / METADATA}: row {row} (image {image_id!r}) names the thumbnail "
+                            f"{thumbnail!r}, which is not a file of the index's {THUMBNAILS}/ folder; "
+                            f"thumbnails are only served from there")
+        if not thumbnails.is_relative_to(root) or thumbnails == root:
+            if self._db.execute("SELECT 1 FROM images WHERE thumbnail IS NOT NULL LIMIT 1").fetchone():
+                raise DataError(f"{self.folder / THUMBNAILS} is a link to {thumbnails}, outside the index folder; "
+                                f"thumbnails are only served from inside it")
+        if thumbnails.is_dir():
+            with os.scandir(thumbnails) as entries:
+                for entry in entries:
+                    if not entry.is_symlink() or Path(entry.path).resolve().is_relative_to(thumbnails):
+                        continue
+                    found = self._db.execute("SELECT row, image_id FROM images WHERE thumbnail = ?",
+                                             (f"{THUMBNAILS}/{entry.name}",)).fetchone()
+                    if found is not None:  # a link no row names is never served
+                        raise DataError(
+                            f"{self.folder / METADATA}: row {found[0]} (image {found[1]!r}): its thumbnail "
+                            f"{THUMBNAILS}/{entry.name} is a link to {Path(entry.path).resolve()}, outside "
+                            f"{self.folder / THUMBNAILS}; thumbnails are only served from inside it")
+        return thumbnails
+
+    def thumbnail_file(self, record: ImageRecord) -> Path | None:
+        """The file to serve as ``record``'s thumbnail, or None when there is none (or it would lead outside
+        ``thumbnails/``: a file swapped for a link after start is not followed). The one place a stored
+        thumbnail path becomes a file path."""
+        if record.thumbnail is None or not thumbnail_shape_ok(record.thumbnail):
+            return None
+        try:
+            target = (self.thumbnail_root / record.thumbnail[len(THUMBNAILS) + 1:]).resolve(strict=True)
+        except (OSError, ValueError):  # missing, a link loop, a name the file system refuses
+            return None
+        if not target.is_relative_to(self.thumbnail_root) or not target.is_file():
+            logger.warning("%s: the thumbnail of image %r leads to %s, outside %s; not served",
+                           self.folder, record.image_id, target, self.thumbnail_root)
+            return None
+        return target
 
     @property
     def faiss(self) -> faiss.Index:
@@ -301,13 +409,13 @@ def build_index(
     if append and not manifest_path.is_file():
         raise FileNotFoundError(f"{out} is not an index folder ({MANIFEST} is missing): build it first")
     # A bad engine URI, a missing pymilvus or an unreachable server fails now, not after the embedding.
-    chosen_engine = parse_engine(engine or _recorded_engine(manifest_path), out)
+    chosen_engine = trusted_engine(out, engine, _recorded_engine(manifest_path))
     check_engine(chosen_engine)
     out.mkdir(parents=True, exist_ok=True)
 
     search_model = search_model or SearchModel(model_dir, device=device, need_tokenizer=False)
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(manifest_path)
         _check_same_model(manifest, model_dir, out)
         if max_regions != manifest["max_regions"]:  # one index, one region cap: embeddings must be comparable
             logger.warning("%s was built with max_regions=%d; using that, not %d", out, manifest["max_regions"], max_regions)
@@ -431,8 +539,50 @@ def _index_batch(
     return missing, [i for i, ok in zip(ids, finite) if not ok]
 
 
+def read_manifest(path: Path) -> dict:
+    """index.json, with the keys search relies on checked (a crafted or damaged file is one error line)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: not an index manifest ({error})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: not an index manifest (a JSON object)")
+    expected = {"model": str, "weights_sha256": str, "embedding_dim": int, "max_regions": int,
+                "index_type": str, "engine": str, "num_images": int}
+    for key, kind in expected.items():
+        if key in manifest and (not isinstance(manifest[key], kind) or isinstance(manifest[key], bool)):
+            raise DataError(f"{path}: {key} must be {'a string' if kind is str else 'an integer'}, got {manifest[key]!r}")
+    if manifest.get("index_type", "flat") not in INDEX_TYPES or manifest.get("index_type") == "auto":
+        raise DataError(f"{path}: index_type must be flat, hnsw or ivf, got {manifest['index_type']!r}")
+    return manifest
+
+
+def trusted_engine(folder: Path, given: str | None, recorded: str | None) -> Engine:
+    """The engine that searches ``folder``'s vectors: ``given`` (``--engine``: the command line decides), else
+    the one the folder records, if it keeps the vectors on this machine.
+
+    A folder never decides alone that the service connects to a server: a copied folder naming
+    ``milvus://ANY-HOST`` would send it every query and ``$MILVUS_TOKEN``. A milvus-lite file it names is
+    read as :func:`recorded_path` says, and must exist (opening one would create it)."""
+    if given:
+        return parse_engine(given, folder)
+    if recorded is None or recorded in ("faiss", "milvus"):
+        return parse_engine(recorded, folder)
+    if recorded.startswith("milvus://"):
+        parse_engine(recorded, folder)  # a malformed URI is named as such
+        raise UsageError(f"{folder / MANIFEST} names the Milvus server {recorded}; an index folder alone never "
+                         f"decides which server gets the queries (and $MILVUS_TOKEN): pass --engine {recorded} "
+                         f"explicitly")
+    if recorded.startswith("milvus:"):
+        path = recorded_path(folder, recorded[len("milvus:"):], "milvus-lite file")
+        if not path.is_file():
+            raise DataError(f"{folder / MANIFEST}: the milvus-lite file {path} it names does not exist")
+        return parse_engine(f"milvus:{path}", folder)
+    return parse_engine(recorded, folder)  # unknown: parse_engine says what is accepted
+
+
 def _recorded_engine(manifest_path: Path) -> str | None:
-    return json.loads(manifest_path.read_text()).get("engine") if manifest_path.is_file() else None
+    return read_manifest(manifest_path).get("engine") if manifest_path.is_file() else None
 
 
 def _rebuild_vectors(db: sqlite3.Connection, out: Path, requested: str, engine: Engine) -> str:

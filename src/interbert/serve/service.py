@@ -149,7 +149,8 @@ class SearchService:
                  device: str = "cpu", engine: str | None = None):
         self.index = ImageIndex(index_dir, engine=engine)
         built_with = self.index.manifest["model"]
-        model_dir = Path(model_dir or built_with)
+        # --model (the command line) is taken as given; the folder's own record is confined by ImageIndex.
+        model_dir = Path(model_dir) if model_dir else self.index.model_path()
         if weights_fingerprint(model_dir) != self.index.manifest["weights_sha256"]:
             raise ValueError(
                 f"{index_dir} was built with the model at {built_with}; {model_dir} holds different weights, whose "
@@ -159,7 +160,7 @@ class SearchService:
         self.max_regions = int(self.index.manifest["max_regions"])
         self.rerank_cap = rerank_cap
         # Opened now, not on the first re-ranked query: a moved store fails at start, not mid-request.
-        self._stores = {path: open_features(path) for path in self.index.feature_stores()}
+        self._stores = {path: open_features(self.index.store_path(path)) for path in self.index.feature_stores()}
 
     def _store(self, path: str):
         return self._stores[path]
@@ -286,9 +287,10 @@ def create_app(index_dir: str | Path, model_dir: str | Path | None = None, reran
         record = service.index.record(image_id)
         if record is None:
             raise HTTPException(404, f"image {image_id!r} is not in the index")
-        if record.thumbnail is None:
+        path = service.index.thumbnail_file(record)  # confined to the folder's thumbnails/
+        if path is None:
             raise HTTPException(404, f"image {image_id!r} has no thumbnail in the index")
-        return FileResponse(service.index.folder / record.thumbnail, media_type="image/jpeg")
+        return FileResponse(path, media_type="image/jpeg")
 
     @app.get("/", response_class=HTMLResponse)
     async def home() -> HTMLResponse:
