@@ -17,6 +17,7 @@ ENGINE_HELP = ("where the vectors are searched: faiss (index.faiss in the folder
 
 def _cmd_index(args: argparse.Namespace) -> int:
     import json
+    import sqlite3
 
     from interbert.serve.index import build_index
     from interbert.train import checked_device
@@ -24,6 +25,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     append = args.index_command == "add"
     out = args.index if append else args.out
+    if Path(out).exists() and not Path(out).is_dir():
+        print(f"error: {'--index' if append else '--out'} {out} is a file, not an index folder", file=sys.stderr)
+        return 2
     model = args.model
     if append and model is None:
         from interbert.serve.index import MANIFEST, read_manifest, recorded_path
@@ -42,8 +46,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, max_regions=getattr(args, "max_regions", DEFAULT_MAX_REGIONS), append=append,
             engine=args.engine, device=device,
         )
-    except (ValueError, OSError, KeyError) as error:  # bad input: say what and where, no traceback
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, sqlite3.Error) as error:  # bad input: say what and where, no traceback
+        # SQLite's messages ("unable to open database file") do not say which file
+        print(f"error: {out}: {error}" if isinstance(error, sqlite3.Error) else f"error: {error}", file=sys.stderr)
         from interbert.serve.index import MANIFEST
 
         # A refusal of what the command line asked (UsageError) comes before any work: nothing to resume.

@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -406,38 +407,47 @@ def build_index(
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     model_dir, out, features = Path(model_dir), Path(out), Path(features)
     manifest_path = out / MANIFEST
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not an index folder: give a folder (new or made by index build)")
     if append and not manifest_path.is_file():
         raise FileNotFoundError(f"{out} is not an index folder ({MANIFEST} is missing): build it first")
     # A bad engine URI, a missing pymilvus or an unreachable server fails now, not after the embedding.
     chosen_engine = trusted_engine(out, engine, _recorded_engine(manifest_path))
     check_engine(chosen_engine)
-    out.mkdir(parents=True, exist_ok=True)
 
+    # Everything that can be checked is checked before the folder is touched: a refused build leaves it as
+    # it was (or not there at all).
     search_model = search_model or SearchModel(model_dir, device=device, need_tokenizer=False)
-    if manifest_path.is_file():
-        manifest = read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path) if manifest_path.is_file() else None
+    if manifest is not None:
         _check_same_model(manifest, model_dir, out)
         if max_regions != manifest["max_regions"]:  # one index, one region cap: embeddings must be comparable
             logger.warning("%s was built with max_regions=%d; using that, not %d", out, manifest["max_regions"], max_regions)
         max_regions = manifest["max_regions"]
-    else:
-        manifest = _new_manifest(model_dir, search_model, max_regions)
-        atomic_write_json(manifest_path, manifest, indent=2)
-
     store = open_features(features)
     if store.feature_dim != search_model.config.region_feature_size:
         raise ValueError(f"feature store {features} holds {store.feature_dim}-d region features, but the model "
                          f"takes {search_model.config.region_feature_size}-d (config.region_feature_size)")
+    if not store.ids():
+        raise DataError(f"{features}: no image could be read from this feature store; nothing was indexed")
     caption_of = first_captions(captions, split) if captions else {}
     thumbnail_dir = Path(thumbnails) if thumbnails else None
     if thumbnail_dir is not None and not thumbnail_dir.is_dir():
         raise FileNotFoundError(f"thumbnail folder {thumbnail_dir} does not exist")
 
+    # What this run creates, removed again if it fails before its first image is committed.
+    ancestor = _missing_ancestor(out)
+    created_here = [ancestor] if ancestor else [out / name for name in (MANIFEST, METADATA, THUMBNAILS)
+                                                if not (out / name).exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    if manifest is None:
+        manifest = _new_manifest(model_dir, search_model, max_regions)
+        atomic_write_json(manifest_path, manifest, indent=2)
+
+    committed = []  # ids of the batches committed by this run
     db = _connect(out)
     try:
-        db.execute("INSERT OR IGNORE INTO stores (path) VALUES (?)", (str(features.resolve()),))
-        db.commit()
-        store_id = db.execute("SELECT store_id FROM stores WHERE path = ?", (str(features.resolve()),)).fetchone()[0]
+        store_path = str(features.resolve())
         done = {r[0] for r in db.execute("SELECT image_id FROM images")}
         image_ids = [i for i in store.ids() if split is None or i in caption_of]
         todo = [i for i in image_ids if i not in done]
@@ -451,7 +461,9 @@ def build_index(
         batches = range(0, len(todo), batch_size)
         for start in tqdm(batches, desc=f"embedding {features.name}", unit="batch", disable=not progress):
             ids = todo[start : start + batch_size]
-            missing, bad = _index_batch(db, out, search_model, store, ids, store_id, caption_of, sources, max_regions)
+            missing, bad = _index_batch(db, out, search_model, store, ids, store_path, caption_of, sources, max_regions)
+            if len(bad) < len(ids):
+                committed.append(start)
             without_thumbnail += missing
             non_finite += bad
         added = len(todo) - len(non_finite)
@@ -472,16 +484,23 @@ def build_index(
                       and manifest.get("index_type") == choose_index_type(total, requested)
                       and manifest.get("engine", "faiss") == chosen_engine.uri)
         chosen = manifest["index_type"] if up_to_date else _rebuild_vectors(db, out, requested, chosen_engine)
-    finally:
+        recorded_stores = {r[0] for r in db.execute("SELECT path FROM stores")}
+    except BaseException:
         db.close()
+        if not committed:  # nothing of this run is worth keeping: the folder goes back to how it was
+            for path in created_here:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        raise
+    db.close()
     manifest.update(engine=chosen_engine.uri, index_type=chosen, requested_index_type=requested, num_images=total,
                     updated=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    manifest["feature_stores"] = sorted(set(manifest.get("feature_stores", [])) | {str(features.resolve())})
+    # Listed as meta.sqlite records it: a store none of whose images is in the index is not one of its stores.
+    manifest["feature_stores"] = sorted((set(manifest.get("feature_stores", [])) | {store_path}) & recorded_stores)
     # Per store, as of its latest run: the ids are never stored, so every run over the store meets them again.
     left_out = manifest.pop("not_indexed_non_finite", {})
-    left_out.pop(str(features.resolve()), None)
+    left_out.pop(store_path, None)
     if non_finite:
-        left_out[str(features.resolve())] = {"count": len(non_finite), "image_ids": non_finite[:NAMED_IN_MANIFEST]}
+        left_out[store_path] = {"count": len(non_finite), "image_ids": non_finite[:NAMED_IN_MANIFEST]}
     if left_out:
         manifest["not_indexed_non_finite"] = left_out
     atomic_write_json(manifest_path, manifest, indent=2)
@@ -509,33 +528,46 @@ def _index_batch(
     search_model: SearchModel,
     store: FeatureStore,
     ids: list[str],
-    store_id: int,
+    store_path: str,
     caption_of: dict[str, str],
     sources: dict[str, Path | None],
     max_regions: int,
 ) -> tuple[int, list[str]]:
-    """Embed one batch and commit it with its metadata in one transaction. Returns the number of images
-    without a thumbnail (of those with a thumbnail folder, ``sources``) and the ids left out because
-    their embedding is not finite."""
+    """Embed one batch and commit it with its metadata in one transaction; the feature store is recorded in
+    the transaction of its first image (a store none of whose images is indexed is never recorded, so no
+    later start depends on it). Returns the number of images without a thumbnail (of those with a thumbnail
+    folder, ``sources``) and the ids left out because their embedding is not finite."""
     vectors = search_model.embed_images(region_batch([(store, i) for i in ids], max_regions)).astype(np.float32)
     finite = np.isfinite(vectors).all(axis=1)
     missing = 0
     rows = []
-    for image_id, vector, ok in zip(ids, vectors, finite):
-        if not ok:
-            continue
-        thumbnail = None
-        source = sources.get(image_id)
-        # Not an atomic write: the thumbnail exists before its row is committed, so a torn file is never
-        # referenced, and the next run rewrites it (its id is still to do).
-        if source is not None:
-            thumbnail = _thumbnail_name(image_id)
-            write_thumbnail(source, out / thumbnail)
-        elif image_id in sources:
-            missing += 1
-        rows.append((image_id, caption_of.get(image_id), thumbnail, store_id, vector.tobytes()))
-    with db:  # one transaction: the batch is either fully indexed or not at all
-        db.executemany("INSERT INTO images (image_id, caption, thumbnail, store_id, embedding) VALUES (?, ?, ?, ?, ?)", rows)
+    new_files: list[Path] = []  # thumbnails this batch added: removed again if its commit does not happen
+    try:
+        for image_id, vector, ok in zip(ids, vectors, finite):
+            if not ok:
+                continue
+            thumbnail = None
+            source = sources.get(image_id)
+            # Not an atomic write: the thumbnail exists before its row is committed, so a torn file is never
+            # referenced, and the next run rewrites it (its id is still to do).
+            if source is not None:
+                thumbnail = _thumbnail_name(image_id)
+                if not (out / thumbnail).exists():
+                    new_files.append(out / thumbnail)
+                write_thumbnail(source, out / thumbnail)
+            elif image_id in sources:
+                missing += 1
+            rows.append((image_id, caption_of.get(image_id), thumbnail, vector.tobytes()))
+        if rows:
+            with db:  # one transaction: the batch is either fully indexed (its store with it) or not at all
+                db.execute("INSERT OR IGNORE INTO stores (path) VALUES (?)", (store_path,))
+                store_id = db.execute("SELECT store_id FROM stores WHERE path = ?", (store_path,)).fetchone()[0]
+                db.executemany("INSERT INTO images (image_id, caption, thumbnail, store_id, embedding) "
+                               "VALUES (?, ?, ?, ?, ?)", [(i, c, t, store_id, e) for i, c, t, e in rows])
+    except BaseException:
+        for path in new_files:
+            path.unlink(missing_ok=True)
+        raise
     return missing, [i for i, ok in zip(ids, finite) if not ok]
 
 
@@ -599,3 +631,13 @@ def _rebuild_vectors(db: sqlite3.Connection, out: Path, requested: str, engine: 
     chosen = choose_index_type(total, requested)
     build_vectors(engine, out, vectors, rows, chosen)
     return chosen
+
+
+def _missing_ancestor(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what ``mkdir(parents=True)`` would create)."""
+    missing = None
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing = folder
+    return missing
