@@ -491,3 +491,18 @@ def test_out_that_is_a_file_is_one_line_and_the_file_is_unchanged(gallery, tmp_p
     assert code == 2 and str(out) in error and "is a file" in error
     assert out.read_bytes() == b"not an index"
 
+
+def test_temporaries_of_a_killed_build_are_removed_at_the_next_start(gallery, tmp_path):
+    folder, model, _ = gallery
+    out = tmp_path / "idx"
+    build_index(model, folder / "features", out, progress=False)
+    dead = os.fork()  # a writer that is gone: its pid is in the temporary's name
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    killed = [out / f".index.json.tmp-{dead}-1", out / f".index.faiss.tmp-{dead}-7"]
+    live = out / f".index.faiss.tmp-{os.getppid()}-1"  # a writer still running (the test's parent): kept
+    for path in (*killed, live):
+        path.write_bytes(b"half a file")
+    build_index(model, folder / "features", out, progress=False)
+    assert leftover_temporaries(out) == [live]

@@ -45,6 +45,7 @@ from interbert.data.features import FeatureStore
 from interbert.errors import DataError, UsageError
 from interbert.serve import DEFAULT_MAX_REGIONS, INDEX_TYPES
 from interbert.serve._data import first_captions, open_features, region_batch
+from interbert.serve._files import remove_leftover_temporaries
 from interbert.serve.engines import (  # noqa: F401  (build_faiss_index, ivf_lists: the FAISS API, kept importable here)
     FAISS_FILE, HNSW_NEIGHBOURS, Engine, VectorIndex, build_faiss_index, build_vectors, check_engine, faiss_search_params, ivf_lists,
     open_vectors, parse_engine, vectors_exist,
@@ -439,6 +440,7 @@ def build_index(
     ancestor = _missing_ancestor(out)
     created_here = [ancestor] if ancestor else [out / name for name in (MANIFEST, METADATA, THUMBNAILS)
                                                 if not (out / name).exists()]
+    remove_leftover_temporaries(out)  # of a writer killed in an earlier run (index.json, index.faiss)
     out.mkdir(parents=True, exist_ok=True)
     if manifest is None:
         manifest = _new_manifest(model_dir, search_model, max_regions)
