@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 from interbert.errors import InterBertError, UsageError
-from interbert.serve import DEFAULT_MAX_REGIONS, DEFAULT_RERANK_QUEUE_TIMEOUT, INDEX_TYPES
+from interbert.serve import (
+    DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_LIMIT_CONCURRENCY, DEFAULT_MAX_REGIONS,
+    DEFAULT_RERANK_QUEUE_TIMEOUT, INDEX_TYPES,
+)
 from interbert.utils.argtypes import positive_int, seconds
 
 ENGINE_HELP = ("where the vectors are searched: faiss (index.faiss in the folder), milvus (milvus-lite in the folder), "
@@ -64,7 +67,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import torch
-    import uvicorn
+    import uvicorn  # noqa: F401  (missing, it is named as the `serve` extra before anything loads)
 
     from interbert.serve.service import create_app
     from interbert.train import checked_device
@@ -90,13 +93,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     gate = app.state.rerank_gate
     print(f"serving {args.index} on http://{args.host}:{args.port}/ (at most {gate.limit} re-ranked searches at once, "
           f"model on {args.device})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    _run(app, args)
     return 0
 
 
-def _serve_experiment(args: argparse.Namespace) -> int:
-    import uvicorn
+def _run(app, args: argparse.Namespace) -> None:
+    from interbert.serve.server import run_server
 
+    run_server(app, args.host, args.port, args.log_level, header_timeout=args.header_timeout,
+               body_timeout=args.body_timeout, limit_concurrency=args.limit_concurrency)
+
+
+def _serve_experiment(args: argparse.Namespace) -> int:
     from interbert.serve.abtest import parse_arm, parse_split
     from interbert.serve.abtest_cli import as_user_error
     from interbert.serve.experiment import create_experiment_app
@@ -111,8 +119,19 @@ def _serve_experiment(args: argparse.Namespace) -> int:
                         rerank_queue_timeout=args.rerank_queue_timeout, device=args.device)
     shares = ", ".join(f"{name} {100 * share:g}%" for name, share in zip(app.state.experiment.arms, app.state.experiment.split))
     print(f"experiment {args.experiment!r} ({shares}) on http://{args.host}:{args.port}/, events in {events}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    _run(app, args)
     return 0
+
+
+def _timeout_seconds(text: str) -> float:
+    """A finite timeout of more than 0 and at most an hour (a client must not hold a connection for ever)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 < value <= 3600:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be > 0 and <= 3600 seconds, got {text}")
+    return value
 
 
 def _common_index_arguments(p: argparse.ArgumentParser) -> None:
@@ -178,4 +197,13 @@ def register(subparsers) -> None:
     serve.add_argument("--torch-threads", type=int, default=1,
                        help="intra-op threads per forward (default 1: concurrent requests use the cores)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--header-timeout", type=_timeout_seconds, default=DEFAULT_HEADER_TIMEOUT_S, metavar="S",
+                       help="seconds a client has to send a request's head (from connecting, or from the first byte "
+                            f"of its next request); later it is answered 408 and closed (default {DEFAULT_HEADER_TIMEOUT_S:g})")
+    serve.add_argument("--body-timeout", type=_timeout_seconds, default=DEFAULT_BODY_TIMEOUT_S, metavar="S",
+                       help="seconds a client has to send a request's body once its head is in; later it is answered "
+                            f"408 and closed (default {DEFAULT_BODY_TIMEOUT_S:g})")
+    serve.add_argument("--limit-concurrency", type=positive_int, default=DEFAULT_LIMIT_CONCURRENCY, metavar="N",
+                       help="open connections plus running requests; past it new requests are answered 503 "
+                            f"(default {DEFAULT_LIMIT_CONCURRENCY})")
     serve.set_defaults(func=_cmd_serve)
