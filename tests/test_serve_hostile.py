@@ -215,3 +215,62 @@ def test_a_damaged_manifest_is_one_line_naming_it(index, capsys):
     (index / "index.json").write_text(json.dumps({"model": "m", "weights_sha256": "x", "embedding_dim": "64"}))
     code, err = serve_fails(index, capsys)
     assert code == 1 and "embedding_dim must be an integer" in err
+
+
+# --------------------------------------------------------------------------------------------------
+# topics build --out: a folder, another file, another database
+# --------------------------------------------------------------------------------------------------
+def topics_build(built, tmp_path, out: Path) -> list[str]:
+    folder, _, _ = built
+    topics = tmp_path / "topics.txt"
+    topics.write_text("a red ball\na blue cube\n")
+    return ["topics", "build", "--topics", str(topics), "--index", str(folder / "index"), "--out", str(out),
+            "--top", "2", "--no-progress"]
+
+
+def refused(argv: list[str], watched: Path, capsys) -> tuple[int, str]:
+    before = snapshot(watched) if watched.is_dir() else watched.read_bytes()
+    code = interbert_main(argv)
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert (snapshot(watched) if watched.is_dir() else watched.read_bytes()) == before
+    return code, lines[0]
+
+
+def test_topics_build_out_a_folder_is_one_line(built, tmp_path, capsys):
+    out = tmp_path / "feeds"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier output")
+    code, error = refused(topics_build(built, tmp_path, out), out, capsys)
+    assert code == 2 and str(out) in error and "is a folder" in error
+
+
+def test_topics_build_out_a_file_of_another_kind_is_one_line(built, tmp_path, capsys):
+    out = tmp_path / "notes.txt"
+    out.write_text("not a feed\n")
+    code, error = refused(topics_build(built, tmp_path, out), out, capsys)
+    assert code == 2 and str(out) in error and "not SQLite" in error
+
+
+def test_topics_build_out_another_database_is_one_line_and_untouched(built, tmp_path, capsys):
+    out = tmp_path / "events.sqlite"
+    with sqlite3.connect(out) as db:
+        db.execute("CREATE TABLE impressions (request_id TEXT)")
+    code, error = refused(topics_build(built, tmp_path, out), out, capsys)
+    assert code == 2 and "another SQLite database" in error and "impressions" in error
+
+
+def test_topics_build_out_under_a_file_is_one_line(built, tmp_path, capsys):
+    blocker = tmp_path / "plain"
+    blocker.write_text("a file where a folder would be")
+    code, error = refused(topics_build(built, tmp_path, blocker / "feed.sqlite"), blocker, capsys)
+    assert code == 2 and "is a file, not a folder" in error
+
+
+def test_topics_build_into_a_new_file_and_again_is_fine(built, tmp_path, capsys):
+    out = tmp_path / "new" / "feed.sqlite"
+    assert interbert_main(topics_build(built, tmp_path, out)) == 0
+    assert "2 topics (2 built, 0 already done)" in capsys.readouterr().out
+    assert interbert_main(topics_build(built, tmp_path, out)) == 0  # its own feed: continued, not refused
+    assert "(0 built, 2 already done)" in capsys.readouterr().out
