@@ -192,6 +192,18 @@ def test_a_folder_naming_a_milvus_server_is_refused_without_engine_on_the_comman
     assert "MILVUS_TOKEN" in err
 
 
+def test_a_milvus_server_the_environment_names_is_taken_from_the_folder(index, monkeypatch):
+    from interbert.serve.index import ImageIndex, trusted_engine
+
+    uri = "milvus://milvus.internal:19530/catalogue"
+    edit_manifest(index, engine=uri)
+    monkeypatch.setenv("INTERBERT_MILVUS_SERVERS", f"milvus://other:19530/x, {uri}")
+    assert trusted_engine(index, None, uri).uri == uri  # accepted: what the operator listed
+    monkeypatch.setenv("INTERBERT_MILVUS_SERVERS", "milvus://other:19530/x")
+    with pytest.raises(UsageError, match="INTERBERT_MILVUS_SERVERS"):
+        ImageIndex(index)
+
+
 def test_index_add_on_a_folder_naming_a_milvus_server_is_refused(built, index, capsys):
     folder, model, _ = built
     edit_manifest(index, engine="milvus://collector.example:19530/stolen")

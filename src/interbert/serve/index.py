@@ -591,9 +591,20 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+TRUSTED_MILVUS_ENV = "INTERBERT_MILVUS_SERVERS"
+
+
+def trusted_milvus_servers() -> set[str]:
+    """Milvus servers the operator named in the environment (comma-separated ``milvus://HOST:PORT/COLLECTION``):
+    folders recording one of these are searched there without ``--engine`` (``serve --arm`` takes no
+    ``--engine``: each arm's folder says where its vectors are)."""
+    return {uri.strip() for uri in os.environ.get(TRUSTED_MILVUS_ENV, "").split(",") if uri.strip()}
+
+
 def trusted_engine(folder: Path, given: str | None, recorded: str | None) -> Engine:
     """The engine that searches ``folder``'s vectors: ``given`` (``--engine``: the command line decides), else
-    the one the folder records, if it keeps the vectors on this machine.
+    the one the folder records, if it keeps the vectors on this machine or is a server the environment
+    names (:func:`trusted_milvus_servers`).
 
     A folder never decides alone that the service connects to a server: a copied folder naming
     ``milvus://ANY-HOST`` would send it every query and ``$MILVUS_TOKEN``. A milvus-lite file it names is
@@ -603,10 +614,12 @@ def trusted_engine(folder: Path, given: str | None, recorded: str | None) -> Eng
     if recorded is None or recorded in ("faiss", "milvus"):
         return parse_engine(recorded, folder)
     if recorded.startswith("milvus://"):
-        parse_engine(recorded, folder)  # a malformed URI is named as such
+        chosen = parse_engine(recorded, folder)  # a malformed URI is named as such
+        if recorded in trusted_milvus_servers():
+            return chosen
         raise UsageError(f"{folder / MANIFEST} names the Milvus server {recorded}; an index folder alone never "
                          f"decides which server gets the queries (and $MILVUS_TOKEN): pass --engine {recorded} "
-                         f"explicitly")
+                         f"explicitly (or list it in ${TRUSTED_MILVUS_ENV}, e.g. for serve --arm)")
     if recorded.startswith("milvus:"):
         path = recorded_path(folder, recorded[len("milvus:"):], "milvus-lite file")
         if not path.is_file():
