@@ -14,7 +14,7 @@ from interbert.cli import main as interbert_main
 from interbert.errors import UsageError
 from interbert.serve.abtest import ArmSpec, assign_arm
 from interbert.serve.experiment import USER_COOKIE, create_experiment_app
-from interbert.serve.service import create_app
+from interbert.serve.service import MAX_BODY_BYTES, create_app
 from interbert.serve.topics import Feed, read_topics
 
 ARMS = ("control", "treatment")
@@ -114,7 +114,7 @@ def test_clicks_are_checked_against_what_the_request_showed(served):
     assert click(request_id="not-an-id", image_id=shown[0]).status_code == 422
     assert click(request_id=request_id, image_id=shown[0], extra=1).status_code == 422
     assert click(request_id=request_id, image_id="x" * 513).status_code == 422
-    big = client.post("/events/click", content=b'{"request_id": "' + b"0" * 5000 + b'"}',
+    big = client.post("/events/click", content=b'{"request_id": "' + b"0" * MAX_BODY_BYTES + b'"}',
                       headers={"content-type": "application/json"})
     assert big.status_code == 413
     first = click(request_id=request_id, image_id=shown[1])
