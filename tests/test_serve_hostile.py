@@ -227,6 +227,9 @@ def test_a_damaged_manifest_is_one_line_naming_it(index, capsys):
     (index / "index.json").write_text(json.dumps({"model": "m", "weights_sha256": "x", "embedding_dim": "64"}))
     code, err = serve_fails(index, capsys)
     assert code == 1 and "embedding_dim must be an integer" in err
+    (index / "index.json").write_text(json.dumps({"index_type": "flat"}))
+    code, err = serve_fails(index, capsys)
+    assert code == 1 and "lacks model, weights_sha256, embedding_dim, max_regions" in err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,3 +289,10 @@ def test_topics_build_into_a_new_file_and_again_is_fine(built, tmp_path, capsys)
     assert "2 topics (2 built, 0 already done)" in capsys.readouterr().out
     assert interbert_main(topics_build(built, tmp_path, out)) == 0  # its own feed: continued, not refused
     assert "(0 built, 2 already done)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", [b"not a database at all", b""])
+def test_a_meta_sqlite_that_is_not_the_index_database_is_one_line(index, capsys, content):
+    (index / "meta.sqlite").write_bytes(content)  # empty: SQLite opens it, but it has no images table
+    code, err = serve_fails(index, capsys)
+    assert code == 1 and "meta.sqlite: not an index database" in err

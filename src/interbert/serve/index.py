@@ -217,6 +217,8 @@ class ImageIndex:
         self.engine: Engine = trusted_engine(self.folder, engine, self.manifest.get("engine"))
         if not vectors_exist(self.engine, self.folder) or "index_type" not in self.manifest:
             raise FileNotFoundError(f"{self.folder / FAISS_FILE} is missing: the last build did not finish; run it again")
+        if not (self.folder / METADATA).is_file():
+            raise FileNotFoundError(f"{self.folder / METADATA} is missing: this index folder is incomplete")
         self._db = _connect(self.folder, read_only=True)
         try:
             self._store_paths = {recorded: recorded_path(self.folder, recorded, "feature store")
@@ -224,6 +226,9 @@ class ImageIndex:
             self.thumbnail_root = self._checked_thumbnails()
             self.vectors: VectorIndex = open_vectors(self.engine, self.folder, self.manifest["index_type"],
                                                      int(self.manifest["embedding_dim"]), self.manifest.get("num_images"))
+        except sqlite3.DatabaseError as error:  # not SQLite, or not this schema
+            self._db.close()
+            raise DataError(f"{self.folder / METADATA}: not an index database ({error})") from None
         except BaseException:
             self._db.close()
             raise
@@ -588,6 +593,10 @@ def read_manifest(path: Path) -> dict:
             raise DataError(f"{path}: {key} must be {'a string' if kind is str else 'an integer'}, got {manifest[key]!r}")
     if manifest.get("index_type", "flat") not in INDEX_TYPES or manifest.get("index_type") == "auto":
         raise DataError(f"{path}: index_type must be flat, hnsw or ivf, got {manifest['index_type']!r}")
+    # What the first write of a build records (index_type and num_images come when it finishes).
+    missing = [key for key in ("model", "weights_sha256", "embedding_dim", "max_regions") if key not in manifest]
+    if missing:
+        raise DataError(f"{path}: not an index manifest (it lacks {', '.join(missing)})")
     return manifest
 
 
