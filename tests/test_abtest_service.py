@@ -17,7 +17,7 @@ from interbert.serve.abtest import ArmSpec, assign_arm, file_sha256, index_sha25
 from interbert.serve.events import EventLog, ExperimentConfig, read_arm_hashes
 from interbert.serve.experiment import USER_COOKIE, create_experiment_app
 from interbert.serve.identity import read_secret_file, sign_user_id, verify_user_token
-from interbert.serve.service import create_app
+from interbert.serve.service import MAX_BODY_BYTES, create_app
 from interbert.serve.topics import Feed, read_topics
 
 ARMS = ("control", "treatment")
@@ -125,7 +125,7 @@ def test_clicks_are_checked_against_what_the_request_showed(served):
     assert click(request_id="not-an-id", image_id=shown[0]).status_code == 422
     assert click(request_id=request_id, image_id=shown[0], extra=1).status_code == 422
     assert click(request_id=request_id, image_id="x" * 513).status_code == 422
-    big = client.post("/events/click", content=b'{"request_id": "' + b"0" * 5000 + b'"}',
+    big = client.post("/events/click", content=b'{"request_id": "' + b"0" * MAX_BODY_BYTES + b'"}',
                       headers={"content-type": "application/json", **clicker})
     assert big.status_code == 413
     first = click(request_id=request_id, image_id=shown[1])

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import sqlite3
 
 import faiss
@@ -320,8 +321,7 @@ def test_ids_that_lead_out_of_the_thumbnail_folder_are_refused(gallery, tmp_path
 
     with pytest.raises(DataError, match=f"image id {re.escape(repr(bad_id))}.*{message}"):
         build_index(model, store, tmp_path / "idx", thumbnails=thumbs, progress=False)
-    assert stored_embeddings(tmp_path / "idx") == {}  # refused before any work
-    assert not (tmp_path / "idx" / "thumbnails").exists()
+    assert not (tmp_path / "idx").exists()  # refused before any work: the new folder is not left behind
 
 
 def test_the_cli_names_a_traversal_id_on_one_line(gallery, tmp_path, thumbnails_beside_a_secret, capsys):
@@ -404,3 +404,105 @@ def test_mostly_non_finite_embeddings_fail_the_build(gallery, tmp_path, capsys):
     error = capsys.readouterr().err
     assert f"error: {features}: 6 of 10 images have embeddings with NaN or inf ({ids[0]!r}," in error
     assert "and 1 more" in error
+
+
+# --------------------------------------------------------------------------------------------------
+# A failed build leaves the folder as it was; a store is recorded only with its first image
+# --------------------------------------------------------------------------------------------------
+def folder_bytes(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]  # the loader's bar
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def truncated_tsv(path, ids, keep_fields: bool):
+    """A TSV store cut short: inside the last field of its first line (the line still has every field,
+    its features do not decode) or before the first tab (the line is one field short)."""
+    full = tsv_store(path, ids).read_bytes()
+    first_line = full.split(b"\n", 1)[0]
+    cut = len(first_line) - 20 if keep_fields else first_line.index(b"\t") + 1
+    path.write_bytes(full[:cut])
+    return path
+
+
+@pytest.mark.parametrize("keep_fields", [True, False])
+def test_a_truncated_store_is_one_line_and_no_new_folder(gallery, tmp_path, capsys, keep_fields):
+    _, model, _ = gallery
+    store = truncated_tsv(tmp_path / "cut.tsv", ["a", "b"], keep_fields)
+    out = tmp_path / "new" / "idx"
+    code = interbert_main(["index", "build", "--model", str(model), "--features", str(store), "--out", str(out)])
+    error = one_error_line(capsys)
+    assert code == 1 and "cut.tsv" in error
+    assert not (tmp_path / "new").exists()  # not created, not even its parent
+
+
+@pytest.mark.parametrize("keep_fields", [True, False])
+def test_a_truncated_store_into_an_existing_index_leaves_it_byte_identical(gallery, tmp_path, capsys, keep_fields):
+    folder, model, _ = gallery
+    out = tmp_path / "idx"
+    build_index(model, folder / "features", out, thumbnails=folder / "images", progress=False)
+    before = folder_bytes(out)
+    store = truncated_tsv(tmp_path / "cut.tsv", ["a", "b"], keep_fields)
+    code = interbert_main(["index", "add", "--index", str(out), "--features", str(store),
+                           "--thumbnails", str(folder / "images")])
+    err = capsys.readouterr().err
+    assert code == 1 and "error: " in err and "cut.tsv" in err and "Traceback" not in err
+    assert folder_bytes(out) == before
+
+
+def test_a_store_with_nothing_new_is_not_recorded_and_serve_starts_without_it(gallery, tmp_path, capsys):
+    from interbert.serve.service import create_app
+
+    folder, model, ids = gallery
+    out = tmp_path / "idx"
+    build_index(model, folder / "features", out, progress=False)
+    copy = tmp_path / "copy"
+    shutil.copytree(folder / "features", copy)  # the same images under another path: all already indexed
+    assert interbert_main(["index", "add", "--index", str(out), "--features", str(copy)]) == 0
+    assert "(0 added, 10 already indexed)" in capsys.readouterr().out
+    with sqlite3.connect(out / "meta.sqlite") as db:
+        assert [p for (p,) in db.execute("SELECT path FROM stores")] == [str((folder / "features").resolve())]
+    assert json.loads((out / "index.json").read_text())["feature_stores"] == [str((folder / "features").resolve())]
+    shutil.rmtree(copy)  # moving a store that holds none of the index's images does not stop serve
+    assert len(create_app(out, model).state.service.index) == 10
+
+
+def test_an_empty_store_is_an_error_naming_it(gallery, tmp_path, capsys):
+    _, model, _ = gallery
+    (tmp_path / "empty").mkdir()  # an npz folder without a single image
+    code = interbert_main(["index", "build", "--model", str(model), "--features", str(tmp_path / "empty"),
+                           "--out", str(tmp_path / "idx")])
+    error = one_error_line(capsys)
+    assert code == 1 and "empty" in error and not (tmp_path / "idx").exists()
+
+
+def test_out_that_is_a_file_is_one_line_and_the_file_is_unchanged(gallery, tmp_path, capsys):
+    folder, model, _ = gallery
+    out = tmp_path / "idx"
+    out.write_bytes(b"not an index")
+    code = interbert_main(["index", "build", "--model", str(model), "--features", str(folder / "features"),
+                           "--out", str(out)])
+    error = one_error_line(capsys)
+    assert code == 2 and str(out) in error and "is a file" in error
+    assert out.read_bytes() == b"not an index"
+
+
+def test_temporaries_of_a_killed_build_are_removed_at_the_next_start(gallery, tmp_path):
+    folder, model, _ = gallery
+    out = tmp_path / "idx"
+    build_index(model, folder / "features", out, progress=False)
+    dead = os.fork()  # a writer that is gone: its pid is in the temporary's name
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    killed = [out / f".index.json.tmp-{dead}-1", out / f".index.faiss.tmp-{dead}-7"]
+    live = out / f".index.faiss.tmp-{os.getppid()}-1"  # a writer still running (the test's parent): kept
+    for path in (*killed, live):
+        path.write_bytes(b"half a file")
+    build_index(model, folder / "features", out, progress=False)
+    assert leftover_temporaries(out) == [live]

@@ -11,3 +11,9 @@ DEFAULT_MAX_REGIONS = 36  # regions per image, the global one included (the pape
 # Seconds a re-ranked search may wait for a free re-rank slot before the service answers 503.
 # A short wait absorbs a burst (a re-rank takes ~0.1 s on the tiny model); past it the caller is told to retry.
 DEFAULT_RERANK_QUEUE_TIMEOUT = 1.0
+# Bounds on each HTTP connection (interbert.serve.server): seconds to send a request's head, then its body
+# (a body is a few KiB at most), and open connections plus running requests (past it: 503). The limit stays
+# well under the usual 1024 open files of a process, which also needs descriptors for its own files.
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_BODY_TIMEOUT_S = 10.0
+DEFAULT_LIMIT_CONCURRENCY = 512

@@ -7,8 +7,11 @@ import logging
 import sys
 from pathlib import Path
 
-from interbert.errors import UsageError
-from interbert.serve import DEFAULT_MAX_REGIONS, DEFAULT_RERANK_QUEUE_TIMEOUT, INDEX_TYPES
+from interbert.errors import InterBertError, UsageError
+from interbert.serve import (
+    DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_LIMIT_CONCURRENCY, DEFAULT_MAX_REGIONS,
+    DEFAULT_RERANK_QUEUE_TIMEOUT, INDEX_TYPES,
+)
 from interbert.serve.identity import DEFAULT_REQUEST_CLICKS_PER_MINUTE, DEFAULT_USER_CLICKS_PER_MINUTE
 from interbert.utils.argtypes import positive_int, seconds
 
@@ -18,6 +21,7 @@ ENGINE_HELP = ("where the vectors are searched: faiss (index.faiss in the folder
 
 def _cmd_index(args: argparse.Namespace) -> int:
     import json
+    import sqlite3
 
     from interbert.serve.index import build_index
     from interbert.train import checked_device
@@ -25,15 +29,19 @@ def _cmd_index(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     append = args.index_command == "add"
     out = args.index if append else args.out
+    if Path(out).exists() and not Path(out).is_dir():
+        print(f"error: {'--index' if append else '--out'} {out} is a file, not an index folder", file=sys.stderr)
+        return 2
     model = args.model
     if append and model is None:
-        from interbert.serve.index import MANIFEST
+        from interbert.serve.index import MANIFEST, read_manifest, recorded_path
 
         manifest_path = Path(out) / MANIFEST
         if not manifest_path.is_file():
             print(f"error: {out} is not an index folder ({MANIFEST} is missing): build it first", file=sys.stderr)
             return 2
-        model = json.loads(manifest_path.read_text())["model"]
+        # The folder's record, confined as the service confines it (a relative path stays inside the folder).
+        model = recorded_path(Path(out), read_manifest(manifest_path).get("model"), "model")
     device = str(checked_device(args.device))
     try:
         report = build_index(
@@ -42,11 +50,13 @@ def _cmd_index(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, max_regions=getattr(args, "max_regions", DEFAULT_MAX_REGIONS), append=append,
             engine=args.engine, device=device,
         )
-    except (ValueError, OSError, KeyError) as error:  # bad input: say what and where, no traceback
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, sqlite3.Error) as error:  # bad input: say what and where, no traceback
+        # SQLite's messages ("unable to open database file") do not say which file
+        print(f"error: {out}: {error}" if isinstance(error, sqlite3.Error) else f"error: {error}", file=sys.stderr)
         from interbert.serve.index import MANIFEST
 
-        if (Path(out) / MANIFEST).is_file():  # the build had started: what it committed is kept
+        # A refusal of what the command line asked (UsageError) comes before any work: nothing to resume.
+        if (Path(out) / MANIFEST).is_file() and not isinstance(error, UsageError):  # what it committed is kept
             print("(finished batches are kept; fix the input and run the same command again to resume)", file=sys.stderr)
         return 1
     left_out = f", {len(report.non_finite)} left out (non-finite embeddings, listed in index.json)" if report.non_finite else ""
@@ -58,7 +68,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import torch
-    import uvicorn
+    import uvicorn  # noqa: F401  (missing, it is named as the `serve` extra before anything loads)
 
     from interbert.serve.service import create_app
     from interbert.train import checked_device
@@ -76,19 +86,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         app = create_app(args.index, args.model, rerank_cap=args.rerank_cap, engine=args.engine,
                          max_concurrent_reranks=args.max_concurrent_reranks,
                          rerank_queue_timeout=args.rerank_queue_timeout, device=args.device)
+    except InterBertError:
+        raise  # the CLI prints it with its own exit code (2 for what the command line must change)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     gate = app.state.rerank_gate
     print(f"serving {args.index} on http://{args.host}:{args.port}/ (at most {gate.limit} re-ranked searches at once, "
           f"model on {args.device})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    _run(app, args)
     return 0
 
 
-def _serve_experiment(args: argparse.Namespace) -> int:
-    import uvicorn
+def _run(app, args: argparse.Namespace) -> None:
+    from interbert.serve.server import run_server
 
+    run_server(app, args.host, args.port, args.log_level, header_timeout=args.header_timeout,
+               body_timeout=args.body_timeout, limit_concurrency=args.limit_concurrency)
+
+
+def _serve_experiment(args: argparse.Namespace) -> int:
     from interbert.serve.abtest import parse_arm, parse_split
     from interbert.serve.abtest_cli import as_user_error
     from interbert.serve.experiment import create_experiment_app
@@ -111,8 +128,19 @@ def _serve_experiment(args: argparse.Namespace) -> int:
                         request_clicks_per_minute=args.request_clicks_per_minute)
     shares = ", ".join(f"{name} {100 * share:g}%" for name, share in zip(app.state.experiment.arms, app.state.experiment.split))
     print(f"experiment {args.experiment!r} ({shares}) on http://{args.host}:{args.port}/, events in {events}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    _run(app, args)
     return 0
+
+
+def _timeout_seconds(text: str) -> float:
+    """A finite timeout of more than 0 and at most an hour (a client must not hold a connection for ever)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 < value <= 3600:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be > 0 and <= 3600 seconds, got {text}")
+    return value
 
 
 def _common_index_arguments(p: argparse.ArgumentParser) -> None:
@@ -191,4 +219,13 @@ def register(subparsers) -> None:
     serve.add_argument("--torch-threads", type=int, default=1,
                        help="intra-op threads per forward (default 1: concurrent requests use the cores)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--header-timeout", type=_timeout_seconds, default=DEFAULT_HEADER_TIMEOUT_S, metavar="S",
+                       help="seconds a client has to send a request's head (from connecting, or from the first byte "
+                            f"of its next request); later it is answered 408 and closed (default {DEFAULT_HEADER_TIMEOUT_S:g})")
+    serve.add_argument("--body-timeout", type=_timeout_seconds, default=DEFAULT_BODY_TIMEOUT_S, metavar="S",
+                       help="seconds a client has to send a request's body once its head is in; later it is answered "
+                            f"408 and closed (default {DEFAULT_BODY_TIMEOUT_S:g})")
+    serve.add_argument("--limit-concurrency", type=positive_int, default=DEFAULT_LIMIT_CONCURRENCY, metavar="N",
+                       help="open connections plus running requests; past it new requests are answered 503 "
+                            f"(default {DEFAULT_LIMIT_CONCURRENCY})")
     serve.set_defaults(func=_cmd_serve)

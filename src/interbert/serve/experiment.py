@@ -345,8 +345,9 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
         # single-index service, only paths the index stored ever reach the file system.
         for arm in arms.values():
             record = arm.service.index.record(image_id)
-            if record is not None and record.thumbnail is not None:
-                return FileResponse(arm.service.index.folder / record.thumbnail, media_type="image/jpeg")
+            path = arm.service.index.thumbnail_file(record) if record is not None else None  # inside thumbnails/
+            if path is not None:
+                return FileResponse(path, media_type="image/jpeg")
         raise HTTPException(404, f"image {image_id!r} has no thumbnail in any arm's index")
 
     @app.get("/", response_class=HTMLResponse)

@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from interbert.data.features import FeatureStore
 from interbert.errors import DataError, UsageError
 from interbert.serve import DEFAULT_MAX_REGIONS, INDEX_TYPES
 from interbert.serve._data import first_captions, open_features, region_batch
+from interbert.serve._files import remove_leftover_temporaries
 from interbert.serve.engines import (  # noqa: F401  (build_faiss_index, ivf_lists: the FAISS API, kept importable here)
     FAISS_FILE, HNSW_NEIGHBOURS, Engine, VectorIndex, build_faiss_index, build_vectors, check_engine, faiss_search_params, ivf_lists,
     open_vectors, parse_engine, vectors_exist,
@@ -154,6 +156,39 @@ def find_image_file(folder: Path, image_id: str) -> Path | None:
     return None
 
 
+# --------------------------------------------------------------------------------------------------
+# What an index folder may name: it is data from wherever the folder came from, never trusted with paths
+# --------------------------------------------------------------------------------------------------
+def recorded_path(folder: Path, recorded: object, what: str) -> Path:
+    """A path that the folder's index.json or meta.sqlite records (the model, a feature store, a milvus-lite
+    file), as the service may open it.
+
+    Absolute paths are taken as they are: that is what ``index build`` records (where the model and the
+    stores were on the machine that built the folder), they are only ever opened as a model or a feature
+    store, never served, and ``--model`` overrides the model. A relative path is read against the folder
+    (not the working directory) and, symlinks resolved, must stay inside it."""
+    where = f"{folder / MANIFEST}" if what != "feature store" else f"{folder / METADATA}"
+    if not isinstance(recorded, str) or not recorded or "\0" in recorded:
+        raise DataError(f"{where}: the {what} path must be a non-empty string, got {recorded!r}")
+    path = Path(recorded)
+    if path.is_absolute():
+        return path
+    root = folder.resolve()
+    target = (root / path).resolve()
+    if not target.is_relative_to(root):
+        raise DataError(f"{where}: the {what} path {recorded!r} leads outside the index folder (to {target}); "
+                        f"relative paths in an index folder are read inside it")
+    return target
+
+
+def thumbnail_shape_ok(thumbnail: str) -> bool:
+    """``thumbnails/<one file name>``, as :func:`_thumbnail_name` writes it: no absolute path, no ``..``,
+    no subfolder (a pure string check, no file system access)."""
+    prefix = f"{THUMBNAILS}/"
+    name = thumbnail[len(prefix):] if isinstance(thumbnail, str) and thumbnail.startswith(prefix) else ""
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
 def write_thumbnail(source: Path, target: Path) -> None:
     from PIL import Image
 
@@ -177,13 +212,93 @@ class ImageIndex:
         manifest = self.folder / MANIFEST
         if not manifest.is_file():
             raise FileNotFoundError(f"{self.folder} is not an index folder: {MANIFEST} is missing (run `interbert index build`)")
-        self.manifest: dict = json.loads(manifest.read_text())
-        self.engine: Engine = parse_engine(engine or self.manifest.get("engine"), self.folder)
+        self.manifest: dict = read_manifest(manifest)
+        # Everything the folder names is checked before anything is opened: the folder may come from anyone.
+        self.engine: Engine = trusted_engine(self.folder, engine, self.manifest.get("engine"))
         if not vectors_exist(self.engine, self.folder) or "index_type" not in self.manifest:
             raise FileNotFoundError(f"{self.folder / FAISS_FILE} is missing: the last build did not finish; run it again")
-        self.vectors: VectorIndex = open_vectors(self.engine, self.folder, self.manifest["index_type"],
-                                                 int(self.manifest["embedding_dim"]), self.manifest.get("num_images"))
+        if not (self.folder / METADATA).is_file():
+            raise FileNotFoundError(f"{self.folder / METADATA} is missing: this index folder is incomplete")
         self._db = _connect(self.folder, read_only=True)
+        try:
+            self._store_paths = {recorded: recorded_path(self.folder, recorded, "feature store")
+                                 for recorded in self.feature_stores()}
+            self.thumbnail_root = self._checked_thumbnails()
+            self.vectors: VectorIndex = open_vectors(self.engine, self.folder, self.manifest["index_type"],
+                                                     int(self.manifest["embedding_dim"]), self.manifest.get("num_images"))
+        except sqlite3.DatabaseError as error:  # not SQLite, or not this schema
+            self._db.close()
+            raise DataError(f"{self.folder / METADATA}: not an index database ({error})") from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    def model_path(self) -> Path:
+        """The model the folder was built with, as the service may load it (see :func:`recorded_path`)."""
+        return recorded_path(self.folder, self.manifest.get("model"), "model")
+
+    def store_path(self, recorded: str) -> Path:
+        """Where the feature store that meta.sqlite records as ``recorded`` is opened (checked at start)."""
+        return self._store_paths[recorded]
+
+    def _checked_thumbnails(self) -> Path:
+        """The resolved ``thumbnails/`` folder, after checking every row's thumbnail stays inside it.
+
+        Checked at start, so a crafted folder is refused with one line naming the image, and again per
+        request in :meth:`thumbnail_file` (a file may change after start). The start check stays cheap for
+        big galleries: the shape of every row's path (``thumbnails/<name>``: no absolute path, no ``..``, no
+        subfolder) is one SQL scan, and links are found by one listing of the folder (the entry types come
+        with it: no stat per file); only links are resolved."""
+        root = self.folder.resolve()
+        thumbnails = (root / THUMBNAILS).resolve()
+        bad = self._db.execute(
+            "SELECT row, image_id, thumbnail FROM images WHERE thumbnail IS NOT NULL AND NOT ("
+            "  typeof(thumbnail) = 'text' AND thumbnail GLOB ? AND substr(thumbnail, ?) NOT GLOB '*/*'"
+            "  AND substr(thumbnail, ?) NOT IN ('.', '..')) ORDER BY row LIMIT 1",
+            (f"{THUMBNAILS}/?*", len(THUMBNAILS) + 2, len(THUMBNAILS) + 2),
+        ).fetchone()
+        if bad is None:  # SQLite's text functions stop at a NUL character; Python's check does not
+            bad = next(((r, i, t) for r, i, t in self._db.execute(
+                "SELECT row, image_id, thumbnail FROM images WHERE instr(CAST(thumbnail AS BLOB), X'00') > 0")
+                if not thumbnail_shape_ok(t)), None)
+        if bad is not None:
+            row, image_id, thumbnail = bad
+            raise DataError(f"{self.folder / METADATA}: row {row} (image {image_id!r}) names the thumbnail "
+                            f"{thumbnail!r}, which is not a file of the index's {THUMBNAILS}/ folder; "
+                            f"thumbnails are only served from there")
+        if not thumbnails.is_relative_to(root) or thumbnails == root:
+            if self._db.execute("SELECT 1 FROM images WHERE thumbnail IS NOT NULL LIMIT 1").fetchone():
+                raise DataError(f"{self.folder / THUMBNAILS} is a link to {thumbnails}, outside the index folder; "
+                                f"thumbnails are only served from inside it")
+        if thumbnails.is_dir():
+            with os.scandir(thumbnails) as entries:
+                for entry in entries:
+                    if not entry.is_symlink() or Path(entry.path).resolve().is_relative_to(thumbnails):
+                        continue
+                    found = self._db.execute("SELECT row, image_id FROM images WHERE thumbnail = ?",
+                                             (f"{THUMBNAILS}/{entry.name}",)).fetchone()
+                    if found is not None:  # a link no row names is never served
+                        raise DataError(
+                            f"{self.folder / METADATA}: row {found[0]} (image {found[1]!r}): its thumbnail "
+                            f"{THUMBNAILS}/{entry.name} is a link to {Path(entry.path).resolve()}, outside "
+                            f"{self.folder / THUMBNAILS}; thumbnails are only served from inside it")
+        return thumbnails
+
+    def thumbnail_file(self, record: ImageRecord) -> Path | None:
+        """The file to serve as ``record``'s thumbnail, or None when there is none (or it would lead outside
+        ``thumbnails/``: a file swapped for a link after start is not followed). The one place a stored
+        thumbnail path becomes a file path."""
+        if record.thumbnail is None or not thumbnail_shape_ok(record.thumbnail):
+            return None
+        try:
+            target = (self.thumbnail_root / record.thumbnail[len(THUMBNAILS) + 1:]).resolve(strict=True)
+        except (OSError, ValueError):  # missing, a link loop, a name the file system refuses
+            return None
+        if not target.is_relative_to(self.thumbnail_root) or not target.is_file():
+            logger.warning("%s: the thumbnail of image %r leads to %s, outside %s; not served",
+                           self.folder, record.image_id, target, self.thumbnail_root)
+            return None
+        return target
 
     @property
     def faiss(self) -> faiss.Index:
@@ -298,38 +413,48 @@ def build_index(
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     model_dir, out, features = Path(model_dir), Path(out), Path(features)
     manifest_path = out / MANIFEST
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not an index folder: give a folder (new or made by index build)")
     if append and not manifest_path.is_file():
         raise FileNotFoundError(f"{out} is not an index folder ({MANIFEST} is missing): build it first")
     # A bad engine URI, a missing pymilvus or an unreachable server fails now, not after the embedding.
-    chosen_engine = parse_engine(engine or _recorded_engine(manifest_path), out)
+    chosen_engine = trusted_engine(out, engine, _recorded_engine(manifest_path))
     check_engine(chosen_engine)
-    out.mkdir(parents=True, exist_ok=True)
 
+    # Everything that can be checked is checked before the folder is touched: a refused build leaves it as
+    # it was (or not there at all).
     search_model = search_model or SearchModel(model_dir, device=device, need_tokenizer=False)
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(manifest_path) if manifest_path.is_file() else None
+    if manifest is not None:
         _check_same_model(manifest, model_dir, out)
         if max_regions != manifest["max_regions"]:  # one index, one region cap: embeddings must be comparable
             logger.warning("%s was built with max_regions=%d; using that, not %d", out, manifest["max_regions"], max_regions)
         max_regions = manifest["max_regions"]
-    else:
-        manifest = _new_manifest(model_dir, search_model, max_regions)
-        atomic_write_json(manifest_path, manifest, indent=2)
-
     store = open_features(features)
     if store.feature_dim != search_model.config.region_feature_size:
         raise ValueError(f"feature store {features} holds {store.feature_dim}-d region features, but the model "
                          f"takes {search_model.config.region_feature_size}-d (config.region_feature_size)")
+    if not store.ids():
+        raise DataError(f"{features}: no image could be read from this feature store; nothing was indexed")
     caption_of = first_captions(captions, split) if captions else {}
     thumbnail_dir = Path(thumbnails) if thumbnails else None
     if thumbnail_dir is not None and not thumbnail_dir.is_dir():
         raise FileNotFoundError(f"thumbnail folder {thumbnail_dir} does not exist")
 
+    # What this run creates, removed again if it fails before its first image is committed.
+    ancestor = _missing_ancestor(out)
+    created_here = [ancestor] if ancestor else [out / name for name in (MANIFEST, METADATA, THUMBNAILS)
+                                                if not (out / name).exists()]
+    remove_leftover_temporaries(out)  # of a writer killed in an earlier run (index.json, index.faiss)
+    out.mkdir(parents=True, exist_ok=True)
+    if manifest is None:
+        manifest = _new_manifest(model_dir, search_model, max_regions)
+        atomic_write_json(manifest_path, manifest, indent=2)
+
+    committed = []  # ids of the batches committed by this run
     db = _connect(out)
     try:
-        db.execute("INSERT OR IGNORE INTO stores (path) VALUES (?)", (str(features.resolve()),))
-        db.commit()
-        store_id = db.execute("SELECT store_id FROM stores WHERE path = ?", (str(features.resolve()),)).fetchone()[0]
+        store_path = str(features.resolve())
         done = {r[0] for r in db.execute("SELECT image_id FROM images")}
         image_ids = [i for i in store.ids() if split is None or i in caption_of]
         todo = [i for i in image_ids if i not in done]
@@ -343,7 +468,9 @@ def build_index(
         batches = range(0, len(todo), batch_size)
         for start in tqdm(batches, desc=f"embedding {features.name}", unit="batch", disable=not progress):
             ids = todo[start : start + batch_size]
-            missing, bad = _index_batch(db, out, search_model, store, ids, store_id, caption_of, sources, max_regions)
+            missing, bad = _index_batch(db, out, search_model, store, ids, store_path, caption_of, sources, max_regions)
+            if len(bad) < len(ids):
+                committed.append(start)
             without_thumbnail += missing
             non_finite += bad
         added = len(todo) - len(non_finite)
@@ -364,16 +491,23 @@ def build_index(
                       and manifest.get("index_type") == choose_index_type(total, requested)
                       and manifest.get("engine", "faiss") == chosen_engine.uri)
         chosen = manifest["index_type"] if up_to_date else _rebuild_vectors(db, out, requested, chosen_engine)
-    finally:
+        recorded_stores = {r[0] for r in db.execute("SELECT path FROM stores")}
+    except BaseException:
         db.close()
+        if not committed:  # nothing of this run is worth keeping: the folder goes back to how it was
+            for path in created_here:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        raise
+    db.close()
     manifest.update(engine=chosen_engine.uri, index_type=chosen, requested_index_type=requested, num_images=total,
                     updated=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    manifest["feature_stores"] = sorted(set(manifest.get("feature_stores", [])) | {str(features.resolve())})
+    # Listed as meta.sqlite records it: a store none of whose images is in the index is not one of its stores.
+    manifest["feature_stores"] = sorted((set(manifest.get("feature_stores", [])) | {store_path}) & recorded_stores)
     # Per store, as of its latest run: the ids are never stored, so every run over the store meets them again.
     left_out = manifest.pop("not_indexed_non_finite", {})
-    left_out.pop(str(features.resolve()), None)
+    left_out.pop(store_path, None)
     if non_finite:
-        left_out[str(features.resolve())] = {"count": len(non_finite), "image_ids": non_finite[:NAMED_IN_MANIFEST]}
+        left_out[store_path] = {"count": len(non_finite), "image_ids": non_finite[:NAMED_IN_MANIFEST]}
     if left_out:
         manifest["not_indexed_non_finite"] = left_out
     atomic_write_json(manifest_path, manifest, indent=2)
@@ -401,38 +535,110 @@ def _index_batch(
     search_model: SearchModel,
     store: FeatureStore,
     ids: list[str],
-    store_id: int,
+    store_path: str,
     caption_of: dict[str, str],
     sources: dict[str, Path | None],
     max_regions: int,
 ) -> tuple[int, list[str]]:
-    """Embed one batch and commit it with its metadata in one transaction. Returns the number of images
-    without a thumbnail (of those with a thumbnail folder, ``sources``) and the ids left out because
-    their embedding is not finite."""
+    """Embed one batch and commit it with its metadata in one transaction; the feature store is recorded in
+    the transaction of its first image (a store none of whose images is indexed is never recorded, so no
+    later start depends on it). Returns the number of images without a thumbnail (of those with a thumbnail
+    folder, ``sources``) and the ids left out because their embedding is not finite."""
     vectors = search_model.embed_images(region_batch([(store, i) for i in ids], max_regions)).astype(np.float32)
     finite = np.isfinite(vectors).all(axis=1)
     missing = 0
     rows = []
-    for image_id, vector, ok in zip(ids, vectors, finite):
-        if not ok:
-            continue
-        thumbnail = None
-        source = sources.get(image_id)
-        # Not an atomic write: the thumbnail exists before its row is committed, so a torn file is never
-        # referenced, and the next run rewrites it (its id is still to do).
-        if source is not None:
-            thumbnail = _thumbnail_name(image_id)
-            write_thumbnail(source, out / thumbnail)
-        elif image_id in sources:
-            missing += 1
-        rows.append((image_id, caption_of.get(image_id), thumbnail, store_id, vector.tobytes()))
-    with db:  # one transaction: the batch is either fully indexed or not at all
-        db.executemany("INSERT INTO images (image_id, caption, thumbnail, store_id, embedding) VALUES (?, ?, ?, ?, ?)", rows)
+    new_files: list[Path] = []  # thumbnails this batch added: removed again if its commit does not happen
+    try:
+        for image_id, vector, ok in zip(ids, vectors, finite):
+            if not ok:
+                continue
+            thumbnail = None
+            source = sources.get(image_id)
+            # Not an atomic write: the thumbnail exists before its row is committed, so a torn file is never
+            # referenced, and the next run rewrites it (its id is still to do).
+            if source is not None:
+                thumbnail = _thumbnail_name(image_id)
+                if not (out / thumbnail).exists():
+                    new_files.append(out / thumbnail)
+                write_thumbnail(source, out / thumbnail)
+            elif image_id in sources:
+                missing += 1
+            rows.append((image_id, caption_of.get(image_id), thumbnail, vector.tobytes()))
+        if rows:
+            with db:  # one transaction: the batch is either fully indexed (its store with it) or not at all
+                db.execute("INSERT OR IGNORE INTO stores (path) VALUES (?)", (store_path,))
+                store_id = db.execute("SELECT store_id FROM stores WHERE path = ?", (store_path,)).fetchone()[0]
+                db.executemany("INSERT INTO images (image_id, caption, thumbnail, store_id, embedding) "
+                               "VALUES (?, ?, ?, ?, ?)", [(i, c, t, store_id, e) for i, c, t, e in rows])
+    except BaseException:
+        for path in new_files:
+            path.unlink(missing_ok=True)
+        raise
     return missing, [i for i, ok in zip(ids, finite) if not ok]
 
 
+def read_manifest(path: Path) -> dict:
+    """index.json, with the keys search relies on checked (a crafted or damaged file is one error line)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: not an index manifest ({error})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: not an index manifest (a JSON object)")
+    expected = {"model": str, "weights_sha256": str, "embedding_dim": int, "max_regions": int,
+                "index_type": str, "engine": str, "num_images": int}
+    for key, kind in expected.items():
+        if key in manifest and (not isinstance(manifest[key], kind) or isinstance(manifest[key], bool)):
+            raise DataError(f"{path}: {key} must be {'a string' if kind is str else 'an integer'}, got {manifest[key]!r}")
+    if manifest.get("index_type", "flat") not in INDEX_TYPES or manifest.get("index_type") == "auto":
+        raise DataError(f"{path}: index_type must be flat, hnsw or ivf, got {manifest['index_type']!r}")
+    # What the first write of a build records (index_type and num_images come when it finishes).
+    missing = [key for key in ("model", "weights_sha256", "embedding_dim", "max_regions") if key not in manifest]
+    if missing:
+        raise DataError(f"{path}: not an index manifest (it lacks {', '.join(missing)})")
+    return manifest
+
+
+TRUSTED_MILVUS_ENV = "INTERBERT_MILVUS_SERVERS"
+
+
+def trusted_milvus_servers() -> set[str]:
+    """Milvus servers the operator named in the environment (comma-separated ``milvus://HOST:PORT/COLLECTION``):
+    folders recording one of these are searched there without ``--engine`` (``serve --arm`` takes no
+    ``--engine``: each arm's folder says where its vectors are)."""
+    return {uri.strip() for uri in os.environ.get(TRUSTED_MILVUS_ENV, "").split(",") if uri.strip()}
+
+
+def trusted_engine(folder: Path, given: str | None, recorded: str | None) -> Engine:
+    """The engine that searches ``folder``'s vectors: ``given`` (``--engine``: the command line decides), else
+    the one the folder records, if it keeps the vectors on this machine or is a server the environment
+    names (:func:`trusted_milvus_servers`).
+
+    A folder never decides alone that the service connects to a server: a copied folder naming
+    ``milvus://ANY-HOST`` would send it every query and ``$MILVUS_TOKEN``. A milvus-lite file it names is
+    read as :func:`recorded_path` says, and must exist (opening one would create it)."""
+    if given:
+        return parse_engine(given, folder)
+    if recorded is None or recorded in ("faiss", "milvus"):
+        return parse_engine(recorded, folder)
+    if recorded.startswith("milvus://"):
+        chosen = parse_engine(recorded, folder)  # a malformed URI is named as such
+        if recorded in trusted_milvus_servers():
+            return chosen
+        raise UsageError(f"{folder / MANIFEST} names the Milvus server {recorded}; an index folder alone never "
+                         f"decides which server gets the queries (and $MILVUS_TOKEN): pass --engine {recorded} "
+                         f"explicitly (or list it in ${TRUSTED_MILVUS_ENV}, e.g. for serve --arm)")
+    if recorded.startswith("milvus:"):
+        path = recorded_path(folder, recorded[len("milvus:"):], "milvus-lite file")
+        if not path.is_file():
+            raise DataError(f"{folder / MANIFEST}: the milvus-lite file {path} it names does not exist")
+        return parse_engine(f"milvus:{path}", folder)
+    return parse_engine(recorded, folder)  # unknown: parse_engine says what is accepted
+
+
 def _recorded_engine(manifest_path: Path) -> str | None:
-    return json.loads(manifest_path.read_text()).get("engine") if manifest_path.is_file() else None
+    return read_manifest(manifest_path).get("engine") if manifest_path.is_file() else None
 
 
 def _rebuild_vectors(db: sqlite3.Connection, out: Path, requested: str, engine: Engine) -> str:
@@ -449,3 +655,13 @@ def _rebuild_vectors(db: sqlite3.Connection, out: Path, requested: str, engine: 
     chosen = choose_index_type(total, requested)
     build_vectors(engine, out, vectors, rows, chosen)
     return chosen
+
+
+def _missing_ancestor(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what ``mkdir(parents=True)`` would create)."""
+    missing = None
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing = folder
+    return missing

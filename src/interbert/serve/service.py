@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import unicodedata
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -39,9 +40,15 @@ from interbert.serve.model import SearchModel, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
-MAX_QUERY_CHARS = 512
+MAX_QUERY_CHARS = 512  # characters (Unicode code points), as the API states: not bytes
 MAX_K = 100
-MAX_BODY_BYTES = 4096  # a maximal query is 512 characters; 4 KiB leaves room for JSON escapes
+# The body bound must admit every query within MAX_QUERY_CHARS however the client encodes it: JSON may
+# write a character outside the BMP (an emoji) as a surrogate pair of escapes, "\ud83d\ude00", 12 bytes.
+# 1 KiB more is for the rest of the object (keys, k, rerank, whitespace).
+MAX_BODY_BYTES = 12 * MAX_QUERY_CHARS + 1024
+# Characters that draw nothing although Unicode files them as letters or symbols (fillers, the blank
+# Braille pattern); format (zero-width), control and mark characters are recognised by their category.
+BLANK_GRAPHIC = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 RERANK_FACTOR = 4  # re-rank the top 4k candidates ...
 RERANK_CAP = 200  # ... but never more than this many pair forwards per query
 RERANK_BATCH = 64
@@ -101,7 +108,17 @@ class SearchRequest(BaseModel):
     def not_blank(cls, query: str) -> str:
         if not query.strip():
             raise ValueError("query is blank")
+        if not has_visible_character(query):
+            # NUL, control or zero-width characters only: the tokenizer would drop them all and the
+            # "results" would be an answer to an empty query.
+            raise ValueError("query has no visible character")
         return query.strip()
+
+
+def has_visible_character(text: str) -> bool:
+    """Whether ``text`` holds a letter, digit, punctuation mark or symbol that draws something (not only
+    whitespace, control (NUL...), format (zero-width space, joiner, BOM...) or combining characters)."""
+    return any(unicodedata.category(c)[0] in "LNPS" and c not in BLANK_GRAPHIC for c in text)
 
 
 class SearchHit(BaseModel):
@@ -132,7 +149,8 @@ class SearchService:
                  device: str = "cpu", engine: str | None = None):
         self.index = ImageIndex(index_dir, engine=engine)
         built_with = self.index.manifest["model"]
-        model_dir = Path(model_dir or built_with)
+        # --model (the command line) is taken as given; the folder's own record is confined by ImageIndex.
+        model_dir = Path(model_dir) if model_dir else self.index.model_path()
         if weights_fingerprint(model_dir) != self.index.manifest["weights_sha256"]:
             raise ValueError(
                 f"{index_dir} was built with the model at {built_with}; {model_dir} holds different weights, whose "
@@ -142,7 +160,7 @@ class SearchService:
         self.max_regions = int(self.index.manifest["max_regions"])
         self.rerank_cap = rerank_cap
         # Opened now, not on the first re-ranked query: a moved store fails at start, not mid-request.
-        self._stores = {path: open_features(path) for path in self.index.feature_stores()}
+        self._stores = {path: open_features(self.index.store_path(path)) for path in self.index.feature_stores()}
 
     def _store(self, path: str):
         return self._stores[path]
@@ -269,9 +287,10 @@ def create_app(index_dir: str | Path, model_dir: str | Path | None = None, reran
         record = service.index.record(image_id)
         if record is None:
             raise HTTPException(404, f"image {image_id!r} is not in the index")
-        if record.thumbnail is None:
+        path = service.index.thumbnail_file(record)  # confined to the folder's thumbnails/
+        if path is None:
             raise HTTPException(404, f"image {image_id!r} has no thumbnail in the index")
-        return FileResponse(service.index.folder / record.thumbnail, media_type="image/jpeg")
+        return FileResponse(path, media_type="image/jpeg")
 
     @app.get("/", response_class=HTMLResponse)
     async def home() -> HTMLResponse:

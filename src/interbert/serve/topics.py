@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sqlite3
 from dataclasses import dataclass
@@ -107,10 +108,53 @@ def read_topics(path: str | Path) -> list[Topic]:
     return topics
 
 
+FEED_TABLES = {"meta", "topics", "feed_items"}
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_feed_out(path: Path) -> None:
+    """Refuse an ``--out`` that is not a feed file this build may create or continue, before any work:
+    a folder, a file of another kind, or another SQLite database (an A/B event log, an index's
+    meta.sqlite) whose tables the feed's would be added to."""
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder; give the feed's file name (e.g. {path / 'feed.sqlite'})")
+    if not path.exists():
+        parent = next((p for p in path.parents if p.exists()), Path("."))
+        if not parent.is_dir():
+            raise UsageError(f"--out {path}: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {path}: cannot create it, {parent} is not writable")
+        return
+    if not path.is_file():
+        raise UsageError(f"--out {path} is not a regular file")
+    with open(path, "rb") as f:
+        head = f.read(len(SQLITE_MAGIC))
+    if head and head != SQLITE_MAGIC:
+        raise UsageError(f"--out {path} exists and is not a topic feed (not SQLite): give a new file or a feed "
+                         f"made by `interbert topics build`")
+    if head:
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            finally:
+                db.close()
+        except sqlite3.Error as error:
+            raise UsageError(f"--out {path}: cannot read it as a topic feed ({error})") from None
+        if tables and not FEED_TABLES <= tables:
+            raise UsageError(f"--out {path} is another SQLite database (tables {', '.join(sorted(tables))}), not a "
+                             f"topic feed: give a new file or a feed made by `interbert topics build`")
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"--out {path} is not writable")
+
+
 def _open_feed(path: Path, meta: dict[str, str]) -> sqlite3.Connection:
-    db = sqlite3.connect(str(path), isolation_level=None)
-    db.execute("PRAGMA synchronous=FULL")
-    db.executescript(SCHEMA)
+    try:
+        db = sqlite3.connect(str(path), isolation_level=None)
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(SCHEMA)
+    except sqlite3.Error as error:  # SQLite's message does not name the file
+        raise UsageError(f"--out {path}: cannot open it as a topic feed ({error})") from None
     stored = dict(db.execute("SELECT key, value FROM meta").fetchall())
     if not stored:
         db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
@@ -136,9 +180,10 @@ def build_feed(topics_path: str | Path, index_dir: str | Path, out: str | Path, 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     topics = read_topics(topics_path)
+    out = Path(out)
+    check_feed_out(out)  # before the model loads, and before anything is written
     service = SearchService(index_dir, model_dir, device=device, engine=engine)  # checks the model matches the index
     depth = rerank_depth(top_n, service.rerank_cap)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"index": str(Path(index_dir).resolve()), "model": str(service.model.model_dir.resolve()),
             "weights_sha256": service.index.manifest["weights_sha256"], "top_n": str(top_n), "rerank_depth": str(depth)}
