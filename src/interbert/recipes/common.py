@@ -203,10 +203,12 @@ def new_model(model_cfg: ModelSettings, tokenizer, store: FeatureStore, model_cl
     return model_class(build_config(model_cfg, vocab_size=len(tokenizer), **fields))
 
 
-def check_region_feature_size(model: InterBertPreTrainedModel, store: FeatureStore, source: str = "config") -> None:
-    """A checkpoint built for other features would fail at its first forward with a bare shape error."""
+def check_region_feature_size(model: InterBertPreTrainedModel, store: FeatureStore, source: str = "config",
+                              what: str = "model.from_checkpoint") -> None:
+    """A model built for other features would fail at its first forward with a bare shape error
+    (``mat1 and mat2 shapes cannot be multiplied``); ``what`` names the model in the message."""
     if model.config.region_feature_size != store.feature_dim:
-        raise ConfigError(f"{source}: model.from_checkpoint expects {model.config.region_feature_size}-d region features, "
+        raise ConfigError(f"{source}: {what} expects {model.config.region_feature_size}-d region features, "
                           f"but {store.path} holds {store.feature_dim}-d ones")
 
 
