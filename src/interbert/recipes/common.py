@@ -25,7 +25,14 @@ from interbert.data import model_inputs
 from interbert.data.captions import Caption, read_captions
 from interbert.data.check import verify_images
 from interbert.data.features import FeatureStore, open_features
-from interbert.data.tokenize import load_tokenizer, train_wordpiece
+from interbert.data.tokenize import (
+    load_tokenizer,
+    save_wordpiece,
+    tokenizer_from_vocab,
+    train_wordpiece,
+    vocab_text,
+    wordpiece_vocabulary,
+)
 from interbert.errors import UsageError
 from interbert.model_card import write_model_card
 from interbert.modeling import InterBertPreTrainedModel
@@ -47,6 +54,7 @@ from interbert.recipes.settings import (
 )
 from interbert.utils import load_config
 from interbert.utils.config_files import MANDATORY, ConfigError, mandatory_keys
+from interbert.utils.files import remove_leftover_temporaries, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -139,15 +147,65 @@ def train_run_wordpiece(texts: list[str], folder: Path, vocab_size: int, lowerca
     (:func:`~interbert.data.tokenize.wordpiece_vocabulary`), but reading what was written is cheaper and
     keeps a run tied to its own vocabulary whatever the code version: under torchrun rank 0 trains it and
     the other ranks load it, and a resumed run (``resume``) loads the vocabulary its checkpoint was
-    trained with."""
-    if resume and (folder / "vocab.txt").is_file():
+    trained with.
+
+    A folder that already holds a vocabulary belongs to an earlier run: it is reused when these texts train
+    the same one, and otherwise replaced only when this run starts training (:func:`install_run_tokenizer`),
+    so a run that fails before then leaves the earlier run resumable (its checkpoint's embeddings are sized
+    to its vocabulary)."""
+    # read on rank 0 only, before anything is written: every rank then takes the same branch
+    existing = shared_from_main(lambda: _read_vocab(folder))
+    if existing is not None and resume:
         logger.info("resuming: reusing the run's WordPiece vocabulary in %s", folder)
         return load_tokenizer(folder)
-    with main_process_first() as main:
-        if not main:
-            return load_tokenizer(folder)
-        logger.info("training a %d-token WordPiece vocabulary on %d texts", vocab_size, len(texts))
-        return train_wordpiece(texts, folder, vocab_size=vocab_size, lowercase=lowercase, min_frequency=1)
+    if existing is None:
+        with main_process_first() as main:
+            if not main:
+                return load_tokenizer(folder)
+            logger.info("training a %d-token WordPiece vocabulary on %d texts", vocab_size, len(texts))
+            return train_wordpiece(texts, folder, vocab_size=vocab_size, lowercase=lowercase, min_frequency=1)
+    vocab = shared_from_main(lambda: wordpiece_vocabulary(texts, vocab_size, lowercase=lowercase, min_frequency=1))
+    if vocab_text(vocab) == existing:
+        logger.info("reusing the WordPiece vocabulary in %s (these texts train the same one)", folder)
+        return load_tokenizer(folder)
+    logger.info("%s holds an earlier run's %d-token vocabulary; this run's (%d tokens) replaces it when training "
+                "starts", folder, existing.count("\n"), len(vocab))
+    tokenizer = tokenizer_from_vocab(vocab, lowercase)
+    setattr(tokenizer, _PENDING_VOCABULARY, (folder, vocab, lowercase))
+    return tokenizer
+
+
+_PENDING_VOCABULARY = "_interbert_pending_vocabulary"  # (folder, vocab, lowercase): not yet written
+
+
+def _read_vocab(folder: Path) -> str | None:
+    vocab_file = folder / "vocab.txt"
+    return vocab_file.read_text(encoding="utf-8") if vocab_file.is_file() else None
+
+
+def shared_from_main(compute: Any) -> Any:
+    """``compute()`` run on rank 0 and sent to every rank (one process: just run)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return compute()
+    holder = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def install_run_tokenizer(tokenizer, is_main: bool = True) -> None:
+    """Write a vocabulary :func:`train_run_wordpiece` kept back (it replaces an earlier run's), now that the run
+    is about to train; the folder is swapped whole (:func:`~interbert.utils.files.replace_folder`). Nothing to
+    do for any other tokenizer."""
+    pending = getattr(tokenizer, _PENDING_VOCABULARY, None)
+    if pending is None:
+        return
+    delattr(tokenizer, _PENDING_VOCABULARY)
+    folder, vocab, lowercase = pending
+    if is_main:
+        replace_folder(folder, lambda tmp: save_wordpiece(vocab, tmp, lowercase))
+        logger.info("wrote this run's %d-token WordPiece vocabulary to %s", len(vocab), folder)
 
 
 def build_config(model_cfg: ModelSettings, **fields: Any) -> InterBertConfig:
@@ -275,6 +333,11 @@ def start_run(cfg: RecipeSettings, source: str = "config") -> tuple[TrainConfig,
     init_distributed(resolve_device(train_cfg.device, int(os.environ.get("LOCAL_RANK", "0"))))
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # one rank cleans; the others' writes have not started
+        removed = remove_leftover_temporaries(out)  # .checkpoint.pt.tmp-* of a killed run: up to tens of MB each
+        if removed:
+            logger.warning("%s: removed %d temporary file(s) left by a killed write (%s)", out, len(removed),
+                           ", ".join(p.name for p in removed[:3]) + (", ..." if len(removed) > 3 else ""))
     # A new model's initial weights (and anything else drawn before the loop seeds itself) follow the
     # seed: torch seeds its default generator from the OS in every process, so without this two runs
     # with the same seed start from different weights.
