@@ -22,7 +22,7 @@ import torch
 
 from interbert.config import InterBertConfig, preset
 from interbert.data import model_inputs
-from interbert.data.captions import Caption, read_captions
+from interbert.data.captions import Caption, blank_captions, blank_captions_message, read_captions
 from interbert.data.check import verify_images
 from interbert.data.features import FeatureStore, open_features
 from interbert.data.tokenize import (
@@ -103,6 +103,10 @@ def model_folder(path: str | Path, key: str, source: str = "config") -> Path:
 def captions_of_split(path: str | Path, split: str | None, max_images: int | None = None) -> list[Caption]:
     """The captions of one split (all of them when ``split`` is None), optionally the first N images."""
     captions = read_captions(path)
+    blank = blank_captions(captions)
+    if blank:  # kept, each would pair its image with an empty text: skipped, never silently
+        logger.warning("skipping %s", blank_captions_message(path, blank))
+        captions = [c for c in captions if c.text.strip()]
     if split is not None:
         splits = sorted({str(c.split) for c in captions})
         captions = [c for c in captions if c.split == split]
