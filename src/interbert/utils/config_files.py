@@ -138,7 +138,7 @@ def set_dotted(
         if known is not None and part not in known:
             listed = ", ".join(map(str, known)) or "(none)"
             raise ConfigError(f"{source}: unknown config key {shown(dotted)} in override {shown(text)}; "
-                              f"known keys here: {shown(listed)[1:-1]}")
+                              f"known keys here: {listed}")
         if depth == len(path) - 1:
             node[part] = value
         else:
