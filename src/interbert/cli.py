@@ -14,6 +14,7 @@ So does an optional dependency that is not installed: the line names the extra t
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -47,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What an OSError on a path says about the path itself (it cannot be opened or created as given), as opposed
+# to the machine (EIO, ENOSPC, ...), which stays a traceback unless a writer names it (StoreWriteError).
+PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ELOOP,
+                         errno.ENAMETOOLONG, errno.EEXIST})
+
+
 def error_exit_code(error: BaseException) -> int | None:
     """The exit code for an error the user caused and can fix, or None for a bug (shown with its traceback)."""
     from interbert.errors import USAGE_EXIT, InterBertError
@@ -55,6 +62,8 @@ def error_exit_code(error: BaseException) -> int | None:
         return error.exit_code
     if isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
         return USAGE_EXIT  # a path given on the command line or in a config that cannot be opened
+    if isinstance(error, OSError) and error.filename is not None and error.errno in PATH_ERRNOS:
+        return USAGE_EXIT  # a symlink loop, a name too long, a file where a folder must go: the path named
     return None
 
 

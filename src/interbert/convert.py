@@ -54,7 +54,15 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 -- a damaged file is named, anything else re-raised
+            from interbert.loading import unreadable_weights_reason
+
+            reason = unreadable_weights_reason(e)
+            if reason is None:
+                raise
+            raise ConversionError(f"{path}: {reason}") from e
     if path.suffix == ".npz":
         with np.load(path) as z:
             keys = [k for k in z.files if k.startswith("weight/")] or list(z.files)

@@ -29,3 +29,18 @@ class DataError(InterBertError, ValueError):
     """Data that cannot be used: the message names the file and line, or the image id and store."""
 
     exit_code = DATA_EXIT
+
+
+MAX_SHOWN = 200  # characters of a user's value quoted in a message
+
+
+def shown(value: object, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)`` for a message, at most ``limit`` characters. reprlib stops walking a nested value
+    after a few items per level, so a huge value (a YAML alias bomb expands to billions of items) costs
+    no time or memory to quote, and a long string is cut in the middle with ``...``."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 4, limit, limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -59,6 +59,46 @@ def _holdings(folder: Path) -> str:
     return f"it holds {shown}"
 
 
+# What a model folder's weights are read from, in the order transformers looks for them.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def weights_file(folder: Path) -> Path:
+    """The weights file of a model folder (the folder itself when it holds none of :data:`WEIGHT_FILES`)."""
+    return next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), folder)
+
+
+def unreadable_weights_reason(error: BaseException) -> str | None:
+    """Why a weights file could not be read, when ``error`` says the file is damaged or refused (truncated
+    safetensors, a torch file that is not a zip, a pickle with code in it that ``weights_only`` blocked);
+    None for any other error, which stays a bug with its traceback."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    if isinstance(error, SafetensorError):
+        return f"damaged safetensors file ({str(error).splitlines()[0][:160]})"
+    if isinstance(error, pickle.UnpicklingError):
+        return ("refused: it holds pickled objects other than tensors, which could run code "
+                "(loaded with torch.load(weights_only=True))")
+    if isinstance(error, EOFError):
+        return "the file ends early (truncated?)"
+    if isinstance(error, RuntimeError) and any(mark in str(error) for mark in ("PytorchStreamReader", "zip archive")):
+        return f"not a readable torch file ({str(error).splitlines()[0][:160]})"
+    return None
+
+
+def read_pretrained(cls: type[InterBertPreTrainedModel], folder: Path, **kwargs: Any) -> InterBertPreTrainedModel:
+    """``cls.from_pretrained(folder, **kwargs)``; a damaged or refused weights file is a DataError naming it."""
+    try:
+        return cls.from_pretrained(folder, **kwargs)
+    except Exception as error:  # noqa: BLE001 -- only a damaged weights file is translated, anything else re-raised
+        reason = unreadable_weights_reason(error)
+        if reason is None:
+            raise
+        raise DataError(f"{weights_file(folder)}: cannot load the model's weights: {reason}") from error
+
+
 def saved_architecture(folder: str | Path) -> str:
     """The InterBERT class a saved folder holds, or a UsageError saying what the folder is."""
     folder = Path(folder)
@@ -98,8 +138,8 @@ def load_model(folder: str | Path, task: str | None = None, num_labels: int | No
 
     def load(cls: type[InterBertPreTrainedModel], **config_fields: Any) -> InterBertPreTrainedModel:
         if config_updates:  # the config the model is built from, changed and validated
-            return cls.from_pretrained(folder, config=updated_config(folder, {**config_updates, **config_fields}))
-        return cls.from_pretrained(folder, **config_fields)
+            return read_pretrained(cls, folder, config=updated_config(folder, {**config_updates, **config_fields}))
+        return read_pretrained(cls, folder, **config_fields)
 
     if task is None:
         return load(CLASSES[name])
@@ -133,4 +173,4 @@ def updated_config(folder: str | Path, updates: Mapping[str, Any]) -> InterBertC
     return config
 
 
-__all__ = ["CLASSES", "TASKS", "load_model", "saved_architecture"]
+__all__ = ["CLASSES", "TASKS", "load_model", "read_pretrained", "saved_architecture", "unreadable_weights_reason"]

@@ -52,6 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from interbert.data import model_inputs
+from interbert.errors import DataError, UsageError, shown
 from interbert.utils import files, typed_config
 
 logger = logging.getLogger(__name__)
@@ -599,7 +600,7 @@ class Trainer:
         self.dist = init_distributed(self.device)
         self.use_bf16 = config.bf16 and self.device.type == "cuda"
         if config.fp16 and self.device.type != "cuda":
-            raise ValueError(f"TrainConfig.fp16 needs a CUDA device, not {self.device} (float16 autocast and loss "
+            raise UsageError(f"TrainConfig.fp16 needs a CUDA device, not {self.device} (float16 autocast and loss "
                              "scaling are for GPUs; leave train.fp16=false on CPU)")
         self.use_fp16 = config.fp16
         # A no-op unless fp16: then the loss is scaled up before backward (small fp16 gradients would
@@ -629,7 +630,7 @@ class Trainer:
 
         self.batches_per_epoch = len(self._epoch_batches(0))
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise UsageError(
                 f"no full batch: {len(train_dataset)} examples over {self.dist.world_size} process(es) "
                 f"with batch_size {config.batch_size}"
             )
@@ -638,7 +639,7 @@ class Trainer:
         else:
             self.total_steps = config.num_epochs * self.batches_per_epoch // config.grad_accum_steps
             if self.total_steps == 0:
-                raise ValueError(
+                raise UsageError(
                     f"{config.num_epochs} epoch(s) of {self.batches_per_epoch} batches make no update "
                     f"with grad_accum_steps {config.grad_accum_steps}; set max_steps"
                 )
@@ -1029,9 +1030,18 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"cannot resume: no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: unknown checkpoint format {state.get('format')!r}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 -- only a damaged or refused file is translated
+            from interbert.loading import unreadable_weights_reason
+
+            reason = unreadable_weights_reason(error)
+            if reason is None:
+                raise
+            raise DataError(f"{path}: cannot resume from this checkpoint: {reason}") from error
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        if found != CHECKPOINT_FORMAT:
+            raise DataError(f"{path}: cannot resume: unknown checkpoint format {shown(found)}")
         saved_config = state["train_config"]
         mismatched = {
             key: (saved_config.get(key), getattr(self.config, key))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,6 +272,19 @@ def sniff_caption_format(path: str | Path) -> str:
         return "lavis"
     raise DataFormatError(path, "unknown caption format (JSON, but neither Karpathy, COCO, Flickr30k nor a "
                                 'LAVIS/ALBEF list of {"image", "caption"} objects)')
+
+
+def blank_captions(captions: Iterable[Caption]) -> list[Caption]:
+    """Captions with no text (empty or only whitespace): an image paired with nothing teaches nothing."""
+    return [c for c in captions if not c.text.strip()]
+
+
+def blank_captions_message(path: str | Path, blank: list[Caption], shown: int = 5) -> str:
+    """``captions.json: 2 blank captions (empty or whitespace): '11' of image '2', '25' of image '5'``: the file,
+    the count, the first caption ids with their images (for JSON lines the id ends in ``#<line number>``)."""
+    listed = ", ".join(f"{c.caption_id!r} of image {c.image_id!r}" for c in blank[:shown])
+    listed += ", ..." if len(blank) > shown else ""
+    return f"{path}: {len(blank)} blank caption{'s' if len(blank) != 1 else ''} (empty or whitespace): {listed}"
 
 
 def read_captions(path: str | Path, format: str = "auto", problems: Problems = None) -> list[Caption]:

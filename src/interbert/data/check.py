@@ -117,6 +117,7 @@ class DataReport:
     images_with_boxes_outside: list[str] = field(default_factory=list)
     bad_images: dict[str, str] = field(default_factory=dict)  # image id -> why it cannot train
     bad_entries: list[str] = field(default_factory=list)  # malformed caption / VCR entries, with their place
+    blank_captions: str | None = None  # "file: N blank captions ...: ids", training skips them
     unreadable: list[str] = field(default_factory=list)  # files that cannot be read at all, and why
     vcr_path: str | None = None
     num_vcr_items: int = 0
@@ -140,6 +141,8 @@ class DataReport:
             out.append(("warning", f"{_n(len(ids), 'image')} with captions {'has' if len(ids) == 1 else 'have'} no "
                                    f"features; training skips {_n(self.num_captions_without_features, 'caption')}: "
                                    f"{_ids(ids)}", []))
+        if self.blank_captions:
+            out.append(("warning", f"{self.blank_captions}; training skips them", []))
         if self.features_without_captions:
             ids = self.features_without_captions
             out.append(("warning", f"{_n(len(ids), 'image')} in the feature store {'is' if len(ids) == 1 else 'are'} "
@@ -230,7 +233,7 @@ def check_files(features: str | Path, captions: str | Path | None = None, captio
                 progress: bool = False) -> DataReport:
     """:func:`check_data` from paths, reading past every malformed entry and going on when one file
     cannot be read at all (what can still be checked is)."""
-    from interbert.data.captions import read_captions
+    from interbert.data.captions import blank_captions, blank_captions_message, read_captions
     from interbert.data.features import open_features
     from interbert.data.vcr import read_vcr
 
@@ -241,6 +244,10 @@ def check_files(features: str | Path, captions: str | Path | None = None, captio
     if captions:
         try:
             caption_list = read_captions(captions, captions_format, problems=problems)
+            blank = blank_captions(caption_list)
+            if blank:
+                report.blank_captions = blank_captions_message(captions, blank)
+                caption_list = [c for c in caption_list if c.text.strip()]  # as training reads them
         except DataError as e:
             report.unreadable.append(str(e))
     if vcr:

@@ -27,11 +27,15 @@ def get_data_subparsers(subparsers) -> argparse._SubParsersAction:
 
 
 def _cmd_convert(args) -> int:
-    from interbert.data.features import convert_features, open_features
+    from interbert.data.features import convert_features, nonfinite_message, open_features, source_fingerprint
 
     source = open_features(args.src, format=args.format, trust_pickle=args.trust_pickle)
-    written, skipped = convert_features(source, args.dst, feature_dtype=args.dtype, chunk_size=args.chunk_size)
+    nonfinite: list[str] = []
+    written, skipped = convert_features(source, args.dst, feature_dtype=args.dtype, chunk_size=args.chunk_size,
+                                        fingerprint=source_fingerprint(args.src), nonfinite=nonfinite)
     print(f"{args.dst}: wrote {written} images, {skipped} already there (resumed); {len(source)} in {args.src}")
+    if nonfinite:
+        print(f"warning: {nonfinite_message(args.dst, nonfinite)}", file=sys.stderr)
     return 0
 
 

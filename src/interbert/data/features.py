@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import os
 import threading
 import weakref
@@ -32,7 +33,16 @@ import numpy as np
 
 from interbert.data.errors import DataFormatError, UnknownImageError
 from interbert.errors import InterBertError, UsageError
-from interbert.utils.files import atomic_path, atomic_write, atomic_write_json, fsync_dir, replace_folder
+from interbert.utils.files import (
+    atomic_path,
+    atomic_write,
+    atomic_write_json,
+    fsync_dir,
+    remove_leftover_temporaries,
+    replace_folder,
+)
+
+logger = logging.getLogger(__name__)
 
 # Guards the first open of a reader's handle in a process. Re-created in a forked child: a child forked
 # while another thread held it would otherwise wait for it forever. Re-entrant because opening an LMDB
@@ -788,9 +798,15 @@ class RegionStoreWriter:
         if feature_dtype not in ("float32", "float16"):
             raise UsageError(f"feature_dtype must be float32 or float16, not {feature_dtype!r}")
         self.path, self.chunk_size = Path(path), chunk_size
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"{self.path}: is a file, not a store folder (give a new or an existing store's folder)")
         if not self.path.is_dir():
             self.path.mkdir(parents=True, exist_ok=True)
             fsync_dir(self.path.parent)  # the new folder's own entry must survive a crash too
+        removed = remove_leftover_temporaries(self.path)  # of a writer killed mid-chunk: never named by the manifest
+        if removed:
+            logger.warning("%s: removed %d temporary file(s) left by a killed write (%s)", self.path, len(removed),
+                           ", ".join(p.name for p in removed[:3]) + (", ..." if len(removed) > 3 else ""))
         if (self.path / MANIFEST).exists():
             existing = RegionStore(self.path)
             self.manifest = existing.manifest
@@ -882,23 +898,76 @@ class RegionStoreWriter:
             self.flush()
 
 
+def source_fingerprint(path: str | Path) -> dict:
+    """What identifies a conversion's source: its path, size and the SHA-256 of its bytes (a folder's files
+    in name order, each name hashed with its content). Two sources are the same when size and hash agree,
+    wherever they lie; the path is kept for messages."""
+    import hashlib
+
+    path = Path(path)
+    digest, size = hashlib.sha256(), 0
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+                size += len(block)
+    return {"path": str(path.resolve()), "size": size, "sha256": digest.hexdigest()}
+
+
+def check_same_source(store: Path, recorded: dict | None, given: dict) -> None:
+    """A store converted from one source is resumed only from that source: "already there" from another one
+    would keep the first one's features under ids the second one names (a different TSV into an existing store)."""
+    if recorded is None:  # a store written before sources were recorded, or by a merge of several
+        return
+    if (recorded.get("size"), recorded.get("sha256")) != (given["size"], given["sha256"]):
+        raise UsageError(f"{store}: holds features converted from {recorded.get('path')} (sha256 "
+                         f"{str(recorded.get('sha256'))[:12]}), not from {given['path']} (sha256 {given['sha256'][:12]}); "
+                         "convert into a new folder")
+
+
 def convert_features(source: FeatureStore, destination: str | Path, feature_dtype: str = "float32",
-                     chunk_size: int = 1000, progress: bool = True) -> tuple[int, int]:
+                     chunk_size: int = 1000, progress: bool = True, fingerprint: dict | None = None,
+                     nonfinite: list[str] | None = None) -> tuple[int, int]:
     """Copy every image of ``source`` into a :class:`RegionStore` at ``destination``, resuming a partial
     one. Returns ``(written, already_there)``. A failed write raises :class:`StoreWriteError` and leaves
-    the store as its last complete chunk left it; running the conversion again completes it."""
+    the store as its last complete chunk left it; running the conversion again completes it.
+
+    ``fingerprint`` (:func:`source_fingerprint` of the source): recorded in the store's manifest, and a store
+    recorded from another source is refused. ``nonfinite``: the ids of written images with NaN or inf
+    features are appended to it (they are written as they are, and training refuses them); without it
+    they are logged as one warning with their count."""
     from tqdm.auto import tqdm
 
     written = skipped = 0
+    bad: list[str] = []
     with RegionStoreWriter(destination, feature_dtype, chunk_size) as writer:
+        if fingerprint is not None:
+            check_same_source(writer.path, writer.manifest.get("source"), fingerprint)
+            writer.manifest["source"] = fingerprint  # written with the next chunk's manifest
         for image_id in tqdm(source.ids(), desc=f"convert -> {destination}", unit="img", disable=not progress):
             if image_id in writer:
                 skipped += 1
                 continue
-            writer.add(image_id, source[image_id])
+            regions = source[image_id]
+            if not np.isfinite(regions.features).all():
+                bad.append(image_id)
+            writer.add(image_id, regions)
             written += 1
         writer.close()
+    if nonfinite is not None:
+        nonfinite.extend(bad)
+    elif bad:
+        logger.warning("%s", nonfinite_message(destination, bad))
     return written, skipped
+
+
+def nonfinite_message(destination: str | Path, ids: list[str], shown: int = 5) -> str:
+    listed = ", ".join(repr(i) for i in ids[:shown]) + (", ..." if len(ids) > shown else "")
+    return (f"{destination}: {len(ids)} image(s) with non-finite feature values (NaN or inf), written as they are; "
+            f"training refuses them: {listed}")
 
 
 # --------------------------------------------------------------------------- detection

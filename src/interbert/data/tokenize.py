@@ -28,8 +28,28 @@ def load_tokenizer(path: str | Path, lowercase: bool = True) -> PreTrainedTokeni
     if path.is_dir():
         return BertTokenizerFast.from_pretrained(str(path))
     with open(path, encoding="utf-8") as f:
-        vocab = {line.rstrip("\n"): n for n, line in enumerate(f)}
-    return BertTokenizerFast(vocab=vocab, do_lower_case=lowercase, tokenize_chinese_chars=True)
+        return tokenizer_from_vocab([line.rstrip("\n") for line in f], lowercase)
+
+
+def tokenizer_from_vocab(vocab: list[str], lowercase: bool = True) -> PreTrainedTokenizerBase:
+    """A fast BERT WordPiece tokenizer over ``vocab`` (``vocab.txt``'s lines), built in memory."""
+    ids = {token: n for n, token in enumerate(vocab)}
+    return BertTokenizerFast(vocab=ids, do_lower_case=lowercase, tokenize_chinese_chars=True)
+
+
+def save_wordpiece(vocab: list[str], out_dir: str | Path, lowercase: bool = True) -> PreTrainedTokenizerBase:
+    """Write ``vocab`` as a BERT-style tokenizer folder at ``out_dir`` (``vocab.txt`` and the tokenizer's files)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "vocab.txt", vocab_text(vocab))
+    tokenizer = load_tokenizer(out_dir / "vocab.txt", lowercase=lowercase)
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def vocab_text(vocab: list[str]) -> str:
+    """``vocab.txt``'s content: one token a line."""
+    return "".join(f"{token}\n" for token in vocab)
 
 
 def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 30522, lowercase: bool = True,
@@ -38,13 +58,8 @@ def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
 
     Reproducible: the same texts and settings give a byte-identical ``vocab.txt`` in every process (see
     :func:`wordpiece_vocabulary`; the ``tokenizers`` trainer breaks ties in hash order and does not)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     vocab = wordpiece_vocabulary(texts, vocab_size, lowercase=lowercase, min_frequency=min_frequency)
-    atomic_write_text(out_dir / "vocab.txt", "".join(f"{token}\n" for token in vocab))
-    tokenizer = load_tokenizer(out_dir / "vocab.txt", lowercase=lowercase)
-    tokenizer.save_pretrained(str(out_dir))
-    return tokenizer
+    return save_wordpiece(vocab, out_dir, lowercase)
 
 
 def wordpiece_vocabulary(texts: Iterable[str], vocab_size: int, lowercase: bool = True, min_frequency: int = 2,

@@ -22,10 +22,17 @@ import torch
 
 from interbert.config import InterBertConfig, preset
 from interbert.data import model_inputs
-from interbert.data.captions import Caption, read_captions
+from interbert.data.captions import Caption, blank_captions, blank_captions_message, read_captions
 from interbert.data.check import verify_images
 from interbert.data.features import FeatureStore, open_features
-from interbert.data.tokenize import load_tokenizer, train_wordpiece
+from interbert.data.tokenize import (
+    load_tokenizer,
+    save_wordpiece,
+    tokenizer_from_vocab,
+    train_wordpiece,
+    vocab_text,
+    wordpiece_vocabulary,
+)
 from interbert.errors import UsageError
 from interbert.model_card import write_model_card
 from interbert.modeling import InterBertPreTrainedModel
@@ -47,6 +54,7 @@ from interbert.recipes.settings import (
 )
 from interbert.utils import load_config
 from interbert.utils.config_files import MANDATORY, ConfigError, mandatory_keys
+from interbert.utils.files import remove_leftover_temporaries, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +103,10 @@ def model_folder(path: str | Path, key: str, source: str = "config") -> Path:
 def captions_of_split(path: str | Path, split: str | None, max_images: int | None = None) -> list[Caption]:
     """The captions of one split (all of them when ``split`` is None), optionally the first N images."""
     captions = read_captions(path)
+    blank = blank_captions(captions)
+    if blank:  # kept, each would pair its image with an empty text: skipped, never silently
+        logger.warning("skipping %s", blank_captions_message(path, blank))
+        captions = [c for c in captions if c.text.strip()]
     if split is not None:
         splits = sorted({str(c.split) for c in captions})
         captions = [c for c in captions if c.split == split]
@@ -139,15 +151,65 @@ def train_run_wordpiece(texts: list[str], folder: Path, vocab_size: int, lowerca
     (:func:`~interbert.data.tokenize.wordpiece_vocabulary`), but reading what was written is cheaper and
     keeps a run tied to its own vocabulary whatever the code version: under torchrun rank 0 trains it and
     the other ranks load it, and a resumed run (``resume``) loads the vocabulary its checkpoint was
-    trained with."""
-    if resume and (folder / "vocab.txt").is_file():
+    trained with.
+
+    A folder that already holds a vocabulary belongs to an earlier run: it is reused when these texts train
+    the same one, and otherwise replaced only when this run starts training (:func:`install_run_tokenizer`),
+    so a run that fails before then leaves the earlier run resumable (its checkpoint's embeddings are sized
+    to its vocabulary)."""
+    # read on rank 0 only, before anything is written: every rank then takes the same branch
+    existing = shared_from_main(lambda: _read_vocab(folder))
+    if existing is not None and resume:
         logger.info("resuming: reusing the run's WordPiece vocabulary in %s", folder)
         return load_tokenizer(folder)
-    with main_process_first() as main:
-        if not main:
-            return load_tokenizer(folder)
-        logger.info("training a %d-token WordPiece vocabulary on %d texts", vocab_size, len(texts))
-        return train_wordpiece(texts, folder, vocab_size=vocab_size, lowercase=lowercase, min_frequency=1)
+    if existing is None:
+        with main_process_first() as main:
+            if not main:
+                return load_tokenizer(folder)
+            logger.info("training a %d-token WordPiece vocabulary on %d texts", vocab_size, len(texts))
+            return train_wordpiece(texts, folder, vocab_size=vocab_size, lowercase=lowercase, min_frequency=1)
+    vocab = shared_from_main(lambda: wordpiece_vocabulary(texts, vocab_size, lowercase=lowercase, min_frequency=1))
+    if vocab_text(vocab) == existing:
+        logger.info("reusing the WordPiece vocabulary in %s (these texts train the same one)", folder)
+        return load_tokenizer(folder)
+    logger.info("%s holds an earlier run's %d-token vocabulary; this run's (%d tokens) replaces it when training "
+                "starts", folder, existing.count("\n"), len(vocab))
+    tokenizer = tokenizer_from_vocab(vocab, lowercase)
+    setattr(tokenizer, _PENDING_VOCABULARY, (folder, vocab, lowercase))
+    return tokenizer
+
+
+_PENDING_VOCABULARY = "_interbert_pending_vocabulary"  # (folder, vocab, lowercase): not yet written
+
+
+def _read_vocab(folder: Path) -> str | None:
+    vocab_file = folder / "vocab.txt"
+    return vocab_file.read_text(encoding="utf-8") if vocab_file.is_file() else None
+
+
+def shared_from_main(compute: Any) -> Any:
+    """``compute()`` run on rank 0 and sent to every rank (one process: just run)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return compute()
+    holder = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def install_run_tokenizer(tokenizer, is_main: bool = True) -> None:
+    """Write a vocabulary :func:`train_run_wordpiece` kept back (it replaces an earlier run's), now that the run
+    is about to train; the folder is swapped whole (:func:`~interbert.utils.files.replace_folder`). Nothing to
+    do for any other tokenizer."""
+    pending = getattr(tokenizer, _PENDING_VOCABULARY, None)
+    if pending is None:
+        return
+    delattr(tokenizer, _PENDING_VOCABULARY)
+    folder, vocab, lowercase = pending
+    if is_main:
+        replace_folder(folder, lambda tmp: save_wordpiece(vocab, tmp, lowercase))
+        logger.info("wrote this run's %d-token WordPiece vocabulary to %s", len(vocab), folder)
 
 
 def build_config(model_cfg: ModelSettings, **fields: Any) -> InterBertConfig:
@@ -203,10 +265,12 @@ def new_model(model_cfg: ModelSettings, tokenizer, store: FeatureStore, model_cl
     return model_class(build_config(model_cfg, vocab_size=len(tokenizer), **fields))
 
 
-def check_region_feature_size(model: InterBertPreTrainedModel, store: FeatureStore, source: str = "config") -> None:
-    """A checkpoint built for other features would fail at its first forward with a bare shape error."""
+def check_region_feature_size(model: InterBertPreTrainedModel, store: FeatureStore, source: str = "config",
+                              what: str = "model.from_checkpoint") -> None:
+    """A model built for other features would fail at its first forward with a bare shape error
+    (``mat1 and mat2 shapes cannot be multiplied``); ``what`` names the model in the message."""
     if model.config.region_feature_size != store.feature_dim:
-        raise ConfigError(f"{source}: model.from_checkpoint expects {model.config.region_feature_size}-d region features, "
+        raise ConfigError(f"{source}: {what} expects {model.config.region_feature_size}-d region features, "
                           f"but {store.path} holds {store.feature_dim}-d ones")
 
 
@@ -273,6 +337,11 @@ def start_run(cfg: RecipeSettings, source: str = "config") -> tuple[TrainConfig,
     init_distributed(resolve_device(train_cfg.device, int(os.environ.get("LOCAL_RANK", "0"))))
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # one rank cleans; the others' writes have not started
+        removed = remove_leftover_temporaries(out)  # .checkpoint.pt.tmp-* of a killed run: up to tens of MB each
+        if removed:
+            logger.warning("%s: removed %d temporary file(s) left by a killed write (%s)", out, len(removed),
+                           ", ".join(p.name for p in removed[:3]) + (", ..." if len(removed) > 3 else ""))
     # A new model's initial weights (and anything else drawn before the loop seeds itself) follow the
     # seed: torch seeds its default generator from the OS in every process, so without this two runs
     # with the same seed start from different weights.

@@ -32,7 +32,7 @@ from interbert.errors import DataError, UsageError
 from interbert.evaluate import image_retrieval_ranks, retrieval_metrics, write_rank_histogram
 from interbert.loading import load_model
 from interbert.modeling import InterBertForPreTraining
-from interbert.recipes.common import captions_of_split, feature_store, set_threads
+from interbert.recipes.common import captions_of_split, check_region_feature_size, feature_store, set_threads
 from interbert.retrieval import RegionInput, score_pairs, two_stage_scores
 from interbert.utils.files import atomic_write_text
 
@@ -98,7 +98,9 @@ def evaluate_retrieval(
     model = load_scoring_model(model_dir, zero_shot).to(target)
     tokenizer = load_tokenizer(model_dir)
     caps = captions_of_split(captions, split, max_images)
-    token_ids, images, index, image_ids = prepare_split(caps, feature_store(features), tokenizer, max_tokens, max_regions)
+    store = feature_store(features)
+    check_region_feature_size(model, store, "evaluate retrieval", f"the model {model_dir}")
+    token_ids, images, index, image_ids = prepare_split(caps, store, tokenizer, max_tokens, max_regions)
     logger.info("scoring %d captions x %d images (%d pairs)", len(caps), len(images), len(caps) * len(images))
     full = score_pairs(model, token_ids, images, pair_batch_size=pair_batch_size, progress=progress, shard=shard)
     result = {

@@ -19,6 +19,7 @@ from interbert.data.tokenize import load_tokenizer
 from interbert.loading import load_model
 from interbert.modeling import InterBertForImageTextRetrieval
 from interbert.recipes.common import (
+    install_run_tokenizer,
     bert_lr_multiplier,
     captions_of_split,
     check_region_feature_size,
@@ -91,6 +92,7 @@ def run(cfg: RetrievalSettings | dict, resume: bool = False, source: str = "conf
     start = time.perf_counter()
     trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
                       lr_multiplier_for=multiplier, eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
+    install_run_tokenizer(tokenizer, trainer.dist.is_main)  # only now: a run refused before leaves the folder as it was
     result = trainer.fit(resume=resume)
     model_dir = save_trained(trainer, tokenizer, out, extra=extra)
     return {"model_dir": str(model_dir), "steps": result.step, "seconds": time.perf_counter() - start,

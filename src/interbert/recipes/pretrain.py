@@ -19,6 +19,7 @@ from interbert.data.batches import PretrainingDataset, collate
 from interbert.loading import load_model
 from interbert.modeling import InterBertForPreTraining
 from interbert.recipes.common import (
+    install_run_tokenizer,
     bert_lr_multiplier,
     check_region_feature_size,
     checkpoint_updates,
@@ -109,6 +110,7 @@ def run(cfg: PretrainSettings | dict, resume: bool = False, source: str = "confi
     start = time.perf_counter()
     trainer = Trainer(model, train_set, train_cfg, collate_fn=collate_fn, lr_multiplier_for=multiplier,
                       eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
+    install_run_tokenizer(tokenizer, trainer.dist.is_main)  # only now: a run refused before leaves the folder as it was
     result = trainer.fit(resume=resume)
     model_dir = save_trained(trainer, tokenizer, out, extra=extra)
     return {"model_dir": str(model_dir), "steps": result.step, "seconds": time.perf_counter() - start,

@@ -24,6 +24,7 @@ from interbert.config import PRESETS, InterBertConfig, preset
 from interbert.data.batches import TASK_SAMPLING
 from interbert.data.masking import TEXT_MASKERS
 from interbert.data.vcr import TASKS as VCR_TASKS
+from interbert.errors import shown
 from interbert.train import TrainConfig
 from interbert.utils import typed_config
 from interbert.utils.config_files import ConfigError
@@ -162,7 +163,7 @@ class VcrDataSettings(TokenizerSettings):
     def __post_init__(self) -> None:
         _positive(self, "max_items", "vocab_size", "max_tokens", "max_regions")
         if not self.tasks or not set(self.tasks) <= set(VCR_TASKS):
-            raise ValueError(f"tasks must be a list of {', '.join(VCR_TASKS)}, not {self.tasks!r}")
+            raise ValueError(f"tasks must be a list of {', '.join(VCR_TASKS)}, not {shown(self.tasks)}")
         if self.feature_dim is not None and self.feature_dim < 5:
             raise ValueError(f"feature_dim must be a whole number >= 5 (the stand-in features hold the box "
                              f"geometry in their first 5 values), not {self.feature_dim!r}")

@@ -32,6 +32,7 @@ from interbert.data.tokenize import load_tokenizer
 from interbert.loading import load_model
 from interbert.modeling import InterBertForSequenceClassification
 from interbert.recipes.common import (
+    install_run_tokenizer,
     argmax_predictions,
     build_config,
     checkpoint_updates,
@@ -123,6 +124,7 @@ def run(cfg: TextSettings | dict, resume: bool = False, source: str = "config") 
         eval_fn = functools.partial(evaluate_text, dataset=dev_set, f1=task.f1, pad_token_id=tokenizer.pad_token_id)
     trainer = Trainer(model, train_set, train_cfg, collate_fn=functools.partial(collate_text, pad_token_id=tokenizer.pad_token_id),
                       eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
+    install_run_tokenizer(tokenizer, trainer.dist.is_main)  # only now: a run refused before leaves the folder as it was
     result = trainer.fit(resume=resume)
     seconds = time.perf_counter() - start
     metrics = None

@@ -35,6 +35,7 @@ from interbert.loading import load_model
 from interbert.modeling import InterBertForMultipleChoice
 from interbert.data.check import verify_images
 from interbert.recipes.common import (
+    install_run_tokenizer,
     argmax_predictions,
     build_config,
     checkpoint_updates,
@@ -181,6 +182,7 @@ def run(cfg: VcrSettings | dict, resume: bool = False, source: str = "config") -
     start = time.perf_counter()
     trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate_choices, pad_token_id=tokenizer.pad_token_id),
                       eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
+    install_run_tokenizer(tokenizer, trainer.dist.is_main)  # only now: a run refused before leaves the folder as it was
     result = trainer.fit(resume=resume)
     seconds = time.perf_counter() - start
     summary = {"steps": result.step, "seconds": seconds, "items": len(items), "examples": len(dataset), "history": result.history,

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from interbert.errors import UsageError
+from interbert.errors import UsageError, shown
 
 
 class ConfigError(UsageError):
@@ -52,12 +52,59 @@ FLOAT_RESOLVER = re.compile(
 )
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_RESOLVER, list("-+0123456789."))
 
+# A config is a few hundred values; aliases (``*name``) may repeat a section, but not multiply it: nine levels
+# of ``&a [*a, *a, ...]`` ("billion laughs") are a few lines that expand to 10^9 values, which every walk over
+# the settings (checking, copying, quoting in a message) pays for in time and memory.
+MAX_EXPANDED_NODES = 100_000
+
+
+class _TooLarge(Exception):
+    """The document expands past MAX_EXPANDED_NODES, or an alias refers to its own node."""
+
+
+def expanded_size(node: yaml.Node, limit: int = MAX_EXPANDED_NODES) -> int:
+    """How many nodes ``node`` stands for once every alias is written out, counted without expanding anything
+    (a node shared through aliases is sized once); :class:`_TooLarge` past ``limit`` or on a cycle."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in open_nodes:
+            raise _TooLarge("an alias refers to a node that contains it (a recursive structure)")
+        open_nodes.add(id(n))
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            total += sum(size(child) for child in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in n.value)
+        open_nodes.discard(id(n))
+        if total > limit:
+            raise _TooLarge(f"its aliases expand it to more than {limit:,} values")
+        sizes[id(n)] = total
+        return total
+
+    return size(node)
+
 
 def _parse_yaml(text: str, source: str) -> Any:
+    loader = _Loader(text)
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 -- _Loader is a SafeLoader
+        node = loader.get_single_node()  # composing shares an aliased node: cheap whatever its expansion
+        if node is None:
+            return None
+        try:
+            expanded_size(node)
+        except _TooLarge as e:
+            raise ConfigError(f"{source}: refused: {e} (a YAML alias bomb?)") from None
+        except RecursionError:
+            raise ConfigError(f"{source}: refused: nested too deeply") from None
+        return loader.construct_document(node)
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: invalid YAML: {error}") from error
+    finally:
+        loader.dispose()
 
 
 def parse_override(override: str) -> tuple[list[str], Any]:
@@ -65,11 +112,11 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     key, sep, raw_value = override.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"override {override!r} is not of the form dotted.key=value")
+        raise ConfigError(f"override {shown(override)} is not of the form dotted.key=value")
     path = key.split(".")
     if any(not part for part in path):
-        raise ConfigError(f"override {override!r} has an empty part in its key {key!r}")
-    return path, _parse_yaml(raw_value, f"override {override!r}")
+        raise ConfigError(f"override {shown(override)} has an empty part in its key {shown(key)}")
+    return path, _parse_yaml(raw_value, f"override {shown(override)}")
 
 
 def set_dotted(
@@ -90,7 +137,8 @@ def set_dotted(
         known = known_keys(path[:depth], node)
         if known is not None and part not in known:
             listed = ", ".join(map(str, known)) or "(none)"
-            raise ConfigError(f"{source}: unknown config key {dotted!r} in override {text!r}; known keys here: {listed}")
+            raise ConfigError(f"{source}: unknown config key {shown(dotted)} in override {shown(text)}; "
+                              f"known keys here: {listed}")
         if depth == len(path) - 1:
             node[part] = value
         else:

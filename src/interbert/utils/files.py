@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 from contextlib import contextmanager
@@ -129,6 +130,48 @@ def replace_folder(path: str | Path, write: Callable[[Path], Any]) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
+# temporary_name's pattern: ".<target name>.tmp-<pid>-<thread id>"
+TEMPORARY_NAME = re.compile(r"^\..+" + re.escape(TMP_MARK) + r"(?P<pid>\d+)-\d+$")
+
+
 def leftover_temporaries(folder: str | Path) -> list[Path]:
     """Temporary files that a killed writer left in ``folder`` (a clean failure removes its own)."""
     return sorted(p for p in Path(folder).iterdir() if p.name.startswith(".") and TMP_MARK in p.name)
+
+
+def writer_is_gone(path: Path) -> bool:
+    """Whether the process whose :func:`temporary_name` is ``path`` has ended: only then is the file litter
+    rather than a write in progress. A name not of the pattern, this process's own (another thread may be
+    writing), or a process that lives (or that we may not signal) count as not gone."""
+    match = TEMPORARY_NAME.match(path.name)
+    if match is None:
+        return False
+    pid = int(match["pid"])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: no signal, only whether the process exists
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, OSError):
+        return False
+    return False
+
+
+def remove_leftover_temporaries(folder: str | Path) -> list[Path]:
+    """Remove what killed writers left in ``folder`` (a ``.checkpoint.pt.tmp-*`` can be tens of MB): only
+    names of :func:`temporary_name`'s pattern, only directly in ``folder``, only of processes that have
+    ended. Returns what was removed; a missing folder has none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in leftover_temporaries(folder):
+        if not writer_is_gone(path):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)  # replace_folder's temporary folder
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import types
 import typing
@@ -28,6 +29,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from interbert.errors import MAX_SHOWN, shown
 from interbert.utils.config_files import ConfigError, FLOAT_RESOLVER, parse_override, read_config, set_dotted
 
 T = TypeVar("T")
@@ -106,7 +108,7 @@ def coerce(value: Any, annotation: Any, key: str, source: str = "config", choice
         return None
     if choices is not None:
         if not any(_same(value, option) for option in choices):
-            raise ConfigError(f"{source}: {key} must be one of {', '.join(map(str, choices))}, not {value!r}")
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(map(str, choices))}, not {shown(value)}")
         return value
     kinds = [kind for kind in members if kind is not type(None)]
     if len(kinds) == 1 and dataclasses.is_dataclass(kinds[0]):
@@ -120,6 +122,8 @@ def coerce(value: Any, annotation: Any, key: str, source: str = "config", choice
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .nan / .inf read as floats, and no setting means them
+                raise ConfigError(f"{source}: {key} must be a finite number, not {value!r}")
             return float(value)
         if origin is str and isinstance(value, str | os.PathLike):
             return os.fspath(value)
@@ -131,7 +135,7 @@ def coerce(value: Any, annotation: Any, key: str, source: str = "config", choice
         if origin is list and isinstance(value, list | tuple):
             item = args[0] if args else Any
             return [coerce(v, item, f"{key}[{n}]", source) for n, v in enumerate(value)]
-    raise ConfigError(f"{source}: {key} must be {expect or _describe(annotation)}, got {value!r}")
+    raise ConfigError(f"{source}: {key} must be {expect or _describe(annotation)}, got {shown(value)}")
 
 
 def from_dict(kind: type[T], values: Mapping[str, Any] | T | None, key: str = "", source: str = "config") -> T:
@@ -147,7 +151,7 @@ def from_dict(kind: type[T], values: Mapping[str, Any] | T | None, key: str = ""
     fields = {f.name: f for f in dataclasses.fields(kind)}
     for name in values:
         if name not in fields:
-            raise ConfigError(f"{source}: unknown config key {_join(key, name)!r}; known keys here: "
+            raise ConfigError(f"{source}: unknown config key {shown(_join(key, name))}; known keys here: "
                               f"{', '.join(fields)}")
     hints = _hints(kind)
     typed = {}
@@ -162,6 +166,8 @@ def from_dict(kind: type[T], values: Mapping[str, Any] | T | None, key: str = ""
         raise
     except ValueError as e:  # the dataclass's own checks; a message that starts with a field's name gets its key
         message = str(e)
+        if len(message) > 2 * MAX_SHOWN:  # a dataclass check quotes the value it refuses: keep the line short
+            message = message[: 2 * MAX_SHOWN - 3] + "..."
         named = message.split(" ", 1)[0].split(":", 1)[0] in fields
         where = f"{key}." if key and named else f"{key}: " if key else ""
         raise ConfigError(f"{source}: {where}{message}") from None
