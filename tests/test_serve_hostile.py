@@ -210,7 +210,7 @@ def test_index_add_on_a_folder_naming_a_milvus_server_is_refused(built, index, c
     before = snapshot(index)
     code = interbert_main(["index", "add", "--index", str(index), "--features", str(folder / "features")])
     err = capsys.readouterr().err.strip()
-    assert code == 1 and err.startswith("error: ") and "pass --engine" in err and len(err.splitlines()) == 1
+    assert code == 2 and err.startswith("error: ") and "pass --engine" in err and len(err.splitlines()) == 1
     assert snapshot(index) == before
 
 

@@ -232,8 +232,8 @@ def test_cli_build_then_add(gallery, tmp_path, capsys):
     assert interbert_main(["index", "add", "--index", str(out), "--features", str(tmp_path / "more" / "features")]) == 0
     assert "12 images (2 added" in capsys.readouterr().out
     assert ImageIndex(out).record(more[1]) is not None
-    # Bad input is a message and exit code 1, not a traceback.
-    assert interbert_main(["index", "add", "--index", str(out), "--features", str(tmp_path / "missing")]) == 1
+    # A path that cannot be opened is a message and exit code 2 (the command line must change), not a traceback.
+    assert interbert_main(["index", "add", "--index", str(out), "--features", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "run the same command again to resume" in err  # the index it had is kept
 
@@ -242,7 +242,7 @@ def test_cli_build_refused_before_it_starts_says_one_line(gallery, tmp_path, cap
     """A build that fails before it has written anything has nothing to resume: one error line, no hint."""
     folder, _, _ = gallery
     assert interbert_main(["index", "build", "--model", str(tmp_path / "no_model"), "--features",
-                           str(folder / "features"), "--out", str(tmp_path / "idx")]) == 1
+                           str(folder / "features"), "--out", str(tmp_path / "idx")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "no_model" in err[0]
 

@@ -58,12 +58,20 @@ def _cmd_index(args: argparse.Namespace) -> int:
         # A refusal of what the command line asked (UsageError) comes before any work: nothing to resume.
         if (Path(out) / MANIFEST).is_file() and not isinstance(error, UsageError):  # what it committed is kept
             print("(finished batches are kept; fix the input and run the same command again to resume)", file=sys.stderr)
-        return 1
+        return _exit_code(error)
     left_out = f", {len(report.non_finite)} left out (non-finite embeddings, listed in index.json)" if report.non_finite else ""
     engine = json.loads((Path(out) / "index.json").read_text()).get("engine", "faiss")
     print(f"{out}: {report.total} images ({report.added} added, {report.already_indexed} already indexed{left_out}), "
           f"{report.index_type} index ({engine})")
     return 0
+
+
+def _exit_code(error: BaseException) -> int:
+    """The CLI's convention: 2 for what the command line must change (a path that cannot be opened, a
+    refused setting), 1 for data that cannot be used (and for the rest: a full disk, a damaged file)."""
+    from interbert.cli import error_exit_code
+
+    return error_exit_code(error) or 1
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -90,7 +98,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise  # the CLI prints it with its own exit code (2 for what the command line must change)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return _exit_code(error)
     gate = app.state.rerank_gate
     print(f"serving {args.index} on http://{args.host}:{args.port}/ (at most {gate.limit} re-ranked searches at once, "
           f"model on {args.device})", flush=True)
