@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from interbert.errors import UsageError, shown
+from interbert.errors import MAX_SHOWN, UsageError, shown
 
 
 class ConfigError(UsageError):
@@ -56,6 +56,7 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_RESOLVER, list("-
 # of ``&a [*a, *a, ...]`` ("billion laughs") are a few lines that expand to 10^9 values, which every walk over
 # the settings (checking, copying, quoting in a message) pays for in time and memory.
 MAX_EXPANDED_NODES = 100_000
+MAX_CONFIG_BYTES = 1 << 20  # the shipped configs are ~2 KB; a file a thousand times larger is not a config
 
 
 class _TooLarge(Exception):
@@ -88,6 +89,22 @@ def expanded_size(node: yaml.Node, limit: int = MAX_EXPANDED_NODES) -> int:
     return size(node)
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's message on one line: where (line and column) and what, without the quoted source
+    excerpt and caret it draws over several lines."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    context = getattr(error, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    text = f"{where}{context + ', ' if context else ''}{problem}"
+    return _one_line(text)
+
+
+def _one_line(text: str, limit: int = MAX_SHOWN) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _parse_yaml(text: str, source: str) -> Any:
     loader = _Loader(text)
     try:
@@ -98,11 +115,17 @@ def _parse_yaml(text: str, source: str) -> Any:
             expanded_size(node)
         except _TooLarge as e:
             raise ConfigError(f"{source}: refused: {e} (a YAML alias bomb?)") from None
-        except RecursionError:
-            raise ConfigError(f"{source}: refused: nested too deeply") from None
         return loader.construct_document(node)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{source}: invalid YAML: {error}") from error
+        raise ConfigError(f"{source}: invalid YAML: {_yaml_problem(error)}") from None
+    except RecursionError:
+        # PyYAML composes and constructs recursively: "[[[[...]]]]" thousands deep exhausts Python's stack
+        raise ConfigError(f"{source}: refused: nested too deeply") from None
+    except ConfigError:
+        raise
+    except ValueError as error:
+        # a scalar the constructor cannot turn into a value, e.g. an int of more than 4,300 digits
+        raise ConfigError(f"{source}: refused a value: {_one_line(str(error))}") from None
     finally:
         loader.dispose()
 
@@ -182,10 +205,19 @@ def resolve_config(value: str | Path) -> Path:
 def read_config(path: str | Path) -> tuple[Path, dict]:
     """A YAML config file (a path, or a shipped config's name) as its path and top-level mapping."""
     path = resolve_config(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a YAML file")
     if not path.is_file():
         shipped = ", ".join(sorted(packaged_configs())) or "(none)"
         raise ConfigError(f"config file {path} does not exist (shipped configs, usable by name: {shipped})")
-    config = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size:,} bytes is not a config (at most {MAX_CONFIG_BYTES:,} bytes are read)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+    config = _parse_yaml(text, str(path))
     if config is None:
         config = {}
     if not isinstance(config, dict):
