@@ -88,9 +88,53 @@ def unreadable_weights_reason(error: BaseException) -> str | None:
     return None
 
 
+def _saved_shapes(weights: Path) -> dict[str, tuple[int, ...]] | None:
+    """Each tensor's shape in a safetensors file, read from its header alone (no tensor is loaded); None for
+    other formats, whose shapes cannot be known without unpickling them."""
+    if weights.name != "model.safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+
+
+def check_config_fits_weights(cls: type[InterBertPreTrainedModel], folder: Path, **kwargs: Any) -> None:
+    """Refuse a folder whose config.json describes a model its weights file does not hold, before the model is
+    built: a config is input, and one that says ``hidden_size: 1000000`` would otherwise have the model allocate
+    terabytes before the weights are even compared. The model is built on the meta device (no memory), and its
+    tensors' shapes are compared with the safetensors header's; for any format, a model more than 4x the weights
+    file's size (at 2 bytes a parameter) is refused as well."""
+    import torch
+
+    weights = weights_file(folder)
+    if not weights.is_file():
+        return  # transformers names the missing file
+    config = kwargs.pop("config", None)
+    if config is None:
+        config = InterBertConfig.from_pretrained(folder, **kwargs)
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in cls(config).state_dict().items()}
+    saved = _saved_shapes(weights)
+    if saved is not None:
+        prefix = f"{cls.base_model_prefix}."
+        for name, shape in expected.items():
+            stored = saved.get(name, saved.get(name.removeprefix(prefix), saved.get(prefix + name)))
+            if stored is not None and stored != shape:
+                raise DataError(f"{folder / 'config.json'} does not describe {weights}: {name} is "
+                                f"{list(stored)} there, the config makes it {list(shape)}")
+    parameters = sum(int(torch.Size(shape).numel()) for shape in expected.values())
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) if weights.suffix == ".json" else weights.stat().st_size
+    if 2 * parameters > 4 * size + (64 << 20):
+        raise DataError(f"{folder / 'config.json'} describes {parameters:,} parameters, far more than the "
+                        f"{size:,} bytes of {weights} hold: refused before building it")
+
+
 def read_pretrained(cls: type[InterBertPreTrainedModel], folder: Path, **kwargs: Any) -> InterBertPreTrainedModel:
-    """``cls.from_pretrained(folder, **kwargs)``; a damaged or refused weights file is a DataError naming it."""
+    """``cls.from_pretrained(folder, **kwargs)``; a damaged or refused weights file, or a config that does not
+    describe the weights, is a DataError naming it."""
     try:
+        check_config_fits_weights(cls, folder, **kwargs)
         return cls.from_pretrained(folder, **kwargs)
     except Exception as error:  # noqa: BLE001 -- only a damaged weights file is translated, anything else re-raised
         reason = unreadable_weights_reason(error)
