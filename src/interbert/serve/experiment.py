@@ -38,7 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from interbert.errors import UsageError
+from interbert.errors import UsageError, shown
 from interbert.serve import DEFAULT_RERANK_QUEUE_TIMEOUT
 from interbert.serve.abtest import MAX_USER_ID_CHARS, ArmSpec, assign_arm, file_sha256, index_sha256, valid_user_id
 from interbert.serve.events import (
@@ -303,7 +303,7 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
                          user: Annotated[str | None, Query(max_length=MAX_USER_TOKEN_CHARS)] = None,
                          k: Annotated[int, Query(ge=1, le=MAX_K)] = MAX_K) -> TopicResponse:
         if topic_id not in titles:
-            raise HTTPException(404, f"no topic {topic_id!r}" + ("" if topics else " (this server has no feeds)"))
+            raise HTTPException(404, f"no topic {shown(topic_id)}" + ("" if topics else " (this server has no feeds)"))
         user_id, cookie = users.of(request, user)
         arm = arm_of(user_id)
         items = arm.feed.items[topic_id][:k]
@@ -348,7 +348,7 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
             path = arm.service.index.thumbnail_file(record) if record is not None else None  # inside thumbnails/
             if path is not None:
                 return FileResponse(path, media_type="image/jpeg")
-        raise HTTPException(404, f"image {image_id!r} has no thumbnail in any arm's index")
+        raise HTTPException(404, f"image {shown(image_id)} has no thumbnail in any arm's index")
 
     @app.get("/", response_class=HTMLResponse)
     async def home(request: Request, user: Annotated[str | None, Query(max_length=MAX_USER_TOKEN_CHARS)] = None):

@@ -32,7 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
-from interbert.errors import UsageError
+from interbert.errors import UsageError, shown
 from interbert.serve import DEFAULT_RERANK_QUEUE_TIMEOUT
 from interbert.serve._data import open_features, region_batch
 from interbert.serve.index import ImageIndex, ImageRecord
@@ -286,10 +286,10 @@ def create_app(index_dir: str | Path, model_dir: str | Path | None = None, reran
         # ever becomes part of a file path.
         record = service.index.record(image_id)
         if record is None:
-            raise HTTPException(404, f"image {image_id!r} is not in the index")
+            raise HTTPException(404, f"image {shown(image_id)} is not in the index")
         path = service.index.thumbnail_file(record)  # confined to the folder's thumbnails/
         if path is None:
-            raise HTTPException(404, f"image {image_id!r} has no thumbnail in the index")
+            raise HTTPException(404, f"image {shown(image_id)} has no thumbnail in the index")
         return FileResponse(path, media_type="image/jpeg")
 
     @app.get("/", response_class=HTMLResponse)
