@@ -132,6 +132,26 @@ def test_a_server_taking_unsigned_ids_says_so_at_start(world, tmp_path):
     assert any("will not survive a restart" in line for line in warnings)  # no --user-secret-file
 
 
+def test_behind_a_tls_proxy_the_user_cookie_is_secure(world, tmp_path):
+    """The README's public set-up: a reverse proxy on this machine terminates TLS and says so with
+    X-Forwarded-Proto; uvicorn believes it from 127.0.0.1, so the signed cookie is marked Secure (and only then:
+    over plain http a Secure cookie would never come back)."""
+    secret = tmp_path / "user.secret"
+    secret.write_text("s" * 64)
+    secret.chmod(0o600)
+    server, url = start_server(world, tmp_path / "events.sqlite", "--user-secret-file", str(secret))
+    try:
+        proxied = httpx.get(f"{url}/", headers={"X-Forwarded-Proto": "https"}, timeout=10)
+        direct = httpx.get(f"{url}/", timeout=10)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+    assert proxied.status_code == direct.status_code == 200
+    assert "secure" in proxied.headers["set-cookie"].lower().split("; ")
+    assert "secure" not in direct.headers["set-cookie"].lower().split("; ")
+    assert "httponly" in direct.headers["set-cookie"].lower().split("; ")
+
+
 def oracle_feed(world, path):
     """The treatment's feed re-ranked by the ground truth: every image whose scene holds the topic's
     attributes first. Against it the experiment has a real effect to find."""
