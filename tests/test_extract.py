@@ -22,7 +22,8 @@ from PIL import Image  # noqa: E402
 
 from interbert.cli import main  # noqa: E402
 from interbert.data.features import open_features  # noqa: E402
-from interbert.extract.detector import DetectorConfig, build_detector, file_sha256, region_count  # noqa: E402
+from interbert.extract.detector import DetectorConfig, build_detector, region_count  # noqa: E402
+from interbert.utils.files import file_sha256  # noqa: E402
 from interbert.extract.run import extract_features  # noqa: E402
 
 SMALL = {"min_size": 192, "max_size": 256, "num_proposals": 100}

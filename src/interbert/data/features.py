@@ -40,6 +40,7 @@ from interbert.utils.files import (
     fsync_dir,
     remove_leftover_temporaries,
     replace_folder,
+    update_digest,
 )
 
 logger = logging.getLogger(__name__)
@@ -910,10 +911,8 @@ def source_fingerprint(path: str | Path) -> dict:
     for file in files:
         if path.is_dir():
             digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-                size += len(block)
+        update_digest(digest, file)
+        size += file.stat().st_size
     return {"path": str(path.resolve()), "size": size, "sha256": digest.hexdigest()}
 
 

@@ -15,7 +15,6 @@ internally (``min_size``/``max_size``) is undone here.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,12 +125,6 @@ def load_detector_state_dict(path: str | Path) -> dict[str, Tensor]:
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_detector(config: DetectorConfig) -> tuple[nn.Module, int]:

@@ -31,13 +31,12 @@ from interbert.extract.detector import (
     DetectorConfig,
     RegionDetector,
     build_detector,
-    file_sha256,
     versions,
     warn_random_weights,
 )
 from interbert.extract.given_boxes import GivenBoxes, match_given_boxes, read_given_boxes
 from interbert.extract.images import ImageDecodeError, decode_image, list_images, shard_from_environment, shard_ids
-from interbert.utils.files import atomic_path, atomic_write_text
+from interbert.utils.files import atomic_path, atomic_write_text, file_sha256
 
 META_FILE = "extract_meta.json"
 TSV_FILE = "features.tsv"

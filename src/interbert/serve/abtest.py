@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from interbert.errors import UsageError
+from interbert.utils.files import file_sha256
 
 ARM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 MAX_USER_ID_CHARS = 128
@@ -78,15 +79,6 @@ def assign_arm(user_id: str, salt: str, arms: tuple[str, ...], split: tuple[floa
         if u < upper:
             return arm
     return arms[-1]  # the shares' float sum may end a hair below 1
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def index_sha256(folder: str | Path) -> str:

@@ -19,6 +19,7 @@ from interbert.config import InterBertConfig
 from interbert.loading import load_model
 from interbert.modeling import InterBertForImageTextRetrieval, fuse
 from interbert.serve._data import load_tokenizer
+from interbert.utils.files import update_digest
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 MAX_QUERY_TOKENS = 64
@@ -32,9 +33,7 @@ def weights_fingerprint(model_dir: str | Path) -> str:
         raise FileNotFoundError(f"{model_dir} holds no weights ({' or '.join(WEIGHT_FILES)})")
     digest = hashlib.sha256()
     for file in files:
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        update_digest(digest, file)
     return digest.hexdigest()
 
 

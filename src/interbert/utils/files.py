@@ -9,6 +9,7 @@ new one, never half of one, and no ``*.tmp`` litter is left behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -175,3 +176,17 @@ def remove_leftover_temporaries(folder: str | Path) -> list[Path]:
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+def update_digest(digest: Any, path: str | Path) -> Any:
+    """Feed the bytes of ``path`` to a hashlib ``digest`` 1 MiB at a time (a checkpoint or a feature store is
+    not read into memory whole); returns the digest."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes."""
+    return update_digest(hashlib.sha256(), path).hexdigest()
