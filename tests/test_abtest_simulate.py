@@ -77,3 +77,16 @@ def test_benchmark_topics_can_count_one_split_only(tmp_path):
     assert len(read_scenes(tmp_path / "scenes.jsonl")) == 2
     with pytest.raises(Exception, match="no scenes of split 'val'"):
         read_scenes(tmp_path / "scenes.jsonl", "val")
+
+
+def test_asking_for_more_topics_than_the_scenes_hold_says_so(tmp_path, capsys):
+    from interbert.cli import main as interbert_main
+
+    lines = ['{"image_id": 0, "split": "test", "objects": [{"kind": "ball", "colour": "red", "size": "small"}]}',
+             '{"image_id": 1, "split": "test", "objects": [{"kind": "cube", "colour": "blue", "size": "large"}]}']
+    (tmp_path / "synth.json").write_text('{"files": {"scenes": "scenes.jsonl"}}')
+    (tmp_path / "scenes.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "topics.txt"
+    assert interbert_main(["abtest", "topics", str(tmp_path), "--out", str(out), "--count", "30"]) == 0
+    assert sorted(out.read_text().splitlines()) == ["a blue cube", "a red ball"]
+    assert "2 topics (--count 30 asked for more" in capsys.readouterr().out

@@ -168,6 +168,8 @@ def test_typing_a_query_in_the_page_shows_result_images(server_url, tmp_path):
             "document.querySelectorAll('#results figure.hit img[data-loaded=\"1\"]').length === 12 && 12"
         )
         status = browser.evaluate("document.getElementById('status').textContent")
+        # a plain search server has no topic feeds: the "browse a topic" menu stays out of sight
+        topic_menu = browser.evaluate("getComputedStyle(document.getElementById('topic-form')).display")
         url = browser.evaluate("location.search")
         screenshot = tmp_path / "search.png"
         browser.screenshot(screenshot)
@@ -175,6 +177,7 @@ def test_typing_a_query_in_the_page_shows_result_images(server_url, tmp_path):
         browser.close()
     assert loaded == 12
     assert status.startswith("12 results")
+    assert topic_menu == "none"
     assert "q=a+brown+dog+on+the+grass" in url  # the search is linkable
     with Image.open(screenshot) as shot:
         assert shot.size[0] >= 800 and len(shot.convert("RGB").getcolors(1 << 20) or []) > 12  # a grid of colours

@@ -139,7 +139,7 @@ def register(subparsers) -> None:
     evaluate_subparsers = evaluate.add_subparsers(dest="task", metavar="<task>", required=True)
     e = evaluate_subparsers.add_parser("retrieval", help="image retrieval, Flickr30K protocol (all captions x all images)")
     e.add_argument("--model", required=True, help="a model folder written by a recipe (or save_pretrained)")
-    e.add_argument("--captions", required=True, help="Karpathy JSON, COCO JSON, Flickr8k token file or JSON lines")
+    e.add_argument("--captions", required=True, help="Karpathy JSON, COCO JSON, Flickr8k token file, Flickr30k JSON, a LAVIS/ALBEF annotation list or JSON lines")
     e.add_argument("--features", required=True, help="feature store, TSV, npz folder, HDF5 ...")
     e.add_argument("--split", default="test", help="caption split to evaluate (default: test; 'all' for every caption)")
     e.add_argument("--zero-shot", action="store_true", help="score with the pretraining ITM head (no fine-tuning)")

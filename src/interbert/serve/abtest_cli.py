@@ -75,7 +75,9 @@ def _cmd_benchmark_topics(args: argparse.Namespace) -> int:
 
     titles = benchmark_topics(read_scenes(args.data, args.split), args.count, lang=args.lang, seed=args.seed)
     atomic_write_text(args.out, "".join(t + "\n" for t in titles))
-    print(f"{args.out}: {len(titles)} topics")
+    short = (f" (--count {args.count} asked for more: the split's scenes hold only {len(titles)} colour-kind "
+             f"combinations)" if len(titles) < args.count else "")
+    print(f"{args.out}: {len(titles)} topics{short}")
     return 0
 
 

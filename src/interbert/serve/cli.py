@@ -153,7 +153,7 @@ def _timeout_seconds(text: str) -> float:
 
 def _common_index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", required=True, help="feature store of the images (npz folder, TSV, HDF5, region store)")
-    p.add_argument("--captions", help="captions file (Karpathy/COCO/Flickr JSON, token file, JSON lines): shown with results")
+    p.add_argument("--captions", help="captions file (Karpathy, COCO, Flickr30k JSON, a LAVIS/ALBEF annotation list, a Flickr8k token file, JSON lines): shown with results")
     p.add_argument("--split", help="only the images that --captions puts in this split (e.g. test)")
     p.add_argument("--thumbnails", help="folder of <image_id>.jpg/.png images; small copies are kept in the index")
     p.add_argument("--batch-size", type=int, default=64, help="images embedded (and committed) per batch (default 64)")
@@ -171,7 +171,7 @@ def register(subparsers) -> None:
     sub = index.add_subparsers(dest="index_command", metavar="<action>", required=True)
 
     build = sub.add_parser("build", help="embed a feature store's images into a new index (re-run to resume)")
-    build.add_argument("--model", required=True, help="saved InterBERT model folder (with vocab.txt)")
+    build.add_argument("--model", required=True, help="saved InterBERT model folder (config.json, weights and its tokenizer: tokenizer.json or vocab.txt)")
     build.add_argument("--out", required=True, help="index folder to create or resume")
     _common_index_arguments(build)
     build.add_argument("--index-type", choices=INDEX_TYPES, default="auto",
