@@ -5,6 +5,7 @@ feed), every user assigned to one arm by :func:`interbert.serve.abtest.assign_ar
     GET  /topics/{topic_id}?user=   the user's arm's ranked items for the topic   -> request_id, arm, results
     POST /search                    as the single-index service, answered by the user's arm -> + request_id, arm
     POST /events/click              {request_id, image_id}: a click on an item that request showed
+    GET  /metrics, /health/live, /health/ready   as the single-index service; readiness also asks the event log
 
 The user is named by the ``X-User-Id`` header, else the ``user`` query parameter, else the
 ``interbert_user`` cookie; a request with none gets a fresh id, set as that cookie (signed), so a browser

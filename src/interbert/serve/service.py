@@ -10,6 +10,9 @@ once (:class:`RerankGate`); a re-ranked search that finds them all busy waits up
 ``rerank_queue_timeout`` seconds for a slot and is otherwise answered 503 with ``Retry-After``: the client
 learns at once that the service is saturated instead of queueing without end. Searches without
 re-ranking (one text forward and a FAISS lookup) are not held back by the gate.
+
+Beside the search: ``GET /metrics`` (Prometheus), ``/health/live`` and ``/health/ready`` (the model and the
+index answer), and an ``X-Request-Id`` on every answer (:mod:`interbert.serve.metrics`).
 """
 
 from __future__ import annotations
