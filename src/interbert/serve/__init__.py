@@ -17,3 +17,6 @@ DEFAULT_RERANK_QUEUE_TIMEOUT = 1.0
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_BODY_TIMEOUT_S = 10.0
 DEFAULT_LIMIT_CONCURRENCY = 512
+# Seconds a stopping server (SIGTERM) lets its in-flight requests finish before it cancels them: far more
+# than a re-ranked search takes, less than the 30 s+ an orchestrator usually allows before SIGKILL.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 25.0

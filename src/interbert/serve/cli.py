@@ -10,7 +10,7 @@ from pathlib import Path
 from interbert.errors import InterBertError, UsageError
 from interbert.serve import (
     DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_LIMIT_CONCURRENCY, DEFAULT_MAX_REGIONS,
-    DEFAULT_RERANK_QUEUE_TIMEOUT, INDEX_TYPES,
+    DEFAULT_RERANK_QUEUE_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT_S, INDEX_TYPES,
 )
 from interbert.serve.identity import DEFAULT_REQUEST_CLICKS_PER_MINUTE, DEFAULT_USER_CLICKS_PER_MINUTE
 from interbert.utils.argtypes import positive_int, seconds
@@ -78,6 +78,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn  # noqa: F401  (missing, it is named as the `serve` extra before anything loads)
 
+    from interbert.serve.metrics import access_log_sink
     from interbert.serve.service import create_app
     from interbert.train import checked_device
 
@@ -86,6 +87,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # threads, 70-90 ms with 1, on 2 shared cores).
     torch.set_num_threads(args.torch_threads)
     args.device = str(checked_device(args.device))
+    # Before the models load: a bad --access-log-file is refused in a moment.
+    args.access_log_sink = access_log_sink(args.access_log, args.access_log_file)
     if args.arm:
         return _serve_experiment(args)
     if args.index is None:
@@ -93,7 +96,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         app = create_app(args.index, args.model, rerank_cap=args.rerank_cap, engine=args.engine,
                          max_concurrent_reranks=args.max_concurrent_reranks,
-                         rerank_queue_timeout=args.rerank_queue_timeout, device=args.device)
+                         rerank_queue_timeout=args.rerank_queue_timeout, device=args.device,
+                         access_log=args.access_log_sink)
     except InterBertError:
         raise  # the CLI prints it with its own exit code (2 for what the command line must change)
     except (ValueError, OSError) as error:
@@ -110,7 +114,8 @@ def _run(app, args: argparse.Namespace) -> None:
     from interbert.serve.server import run_server
 
     run_server(app, args.host, args.port, args.log_level, header_timeout=args.header_timeout,
-               body_timeout=args.body_timeout, limit_concurrency=args.limit_concurrency)
+               body_timeout=args.body_timeout, limit_concurrency=args.limit_concurrency,
+               access_log=args.access_log == "uvicorn", shutdown_timeout=args.shutdown_timeout)
 
 
 def _serve_experiment(args: argparse.Namespace) -> int:
@@ -133,7 +138,7 @@ def _serve_experiment(args: argparse.Namespace) -> int:
                         salt=args.salt, rerank_cap=args.rerank_cap, max_concurrent_reranks=args.max_concurrent_reranks,
                         rerank_queue_timeout=args.rerank_queue_timeout, device=args.device, user_secret=secret,
                         insecure_user_ids=args.insecure_user_ids, user_clicks_per_minute=args.user_clicks_per_minute,
-                        request_clicks_per_minute=args.request_clicks_per_minute)
+                        request_clicks_per_minute=args.request_clicks_per_minute, access_log=args.access_log_sink)
     shares = ", ".join(f"{name} {100 * share:g}%" for name, share in zip(app.state.experiment.arms, app.state.experiment.split))
     print(f"experiment {args.experiment!r} ({shares}) on http://{args.host}:{args.port}/, events in {events}", flush=True)
     _run(app, args)
@@ -236,4 +241,12 @@ def register(subparsers) -> None:
     serve.add_argument("--limit-concurrency", type=positive_int, default=DEFAULT_LIMIT_CONCURRENCY, metavar="N",
                        help="open connections plus running requests; past it new requests are answered 503 "
                             f"(default {DEFAULT_LIMIT_CONCURRENCY})")
+    serve.add_argument("--access-log", choices=["uvicorn", "json", "off"], default="uvicorn",
+                       help="one line per request: uvicorn's (default), json (request id, method, route, status, "
+                            "latency, arm; no query text, user ids only hashed) or off")
+    serve.add_argument("--access-log-file", metavar="PATH",
+                       help="with --access-log json: append the lines to PATH (default: stderr)")
+    serve.add_argument("--shutdown-timeout", type=_timeout_seconds, default=DEFAULT_SHUTDOWN_TIMEOUT_S, metavar="S",
+                       help="on SIGTERM, seconds the requests in flight have to finish before they are cancelled "
+                            f"(default {DEFAULT_SHUTDOWN_TIMEOUT_S:g})")
     serve.set_defaults(func=_cmd_serve)

@@ -114,9 +114,9 @@ class ExperimentConfig:
 BUSY_WAIT = 30.0  # seconds a connection waits for another process's lock (sqlite3's timeout, and the WAL switch)
 
 
-def connect(path: str | Path) -> sqlite3.Connection:
+def connect(path: str | Path, busy_wait: float = BUSY_WAIT) -> sqlite3.Connection:
     """A connection with the log's durability settings; autocommit mode, transactions are explicit."""
-    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_WAIT)
+    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=busy_wait)
     _write_ahead_log(db)
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA foreign_keys=ON")
@@ -228,18 +228,26 @@ def _read_experiment_rows(db: sqlite3.Connection, path: Path, advice: str):
                          f"{type(error).__name__} {error}): {advice}") from None
 
 
+def _file_identity(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_dev, status.st_ino
+
+
 class EventLog:
     """Append-only impressions and clicks of one experiment; every method commits before it returns."""
 
-    def __init__(self, path: str | Path, config: ExperimentConfig, arms: dict[str, ArmHashes] | None = None):
+    def __init__(self, path: str | Path, config: ExperimentConfig, arms: dict[str, ArmHashes] | None = None,
+                 busy_wait: float = BUSY_WAIT):
         """``arms``: each arm's hashes, recorded at the experiment's first start and checked at every later
-        one (None: neither, for callers that have no models, such as tests of the log itself)."""
+        one (None: neither, for callers that have no models, such as tests of the log itself).
+        ``busy_wait``: seconds a write waits for another connection's lock before sqlite3.OperationalError."""
         self.path = Path(path)
         self.config = config
         self.upgraded = False  # True when this start recorded arm hashes into a log that predates them
         self._lock = threading.Lock()
         check_existing_log(self.path, config, arms)  # a refused start writes nothing, not even the WAL switch
-        self._db = connect(self.path)
+        self._db = connect(self.path, busy_wait)
+        self._file = _file_identity(self.path)  # which file the connection writes, whatever its name becomes
         try:
             self._create(config, arms)
         except BaseException:
@@ -274,10 +282,15 @@ class EventLog:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self._db.execute("COMMIT")  # returns once the WAL is fsynced (synchronous=FULL)
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # Also when COMMIT itself failed (a reader's lock outlasting the busy wait, a disk error): a
+            # transaction left open on the shared connection would make every later BEGIN fail. SQLite may
+            # have rolled back already (an I/O error does), and a failing ROLLBACK must not hide the cause.
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")  # returns once the WAL is fsynced (synchronous=FULL)
 
     def log_impression(self, user_id: str, arm: str, kind: str, image_ids: Sequence[str],
                        topic_id: str | None = None, query: str | None = None) -> str:
@@ -309,6 +322,31 @@ class EventLog:
             inserted = self._db.execute("INSERT OR IGNORE INTO clicks (request_id, image_id, time) VALUES (?, ?, ?)",
                                         (request_id, image_id, time.time()))
             return inserted.rowcount == 1, int(shown[0])
+
+    def check_writable(self, wait: float) -> None:
+        """Raise sqlite3.OperationalError unless the log could store an event now: the file at ``path`` is
+        still the one this connection writes (a removed or replaced file would swallow events nobody
+        reads), a read answers, and the write lock is free within ``wait`` seconds (taken and released
+        at once: nothing is written). For the readiness probe."""
+        if not self._lock.acquire(timeout=wait):
+            raise sqlite3.OperationalError(f"a write of this process has waited over {wait:g} s for the log")
+        try:
+            try:
+                same = _file_identity(self.path) == self._file
+            except OSError:
+                same = False
+            if not same:
+                raise sqlite3.OperationalError(f"{self.path} is not the file this server opened (removed, moved "
+                                               "or replaced while serving)")
+            wait_ms = self._db.execute("PRAGMA busy_timeout").fetchone()[0]
+            self._db.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+            try:
+                with self._transaction():
+                    self._db.execute("SELECT count(*) FROM experiment").fetchone()
+            finally:
+                self._db.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         with self._lock:

@@ -5,6 +5,7 @@ feed), every user assigned to one arm by :func:`interbert.serve.abtest.assign_ar
     GET  /topics/{topic_id}?user=   the user's arm's ranked items for the topic   -> request_id, arm, results
     POST /search                    as the single-index service, answered by the user's arm -> + request_id, arm
     POST /events/click              {request_id, image_id}: a click on an item that request showed
+    GET  /metrics, /health/live, /health/ready   as the single-index service; readiness also asks the event log
 
 The user is named by the ``X-User-Id`` header, else the ``user`` query parameter, else the
 ``interbert_user`` cookie; a request with none gets a fresh id, set as that cookie (signed), so a browser
@@ -15,7 +16,9 @@ fresh id. A click counts only from the user its request was served to (else 403)
 rate-limited per user and per request (429 with Retry-After).
 
 An answer's impression is committed to the event log (fsynced) before the answer is sent, so a click can
-always find its request; a click is acknowledged only once it is committed. The log binds each arm to the
+always find its request; a click is acknowledged only once it is committed. When the log cannot store an
+event (locked beyond its busy wait, a disk error, a read-only file), the request is answered 503 with
+Retry-After and counted in GET /metrics: never a 500, never an acknowledgement of what was not stored. The log binds each arm to the
 hashes of its weights, index and feed at the experiment's first start; a later start whose arms differ is
 refused before anything is written.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sqlite3
 import uuid
 from collections.abc import Sequence
 from importlib import resources
@@ -42,16 +46,18 @@ from interbert.errors import UsageError, shown
 from interbert.serve import DEFAULT_RERANK_QUEUE_TIMEOUT
 from interbert.serve.abtest import MAX_USER_ID_CHARS, ArmSpec, assign_arm, file_sha256, index_sha256, valid_user_id
 from interbert.serve.events import (
-    ArmHashes, EventLog, ExperimentConfig, NotShown, NotYours, UnknownRequest, check_existing_log,
+    BUSY_WAIT, ArmHashes, EventLog, ExperimentConfig, NotShown, NotYours, UnknownRequest, check_existing_log,
 )
 from interbert.serve.identity import (
     DEFAULT_REQUEST_CLICKS_PER_MINUTE, DEFAULT_USER_CLICKS_PER_MINUTE, SIGNATURE_CHARS, Refused, TokenBuckets, UserIds,
     random_secret, retry_after,
 )
 from interbert.serve.index import MANIFEST
+from interbert.serve.metrics import AccessLog, Observe, ServiceMetrics, note
 from interbert.serve.service import (
     MAX_BODY_BYTES, MAX_K, RERANK_CAP, RETRY_AFTER_S, BodySizeLimit, RerankGate, RerankSaturated, SearchHit,
-    SearchRequest, SearchResponse, SearchService, _validation_message, default_max_concurrent_reranks,
+    SearchRequest, SearchResponse, SearchService, _failure, _validation_message, add_operations_routes,
+    default_max_concurrent_reranks,
 )
 from interbert.serve.topics import Feed
 
@@ -61,6 +67,10 @@ USER_COOKIE = "interbert_user"
 USER_HEADER = "X-User-Id"
 COOKIE_MAX_AGE_S = 365 * 24 * 3600
 MAX_USER_TOKEN_CHARS = MAX_USER_ID_CHARS + 1 + SIGNATURE_CHARS  # "<id>.<hex hmac>"
+EVENTS_RETRY_AFTER_S = 5  # the Retry-After of a 503 for an unavailable event log: a lock or a disk takes a while
+READY_WAIT_S = 1.0  # how long the readiness probe waits for the event log's write lock
+# Why Users.of refused a click's user (its HTTP status), as interbert_clicks_refused_total's reason
+USER_REFUSALS = {401: "unsigned_user", 403: "bad_signature", 422: "bad_user_id"}
 
 
 class Arm:
@@ -123,6 +133,14 @@ class ClickRequest(BaseModel):
     image_id: Annotated[StrictStr, Field(min_length=1, max_length=512)]
 
 
+class ClickRefused(HTTPException):
+    """A click not counted; ``reason`` names why in GET /metrics."""
+
+    def __init__(self, reason: str, status: int, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(status, detail, headers=headers)
+        self.reason = reason
+
+
 class ClickResponse(BaseModel):
     request_id: str
     image_id: str
@@ -179,12 +197,13 @@ class ClickLimits:
 
     def check(self, user_id: str, request_id: str) -> None:
         """Raise 429 with Retry-After when this user or this request has clicked too much lately."""
-        for buckets, key, what, limit in ((self._users, user_id, "this user", self.user_per_minute),
-                                          (self._requests, request_id, "this request", self.request_per_minute)):
+        for buckets, key, what, limit, reason in (
+                (self._users, user_id, "this user", self.user_per_minute, "user_rate_limit"),
+                (self._requests, request_id, "this request", self.request_per_minute, "request_rate_limit")):
             wait = buckets.take(key)
             if wait > 0:
-                raise HTTPException(429, f"too many clicks from {what} (at most {limit} a minute); retry later",
-                                    headers={"Retry-After": retry_after(wait)})
+                raise ClickRefused(reason, 429, f"too many clicks from {what} (at most {limit} a minute); retry "
+                                   "later", headers={"Retry-After": retry_after(wait)})
 
 
 def _warn_about_user_ids(random_secret_made: bool, insecure: bool) -> None:
@@ -214,9 +233,12 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
                           rerank_queue_timeout: float = DEFAULT_RERANK_QUEUE_TIMEOUT,
                           user_secret: bytes | None = None, insecure_user_ids: bool = False,
                           user_clicks_per_minute: int = DEFAULT_USER_CLICKS_PER_MINUTE,
-                          request_clicks_per_minute: int = DEFAULT_REQUEST_CLICKS_PER_MINUTE) -> FastAPI:
+                          request_clicks_per_minute: int = DEFAULT_REQUEST_CLICKS_PER_MINUTE,
+                          access_log: AccessLog | None = None, events_busy_wait: float = BUSY_WAIT) -> FastAPI:
     """``user_secret``: the key user ids are signed with (None: a random one for this process, so cookies
-    last only as long as it); ``insecure_user_ids``: also take unsigned ids from X-User-Id / ?user=."""
+    last only as long as it); ``insecure_user_ids``: also take unsigned ids from X-User-Id / ?user=;
+    ``access_log`` receives one record per request (:mod:`interbert.serve.metrics`); ``events_busy_wait``:
+    seconds a write waits for another process's lock on the event log before the request is answered 503."""
     names = [spec.name for spec in arm_specs]
     if len(names) < 2:
         raise UsageError("an experiment needs at least two arms (--arm control=... --arm treatment=...)")
@@ -234,7 +256,8 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
     hashes = _hashes_before_loading(arm_specs)
     check_existing_log(events, config, hashes)
     arms = {spec.name: Arm(spec, rerank_cap, device) for spec in arm_specs}
-    log = EventLog(events, config, hashes or {spec.name: arm_hashes(spec) for spec in arm_specs})
+    log = EventLog(events, config, hashes or {spec.name: arm_hashes(spec) for spec in arm_specs},
+                   busy_wait=events_busy_wait)
     if log.upgraded:
         logger.warning("%s: recorded the arms' weights, index and feed hashes of experiment %r (a log written "
                        "before they were recorded); later starts with other arms are refused", log.path, config.name)
@@ -252,9 +275,41 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
     app = FastAPI(title="interbert experiment", version="1", lifespan=lifespan)
     app.state.arms, app.state.event_log, app.state.experiment = arms, log, config
     app.state.rerank_gate = gate
+    metrics = ServiceMetrics()
+    metrics.watch_rerank_gate(gate)
+    metrics.service_info.info({"kind": "experiment", "experiment": config.name, "arms": ",".join(config.arms),
+                               "events": str(log.path)})
+    for arm, share in zip(arms.values(), config.split):
+        metrics.arm_info.labels(arm.name).info({**arm.service.info(), "share": f"{share:g}",
+                                                "feed_topics": str(len(arm.feed.topics) if arm.feed else 0)})
+    app.state.metrics = metrics
 
     def arm_of(user_id: str) -> Arm:
         return arms[assign_arm(user_id, config.salt, config.arms, config.split)]
+
+    def stored(kind: str, write, *args, counted=lambda result: True):
+        """``write(*args)`` on the event log (blocking: call it in a worker thread), counted in the metrics.
+        A store that cannot take the event answers 503 with Retry-After: SQLite rolled the transaction
+        back, so nothing of it is kept and nothing is acknowledged."""
+        try:
+            result = write(*args)
+        except sqlite3.OperationalError as error:
+            metrics.events_failed.labels(kind).inc()
+            logger.error("%s: a %s was not stored: %s", log.path, kind, error)
+            raise HTTPException(503, f"the event log cannot store events now ({error}); nothing was recorded: "
+                                     "retry later", headers={"Retry-After": str(EVENTS_RETRY_AFTER_S)}) from None
+        if counted(result):
+            metrics.events_written.labels(kind).inc()
+        return result
+
+    def readiness() -> dict[str, str]:
+        checks = {f"{arm.name}.{part}": value for arm in arms.values() for part, value in arm.service.readiness().items()}
+        try:
+            log.check_writable(READY_WAIT_S)
+            checks["events"] = "ok"
+        except sqlite3.Error as error:
+            checks["events"] = _failure(error)
+        return checks
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -277,11 +332,12 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
                      user: Annotated[str | None, Query(max_length=MAX_USER_TOKEN_CHARS)] = None):
         user_id, cookie = users.of(request, user)
         arm = arm_of(user_id)
+        note(request, arm=arm.name, user_id=user_id)
 
         def answer() -> ExperimentSearchResponse:
             found = arm.service.search(body.query, body.k, body.rerank)
-            request_id = log.log_impression(user_id, arm.name, "search", [hit.image_id for hit in found.results],
-                                            query=body.query)
+            request_id = stored("impression", lambda: log.log_impression(
+                user_id, arm.name, "search", [hit.image_id for hit in found.results], query=body.query))
             return ExperimentSearchResponse(**found.model_dump(), request_id=request_id, arm=arm.name)
 
         _remember(request, response, cookie)
@@ -306,6 +362,7 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
             raise HTTPException(404, f"no topic {shown(topic_id)}" + ("" if topics else " (this server has no feeds)"))
         user_id, cookie = users.of(request, user)
         arm = arm_of(user_id)
+        note(request, arm=arm.name, user_id=user_id)
         items = arm.feed.items[topic_id][:k]
         records = {r.image_id: r for r in (arm.service.index.record(item.image_id) for item in items) if r}
         results = [
@@ -315,7 +372,7 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
                       if item.image_id in records and records[item.image_id].thumbnail else None)
             for position, item in enumerate(items, 1)
         ]
-        request_id = await run_in_threadpool(log.log_impression, user_id, arm.name, "topic",
+        request_id = await run_in_threadpool(stored, "impression", log.log_impression, user_id, arm.name, "topic",
                                              [item.image_id for item in items], topic_id)
         _remember(request, response, cookie)
         return TopicResponse(request_id=request_id, arm=arm.name, topic_id=topic_id, title=titles[topic_id],
@@ -324,19 +381,32 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
     @app.post("/events/click", response_model=ClickResponse)
     async def click(body: ClickRequest, request: Request,
                     user: Annotated[str | None, Query(max_length=MAX_USER_TOKEN_CHARS)] = None) -> ClickResponse:
-        user_id, cookie = users.of(request, user)
+        try:
+            return await accept_click(body, request, user)
+        except ClickRefused as refused:
+            metrics.clicks_refused.labels(refused.reason).inc()
+            raise
+
+    async def accept_click(body: ClickRequest, request: Request, user: str | None) -> ClickResponse:
+        try:
+            user_id, cookie = users.of(request, user)
+        except HTTPException as refused:
+            raise ClickRefused(USER_REFUSALS.get(refused.status_code, "bad_user_id"), refused.status_code,
+                               refused.detail) from None
         if cookie is not None:  # no id at all: nobody was served anything under it
-            raise HTTPException(401, f"a click must name its user: the {USER_COOKIE} cookie or {USER_HEADER} of "
-                                     "the request it clicks in")
+            raise ClickRefused("no_user", 401, f"a click must name its user: the {USER_COOKIE} cookie or "
+                                               f"{USER_HEADER} of the request it clicks in")
+        note(request, arm=arm_of(user_id).name, user_id=user_id)
         limits.check(user_id, body.request_id)
         try:
-            counted, position = await run_in_threadpool(log.log_click, body.request_id, body.image_id, user_id)
+            counted, position = await run_in_threadpool(stored, "click", log.log_click, body.request_id,
+                                                         body.image_id, user_id, counted=lambda result: result[0])
         except UnknownRequest as error:
-            raise HTTPException(404, str(error)) from None
+            raise ClickRefused("unknown_request", 404, str(error)) from None
         except NotShown as error:
-            raise HTTPException(422, str(error)) from None
+            raise ClickRefused("not_shown", 422, str(error)) from None
         except NotYours as error:
-            raise HTTPException(403, str(error)) from None
+            raise ClickRefused("not_yours", 403, str(error)) from None
         return ClickResponse(request_id=body.request_id, image_id=body.image_id, position=position, counted=counted)
 
     @app.get("/images/{image_id:path}")
@@ -358,5 +428,7 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
         _remember(request, response, cookie)
         return response
 
+    add_operations_routes(app, metrics, readiness)
     app.add_middleware(BodySizeLimit, limit=max_body_bytes)
+    app.add_middleware(Observe, metrics=metrics, router=app.router, access_log=access_log)  # outermost: sees 413s too
     return app

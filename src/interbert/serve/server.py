@@ -19,16 +19,27 @@ it new requests are answered 503), so the number of connections and the time eac
 
 The h11 protocol is used whether or not httptools is installed (uvicorn's "auto" would pick httptools,
 which this guard does not cover): one implementation, the one the tests exercise.
+
+Stopping. On SIGTERM (or Ctrl-C) uvicorn stops accepting connections, lets the requests in flight finish
+for up to ``shutdown_timeout`` seconds (then cancels them), and runs the app's shutdown (the A/B app
+closes its event log, after the writes in progress). Every event is committed before the answer that
+acknowledges it, so nothing acknowledged is left to flush. uvicorn then re-raises the signal, which would
+end the process "killed by SIGTERM"; :func:`run_server` catches that SIGTERM, so a stop that was asked for
+and done in order exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from interbert.serve import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_LIMIT_CONCURRENCY
+from interbert.serve import (
+    DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_LIMIT_CONCURRENCY, DEFAULT_SHUTDOWN_TIMEOUT_S,
+)
 
 KEEP_ALIVE_TIMEOUT_S = 5  # uvicorn's default, set explicitly: idle time allowed between two requests
 MAX_HEADER_BYTES = 16 * 1024  # a request head larger than this is answered 400 (h11's own default, made explicit)
@@ -110,11 +121,34 @@ def bounded_protocol(header_timeout: float, body_timeout: float) -> type[Bounded
 
 def run_server(app, host: str, port: int, log_level: str, header_timeout: float = DEFAULT_HEADER_TIMEOUT_S,
                body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
-               limit_concurrency: int = DEFAULT_LIMIT_CONCURRENCY) -> None:
-    """Serve ``app`` until interrupted, with every bound of the module docstring."""
+               limit_concurrency: int = DEFAULT_LIMIT_CONCURRENCY, access_log: bool = True,
+               shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
+    """Serve ``app`` until interrupted, with every bound of the module docstring. ``access_log``: uvicorn's
+    own access log (off when the app writes its own, or none is wanted)."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level,
-                http=bounded_protocol(header_timeout, body_timeout),
-                timeout_keep_alive=KEEP_ALIVE_TIMEOUT_S, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-                limit_concurrency=limit_concurrency)
+    with _sigterm_is_a_clean_exit():
+        uvicorn.run(app, host=host, port=port, log_level=log_level,
+                    http=bounded_protocol(header_timeout, body_timeout),
+                    timeout_keep_alive=KEEP_ALIVE_TIMEOUT_S, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                    limit_concurrency=limit_concurrency, access_log=access_log,
+                    timeout_graceful_shutdown=shutdown_timeout)
+
+
+def _exit_cleanly(signum, frame):
+    raise SystemExit(0)
+
+
+class _sigterm_is_a_clean_exit:
+    """While uvicorn runs it handles SIGTERM itself (the graceful stop); afterwards it re-raises the signal
+    to the handler found before it, installed here: that one exits 0. (Not a no-op handler: a SIGTERM in
+    the moment before uvicorn installs its own must still stop the process.)"""
+
+    def __enter__(self):
+        # signal.signal works only in the main thread (tests also run the server in other threads)
+        self.previous = (signal.signal(signal.SIGTERM, _exit_cleanly)
+                         if threading.current_thread() is threading.main_thread() else None)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)

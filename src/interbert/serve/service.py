@@ -10,6 +10,9 @@ once (:class:`RerankGate`); a re-ranked search that finds them all busy waits up
 ``rerank_queue_timeout`` seconds for a slot and is otherwise answered 503 with ``Retry-After``: the client
 learns at once that the service is saturated instead of queueing without end. Searches without
 re-ranking (one text forward and a FAISS lookup) are not held back by the gate.
+
+Beside the search: ``GET /metrics`` (Prometheus), ``/health/live`` and ``/health/ready`` (the model and the
+index answer), and an ``X-Request-Id`` on every answer (:mod:`interbert.serve.metrics`).
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from interbert.errors import UsageError, shown
 from interbert.serve import DEFAULT_RERANK_QUEUE_TIMEOUT
 from interbert.serve._data import open_features, region_batch
 from interbert.serve.index import ImageIndex, ImageRecord
+from interbert.serve.metrics import AccessLog, Observe, ServiceMetrics
 from interbert.serve.model import SearchModel, weights_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -81,6 +85,9 @@ class RerankGate:
             raise UsageError(f"rerank_queue_timeout must be >= 0 seconds, got {queue_timeout}")
         self.limit, self.queue_timeout = limit, queue_timeout
         self._slots = asyncio.Semaphore(limit)
+        # For GET /metrics. Only the event loop touches them, so plain integers need no lock.
+        self.in_use = 0  # slots held now
+        self.rejected = 0  # requests refused (RerankSaturated) since the start
 
     @contextlib.asynccontextmanager
     async def slot(self):
@@ -89,10 +96,13 @@ class RerankGate:
             async with asyncio.timeout(self.queue_timeout):
                 await self._slots.acquire()
         except TimeoutError:
+            self.rejected += 1
             raise RerankSaturated from None
+        self.in_use += 1
         try:
             yield
         finally:
+            self.in_use -= 1
             self._slots.release()
 
 
@@ -165,6 +175,28 @@ class SearchService:
     def _store(self, path: str):
         return self._stores[path]
 
+    def readiness(self) -> dict[str, str]:
+        """Whether each part answers now: "ok", or what went wrong. The model embeds one word (a tiny
+        forward) and the index looks up that word's nearest image, as every search does."""
+        # Any exception is a "not ready" to report, not a crash of the probe: a lost Milvus connection,
+        # a CUDA error, a removed meta.sqlite all raise their own types.
+        try:
+            vector = self.model.embed_texts(["ready"])
+        except Exception as error:  # noqa: BLE001
+            return {"model": _failure(error), "index": "not checked (the model failed)"}
+        try:
+            _, rows = self.index.search(vector, 1)
+            self.index.records(rows[0][rows[0] >= 0])
+        except Exception as error:  # noqa: BLE001
+            return {"model": "ok", "index": _failure(error)}
+        return {"model": "ok", "index": "ok"}
+
+    def info(self) -> dict[str, str]:
+        """The model and index identity that GET /metrics reports (as labels: strings)."""
+        return {"weights_sha256": self.index.manifest["weights_sha256"], "index_type": self.index.index_type,
+                "images": str(len(self.index)), "engine": self.index.engine.uri, "scorer": self.model.architecture,
+                "model": str(self.model.model_dir.resolve())}
+
     def regions_of(self, records: list[ImageRecord]) -> dict:
         return region_batch([(self._store(r.store), r.image_id) for r in records], self.max_regions)
 
@@ -192,6 +224,35 @@ class SearchService:
             for i in order
         ]
         return SearchResponse(query=query, k=k, rerank=rerank, candidates=len(records) if rerank else 0, results=hits)
+
+
+def _failure(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:500]
+
+
+def readiness_response(checks: dict[str, str]) -> JSONResponse:
+    """200 when every check is "ok", else 503 naming each part and what went wrong."""
+    ready = all(value == "ok" for value in checks.values())
+    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
+                        status_code=200 if ready else 503)
+
+
+def add_operations_routes(app: FastAPI, metrics: ServiceMetrics, readiness) -> None:
+    """GET /metrics, /health/live and /health/ready (``readiness``: a blocking function returning the
+    checks, run in a worker thread: a forward must not stall the event loop)."""
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.get("/health/live")
+    async def live() -> dict:
+        return {"status": "alive"}  # answered at all: the process and its event loop run
+
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        return readiness_response(await run_in_threadpool(readiness))
 
 
 class BodySizeLimit:
@@ -241,9 +302,11 @@ def _validation_message(error: RequestValidationError) -> str:
 
 def create_app(index_dir: str | Path, model_dir: str | Path | None = None, rerank_cap: int = RERANK_CAP,
                max_body_bytes: int = MAX_BODY_BYTES, device: str = "cpu", max_concurrent_reranks: int | None = None,
-               rerank_queue_timeout: float = DEFAULT_RERANK_QUEUE_TIMEOUT, engine: str | None = None) -> FastAPI:
+               rerank_queue_timeout: float = DEFAULT_RERANK_QUEUE_TIMEOUT, engine: str | None = None,
+               access_log: AccessLog | None = None) -> FastAPI:
     """The app over one index; ``model_dir`` defaults to the model recorded in the index.
-    ``max_concurrent_reranks`` defaults to :func:`default_max_concurrent_reranks`."""
+    ``max_concurrent_reranks`` defaults to :func:`default_max_concurrent_reranks`; ``access_log`` receives
+    one record per request (:mod:`interbert.serve.metrics`)."""
     if max_concurrent_reranks is None:
         max_concurrent_reranks = default_max_concurrent_reranks()
     gate = RerankGate(max_concurrent_reranks, rerank_queue_timeout)
@@ -252,6 +315,10 @@ def create_app(index_dir: str | Path, model_dir: str | Path | None = None, reran
     app = FastAPI(title="interbert search", version="1")
     app.state.service = service
     app.state.rerank_gate = gate
+    metrics = ServiceMetrics()
+    metrics.watch_rerank_gate(gate)
+    metrics.service_info.info({"kind": "search", **service.info()})
+    app.state.metrics = metrics
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -296,5 +363,7 @@ def create_app(index_dir: str | Path, model_dir: str | Path | None = None, reran
     async def home() -> HTMLResponse:
         return HTMLResponse(page)
 
+    add_operations_routes(app, metrics, service.readiness)
     app.add_middleware(BodySizeLimit, limit=max_body_bytes)
+    app.add_middleware(Observe, metrics=metrics, router=app.router, access_log=access_log)  # outermost: sees 413s too
     return app
