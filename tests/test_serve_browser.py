@@ -181,3 +181,20 @@ def test_typing_a_query_in_the_page_shows_result_images(server_url, tmp_path):
     assert "q=a+brown+dog+on+the+grass" in url  # the search is linkable
     with Image.open(screenshot) as shot:
         assert shot.size[0] >= 800 and len(shot.convert("RGB").getcolors(1 << 20) or []) > 12  # a grid of colours
+
+
+def test_the_api_page_renders_without_the_internet(server_url, tmp_path):
+    """/docs is Swagger UI from the installed swagger-ui-bundle, not a CDN: the browser here has no internet,
+    so the page renders the API's operations only if nothing it needs comes from elsewhere."""
+    browser = DevToolsPipe(chromium_or_skip(), tmp_path / "chromium-profile")
+    try:
+        browser.open_page(server_url + "/docs")
+        title = browser.wait_for("document.querySelector('.swagger-ui .info .title')?.textContent")
+        operations = browser.wait_for("document.querySelectorAll('.swagger-ui .opblock').length")
+        sources = browser.evaluate("[...document.scripts, ...document.querySelectorAll('link')]"
+                                   ".map(e => e.src || e.href).join(' ')")
+    finally:
+        browser.close()
+    assert title.startswith("interbert search")
+    assert operations >= 3  # /search, /images/{image_id}, /health ... listed from /openapi.json
+    assert "http" not in sources.replace(server_url, "")

@@ -16,7 +16,7 @@ from interbert.errors import UsageError
 
 # extra -> the top-level modules it provides (import names, not distribution names: faiss-cpu -> faiss)
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
-    "serve": ("fastapi", "pydantic", "uvicorn", "faiss", "prometheus_client"),
+    "serve": ("fastapi", "pydantic", "uvicorn", "faiss", "prometheus_client", "swagger_ui_bundle"),
     "extract": ("torchvision",),
     "zh": ("jieba",),
     "milvus": ("pymilvus", "milvus_lite"),

@@ -56,7 +56,7 @@ from interbert.serve.index import MANIFEST
 from interbert.serve.metrics import AccessLog, Observe, ServiceMetrics, note
 from interbert.serve.service import (
     MAX_BODY_BYTES, MAX_K, RERANK_CAP, RETRY_AFTER_S, BodySizeLimit, RerankGate, RerankSaturated, SearchHit,
-    SearchRequest, SearchResponse, SearchService, _failure, _validation_message, add_operations_routes,
+    SearchRequest, SearchResponse, SearchService, _failure, _validation_message, add_operations_routes, api_app,
     default_max_concurrent_reranks,
 )
 from interbert.serve.topics import Feed
@@ -272,7 +272,7 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
         yield
         log.close()
 
-    app = FastAPI(title="interbert experiment", version="1", lifespan=lifespan)
+    app = api_app("interbert experiment", lifespan=lifespan)
     app.state.arms, app.state.event_log, app.state.experiment = arms, log, config
     app.state.rerank_gate = gate
     metrics = ServiceMetrics()

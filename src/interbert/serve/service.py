@@ -300,6 +300,31 @@ def _validation_message(error: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+def api_app(title: str, **kwargs) -> FastAPI:
+    """A FastAPI app whose interactive API page (``/docs``) works offline: Swagger UI's script and style are
+    served from the swagger-ui-bundle package at ``/docs/assets`` instead of FastAPI's default CDN (a page that
+    loads nothing where the service has no internet). ReDoc, which has no such package, is off."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app = FastAPI(title=title, version="1", docs_url=None, redoc_url=None, **kwargs)
+    # The bundled Swagger UI (4.x, the package's latest) refuses a document that says 3.1. FastAPI's schemas
+    # for these routes differ from 3.0 only in writing an optional field as anyOf [..., {"type": "null"}],
+    # which Swagger UI 4 shows as one more alternative; /openapi.json says 3.0.3 so that the page renders.
+    app.openapi_version = "3.0.3"
+    app.mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{title} - API",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs/assets/favicon-32x32.png")
+
+    return app
+
+
 def create_app(index_dir: str | Path, model_dir: str | Path | None = None, rerank_cap: int = RERANK_CAP,
                max_body_bytes: int = MAX_BODY_BYTES, device: str = "cpu", max_concurrent_reranks: int | None = None,
                rerank_queue_timeout: float = DEFAULT_RERANK_QUEUE_TIMEOUT, engine: str | None = None,
@@ -312,7 +337,7 @@ def create_app(index_dir: str | Path, model_dir: str | Path | None = None, reran
     gate = RerankGate(max_concurrent_reranks, rerank_queue_timeout)
     service = SearchService(index_dir, model_dir, rerank_cap=rerank_cap, device=device, engine=engine)
     page = resources.files("interbert.serve").joinpath("page.html").read_text(encoding="utf-8")
-    app = FastAPI(title="interbert search", version="1")
+    app = api_app("interbert search")
     app.state.service = service
     app.state.rerank_gate = gate
     metrics = ServiceMetrics()
