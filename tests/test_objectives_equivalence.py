@@ -33,6 +33,9 @@ from test_modeling import C, D, V, small_config  # noqa: E402
 from interbert.modeling import InterBertForPreTraining  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "objectives_reference.json"
+# the parameter and state_dict names, shapes and order of InterBertForPreTraining: saved folders (and the
+# optimizer states of a run, indexed by parameter order) load only while these stay as they are
+PARAMETER_NAMES = REFERENCE.parent / "pretraining_parameter_names.json"
 RTOL = 1e-6  # fp32 on the CPU, one thread: the same operations in the same order give the same bits
 
 # (name, config overrides): every value of every variant switch, crossed
@@ -186,7 +189,17 @@ def run_case(config_name: str, kind: str) -> dict:
     return record
 
 
+def parameter_names() -> dict:
+    names = {}
+    for target in ("classes", "features"):
+        model = InterBertForPreTraining(small_config(mrm_target=target, embedding_size=8))
+        names[target] = {"parameters": [[n, list(p.shape)] for n, p in model.named_parameters()],
+                         "state_dict": [[n, list(t.shape)] for n, t in model.state_dict().items()]}
+    return names
+
+
 def record_reference() -> None:
+    PARAMETER_NAMES.write_text(json.dumps(parameter_names()))
     with _one_thread():
         cases = {f"{c}/{k}": _rounded(run_case(c, k)) for c in CONFIGS for k in KINDS}
     REFERENCE.parent.mkdir(exist_ok=True)
@@ -233,6 +246,10 @@ def test_the_reference_covers_every_case(reference):
     for name in ("msm_loss", "mrm_loss", "itm_loss", "itc_loss"):
         assert sum(o[name] is not None for o in outputs) > 20, name
     assert sum("error" in case for case in reference.values()) >= 24  # in_batch with a mismatched pair
+
+
+def test_parameter_names_shapes_and_order_are_the_recorded_ones():
+    assert parameter_names() == json.loads(PARAMETER_NAMES.read_text())
 
 
 @pytest.mark.usefixtures("one_torch_thread")

@@ -556,7 +556,7 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
         self.mrm = MrmObjective(self, config.mrm_target)
         self.itm = ItmObjective(self, config.itm_negatives, trains_embeddings=config.itc_loss_weight > 0)
         self.itc = ItcObjective(self, config.itm_negatives, config.itm_inputs) if config.itc_loss_weight > 0 else NoObjective()
-        for objective in (MsmObjective, MrmObjective, ItmObjective):
+        for objective in (self.msm, self.mrm, self.itm, self.itc):
             for name, head in objective.heads(config).items():
                 setattr(self, name, head)
         self.passes = PassPlan(self.interbert, config.itm_inputs)

@@ -1,11 +1,11 @@
-"""InterBERT's pretraining objectives, one class each, and the plan of the encoder passes they read.
+"""InterBERT's pretraining objectives, one class each: target selection, head and loss.
 
 One pretraining step (``InterBertForPreTraining.forward``), in order:
 
     batch -> PretrainingInputs        the caption as given and as written (masked ids restored), the regions
                                       as given and as detected, their feature projection computed once
           -> ItmObjective.pair        ITM's pairs: the data's, or in-batch negatives drawn by similarity
-          -> PassPlan.run             the masked pass, at the positions MSM and MRM score (+ the poolers'
+          -> PassPlan.run (modeling)  the masked pass, at the positions MSM and MRM score (+ the poolers'
                                       first position), and the clean pass ITM reads when it reads clean pairs
           -> MsmObjective, MrmObjective, ItmObjective, ItcObjective: each its head and its loss
 
@@ -21,8 +21,8 @@ it under those names, and the objective reads it through the model at each call:
 or resizing the vocabulary replaces parameters, and a reference kept here would go stale. The objectives
 are plain objects, not ``nn.Module``: nothing of them is saved, and no parameter gets a second name.
 
-To add an objective: a class with ``heads`` (what to register, under the names its checkpoints use) and
-``forward(passes, batch) -> ObjectiveOutput``; build it in ``InterBertForPreTraining.__init__``, add its line
+To add an objective: an ``Objective`` with ``heads`` (what to register, under the names its checkpoints use)
+and ``forward(passes, batch) -> ObjectiveOutput``; build it in ``InterBertForPreTraining.__init__``, add its line
 (and its weight) to ``forward``, its loss field to ``InterBertPreTrainingOutput``.
 """
 
@@ -145,7 +145,23 @@ def contrastive_loss(text: torch.Tensor, image: torch.Tensor, temperature: float
 # --------------------------------------------------------------------------------------------------
 # The objectives
 # --------------------------------------------------------------------------------------------------
-class MsmObjective:
+class Objective:
+    """One pretraining objective: ``forward(passes, batch)`` reads the encoder passes it needs and returns
+    its loss (None when the batch has nothing for it) and the output fields it fills."""
+
+    @staticmethod
+    def heads(config: InterBertConfig) -> dict:
+        """The head's modules and parameters, by the names the model registers them under (its checkpoint keys)."""
+        return {}
+
+    def forward(self, passes: EncoderPasses, batch: PretrainingInputs) -> ObjectiveOutput:
+        raise NotImplementedError
+
+    def __call__(self, passes: EncoderPasses, batch: PretrainingInputs) -> ObjectiveOutput:
+        return self.forward(passes, batch)
+
+
+class MsmObjective(Objective):
     """Masked segment modeling: predict the masked tokens of the caption from the masked pass.
 
     The decoder is tied to the word embeddings (weight) with its own bias ``msm_bias``. ``msm_pairs="all"``
@@ -172,7 +188,7 @@ class MsmObjective:
         targets = self.targets(batch)
         return None if targets is None or batch.full_logits else targets != IGNORE
 
-    def __call__(self, passes: EncoderPasses, batch: PretrainingInputs) -> ObjectiveOutput:
+    def forward(self, passes: EncoderPasses, batch: PretrainingInputs) -> ObjectiveOutput:
         if passes.masked is None or passes.masked.text_sequence is None:
             return ObjectiveOutput()
         at, targets = self.positions(batch), self.targets(batch)
@@ -189,7 +205,7 @@ class MsmObjective:
         return ObjectiveOutput(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE), outputs)
 
 
-class MrmObjective:
+class MrmObjective(Objective):
     """Masked region modeling: predict each masked region of a matched pair (the regions of a mismatched
     caption are not predictable from it) from the masked pass: the detector's class distribution (KL,
     ``mrm_target="classes"``, the paper) or the region's features (regression, ``"features"``). Only the
@@ -221,7 +237,7 @@ class MrmObjective:
         """The regions the head reads; None: every region (no mask, or ``full_logits``)."""
         return None if batch.full_logits else self.scored(batch)
 
-    def __call__(self, passes: EncoderPasses, batch: PretrainingInputs) -> ObjectiveOutput:
+    def forward(self, passes: EncoderPasses, batch: PretrainingInputs) -> ObjectiveOutput:
         if passes.masked is None or passes.masked.image_sequence is None:
             return ObjectiveOutput()
         at, scored = self.positions(batch), self.scored(batch)
@@ -241,7 +257,7 @@ class MrmObjective:
         return ObjectiveOutput(mrm_loss(scored_predictions, targets[scored], self.target), outputs)
 
 
-class ItmObjective:
+class ItmObjective(Objective):
     """Image-text matching: does the caption describe the image? A binary classifier on the fused pooled
     outputs of the matching pass (column 1 = "matches").
 
@@ -262,7 +278,7 @@ class ItmObjective:
     def logits(self, text_pooled: torch.Tensor, image_pooled: torch.Tensor) -> torch.Tensor:
         return self.model.itm_classifier(self.model.itm_dropout(fuse(text_pooled, image_pooled, self.model.config.fusion)))
 
-    def __call__(self, passes: EncoderPasses, batch: PretrainingInputs) -> ObjectiveOutput:
+    def forward(self, passes: EncoderPasses, batch: PretrainingInputs) -> ObjectiveOutput:
         pooled = passes.matching
         if pooled is None or pooled.text_pooled is None or pooled.image_pooled is None:
             return ObjectiveOutput()
@@ -297,7 +313,7 @@ class ItmObjective:
         return order, itm_labels, (text_embedding, image_embedding)
 
 
-class ItcObjective:
+class ItcObjective(Objective):
     """Image-text contrastive loss (this project's addition, ALBEF's ITC): symmetric InfoNCE between the
     single-modal embeddings of the matched pairs, which train the embeddings candidate search uses.
 
@@ -310,7 +326,7 @@ class ItcObjective:
         self.loss_of = self._on_pair_embeddings if itm_negatives == "in_batch" else self._on_matched_pairs
         self.clean_text = itm_inputs == "clean"
 
-    def __call__(self, passes: EncoderPasses, batch: PretrainingInputs) -> ObjectiveOutput:
+    def forward(self, passes: EncoderPasses, batch: PretrainingInputs) -> ObjectiveOutput:
         return self.loss_of(passes, batch)
 
     def _on_pair_embeddings(self, passes: EncoderPasses, batch: PretrainingInputs) -> ObjectiveOutput:
@@ -326,8 +342,8 @@ class ItcObjective:
         return ObjectiveOutput(self.model.interbert.contrastive_loss(inputs, batch.itm_labels.bool()))
 
 
-class NoObjective:
+class NoObjective(Objective):
     """An objective the config turns off (ITC at ``itc_loss_weight=0``): no loss, no head."""
 
-    def __call__(self, passes: EncoderPasses, batch: PretrainingInputs) -> ObjectiveOutput:
+    def forward(self, passes: EncoderPasses, batch: PretrainingInputs) -> ObjectiveOutput:
         return ObjectiveOutput()
