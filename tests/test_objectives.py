@@ -257,3 +257,21 @@ def test_the_objectives_heads_are_the_models_parameters_under_their_checkpoint_n
     top = {name.split(".")[0] for name in model.state_dict()}
     assert top == {"interbert", *heads} - {"itm_dropout"}  # the objectives themselves hold nothing saved
     assert isinstance(model.itc, ItcObjective) and isinstance(model_of().itc, NoObjective)
+
+
+def test_a_copied_or_loaded_model_objectives_read_its_own_heads(tmp_path):
+    """The objectives reach their heads through the model: a deep copy (EMA, pickling) or a model loaded
+    from a folder (parameters replaced in place of the initial ones) must read its own, not the original's."""
+    import copy
+
+    model = model_of(itm_inputs="clean", embedding_size=8, itc_loss_weight=0.5)
+    inputs = {**batch(), "itm_labels": torch.tensor([1, 0, 1])}
+    copied = copy.deepcopy(model)
+    assert copied.msm.model is copied and copied.passes.encoder is copied.interbert
+    with torch.no_grad():
+        model.itm_classifier.weight.add_(1.0)
+    assert not torch.allclose(copied(**inputs).itm_logits, model(**inputs).itm_logits)
+    model.save_pretrained(tmp_path)
+    loaded = InterBertForPreTraining.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(**inputs).itm_logits, model(**inputs).itm_logits, rtol=0, atol=0)
+    torch.testing.assert_close(loaded(**inputs).msm_logits, model(**inputs).msm_logits, rtol=0, atol=0)

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from transformers.activations import ACT2FN
 
 from interbert.config import InterBertConfig
@@ -98,6 +97,8 @@ def _take_rows(value, order: torch.Tensor):
 
 @dataclass
 class ObjectiveOutput:
+    """What one objective gives the step: its loss and the output fields it fills."""
+
     loss: torch.Tensor | None = None  # None: nothing in the batch for this objective to score
     outputs: dict = field(default_factory=dict)  # the InterBertPreTrainingOutput fields it fills (its logits)
 
