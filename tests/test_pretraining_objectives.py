@@ -299,25 +299,27 @@ def padded_masked_batch() -> dict:
 
 def reference_step(model: InterBertForPreTraining, masked: dict) -> torch.Tensor:
     """The step's loss the way it was computed before the projection was shared: every pass embeds the
-    region features itself (the masked features, the restored clean ones, the matched pairs' clean ones)."""
-    text = {"input_ids": masked["input_ids"], "attention_mask": masked["attention_mask"], "token_type_ids": None}
-    image = {k: masked[k] for k in ("region_features", "region_boxes", "region_mask")}
-    clean_text, clean_image = model.clean_inputs(text, image, masked["msm_labels"], masked["mrm_mask"],
-                                                 masked["mrm_feature_targets"])
-    msm_targets, scored = model.masked_targets(masked["msm_labels"], masked["mrm_mask"], masked["itm_labels"])
-    text_at = msm_targets != -100
-    out = model.masked_pass(text, image, text_at, scored)
-    clean = model.config.itm_inputs == "clean"
-    matched = InterBertModel.forward(model.interbert, **clean_text, **clean_image) if clean else None
-    pooled = (matched.text_pooled, matched.image_pooled) if clean else (out["text_pooled"], out["image_pooled"])
-    out["itm_logits"] = model.itm_logits(*pooled)
-    side = {k: masked[k] for k in ("mrm_class_targets", "mrm_feature_targets")}
-    matching_inputs = {**clean_text, **clean_image} if clean else {**text, **clean_image}
-    losses = model.losses(out, msm_targets, text_at, scored, scored, side, masked["itm_labels"], matching_inputs)
-    c = model.config
-    weights = {"msm_loss": c.msm_loss_weight, "mrm_loss": c.mrm_loss_weight, "itm_loss": c.itm_loss_weight,
-               "itc_loss": c.itc_loss_weight}
-    return sum(weights[k] * v for k, v in losses.items())
+    region features itself (the masked features, the restored clean ones, the matched pairs' clean ones),
+    as the other side of benchmarks/shared_projection.py does."""
+
+    def per_pass_features(image: dict, mrm_mask, mrm_feature_targets) -> tuple[dict, dict]:
+        return image, model.clean_inputs({"input_ids": None}, image, None, mrm_mask, mrm_feature_targets)[1]
+
+    model.project_regions = per_pass_features
+    try:
+        projected = []
+        handle = model.interbert.region_embeddings.feature_projection.register_forward_hook(
+            lambda module, args, output: projected.append(args[0].shape[:-1].numel()))
+        loss = model(**masked).loss
+        handle.remove()
+    finally:
+        del model.project_regions
+    # every pass projected every region (padding included) itself: the masked one, the clean one (clean
+    # mode) and ITC's image pass on the matched pairs
+    regions = masked["region_mask"].numel()
+    matched = int(masked["itm_labels"].sum()) * masked["region_mask"].shape[1]
+    assert projected == ([regions, regions, matched] if model.config.itm_inputs == "clean" else [regions, matched])
+    return loss
 
 
 def loss_and_grads(model, run) -> tuple[torch.Tensor, dict]:

@@ -22,6 +22,7 @@ per-position work runs on the real positions only (see `Padding`) and padded out
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,18 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from interbert.config import InterBertConfig
-from interbert.data.negatives import in_batch_itm_pairs
+from interbert.objectives import (  # noqa: F401 (HeadTransform: its home was here)
+    HeadTransform,
+    ItcObjective,
+    ItmObjective,
+    MrmObjective,
+    MsmObjective,
+    NoObjective,
+    PretrainingInputs,
+    contrastive_loss,
+    fuse,
+    mrm_loss,
+)
 
 BOX_DIM = 5  # (x1/W, y1/H, x2/W, y2/H, area fraction)
 
@@ -279,24 +291,6 @@ class Pooler(nn.Module):
         return F.relu(self.dense(sequence[:, 0]))
 
 
-class HeadTransform(nn.Module):
-    """Dense + activation + LayerNorm, as in BERT's prediction heads."""
-
-    def __init__(self, config: InterBertConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.act = ACT2FN[config.hidden_act]
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.act(self.dense(x)))
-
-
-def fuse(text_pooled: torch.Tensor, image_pooled: torch.Tensor, fusion: str) -> torch.Tensor:
-    """The cross-modal pair representation that the matching heads read."""
-    return text_pooled * image_pooled if fusion == "mul" else text_pooled + image_pooled
-
-
 # --------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------
@@ -478,46 +472,94 @@ class InterBertModel(InterBertPreTrainedModel):
         return contrastive_loss(text, image, self.config.itc_temperature)
 
 
-def contrastive_loss(text: torch.Tensor, image: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE: row i of ``text`` matches row i of ``image``; other rows are negatives."""
-    logits = text @ image.T / temperature
-    target = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+# --------------------------------------------------------------------------------------------------
+# Pretraining: the encoder passes of a step, and the model that composes the objectives
+# --------------------------------------------------------------------------------------------------
+class EncoderPasses:
+    """The encoder passes of one pretraining step: the masked pass (None in a matching step) and the pass
+    ITM reads (the masked pass itself, a clean one, or None when nothing reads it).
+
+    The matching pass runs when first read (by ITM, after the MSM and MRM heads): the order in which a
+    step builds its graph is the order backward sums a shared weight's gradients in (the word embeddings
+    take them from every pass and the MSM decoder), so this order keeps the gradients bit for bit."""
+
+    def __init__(self, masked: InterBertOutput | None, matching: Callable[[], InterBertOutput | None]):
+        self.masked = masked
+        self._matching = matching
+
+    @functools.cached_property
+    def matching(self) -> InterBertOutput | None:
+        return self._matching()
+
+    @property
+    def first(self) -> InterBertOutput:
+        """The pass whose sequence outputs the step returns."""
+        return self.masked if self.masked is not None else self.matching
 
 
-# --------------------------------------------------------------------------------------------------
-# Heads
-# --------------------------------------------------------------------------------------------------
-def mrm_loss(predictions: torch.Tensor, targets: torch.Tensor, target: str = "classes") -> torch.Tensor:
-    """Masked region modeling over the N scored regions (rows). ``target="classes"``: KL from the
-    predicted class logits to the detector's class distribution; ``"features"``: feature regression
-    (mean squared error per dimension, so its scale does not grow with the feature size). Zero, with
-    the graph kept, when no region is scored."""
-    if predictions.shape[0] == 0:
-        return 0.0 * predictions.sum()
-    if target == "classes":
-        return F.kl_div(F.log_softmax(predictions, dim=-1), targets, reduction="sum") / predictions.shape[0]
-    return F.mse_loss(predictions, targets)
+def pooled_pass(encoder: InterBertModel, text: dict, image: dict) -> InterBertOutput:
+    """The encoder computing only what the poolers read (position 0 of each stream)."""
+    embedded = encoder.embed_inputs(**text, **image)
+    return encoder.encode(*embedded, text_needed=first_position(embedded[1]), image_needed=first_position(embedded[3]))
+
+
+class PassPlan:
+    """Which encoder passes a pretraining step runs, and which positions each computes.
+
+    The masked pass computes the streams' last layers only at the positions MSM and MRM read and the
+    poolers' position 0 (the vocabulary projection over every token would dominate the step); a matching
+    step (ITM labels, nothing masked) runs one pass computing position 0 alone. ``itm_inputs="clean"`` adds
+    a pass on the clean inputs for ITM (position 0 only) when something was masked, and none on a masked
+    step without ITM labels (nothing would read it); ``"masked"`` (the original) lets ITM read the masked pass."""
+
+    def __init__(self, encoder: InterBertModel, itm_inputs: str):
+        self.encoder = encoder
+        self.matching_pass = self._clean_pass if itm_inputs == "clean" else self._masked_pass_itself
+
+    def run(self, batch: PretrainingInputs, text_at: torch.Tensor | None, region_at: torch.Tensor | None) -> EncoderPasses:
+        """``text_at`` / ``region_at`` (B x L bool): the positions the heads read; None: every position."""
+        if batch.matching_only:
+            return EncoderPasses(None, lambda: pooled_pass(self.encoder, batch.text, batch.image))
+        masked = self.encoder.encode(
+            *self.encoder.embed_inputs(**batch.text, **batch.image),
+            text_needed=None if text_at is None else text_at | first_position(text_at),
+            image_needed=None if region_at is None else region_at | first_position(region_at),
+        )
+        return EncoderPasses(masked, lambda: self.matching_pass(batch, masked))
+
+    @staticmethod
+    def _masked_pass_itself(batch: PretrainingInputs, masked: InterBertOutput) -> InterBertOutput:
+        return masked
+
+    def _clean_pass(self, batch: PretrainingInputs, masked: InterBertOutput) -> InterBertOutput | None:
+        if not batch.restored:  # nothing masked (inference, a matching step): the given inputs are the clean ones
+            return masked
+        if batch.itm_labels is None:  # a masked step: ITM never reads a masked pass here, and nothing scores it
+            return None
+        return pooled_pass(self.encoder, batch.clean_text, batch.clean_image)
 
 
 class InterBertForPreTraining(InterBertPreTrainedModel):
     """MSM (masked segments) + MRM (masked region groups) + ITM (+ ITC when ``itc_loss_weight > 0``), on
-    top of :class:`InterBertModel`. The MRM head has the one decoder of ``config.mrm_target``."""
+    top of :class:`InterBertModel`, one object each (:mod:`interbert.objectives`), built for this config.
+    The objectives' heads are registered here under the names checkpoints use (see that module); the MRM
+    head has the one decoder of ``config.mrm_target``."""
 
     _trains_embeddings = True
 
     def __init__(self, config: InterBertConfig):
         super().__init__(config)
         self.interbert = InterBertModel(config)
-        self.msm_transform = HeadTransform(config)
-        self.msm_bias = nn.Parameter(torch.zeros(config.vocab_size))  # decoder weight = word embeddings (tied)
-        self.mrm_transform = HeadTransform(config)
-        if config.mrm_target == "classes":
-            self.mrm_class_decoder = nn.Linear(config.hidden_size, config.num_region_classes)
-        else:
-            self.mrm_feature_decoder = nn.Linear(config.hidden_size, config.region_feature_size)
-        self.itm_dropout = nn.Dropout(config.itm_dropout_prob)
-        self.itm_classifier = nn.Linear(config.pooled_size, 2)  # column 1 = "the caption matches the image"
+        # the objectives, with the variant the config chose; their heads registered in this order (the
+        # parameters' order, which optimizer states saved by a run are indexed by)
+        self.msm = MsmObjective(self, config.msm_pairs)
+        self.mrm = MrmObjective(self, config.mrm_target)
+        self.itm = ItmObjective(self, config.itm_negatives, trains_embeddings=config.itc_loss_weight > 0)
+        self.itc = ItcObjective(self, config.itm_negatives, config.itm_inputs) if config.itc_loss_weight > 0 else NoObjective()
+        for objective in (self.msm, self.mrm, self.itm, self.itc):
+            for name, head in objective.heads(config).items():
+                setattr(self, name, head)
+        self.passes = PassPlan(self.interbert, config.itm_inputs)
         self.post_init()
 
     def forward(
@@ -546,67 +588,47 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
         With ``config.itm_negatives == "in_batch"`` the batch holds matched pairs only (``itm_labels`` all
         1); some captions are re-paired here with another image of the batch (``image_index``: equal values
         mark captions of the same image, never used as each other's negatives) and ``itm_labels`` in the
-        output are the labels the ITM loss was computed with.
+        output are the labels the ITM loss was computed with. ``text_pooled``/``image_pooled`` in the output
+        are the ones ITM read (the masked pass's, or with ``config.itm_inputs == "clean"`` a clean pass's)."""
+        text = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        image = dict(region_features=region_features, region_boxes=region_boxes, region_mask=region_mask)
+        clean_text = self.clean_text(text, msm_labels)
+        image, clean_image = self.project_regions(image, mrm_mask, mrm_feature_targets)
+        batch = PretrainingInputs(
+            text, clean_text, image, clean_image, msm_labels=msm_labels, mrm_mask=mrm_mask, itm_labels=itm_labels,
+            mrm_class_targets=mrm_class_targets, mrm_feature_targets=mrm_feature_targets, image_index=image_index,
+            full_logits=full_logits)
+        batch = self.itm.pair(batch)  # ITM's pairs: the data's, or in-batch negatives
+        passes = self.passes.run(batch, text_at=self.msm.positions(batch), region_at=self.mrm.positions(batch))
+        msm = self.msm(passes, batch)
+        mrm = self.mrm(passes, batch)
+        itm = self.itm(passes, batch)
+        itc = self.itc(passes, batch)
 
-        The objectives, in order: (1) in-batch negative mining (``itm_negatives == "in_batch"`` only),
-        (2) the masked pass: MSM and MRM heads on the masked inputs, (3) the matching pass: ITM on the
-        pooled outputs of the masked pass (``config.itm_inputs == "masked"``, the original) or of a
-        second pass on the clean inputs (``"clean"``), (4) the losses, ITC among them on the matching
-        inputs. ``text_pooled``/``image_pooled`` in the output are the ones ITM read."""
-        out: dict = {}
-        masked_text = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        masked_image = dict(region_features=region_features, region_boxes=region_boxes, region_mask=region_mask)
-        clean_text = self.clean_text(masked_text, msm_labels)
-        masked_image, clean_image = self.project_regions(masked_image, mrm_mask, mrm_feature_targets)
-        image_side = dict(masked_image=masked_image, clean_image=clean_image, mrm_mask=mrm_mask,
-                          mrm_class_targets=mrm_class_targets, mrm_feature_targets=mrm_feature_targets)
+        c = self.config
+        weighted = [w * o.loss for o, w in ((msm, c.msm_loss_weight), (mrm, c.mrm_loss_weight),
+                                            (itm, c.itm_loss_weight), (itc, c.itc_loss_weight)) if o.loss is not None]
+        matching = passes.matching
+        return InterBertPreTrainingOutput(
+            loss=torch.stack(weighted).sum() if weighted else None,
+            msm_loss=msm.loss, mrm_loss=mrm.loss, itm_loss=itm.loss, itc_loss=itc.loss,
+            **msm.outputs, **mrm.outputs, **itm.outputs,
+            text_sequence=passes.first.text_sequence, image_sequence=passes.first.image_sequence,
+            text_pooled=None if matching is None else matching.text_pooled,
+            image_pooled=None if matching is None else matching.image_pooled,
+        )
 
-        # 1. In-batch negatives: re-pair some captions with other images of the batch (ITC on the way).
-        if self.config.itm_negatives == "in_batch" and itm_labels is not None:
-            order, itm_labels, itc = self.mine_in_batch_negatives(clean_text, clean_image, itm_labels, image_index)
-            if itc is not None:
-                out["itc_loss"] = itc
-            image_side = {k: _take_rows(v, order) for k, v in image_side.items()}
-            out["itm_labels"] = itm_labels
-        masked_image, clean_image, mrm_mask = image_side["masked_image"], image_side["clean_image"], image_side["mrm_mask"]
+    def itm_logits(self, text_pooled: torch.Tensor, image_pooled: torch.Tensor) -> torch.Tensor:
+        """The ITM head (dropout in training) on pooled outputs."""
+        return self.itm.logits(text_pooled, image_pooled)
 
-        # 2. The masked pass: what MSM and MRM score, on the masked inputs. A batch with ITM labels and
-        # nothing masked (a matching step of UNITER-style alternation) has no head to run: its one pass
-        # is the matching pass.
-        msm_targets, scored = self.masked_targets(msm_labels, mrm_mask, itm_labels)
-        text_at = None if (msm_targets is None or full_logits) else msm_targets != -100
-        region_at = None if full_logits else scored
-        if itm_labels is not None and msm_labels is None and mrm_mask is None and not full_logits:
-            out.update(self.matching_pass(masked_text, masked_image))
-        else:
-            out.update(self.masked_pass(masked_text, masked_image, text_at, region_at))
-
-        # 3. The matching pass: ITM's pooled outputs, from the masked pass or from the clean inputs.
-        # (Without anything to restore, e.g. at inference, the clean inputs are the masked pass's own.)
-        # In clean mode a masked batch without ITM labels (a masked step of the alternation) gets no
-        # second pass and no ITM logits: nothing scores them, and ITM never reads a masked pass there.
-        clean = self.config.itm_inputs == "clean"
-        if clean and (msm_labels is not None or (mrm_feature_targets is not None and mrm_mask is not None)):
-            if itm_labels is not None:
-                out.update({k: v for k, v in self.matching_pass(clean_text, clean_image).items() if k.endswith("_pooled")})
-            else:
-                for key in ("text_pooled", "image_pooled"):
-                    out.pop(key, None)
-        if out.get("text_pooled") is not None and out.get("image_pooled") is not None:
-            out["itm_logits"] = self.itm_logits(out["text_pooled"], out["image_pooled"])
-
-        # 4. The losses. ITC (unless taken in step 1) contrasts the matched pairs' single-modal embeddings:
-        # of the clean inputs, or (masked, the original) of the masked caption with the regions unmasked
-        # where the batch carries their features.
-        matching_inputs = {**clean_text, **clean_image} if clean else {
-            **masked_text, **(clean_image if image_side["mrm_feature_targets"] is not None else masked_image)}
-        out.update(self.losses(out, msm_targets, text_at, scored, region_at, image_side, itm_labels, matching_inputs))
-        weights = {"msm": self.config.msm_loss_weight, "mrm": self.config.mrm_loss_weight,
-                   "itm": self.config.itm_loss_weight, "itc": self.config.itc_loss_weight}
-        losses = [w * out[f"{k}_loss"] for k, w in weights.items() if f"{k}_loss" in out]
-        if losses:
-            out["loss"] = torch.stack(losses).sum()
-        return InterBertPreTrainingOutput(**out)
+    def mine_in_batch_negatives(self, text: dict, image: dict, itm_labels: torch.Tensor, image_index):
+        """ALBEF's in-batch negatives from a batch of matched pairs: ``(image_order, itm_labels, itc_loss)``
+        (see :meth:`ItmObjective.in_batch_negatives`); ``itc_loss`` is that of the embeddings which drew the
+        negatives, None when ``itc_loss_weight`` is 0."""
+        order, itm_labels, embeddings = self.itm.in_batch_negatives(text, image, itm_labels, image_index)
+        itc = contrastive_loss(*embeddings, self.config.itc_temperature) if self.config.itc_loss_weight > 0 else None
+        return order, itm_labels, itc
 
     @staticmethod
     def clean_text(text: dict, msm_labels) -> dict:
@@ -652,106 +674,6 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
         flat = rows if padding.index is None else padding.index.index_select(0, rows)
         restored = given.index_copy(0, rows, project(mrm_feature_targets.reshape(-1, d).index_select(0, flat)))
         return masked, {**masked, "region_projection": padding.unpack(restored)}
-
-    def mine_in_batch_negatives(self, text: dict, image: dict, itm_labels: torch.Tensor, image_index):
-        """ALBEF's in-batch negatives from a batch of matched pairs: ``(image_order, itm_labels, itc_loss)``.
-        Caption i is to be paired with image ``image_order[i]``; the similarity that draws the negatives is
-        of the clean single-modal embeddings, whose contrastive loss (ITC) comes out on the way (None
-        when ``itc_loss_weight`` is 0)."""
-        if not bool(itm_labels.bool().all()):
-            raise ValueError("in-batch ITM negatives start from matched pairs: every itm_label must be 1")
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.itc_loss_weight > 0):
-            text_embedding = self.interbert.embed_text(**text)
-            image_embedding = self.interbert.embed_images(**image)
-        itc = None
-        if self.config.itc_loss_weight > 0:  # a single pair: 0, with the graph DDP needs
-            itc = contrastive_loss(text_embedding, image_embedding, self.config.itc_temperature)
-        same = None if image_index is None else image_index[:, None] == image_index[None, :]
-        similarity = (text_embedding @ image_embedding.T).detach() / self.config.itc_temperature
-        order, itm_labels = in_batch_itm_pairs(similarity, same, self.config.itm_negative_ratio)
-        return order, itm_labels, itc
-
-    def masked_targets(self, msm_labels, mrm_mask, itm_labels) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(msm_targets, scored)``: the MSM labels the loss takes (``msm_labels``, or with -100 on the
-        mismatched pairs when ``config.msm_pairs == "matched"``) and the regions MRM scores (masked, of
-        matched pairs only, as the original: the regions of a mismatched caption are not predictable from it)."""
-        msm_targets, scored = msm_labels, None
-        if msm_labels is not None and self.config.msm_pairs == "matched" and itm_labels is not None:
-            msm_targets = msm_labels.masked_fill(~itm_labels.bool()[:, None], -100)
-        if mrm_mask is not None:
-            scored = mrm_mask.bool()
-            if itm_labels is not None:
-                scored = scored & itm_labels.bool()[:, None]
-        return msm_targets, scored
-
-    def masked_pass(self, text: dict, image: dict, text_at, region_at) -> dict[str, torch.Tensor]:
-        """The encoder on the masked inputs and the MSM / MRM heads where they score (``text_at`` /
-        ``region_at``, None: every position). The streams' last layers compute only what the heads read:
-        position 0 (the poolers) and the scored positions."""
-        embedded = self.interbert.embed_inputs(**text, **image)
-        base = self.interbert.encode(
-            *embedded,
-            text_needed=None if text_at is None else text_at | first_position(text_at),
-            image_needed=None if region_at is None else region_at | first_position(region_at),
-        )
-        out = dict(base)
-        if base.text_sequence is not None:
-            h = base.text_sequence if text_at is None else base.text_sequence[text_at]
-            word_embeddings = self.interbert.embeddings.word_embeddings.weight
-            out["msm_logits"] = F.linear(self.msm_transform(h), word_embeddings, self.msm_bias)
-        if base.image_sequence is not None:
-            h = self.mrm_transform(base.image_sequence if region_at is None else base.image_sequence[region_at])
-            if self.config.mrm_target == "classes":
-                out["mrm_class_logits"] = self.mrm_class_decoder(h)
-            else:
-                out["mrm_feature_predictions"] = self.mrm_feature_decoder(h)
-        return out
-
-    def matching_pass(self, text: dict, image: dict) -> InterBertOutput:
-        """The encoder on the pairs ITM scores, computing only what the poolers read (position 0)."""
-        embedded = self.interbert.embed_inputs(**text, **image)
-        text_keep, image_keep = embedded[1], embedded[3]
-        return self.interbert.encode(*embedded, text_needed=first_position(text_keep),
-                                     image_needed=first_position(image_keep))
-
-    def itm_logits(self, text_pooled: torch.Tensor, image_pooled: torch.Tensor) -> torch.Tensor:
-        return self.itm_classifier(self.itm_dropout(fuse(text_pooled, image_pooled, self.config.fusion)))
-
-    def losses(self, out: dict, msm_targets, text_at, scored, region_at, image_side: dict, itm_labels,
-               matching_inputs: dict) -> dict[str, torch.Tensor]:
-        """MSM, MRM, ITM and (unless taken in the mining) ITC, each where it has labels and logits."""
-        losses = {}
-        if msm_targets is not None and "msm_logits" in out:
-            logits = out["msm_logits"]
-            targets = msm_targets[text_at] if text_at is not None else msm_targets.flatten()
-            if (targets != -100).any():
-                losses["msm_loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
-            else:  # a batch with no masked token: zero, but keep the graph
-                losses["msm_loss"] = 0.0 * logits.sum()
-        predicts_classes = self.config.mrm_target == "classes"
-        mrm_output = "mrm_class_logits" if predicts_classes else "mrm_feature_predictions"
-        if scored is not None and mrm_output in out:
-            targets = image_side["mrm_class_targets"] if predicts_classes else image_side["mrm_feature_targets"]
-            if targets is None:
-                raise ValueError(
-                    f"this model predicts region {self.config.mrm_target} (config.mrm_target) but the batch has no "
-                    f"{'mrm_class_targets' if predicts_classes else 'mrm_feature_targets'}; build the model with "
-                    f"mrm_target={'features' if predicts_classes else 'classes'!r} for these features"
-                )
-            predictions = out[mrm_output] if region_at is not None else out[mrm_output][scored]
-            losses["mrm_loss"] = mrm_loss(predictions, targets[scored], self.config.mrm_target)
-        if itm_labels is not None and "itm_logits" in out:
-            losses["itm_loss"] = F.cross_entropy(out["itm_logits"], itm_labels.long())
-            if self.config.itc_loss_weight > 0 and "itc_loss" not in out:
-                losses["itc_loss"] = self.interbert.contrastive_loss(matching_inputs, itm_labels.bool())
-        return losses
-
-
-def _take_rows(value, order: torch.Tensor):
-    """``value`` (a tensor, a dict of tensors, or None) with its rows in ``order``."""
-    if isinstance(value, dict):
-        return {k: _take_rows(v, order) for k, v in value.items()}
-    return None if value is None else value[order]
 
 
 class _PairScorer(InterBertPreTrainedModel):
