@@ -631,8 +631,8 @@ def trusted_engine(folder: Path, given: str | None, recorded: str | None) -> Eng
                          f"explicitly (or list it in ${TRUSTED_MILVUS_ENV}, e.g. for serve --arm)")
     if recorded.startswith("milvus:"):
         path = recorded_path(folder, recorded[len("milvus:"):], "milvus-lite file")
-        if not path.is_file():
-            raise DataError(f"{folder / MANIFEST}: the milvus-lite file {path} it names does not exist")
+        if not path.exists():  # milvus-lite 3 keeps its database as a folder, earlier ones as a file
+            raise DataError(f"{folder / MANIFEST}: the milvus-lite database {path} it names does not exist")
         return parse_engine(f"milvus:{path}", folder)
     return parse_engine(recorded, folder)  # unknown: parse_engine says what is accepted
 
