@@ -24,7 +24,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     import sqlite3
 
     from interbert.serve.index import build_index
-    from interbert.train import checked_device
+    from interbert.utils.device import checked_device
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     append = args.index_command == "add"
@@ -79,7 +79,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn  # noqa: F401  (missing, it is named as the `serve` extra before anything loads)
 
     from interbert.serve.service import create_app
-    from interbert.train import checked_device
+    from interbert.utils.device import checked_device
 
     # Requests, not intra-op threads, use the cores: on a busy machine a forward split over 2 threads
     # waits at every op for the descheduled one (measured p90 of re-ranked search: 0.9-3.5 s with 2
