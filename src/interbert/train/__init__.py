@@ -11,7 +11,7 @@ One module per job:
 ``loop``            :class:`Trainer`: steps, gradient accumulation, clipping, AMP; :func:`train`
 ``optim``           parameter groups (weight decay, learning-rate factors), the scaled update
 ``schedule``        linear warm-up then linear decay, a torch ``LambdaLR``
-``ema``             the exponential moving average of the weights
+``ema``             the exponential moving average of the weights (torch ``AveragedModel``)
 ``evaluation``      validation as a callback: best model (``model_best/``), early stopping
 ``checkpoint``      checkpoints (save, resume, keep-K), history, final weights; crash-safe writes
 ``distributed``     the process group torchrun describes, DDP, rank 0 first
