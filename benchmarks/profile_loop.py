@@ -59,7 +59,8 @@ PHASES = [
     ("update: clip grad norm", "torch.nn.utils", "clip_grad_norm_"),
     ("update: EMA", "interbert.train", "ExponentialMovingAverage.update"),
     ("logging: loss stats", "interbert.train", "Trainer._reduce_step_stats"),
-    ("logging: tensorboard", "interbert.train", "Trainer._write_scalars"),
+    ("logging: tensorboard", "interbert.train", "Trainer._write_scalars"),  # before train/ became a package
+    ("logging: tensorboard", "interbert.train.reporting", "write_scalars"),
 ]
 
 

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
 
 from interbert.utils import add_config_arguments
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+from interbert.utils.logs import setup_cli_logging
 
 
 def _print_summary(summary: dict) -> None:
@@ -35,7 +31,7 @@ def run_training(args, recipe: str, module: str) -> int:
         print(f"# interbert {recipe}: every setting, resolved; run it again with --config THIS_FILE")
         print(to_yaml(settings), end="")
         return 0
-    _setup_logging()
+    setup_cli_logging()
     created = first_missing(Path(settings.train.output_dir))  # the folder the run will create, if any
     try:
         summary = importlib.import_module(module).run(settings, resume=args.resume, source=args.config)
@@ -76,7 +72,7 @@ def _cmd_finetune_retrieval(args) -> int:
 def _cmd_evaluate_retrieval(args) -> int:
     from interbert.recipes.evaluate_retrieval import run_cli
 
-    _setup_logging()
+    setup_cli_logging()
     return run_cli(args)
 
 
@@ -90,7 +86,7 @@ def _cmd_demo(args) -> int:
     if args.lang == "zh":
         require_extra("zh", "interbert demo --lang zh (Chinese word segmentation)")
 
-    _setup_logging()
+    setup_cli_logging()
     return run_cli(args)
 
 

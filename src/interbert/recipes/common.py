@@ -42,7 +42,6 @@ from interbert.train import (
     TrainConfig,
     init_distributed,
     main_process_first,
-    resolve_device,
     seed_everything,
 )
 from interbert.recipes.settings import (
@@ -54,6 +53,7 @@ from interbert.recipes.settings import (
 )
 from interbert.utils import load_config
 from interbert.utils.config_files import MANDATORY, ConfigError, mandatory_keys
+from interbert.utils.device import resolve_device
 from interbert.utils.files import remove_leftover_temporaries, replace_folder
 
 logger = logging.getLogger(__name__)

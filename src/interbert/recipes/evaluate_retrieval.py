@@ -89,7 +89,8 @@ def evaluate_retrieval(
 ) -> dict:
     """Score the split with the full protocol (and ``two_stage``), on ``device`` (``auto``: the GPU if any).
     Under torchrun the pairs are shared out over the ranks (every rank must call this alike)."""
-    from interbert.train import checked_device, init_distributed
+    from interbert.train import init_distributed
+    from interbert.utils.device import checked_device
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     target = checked_device(device, "--device", local_rank)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from interbert.recipes import cli as recipes_cli
+from interbert.utils.logs import setup_cli_logging
 
 
 def _cmd_finetune_vcr(args) -> int:
@@ -31,7 +32,7 @@ def _cmd_evaluate_vcr(args) -> int:
     from interbert.recipes.common import set_threads
     from interbert.recipes.vcr import run_evaluate
 
-    recipes_cli._setup_logging()
+    setup_cli_logging()
     set_threads(args.threads)
     result = run_evaluate(args.model, args.annotations, args.features, args.images_root, args.max_tokens,
                           args.max_regions, args.batch_size)
@@ -47,7 +48,7 @@ def _cmd_evaluate_text(args) -> int:
     from interbert.recipes.common import set_threads
     from interbert.recipes.text import run_evaluate
 
-    recipes_cli._setup_logging()
+    setup_cli_logging()
     set_threads(args.threads)
     _write(run_evaluate(args.model, args.data, args.task, args.max_tokens, args.batch_size), args.out)
     return 0

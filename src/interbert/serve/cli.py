@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from interbert.serve import (
 )
 from interbert.serve.identity import DEFAULT_REQUEST_CLICKS_PER_MINUTE, DEFAULT_USER_CLICKS_PER_MINUTE
 from interbert.utils.argtypes import positive_int, seconds
+from interbert.utils.logs import SERVICE_FORMAT, setup_cli_logging
 
 ENGINE_HELP = ("where the vectors are searched: faiss (index.faiss in the folder), milvus (milvus-lite in the folder), "
                "milvus:PATH.db, or milvus://HOST:PORT/COLLECTION (a Milvus server)")
@@ -24,9 +24,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
     import sqlite3
 
     from interbert.serve.index import build_index
-    from interbert.train import checked_device
+    from interbert.utils.device import checked_device
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_cli_logging(SERVICE_FORMAT, datefmt=None)
     append = args.index_command == "add"
     out = args.index if append else args.out
     if Path(out).exists() and not Path(out).is_dir():
@@ -80,7 +80,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from interbert.serve.metrics import access_log_sink
     from interbert.serve.service import create_app
-    from interbert.train import checked_device
+    from interbert.utils.device import checked_device
 
     # Requests, not intra-op threads, use the cores: on a busy machine a forward split over 2 threads
     # waits at every op for the descheduled one (measured p90 of re-ranked search: 0.9-3.5 s with 2
@@ -132,7 +132,7 @@ def _serve_experiment(args: argparse.Namespace) -> int:
     # Read before the models load: a bad secret file is refused in a moment, not after the slow part.
     secret = read_secret_file(args.user_secret_file) if args.user_secret_file else None
     # The experiment's warnings (per-process secret, insecure ids, a log upgraded) go to stderr.
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_cli_logging(SERVICE_FORMAT, datefmt=None)
     events = args.events or f"{args.experiment}.events.sqlite"
     app = as_user_error(create_experiment_app, arms, split, args.experiment, events,
                         salt=args.salt, rerank_cap=args.rerank_cap, max_concurrent_reranks=args.max_concurrent_reranks,
