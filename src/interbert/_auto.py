@@ -17,6 +17,7 @@ import sys
 # transformers' Auto module -> the InterBERT module that registers with it when imported
 REGISTERS_WITH = {
     "transformers.models.auto.configuration_auto": "interbert.config",  # AutoConfig (AutoTokenizer reads it)
+    "transformers.models.auto.tokenization_auto": "interbert.tokenization",  # AutoTokenizer: BERT's WordPiece
     "transformers.models.auto.modeling_auto": "interbert.modeling",  # AutoModel, AutoModelForPreTraining, ...
     "transformers.models.auto.processing_auto": "interbert.processing",  # AutoProcessor
 }
