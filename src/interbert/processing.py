@@ -14,6 +14,7 @@ the processor's batches are the batches the model was trained and indexed on.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,8 +51,9 @@ class InterBertProcessor(ProcessorMixin):
 
     @classmethod
     def for_model(cls, tokenizer, config: InterBertConfig, max_regions: int = DEFAULT_MAX_REGIONS) -> "InterBertProcessor":
-        """The processor of a model with ``config``: its tokenizer truncates at the model's
-        ``max_position_embeddings`` (longer text is refused by the model). Sets ``tokenizer.model_max_length``."""
+        """The processor of a model with ``config``: its tokenizer (a copy; ``tokenizer`` is not changed)
+        truncates at the model's ``max_position_embeddings``, beyond which the model refuses text."""
+        tokenizer = copy.deepcopy(tokenizer)
         tokenizer.model_max_length = config.max_position_embeddings
         return cls(tokenizer, max_regions=max_regions)
 
@@ -133,6 +135,16 @@ class InterBertProcessor(ProcessorMixin):
                          "store's entry), a path to an .npz, a dict of arrays, or (features, boxes[, (width, height)])")
 
 
+def save_processor(folder: str | Path, tokenizer, config: InterBertConfig, recipe: dict | None = None) -> None:
+    """What a recipe writes beside a model: the tokenizer's files (with ``model_max_length``) and
+    ``processor_config.json``, whose ``max_regions`` is the run's ``data.max_regions`` when ``recipe`` (the
+    run's ``recipe.json`` record) has one: the regions per image the model was trained with."""
+    data = ((recipe or {}).get("config") or {}).get("data") or {}
+    max_regions = data.get("max_regions") if isinstance(data, dict) else None
+    processor = InterBertProcessor.for_model(tokenizer, config, max_regions=max_regions or DEFAULT_MAX_REGIONS)
+    processor.save_pretrained(str(folder))
+
+
 def _from_arrays(features, boxes, size, where: str, class_probs=None) -> Regions:
     """Regions from arrays: pixel boxes with the image size, or 5-d boxes (already divided by the size)."""
     features, boxes = np.asarray(features, dtype=np.float32), np.asarray(boxes, dtype=np.float32)
@@ -184,4 +196,4 @@ def _repeat(value, n: int):
 # `AutoProcessor.from_pretrained(folder)` of an InterBERT folder (model_type "interbert") gives this class.
 AutoProcessor.register(InterBertConfig, InterBertProcessor)
 
-__all__ = ["InterBertProcessor", "DEFAULT_MAX_REGIONS"]
+__all__ = ["InterBertProcessor", "DEFAULT_MAX_REGIONS", "save_processor"]
