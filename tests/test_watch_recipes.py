@@ -82,6 +82,13 @@ def test_retrieval_fine_tuning_logs_validation_recalls_and_keeps_the_best_model(
     folder = out / BEST_MODEL_DIR
     assert (folder / "tokenizer.json").exists() and json.loads((folder / "recipe.json").read_text())["recipe"] == \
         "finetune_retrieval"
+    # ... with the processor AutoProcessor loads: text truncated at the model's positions, the run's region count
+    recipe = json.loads((folder / "recipe.json").read_text())
+    for saved in (folder, out / "model"):
+        positions = json.loads((saved / "config.json").read_text())["max_position_embeddings"]
+        assert json.loads((saved / "tokenizer_config.json").read_text())["model_max_length"] == positions
+        assert json.loads((saved / "processor_config.json").read_text()) == {
+            "max_regions": recipe["config"]["data"]["max_regions"], "processor_class": "InterBertProcessor"}
     again = flat_retrieval_metrics(evaluate_retrieval(folder, synth / "captions.json", synth / "regions.tsv",
                                                       split="val", max_images=100, progress=False))
     assert again == pytest.approx({k: v for k, v in best.items() if k != "step"})

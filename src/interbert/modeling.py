@@ -314,6 +314,24 @@ class InterBertPreTrainedModel(PreTrainedModel):
         unused = {id(p) for module in self._modules_without_loss() for p in module.parameters()}
         return [name for name, p in self.named_parameters() if id(p) in unused]
 
+    # CLIP's names for the single-modal embeddings (open_clip's encode_text / encode_image), on every model
+    # class: the encoder's embed_text / embed_images, which the search index and service use, so an embedding
+    # computed here is one an index built by `interbert index build` can be searched with.
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """B x E L2-normalised text embeddings (E = ``embedding_size``, or ``pooled_size`` without projections):
+        the text alone through its path, pooled at [CLS], projected. Cosine similarity is a dot product."""
+        return self._encoder().embed_text(input_ids, attention_mask, token_type_ids)
+
+    def get_image_features(self, region_features: torch.Tensor, region_boxes: torch.Tensor,
+                           region_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """B x E L2-normalised image embeddings from regions as :class:`~interbert.processing.InterBertProcessor`
+        prepares them (global region first, 5-d boxes): the regions alone, pooled at the global region, projected."""
+        return self._encoder().embed_images(region_features, region_boxes, region_mask)
+
+    def _encoder(self) -> "InterBertModel":
+        return getattr(self, self.base_model_prefix, self)
+
     def _modules_without_loss(self) -> list[nn.Module]:
         # The single-modal embedding projections serve candidate search; only the contrastive loss trains them.
         base = getattr(self, self.base_model_prefix, self)
@@ -622,6 +640,21 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
         """The ITM head (dropout in training) on pooled outputs."""
         return self.itm.logits(text_pooled, image_pooled)
 
+    def score_pairs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    token_type_ids: torch.Tensor | None = None, region_features: torch.Tensor | None = None,
+                    region_boxes: torch.Tensor | None = None, region_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One matching score per (text, image) pair (row i of the text with row i of the regions): the ITM
+        margin ``logit(match) - logit(mismatch)``, which the search service re-ranks with and which a retrieval
+        model loaded from this folder (``load_model(folder, task="retrieval")``) starts from. Only what the
+        poolers read is computed, not the MSM/MRM heads."""
+        if input_ids is None or region_features is None:
+            raise ValueError("score_pairs scores (text, image) pairs: give both input_ids and region_features")
+        text = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        image = dict(region_features=region_features, region_boxes=region_boxes, region_mask=region_mask)
+        pooled = pooled_pass(self.interbert, text, image)
+        itm = self.itm_logits(pooled.text_pooled, pooled.image_pooled)
+        return itm[:, 1] - itm[:, 0]
+
     def mine_in_batch_negatives(self, text: dict, image: dict, itm_labels: torch.Tensor, image_index):
         """ALBEF's in-batch negatives from a batch of matched pairs: ``(image_order, itm_labels, itc_loss)``
         (see :meth:`ItmObjective.in_batch_negatives`); ``itc_loss`` is that of the embeddings which drew the
@@ -695,6 +728,14 @@ class _PairScorer(InterBertPreTrainedModel):
             raise ValueError(f"{type(self).__name__} scores (image, text) pairs: give both text and regions")
         logits = self.score(self.dropout(fuse(base.text_pooled, base.image_pooled, self.config.fusion))).squeeze(-1)
         return logits, base
+
+    def score_pairs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    token_type_ids: torch.Tensor | None = None, region_features: torch.Tensor | None = None,
+                    region_boxes: torch.Tensor | None = None, region_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One matching logit per (text, image) pair (row i of the text with row i of the regions), flat
+        (B,): what ``forward`` returns as ``logits`` for a retrieval model, without loss or pooled outputs."""
+        return self.pair_scores(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                region_features=region_features, region_boxes=region_boxes, region_mask=region_mask)[0]
 
 
 class InterBertForImageTextRetrieval(_PairScorer):

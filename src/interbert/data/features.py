@@ -299,29 +299,39 @@ class NpzFolderFeatures(FeatureStore):
         self.feature_dim = self[next(iter(self._index))].features.shape[1]
 
     def _read(self, image_id: str, file: Path) -> Regions:
-        # np.load opens the file anew for every read, so threads and processes share nothing here
-        try:
-            with np.load(file) as z:
-                missing = {"features", "boxes", "image_w", "image_h"} - set(z.files)
-                if missing:
-                    raise DataFormatError(file, f"image {image_id}: missing arrays {sorted(missing)}")
-                probs = z["class_probs"] if "class_probs" in z.files else (z["cls_prob"] if "cls_prob" in z.files else None)
-                features, boxes, image_w, image_h = z["features"], z["boxes"], z["image_w"], z["image_h"]
-        except (DataFormatError, FileNotFoundError):  # already clear (a file deleted since the folder was listed)
-            raise
-        # a cut or corrupt archive fails in many layers: the zip directory, inflate, the .npy header, a pickle
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as e:
-            raise DataFormatError(file, f"image {image_id}: not a readable .npz ({type(e).__name__}: {e})") from None
-        if features.ndim != 2 or boxes.ndim != 2 or len(boxes) != len(features) or boxes.shape[1] != 4:
-            raise DataFormatError(file, f"image {image_id}: features {features.shape} and boxes {boxes.shape} disagree")
-        if probs is not None and (probs.ndim != 2 or len(probs) != len(features)):
-            raise DataFormatError(file, f"image {image_id}: class_probs {probs.shape} do not match features {features.shape}")
-        if image_w.size != 1 or image_h.size != 1:
-            raise DataFormatError(file, f"image {image_id}: image_w/image_h are not single numbers")
-        try:
-            return Regions(features, boxes, image_w.item(), image_h.item(), probs)
-        except (TypeError, ValueError) as e:  # e.g. string arrays where numbers belong
-            raise DataFormatError(file, f"image {image_id}: arrays of the wrong type ({e})") from None
+        return read_npz_regions(file, image_id)
+
+
+def read_npz_regions(file: str | Path, image_id: str | None = None) -> Regions:
+    """One image's regions from an ``.npz`` of the npz-folder layout (``features``, ``boxes``, ``image_w``,
+    ``image_h``, optionally ``class_probs``/``cls_prob``): what :class:`NpzFolderFeatures` reads per image,
+    and what :class:`interbert.processing.InterBertProcessor` reads for a path. A missing, cut or
+    inconsistent file is a :class:`DataFormatError` naming it (and ``image_id``; default: the file's stem)."""
+    file = Path(file)
+    image_id = file.stem if image_id is None else image_id
+    # np.load opens the file anew for every read, so threads and processes share nothing here
+    try:
+        with np.load(file) as z:
+            missing = {"features", "boxes", "image_w", "image_h"} - set(z.files)
+            if missing:
+                raise DataFormatError(file, f"image {image_id}: missing arrays {sorted(missing)}")
+            probs = z["class_probs"] if "class_probs" in z.files else (z["cls_prob"] if "cls_prob" in z.files else None)
+            features, boxes, image_w, image_h = z["features"], z["boxes"], z["image_w"], z["image_h"]
+    except (DataFormatError, FileNotFoundError):  # already clear (a file deleted since the folder was listed)
+        raise
+    # a cut or corrupt archive fails in many layers: the zip directory, inflate, the .npy header, a pickle
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as e:
+        raise DataFormatError(file, f"image {image_id}: not a readable .npz ({type(e).__name__}: {e})") from None
+    if features.ndim != 2 or boxes.ndim != 2 or len(boxes) != len(features) or boxes.shape[1] != 4:
+        raise DataFormatError(file, f"image {image_id}: features {features.shape} and boxes {boxes.shape} disagree")
+    if probs is not None and (probs.ndim != 2 or len(probs) != len(features)):
+        raise DataFormatError(file, f"image {image_id}: class_probs {probs.shape} do not match features {features.shape}")
+    if image_w.size != 1 or image_h.size != 1:
+        raise DataFormatError(file, f"image {image_id}: image_w/image_h are not single numbers")
+    try:
+        return Regions(features, boxes, image_w.item(), image_h.item(), probs)
+    except (TypeError, ValueError) as e:  # e.g. string arrays where numbers belong
+        raise DataFormatError(file, f"image {image_id}: arrays of the wrong type ({e})") from None
 
 
 def write_npz_folder(path: str | Path, items: Iterable[tuple[str, Regions]]) -> None:

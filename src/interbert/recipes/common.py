@@ -36,6 +36,7 @@ from interbert.data.tokenize import (
 from interbert.errors import UsageError
 from interbert.model_card import write_model_card
 from interbert.modeling import InterBertPreTrainedModel
+from interbert.processing import save_processor
 from interbert.train import (
     FINAL_WEIGHTS_NAME,
     Trainer,
@@ -310,7 +311,8 @@ def save_trained(trainer: Trainer, tokenizer, output_dir: Path, extra: dict | No
         model.save_pretrained(target)
         write_model_card(target, model, recipe=extra, steps=trainer.step, history=trainer.history,
                          metrics=(extra or {}).get("metrics"))
-    tokenizer.save_pretrained(str(target))
+        # the tokenizer as AutoProcessor loads it, truncating at the model's positions
+        save_processor(target, tokenizer, model.config, extra)
     if extra:
         (target / "recipe.json").write_text(json.dumps(extra, indent=2, default=str))
     final = output_dir / FINAL_WEIGHTS_NAME

@@ -30,6 +30,7 @@ from interbert.data import model_inputs
 from interbert.data.captions import Caption, read_captions
 from interbert.evaluate import retrieval_metrics
 from interbert.model_card import write_model_card
+from interbert.processing import save_processor
 from interbert.recipes.settings import CaptionDataSettings
 from interbert.train import TrainConfig, loss_components
 from interbert.utils.config_files import ConfigError
@@ -130,7 +131,7 @@ def best_model_saver(tokenizer, extra: Mapping[str, Any] | None = None) -> Calla
     def save(model: nn.Module, folder: Path) -> None:
         model.save_pretrained(folder)
         write_model_card(folder, model, recipe=extra)  # the step and score of the best are in the run's history
-        tokenizer.save_pretrained(str(folder))
+        save_processor(folder, tokenizer, model.config, extra)  # the tokenizer, truncating at the model's positions
         if extra:
             (folder / "recipe.json").write_text(json.dumps(extra, indent=2, default=str))
 
