@@ -124,11 +124,13 @@ def test_two_replicas_share_one_postgres_store_and_a_killed_one_loses_nothing(wo
             if server.poll() is None:
                 server.send_signal(signal.SIGTERM)
                 server.communicate(timeout=30)
-    assert len(acknowledged_clicks) >= before + 20 > 40, "too little traffic around the kill to test anything"
+    assert before >= 40 and len(acknowledged_clicks) >= before + 20, "too little traffic around the kill to test anything"
     stored_requests, stored_clicks = stored_events(postgres_uri)
     assert acknowledged_requests <= stored_requests  # no acknowledged event lost
     assert set(acknowledged_clicks) <= stored_clicks
-    assert set(acknowledged_clicks.values()) == {1}  # each click counted by exactly one acknowledgement
+    # No click counted twice: at most one acknowledgement of each said "counted" (none, where the counting one
+    # was the killed replica's, stored but cut off before its answer: the other replica then saw a duplicate).
+    assert max(acknowledged_clicks.values()) == 1 and sum(acknowledged_clicks.values()) >= len(acknowledged_clicks) - 4
     assert query(postgres_uri, "SELECT COUNT(*), COUNT(DISTINCT (request_id, image_id)) FROM clicks")[0] == \
         (len(stored_clicks),) * 2
     # every user in one arm, whichever replica served it
@@ -152,7 +154,7 @@ def test_postgres_stopped_mid_traffic_answers_503_loses_nothing_and_recovers(wor
         app = create_experiment_app(world.arms(), (0.5, 0.5), "outage", uri, user_secret=SECRET, events_busy_wait=2)
         acknowledged_requests: set[str] = set()
         acknowledged_clicks: set[tuple[str, str]] = set()
-        statuses: list[tuple[float, str, int]] = []
+        statuses: list[tuple[float, float, str, int]] = []  # (sent, answered, route, status)
         lock, stop = threading.Lock(), threading.Event()
 
         def traffic(url: str, n: int) -> None:
@@ -162,9 +164,10 @@ def test_postgres_stopped_mid_traffic_answers_503_loses_nothing_and_recovers(wor
                 while not stop.is_set():
                     user = {"X-User-Id": sign_user_id(f"outage{n}-{i % 7}", SECRET)}
                     i += 1
+                    sent = time.monotonic()
                     feed = client.get(f"/topics/{topics[i % len(topics)]['topic_id']}", headers=user)
                     with lock:
-                        statuses.append((time.monotonic(), "feed", feed.status_code))
+                        statuses.append((sent, time.monotonic(), "feed", feed.status_code))
                     if feed.status_code != 200:
                         time.sleep(0.02)
                         continue
@@ -172,9 +175,10 @@ def test_postgres_stopped_mid_traffic_answers_503_loses_nothing_and_recovers(wor
                     with lock:
                         acknowledged_requests.add(body["request_id"])
                     item = {"request_id": body["request_id"], "image_id": body["results"][1]["image_id"]}
+                    sent = time.monotonic()
                     click = client.post("/events/click", headers=user, json=item)
                     with lock:
-                        statuses.append((time.monotonic(), "click", click.status_code))
+                        statuses.append((sent, time.monotonic(), "click", click.status_code))
                         if click.status_code == 200:
                             acknowledged_clicks.add((item["request_id"], item["image_id"]))
 
@@ -187,13 +191,14 @@ def test_postgres_stopped_mid_traffic_answers_503_loses_nothing_and_recovers(wor
             stopped = time.monotonic()
             time.sleep(1.5)
             ready_while_down = httpx.get(f"{url}/health/ready", timeout=30)
+            restarting = time.monotonic()  # the server answers before pg_ctl start returns
             database.start()
             restarted = time.monotonic()
             deadline = restarted + 30
             while time.monotonic() < deadline:
                 with lock:
-                    recovered = any(t > restarted + 0.2 and kind == "click" and code == 200
-                                    for t, kind, code in statuses)
+                    recovered = any(sent > restarted and kind == "click" and code == 200
+                                    for sent, _, kind, code in statuses)
                 if recovered:
                     break
                 time.sleep(0.05)
@@ -202,9 +207,9 @@ def test_postgres_stopped_mid_traffic_answers_503_loses_nothing_and_recovers(wor
             for t in threads:
                 t.join(60)
             ready_after = httpx.get(f"{url}/health/ready", timeout=30)
-        codes = Counter(code for _, _, code in statuses)
+        codes = Counter(code for _, _, _, code in statuses)
         assert set(codes) <= {200, 503}, codes  # never a 500
-        down = [code for t, _, code in statuses if stopped + 0.2 < t < restarted]
+        down = [code for sent, answered, _, code in statuses if stopped < sent and answered < restarting]
         assert down and set(down) == {503}, Counter(down)  # while the database is away: 503, nothing acknowledged
         assert recovered, "no click was stored after the database came back"
         assert ready_while_down.status_code == 503 and ready_while_down.json()["checks"]["events"] != "ok"
