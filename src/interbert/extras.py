@@ -3,7 +3,8 @@
 The core install trains, evaluates and runs the demo's models; a few commands need more:
 ``[serve]`` for ``interbert index|serve`` (and the demo's search index), ``[extract]`` for
 ``interbert extract``, ``[zh]`` for Chinese word segmentation, ``[milvus]`` for an index searched by
-Milvus (``--engine milvus...``). Without them, the command stops with
+Milvus (``--engine milvus...``), ``[postgres]`` for an A/B event store in PostgreSQL (``--events
+postgresql://...``). Without them, the command stops with
 ``error: ... pip install 'interbert[serve]'`` (the CLI's usage-error path, exit 2) instead of an
 ImportError traceback. ``tests/test_packaging.py`` keeps :data:`EXTRA_MODULES` in step with pyproject.
 """
@@ -20,6 +21,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "extract": ("torchvision",),
     "zh": ("jieba",),
     "milvus": ("pymilvus", "milvus_lite"),
+    "postgres": ("psycopg",),
 }
 
 _EXTRA_OF_MODULE = {module: extra for extra, modules in EXTRA_MODULES.items() for module in modules}

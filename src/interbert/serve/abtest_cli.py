@@ -42,7 +42,16 @@ def _cmd_topics_build(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from interbert.serve.report import write_report
 
-    plot_path = args.plot or (Path(args.out).with_suffix(".png") if args.out else Path(args.log).with_suffix(".png"))
+    from interbert.serve.events import is_postgres_uri
+
+    if args.plot:
+        plot_path = args.plot
+    elif args.out:
+        plot_path = Path(args.out).with_suffix(".png")
+    elif is_postgres_uri(args.log):  # no file beside a database: the plot goes to the working folder
+        plot_path = Path("abtest-report.png")
+    else:
+        plot_path = Path(args.log).with_suffix(".png")
     report, markdown = write_report(args.log, args.out, plot_path)
     if args.out:
         print(f"{args.out} (plot {plot_path})")
@@ -102,9 +111,11 @@ def register(subparsers) -> None:
     abtest = subparsers.add_parser("abtest", help="A/B experiments: report, simulated traffic, benchmark topics")
     sub = abtest.add_subparsers(dest="abtest_command", metavar="<action>", required=True)
     report = sub.add_parser("report", help="CTR per arm, treatment vs control with a user-level 95%% CI, SRM check")
-    report.add_argument("log", help="event log written by `interbert serve --arm ... --events LOG`")
+    report.add_argument("log", help="event log written by `interbert serve --arm ... --events LOG`: its SQLite "
+                        "file or its postgresql://USER@HOST:PORT/DB")
     report.add_argument("--out", help="Markdown file to write (default: print to stdout)")
-    report.add_argument("--plot", help="PNG plot (default: --out with .png, else LOG with .png)")
+    report.add_argument("--plot", help="PNG plot (default: --out with .png, else LOG with .png; for a PostgreSQL LOG "
+                        "abtest-report.png)")
     report.set_defaults(func=_cmd_report)
 
     simulate = sub.add_parser("simulate", help="simulated users of the built-in benchmark against a local server")

@@ -205,7 +205,9 @@ def register(subparsers) -> None:
     serve.add_argument("--split", help="traffic shares of the arms in --arm order, e.g. 50/50 (default: equal)")
     serve.add_argument("--experiment", default="abtest", help="experiment name; users are reassigned when it changes")
     serve.add_argument("--salt", help="assignment salt (default: the experiment name)")
-    serve.add_argument("--events", help="event log (SQLite) of impressions and clicks (default: EXPERIMENT.events.sqlite)")
+    serve.add_argument("--events", help="event log of impressions and clicks: an SQLite file (default: "
+                       "EXPERIMENT.events.sqlite), or postgresql://USER@HOST:PORT/DB, shared by replicas (the password "
+                       "from $PGPASSWORD, a libpq service file or ~/.pgpass; never in the URI)")
     serve.add_argument("--user-secret-file", metavar="PATH",
                        help="with --arm: the secret (>= 32 bytes, a file only its owner may read) that user ids and "
                             "cookies are signed with; a front end holding it may name users by a signed X-User-Id "

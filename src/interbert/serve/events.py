@@ -1,4 +1,10 @@
-"""The experiment's event log: what each user was shown (impressions) and what they clicked, in SQLite.
+"""The experiment's event log: what each user was shown (impressions) and what they clicked.
+
+One interface (:class:`EventStore`), two engines: SQLite (:class:`EventLog`, a file: the embedded default)
+and PostgreSQL (:class:`interbert.serve.events_pg.PostgresEventLog`, ``postgresql://USER@HOST:PORT/DB``:
+several `serve` processes on several machines share it). :func:`open_event_store` picks the engine from
+``--events``. Both hold the same tables (types adapted) and give the same guarantees; this module's
+docstring below describes them for SQLite, events_pg.py for PostgreSQL.
 
     experiment        key/value: name, salt, arms (JSON list, control first), split (JSON list), and
                       arm_hashes (JSON: per arm its model folder and the sha256 of its weights, index and
@@ -7,6 +13,11 @@
                       topic_id or query
     impression_items  the items of a request with their 1-based positions; UNIQUE (request_id, image_id)
     clicks            UNIQUE (request_id, image_id), referencing the item that was shown
+    schema_version    one row: the version of these tables (a log without it predates it: version 1)
+
+Migrations are the project's own: :data:`MIGRATIONS` lists what each version adds. A writer (`serve`)
+upgrades an older store inside the transaction that records the experiment; a store of a newer version
+than this interbert knows is refused by name before anything is written (by the report too).
 
 Durability. The database runs in WAL mode with ``synchronous=FULL``: every commit fsyncs the WAL before
 it returns, and each write is committed before the HTTP response that acknowledges it is sent. So once a
@@ -27,6 +38,7 @@ order their transactions, waiting up to 30 s for one another (tests/test_abtest_
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import random
@@ -68,6 +80,37 @@ CREATE TABLE IF NOT EXISTS clicks (
 );
 CREATE INDEX IF NOT EXISTS impressions_by_user ON impressions(user_id);
 """
+
+SCHEMA_VERSION = 2
+# version -> the statements that bring a store of the version before it to this one. SCHEMA above is
+# version 1 (what every log written before versions were recorded holds); a new store is created as
+# version 1 and upgraded like an old one, so both take the same path. Both engines run these as written.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+        # `abtest report` sums impressions per (arm, user) in the database: this index serves that GROUP BY
+        "CREATE INDEX IF NOT EXISTS impressions_by_arm_user ON impressions(arm, user_id)"),
+}
+
+
+def refuse_newer_schema(where: str, version: int) -> None:
+    """A store written by a newer interbert: its tables may mean something this one does not know."""
+    if version > SCHEMA_VERSION:
+        raise UsageError(f"{where}: the event store has schema version {version}, newer than this interbert "
+                         f"knows ({SCHEMA_VERSION}): upgrade interbert to use it (nothing was written)")
+
+
+def migrate(execute, where: str, version: int) -> bool:
+    """Bring a store of schema ``version`` to :data:`SCHEMA_VERSION` with ``execute(sql)`` (inside the
+    caller's transaction, so an upgrade is all or nothing); True when anything was done."""
+    refuse_newer_schema(where, version)
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[step]:
+            execute(statement)
+    if version == SCHEMA_VERSION:
+        return False
+    execute("DELETE FROM schema_version")
+    execute(f"INSERT INTO schema_version (version) VALUES ({SCHEMA_VERSION})")
+    return True
 
 
 class UnknownRequest(LookupError):
@@ -158,7 +201,7 @@ def _arm_hashes_row(arms: dict[str, ArmHashes]) -> tuple[str, str]:
     return ARM_HASHES_KEY, json.dumps({arm: vars(hashes) for arm, hashes in arms.items()}, sort_keys=True)
 
 
-def _refuse_other_experiment(path: Path, stored: ExperimentConfig, config: ExperimentConfig) -> None:
+def _refuse_other_experiment(path: Path | str, stored: ExperimentConfig, config: ExperimentConfig) -> None:
     if stored.as_rows() != config.as_rows():
         # Mixing two experiments' events in one log would make every statistic meaningless.
         raise UsageError(
@@ -168,7 +211,7 @@ def _refuse_other_experiment(path: Path, stored: ExperimentConfig, config: Exper
         )
 
 
-def _refuse_other_arms(path: Path, experiment: str, stored: dict[str, ArmHashes], given: dict[str, ArmHashes]) -> None:
+def _refuse_other_arms(path: Path | str, experiment: str, stored: dict[str, ArmHashes], given: dict[str, ArmHashes]) -> None:
     """One line naming the first arm whose weights, index or feed differ from what the log recorded: the
     log's events under that arm's name came from other rankings than this start would serve."""
     for arm, now in given.items():
@@ -185,7 +228,16 @@ def _refuse_other_arms(path: Path, experiment: str, stored: dict[str, ArmHashes]
                     f"start another --experiment with another --events file")
 
 
-def check_existing_log(path: str | Path, config: ExperimentConfig, arms: dict[str, ArmHashes] | None) -> None:
+def check_existing_log(events: str | Path, config: ExperimentConfig, arms: dict[str, ArmHashes] | None) -> None:
+    """Refuse, before anything is written, to run ``config`` with ``arms`` on the store ``events`` (a file
+    or a PostgreSQL URI) when it holds another experiment, other arms or a newer schema."""
+    if is_postgres_uri(events):
+        _postgres_engine().check_existing_store(checked_postgres_uri(str(events)), config, arms)
+    else:
+        _check_existing_file(events, config, arms)
+
+
+def _check_existing_file(path: str | Path, config: ExperimentConfig, arms: dict[str, ArmHashes] | None) -> None:
     """Refuse, before anything is written, to run ``config`` with ``arms`` on the log at ``path`` when it
     holds another experiment or other arms. Read-only (the main file and its WAL stay as they are); the
     same checks run again inside the transaction that records the experiment, for a racing start."""
@@ -220,6 +272,7 @@ def _read_experiment_rows(db: sqlite3.Connection, path: Path, advice: str):
         missing = [table for table in LOG_TABLES if table not in tables]
         if missing:
             raise UsageError(f"{path} is not an event log (no {', '.join(missing)} table): {advice}")
+        refuse_newer_schema(str(path), _sqlite_schema_version(db, tables))
         return read_config(db), read_arm_hashes(db)
     except sqlite3.DatabaseError as error:  # not SQLite at all, or a damaged file
         raise UsageError(f"{path} is not an event log ({error}): {advice}") from None
@@ -228,13 +281,106 @@ def _read_experiment_rows(db: sqlite3.Connection, path: Path, advice: str):
                          f"{type(error).__name__} {error}): {advice}") from None
 
 
+def _sqlite_schema_version(db: sqlite3.Connection, tables: set[str] | None = None) -> int:
+    if tables is None:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "schema_version" not in tables:
+        return 1  # written before versions were recorded
+    row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+    return 1 if row[0] is None else int(row[0])
+
+
+def is_postgres_uri(events: str | Path) -> bool:
+    """``--events postgresql://...`` (or postgres://, libpq's other spelling) names a PostgreSQL store;
+    anything else is a file. A Path never is a URI (it would have folded the // already)."""
+    return isinstance(events, str) and events.startswith(("postgresql://", "postgres://"))
+
+
+def checked_postgres_uri(uri: str) -> str:
+    """``uri`` as given, once it is known to hold no password: a URI travels through shell history, process
+    lists, logs and /health, so the password comes from $PGPASSWORD, a libpq service file or ~/.pgpass
+    (libpq reads them) and a URI with one is refused (its password is not repeated in the message)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    try:
+        parts = urlsplit(uri)
+        in_query = "password" in parse_qs(parts.query)
+        has_password = parts.password is not None or in_query
+    except ValueError as error:  # a port that is not a number, a broken IPv6 literal
+        raise UsageError(f"--events: not a PostgreSQL URI postgresql://USER@HOST:PORT/DB ({error})") from None
+    if has_password:
+        raise UsageError("--events: the PostgreSQL URI holds a password; name the store without it "
+                         "(postgresql://USER@HOST:PORT/DB) and give the password in $PGPASSWORD (or a libpq "
+                         "service file or ~/.pgpass)")
+    return uri
+
+
+def _postgres_engine():
+    """events_pg, or one line naming the extra to install (psycopg is not a core dependency)."""
+    from interbert.extras import require_extra
+
+    require_extra("postgres", "an event store in PostgreSQL (--events postgresql://...)")
+    from interbert.serve import events_pg
+
+    return events_pg
+
+
+class EventStore(abc.ABC):
+    """Append-only impressions and clicks of one experiment: what the service needs of either engine.
+
+    Every write commits before it returns (so the HTTP response that acknowledges an event follows its
+    commit); a write that raises one of :attr:`UNAVAILABLE` stored nothing of its event (the service
+    answers 503 and acknowledges nothing). Opening the store creates or upgrades its tables, records the
+    experiment and the arms' hashes, and refuses another experiment's store or other arms (UsageError)."""
+
+    config: ExperimentConfig
+    upgraded: bool  # True when this start recorded arm hashes into a log that predates them
+    UNAVAILABLE: tuple[type[BaseException], ...]  # the store cannot take an event now (locked, unreachable)
+    ERRORS: tuple[type[BaseException], ...]  # whatever the engine raises (the readiness probe reports it)
+
+    @property
+    @abc.abstractmethod
+    def where(self) -> str:
+        """The store as people name it (a file, or a URI: one that never holds a password)."""
+
+    @abc.abstractmethod
+    def log_impression(self, user_id: str, arm: str, kind: str, image_ids: Sequence[str],
+                       topic_id: str | None = None, query: str | None = None) -> str:
+        """Store what ``user_id`` was shown (positions 1..n in order) and return the new request_id."""
+
+    @abc.abstractmethod
+    def log_click(self, request_id: str, image_id: str, user_id: str | None = None) -> tuple[bool, int]:
+        """Record a click by ``user_id``; returns (counted, position), ``counted`` False for a repeated click.
+        Raises UnknownRequest / NotShown / NotYours (``user_id`` None: the user is not checked)."""
+
+    @abc.abstractmethod
+    def check_writable(self, wait: float) -> None:
+        """Raise one of :attr:`ERRORS` unless an event could be stored within ``wait`` seconds (readiness)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        ...
+
+
+def open_event_store(events: str | Path, config: ExperimentConfig, arms: dict[str, ArmHashes] | None = None,
+                     busy_wait: float = BUSY_WAIT) -> EventStore:
+    """The engine ``events`` names: a PostgreSQL URI, else an SQLite file."""
+    if is_postgres_uri(events):
+        checked_postgres_uri(str(events))  # refused before the driver is even needed
+        return _postgres_engine().PostgresEventLog(str(events), config, arms, busy_wait)
+    return EventLog(events, config, arms, busy_wait)
+
+
 def _file_identity(path: Path) -> tuple[int, int]:
     status = path.stat()
     return status.st_dev, status.st_ino
 
 
-class EventLog:
-    """Append-only impressions and clicks of one experiment; every method commits before it returns."""
+class EventLog(EventStore):
+    """The SQLite engine: one file, WAL, ``synchronous=FULL`` (see the module's docstring)."""
+
+    UNAVAILABLE = (sqlite3.OperationalError,)
+    ERRORS = (sqlite3.Error,)
 
     def __init__(self, path: str | Path, config: ExperimentConfig, arms: dict[str, ArmHashes] | None = None,
                  busy_wait: float = BUSY_WAIT):
@@ -245,7 +391,7 @@ class EventLog:
         self.config = config
         self.upgraded = False  # True when this start recorded arm hashes into a log that predates them
         self._lock = threading.Lock()
-        check_existing_log(self.path, config, arms)  # a refused start writes nothing, not even the WAL switch
+        _check_existing_file(self.path, config, arms)  # a refused start writes nothing, not even the WAL switch
         self._db = connect(self.path, busy_wait)
         self._file = _file_identity(self.path)  # which file the connection writes, whatever its name becomes
         try:
@@ -262,6 +408,7 @@ class EventLog:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
+            migrate(self._db.execute, str(self.path), _sqlite_schema_version(self._db))
             stored = read_config(self._db)
             if stored is None:
                 self._db.executemany("INSERT INTO experiment VALUES (?, ?)", config.as_rows().items())
@@ -275,6 +422,10 @@ class EventLog:
                 self.upgraded = stored is not None
             else:
                 _refuse_other_arms(self.path, config.name, recorded, arms)
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
 
     @contextlib.contextmanager
     def _transaction(self):
@@ -353,9 +504,12 @@ class EventLog:
             self._db.close()
 
 
-def open_log(path: str | Path) -> tuple[sqlite3.Connection, ExperimentConfig, dict[str, ArmHashes]]:
-    """Open an existing log for reading (the report): the connection, the experiment and its arms' hashes
-    (empty for a log written before they were recorded). A file that is not one is refused in one line."""
+def open_log(path: str | Path):
+    """Open an existing log for reading (the report): a connection (SQLite's or psycopg's: both answer
+    ``execute(sql)`` with rows), the experiment and its arms' hashes (empty for a log written before they
+    were recorded). A file or database that is not one is refused in one line."""
+    if is_postgres_uri(path):
+        return _postgres_engine().open_store_for_reading(checked_postgres_uri(str(path)))
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{path} is a directory, not an event log")
@@ -371,3 +525,13 @@ def open_log(path: str | Path) -> tuple[sqlite3.Connection, ExperimentConfig, di
         db.close()
         raise UsageError(f"{path} is not an event log (no experiment recorded)")
     return db, config, arms or {}
+
+
+def read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a store may raise once it is open (a damaged SQLite page, a lost PostgreSQL connection)."""
+    errors: tuple[type[BaseException], ...] = (sqlite3.DatabaseError,)
+    with contextlib.suppress(ImportError):
+        import psycopg
+
+        errors += (psycopg.Error,)
+    return errors

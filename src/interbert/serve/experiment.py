@@ -17,7 +17,8 @@ rate-limited per user and per request (429 with Retry-After).
 
 An answer's impression is committed to the event log (fsynced) before the answer is sent, so a click can
 always find its request; a click is acknowledged only once it is committed. When the log cannot store an
-event (locked beyond its busy wait, a disk error, a read-only file), the request is answered 503 with
+event (SQLite: locked beyond its busy wait, a disk error, a read-only file; PostgreSQL: a server that
+refuses or drops the connection), the request is answered 503 with
 Retry-After and counted in GET /metrics: never a 500, never an acknowledgement of what was not stored. The log binds each arm to the
 hashes of its weights, index and feed at the experiment's first start; a later start whose arms differ is
 refused before anything is written.
@@ -28,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import sqlite3
 import uuid
 from collections.abc import Sequence
 from importlib import resources
@@ -46,7 +46,7 @@ from interbert.errors import UsageError, shown
 from interbert.serve import DEFAULT_RERANK_QUEUE_TIMEOUT
 from interbert.serve.abtest import MAX_USER_ID_CHARS, ArmSpec, assign_arm, file_sha256, index_sha256, valid_user_id
 from interbert.serve.events import (
-    BUSY_WAIT, ArmHashes, EventLog, ExperimentConfig, NotShown, NotYours, UnknownRequest, check_existing_log,
+    BUSY_WAIT, ArmHashes, ExperimentConfig, NotShown, NotYours, UnknownRequest, check_existing_log, open_event_store,
 )
 from interbert.serve.identity import (
     DEFAULT_REQUEST_CLICKS_PER_MINUTE, DEFAULT_USER_CLICKS_PER_MINUTE, SIGNATURE_CHARS, Refused, TokenBuckets, UserIds,
@@ -256,11 +256,11 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
     hashes = _hashes_before_loading(arm_specs)
     check_existing_log(events, config, hashes)
     arms = {spec.name: Arm(spec, rerank_cap, device) for spec in arm_specs}
-    log = EventLog(events, config, hashes or {spec.name: arm_hashes(spec) for spec in arm_specs},
-                   busy_wait=events_busy_wait)
+    log = open_event_store(events, config, hashes or {spec.name: arm_hashes(spec) for spec in arm_specs},
+                           busy_wait=events_busy_wait)
     if log.upgraded:
         logger.warning("%s: recorded the arms' weights, index and feed hashes of experiment %r (a log written "
-                       "before they were recorded); later starts with other arms are refused", log.path, config.name)
+                       "before they were recorded); later starts with other arms are refused", log.where, config.name)
     users = Users(UserIds(user_secret if user_secret is not None else random_secret(), insecure_user_ids))
     _warn_about_user_ids(user_secret is None, insecure_user_ids)
     topics = common_topics(list(arms.values()))
@@ -278,7 +278,7 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
     metrics = ServiceMetrics()
     metrics.watch_rerank_gate(gate)
     metrics.service_info.info({"kind": "experiment", "experiment": config.name, "arms": ",".join(config.arms),
-                               "events": str(log.path)})
+                               "events": log.where})
     for arm, share in zip(arms.values(), config.split):
         metrics.arm_info.labels(arm.name).info({**arm.service.info(), "share": f"{share:g}",
                                                 "feed_topics": str(len(arm.feed.topics) if arm.feed else 0)})
@@ -289,13 +289,14 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
 
     def stored(kind: str, write, *args, counted=lambda result: True):
         """``write(*args)`` on the event log (blocking: call it in a worker thread), counted in the metrics.
-        A store that cannot take the event answers 503 with Retry-After: SQLite rolled the transaction
-        back, so nothing of it is kept and nothing is acknowledged."""
+        A store that cannot take the event (SQLite: locked beyond the busy wait, a disk error; PostgreSQL:
+        refused or lost connection, a lock or statement timeout) answers 503 with Retry-After: the
+        transaction was rolled back (or its COMMIT's fate is unknown), and nothing is acknowledged."""
         try:
             result = write(*args)
-        except sqlite3.OperationalError as error:
+        except log.UNAVAILABLE as error:
             metrics.events_failed.labels(kind).inc()
-            logger.error("%s: a %s was not stored: %s", log.path, kind, error)
+            logger.error("%s: a %s was not stored: %s", log.where, kind, error)
             raise HTTPException(503, f"the event log cannot store events now ({error}); nothing was recorded: "
                                      "retry later", headers={"Retry-After": str(EVENTS_RETRY_AFTER_S)}) from None
         if counted(result):
@@ -307,7 +308,7 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
         try:
             log.check_writable(READY_WAIT_S)
             checks["events"] = "ok"
-        except sqlite3.Error as error:
+        except log.ERRORS as error:
             checks["events"] = _failure(error)
         return checks
 
@@ -317,7 +318,7 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "experiment": config.name, "events": str(log.path),
+        return {"status": "ok", "experiment": config.name, "events": log.where,
                 "arms": [{"name": arm.name, "share": share, "images": len(arm.service.index),
                           "model": str(arm.service.model.model_dir.resolve()),
                           "topics": len(arm.feed.topics) if arm.feed else 0}

@@ -1,4 +1,10 @@
-"""``interbert abtest report LOG``: the experiment's numbers, read from its event log.
+"""``interbert abtest report LOG``: the experiment's numbers, read from its event log (an SQLite file or a
+PostgreSQL URI).
+
+Memory for the users, not the events: the database sums each (arm, user)'s items shown and clicks with
+GROUP BY (the same SQL on both engines), and the timeline is streamed in time order and kept at
+:data:`TIMELINE_POINTS` points per arm. The per-user rows are sorted here (not by ORDER BY: the engines'
+text collations differ), so both engines hand the statistics the same numbers in the same order.
 
 Metric: CTR = clicks / items shown (each item of each answered request is one impression; a click is
 counted once per request and item). CTR by position divides the clicks at a position by the items shown
@@ -33,9 +39,10 @@ import numpy as np
 from scipy import stats
 
 from interbert.errors import DataError
-from interbert.serve.events import ArmHashes, open_log
+from interbert.serve.events import ArmHashes, open_log, read_errors
 from interbert.utils.files import atomic_path, atomic_write_text
 
+TIMELINE_POINTS = 2000  # per arm: the plot's resolution, whatever the number of requests
 SRM_ALPHA = 0.001  # the usual threshold: SRM checks run on every experiment, so false alarms must be rare
 CONFIDENCE = 0.95
 
@@ -117,19 +124,21 @@ def build_report(log_path: str | Path) -> Report:
     db, config, arm_hashes = open_log(log_path)
     try:
         counts = _read_counts(db, config)
-    except sqlite3.DatabaseError as error:  # a damaged page found while reading: the log cannot be used
-        raise DataError(f"{log_path}: cannot read the event log ({error})") from None
+    except read_errors() as error:  # a damaged page found while reading, a lost connection: no report
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise DataError(f"{log_path}: cannot read the event log ({message})") from None
     finally:
         db.close()
     return _compute(config, arm_hashes, *counts)
 
 
-def _read_counts(db: sqlite3.Connection, config):
-    """What the statistics need, counted by SQLite: per (arm, user) items shown and clicks, requests per
-    arm, items shown and clicked per (arm, position), and per request its time, items and clicks."""
-    shown = db.execute(
+def _read_counts(db, config):
+    """What the statistics need, counted by the database (SQLite or PostgreSQL, the same SQL): per (arm,
+    user) items shown and clicks, requests per arm, items shown and clicked per (arm, position), and the
+    timeline: per request its time, items and clicks, thinned to TIMELINE_POINTS per arm."""
+    shown = sorted(db.execute(
         "SELECT i.arm, i.user_id, COUNT(*) FROM impressions i JOIN impression_items it USING (request_id) "
-        "GROUP BY i.arm, i.user_id").fetchall()
+        "GROUP BY i.arm, i.user_id").fetchall())
     clicked = dict(((arm, user), count) for arm, user, count in db.execute(
         "SELECT i.arm, i.user_id, COUNT(*) FROM clicks c JOIN impressions i USING (request_id) "
         "GROUP BY i.arm, i.user_id"))
@@ -143,12 +152,33 @@ def _read_counts(db: sqlite3.Connection, config):
             "SELECT i.arm, it.position, COUNT(*) FROM clicks c JOIN impression_items it USING (request_id, image_id) "
             "JOIN impressions i USING (request_id) GROUP BY i.arm, it.position"):
         by_position.setdefault(arm, {}).setdefault(position, [0, 0])[1] = count
-    # Per request: time, items shown, clicks; cumulated in time order for the plot.
-    timeline_rows = db.execute(
-        "SELECT i.arm, i.time, (SELECT COUNT(*) FROM impression_items it WHERE it.request_id = i.request_id), "
-        "(SELECT COUNT(*) FROM clicks c WHERE c.request_id = i.request_id) FROM impressions i ORDER BY i.time"
-    ).fetchall()
+    timeline_rows = _timeline(db, requests)
     return shown, clicked, requests, by_position, timeline_rows
+
+
+def _timeline(db, requests: dict[str, int]) -> list[tuple[str, float, int, int]]:
+    """Per request (time order): arm, time, items and clicks cumulated over the arm so far, kept for every
+    ``step``-th request of the arm and its last, so the rows held are TIMELINE_POINTS per arm, not one per
+    request. Streamed: a server-side cursor on PostgreSQL (psycopg would fetch every row at once)."""
+    step = {arm: max(1, math.ceil(count / TIMELINE_POINTS)) for arm, count in requests.items()}
+    sql = ("SELECT i.arm, i.time, (SELECT COUNT(*) FROM impression_items it WHERE it.request_id = i.request_id), "
+           "(SELECT COUNT(*) FROM clicks c WHERE c.request_id = i.request_id) FROM impressions i "
+           "ORDER BY i.time, i.request_id")
+    cursor = db.cursor() if isinstance(db, sqlite3.Connection) else db.cursor(name="interbert_timeline")
+    kept: list[tuple[str, float, int, int]] = []
+    seen: dict[str, list[int]] = {}  # arm -> [requests, items, clicks] so far
+    try:
+        cursor.execute(sql)
+        for arm, when, items, clicks in cursor:
+            so_far = seen.setdefault(arm, [0, 0, 0])
+            so_far[0] += 1
+            so_far[1] += items
+            so_far[2] += clicks
+            if so_far[0] % step.get(arm, 1) == 0 or so_far[0] == requests.get(arm, 0):
+                kept.append((arm, float(when), so_far[1], so_far[2]))
+    finally:
+        cursor.close()
+    return kept
 
 
 def _compute(config, arm_hashes: dict[str, ArmHashes], shown, clicked, requests, by_position, timeline_rows) -> Report:
@@ -170,10 +200,10 @@ def _compute(config, arm_hashes: dict[str, ArmHashes], shown, clicked, requests,
 
     timeline = {}
     for arm in config.arms:
-        rows = [(t, n, c) for a, t, n, c in timeline_rows if a == arm]
+        rows = [(t, n, c) for a, t, n, c in timeline_rows if a == arm]  # cumulated already (see _timeline)
         if rows:
             times, items, clicks = (np.array(col, dtype=float) for col in zip(*rows))
-            timeline[arm] = (times, np.cumsum(clicks) / np.maximum(np.cumsum(items), 1))
+            timeline[arm] = (times, clicks / np.maximum(items, 1))
     return Report(config.name, arms, comparisons, chi2, srm_p, bool(srm_p < SRM_ALPHA), timeline, arm_hashes)
 
 
