@@ -59,7 +59,6 @@ def gpu_data(tmp_path_factory) -> dict[str, Path]:
     from interbert.data.features import open_features
     from interbert.modeling import InterBertForPreTraining
     from interbert.recipes.common import captions_of_split, new_model, tokenizer_for
-    from interbert.recipes.settings import CaptionDataSettings, ModelSettings
 
     root = tmp_path_factory.mktemp("gpu_benchmark")
     data = root / "data"
@@ -67,11 +66,10 @@ def gpu_data(tmp_path_factory) -> dict[str, Path]:
                  "--no-images", "--workers", "1"]) == 0
     store = open_features(data / "regions.tsv")
     pretrained = root / "pretrained"
-    tokenizer = tokenizer_for(CaptionDataSettings(vocab_size=200), captions_of_split(data / "captions.json", "train"),
-                              root, None)
+    tokenizer = tokenizer_for([c.text for c in captions_of_split(data / "captions.json", "train")], root, vocab_size=200)
     torch.manual_seed(0)
-    model = new_model(ModelSettings(overrides={"embedding_size": 32, "itc_loss_weight": 1.0}), tokenizer,
-                      store, InterBertForPreTraining)
+    model = new_model(InterBertForPreTraining, tokenizer, store, preset_name="tiny",
+                      overrides={"embedding_size": 32, "itc_loss_weight": 1.0})
     model.save_pretrained(pretrained)
     tokenizer.save_pretrained(str(pretrained))
     return {"data": data, "pretrained": pretrained}

@@ -85,7 +85,6 @@ def benchmark(tmp_path_factory) -> dict[str, Path]:
     from interbert.data.features import open_features, write_tsv
     from interbert.modeling import InterBertForPreTraining
     from interbert.recipes.common import captions_of_split, new_model, tokenizer_for
-    from interbert.recipes.settings import CaptionDataSettings, ModelSettings
 
     root = tmp_path_factory.mktemp("ddp_benchmark")
     data = root / "data"
@@ -96,10 +95,9 @@ def benchmark(tmp_path_factory) -> dict[str, Path]:
     write_tsv(data / "regions_without_classes.tsv", ((i, store[i]) for i in store.ids()))  # no cls_prob column
 
     pretrained = root / "pretrained"
-    tokenizer = tokenizer_for(CaptionDataSettings(vocab_size=200), captions_of_split(data / "captions.json", "train"),
-                              root, None)
-    model = new_model(ModelSettings(overrides={"embedding_size": 32, "itc_loss_weight": 1.0}), tokenizer,
-                      store, InterBertForPreTraining)
+    tokenizer = tokenizer_for([c.text for c in captions_of_split(data / "captions.json", "train")], root, vocab_size=200)
+    model = new_model(InterBertForPreTraining, tokenizer, store, preset_name="tiny",
+                      overrides={"embedding_size": 32, "itc_loss_weight": 1.0})
     model.save_pretrained(pretrained)
     tokenizer.save_pretrained(str(pretrained))
     return {"data": data, "pretrained": pretrained}
@@ -220,8 +218,8 @@ from interbert.recipes.settings import PretrainSettings
 
 out, captions = Path(sys.argv[1]), captions_of_split(sys.argv[2], "train")
 cfg = PretrainSettings.coerce({"data": {"vocab_size": 200}, "train": {"output_dir": str(out), "device": "cpu"}})
-start_run(cfg)
-tokenizer = tokenizer_for(cfg.data, captions, out, None)
+start_run(cfg.train.output_dir, device=cfg.train.device, seed=cfg.train.seed, threads=cfg.threads)
+tokenizer = tokenizer_for([c.text for c in captions], out, cfg.data.vocab_size)
 (out / f"vocab_rank{os.environ['RANK']}.json").write_text(json.dumps(tokenizer.get_vocab()))
 dist.destroy_process_group()
 """

@@ -3,6 +3,9 @@
 A recipe is a thin script: settings (:mod:`interbert.recipes.settings`: YAML + ``key=value`` overrides,
 typed) -> these builders -> the one
 training loop (:mod:`interbert.train`) or the evaluation functions -> files in ``train.output_dir``.
+The builders take the values they use, not a recipe's settings: a recipe's ``run`` reads its settings and
+passes them on, so what each step depends on shows in its signature and this module knows no recipe's
+schema (only :func:`require_settings` reads settings, by dotted key, to refuse a run missing one).
 
 Under torchrun every rank runs the recipe. :func:`start_run` joins the process group first, so that
 what all ranks must share is made once, on rank 0 (:func:`interbert.train.main_process_first`: a
@@ -14,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from interbert.data import model_inputs
 from interbert.data.captions import Caption, blank_captions, blank_captions_message, read_captions
 from interbert.data.check import verify_images
 from interbert.data.features import FeatureStore, open_features
+from interbert.data.sources import Source
 from interbert.data.tokenize import (
     load_tokenizer,
     save_wordpiece,
@@ -44,13 +48,6 @@ from interbert.train import (
     init_distributed,
     main_process_first,
     seed_everything,
-)
-from interbert.recipes.settings import (
-    BertModelSettings,
-    CaptionDataSettings,
-    ModelSettings,
-    PretrainDataSettings,
-    RecipeSettings,
 )
 from interbert.utils import load_config
 from interbert.utils.config_files import MANDATORY, ConfigError, mandatory_keys
@@ -120,30 +117,29 @@ def captions_of_split(path: str | Path, split: str | None, max_images: int | Non
     return captions
 
 
-def training_data(data_cfg: CaptionDataSettings, split: str | None, source: str = "config") -> tuple[list[Caption], FeatureStore]:
-    """The captions of ``split`` and the features of their images, from ``data.captions`` +
-    ``data.features`` or from every source of ``data.sources`` (ids namespaced by source name, the
-    first ``data.max_images`` images of each; the mixing rule: :mod:`interbert.data.sources`)."""
-    from interbert.data.sources import SourceStore, namespaced, sources_from_config
+def training_data(sources: Sequence[Source], split: str | None, max_images: int | None = None,
+                  ) -> tuple[list[Caption], FeatureStore]:
+    """The captions of ``split`` and the features of their images, from the one unnamed source
+    (``data.captions`` + ``data.features``) or from every source of ``data.sources`` (ids namespaced by
+    source name, the first ``max_images`` images of each; the mixing rule: :mod:`interbert.data.sources`).
+    ``sources``: :func:`~interbert.data.sources.sources_from_config` of the run's ``data`` section."""
+    from interbert.data.sources import SourceStore, namespaced
 
-    sources = sources_from_config(vars(data_cfg), source)
-    max_images = data_cfg.max_images
     if sources[0].name is None:  # the single-path form: ids as the files spell them
         return captions_of_split(sources[0].captions, split, max_images), feature_store(sources[0].features)
     captions = [c for s in sources for c in namespaced(captions_of_split(s.captions, split, max_images), s.name)]
     return captions, SourceStore({s.name: feature_store(s.features) for s in sources})
 
 
-def tokenizer_for(data_cfg: CaptionDataSettings, captions: list[Caption], output_dir: Path, bert_dir: str | None,
-                  resume: bool = False):
-    """The tokenizer a run uses: the configured one, BERT's when the text path comes from BERT, or a
-    WordPiece vocabulary trained on the training captions (saved with the model; a resumed run reuses it)."""
-    if data_cfg.tokenizer:
-        return load_tokenizer(data_cfg.tokenizer)
-    if bert_dir:
-        return load_tokenizer(bert_dir)
-    return train_run_wordpiece([c.text for c in captions], output_dir / "tokenizer", vocab_size=data_cfg.vocab_size,
-                               lowercase=data_cfg.lowercase, resume=resume)
+def tokenizer_for(texts: Sequence[str], output_dir: Path, vocab_size: int, *, load_from: str | None = None,
+                  lowercase: bool = True, resume: bool = False):
+    """The tokenizer a run uses: the one in ``load_from`` (a vocab.txt or a model folder: ``data.tokenizer``,
+    else the folder the text path starts from), or a ``vocab_size`` WordPiece vocabulary trained on the
+    training ``texts`` into ``output_dir/tokenizer`` (saved with the model; a resumed run reuses it)."""
+    if load_from:
+        return load_tokenizer(load_from)
+    return train_run_wordpiece(list(texts), output_dir / "tokenizer", vocab_size=vocab_size, lowercase=lowercase,
+                               resume=resume)
 
 
 def train_run_wordpiece(texts: list[str], folder: Path, vocab_size: int, lowercase: bool = True,
@@ -213,9 +209,10 @@ def install_run_tokenizer(tokenizer, is_main: bool = True) -> None:
         logger.info("wrote this run's %d-token WordPiece vocabulary to %s", len(vocab), folder)
 
 
-def build_config(model_cfg: ModelSettings, **fields: Any) -> InterBertConfig:
-    """``model.preset`` with ``model.overrides`` and the recipe's ``fields`` (sizes from the data)."""
-    return preset(model_cfg.preset, **{**model_cfg.overrides, **fields})
+def build_config(preset_name: str, overrides: Mapping[str, Any], **fields: Any) -> InterBertConfig:
+    """The preset ``preset_name`` (``model.preset``) with ``overrides`` (``model.overrides``) and the recipe's
+    ``fields`` (sizes from the data), which win."""
+    return preset(preset_name, **{**overrides, **fields})
 
 
 # InterBertConfig fields that fix the weights' shapes or what they mean: a checkpoint keeps its own values.
@@ -227,18 +224,20 @@ ARCHITECTURE_FIELDS = frozenset({
 })
 
 
-def checkpoint_updates(model_cfg: ModelSettings, source: str = "config") -> dict[str, Any]:
-    """What ``model.overrides`` change in ``model.from_checkpoint``: every field that does not fix the weights
-    (dropouts, loss weights, the objectives' wiring, the ITC temperature ...). An architecture field the
-    checkpoint has with another value cannot change: it is named in one warning line, not dropped silently."""
-    overrides = dict(model_cfg.overrides or {})
+def checkpoint_updates(checkpoint: str | Path, overrides: Mapping[str, Any] | None, source: str = "config",
+                       ) -> dict[str, Any]:
+    """What ``overrides`` (``model.overrides``) change in the model folder ``checkpoint``
+    (``model.from_checkpoint``): every field that does not fix the weights (dropouts, loss weights, the
+    objectives' wiring, the ITC temperature ...). An architecture field the checkpoint has with another
+    value cannot change: it is named in one warning line, not dropped silently."""
+    overrides = dict(overrides or {})
     if not overrides:
         return {}
-    saved = InterBertConfig.from_pretrained(model_cfg.from_checkpoint)
+    saved = InterBertConfig.from_pretrained(checkpoint)
     kept = {k: (v, getattr(saved, k)) for k, v in overrides.items() if k in ARCHITECTURE_FIELDS and getattr(saved, k) != v}
     if kept:
         logger.warning("%s: model.from_checkpoint=%s keeps its own %s (model.overrides ask for %s): a checkpoint's "
-                       "sizes are its weights'", source, model_cfg.from_checkpoint,
+                       "sizes are its weights'", source, checkpoint,
                        ", ".join(f"{k}={have!r}" for k, (_, have) in kept.items()),
                        ", ".join(f"{k}={want!r}" for k, (want, _) in kept.items()))
     return {k: v for k, v in overrides.items() if k not in ARCHITECTURE_FIELDS}
@@ -250,20 +249,21 @@ def mrm_target_of(store: FeatureStore) -> str:
     return "classes" if store[store.ids()[0]].class_probs is not None else "features"
 
 
-def new_model(model_cfg: ModelSettings, tokenizer, store: FeatureStore, model_class: type[InterBertPreTrainedModel],
-              **fields: Any):
+def new_model(model_class: type[InterBertPreTrainedModel], tokenizer, store: FeatureStore, *, preset_name: str,
+              overrides: Mapping[str, Any], from_bert: str | None = None, **fields: Any):
     """A model sized to the data: region features, detector classes and the MRM target from the store; the
-    text path from ``model.from_bert`` (BERT's width and vocabulary) or, from scratch, the preset with the
-    tokenizer's vocabulary. ``fields``: further InterBertConfig fields the recipe sets."""
-    from interbert.convert import from_bert
+    text path from ``from_bert`` (``model.from_bert``: BERT's width and vocabulary) or, from scratch, the
+    preset ``preset_name`` with ``overrides`` and the tokenizer's vocabulary. ``fields``: further
+    InterBertConfig fields the recipe sets."""
+    from interbert.convert import from_bert as from_bert_folder
 
     fields.update(region_feature_size=store.feature_dim, mrm_target=mrm_target_of(store))
     first = store[store.ids()[0]]
     if first.class_probs is not None:
         fields["num_region_classes"] = int(first.class_probs.shape[1])
-    if model_cfg.from_bert:
-        return from_bert(model_cfg.from_bert, model_cfg.preset, model_class, **{**model_cfg.overrides, **fields})
-    return model_class(build_config(model_cfg, vocab_size=len(tokenizer), **fields))
+    if from_bert:
+        return from_bert_folder(from_bert, preset_name, model_class, **{**overrides, **fields})
+    return model_class(build_config(preset_name, overrides, vocab_size=len(tokenizer), **fields))
 
 
 def check_region_feature_size(model: InterBertPreTrainedModel, store: FeatureStore, source: str = "config",
@@ -275,11 +275,10 @@ def check_region_feature_size(model: InterBertPreTrainedModel, store: FeatureSto
                           f"but {store.path} holds {store.feature_dim}-d ones")
 
 
-def bert_lr_multiplier(model_cfg: BertModelSettings):
-    """``model.bert_lr_factor`` for the BERT-initialised weights (embeddings, single and text streams),
-    when the text path comes from BERT; None otherwise."""
-    factor = model_cfg.bert_lr_factor
-    if not (factor and model_cfg.from_bert):
+def bert_lr_multiplier(factor: float | None, from_bert: str | None):
+    """``factor`` (``model.bert_lr_factor``) for the BERT-initialised weights (embeddings, single and text
+    streams), when the text path comes from BERT (``from_bert``: ``model.from_bert``); None otherwise."""
+    if not (factor and from_bert):
         return None
     prefixes = ("interbert.embeddings.", "interbert.single_stream.", "interbert.text_stream.")
     return lambda name: factor if name.startswith(prefixes) else 1.0
@@ -289,15 +288,13 @@ def feature_store(path: str | Path) -> FeatureStore:
     return open_features(path)
 
 
-def verify_features(captions: list[Caption], store: FeatureStore, data_cfg: CaptionDataSettings,
-                    progress: bool = False) -> None:
-    """Before training: read every image the captions use once and refuse the run, naming the image,
-    when one cannot train (undecodable, NaN, wrong size, no regions). Found later, such an image stops
-    a run hours in, or NaN poisons the weights silently. ``data.verify_features: false`` skips the pass
-    (one read of the images) for a store ``interbert data check`` has passed."""
-    if not data_cfg.verify_features:
-        return
-    verify_images(store, sorted({c.image_id for c in captions if c.image_id in store}), progress=progress)
+def verify_features(examples: Sequence[Any], store: FeatureStore, progress: bool = False) -> None:
+    """Before training: read every image the ``examples`` use (captions, VCR items: anything with an
+    ``image_id``) once and refuse the run, naming the image, when one cannot train (undecodable, NaN, wrong
+    size, no regions). Found later, such an image stops a run hours in, or NaN poisons the weights
+    silently. A recipe skips the pass (one read of the images) on ``data.verify_features: false``, for a
+    store ``interbert data check`` has passed."""
+    verify_images(store, sorted({e.image_id for e in examples if e.image_id in store}), progress=progress)
 
 
 def save_trained(trainer: Trainer, tokenizer, output_dir: Path, extra: dict | None = None) -> Path:
@@ -321,6 +318,14 @@ def save_trained(trainer: Trainer, tokenizer, output_dir: Path, extra: dict | No
     return target
 
 
+def training_summary(result, model_dir: Path, seconds: float, dataset) -> dict:
+    """What a caption recipe's ``run`` returns: the loop's ``result`` (:meth:`Trainer.fit`), where the model
+    was saved, the wall time and the size of the training ``dataset``."""
+    return {"model_dir": str(model_dir), "steps": result.step, "seconds": seconds,
+            "history": result.history, "examples": len(dataset), "images": len(dataset.image_ids),
+            "validation": result.eval_history, "best": result.best, "stopped_early": result.stopped_early}
+
+
 def set_threads(n: int | None, key: str = "threads") -> None:
     """Torch's intra-op threads (None: torch's default). A value that is not a whole number >= 1 is a
     usage error naming ``key``, not a ValueError from torch."""
@@ -331,13 +336,14 @@ def set_threads(n: int | None, key: str = "threads") -> None:
     torch.set_num_threads(n)
 
 
-def start_run(cfg: RecipeSettings, source: str = "config") -> tuple[TrainConfig, Path]:
-    """What every training recipe does first (after reading its settings): threads, joining the process
-    group, the output folder."""
-    set_threads(cfg.threads, f"{source}: threads")
-    train_cfg = cfg.train
-    init_distributed(resolve_device(train_cfg.device, int(os.environ.get("LOCAL_RANK", "0"))))
-    out = Path(train_cfg.output_dir)
+def start_run(output_dir: str | Path, *, device: str, seed: int, threads: int | None = None,
+              source: str = "config") -> Path:
+    """What every training recipe does first (after reading its settings): ``threads`` (the ``threads``
+    setting), joining the process group on ``device`` (``train.device``), the output folder ``output_dir``
+    (``train.output_dir``, returned as a Path) and seeding with ``seed`` (``train.seed``)."""
+    set_threads(threads, f"{source}: threads")
+    init_distributed(resolve_device(device, int(os.environ.get("LOCAL_RANK", "0"))))
+    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", "0")) == 0:  # one rank cleans; the others' writes have not started
         removed = remove_leftover_temporaries(out)  # .checkpoint.pt.tmp-* of a killed run: up to tens of MB each
@@ -347,8 +353,8 @@ def start_run(cfg: RecipeSettings, source: str = "config") -> tuple[TrainConfig,
     # A new model's initial weights (and anything else drawn before the loop seeds itself) follow the
     # seed: torch seeds its default generator from the OS in every process, so without this two runs
     # with the same seed start from different weights.
-    seed_everything(train_cfg.seed)
-    return train_cfg, out
+    seed_everything(seed)
+    return out
 
 
 @torch.no_grad()
@@ -368,12 +374,13 @@ def argmax_predictions(model: torch.nn.Module, dataset, collate_fn, batch_size: 
 
 
 
-def weighted_sources(dataset, data_cfg: PretrainDataSettings, seed: int):
-    """``dataset`` drawn by the weights of ``data.sources`` (:class:`~interbert.data.sources.WeightedSources`),
-    or ``dataset`` itself when no source sets a weight other than 1 (plain concatenation)."""
-    from interbert.data.sources import WeightedSources, sources_from_config
+def weighted_sources(dataset, sources: Sequence[Source], seed: int):
+    """``dataset`` drawn by the weights of its ``sources`` (``data.sources``;
+    :class:`~interbert.data.sources.WeightedSources`), or ``dataset`` itself when no source sets a weight
+    other than 1 (plain concatenation)."""
+    from interbert.data.sources import WeightedSources
 
-    weights = {s.name: s.weight for s in sources_from_config(vars(data_cfg))}
+    weights = {s.name: s.weight for s in sources}
     if all(weight == 1.0 for weight in weights.values()):
         return dataset
     return WeightedSources(dataset, weights, seed)

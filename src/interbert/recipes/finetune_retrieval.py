@@ -10,12 +10,12 @@ starts as the ITM margin (the zero-shot ranking); ``model.from_checkpoint: null`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
 
 from interbert.data.batches import RetrievalDataset, collate
-from interbert.data.tokenize import load_tokenizer
 from interbert.loading import load_model
 from interbert.modeling import InterBertForImageTextRetrieval
 from interbert.recipes.common import (
@@ -31,15 +31,16 @@ from interbert.recipes.common import (
     save_trained,
     start_run,
     tokenizer_for,
+    training_summary,
     verify_features,
 )
 from interbert.recipes.settings import RetrievalModelSettings, RetrievalSettings
 from interbert.recipes.validation import (
     RETRIEVAL_METRICS,
+    best_metric,
     best_model_saver,
     retrieval_eval_fn,
-    validation_captions,
-    with_best_metric,
+    validation_split_captions,
 )
 from interbert.train import Trainer, main_process_first
 
@@ -50,30 +51,42 @@ REQUIRED = {"data.captions": "FILE", "data.features": "PATH"}  # setting -> what
 
 def build_model(model_cfg: RetrievalModelSettings, tokenizer, store) -> InterBertForImageTextRetrieval:
     """``model.from_checkpoint`` with ``model.config_updates`` (e.g. itc_loss_weight for fine-tuning), or a
-    new model sized to the data."""
-    if model_cfg.from_checkpoint:
-        return load_model(model_cfg.from_checkpoint, task="retrieval",
-                          config_updates={**checkpoint_updates(model_cfg), **model_cfg.config_updates})
-    return new_model(model_cfg, tokenizer, store, InterBertForImageTextRetrieval, **model_cfg.config_updates)
+    new model sized to the data. It takes the ``model`` section whole, as every recipe's model builder does:
+    where the model starts and what changes in it is one group, all of it read here."""
+    checkpoint = model_cfg.from_checkpoint
+    if checkpoint:
+        return load_model(checkpoint, task="retrieval",
+                          config_updates={**checkpoint_updates(checkpoint, model_cfg.overrides), **model_cfg.config_updates})
+    return new_model(InterBertForImageTextRetrieval, tokenizer, store, preset_name=model_cfg.preset,
+                     overrides=model_cfg.overrides, from_bert=model_cfg.from_bert, **model_cfg.config_updates)
 
 
 def run(cfg: RetrievalSettings | dict, resume: bool = False, source: str = "config") -> dict:
     """``cfg``: the settings, or a dict of them (checked and completed with the defaults); ``source``:
     where they came from (the config file), for error messages."""
     cfg = RetrievalSettings.coerce(cfg, source)
-    data, model_cfg = cfg.data, cfg.model
+    data, model_cfg, train_cfg = cfg.data, cfg.model, cfg.train
     require_settings(cfg, REQUIRED, source)
-    train_cfg, out = start_run(cfg, source)
+    out = start_run(train_cfg.output_dir, device=train_cfg.device, seed=train_cfg.seed, threads=cfg.threads,
+                    source=source)
     checkpoint = model_cfg.from_checkpoint
     if checkpoint:
         model_folder(checkpoint, "model.from_checkpoint", source)
+
+    # load the data: every input is read and checked before the tokenizer, model and negatives are built
     captions = captions_of_split(data.captions, data.split, data.max_images)
-    # IR R@1 picks model_best by default: the paper's headline number (ViLBERT/InterBERT report IR only)
-    train_cfg = with_best_metric(train_cfg, RETRIEVAL_METRICS, "ir_r1", source)
-    val_captions = validation_captions(data, source) if train_cfg.eval_every else None
+    val_captions = None
+    if train_cfg.eval_every:  # IR R@1 picks model_best by default: the paper's headline number (ViLBERT/InterBERT report IR only)
+        train_cfg = dataclasses.replace(train_cfg, best_metric=best_metric(train_cfg.best_metric, RETRIEVAL_METRICS,
+                                                                           "ir_r1", source))
+        val_captions = validation_split_captions({None: data.captions}, data.val_split, data.val_images, source)
     store = feature_store(data.features)
-    verify_features(captions, store, data, progress=train_cfg.progress_bar)
-    tokenizer = load_tokenizer(checkpoint) if checkpoint else tokenizer_for(data, captions, out, model_cfg.from_bert, resume)
+    if data.verify_features:
+        verify_features(captions, store, progress=train_cfg.progress_bar)
+
+    # build the tokenizer (a checkpoint's own first), the model and the dataset
+    tokenizer = tokenizer_for([c.text for c in captions], out, data.vocab_size, lowercase=data.lowercase,
+                              load_from=checkpoint or data.tokenizer or model_cfg.from_bert, resume=resume)
     model = build_model(model_cfg, tokenizer, store)
     check_region_feature_size(model, store, source)
     with main_process_first():  # rank 0 computes TF-IDF negatives (hard_negative: caption) into the cache
@@ -82,19 +95,19 @@ def run(cfg: RetrievalSettings | dict, resume: bool = False, source: str = "conf
             hard_negative=data.hard_negative, num_hard=data.num_hard,
             cache_dir=out / "cache", seed=train_cfg.seed, region_cache=data.region_cache,
         )
-    multiplier = bert_lr_multiplier(model_cfg)
     eval_fn = None
     if train_cfg.eval_every:
         eval_fn = retrieval_eval_fn(val_captions, store, tokenizer, data.max_tokens, data.max_regions)
-    extra = {"recipe": "finetune_retrieval", "config": cfg.to_dict()}
     logger.info("retrieval fine-tuning on %d captions of %d images from %s", len(dataset), len(dataset.image_ids),
                 checkpoint or ("BERT " + model_cfg.from_bert if model_cfg.from_bert else "scratch"))
+
+    # train, then save
+    extra = {"recipe": "finetune_retrieval", "config": cfg.to_dict()}
     start = time.perf_counter()
     trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
-                      lr_multiplier_for=multiplier, eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
+                      lr_multiplier_for=bert_lr_multiplier(model_cfg.bert_lr_factor, model_cfg.from_bert),
+                      eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
     install_run_tokenizer(tokenizer, trainer.dist.is_main)  # only now: a run refused before leaves the folder as it was
     result = trainer.fit(resume=resume)
     model_dir = save_trained(trainer, tokenizer, out, extra=extra)
-    return {"model_dir": str(model_dir), "steps": result.step, "seconds": time.perf_counter() - start,
-            "history": result.history, "examples": len(dataset), "images": len(dataset.image_ids),
-            "validation": result.eval_history, "best": result.best, "stopped_early": result.stopped_early}
+    return training_summary(result, model_dir, time.perf_counter() - start, dataset)

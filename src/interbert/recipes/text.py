@@ -12,6 +12,7 @@ new), or from scratch (a WordPiece vocabulary trained on the training texts).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -40,11 +41,11 @@ from interbert.recipes.common import (
     require_settings,
     save_trained,
     start_run,
-    train_run_wordpiece,
+    tokenizer_for,
 )
 from interbert.utils.config_files import ConfigError
 from interbert.recipes.settings import ModelSettings, TextDataSettings, TextSettings
-from interbert.recipes.validation import best_model_saver, with_best_metric
+from interbert.recipes.validation import best_metric, best_model_saver
 from interbert.train import Trainer
 
 logger = logging.getLogger(__name__)
@@ -53,21 +54,18 @@ REQUIRED = {"data.train": "GLUE_TSV"}  # setting -> what to pass
 
 
 def build_text_model(model_cfg: ModelSettings, tokenizer, num_labels: int) -> InterBertForSequenceClassification:
-    if model_cfg.from_checkpoint:  # a text model as it is; any other InterBERT keeps its text path
-        return load_model(model_cfg.from_checkpoint, task="sequence_classification", num_labels=num_labels,
-                          config_updates=checkpoint_updates(model_cfg))
+    """``model.from_checkpoint``, a BERT text path (``model.from_bert``) or a new model with the tokenizer's
+    vocabulary, with a ``num_labels``-way classifier. It takes the ``model`` section whole, as every recipe's
+    model builder does: where the model starts is one group, all of it read here."""
+    checkpoint, overrides = model_cfg.from_checkpoint, model_cfg.overrides
+    if checkpoint:  # a text model as it is; any other InterBERT keeps its text path
+        return load_model(checkpoint, task="sequence_classification", num_labels=num_labels,
+                          config_updates=checkpoint_updates(checkpoint, overrides))
     if model_cfg.from_bert:
         return from_bert(model_cfg.from_bert, model_cfg.preset, InterBertForSequenceClassification,
-                         num_labels=num_labels, **model_cfg.overrides)
-    return InterBertForSequenceClassification(build_config(model_cfg, vocab_size=len(tokenizer), num_labels=num_labels))
-
-
-def text_tokenizer(data_cfg: TextDataSettings, model_cfg: ModelSettings, texts: list[str], output_dir: Path,
-                   resume: bool = False):
-    source = data_cfg.tokenizer or model_cfg.from_checkpoint or model_cfg.from_bert
-    if source:
-        return load_tokenizer(source)
-    return train_run_wordpiece(texts, output_dir / "tokenizer", vocab_size=data_cfg.vocab_size, resume=resume)
+                         num_labels=num_labels, **overrides)
+    return InterBertForSequenceClassification(build_config(model_cfg.preset, overrides, vocab_size=len(tokenizer),
+                                                           num_labels=num_labels))
 
 
 def predict_text(model: nn.Module, dataset: TextClassificationDataset, batch_size: int = 64, pad_token_id: int = 0) -> list[int]:
@@ -82,41 +80,52 @@ def evaluate_text(model: nn.Module, dataset: TextClassificationDataset, f1: bool
     return classification_metrics(predictions, [e.label for e in dataset.examples], f1=f1)
 
 
-def train_and_dev_examples(data_cfg: TextDataSettings, source: str = "config"):
-    """(task, train examples, dev examples): ``data.dev`` when given, else a seeded hold-out of train."""
-    task, train = read_glue(data_cfg.train, data_cfg.task)
-    if data_cfg.dev:
-        _, dev = read_glue(data_cfg.dev, task.name)
+def train_and_dev_examples(train_file: str, task: str | None = None, dev_file: str | None = None, *,
+                           test_fraction: float, split_seed: int, max_train_examples: int | None = None,
+                           source: str = "config"):
+    """(task, train examples, dev examples) of the GLUE TSV ``train_file`` (``data.train``; ``task``:
+    ``data.task``, None: recognised from the header): dev from ``dev_file`` (``data.dev``) when given, else
+    a ``test_fraction`` hold-out of train drawn by ``split_seed``; the first ``max_train_examples`` of train."""
+    spec, train = read_glue(train_file, task)
+    if dev_file:
+        _, dev = read_glue(dev_file, spec.name)
     else:
         try:
-            train, dev = split_examples(train, data_cfg.test_fraction, data_cfg.split_seed)
+            train, dev = split_examples(train, test_fraction, split_seed)
         except ValueError as e:
             raise ConfigError(f"{source}: data.test_fraction / data.split_seed: {e}") from None
-    if data_cfg.max_train_examples:
-        train = train[: data_cfg.max_train_examples]
-    return task, train, dev
+    if max_train_examples:
+        train = train[:max_train_examples]
+    return spec, train, dev
 
 
 def run(cfg: TextSettings | dict, resume: bool = False, source: str = "config") -> dict:
     """``cfg``: the settings, or a dict of them (checked and completed with the defaults); ``source``:
     where they came from (the config file), for error messages."""
     cfg = TextSettings.coerce(cfg, source)
-    data, model_cfg = cfg.data, cfg.model
+    data, model_cfg, train_cfg = cfg.data, cfg.model, cfg.train
     require_settings(cfg, REQUIRED, source)
-    train_cfg, out = start_run(cfg, source)
+    out = start_run(train_cfg.output_dir, device=train_cfg.device, seed=train_cfg.seed, threads=cfg.threads,
+                    source=source)
     if model_cfg.from_checkpoint:
         model_folder(model_cfg.from_checkpoint, "model.from_checkpoint", source)
-    task, train, dev = train_and_dev_examples(data, source)
-    # model_best by default: F1 where the task reports it (MRPC-style pairs), else accuracy
-    train_cfg = with_best_metric(train_cfg, ["accuracy", "f1"] if task.f1 else ["accuracy"],
-                                 "f1" if task.f1 else "accuracy", source)
-    tokenizer = text_tokenizer(data, model_cfg, [e.text_a for e in train] + [e.text_b for e in train if e.text_b], out,
-                               resume)
+
+    # load the data, build the tokenizer, the model and the datasets
+    task, train, dev = train_and_dev_examples(data.train, data.task, data.dev, test_fraction=data.test_fraction,
+                                              split_seed=data.split_seed, max_train_examples=data.max_train_examples,
+                                              source=source)
+    if train_cfg.eval_every:  # model_best by default: F1 where the task reports it (MRPC-style pairs), else accuracy
+        train_cfg = dataclasses.replace(train_cfg, best_metric=best_metric(
+            train_cfg.best_metric, ["accuracy", "f1"] if task.f1 else ["accuracy"], "f1" if task.f1 else "accuracy", source))
+    tokenizer = tokenizer_for([e.text_a for e in train] + [e.text_b for e in train if e.text_b], out, data.vocab_size,
+                              load_from=data.tokenizer or model_cfg.from_checkpoint or model_cfg.from_bert, resume=resume)
     model = build_text_model(model_cfg, tokenizer, num_labels=len(task.labels))
     max_tokens = data.max_tokens
     train_set = TextClassificationDataset(train, tokenizer, max_tokens)
     dev_set = TextClassificationDataset(dev, tokenizer, max_tokens)
     logger.info("%s: fine-tuning on %d examples, evaluating on %d", task.name, len(train_set), len(dev_set))
+
+    # train, evaluate on dev, save
     start = time.perf_counter()
     extra = {"recipe": "finetune_text", "task": task.name, "config": cfg.to_dict()}
     eval_fn = None

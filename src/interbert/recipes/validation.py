@@ -17,7 +17,6 @@ What each recipe evaluates:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from interbert.evaluate import retrieval_metrics
 from interbert.model_card import write_model_card
 from interbert.processing import save_processor
 from interbert.recipes.settings import CaptionDataSettings
-from interbert.train import TrainConfig, loss_components
+from interbert.train import loss_components
 from interbert.utils.config_files import ConfigError
 
 RETRIEVAL_METRICS = tuple(
@@ -41,39 +40,53 @@ RETRIEVAL_METRICS = tuple(
 VCR_METRICS = {"Q->A": "q_a", "QA->R": "qa_r", "Q->AR": "q_ar"}  # TensorBoard-friendly names
 
 
-def with_best_metric(train_cfg: TrainConfig, metrics: Sequence[str], default: str, source: str = "config") -> TrainConfig:
-    """``train_cfg`` with ``best_metric`` set to the recipe's ``default`` when the run evaluates and the
-    user chose none; a ``best_metric`` the recipe does not compute is refused before training starts
-    (found at the first evaluation, it would cost a run's first ``eval_every`` updates)."""
-    if train_cfg.eval_every is None:
-        return train_cfg
-    if train_cfg.best_metric is None:
-        return dataclasses.replace(train_cfg, best_metric=default)
-    if train_cfg.best_metric not in metrics:
-        raise ConfigError(f"{source}: train.best_metric={train_cfg.best_metric!r} is not a validation metric of this "
+def best_metric(chosen: str | None, metrics: Sequence[str], default: str, source: str = "config") -> str:
+    """The validation metric that picks ``model_best/`` in a run that evaluates: ``chosen``
+    (``train.best_metric``), or the recipe's ``default`` when the user chose none. A chosen metric the
+    recipe does not compute (not in ``metrics``) is refused before training starts: found at the first
+    evaluation, it would cost a run's first ``eval_every`` updates."""
+    if chosen is None:
+        return default
+    if chosen not in metrics:
+        raise ConfigError(f"{source}: train.best_metric={chosen!r} is not a validation metric of this "
                           f"recipe; choose one of {', '.join(metrics)}")
-    return train_cfg
+    return chosen
 
 
 def validation_captions(data_cfg: CaptionDataSettings, source: str = "config") -> list[Caption]:
-    """The captions of ``data.val_split`` (default ``val``), the first ``data.val_images`` images of it;
-    with ``data.sources``, those of every source (each must have the split), ids namespaced by source."""
+    """The validation captions of a ``data`` section, for callers that hold one (the recipes pass the values
+    to :func:`validation_split_captions`): ``data.sources`` or ``data.captions``, ``data.val_split``,
+    ``data.val_images``."""
     if getattr(data_cfg, "sources", None):
-        from interbert.data.sources import namespaced, sources_from_config
+        from interbert.data.sources import sources_from_config
 
-        return [c for s in sources_from_config(vars(data_cfg), source)
-                for c in namespaced(validation_captions(dataclasses.replace(data_cfg, sources=None,
-                                                                            captions=str(s.captions)), source), s.name)]
+        files = {s.name: s.captions for s in sources_from_config(vars(data_cfg), source)}
+    else:
+        files = {None: data_cfg.captions}
+    return validation_split_captions(files, data_cfg.val_split, data_cfg.val_images, source)
+
+
+def validation_split_captions(caption_files: Mapping[str | None, str | Path], split: str | None,
+                              max_images: int | None = None, source: str = "config") -> list[Caption]:
+    """The captions of ``split`` (``data.val_split``; None: the file's ``val`` split), the first ``max_images``
+    images (``data.val_images``) of each caption file. ``caption_files``: each source's file by its name
+    (``data.sources``; ids namespaced by it, and each file must have the split), or ``{None: data.captions}``."""
+    from interbert.data.sources import namespaced
+
+    return [c for name, path in caption_files.items()
+            for c in namespaced(_split_for_validation(path, split, max_images, source), name)]
+
+
+def _split_for_validation(captions: str | Path, split: str | None, max_images: int | None, source: str) -> list[Caption]:
     from interbert.recipes.common import captions_of_split
 
-    split = data_cfg.val_split
     if split is None:
-        splits = {str(c.split) for c in read_captions(data_cfg.captions)}
+        splits = {str(c.split) for c in read_captions(captions)}
         if "val" not in splits:
-            raise ConfigError(f"{source}: train.eval_every needs validation captions, but {data_cfg.captions} has "
+            raise ConfigError(f"{source}: train.eval_every needs validation captions, but {captions} has "
                               f"no 'val' split (its splits: {', '.join(sorted(splits))}); pass data.val_split=NAME")
         split = "val"
-    return captions_of_split(data_cfg.captions, split, data_cfg.val_images)
+    return captions_of_split(captions, split, max_images)
 
 
 def flat_retrieval_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -17,6 +17,7 @@ From a pretraining checkpoint the score head starts as the ITM margin (as retrie
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -33,7 +34,6 @@ from interbert.data.tokenize import load_tokenizer
 from interbert.data.vcr import TASKS, VcrDataset, VcrItem, collate_choices, object_names, read_vcr, render_tokens
 from interbert.loading import load_model
 from interbert.modeling import InterBertForMultipleChoice
-from interbert.data.check import verify_images
 from interbert.recipes.common import (
     install_run_tokenizer,
     argmax_predictions,
@@ -44,11 +44,12 @@ from interbert.recipes.common import (
     save_trained,
     start_run,
     train_run_wordpiece,
+    verify_features,
 )
 from interbert.errors import UsageError
 from interbert.utils.config_files import ConfigError
 from interbert.recipes.settings import ModelSettings, VcrDataSettings, VcrSettings
-from interbert.recipes.validation import VCR_METRICS, best_model_saver, with_best_metric
+from interbert.recipes.validation import VCR_METRICS, best_metric, best_model_saver
 from interbert.train import Trainer
 
 logger = logging.getLogger(__name__)
@@ -70,17 +71,22 @@ def vcr_accuracies(answer_predictions: Sequence[int], answer_labels: Sequence[in
 
 
 def build_vcr_model(model_cfg: ModelSettings, tokenizer, feature_dim: int) -> InterBertForMultipleChoice:
-    if model_cfg.from_checkpoint:
+    """``model.from_checkpoint``, a BERT text path (``model.from_bert``) or a new model with the tokenizer's
+    vocabulary, for ``feature_dim``-d regions. It takes the ``model`` section whole, as every recipe's model
+    builder does: where the model starts is one group, all of it read here."""
+    checkpoint, overrides = model_cfg.from_checkpoint, model_cfg.overrides
+    if checkpoint:
         # a VCR folder as it is; a pretraining folder with its ITM margin as the choice score
-        model = load_model(model_cfg.from_checkpoint, task="multiple_choice", config_updates=checkpoint_updates(model_cfg))
+        model = load_model(checkpoint, task="multiple_choice", config_updates=checkpoint_updates(checkpoint, overrides))
         if model.config.region_feature_size != feature_dim:
-            raise UsageError(f"model.from_checkpoint={model_cfg.from_checkpoint} expects "
+            raise UsageError(f"model.from_checkpoint={checkpoint} expects "
                              f"{model.config.region_feature_size}-d region features, the data has {feature_dim}-d")
         return model
     if model_cfg.from_bert:
         return from_bert(model_cfg.from_bert, model_cfg.preset, InterBertForMultipleChoice,
-                         **{**model_cfg.overrides, "region_feature_size": feature_dim})
-    return InterBertForMultipleChoice(build_config(model_cfg, region_feature_size=feature_dim, vocab_size=len(tokenizer)))
+                         **{**overrides, "region_feature_size": feature_dim})
+    return InterBertForMultipleChoice(build_config(model_cfg.preset, overrides, region_feature_size=feature_dim,
+                                                   vocab_size=len(tokenizer)))
 
 
 def vcr_texts(items: Sequence[VcrItem]) -> list[str]:
@@ -98,17 +104,20 @@ def unknown_word_rate(tokenizer, texts: Sequence[str]) -> float:
     return sum(i == tokenizer.unk_token_id for i in ids) / max(1, len(ids))
 
 
-def vcr_tokenizer(data_cfg: VcrDataSettings, model_cfg: ModelSettings, items: Sequence[VcrItem], output_dir: Path,
+def vcr_tokenizer(items: Sequence[VcrItem], output_dir: Path, vocab_size: int, load_from: str | None = None,
                   resume: bool = False):
-    source = data_cfg.tokenizer or model_cfg.from_checkpoint or model_cfg.from_bert
-    if source:
-        tokenizer = load_tokenizer(source)
+    """The tokenizer in ``load_from`` (``data.tokenizer``, else the folder the model starts from), warned
+    about when it does not cover the VCR language, or a ``vocab_size`` WordPiece vocabulary trained on the
+    ``items``' texts into ``output_dir/tokenizer``."""
+    if load_from:
+        tokenizer = load_tokenizer(load_from)
         rate = unknown_word_rate(tokenizer, vcr_texts(items[:200]))
         if rate > 0.05:
             logger.warning("%.0f%% of the VCR tokens are [UNK] with the tokenizer of %s: its vocabulary does not cover "
-                           "the VCR language, so the choices read alike", 100 * rate, source)
+                           "the VCR language, so the choices read alike", 100 * rate, load_from)
         return tokenizer
-    return train_run_wordpiece(vcr_texts(items), output_dir / "tokenizer", vocab_size=data_cfg.vocab_size, resume=resume)
+    # trained on every rendered text: built only when no tokenizer is given (rendering reads every item)
+    return train_run_wordpiece(vcr_texts(items), output_dir / "tokenizer", vocab_size=vocab_size, resume=resume)
 
 
 def predict_choices(model: nn.Module, dataset: VcrDataset, batch_size: int = 32, pad_token_id: int = 0) -> list[int]:
@@ -132,11 +141,14 @@ def evaluate_vcr(model: nn.Module, items: Sequence[VcrItem], tokenizer, store: F
                             for i, a, r in zip(items, predictions["Q->A"], predictions["QA->R"])]}
 
 
-def _store_and_dim(data_cfg: VcrDataSettings, source: str = "config") -> tuple[FeatureStore | None, int]:
-    if data_cfg.features:
-        store = open_features(data_cfg.features)
+def _store_and_dim(features: str | None, feature_dim: int | None, source: str = "config",
+                   ) -> tuple[FeatureStore | None, int]:
+    """The store ``features`` (``data.features``) and its size, or no store and ``feature_dim``
+    (``data.feature_dim``: stand-in features computed from the metadata)."""
+    if features:
+        store = open_features(features)
         return store, store.feature_dim
-    dim = data_cfg.feature_dim  # >= 5: VcrDataSettings checks it
+    dim = feature_dim  # >= 5: VcrDataSettings checks it
     if not dim:
         raise ConfigError(f"{source}: data.features or data.feature_dim is required (pass data.features=PATH, a "
                           "feature store keyed by the stem of img_fn, or data.feature_dim=N for stand-in features "
@@ -149,24 +161,29 @@ def run(cfg: VcrSettings | dict, resume: bool = False, source: str = "config") -
     """``cfg``: the settings, or a dict of them (checked and completed with the defaults); ``source``:
     where they came from (the config file), for error messages."""
     cfg = VcrSettings.coerce(cfg, source)
-    data, model_cfg = cfg.data, cfg.model
+    data, model_cfg, train_cfg = cfg.data, cfg.model, cfg.train
     require_settings(cfg, REQUIRED, source)
-    train_cfg, out = start_run(cfg, source)
+    out = start_run(train_cfg.output_dir, device=train_cfg.device, seed=train_cfg.seed, threads=cfg.threads,
+                    source=source)
     tasks = data.tasks
     if model_cfg.from_checkpoint:
         model_folder(model_cfg.from_checkpoint, "model.from_checkpoint", source)
-    # model_best by default: Q->AR when both tasks are trained (the VCR headline), else the one trained
-    default_best = VCR_METRICS["Q->AR"] if len(tasks) > 1 else VCR_METRICS[tasks[0]]
-    train_cfg = with_best_metric(train_cfg, list(VCR_METRICS.values()), default_best, source)
+    if train_cfg.eval_every:  # model_best by default: Q->AR when both tasks are trained (the VCR headline), else the one
+        default_best = VCR_METRICS["Q->AR"] if len(tasks) > 1 else VCR_METRICS[tasks[0]]
+        train_cfg = dataclasses.replace(train_cfg, best_metric=best_metric(train_cfg.best_metric, list(VCR_METRICS.values()),
+                                                                           default_best, source))
     if train_cfg.eval_every and not data.val:
         raise ConfigError(f"{source}: train.eval_every evaluates on data.val; pass data.val=VCR_JSONL")
+
+    # load the data, build the tokenizer, the model and the dataset
     items = read_vcr(data.train, data.images_root)
     if data.max_items:
         items = items[: data.max_items]
-    store, feature_dim = _store_and_dim(data, source)
-    if store is not None and data.verify_features:  # as common.verify_features
-        verify_images(store, sorted({i.image_id for i in items if i.image_id in store}), progress=train_cfg.progress_bar)
-    tokenizer = vcr_tokenizer(data, model_cfg, items, out, resume)
+    store, feature_dim = _store_and_dim(data.features, data.feature_dim, source)
+    if store is not None and data.verify_features:
+        verify_features(items, store, progress=train_cfg.progress_bar)
+    tokenizer = vcr_tokenizer(items, out, data.vocab_size, resume=resume,
+                              load_from=data.tokenizer or model_cfg.from_checkpoint or model_cfg.from_bert)
     model = build_vcr_model(model_cfg, tokenizer, feature_dim)
     sizes = dict(max_tokens=data.max_tokens, max_regions=data.max_regions)
     dataset = VcrDataset(items, tokenizer, store, tasks=tasks, feature_dim=feature_dim, **sizes)
