@@ -377,3 +377,23 @@ def weighted_sources(dataset, data_cfg: PretrainDataSettings, seed: int):
     if all(weight == 1.0 for weight in weights.values()):
         return dataset
     return WeightedSources(dataset, weights, seed)
+
+
+def bucketed_collate(dataset, data, pad_token_id: int):
+    """The caption datasets' collate with ``data.length_buckets`` / ``data.region_buckets`` resolved to edges
+    (``auto``: from ``dataset``'s length histogram, :func:`~interbert.data.batches.bucket_edges`; ``none``: each
+    batch padded to its own longest, as before). The edges are logged: they are the shapes a compiled step sees."""
+    import functools
+
+    from interbert.data.batches import bucket_edges, collate
+
+    def edges(setting, lengths):
+        if setting == "none":
+            return None
+        return bucket_edges(lengths()) if setting == "auto" else list(setting)
+
+    text = edges(data.length_buckets, dataset.text_lengths)
+    regions = edges(data.region_buckets, dataset.region_counts)
+    if text or regions:
+        logger.info("length buckets: text %s, regions %s", text or "none", regions or "none")
+    return functools.partial(collate, pad_token_id=pad_token_id, length_buckets=text, region_buckets=regions)

@@ -10,15 +10,15 @@ starts as the ITM margin (the zero-shot ranking); ``model.from_checkpoint: null`
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 
-from interbert.data.batches import RetrievalDataset, collate
+from interbert.data.batches import RetrievalDataset
 from interbert.data.tokenize import load_tokenizer
 from interbert.loading import load_model
 from interbert.modeling import InterBertForImageTextRetrieval
 from interbert.recipes.common import (
+    bucketed_collate,
     install_run_tokenizer,
     bert_lr_multiplier,
     captions_of_split,
@@ -90,7 +90,7 @@ def run(cfg: RetrievalSettings | dict, resume: bool = False, source: str = "conf
     logger.info("retrieval fine-tuning on %d captions of %d images from %s", len(dataset), len(dataset.image_ids),
                 checkpoint or ("BERT " + model_cfg.from_bert if model_cfg.from_bert else "scratch"))
     start = time.perf_counter()
-    trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
+    trainer = Trainer(model, dataset, train_cfg, collate_fn=bucketed_collate(dataset, data, tokenizer.pad_token_id),
                       lr_multiplier_for=multiplier, eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
     install_run_tokenizer(tokenizer, trainer.dist.is_main)  # only now: a run refused before leaves the folder as it was
     result = trainer.fit(resume=resume)

@@ -11,14 +11,14 @@ Writes ``train.output_dir/model`` (save_pretrained + tokenizer), checkpoints and
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 
-from interbert.data.batches import PretrainingDataset, collate
+from interbert.data.batches import PretrainingDataset
 from interbert.loading import load_model
 from interbert.modeling import InterBertForPreTraining
 from interbert.recipes.common import (
+    bucketed_collate,
     install_run_tokenizer,
     bert_lr_multiplier,
     check_region_feature_size,
@@ -94,7 +94,7 @@ def run(cfg: PretrainSettings | dict, resume: bool = False, source: str = "confi
         dataset = PretrainingDataset(captions, store, tokenizer, **dataset_settings)
     train_set = weighted_sources(dataset, data, train_cfg.seed)
     multiplier = bert_lr_multiplier(model_cfg)
-    collate_fn = functools.partial(collate, pad_token_id=tokenizer.pad_token_id)
+    collate_fn = bucketed_collate(dataset, data, tokenizer.pad_token_id)  # data.length_buckets / region_buckets
     eval_fn = None
     if train_cfg.eval_every:  # the pretraining losses on the validation split (why not zero-shot R@1: validation.py)
         with main_process_first():
