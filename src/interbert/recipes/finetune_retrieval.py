@@ -97,4 +97,5 @@ def run(cfg: RetrievalSettings | dict, resume: bool = False, source: str = "conf
     model_dir = save_trained(trainer, tokenizer, out, extra=extra)
     return {"model_dir": str(model_dir), "steps": result.step, "seconds": time.perf_counter() - start,
             "history": result.history, "examples": len(dataset), "images": len(dataset.image_ids),
-            "validation": result.eval_history, "best": result.best, "stopped_early": result.stopped_early}
+            "validation": result.eval_history, "best": result.best, "stopped_early": result.stopped_early,
+            "compile_seconds": result.compile_seconds}
