@@ -184,7 +184,7 @@ def test_every_pretraining_variant_captures_as_one_graph(variant):
 
 def test_the_default_mode_breaks_and_static_mode_does_not():
     """The test above can fail: the default mode (row selection, host checks) does break the graph."""
-    config = CONFIGS["clean-data-classes-all-itc_proj"]
+    config = CONFIGS["masked-data-classes-all-itc_off"]  # the fewest breaks of the default mode: the fastest to trace
     model = InterBertForPreTraining(small_config(**config, **WEIGHTS)).train()
     inputs, _ = batch_for("joint", config)
     assert len(_break_reasons(model, inputs)) > 0

@@ -202,7 +202,7 @@ class Trainer:
     def _setup_compile(self) -> None:
         """``train.compile``: the (DDP-wrapped) model through torch.compile, in its static-shape mode so that
         the step captures as one graph. ``self.model`` stays the bare module (names, EMA, saving, evaluation).
-        With length buckets in the collate the shapes are few and known: dynamic=False, one graph per bucket."""
+        Static graphs (dynamic=False): with length buckets in the collate the shapes are few, one graph each."""
         mode = self.config.compile
         self.compile_seconds: float | None = None
         self._step_seconds: list[float] = []  # the first two micro-batches' times, while compile_seconds is unknown
@@ -214,9 +214,13 @@ class Trainer:
         if hasattr(self.model, "set_static_shapes"):
             self.model.set_static_shapes(True)
         keywords = getattr(self.collate_fn, "keywords", None) or {}
-        bucketed = bool(keywords.get("length_buckets") or keywords.get("region_buckets"))
-        self.ddp_model = torch.compile(self.ddp_model, mode=mode, dynamic=False if bucketed else None)
-        logger.info("train.compile=%s (%s shapes): the first step compiles", mode, "bucketed, static" if bucketed else "automatic")
+        if not (keywords.get("length_buckets") and keywords.get("region_buckets")):
+            logger.warning("train.compile without data.length_buckets and data.region_buckets: every new padded "
+                           "length compiles again (set both to auto)")
+        # dynamic=False always: with buckets the shapes are few; and torch 2.13's automatic dynamic shapes failed
+        # this step's compiled backward on the CPU (an inductor stride assertion on a mask), so none are made
+        self.ddp_model = torch.compile(self.ddp_model, mode=mode, dynamic=False)
+        logger.info("train.compile=%s (static shapes, one graph per bucket): the first step compiles", mode)
 
     def _timed_forward_backward(self, batch: Mapping[str, Any], sync_gradients: bool) -> dict[str, torch.Tensor | None]:
         """``_forward_backward``, timing the first two micro-batches of a compiled run: the first compiles,
@@ -289,6 +293,8 @@ class Trainer:
                              compile_seconds=self.compile_seconds)
         if self.dist.created_process_group:
             self.close_distributed()
+        if self.config.compile != "off" and hasattr(self.model, "set_static_shapes"):
+            self.model.set_static_shapes(False)  # the trained model as callers know it (msm_logits of the masked tokens)
         return result
 
     def _start(self, resume: bool) -> None:
