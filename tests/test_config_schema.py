@@ -23,6 +23,8 @@ SPECIAL = {
     "train.best_mode": ("train.best_mode", "min"),
     "data.tasks": ("data.tasks", ["QA->R"]),
     "data.sources": ("data.sources", [{"name": "a", "captions": "a.json", "features": "a.tsv"}]),
+    "data.length_buckets": ("data.length_buckets", [16, 24, 32]),  # none | auto | ascending edges
+    "data.region_buckets": ("data.region_buckets", "auto"),
 }
 NEEDS = {"train.best_metric": ["train.eval_every=5"], "train.early_stopping_patience": ["train.eval_every=5"],
          "data.sources": ["data.captions=null", "data.features=null"],

@@ -51,6 +51,7 @@ from interbert.objectives import (  # noqa: F401 (HeadTransform: its home was he
     PretrainingInputs,
     contrastive_loss,
     fuse,
+    masked_contrastive_loss,
     mrm_loss,
 )
 
@@ -160,6 +161,13 @@ class Padding:
             return cls(tuple(keep.shape), None, None)
         return cls(tuple(keep.shape), keep.flatten().nonzero().squeeze(1), keep[:, None, None, :])
 
+    @classmethod
+    def static(cls, keep: torch.Tensor) -> "Padding":
+        """Every position computed, the pad only masked as attention keys: no ``nonzero`` (a shape that
+        depends on the data) and no host sync, so a compiled step captures the stack as one graph. Costs the
+        per-position work of the pad, which length buckets keep small (``model.set_static_shapes``)."""
+        return cls(tuple(keep.shape), None, keep[:, None, None, :])
+
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """B x L x H -> N x H (the real rows)."""
         flat = x.reshape(-1, x.shape[-1])
@@ -239,10 +247,23 @@ class TransformerLayer(nn.Module):
 
 
 def run_stack(layers: nn.ModuleList, hidden: torch.Tensor, keep: torch.Tensor,
-              needed: torch.Tensor | None = None) -> torch.Tensor:
+              needed: torch.Tensor | None = None, static: bool = False) -> torch.Tensor:
     """Run ``layers`` over a padded B x L x H batch (``keep``: B x L, True at real positions).
     ``needed`` (B x L bool): the positions whose output is read; the last layer computes only those,
-    the others are zero in the result (None: every real position)."""
+    the others are zero in the result (None: every real position).
+
+    ``static``: the same outputs from static shapes only (:meth:`Padding.static`): every position runs
+    through every layer and the positions not read (pad, or not ``needed``) are zeroed at the end."""
+    if static:
+        padding = Padding.static(keep)
+        x = hidden
+        for layer in layers:
+            if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+                x = layer._gradient_checkpointing_func(layer, x.reshape(-1, x.shape[-1]), padding, None)
+            else:
+                x = layer(x.reshape(-1, x.shape[-1]), padding, None)
+        read = keep if needed is None else needed & keep
+        return x.view(hidden.shape) * read[..., None].to(x.dtype)
     padding = Padding.from_keep(keep)
     x = padding.pack(hidden)
     rows = None if needed is None or not len(layers) else padding.rows_of(needed)
@@ -301,6 +322,21 @@ class InterBertPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     supports_gradient_checkpointing = True  # per TransformerLayer, see run_stack
     _trains_embeddings = False  # whether the head has the contrastive (ITC) loss, on when itc_loss_weight > 0
+    # Static shapes (set_static_shapes): no data-dependent shapes or host syncs in forward, for torch.compile.
+    static_shapes = False
+
+    def set_static_shapes(self, on: bool = True) -> "InterBertPreTrainedModel":
+        """Run ``forward`` with static shapes only, so that ``torch.compile`` captures it as one graph (with
+        length buckets, a handful of graphs for a run): the stacks compute every position and mask the pad
+        (:func:`run_stack`), the MSM/MRM heads and losses cover every position with the unscored ones ignored,
+        ITC masks the unmatched pairs instead of selecting the matched ones. The losses and pooled outputs are
+        those of the default mode (to float rounding); ``msm_logits`` / ``mrm_*`` then cover every position
+        (as with ``full_logits``). More arithmetic per step, fewer launches and syncs: whether it pays is for
+        a benchmark to say (``train.compile`` turns it on). Not saved with the model."""
+        for module in self.modules():
+            if isinstance(module, InterBertPreTrainedModel):
+                module.static_shapes = bool(on)
+        return self
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -444,15 +480,17 @@ class InterBertModel(InterBertPreTrainedModel):
         streams = [(h, k.bool()) for h, k in ((image, image_keep), (text, text_keep)) if h is not None]
         # Single-stream interaction: full attention over [regions ; text].
         hidden = torch.cat([h for h, _ in streams], dim=1)
-        hidden = run_stack(self.single_stream, hidden, torch.cat([k for _, k in streams], dim=1))
+        static = self.static_shapes
+        hidden = run_stack(self.single_stream, hidden, torch.cat([k for _, k in streams], dim=1), static=static)
 
         # Two-stream extraction: each modality continues in its own stack.
         out = {}
         if image is not None:
-            image_out = run_stack(self.image_stream, hidden[:, : image.shape[1]], image_keep.bool(), image_needed)
+            image_out = run_stack(self.image_stream, hidden[:, : image.shape[1]], image_keep.bool(), image_needed, static)
             out.update(image_sequence=image_out, image_pooled=self.image_pooler(image_out))
         if text is not None:
-            text_out = run_stack(self.text_stream, hidden[:, hidden.shape[1] - text.shape[1] :], text_keep.bool(), text_needed)
+            text_out = run_stack(self.text_stream, hidden[:, hidden.shape[1] - text.shape[1] :], text_keep.bool(), text_needed,
+                                 static)
             out.update(text_sequence=text_out, text_pooled=self.text_pooler(text_out))
         return InterBertOutput(**out)
 
@@ -477,6 +515,11 @@ class InterBertModel(InterBertPreTrainedModel):
         With one matched pair there is nothing to contrast and the loss is 0; with none, 0 through the
         projections: either way they get a (zero) gradient, as DistributedDataParallel needs on every
         rank, whatever a rank's share of the batch holds."""
+        if self.static_shapes:  # every pair embedded, the unmatched ones masked out of the loss
+            text = self.embed_text(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
+            image = self.embed_images(batch.get("region_features"), batch["region_boxes"], batch.get("region_mask"),
+                                      batch.get("region_projection"))
+            return masked_contrastive_loss(text, image, positives.bool(), self.config.itc_temperature)
         rows = positives.nonzero().squeeze(-1)
         if rows.numel() == 0:
             zero = torch.zeros((), device=positives.device)
@@ -501,13 +544,19 @@ class EncoderPasses:
     step builds its graph is the order backward sums a shared weight's gradients in (the word embeddings
     take them from every pass and the MSM decoder), so this order keeps the gradients bit for bit."""
 
+    _UNSET = object()
+
     def __init__(self, masked: InterBertOutput | None, matching: Callable[[], InterBertOutput | None]):
         self.masked = masked
         self._matching = matching
+        self._matching_pass = self._UNSET
 
-    @functools.cached_property
+    @property
     def matching(self) -> InterBertOutput | None:
-        return self._matching()
+        # memoised by hand: functools.cached_property takes a lock, a context manager torch.compile cannot trace
+        if self._matching_pass is self._UNSET:
+            self._matching_pass = self._matching()
+        return self._matching_pass
 
     @property
     def first(self) -> InterBertOutput:
@@ -697,6 +746,15 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
         keep = image["region_mask"]
         self.interbert._check_inputs(None, None, None, features, image["region_boxes"], keep)  # a clear error first
         b, r, d = features.shape
+        if self.static_shapes:  # every row projected, the masked ones restored by a where (no row selection)
+            real = (torch.ones(b, r, device=features.device) if keep is None else keep)[..., None].to(features.dtype)
+            project = self.interbert.region_embeddings.feature_projection
+            given = project(features) * real
+            masked = {**image, "region_features": None, "region_projection": given}
+            if mrm_feature_targets is None or mrm_mask is None:
+                return masked, masked
+            restored = torch.where(mrm_mask.bool()[..., None], project(mrm_feature_targets) * real, given)
+            return masked, {**masked, "region_projection": restored}
         padding = Padding.from_keep(torch.ones(b, r, dtype=torch.bool, device=features.device) if keep is None else keep.bool())
         project = self.interbert.region_embeddings.feature_projection
         given = project(padding.pack(features))  # N x H, the real rows

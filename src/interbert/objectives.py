@@ -143,6 +143,38 @@ def contrastive_loss(text: torch.Tensor, image: torch.Tensor, temperature: float
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
+def masked_contrastive_loss(text: torch.Tensor, image: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """:func:`contrastive_loss` of the rows where ``rows`` (B bool) is True, from every row's embeddings with
+    the others masked out: static shapes (no row selection), for a compiled step. 0 (with the graph) for
+    fewer than two rows, as the selected form gives."""
+    logits = text @ image.T / temperature
+    floor = torch.finfo(logits.dtype).min  # not -inf: a row with every column masked stays finite (no NaN grads)
+    pair = rows[:, None] & rows[None, :]
+    logits = logits.masked_fill(~pair, floor)
+    diagonal = logits.diagonal()
+    count = rows.sum().clamp(min=1).to(logits.dtype)
+    text_to_image = torch.where(rows, torch.logsumexp(logits, dim=1) - diagonal, 0.0).sum() / count
+    image_to_text = torch.where(rows, torch.logsumexp(logits, dim=0) - diagonal, 0.0).sum() / count
+    return (text_to_image + image_to_text) / 2
+
+
+def masked_mean_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the targets that are not IGNORE; 0 (with the graph) when every one is:
+    what the selected form gives, without testing the batch on the host."""
+    total = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+    return total / (targets != IGNORE).sum().clamp(min=1).to(total.dtype)
+
+
+def masked_mrm_loss(predictions: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor, target: str) -> torch.Tensor:
+    """:func:`mrm_loss` over the rows where ``scored`` (N bool) is True, from every row: static shapes."""
+    count = scored.sum().clamp(min=1).to(predictions.dtype)
+    if target == "classes":
+        per_row = F.kl_div(F.log_softmax(predictions, dim=-1), targets, reduction="none").sum(-1)
+    else:
+        per_row = (predictions - targets).pow(2).mean(-1)
+    return torch.where(scored, per_row, 0.0).sum() / count
+
+
 # --------------------------------------------------------------------------------------------------
 # The objectives
 # --------------------------------------------------------------------------------------------------
@@ -194,6 +226,13 @@ class MsmObjective(Objective):
             return ObjectiveOutput()
         at, targets = self.positions(batch), self.targets(batch)
         sequence = passes.masked.text_sequence
+        if self.model.static_shapes:  # every position through the head, the unmasked ones ignored by the loss
+            logits = F.linear(self.model.msm_transform(sequence), self.model.interbert.embeddings.word_embeddings.weight,
+                              self.model.msm_bias)
+            outputs = {"msm_logits": logits}
+            if targets is None:
+                return ObjectiveOutput(None, outputs)
+            return ObjectiveOutput(masked_mean_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.flatten()), outputs)
         hidden = sequence if at is None else sequence[at]
         word_embeddings = self.model.interbert.embeddings.word_embeddings.weight
         logits = F.linear(self.model.msm_transform(hidden), word_embeddings, self.model.msm_bias)
@@ -238,22 +277,34 @@ class MrmObjective(Objective):
         """The regions the head reads; None: every region (no mask, or ``full_logits``)."""
         return None if batch.full_logits else self.scored(batch)
 
-    def forward(self, passes: EncoderPasses, batch: PretrainingInputs) -> ObjectiveOutput:
-        if passes.masked is None or passes.masked.image_sequence is None:
-            return ObjectiveOutput()
-        at, scored = self.positions(batch), self.scored(batch)
-        sequence = passes.masked.image_sequence
-        hidden = self.model.mrm_transform(sequence if at is None else sequence[at])
-        predictions = getattr(self.model, self.decoder)(hidden)
-        outputs = {self.output: predictions}
-        if scored is None:
-            return ObjectiveOutput(None, outputs)
+    def _targets(self, batch: PretrainingInputs) -> torch.Tensor:
         targets = getattr(batch, self.targets_field)
         if targets is None:
             other = "features" if self.target == "classes" else "classes"
             raise ValueError(
                 f"this model predicts region {self.target} (config.mrm_target) but the batch has no "
                 f"{self.targets_field}; build the model with mrm_target={other!r} for these features")
+        return targets
+
+    def forward(self, passes: EncoderPasses, batch: PretrainingInputs) -> ObjectiveOutput:
+        if passes.masked is None or passes.masked.image_sequence is None:
+            return ObjectiveOutput()
+        at, scored = self.positions(batch), self.scored(batch)
+        sequence = passes.masked.image_sequence
+        if self.model.static_shapes:  # every region through the head, the unscored ones masked out of the loss
+            predictions = getattr(self.model, self.decoder)(self.model.mrm_transform(sequence))
+            outputs = {self.output: predictions}
+            if scored is None:
+                return ObjectiveOutput(None, outputs)
+            targets = self._targets(batch)
+            return ObjectiveOutput(masked_mrm_loss(predictions.flatten(0, 1), targets.flatten(0, 1), scored.flatten(),
+                                                   self.target), outputs)
+        hidden = self.model.mrm_transform(sequence if at is None else sequence[at])
+        predictions = getattr(self.model, self.decoder)(hidden)
+        outputs = {self.output: predictions}
+        if scored is None:
+            return ObjectiveOutput(None, outputs)
+        targets = self._targets(batch)
         scored_predictions = predictions if at is not None else predictions[scored]
         return ObjectiveOutput(mrm_loss(scored_predictions, targets[scored], self.target), outputs)
 

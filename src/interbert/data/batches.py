@@ -78,9 +78,46 @@ def _pad(arrays: Sequence[np.ndarray], length: int, value) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def collate(examples: Sequence[dict] | Sequence[Sequence[dict]], pad_token_id: int = 0) -> dict:
-    """Pad examples to the batch's longest text and region list. Examples that are groups (lists of
-    dicts, the 4-way retrieval groups) are flattened to ``groups x size`` pairs and ``group_size`` is set."""
+# Length buckets (static shapes for a compiled step): at most this many edges, each a multiple of this.
+MAX_BUCKETS = 4
+BUCKET_MULTIPLE = 8
+
+
+def bucket_edges(lengths: Sequence[int], max_buckets: int = MAX_BUCKETS, multiple: int = BUCKET_MULTIPLE) -> list[int]:
+    """Bucket edges chosen from a length histogram (``data.length_buckets: auto``): the 1/n, 2/n, ..., n/n
+    quantiles of ``lengths``, each rounded up to a multiple of ``multiple`` (tensor shapes kernels like) but
+    never above the longest length, so the last edge is exactly the longest and every batch fits a bucket.
+    Duplicates collapse, so a narrow histogram gives fewer edges. A compiled step then sees at most
+    ``max_buckets`` shapes per padded dimension instead of one per batch maximum."""
+    if not len(lengths):
+        raise ValueError("bucket_edges needs at least one length")
+    values = np.asarray(lengths)
+    if values.min() < 1 or max_buckets < 1 or multiple < 1:
+        raise ValueError(f"lengths, max_buckets and multiple must be >= 1 (got min length {values.min()}, "
+                         f"max_buckets {max_buckets}, multiple {multiple})")
+    longest = int(values.max())
+    quantiles = np.quantile(values, np.arange(1, max_buckets + 1) / max_buckets, method="higher")
+    edges = {min(longest, -(-int(q) // multiple) * multiple) for q in quantiles}
+    return sorted(edges | {longest})
+
+
+def bucket_length(longest: int, edges: Sequence[int] | None) -> int:
+    """The length a batch whose longest item is ``longest`` is padded to: the smallest edge that fits it;
+    without edges (or longer than every edge, which ``auto`` edges never are) the longest itself."""
+    if edges:
+        for edge in edges:
+            if edge >= longest:
+                return int(edge)
+    return longest
+
+
+def collate(examples: Sequence[dict] | Sequence[Sequence[dict]], pad_token_id: int = 0,
+            length_buckets: Sequence[int] | None = None, region_buckets: Sequence[int] | None = None) -> dict:
+    """Pad examples to the batch's longest text and region list, or with ``length_buckets`` /
+    ``region_buckets`` (ascending edges, :func:`bucket_edges`) up to the smallest edge that fits them: the
+    masks mark the pad, which no attention reads and no loss scores, so the results are those of the
+    unbucketed batch. Examples that are groups (lists of dicts, the 4-way retrieval groups) are flattened to
+    ``groups x size`` pairs and ``group_size`` is set."""
     group_size = None
     if isinstance(examples[0], (list, tuple)):
         group_size = len(examples[0])
@@ -88,7 +125,7 @@ def collate(examples: Sequence[dict] | Sequence[Sequence[dict]], pad_token_id: i
     batch: dict = {}
     if "input_ids" in examples[0]:
         lengths = [len(e["input_ids"]) for e in examples]
-        longest = max(lengths)
+        longest = bucket_length(max(lengths), length_buckets)
         batch["input_ids"] = _pad([e["input_ids"] for e in examples], longest, pad_token_id).long()
         batch["attention_mask"] = (torch.arange(longest)[None] < torch.tensor(lengths)[:, None]).long()
         batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
@@ -96,7 +133,7 @@ def collate(examples: Sequence[dict] | Sequence[Sequence[dict]], pad_token_id: i
             batch["msm_labels"] = _pad([e["msm_labels"] for e in examples], longest, IGNORE_INDEX).long()
     if "region_features" in examples[0]:
         counts = [len(e["region_features"]) for e in examples]
-        most = max(counts)
+        most = bucket_length(max(counts), region_buckets)
         batch["region_features"] = _pad([e["region_features"] for e in examples], most, 0.0).float()
         batch["region_boxes"] = _pad([e["region_boxes"] for e in examples], most, 0.0).float()
         batch["region_mask"] = (torch.arange(most)[None] < torch.tensor(counts)[:, None]).long()
@@ -225,6 +262,16 @@ class _CaptionImageDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def text_lengths(self) -> list[int]:
+        """Each caption's token count as tokenised (what ``data.length_buckets: auto`` is chosen from)."""
+        return [len(encoded.input_ids) for encoded in self._encoded]
+
+    def region_counts(self) -> list[int]:
+        """Each caption's image's region count as prepared (global region included), once per caption
+        as batches draw them (``data.region_buckets: auto``). Reads each image once."""
+        per_image = [len(self._regions(image_id)["region_features"]) for image_id in self.image_ids]
+        return [per_image[code] for code in self.image_codes]
 
     def _text(self, caption_index: int):
         return self._encoded[caption_index]

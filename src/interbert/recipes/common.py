@@ -323,7 +323,8 @@ def training_summary(result, model_dir: Path, seconds: float, dataset) -> dict:
     was saved, the wall time and the size of the training ``dataset``."""
     return {"model_dir": str(model_dir), "steps": result.step, "seconds": seconds,
             "history": result.history, "examples": len(dataset), "images": len(dataset.image_ids),
-            "validation": result.eval_history, "best": result.best, "stopped_early": result.stopped_early}
+            "validation": result.eval_history, "best": result.best, "stopped_early": result.stopped_early,
+            "compile_seconds": result.compile_seconds}
 
 
 def set_threads(n: int | None, key: str = "threads") -> None:
@@ -384,3 +385,24 @@ def weighted_sources(dataset, sources: Sequence[Source], seed: int):
     if all(weight == 1.0 for weight in weights.values()):
         return dataset
     return WeightedSources(dataset, weights, seed)
+
+
+def bucketed_collate(dataset, length_buckets, region_buckets, pad_token_id: int):
+    """The caption datasets' collate with the ``data.length_buckets`` / ``data.region_buckets`` settings resolved
+    to edges (``auto``: from ``dataset``'s length histogram, :func:`~interbert.data.batches.bucket_edges`;
+    ``none``: each batch padded to its own longest, as before). The edges are logged: they are the shapes a
+    compiled step sees."""
+    import functools
+
+    from interbert.data.batches import bucket_edges, collate
+
+    def edges(setting, lengths):
+        if setting == "none":
+            return None
+        return bucket_edges(lengths()) if setting == "auto" else list(setting)
+
+    text = edges(length_buckets, dataset.text_lengths)
+    regions = edges(region_buckets, dataset.region_counts)
+    if text or regions:
+        logger.info("length buckets: text %s, regions %s", text or "none", regions or "none")
+    return functools.partial(collate, pad_token_id=pad_token_id, length_buckets=text, region_buckets=regions)

@@ -11,14 +11,14 @@ starts as the ITM margin (the zero-shot ranking); ``model.from_checkpoint: null`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 
-from interbert.data.batches import RetrievalDataset, collate
+from interbert.data.batches import RetrievalDataset
 from interbert.loading import load_model
 from interbert.modeling import InterBertForImageTextRetrieval
 from interbert.recipes.common import (
+    bucketed_collate,
     install_run_tokenizer,
     bert_lr_multiplier,
     captions_of_split,
@@ -104,7 +104,8 @@ def run(cfg: RetrievalSettings | dict, resume: bool = False, source: str = "conf
     # train, then save
     extra = {"recipe": "finetune_retrieval", "config": cfg.to_dict()}
     start = time.perf_counter()
-    trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
+    trainer = Trainer(model, dataset, train_cfg, collate_fn=bucketed_collate(dataset, data.length_buckets, data.region_buckets,
+                                                                     tokenizer.pad_token_id),
                       lr_multiplier_for=bert_lr_multiplier(model_cfg.bert_lr_factor, model_cfg.from_bert),
                       eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
     install_run_tokenizer(tokenizer, trainer.dist.is_main)  # only now: a run refused before leaves the folder as it was

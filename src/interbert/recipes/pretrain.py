@@ -11,15 +11,15 @@ Writes ``train.output_dir/model`` (save_pretrained + tokenizer), checkpoints and
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 
-from interbert.data.batches import PretrainingDataset, collate
+from interbert.data.batches import PretrainingDataset
 from interbert.data.sources import sources_from_config
 from interbert.loading import load_model
 from interbert.modeling import InterBertForPreTraining
 from interbert.recipes.common import (
+    bucketed_collate,
     install_run_tokenizer,
     bert_lr_multiplier,
     check_region_feature_size,
@@ -120,7 +120,7 @@ def run(cfg: PretrainSettings | dict, resume: bool = False, source: str = "confi
         cache_dir=out / "cache", seed=train_cfg.seed, region_cache=data.region_cache,
     )
     dataset, heldout = pretraining_datasets(captions, val_captions, store, tokenizer, settings)
-    collate_fn = functools.partial(collate, pad_token_id=tokenizer.pad_token_id)
+    collate_fn = bucketed_collate(dataset, data.length_buckets, data.region_buckets, tokenizer.pad_token_id)
     # the pretraining losses on the validation split (why not zero-shot R@1: validation.py)
     eval_fn = heldout_loss_eval_fn(heldout, collate_fn, train_cfg.batch_size) if heldout is not None else None
     if data.task_sampling == "alternate":  # a step's heads are those of its task: DDP must look for the unused ones

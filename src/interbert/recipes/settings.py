@@ -36,6 +36,22 @@ NEGATIVES = ("tfidf", "random", "in_batch")
 REGION_CACHE = (True, False, "auto")
 
 
+def _buckets(value: str | list[int], key: str, source: str = "config") -> str | list[int]:
+    """``none`` (pad each batch to its own longest), ``auto`` (edges from the data's length histogram) or
+    ascending whole-number edges >= 1, e.g. [16, 24, 32]."""
+    if isinstance(value, str):
+        if value not in ("none", "auto"):
+            raise ConfigError(f"{source}: {key} must be none, auto or a list of ascending lengths, not {shown(value)}")
+        return value
+    if not value or any(edge < 1 for edge in value) or list(value) != sorted(set(value)):
+        raise ConfigError(f"{source}: {key} must be none, auto or a list of ascending lengths >= 1, not {shown(value)}")
+    return value
+
+
+def buckets_setting() -> Any:
+    return setting("none", check=_buckets, expect="none, auto or a list of ascending lengths")
+
+
 @functools.cache
 def _config_fields() -> dict[str, Any]:
     """InterBertConfig's own fields (its ``__init__`` parameters) and their types."""
@@ -111,6 +127,12 @@ class CaptionDataSettings(TokenizerSettings):
     max_regions: int = 36
     region_cache: bool | str = choice("auto", REGION_CACHE)  # keep every image's regions in memory
     verify_features: bool = True  # read every image once before training
+    # Static shapes for train.compile: pad each batch's captions / region lists up to the smallest of a few
+    # lengths instead of its own longest. none: off (each batch its own longest); auto: up to 4 edges from
+    # the data's length histogram (interbert.data.batches.bucket_edges); or the edges, e.g. [16, 24, 32].
+    # The masks keep the results those of the unpadded batch.
+    length_buckets: str | list[int] = buckets_setting()
+    region_buckets: str | list[int] = buckets_setting()
 
     def __post_init__(self) -> None:
         _positive(self, "max_images", "val_images", "vocab_size", "max_tokens", "max_regions")

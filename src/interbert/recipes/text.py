@@ -144,7 +144,8 @@ def run(cfg: TextSettings | dict, resume: bool = False, source: str = "config") 
     model_dir = save_trained(trainer, tokenizer, out, extra={**extra, "metrics": metrics})
     return {"model_dir": str(model_dir), "task": task.name, "metrics": metrics, "steps": result.step,
             "seconds": seconds, "train_examples": len(train_set), "dev_examples": len(dev_set), "history": result.history,
-            "validation": result.eval_history, "best": result.best, "stopped_early": result.stopped_early}
+            "validation": result.eval_history, "best": result.best, "stopped_early": result.stopped_early,
+            "compile_seconds": result.compile_seconds}
 
 
 def run_evaluate(model_dir: str, data_path: str, task: str | None = None, max_tokens: int | None = None,

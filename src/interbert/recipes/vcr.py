@@ -203,7 +203,8 @@ def run(cfg: VcrSettings | dict, resume: bool = False, source: str = "config") -
     result = trainer.fit(resume=resume)
     seconds = time.perf_counter() - start
     summary = {"steps": result.step, "seconds": seconds, "items": len(items), "examples": len(dataset), "history": result.history,
-               "validation": result.eval_history, "best": result.best, "stopped_early": result.stopped_early}
+               "validation": result.eval_history, "best": result.best, "stopped_early": result.stopped_early,
+            "compile_seconds": result.compile_seconds}
     if data.val and trainer.dist.is_main:  # the ranks hold the same weights: one evaluates
         val_items = read_vcr(data.val, data.images_root)
         with trainer.averaged_weights() as trained:

@@ -11,6 +11,10 @@ from typing import Any
 from interbert.utils import typed_config
 
 
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # train.compile: torch.compile's modes
+CUDA_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # CUDA graphs / autotuned GPU kernels
+
+
 @dataclass
 class TrainConfig:
     """Settings of the loop. Model, data and loss weights belong to the recipe, not here."""
@@ -65,6 +69,12 @@ class TrainConfig:
     save_rank_weights: bool = False
     progress_bar: bool = True
     tensorboard: bool = True
+    # torch.compile the model for the step: off | default | reduce-overhead | max-autotune (the last two are
+    # CUDA modes, refused on CPU). The model runs in its static-shape mode (no graph breaks, see
+    # InterBertPreTrainedModel.set_static_shapes); with data.length_buckets the compiled graphs are static
+    # (dynamic=False), one per bucket. The first step's extra time is reported as compile_seconds. Off by
+    # default until an idle benchmark (benchmarks/compiled_step.py) says it pays.
+    compile: str = typed_config.choice("off", COMPILE_MODES)
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "grad_accum_steps", "num_epochs", "log_every")
@@ -92,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
         if self.num_workers < 0 or self.warmup_steps < 0:
             raise ValueError("TrainConfig.num_workers and warmup_steps must be >= 0")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"TrainConfig.compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         for pattern, factor in self.lr_multipliers.items():
             if not isinstance(factor, int | float) or factor < 0:
                 raise ValueError(f"TrainConfig.lr_multipliers[{pattern!r}] must be a number >= 0, got {factor!r}")
@@ -126,6 +138,8 @@ class TrainResult:
     output_dir: Path
     best: dict[str, Any] | None = None  # {"metric", "mode", "value", "step"} when best_metric is set
     stopped_early: bool = False
+    # train.compile: the first micro-batch's time beyond the second's (compiling); None when not compiled
+    compile_seconds: float | None = None
 
     @property
     def loss_history(self) -> list[float]:
