@@ -814,10 +814,7 @@ class RegionStoreWriter:
         if not self.path.is_dir():
             self.path.mkdir(parents=True, exist_ok=True)
             fsync_dir(self.path.parent)  # the new folder's own entry must survive a crash too
-        removed = remove_leftover_temporaries(self.path)  # of a writer killed mid-chunk: never named by the manifest
-        if removed:
-            logger.warning("%s: removed %d temporary file(s) left by a killed write (%s)", self.path, len(removed),
-                           ", ".join(p.name for p in removed[:3]) + (", ..." if len(removed) > 3 else ""))
+        remove_leftover_temporaries(self.path)  # of a writer killed mid-chunk: never named by the manifest
         if (self.path / MANIFEST).exists():
             existing = RegionStore(self.path)
             self.manifest = existing.manifest

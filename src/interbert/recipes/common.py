@@ -347,10 +347,7 @@ def start_run(output_dir: str | Path, *, device: str, seed: int, threads: int | 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", "0")) == 0:  # one rank cleans; the others' writes have not started
-        removed = remove_leftover_temporaries(out)  # .checkpoint.pt.tmp-* of a killed run: up to tens of MB each
-        if removed:
-            logger.warning("%s: removed %d temporary file(s) left by a killed write (%s)", out, len(removed),
-                           ", ".join(p.name for p in removed[:3]) + (", ..." if len(removed) > 3 else ""))
+        remove_leftover_temporaries(out)  # .checkpoint.pt.tmp-* of a killed run: up to tens of MB each
     # A new model's initial weights (and anything else drawn before the loop seeds itself) follow the
     # seed: torch seeds its default generator from the OS in every process, so without this two runs
     # with the same seed start from different weights.

@@ -45,13 +45,12 @@ from interbert.data.features import FeatureStore
 from interbert.errors import DataError, UsageError
 from interbert.serve import DEFAULT_MAX_REGIONS, INDEX_TYPES
 from interbert.serve._data import first_captions, open_features, region_batch
-from interbert.serve._files import remove_leftover_temporaries
 from interbert.serve.engines import (  # noqa: F401  (build_faiss_index, ivf_lists: the FAISS API, kept importable here)
     FAISS_FILE, HNSW_NEIGHBOURS, Engine, VectorIndex, build_faiss_index, build_vectors, check_engine, faiss_search_params, ivf_lists,
     open_vectors, parse_engine, vectors_exist,
 )
 from interbert.serve.model import SearchModel, weights_fingerprint
-from interbert.utils.files import atomic_write_json
+from interbert.utils.files import atomic_write_json, remove_leftover_temporaries
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -18,6 +19,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
+
+logger = logging.getLogger(__name__)
 
 TMP_MARK = ".tmp-"
 
@@ -175,6 +178,9 @@ def remove_leftover_temporaries(folder: str | Path) -> list[Path]:
         else:
             path.unlink(missing_ok=True)
         removed.append(path)
+    if removed:
+        logger.warning("%s: removed %d temporary file(s) left by a killed write (%s)", folder, len(removed),
+                       ", ".join(p.name for p in removed[:3]) + (", ..." if len(removed) > 3 else ""))
     return removed
 
 
