@@ -19,12 +19,13 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from serve_process import free_port
 
 REQUIRE_ENV = "INTERBERT_REQUIRE_POSTGRES"
 SUPERUSER = "interbert"
@@ -58,12 +59,6 @@ def require_psycopg():
     except ImportError:
         _unavailable("psycopg is not installed (pip install 'interbert[postgres]')")
     return psycopg
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostgresServer:

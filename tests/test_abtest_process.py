@@ -4,13 +4,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 
@@ -19,6 +16,7 @@ import pytest
 
 from conftest import single_torch_thread
 from abtest_world import build_world, serve_in_thread
+from serve_process import start_serve
 from interbert.cli import main as interbert_main
 from interbert.errors import UsageError
 from interbert.serve.experiment import create_experiment_app
@@ -27,7 +25,6 @@ from interbert.serve.abtest import ArmSpec
 from interbert.serve.identity import sign_user_id
 from interbert.serve.simulate import parse_topic, read_scenes, simulate
 
-STARTUP_TIMEOUT_S = 120
 SECRET = b"process-test-secret-" * 3
 
 
@@ -43,29 +40,10 @@ def world(tmp_path_factory):
     return build_world(tmp_path_factory.mktemp("world"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(world, events, *flags: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "interbert.cli", "serve", *world.arm_flags(), "--split", "50/50",
-               "--experiment", "crash", "--events", str(events), "--port", str(port), "--log-level", "warning", *flags]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"the server exited: {server.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    server.kill()
-    raise AssertionError("the server did not answer /health in time")
+    server, port = start_serve(*world.arm_flags(), "--split", "50/50", "--experiment", "crash", "--events", str(events),
+                               *flags)
+    return server, f"http://127.0.0.1:{port}"
 
 
 def test_a_killed_server_loses_no_acknowledged_event(world, tmp_path):

@@ -9,23 +9,21 @@ be, without depending on how fast this machine runs the model."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
 from conftest import minilm_vocab
+from serve_process import start_serve
 from interbert.serve.index import build_index
 from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
 
 FEATURE_DIM = 16
-STARTUP_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -37,27 +35,8 @@ def index(tmp_path_factory):
     return folder / "index"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(flags: list[str]) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    command = [sys.executable, "-m", "interbert.cli", "serve", *flags, "--port", str(port), "--log-level", "warning"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"the server exited: {server.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=1).status_code == 200:
-                return server, port
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    server.kill()
-    raise AssertionError("the server did not answer /health/live in time")
+    return start_serve(*flags, health="/health/live")
 
 
 def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:

@@ -4,10 +4,8 @@ half a request head, or a body that trickles in is answered 408 and closed once 
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -15,13 +13,13 @@ import httpx
 import pytest
 
 from conftest import minilm_vocab
+from serve_process import start_serve
 from interbert.serve.index import build_index
 from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
 
 FEATURE_DIM = 16
 TIMEOUT_S = 1.0  # --header-timeout and --body-timeout of the servers under test
 SLACK_S = 4.0  # a busy shared machine may run the server's timer late; never by this much
-STARTUP_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -33,28 +31,8 @@ def index(tmp_path_factory):
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(mode_flags: list[str]):
-    port = free_port()
-    command = [sys.executable, "-m", "interbert.cli", "serve", *mode_flags, "--port", str(port),
-               "--header-timeout", str(TIMEOUT_S), "--body-timeout", str(TIMEOUT_S), "--log-level", "warning"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"the server exited: {server.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return server, port
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    server.kill()
-    raise AssertionError("the server did not answer /health in time")
+    return start_serve(*mode_flags, "--header-timeout", str(TIMEOUT_S), "--body-timeout", str(TIMEOUT_S))
 
 
 @pytest.fixture(scope="module", params=["index", "arms"])
