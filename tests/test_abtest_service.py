@@ -13,12 +13,13 @@ from conftest import single_torch_thread
 from abtest_world import TOP_N, build_world
 from interbert.cli import main as interbert_main
 from interbert.errors import UsageError
-from interbert.serve.abtest import ArmSpec, assign_arm, file_sha256, index_sha256
+from interbert.serve.abtest import ArmSpec, assign_arm, index_sha256
 from interbert.serve.events import EventLog, ExperimentConfig, read_arm_hashes
 from interbert.serve.experiment import USER_COOKIE, create_experiment_app
 from interbert.serve.identity import read_secret_file, sign_user_id, verify_user_token
 from interbert.serve.service import MAX_BODY_BYTES, create_app
 from interbert.serve.topics import Feed, read_topics
+from interbert.utils.files import file_sha256
 
 ARMS = ("control", "treatment")
 SECRET = b"s" * 40

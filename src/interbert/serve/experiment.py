@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from interbert.errors import UsageError, shown
 from interbert.serve import DEFAULT_RERANK_QUEUE_TIMEOUT
-from interbert.serve.abtest import MAX_USER_ID_CHARS, ArmSpec, assign_arm, file_sha256, index_sha256, valid_user_id
+from interbert.serve.abtest import MAX_USER_ID_CHARS, ArmSpec, assign_arm, index_sha256, valid_user_id
 from interbert.serve.events import (
     BUSY_WAIT, ArmHashes, ExperimentConfig, NotShown, NotYours, UnknownRequest, check_existing_log, open_event_store,
 )
@@ -60,6 +60,7 @@ from interbert.serve.service import (
     default_max_concurrent_reranks,
 )
 from interbert.serve.topics import Feed
+from interbert.utils.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
