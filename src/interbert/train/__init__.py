@@ -18,6 +18,7 @@ One module per job:
 ``sampler``         the seeded data order and seeded batch building
 ``rng``             python/numpy/torch RNG seeding, saving and restoring
 ``reporting``       progress bar, TensorBoard, console lines
+``compiling``       ``train.compile``: the step through torch.compile, and its compile time
 ==================  ==========================================================================
 
 Reproducibility contract: the data order is a seeded permutation per epoch (``DistributedSampler`` with

@@ -10,7 +10,6 @@ import gc
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ from interbert.data import model_inputs
 from interbert.errors import UsageError
 from interbert.train import checkpoint, distributed, reporting
 from interbert.train.checkpoint import CHECKPOINT_NAME, FINAL_WEIGHTS_NAME, atomic_torch_save, save_weights_folder
-from interbert.train.config import CUDA_COMPILE_MODES, TrainConfig, TrainResult
+from interbert.train.compiling import CompiledStep
+from interbert.train.config import TrainConfig, TrainResult
 from interbert.train.ema import ExponentialMovingAverage, averaged_weights
 from interbert.train.evaluation import BestModel, Validation
 from interbert.train.optim import (
@@ -132,6 +132,9 @@ class Trainer:
     ``save_best(model, folder)`` writes the model that scored best on ``config.best_metric`` into an
     empty folder (default: ``save_pretrained`` when the model has it, else ``model.pt``); the loop
     puts the folder in place as ``model_best/`` only once it is complete.
+
+    About 300 lines: set-up, the loop and resume/save stay together because they share the run's position;
+    what has state of its own (validation, best model, EMA, compiling, reporting) lives in the modules beside.
     """
 
     def __init__(
@@ -160,7 +163,8 @@ class Trainer:
         self._setup_precision(model)
         self._setup_model(model, lr_multiplier_for)
         self._setup_steps()
-        self._setup_compile()
+        self.compiled = CompiledStep(config.compile, self.device)  # train.compile
+        self.ddp_model = self.compiled.wrap(self.model, self.ddp_model, self.collate_fn)
         self.best = BestModel(config.best_metric, config.resolved_best_mode(), config.early_stopping_patience,
                               self.output_dir / checkpoint.BEST_MODEL_DIR, save_best or save_weights_folder)
         self.validation = Validation(eval_fn, config.eval_every, config.seed, self.best)
@@ -199,45 +203,10 @@ class Trainer:
         )
         self.ddp_model = distributed.wrap_for_ddp(self.model, self.dist, self.device, config.find_unused_parameters)
 
-    def _setup_compile(self) -> None:
-        """``train.compile``: the (DDP-wrapped) model through torch.compile, in its static-shape mode so that
-        the step captures as one graph. ``self.model`` stays the bare module (names, EMA, saving, evaluation).
-        Static graphs (dynamic=False): with length buckets in the collate the shapes are few, one graph each."""
-        mode = self.config.compile
-        self.compile_seconds: float | None = None
-        self._step_seconds: list[float] = []  # the first two micro-batches' times, while compile_seconds is unknown
-        if mode == "off":
-            return
-        if mode in CUDA_COMPILE_MODES and self.device.type != "cuda":
-            raise UsageError(f"train.compile={mode} is a CUDA mode (CUDA graphs / GPU autotuning); on "
-                             f"{self.device.type} use train.compile=default or off")
-        if hasattr(self.model, "set_static_shapes"):
-            self.model.set_static_shapes(True)
-        keywords = getattr(self.collate_fn, "keywords", None) or {}
-        if not (keywords.get("length_buckets") and keywords.get("region_buckets")):
-            logger.warning("train.compile without data.length_buckets and data.region_buckets: every new padded "
-                           "length compiles again (set both to auto)")
-        # dynamic=False always: with buckets the shapes are few; and torch 2.13's automatic dynamic shapes failed
-        # this step's compiled backward on the CPU (an inductor stride assertion on a mask), so none are made
-        self.ddp_model = torch.compile(self.ddp_model, mode=mode, dynamic=False)
-        logger.info("train.compile=%s (static shapes, one graph per bucket): the first step compiles", mode)
-
-    def _timed_forward_backward(self, batch: Mapping[str, Any], sync_gradients: bool) -> dict[str, torch.Tensor | None]:
-        """``_forward_backward``, timing the first two micro-batches of a compiled run: the first compiles,
-        the second does not (same bucket or not, it is a plain step's time plus at most a recompile), and the
-        difference is the compile time every end-to-end figure must include."""
-        if self.config.compile == "off" or self.compile_seconds is not None:
-            return self._forward_backward(batch, sync_gradients)
-        start = time.perf_counter()
-        components = self._forward_backward(batch, sync_gradients)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self._step_seconds.append(time.perf_counter() - start)
-        if len(self._step_seconds) == 2:
-            first, second = self._step_seconds
-            self.compile_seconds = max(0.0, first - second)
-            logger.info("compile_seconds %.1f (first micro-batch %.2f s, second %.2f s)", self.compile_seconds, first, second)
-        return components
+    @property
+    def compile_seconds(self) -> float | None:
+        """The time ``train.compile`` spent compiling (None: off, or not known yet)."""
+        return self.compiled.seconds
 
     # -- data ------------------------------------------------------------------------------------
 
@@ -272,7 +241,7 @@ class Trainer:
                     self.batch_in_epoch += 1
                     acc.micro_batches += 1
                     sync = acc.micro_batches == cfg.grad_accum_steps
-                    acc.add(self._timed_forward_backward(batch, sync), _count_examples(batch))
+                    acc.add(self.compiled.timed(self._forward_backward, batch, sync), _count_examples(batch))
                     if not sync:
                         continue
                     self._update(acc, reporter)
@@ -281,9 +250,7 @@ class Trainer:
                 else:
                     self.epoch += 1
                     self.batch_in_epoch = 0
-            if self.config.compile != "off" and self.compile_seconds is None and self._step_seconds:
-                self.compile_seconds = self._step_seconds[0]  # a one-step run: all of its first step, an upper bound
-            if self.compile_seconds is not None and reporter.writer is not None:
+            if self.compiled.finish() is not None and reporter.writer is not None:
                 reporter.writer.add_scalar("train/compile_seconds", self.compile_seconds, self.step)
             self._finish()
         finally:
@@ -293,8 +260,7 @@ class Trainer:
                              compile_seconds=self.compile_seconds)
         if self.dist.created_process_group:
             self.close_distributed()
-        if self.config.compile != "off" and hasattr(self.model, "set_static_shapes"):
-            self.model.set_static_shapes(False)  # the trained model as callers know it (msm_logits of the masked tokens)
+        self.compiled.restore(self.model)
         return result
 
     def _start(self, resume: bool) -> None:
