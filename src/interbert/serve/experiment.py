@@ -239,7 +239,10 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
     """``user_secret``: the key user ids are signed with (None: a random one for this process, so cookies
     last only as long as it); ``insecure_user_ids``: also take unsigned ids from X-User-Id / ?user=;
     ``access_log`` receives one record per request (:mod:`interbert.serve.metrics`); ``events_busy_wait``:
-    seconds a write waits for another process's lock on the event log before the request is answered 503."""
+    seconds a write waits for another process's lock on the event log before the request is answered 503.
+
+    Long because each route is a closure over the arms, the log and the limits, FastAPI's usual shape; what a
+    route does beyond reading its request and answering lives in identity.py, events.py and metrics.py."""
     names = [spec.name for spec in arm_specs]
     if len(names) < 2:
         raise UsageError("an experiment needs at least two arms (--arm control=... --arm treatment=...)")

@@ -403,6 +403,9 @@ def build_index(
     Then the engine's index (FAISS by default) is rebuilt over all stored embeddings. ``engine``
     (see :mod:`interbert.serve.engines`) is recorded in the folder; a later run keeps the recorded one
     unless given another, which moves the vectors there. ``device``: where the model embeds.
+
+    Long because its checks must all run before the folder is touched (a refused build leaves it as it was)
+    and its clean-up must undo exactly what it created; splitting it is the next change here.
     """
     if split is not None and captions is None:
         raise ValueError(f"choosing the images of split {split!r} needs the captions file that names the splits")
