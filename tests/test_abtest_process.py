@@ -111,7 +111,7 @@ def test_a_server_taking_unsigned_ids_says_so_at_start(world, tmp_path):
 
 
 def test_behind_a_tls_proxy_the_user_cookie_is_secure(world, tmp_path):
-    """The README's public set-up: a reverse proxy on this machine terminates TLS and says so with
+    """The public set-up of docs/security.md: a reverse proxy on this machine terminates TLS and says so with
     X-Forwarded-Proto; uvicorn believes it from 127.0.0.1, so the signed cookie is marked Secure (and only then:
     over plain http a Secure cookie would never come back)."""
     secret = tmp_path / "user.secret"

@@ -1,5 +1,7 @@
-"""The README's Python section runs as written: every ```python block of it, in order, in one namespace,
-in a folder laid out as `make demo` leaves `runs/demo` (the built-in benchmark, tiny, and tiny models)."""
+"""The README's Python runs as written: every ```python block of README.md and of the documents it links
+to (docs/*.md, results/README.md), in order, one namespace per document, in a folder laid out as `make demo`
+leaves `runs/demo` (the built-in benchmark, tiny, and tiny models). And every relative link in them leads
+to a file of the checkout."""
 
 from __future__ import annotations
 
@@ -12,15 +14,21 @@ from conftest import REPO, minilm_vocab
 FEATURE_DIM = 16
 
 
-def python_section_blocks() -> list[tuple[int, str]]:
-    """``(line, code)`` of each ```python block between "## Python" and the next level-2 heading."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    start = text.index("\n## Python\n")
-    end = text.find("\n## ", start + 1)
-    section = text[start:end if end != -1 else len(text)]
-    first_line = text[:start].count("\n") + 1
-    return [(first_line + section[:m.start()].count("\n") + 1, m.group(1))
-            for m in re.finditer(r"^```python\n(.*?)^```$", section, flags=re.S | re.M)]
+DOCUMENTS = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")), "results/README.md"]
+
+
+def python_blocks(document: str) -> list[tuple[int, str]]:
+    """``(line, code)`` of each ```python block of ``document`` (a path relative to the checkout)."""
+    text = (REPO / document).read_text(encoding="utf-8")
+    return [(text[:m.start()].count("\n") + 2, m.group(1))
+            for m in re.finditer(r"^```python\n(.*?)^```$", text, flags=re.S | re.M)]
+
+
+def run_blocks(document: str) -> dict:
+    namespace: dict = {"__name__": "readme"}
+    for line, code in python_blocks(document):
+        exec(compile(code, f"{document}:{line}", "exec"), namespace)  # noqa: S102 -- the document's own code
+    return namespace
 
 
 @pytest.fixture
@@ -45,19 +53,41 @@ def demo_folder(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_the_readme_python_section_has_its_blocks():
-    blocks = python_section_blocks()
-    assert len(blocks) >= 4
-    assert "AutoProcessor.from_pretrained(M)" in blocks[0][1] and "get_image_features" in blocks[0][1]
+def test_the_readme_and_docs_python_has_its_blocks():
+    (readme,) = python_blocks("README.md")
+    assert "AutoProcessor.from_pretrained(M)" in readme[1] and "get_image_features" in readme[1]
+    assert len(python_blocks("docs/python.md")) >= 4
 
 
 def test_every_python_block_of_the_readme_runs(demo_folder, capsys):
-    namespace: dict = {"__name__": "readme"}
-    for line, code in python_section_blocks():
-        exec(compile(code, f"README.md:{line}", "exec"), namespace)  # noqa: S102 -- the README's own code
-    test = namespace["test"]
-    assert namespace["similarity"].shape == (min(5, len(test)), len({c.image_id for c in test}))
-    assert len(namespace["ranking"]) == len({c.image_id for c in test})
-    assert namespace["out"].itm_logits.shape == (2, 2)
-    assert (demo_folder / "ckpt" / "model.safetensors").exists() and (demo_folder / "ckpt" / "processor_config.json").exists()
-    assert "->" in capsys.readouterr().out
+    namespace = run_blocks("README.md")
+    assert namespace["images"].shape == (len(namespace["gallery"]), namespace["text"].shape[1])
+    assert capsys.readouterr().out.strip() in namespace["gallery"]
+
+
+def test_every_python_block_of_the_docs_runs(demo_folder, capsys):
+    documented = [d for d in DOCUMENTS if d != "README.md" and python_blocks(d)]
+    assert "docs/python.md" in documented
+    for document in documented:
+        namespace = run_blocks(document)
+        if document == "docs/python.md":
+            test = namespace["test"]
+            assert namespace["similarity"].shape == (min(5, len(test)), len({c.image_id for c in test}))
+            assert len(namespace["ranking"]) == len({c.image_id for c in test})
+            assert namespace["out"].itm_logits.shape == (2, 2)
+            assert (demo_folder / "ckpt" / "model.safetensors").exists()
+            assert (demo_folder / "ckpt" / "processor_config.json").exists()
+            assert "->" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_every_relative_link_leads_to_a_file(document):
+    text = (REPO / document).read_text(encoding="utf-8")
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue  # a URL or an anchor in the same page
+        path = (REPO / document).parent / target.split("#")[0]
+        if not path.exists():
+            broken.append(target)
+    assert not broken, f"{document} links to missing files: {broken}"
