@@ -99,6 +99,32 @@ def read_karpathy(path: str | Path, problems: Problems = None) -> Iterator[Capti
             yield Caption(image_id, caption_id, raw.strip(), split)
 
 
+def read_karpathy_twins(path: str | Path) -> dict[str, str]:
+    """Image id -> its twin's image id, from the ``twin_of`` key (an ``imgid``) that the built-in benchmark
+    (``interbert data synth``) puts on the entries of twin images in its Karpathy file. A ``twin_of`` that
+    names no ``imgid`` of the file, or a pair that is not mutual, is a :class:`DataFormatError` naming the entry."""
+    path = Path(path)
+    data = load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataFormatError(path, "not a Karpathy split file: no top-level 'images' list")
+    entries = [(n, image) for n, image in enumerate(data["images"]) if isinstance(image, dict)]
+    by_imgid = {image["imgid"]: _karpathy_image_id(image) for _, image in entries if "imgid" in image}
+    twins: dict[str, str] = {}
+    for n, image in entries:
+        if "twin_of" not in image:
+            continue
+        image_id, twin = _karpathy_image_id(image), by_imgid.get(image["twin_of"])
+        if twin is None or twin == image_id:
+            raise DataFormatError(path, f"images[{n}] (id {image_id!r}): twin_of {image['twin_of']!r} names no other "
+                                        "image's imgid in this file")
+        twins[image_id] = twin
+    for image_id, twin in twins.items():
+        if twins.get(twin) != image_id:
+            raise DataFormatError(path, f"image {image_id!r} names {twin!r} as its twin, but {twin!r} names "
+                                        f"{twins.get(twin)!r}: twins must name each other")
+    return twins
+
+
 def read_coco(path: str | Path, split: str | None = None, problems: Problems = None) -> Iterator[Caption]:
     """COCO caption annotations: ``annotations[].{image_id, id, caption}``."""
     path = Path(path)

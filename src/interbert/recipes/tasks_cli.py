@@ -1,4 +1,4 @@
-"""``interbert finetune vcr|text`` and ``interbert evaluate vcr|text``: joins the groups of :mod:`interbert.recipes.cli`.
+"""``interbert finetune vcr|text`` and ``interbert evaluate vcr|text|mechanisms``: joins the groups of :mod:`interbert.recipes.cli`.
 
 Registered after ``interbert.recipes.cli`` (``COMMAND_MODULES``), whose ``register`` creates the
 ``finetune`` / ``evaluate`` sub-parser groups this module adds to.
@@ -54,6 +54,13 @@ def _cmd_evaluate_text(args) -> int:
     return 0
 
 
+def _cmd_evaluate_mechanisms(args) -> int:
+    from interbert.recipes.mechanisms import run_cli
+
+    setup_cli_logging()
+    return run_cli(args)
+
+
 def register(subparsers) -> None:
     finetune, evaluate = recipes_cli.finetune_subparsers, recipes_cli.evaluate_subparsers
     if finetune is None or evaluate is None:
@@ -86,3 +93,19 @@ def register(subparsers) -> None:
     e.add_argument("--threads", type=int, help="torch threads")
     e.add_argument("--out", help="write the metrics (JSON) here")
     e.set_defaults(func=_cmd_evaluate_text)
+
+    e = evaluate.add_parser(
+        "mechanisms", help="MRM with group vs plain masking (leakage) and ITM on twin vs random pairs (issue 28)")
+    e.add_argument("--model", required=True, help="a pretraining model folder (what `interbert pretrain` writes)")
+    e.add_argument("--captions", required=True, help="caption file; twins from the twin_of keys of `data synth`'s")
+    e.add_argument("--features", required=True, help="region features (TSV, npz folder or store) with class probabilities")
+    e.add_argument("--split", default="test", help="images to measure on (default: test; 'all' for every image)")
+    e.add_argument("--max-images", type=int, help="the first N images of the split only")
+    e.add_argument("--max-tokens", type=int, default=36, help="caption tokens (default: 36)")
+    e.add_argument("--max-regions", type=int, default=36, help="regions per image, global one included (default: 36)")
+    e.add_argument("--seed", type=int, default=0, help="draws each caption's random negative image (default: 0)")
+    e.add_argument("--batch-size", type=int, default=64, help="MRM examples per forward (ITM pairs: 8x)")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    e.add_argument("--threads", type=int, help="torch threads")
+    e.add_argument("--out", help="write the measurements (JSON) here")
+    e.set_defaults(func=_cmd_evaluate_mechanisms)

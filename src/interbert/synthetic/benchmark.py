@@ -3,6 +3,10 @@
 Everything is a function of the settings: each image draws from its own random stream seeded by
 (seed, purpose, image id), so the bytes do not depend on the number of worker processes and the
 same seed always gives the same files.
+
+Issue 28's knobs (how much overlapping proposals leak, how many training images have a twin) are
+settings too, recorded in ``synth.json``; at their defaults the files are byte for byte those written
+before the knobs existed (tests/test_synthetic_defaults.py).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
@@ -21,7 +26,16 @@ import numpy as np
 
 from interbert.data.features import Regions, RegionStoreWriter, write_npz_folder
 from interbert.synthetic.baseline import bag_of_words_retrieval
-from interbert.synthetic.detector import AttributeCodes, Detections, max_proposals, simulate_detections
+from interbert.synthetic.detector import (
+    FEATURE_NOISE,
+    MIN_GROUP_IOU,
+    PROPOSALS_PER_OBJECT,
+    AttributeCodes,
+    Detections,
+    DetectorKnobs,
+    max_proposals,
+    simulate_detections,
+)
 from interbert.synthetic.language import LANGUAGES, Caption, label_words, scene_captions, twin_captions
 from interbert.synthetic.render import scene_png
 from interbert.synthetic.scenes import KINDS, Scene, make_twin, sample_scene
@@ -53,6 +67,15 @@ class SynthSettings:
     image_width: int = 128
     image_height: int = 96
     render_images: bool = True
+    # issue 28's knobs (see detector.DetectorKnobs and train_twin_starts)
+    proposals_per_object: tuple[int, int] = PROPOSALS_PER_OBJECT
+    group_iou: float = MIN_GROUP_IOU
+    feature_noise: float = FEATURE_NOISE
+    twin_share: float = 0.0  # of the train images, the share that come as twin pairs (test: always all)
+
+    @property
+    def detector_knobs(self) -> DetectorKnobs:
+        return DetectorKnobs(tuple(self.proposals_per_object), self.group_iou, self.feature_noise)
 
     def split_sizes(self) -> dict[str, int]:
         """Train/val/test sizes; by default 10% each for val and test (test rounded to whole twin pairs)."""
@@ -80,7 +103,18 @@ class SynthSettings:
             )
         if self.image_width < 64 or self.image_height < 48:
             raise ValueError(f"images must be at least 64x48 pixels, got {self.image_width}x{self.image_height}")
+        self.detector_knobs.validate()
+        if not (math.isfinite(self.twin_share) and 0.0 <= self.twin_share <= 1.0):
+            raise ValueError(f"--twin-share must be a share of the train images in [0, 1], got {self.twin_share}")
         self.split_sizes()
+
+
+KNOBS = ("proposals_per_object", "group_iou", "feature_noise", "twin_share")
+
+
+def tuple_or_value(value):
+    """Lists (from synth.json) and tuples compare alike."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 @dataclass(frozen=True)
@@ -103,8 +137,9 @@ def plain_example(image_id: int, split: str, settings: SynthSettings) -> Example
     return Example(scene, split, scene_captions(scene, _rng(seed, _CAPTIONS, image_id), settings.lang))
 
 
-def twin_examples(first_id: int, pair_number: int, settings: SynthSettings) -> tuple[Example, Example]:
-    """Test images `first_id` and `first_id + 1`: twins, alternately colour- and position-swapped."""
+def twin_examples(first_id: int, pair_number: int, settings: SynthSettings,
+                  split: str = "test") -> tuple[Example, Example]:
+    """Images `first_id` and `first_id + 1`: twins, alternately colour- and position-swapped."""
     rng = _rng(settings.seed, _TWINS, first_id)
     mode = ("colour", "position")[pair_number % 2]
     while True:  # some scenes admit no such twin (e.g. every object the same colour): draw again
@@ -114,7 +149,23 @@ def twin_examples(first_id: int, pair_number: int, settings: SynthSettings) -> t
             continue
         captions = twin_captions(*twins, rng, settings.lang)
         if captions is not None:
-            return Example(twins[0], "test", captions[0]), Example(twins[1], "test", captions[1])
+            return Example(twins[0], split, captions[0]), Example(twins[1], split, captions[1])
+
+
+def train_twin_number(image_id: int, settings: SynthSettings, train: int) -> int | None:
+    """Whether train image `image_id` starts a twin pair (with `image_id + 1`), and if so which one
+    (0, 1, ...; even pairs swap colours, odd ones positions, as in test). The train images are seen as
+    slots of two; ``twin_share`` of the slots are pairs, spread evenly (slot p is one when
+    floor((p + 1) * share) > floor(p * share)), so the share is exact and the same at every size."""
+    slot, share = image_id // 2, settings.twin_share
+    if share == 0 or image_id % 2 or image_id + 1 >= train:
+        return None
+    before = math.floor(slot * share)
+    return before if math.floor((slot + 1) * share) > before else None
+
+
+def train_twin_pairs(settings: SynthSettings) -> int:
+    return math.floor(settings.split_sizes()["train"] // 2 * settings.twin_share)
 
 
 def split_of(image_id: int, sizes: dict[str, int]) -> str:
@@ -156,7 +207,11 @@ def build_chunk(first_id: int, stop_id: int, settings: SynthSettings, out: str) 
     examples: list[Example] = []
     image_id = first_id
     while image_id < stop_id:
-        if image_id < test_start:
+        twin_number = train_twin_number(image_id, settings, sizes["train"])
+        if twin_number is not None:  # chunks start at even ids in train, so a pair never straddles two
+            examples.extend(twin_examples(image_id, twin_number, settings, split="train"))
+            image_id += 2
+        elif image_id < test_start:
             examples.append(plain_example(image_id, split_of(image_id, sizes), settings))
             image_id += 1
         else:
@@ -175,7 +230,7 @@ def build_chunk(first_id: int, stop_id: int, settings: SynthSettings, out: str) 
     for e in examples:
         scene = e.scene
         rng = _rng(settings.seed, _DETECTOR, scene.image_id)
-        detections = simulate_detections(scene, _CODES[key], settings.num_classes, rng)
+        detections = simulate_detections(scene, _CODES[key], settings.num_classes, rng, settings.detector_knobs)
         if settings.fmt == "tsv":
             result.regions.append(tsv_line(scene, detections))
         else:
@@ -311,20 +366,24 @@ def generate(
     image_height: int = 96,
     render_images: bool = True,
     workers: int | None = None,
+    proposals_per_object: tuple[int, int] = PROPOSALS_PER_OBJECT,
+    group_iou: float = MIN_GROUP_IOU,
+    feature_noise: float = FEATURE_NOISE,
+    twin_share: float = 0.0,
 ) -> dict:
     """Generate the benchmark into `out_dir` and return its manifest (also written to synth.json).
 
     The detector is simulated (see :mod:`interbert.synthetic.detector`): its features encode the
-    objects' attributes by construction. `workers` only changes the speed, never the bytes.
-    """
+    objects' attributes by construction. `workers` only changes the speed, never the bytes; the last four
+    are issue 28's knobs (:class:`SynthSettings`)."""
     settings = SynthSettings(images, lang, seed, fmt, feature_dim, num_classes, val_images, test_images,
-                             image_width, image_height, render_images)
+                             image_width, image_height, render_images, tuple(proposals_per_object), group_iou,
+                             feature_noise, twin_share)
     settings.validate()
     out = Path(out_dir)
     _clear_previous_benchmark(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "vcr").mkdir(exist_ok=True)
-    (out / "glue").mkdir(exist_ok=True)
+    for folder in ("images", "vcr", "glue"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
 
     examples: list[Example] = []
@@ -347,6 +406,17 @@ def generate(
     if store is not None:
         store.close()
 
+    glue_positive_rate = write_text_files(out, examples, vcr_lines, glue_rows)
+    manifest = build_manifest(settings, regions_path.name, retrieval_baseline(examples, lang), glue_positive_rate)
+    manifest["bytes"] = _sizes(out, regions_path)
+    (out / "README.md").write_text(readme(manifest), encoding="utf-8")
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return manifest
+
+
+def write_text_files(out: Path, examples: list[Example], vcr_lines: dict[str, list[str]],
+                     glue_rows: dict[str, list[tuple[int, str]]]) -> dict[str, float]:
+    """captions.json, scenes.jsonl, the VCR and GLUE files; returns the GLUE splits' positive rates."""
     (out / "captions.json").write_text(json.dumps(karpathy_json(examples), ensure_ascii=False), encoding="utf-8")
     (out / "scenes.jsonl").write_text("".join(json.dumps(scene_record(e)) + "\n" for e in examples))
     for split, lines in vcr_lines.items():
@@ -354,19 +424,21 @@ def generate(
     header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
     for split, rows in glue_rows.items():
         (out / "glue" / f"{split}.tsv").write_text(header + "".join(row + "\n" for _, row in rows), encoding="utf-8")
-    glue_positive_rate = {split: float(np.mean([label for label, _ in rows])) for split, rows in glue_rows.items()}
-    baseline = retrieval_baseline(examples, lang)
+    return {split: float(np.mean([label for label, _ in rows])) for split, rows in glue_rows.items()}
 
+
+def build_manifest(settings: SynthSettings, regions_name: str, baseline: dict, glue_positive_rate: dict) -> dict:
+    """synth.json's content (``bytes`` is added once the files are written)."""
     sizes = settings.split_sizes()
-    manifest = {
+    return {
         "dataset": "synth",
         "generator": "interbert.synthetic",
         "settings": asdict(settings),
-        "splits": sizes | {"test_twin_pairs": sizes["test"] // 2},
+        "splits": sizes | {"test_twin_pairs": sizes["test"] // 2, "train_twin_pairs": train_twin_pairs(settings)},
         "files": {
             "captions": "captions.json",
-            "regions": regions_path.name,
-            "regions_format": fmt,
+            "regions": regions_name,
+            "regions_format": settings.fmt,
             "regions_fields": list(TSV_FIELDS),
             "images": "images",
             "scenes": "scenes.jsonl",
@@ -377,17 +449,13 @@ def generate(
         "detector": {
             "simulated": True,
             "classes": ["__background__", *KINDS],
-            "num_classes": num_classes,
-            "feature_dim": feature_dim,
-            "max_boxes": max_proposals(),
+            "num_classes": settings.num_classes,
+            "feature_dim": settings.feature_dim,
+            "max_boxes": max_proposals(knobs=settings.detector_knobs),
         },
         "baseline_bag_of_words": baseline,
         "glue_positive_rate": glue_positive_rate,
     }
-    manifest["bytes"] = _sizes(out, regions_path)
-    (out / "README.md").write_text(readme(manifest), encoding="utf-8")
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return manifest
 
 
 GENERATED_PATHS = ("images", "regions.tsv", "regions", "vcr", "glue", "captions.json", "scenes.jsonl", "README.md",
@@ -425,7 +493,35 @@ def _command(settings: dict) -> str:
     flags += [f"--{name.replace('_', '-')} {settings[name]}" for name in ("val_images", "test_images")
               if settings[name] is not None]
     flags += [] if settings["render_images"] else ["--no-images"]
+    flags += [f"--{name.replace('_', '-')} {_span(value) if name == 'proposals_per_object' else value}"
+              for name, value in _changed_knobs(settings).items()]
     return "interbert data synth OUT " + " ".join(flags)
+
+
+def _changed_knobs(settings: dict) -> dict:
+    """The knobs of a manifest's settings that are not at their defaults."""
+    defaults = asdict(SynthSettings())
+    return {name: settings[name] for name in KNOBS if tuple_or_value(settings[name]) != tuple_or_value(defaults[name])}
+
+
+def _span(low_high) -> str:
+    low, high = low_high
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def _knob_note(settings: dict) -> str:
+    """A sentence on the knobs set away from their defaults; nothing at the defaults (so that README is
+    the one written before the knobs existed)."""
+    if not _changed_knobs(settings):
+        return ""
+    return ("\nIssue 28's knobs are set here (`synth.json` records them): proposals per object "
+            f"{_span(settings['proposals_per_object'])}, least IoU within an object's proposals {settings['group_iou']:g}, "
+            f"feature noise {settings['feature_noise']:g}, share of train images in twin pairs {settings['twin_share']:g}.")
+
+
+def _train_twins_note(splits: dict) -> str:
+    pairs = splits["train_twin_pairs"]
+    return f" {pairs} twin pairs, made as the test split's" if pairs else ""
 
 
 def _pct(x: float) -> str:
@@ -433,6 +529,7 @@ def _pct(x: float) -> str:
 
 
 def readme(manifest: dict) -> str:
+    """The benchmark's README.md. Long: one template, read top to bottom as the file it writes."""
     s, splits, b = manifest["settings"], manifest["splits"], manifest["baseline_bag_of_words"]
     det = manifest["detector"]
     megabytes = {k: f"{v / 1e6:.1f} MB" for k, v in manifest["bytes"].items()}
@@ -440,11 +537,11 @@ def readme(manifest: dict) -> str:
 
 Generated by `{_command(s)}`: {s['images']} scenes of 2-5 coloured objects
 (kind, colour, size, position; some overlap), captions in `{s['lang']}`. The same settings always
-give the same bytes. Nothing here is a real photograph or a real detector's output.
+give the same bytes. Nothing here is a real photograph or a real detector's output.{_knob_note(s)}
 
 | split | images | notes |
 |---|---|---|
-| train | {splits['train']} | |
+| train | {splits['train']} |{_train_twins_note(splits)} |
 | val | {splits['val']} | |
 | test | {splits['test']} | {splits['test_twin_pairs']} twin pairs: two scenes that differ only by swapping two objects' colours (or positions) |
 
@@ -454,12 +551,12 @@ give the same bytes. Nothing here is a real photograph or a real detector's outp
 - `{manifest['files']['regions']}`: **simulated** detector output, {REGION_LAYOUTS[s['fmt']]}:
   boxes x1 y1 x2 y2 in pixels; features {det['feature_dim']}-d; cls_prob over {det['num_classes']} classes,
   class 0 = background, classes 1-{len(det['classes']) - 1} = {', '.join(det['classes'][1:])}; the rest are unused.
-  At most {det['max_boxes']} boxes per image: 3-4 jittered proposals per object (IoU >= 0.5 with each
+  At most {det['max_boxes']} boxes per image: {_span(s['proposals_per_object'])} jittered proposals per object (IoU >= {s['group_iou']:g} with each
   other) and 2-3 background proposals (IoU < 0.3 with everything). A proposal's feature is a fixed
   random code of its object's kind + colour + size, weighted by how well the box fits, plus noise: a
   masked proposal can be read off its neighbours unless its whole IoU group is masked.
 - `captions.json`: Karpathy layout (`images[].filename, imgid, split, sentences[].raw/tokens, sentids`,
-  `dataset: "synth"`), 5 captions per image; test twins also carry `twin_of`.
+  `dataset: "synth"`), 5 captions per image; {'train and test' if splits['train_twin_pairs'] else 'test'} twins also carry `twin_of`.
 - `scenes.jsonl`: the ground truth of every scene (objects, boxes, twins).
 - `vcr/train.jsonl`, `vcr/val.jsonl`: VCR layout, one question per scene ("What colour is [1] ?",
   "Where is [0] compared to [2] ?"), 4 answers and 4 rationales, in English whatever the caption

@@ -10,10 +10,15 @@ makes MRM mask whole IoU groups:
   the feature of one proposal can be read off its neighbours unless the whole group is masked;
 - a class distribution over the detector's classes (class 0 = background, class k = KINDS[k-1]),
   peaked on the object's kind, less so for looser boxes.
+
+How much a masked proposal leaks through its neighbours is set by :class:`DetectorKnobs` (issue 28's
+knobs, ``data synth --proposals-per-object --group-iou --feature-noise``); their defaults are the
+constants below, and at the defaults every byte is what it was before the knobs existed.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,10 +33,61 @@ MAX_BACKGROUND_IOU = 0.3  # a background proposal with any other proposal
 BACKGROUND_CODES = 4  # kinds of "stuff" a background proposal can look like (floor, wall, ...)
 FEATURE_NOISE = 0.5
 CLASS_FLOOR = 0.02  # probability mass spread evenly over all classes
+JITTER = 0.05  # first standard deviation of a proposal's corners, as a share of its object's side
+# the knob's floor: below it the jitter (0.29 of the side at 0.1) turns proposals inside out
+MIN_KNOB_GROUP_IOU = 0.1
+MAX_PROPOSALS_PER_OBJECT = 16  # a knob's ceiling: 5 objects x 16 + 3 = 83 boxes, past any model's max_regions
 
 
-def max_proposals(max_objects: int = 5) -> int:
-    return max_objects * PROPOSALS_PER_OBJECT[1] + BACKGROUND_PROPOSALS[1]
+@dataclass(frozen=True)
+class DetectorKnobs:
+    """How strongly overlapping proposals leak each other's content (issue 28).
+
+    ``proposals_per_object``: (fewest, most), drawn uniformly per object; (1, 1) leaves nothing to leak.
+    ``group_iou``: the least IoU of two proposals of one object. The jitter (x spread^3) and the least
+    IoU with the object's true box (1 - 0.35 x spread^1.5, spread = (1 - group_iou) / 0.5) follow it, so
+    that the proposals fill the range it allows: mean IoU of two proposals of an object 0.80 at the
+    default 0.5, 0.57 at 0.3 (8% of pairs below the masking threshold 0.4, which group masking then
+    leaves unmasked beside the anchor), 0.34 at 0.1 (68%), 0.95 at 0.7 (measured on 100 scenes).
+    ``feature_noise``: standard deviation of the noise added to every feature (the codes have unit
+    variance): more noise, less of the object's code readable off a neighbour."""
+
+    proposals_per_object: tuple[int, int] = PROPOSALS_PER_OBJECT
+    group_iou: float = MIN_GROUP_IOU
+    feature_noise: float = FEATURE_NOISE
+
+    def validate(self) -> None:
+        """ValueError naming the knob's flag for a value the detector cannot simulate."""
+        low, high = self.proposals_per_object
+        if not 1 <= low <= high <= MAX_PROPOSALS_PER_OBJECT:
+            raise ValueError(f"--proposals-per-object must be N or MIN-MAX with 1 <= MIN <= MAX <= "
+                             f"{MAX_PROPOSALS_PER_OBJECT}, got {low}-{high}")
+        if not (math.isfinite(self.group_iou) and MIN_KNOB_GROUP_IOU <= self.group_iou < 1.0):
+            raise ValueError(f"--group-iou must be an IoU in [{MIN_KNOB_GROUP_IOU}, 1), got {self.group_iou}")
+        if not (math.isfinite(self.feature_noise) and self.feature_noise >= 0.0):
+            raise ValueError(f"--feature-noise must be a finite standard deviation >= 0, got {self.feature_noise}")
+
+    @property
+    def _spread(self) -> float:
+        """How much looser than the default the groups are: 1.0 at the default group IoU."""
+        return (1.0 - self.group_iou) / (1.0 - MIN_GROUP_IOU)
+
+    @property
+    def object_iou(self) -> float:
+        """The least IoU of a proposal with its object's true box (MIN_OBJECT_IOU at the default)."""
+        return 1.0 - (1.0 - MIN_OBJECT_IOU) * self._spread ** 1.5
+
+    @property
+    def jitter(self) -> float:
+        """The first standard deviation of the proposals' corners (JITTER at the default)."""
+        return JITTER * self._spread ** 3
+
+
+DEFAULT_KNOBS = DetectorKnobs()
+
+
+def max_proposals(max_objects: int = 5, knobs: DetectorKnobs = DEFAULT_KNOBS) -> int:
+    return max_objects * knobs.proposals_per_object[1] + BACKGROUND_PROPOSALS[1]
 
 
 @dataclass(frozen=True)
@@ -77,22 +133,23 @@ def _iou(a, b) -> float:
 
 
 def _jittered_groups(boxes: np.ndarray, counts: np.ndarray, width: int, height: int,
-                     rng: np.random.Generator) -> list[np.ndarray]:
+                     rng: np.random.Generator, knobs: DetectorKnobs = DEFAULT_KNOBS) -> list[np.ndarray]:
     """For each true box, `counts[k]` boxes around it, each overlapping the true box and every other
     of its group by at least the minimums. Candidates for all objects are drawn at once."""
     sides = np.concatenate([boxes[:, 2:] - boxes[:, :2]] * 2, axis=1)  # w h w h
     groups: list[list[list[float]]] = [[] for _ in boxes]
     pending = np.arange(len(boxes))
-    scale = 0.05
+    scale, object_iou, group_iou = knobs.jitter, knobs.object_iou, knobs.group_iou
     while len(pending):
         candidates = boxes[pending, None] + rng.normal(0.0, scale, size=(len(pending), 16, 4)) * sides[pending, None]
         candidates = np.clip(candidates, 0.0, [width, height, width, height])
-        fits = _rowwise_iou(candidates.reshape(-1, 4), np.repeat(boxes[pending], 16, axis=0)) >= MIN_OBJECT_IOU
+        fits = _rowwise_iou(candidates.reshape(-1, 4), np.repeat(boxes[pending], 16, axis=0)) >= object_iou
         fits &= (candidates[..., 2] - candidates[..., 0]).ravel() >= 2
+        fits &= (candidates[..., 3] - candidates[..., 1]).ravel() >= 2  # only a wide jitter (low group_iou) gets here
         for row, k in enumerate(pending):
             group = groups[k]
             for candidate in candidates[row][fits[row * 16:(row + 1) * 16]].tolist():
-                if len(group) < counts[k] and all(_iou(candidate, other) >= MIN_GROUP_IOU for other in group):
+                if len(group) < counts[k] and all(_iou(candidate, other) >= group_iou for other in group):
                     group.append(candidate)
         pending = np.array([k for k in pending if len(groups[k]) < counts[k]], dtype=int)
         scale *= 0.8  # a box crowded against the border: ask for tighter jitter
@@ -115,13 +172,15 @@ def _background_boxes(count: int, taken: np.ndarray, width: int, height: int, rn
 
 
 def simulate_detections(
-    scene: Scene, codes: AttributeCodes, num_classes: int, rng: np.random.Generator
+    scene: Scene, codes: AttributeCodes, num_classes: int, rng: np.random.Generator,
+    knobs: DetectorKnobs = DEFAULT_KNOBS,
 ) -> Detections:
     if num_classes < len(KINDS) + 1:
         raise ValueError(f"num_classes={num_classes} is too small: need background + {len(KINDS)} kinds")
-    counts = rng.integers(PROPOSALS_PER_OBJECT[0], PROPOSALS_PER_OBJECT[1] + 1, size=len(scene.objects))
+    fewest, most = knobs.proposals_per_object
+    counts = rng.integers(fewest, most + 1, size=len(scene.objects))
     true_boxes = np.array([o.box for o in scene.objects])
-    object_boxes = np.concatenate(_jittered_groups(true_boxes, counts, scene.width, scene.height, rng))
+    object_boxes = np.concatenate(_jittered_groups(true_boxes, counts, scene.width, scene.height, rng, knobs))
     owners = np.repeat(np.arange(len(scene.objects)), counts).tolist()
     n_background = int(rng.integers(BACKGROUND_PROPOSALS[0], BACKGROUND_PROPOSALS[1] + 1))
     background = _background_boxes(n_background, object_boxes, scene.width, scene.height, rng)
@@ -145,10 +204,10 @@ def simulate_detections(
     stuff = codes.background[rng.integers(BACKGROUND_CODES, size=n)]
     q = quality[:, None]
     features = q * object_code + (1 - q) * stuff
-    # Uniform noise of standard deviation FEATURE_NOISE: as good as Gaussian here, and five times
+    # Uniform noise of standard deviation knobs.feature_noise: as good as Gaussian here, and five times
     # cheaper to draw (it is most of the detector's cost at 2048 dimensions).
     uniform = rng.random((n, dim), dtype=np.float32) - np.float32(0.5)
-    features += np.float32(FEATURE_NOISE * np.sqrt(12.0)) * uniform
+    features += np.float32(knobs.feature_noise * np.sqrt(12.0)) * uniform
 
     kind_class = np.where(is_object, 1 + kind, 0)
     class_probs = _class_distribution(kind_class, quality, num_classes, rng)
