@@ -514,13 +514,17 @@ def build_index(
                                                 if not (out / name).exists()]
     remove_leftover_temporaries(out)  # of a writer killed in an earlier run (index.json, index.faiss)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir, features, copied = _bring_inside(out, model_dir, features, copy_model, copy_features)
-    created_here += [path for path in copied if path not in created_here and ancestor is None]
+    try:
+        model_dir, features, copied = _bring_inside(out, model_dir, features, copy_model, copy_features)
+    except BaseException:
+        _remove(created_here)
+        raise
+    created_here += [path for path in copied if ancestor is None]
     if manifest is None:
         manifest = _new_manifest(model_dir, search_model, max_regions, out)
-    elif copy_model:  # a folder begun without the copy now names the copy (the same weights: checked above)
-        manifest["model"] = path_to_record(out, model_dir)
         atomic_write_json(manifest_path, manifest, indent=2)
+    elif copy_model:  # a folder begun without the copy names the copy from this run's manifest write on
+        manifest["model"] = path_to_record(out, model_dir)
 
     committed = []  # ids of the batches committed by this run
     db = _connect(out)
@@ -566,8 +570,7 @@ def build_index(
     except BaseException:
         db.close()
         if not committed:  # nothing of this run is worth keeping: the folder goes back to how it was
-            for path in created_here:
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+            _remove(created_here)
         raise
     db.close()
     manifest.update(engine=chosen_engine.uri, index_type=chosen, requested_index_type=requested, num_images=total,
@@ -586,6 +589,11 @@ def build_index(
                        tuple(non_finite))
 
 
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
 def _bring_inside(out: Path, model_dir: Path, features: Path, copy_model: bool,
                   copy_features: bool) -> tuple[Path, Path, list[Path]]:
     """The model and the feature store as the build records them: copied into ``out`` when asked (see
@@ -600,8 +608,7 @@ def _bring_inside(out: Path, model_dir: Path, features: Path, copy_model: bool,
             features, created = copy_features_into(out, features)
             copied += [created] if created else []
     except BaseException:
-        for path in copied:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        _remove(copied)
         raise
     return model_dir, features, copied
 
