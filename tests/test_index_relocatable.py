@@ -122,3 +122,25 @@ def test_a_copy_that_fails_leaves_no_folder_behind(sources, monkeypatch):
         build_index(model, root / "gallery" / "features", root / "kept", copy_model=True, copy_features=True,
                     progress=False)
     assert list((root / "kept").iterdir()) == []  # a folder the user made stays, as it was
+
+
+def test_the_ab_event_log_binds_an_arm_to_the_model_inside_its_folder(sources, tmp_path, monkeypatch):
+    from interbert.serve.abtest import ArmSpec
+    from interbert.serve.experiment import arm_hashes
+
+    root, model, _ = sources
+    build_index(model, root / "gallery" / "features", root / "index", copy_model=True, progress=False)
+    monkeypatch.chdir(tmp_path)  # not the working directory's ./model
+    assert arm_hashes(ArmSpec("control", root / "index")).model == str((root / "index" / "model").resolve())
+
+
+def test_a_copied_folder_whose_model_became_a_link_outside_is_refused(sources, capsys):
+    root, model, _ = sources
+    out = root / "index"
+    build_index(model, root / "gallery" / "features", out, copy_model=True, copy_features=True, progress=False)
+    shutil.rmtree(out / "model")
+    (out / "model").symlink_to(model)  # the same weights, but outside the folder: #23's rule holds
+    capsys.readouterr()
+    assert interbert_main(["serve", "--index", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model path 'model' leads outside the index folder" in err
