@@ -216,3 +216,26 @@ def test_the_command_prints_what_it_wrote(bench, tmp_path, capsys):
     assert manifest["work"]["images"]["max_regions"] == 10 and manifest["complete"] is True
     with pytest.raises(DataError, match="holds no images|not a finished"):
         read_embeddings(tmp_path / "nowhere", "images")
+
+
+def test_an_image_with_nan_features_keeps_its_row_and_is_named(bench, tmp_path, caplog):
+    from interbert.serve.synthetic_gallery import write_gallery
+
+    _, model = bench
+    ids = write_gallery(tmp_path, num_images=3, feature_dim=FEATURE_DIM, images=False)
+    with np.load(tmp_path / "features" / f"{ids[1]}.npz") as saved:
+        arrays = dict(saved)
+    arrays["features"][0, 0] = np.nan
+    np.savez(tmp_path / "features" / f"{ids[1]}.npz", **arrays)
+    report = embed(model, tmp_path / "out", features=tmp_path / "features", progress=False)
+    got_ids, vectors = read_embeddings(tmp_path / "out", "images")
+    assert got_ids == ids and report.non_finite == {"images": [ids[1]]}  # rows stay aligned with the ids
+    assert np.isfinite(vectors[[0, 2]]).all() and not np.isfinite(vectors[1]).all()
+    assert f"1 images have an embedding with NaN or inf ('{ids[1]}')" in caplog.text
+    assert json.loads((tmp_path / "out" / "embed.json").read_text())["non_finite"] == {"images": [ids[1]]}
+
+
+def test_the_command_offers_the_libraries_text_formats():
+    from interbert import embed_cli, embedding
+
+    assert embed_cli.TEXT_FORMATS == embedding.TEXT_FORMATS
