@@ -16,7 +16,7 @@ def test_help_lists_every_command_without_importing_torch():
     assert out.strip() == "[]"
     commands = set(build_parser()._subparsers._group_actions[0].choices)
     assert {"convert", "extract", "data", "tokenizer", "pretrain", "finetune", "evaluate", "demo", "index",
-            "serve"} <= commands
+            "serve", "embed"} <= commands
 
 
 def test_convert_cli_offers_every_preset():

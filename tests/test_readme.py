@@ -75,6 +75,9 @@ def test_every_python_block_of_the_docs_runs(demo_folder, capsys):
             assert namespace["similarity"].shape == (min(5, len(test)), len({c.image_id for c in test}))
             assert len(namespace["ranking"]) == len({c.image_id for c in test})
             assert namespace["out"].itm_logits.shape == (2, 2)
+            # interbert embed's block: every test caption, searched over every image of the store
+            assert namespace["caption_ids"] == [c.caption_id for c in test]
+            assert namespace["nearest"].shape == (len(test), 10)
             assert (demo_folder / "ckpt" / "model.safetensors").exists()
             assert (demo_folder / "ckpt" / "processor_config.json").exists()
             assert "->" in capsys.readouterr().out

@@ -25,6 +25,7 @@ from interbert import __version__
 COMMAND_MODULES = [
     "interbert.convert_cli",
     "interbert.extract",
+    "interbert.embed_cli",
     "interbert.serve.cli",
     "interbert.serve.abtest_cli",
     "interbert.data.cli",

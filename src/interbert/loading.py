@@ -14,6 +14,7 @@ Anything else is refused with a :class:`~interbert.errors.UsageError` that names
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,7 @@ from interbert.modeling import (
     InterBertModel,
     InterBertPreTrainedModel,
 )
+from interbert.utils.files import update_digest
 
 CLASSES: dict[str, type[InterBertPreTrainedModel]] = {
     cls.__name__: cls
@@ -66,6 +68,23 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 def weights_file(folder: Path) -> Path:
     """The weights file of a model folder (the folder itself when it holds none of :data:`WEIGHT_FILES`)."""
     return next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), folder)
+
+
+# The files whose bytes identify a model's weights (and a sharded checkpoint's model-0000N-of-... shards).
+FINGERPRINTED_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def weights_fingerprint(folder: str | Path) -> str:
+    """sha256 of a model folder's weight file(s): what a search index and an embeddings folder record, so that
+    vectors are only ever compared with those the same weights made."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.name in FINGERPRINTED_WEIGHTS or p.name.startswith("model-0"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no weights ({' or '.join(FINGERPRINTED_WEIGHTS)})")
+    digest = hashlib.sha256()
+    for file in files:
+        update_digest(digest, file)
+    return digest.hexdigest()
 
 
 def unreadable_weights_reason(error: BaseException) -> str | None:
@@ -217,4 +236,5 @@ def updated_config(folder: str | Path, updates: Mapping[str, Any]) -> InterBertC
     return config
 
 
-__all__ = ["CLASSES", "TASKS", "load_model", "read_pretrained", "saved_architecture", "unreadable_weights_reason"]
+__all__ = ["CLASSES", "TASKS", "load_model", "read_pretrained", "saved_architecture", "unreadable_weights_reason",
+           "weights_fingerprint"]

@@ -48,7 +48,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
             model, args.features, out, captions=args.captions, thumbnails=args.thumbnails, split=args.split,
             index_type=args.index_type,
             batch_size=args.batch_size, max_regions=getattr(args, "max_regions", DEFAULT_MAX_REGIONS), append=append,
-            engine=args.engine, device=device,
+            engine=args.engine, device=device, copy_model=getattr(args, "copy_model", False),
+            copy_features=args.copy_features,
         )
     except (ValueError, OSError, KeyError, sqlite3.Error) as error:  # bad input: say what and where, no traceback
         # SQLite's messages ("unable to open database file") do not say which file
@@ -163,6 +164,9 @@ def _common_index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thumbnails", help="folder of <image_id>.jpg/.png images; small copies are kept in the index")
     p.add_argument("--batch-size", type=int, default=64, help="images embedded (and committed) per batch (default 64)")
     p.add_argument("--engine", metavar="URI", help=ENGINE_HELP + " (default: the folder's; another one moves the vectors there)")
+    p.add_argument("--copy-features", action="store_true",
+                   help="copy the feature store into the index folder (features/NAME) and record it there: with "
+                        "--copy-model the folder can be moved or copied to another machine and served as it is")
     _device_argument(p)
 
 
@@ -181,6 +185,9 @@ def register(subparsers) -> None:
     _common_index_arguments(build)
     build.add_argument("--index-type", choices=INDEX_TYPES, default="auto",
                        help="flat = exact; hnsw/ivf = approximate; auto = flat up to 50,000 images, else hnsw")
+    build.add_argument("--copy-model", action="store_true",
+                       help="copy the model folder into the index folder (model/) and record it there, so that "
+                            "the folder can be moved or copied (see --copy-features)")
     build.add_argument("--max-regions", type=int, default=DEFAULT_MAX_REGIONS,
                        help=f"regions per image, the global one included (default {DEFAULT_MAX_REGIONS})")
     build.set_defaults(func=_cmd_index)

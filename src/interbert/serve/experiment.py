@@ -52,7 +52,7 @@ from interbert.serve.identity import (
     DEFAULT_REQUEST_CLICKS_PER_MINUTE, DEFAULT_USER_CLICKS_PER_MINUTE, SIGNATURE_CHARS, Refused, TokenBuckets, UserIds,
     random_secret, retry_after,
 )
-from interbert.serve.index import MANIFEST
+from interbert.serve.index import MANIFEST, recorded_path
 from interbert.serve.metrics import AccessLog, Observe, ServiceMetrics, note
 from interbert.serve.service import (
     MAX_BODY_BYTES, MAX_K, RERANK_CAP, RETRY_AFTER_S, BodySizeLimit, RerankGate, RerankSaturated, SearchHit,
@@ -93,7 +93,8 @@ def arm_hashes(spec: ArmSpec) -> ArmHashes:
     the index recorded (loading the arm checks the model's weights against it), the index's and the
     feed's content hashes."""
     manifest = json.loads((Path(spec.index) / MANIFEST).read_text(encoding="utf-8"))
-    return ArmHashes(model=str(Path(spec.model or manifest["model"]).resolve()),
+    model = Path(spec.model).resolve() if spec.model else recorded_path(Path(spec.index), manifest["model"], "model")
+    return ArmHashes(model=str(model),
                      weights_sha256=manifest["weights_sha256"], index_sha256=index_sha256(spec.index),
                      feed_sha256=file_sha256(spec.feed) if spec.feed else None)
 

@@ -13,6 +13,10 @@ Images whose embedding holds NaN or inf are not indexed (FAISS would drop them w
 counts and names them per feature store (``not_indexed_non_finite``), and a store where most images are
 affected fails the build. Image ids never lead the build outside the ``--thumbnails`` folder.
 
+A folder is relocatable when what it names lies inside it: a model or a feature store inside the folder is
+recorded by its path relative to the folder (``--copy-model`` and ``--copy-features`` copy them in), so the
+folder can be moved or copied to another machine and served there as it is (:func:`path_to_record`).
+
 Embeddings are written to SQLite in one transaction per batch, so a build that stops (crash, Ctrl-C,
 a bad feature file) keeps every finished batch; running it again skips the ids already there. The
 FAISS index is rebuilt from the stored embeddings at the end of each build/add, which also lets the
@@ -41,7 +45,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from interbert.data.features import FeatureStore
+from interbert.data.features import FeatureStore, source_fingerprint
 from interbert.errors import DataError, UsageError
 from interbert.serve import DEFAULT_MAX_REGIONS, INDEX_TYPES
 from interbert.serve._data import first_captions, open_features, region_batch
@@ -50,7 +54,7 @@ from interbert.serve.engines import (  # noqa: F401  (build_faiss_index, ivf_lis
     open_vectors, parse_engine, vectors_exist,
 )
 from interbert.serve.model import SearchModel, weights_fingerprint
-from interbert.utils.files import atomic_write_json, remove_leftover_temporaries
+from interbert.utils.files import atomic_path, atomic_write_json, remove_leftover_temporaries, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +182,63 @@ def recorded_path(folder: Path, recorded: object, what: str) -> Path:
         raise DataError(f"{where}: the {what} path {recorded!r} leads outside the index folder (to {target}); "
                         f"relative paths in an index folder are read inside it")
     return target
+
+
+def path_to_record(folder: Path, path: Path) -> str:
+    """How ``folder`` records ``path`` (the model, a feature store): relative to the folder (POSIX separators)
+    when it lies inside it, so that the folder keeps working wherever it is moved or copied with what it
+    holds; else the absolute path, as before (read back by :func:`recorded_path`)."""
+    target, root = Path(path).resolve(), Path(folder).resolve()
+    if target != root and target.is_relative_to(root):
+        return target.relative_to(root).as_posix()
+    return str(target)
+
+
+MODEL_COPY, FEATURES_COPIES = "model", "features"
+
+
+def copy_model_into(out: Path, model_dir: Path) -> tuple[Path, Path | None]:
+    """``model_dir`` copied to ``out/model`` (written whole or not at all), unless it already lies inside
+    ``out``; a copy left by an earlier run is kept when its weights are the same. Returns (the model inside
+    ``out``, what this call created or None)."""
+    if model_dir.resolve().is_relative_to(out.resolve()):
+        return model_dir, None
+    target = out / MODEL_COPY
+    if target.exists():
+        if weights_fingerprint(target) != weights_fingerprint(model_dir):
+            raise UsageError(f"--copy-model: {target} already holds another model (other weights than {model_dir}); "
+                             f"remove it or build into another folder")
+        return target, None
+    replace_folder(target, lambda tmp: shutil.copytree(model_dir, tmp, dirs_exist_ok=True))
+    return target, target
+
+
+def copy_features_into(out: Path, features: Path) -> tuple[Path, Path | None]:
+    """The feature store ``features`` (a file or a folder) copied to ``out/features/<its name>`` (``<name>-2``,
+    ... when another store holds that name), written whole or not at all, unless it already lies inside
+    ``out``; a copy with the same content (sha256) is reused. Returns (the store inside ``out``, what this
+    call created or None)."""
+    if features.resolve().is_relative_to(out.resolve()):
+        return features, None
+    copies = out / FEATURES_COPIES
+    new_folder = not copies.exists()
+    copies.mkdir(parents=True, exist_ok=True)
+    remove_leftover_temporaries(copies)
+    wanted, number = None, 1
+    while True:
+        target = copies / (features.name if number == 1 else f"{features.stem}-{number}{features.suffix}")
+        if not target.exists():
+            break
+        wanted = wanted or source_fingerprint(features)["sha256"]
+        if source_fingerprint(target)["sha256"] == wanted:
+            return target, None
+        number += 1
+    if features.is_dir():
+        replace_folder(target, lambda tmp: shutil.copytree(features, tmp, dirs_exist_ok=True))
+    else:
+        with atomic_path(target) as tmp:
+            shutil.copyfile(features, tmp)
+    return target, copies if new_folder else target
 
 
 def thumbnail_shape_ok(thumbnail: str) -> bool:
@@ -357,10 +418,10 @@ class ImageIndex:
 # --------------------------------------------------------------------------------------------------
 # Building and appending
 # --------------------------------------------------------------------------------------------------
-def _new_manifest(model_dir: Path, search_model: SearchModel, max_regions: int) -> dict:
+def _new_manifest(model_dir: Path, search_model: SearchModel, max_regions: int, out: Path) -> dict:
     return {
         "format": 1,
-        "model": str(model_dir.resolve()),
+        "model": path_to_record(out, model_dir),
         "model_architecture": search_model.architecture,
         "weights_sha256": weights_fingerprint(model_dir),
         "model_config": search_model.config.to_dict(),
@@ -394,6 +455,8 @@ def build_index(
     progress: bool = True,
     engine: str | None = None,
     device: str = "cpu",
+    copy_model: bool = False,
+    copy_features: bool = False,
 ) -> BuildReport:
     """Embed every image of the feature store ``features`` into the index folder ``out``.
 
@@ -403,6 +466,8 @@ def build_index(
     Then the engine's index (FAISS by default) is rebuilt over all stored embeddings. ``engine``
     (see :mod:`interbert.serve.engines`) is recorded in the folder; a later run keeps the recorded one
     unless given another, which moves the vectors there. ``device``: where the model embeds.
+    ``copy_model`` / ``copy_features`` copy the model folder / the feature store into ``out`` (recorded by
+    relative paths): the folder can then be moved or copied to another machine and served there.
 
     Long because its checks must all run before the folder is touched (a refused build leaves it as it was)
     and its clean-up must undo exactly what it created; splitting it is the next change here.
@@ -449,14 +514,22 @@ def build_index(
                                                 if not (out / name).exists()]
     remove_leftover_temporaries(out)  # of a writer killed in an earlier run (index.json, index.faiss)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        model_dir, features, copied = _bring_inside(out, model_dir, features, copy_model, copy_features)
+    except BaseException:
+        _remove(created_here)
+        raise
+    created_here += [path for path in copied if ancestor is None]
     if manifest is None:
-        manifest = _new_manifest(model_dir, search_model, max_regions)
+        manifest = _new_manifest(model_dir, search_model, max_regions, out)
         atomic_write_json(manifest_path, manifest, indent=2)
+    elif copy_model:  # a folder begun without the copy names the copy from this run's manifest write on
+        manifest["model"] = path_to_record(out, model_dir)
 
     committed = []  # ids of the batches committed by this run
     db = _connect(out)
     try:
-        store_path = str(features.resolve())
+        store_path = path_to_record(out, features)
         done = {r[0] for r in db.execute("SELECT image_id FROM images")}
         image_ids = [i for i in store.ids() if split is None or i in caption_of]
         todo = [i for i in image_ids if i not in done]
@@ -497,8 +570,7 @@ def build_index(
     except BaseException:
         db.close()
         if not committed:  # nothing of this run is worth keeping: the folder goes back to how it was
-            for path in created_here:
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+            _remove(created_here)
         raise
     db.close()
     manifest.update(engine=chosen_engine.uri, index_type=chosen, requested_index_type=requested, num_images=total,
@@ -515,6 +587,30 @@ def build_index(
     atomic_write_json(manifest_path, manifest, indent=2)
     return BuildReport(added, len(image_ids) - len(todo), total, chosen, without_thumbnail, unknown_captions,
                        tuple(non_finite))
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
+def _bring_inside(out: Path, model_dir: Path, features: Path, copy_model: bool,
+                  copy_features: bool) -> tuple[Path, Path, list[Path]]:
+    """The model and the feature store as the build records them: copied into ``out`` when asked (see
+    :func:`copy_model_into`, :func:`copy_features_into`), else where they are. Also returns what it created;
+    if the second copy fails, the first one made here is removed again."""
+    copied: list[Path] = []
+    try:
+        if copy_model:
+            model_dir, created = copy_model_into(out, model_dir)
+            copied += [created] if created else []
+        if copy_features:
+            features, created = copy_features_into(out, features)
+            copied += [created] if created else []
+    except BaseException:
+        _remove(copied)
+        raise
+    return model_dir, features, copied
 
 
 def _some(image_ids: list[str], named: int = 5) -> str:

@@ -8,7 +8,6 @@ pretraining ITM head's margin ``match - mismatch`` (the "zero-shot" scorer).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import threading
 from pathlib import Path
 
@@ -16,25 +15,13 @@ import numpy as np
 import torch
 
 from interbert.config import InterBertConfig
-from interbert.loading import load_model
+from interbert.loading import FINGERPRINTED_WEIGHTS, load_model, weights_fingerprint  # noqa: F401
 from interbert.modeling import InterBertForImageTextRetrieval, fuse
 from interbert.serve._data import load_tokenizer
-from interbert.utils.files import update_digest
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# weights_fingerprint lives with the model folder's other files (interbert.loading); imported here by index and service
+WEIGHT_FILES = FINGERPRINTED_WEIGHTS
 MAX_QUERY_TOKENS = 64
-
-
-def weights_fingerprint(model_dir: str | Path) -> str:
-    """sha256 of the checkpoint's weight file(s): an index is only valid with the weights that built it."""
-    model_dir = Path(model_dir)
-    files = sorted(p for p in model_dir.iterdir() if p.name in WEIGHT_FILES or p.name.startswith("model-0"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir} holds no weights ({' or '.join(WEIGHT_FILES)})")
-    digest = hashlib.sha256()
-    for file in files:
-        update_digest(digest, file)
-    return digest.hexdigest()
 
 
 class SearchModel:
