@@ -61,3 +61,22 @@ def test_every_python_block_of_the_readme_runs(demo_folder, capsys):
     assert namespace["out"].itm_logits.shape == (2, 2)
     assert (demo_folder / "ckpt" / "model.safetensors").exists() and (demo_folder / "ckpt" / "processor_config.json").exists()
     assert "->" in capsys.readouterr().out
+    assert_onnx_block_served_what_pytorch_computes(namespace, demo_folder)
+
+
+def assert_onnx_block_served_what_pytorch_computes(namespace: dict, folder) -> None:
+    """The section "Serving embeddings from ONNX Runtime": its gallery is the encoder's image embeddings and its
+    re-rank scores the scorer's, to 1e-4."""
+    import numpy as np
+    import torch
+
+    from interbert import InterBertForImageTextRetrieval
+
+    model = InterBertForImageTextRetrieval.from_pretrained(folder / namespace["M"]).eval()
+    proc, store, image_ids = namespace["proc"], namespace["store"], namespace["image_ids"]
+    with torch.no_grad():
+        gallery = model.get_image_features(**proc(regions=[store[i] for i in image_ids]))
+        scores = model.score_pairs(**proc(text=namespace["test"][0].text,
+                                          regions=[store[i] for i in namespace["candidates"]]))
+    np.testing.assert_allclose(namespace["gallery"], gallery.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(namespace["scores"], scores.numpy(), atol=1e-4, rtol=0)
