@@ -8,9 +8,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # the extras the tests and the demo use: serve (the demo's search index, the serve tests), zh (Chinese tests).
 # postgres (psycopg, ~10 MB with its libpq): the A/B event store's tests run against a real PostgreSQL server.
+# export (onnx, onnxruntime, onnxscript, ~111 MB installed): `interbert export onnx` and its ONNX Runtime check.
 # Not milvus: it adds ~265 MB installed (pyarrow, pandas) for one optional engine; its tests skip without
 # it, and `make test-milvus` installs it and runs them.
-EXTRAS := dev,serve,zh,postgres
+EXTRAS := dev,serve,zh,postgres,export
 
 .PHONY: venv demo test test-slow test-milvus bench clean
 

@@ -15,7 +15,7 @@ def test_help_lists_every_command_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     commands = set(build_parser()._subparsers._group_actions[0].choices)
-    assert {"convert", "extract", "data", "tokenizer", "pretrain", "finetune", "evaluate", "demo", "index",
+    assert {"convert", "export", "extract", "data", "tokenizer", "pretrain", "finetune", "evaluate", "demo", "index",
             "serve", "embed"} <= commands
 
 

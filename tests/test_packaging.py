@@ -132,6 +132,8 @@ def _cli_without(modules: list[str], *argv: str, cwd: Path | None = None) -> sub
     (["jieba"], ["demo", "--lang", "zh", "--out", "nowhere"], "zh"),
     (["torchvision"], ["extract", "nowhere", "out", "--weights", "random"], "extract"),
     (["pyarrow"], ["embed", "--model", "m", "--out", "nowhere", "--texts", "t", "--format", "parquet"], "parquet"),
+    (["onnxruntime"], ["export", "onnx", "--model", "nowhere", "--out", "nowhere"], "export"),
+    (["onnxscript"], ["export", "onnx", "--model", "nowhere", "--out", "nowhere"], "export"),
 ])
 def test_a_missing_extra_is_one_error_line_naming_it(missing, argv, extra, tmp_path):
     result = _cli_without(missing, *argv, cwd=tmp_path)

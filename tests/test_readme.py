@@ -81,6 +81,7 @@ def test_every_python_block_of_the_docs_runs(demo_folder, capsys):
             assert (demo_folder / "ckpt" / "model.safetensors").exists()
             assert (demo_folder / "ckpt" / "processor_config.json").exists()
             assert "->" in capsys.readouterr().out
+            assert_onnx_block_served_what_pytorch_computes(namespace, demo_folder)
 
 
 @pytest.mark.parametrize("document", DOCUMENTS)
@@ -94,3 +95,21 @@ def test_every_relative_link_leads_to_a_file(document):
         if not path.exists():
             broken.append(target)
     assert not broken, f"{document} links to missing files: {broken}"
+
+
+def assert_onnx_block_served_what_pytorch_computes(namespace: dict, folder) -> None:
+    """The section "Serving embeddings from ONNX Runtime": its gallery is the encoder's image embeddings and its
+    re-rank scores the scorer's, to 1e-4."""
+    import numpy as np
+    import torch
+
+    from interbert import InterBertForImageTextRetrieval
+
+    model = InterBertForImageTextRetrieval.from_pretrained(folder / namespace["M"]).eval()
+    proc, store, image_ids = namespace["proc"], namespace["store"], namespace["image_ids"]
+    with torch.no_grad():
+        gallery = model.get_image_features(**proc(regions=[store[i] for i in image_ids]))
+        scores = model.score_pairs(**proc(text=namespace["test"][0].text,
+                                          regions=[store[i] for i in namespace["candidates"]]))
+    np.testing.assert_allclose(namespace["gallery"], gallery.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(namespace["scores"], scores.numpy(), atol=1e-4, rtol=0)

@@ -24,6 +24,7 @@ from interbert import __version__
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES = [
     "interbert.convert_cli",
+    "interbert.export_cli",
     "interbert.extract",
     "interbert.embed_cli",
     "interbert.serve.cli",

@@ -278,6 +278,15 @@ def run_stack(layers: nn.ModuleList, hidden: torch.Tensor, keep: torch.Tensor,
     return padding.unpack(x)
 
 
+def capturing_graph() -> bool:
+    """Whether ``forward`` is being captured as one graph for every input (``torch.export``, the ONNX exporter
+    built on it, ``torch.jit.trace``). The default mode packs the real positions (:class:`Padding`): a shape
+    and a branch that depend on the mask, which such a graph would fix to the example's padding. Captured,
+    the stacks run the static-shape way (:func:`run_stack`), whose outputs are the same to float rounding.
+    Not ``torch.compile``: it handles the packed shapes itself, and ``train.compile`` picks the mode."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def first_position(keep: torch.Tensor | None) -> torch.Tensor | None:
     """B x L bool, True at position 0 only: what the poolers read."""
     if keep is None:
@@ -401,7 +410,7 @@ class InterBertModel(InterBertPreTrainedModel):
                       region_projection=None):
         if input_ids is None and region_features is None and region_projection is None:
             raise ValueError("give input_ids (text), region_features (image), or both")
-        batch = set()
+        batch = []  # sizes compared, not hashed: under torch.export a size is a symbol, which a set cannot hold
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be batch x tokens, got shape {tuple(input_ids.shape)}")
@@ -412,7 +421,7 @@ class InterBertModel(InterBertPreTrainedModel):
             for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
                 if t is not None and t.shape != input_ids.shape:
                     raise ValueError(f"{name} has shape {tuple(t.shape)}, input_ids {tuple(input_ids.shape)}")
-            batch.add(input_ids.shape[0])
+            batch.append(input_ids.shape[0])
         # the regions come as features, or as their projection (what the features project to, computed by the caller)
         name, regions, d, field = (("region_features", region_features, self.config.region_feature_size, "region_feature_size")
                                    if region_features is not None or region_projection is None else
@@ -428,8 +437,8 @@ class InterBertModel(InterBertPreTrainedModel):
                 )
             if region_mask is not None and region_mask.shape != regions.shape[:2]:
                 raise ValueError(f"region_mask has shape {tuple(region_mask.shape)}, expected {tuple(regions.shape[:2])}")
-            batch.add(regions.shape[0])
-        if len(batch) > 1:
+            batch.append(regions.shape[0])
+        if len(batch) > 1 and batch[0] != batch[1]:
             raise ValueError(f"text and regions have different batch sizes: {sorted(batch)}")
 
     def forward(
@@ -480,7 +489,7 @@ class InterBertModel(InterBertPreTrainedModel):
         streams = [(h, k.bool()) for h, k in ((image, image_keep), (text, text_keep)) if h is not None]
         # Single-stream interaction: full attention over [regions ; text].
         hidden = torch.cat([h for h, _ in streams], dim=1)
-        static = self.static_shapes
+        static = self.static_shapes or capturing_graph()
         hidden = run_stack(self.single_stream, hidden, torch.cat([k for _, k in streams], dim=1), static=static)
 
         # Two-stream extraction: each modality continues in its own stack.
