@@ -59,7 +59,10 @@ with torch.no_grad():
                                           **regions).itm_logits
 outputs["input_ids"] = text["input_ids"]
 torch.save(outputs, out_file)
-json.dump({"interbert": found, "config_class": type(config).__module__ + "." + type(config).__name__,
+from transformers.dynamic_module_utils import get_class_from_dynamic_module  # the model card's way to the scorer
+
+scorer = get_class_from_dynamic_module("modeling_interbert.InterBertForImageTextRetrieval", folder)
+json.dump({"interbert": found, "scorer": scorer.__name__, "config_class": type(config).__module__ + "." + type(config).__name__,
            "model_class": type(model).__module__ + "." + type(model).__name__,
            "model_max_length": tokenizer.model_max_length}, open(out_file + ".json", "w"))
 """
@@ -109,7 +112,7 @@ def test_a_saved_folder_loads_without_interbert_and_computes_what_load_model_doe
     assert facts["interbert"] is None  # the venv really has no interbert
     assert facts["config_class"].startswith("transformers_modules.") and facts["config_class"].endswith(".InterBertConfig")
     assert facts["model_class"].endswith("modeling_interbert.InterBertForPreTraining")
-    assert facts["model_max_length"] == 32
+    assert facts["model_max_length"] == 32 and facts["scorer"] == "InterBertForImageTextRetrieval"
     got = torch.load(tmp_path / "out.pt")
     assert got["input_ids"].shape[1] == 32  # truncation=True stops at the model's positions
 

@@ -89,6 +89,20 @@ def test_retrieval_fine_tuning_logs_validation_recalls_and_keeps_the_best_model(
         assert json.loads((saved / "tokenizer_config.json").read_text())["model_max_length"] == positions
         assert json.loads((saved / "processor_config.json").read_text()) == {
             "max_regions": recipe["config"]["data"]["max_regions"], "processor_class": "InterBertProcessor"}
+    # ... whose card says which update it is and what it scored, as the final model's card says its own
+    from huggingface_hub import ModelCard
+
+    best_card = ModelCard.load(folder / "README.md").data
+    assert best_card.training_steps == best["step"]
+    assert best_card.selected_by == {"metric": "ir_mean_rank", "mode": "min", "value": pytest.approx(best["ir_mean_rank"])}
+    assert best_card.validation == {"step": best["step"], "metrics": pytest.approx({k: v for k, v in best.items() if k != "step"})}
+    final_card = ModelCard.load(out / "model" / "README.md").data
+    assert final_card.training_steps == 8 and final_card.validation["step"] == 8
+    assert {r.metric_type: r.metric_value for r in final_card.eval_results} == pytest.approx(
+        {k: v for k, v in evaluations[-1].items() if k != "step"})
+    for saved in (folder, out / "model"):  # both load where interbert is not installed (test_remote_code.py)
+        assert json.loads((saved / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_interbert.InterBertModel"
+        assert (saved / "modeling_interbert.py").is_file()
     again = flat_retrieval_metrics(evaluate_retrieval(folder, synth / "captions.json", synth / "regions.tsv",
                                                       split="val", max_images=100, progress=False))
     assert again == pytest.approx({k: v for k, v in best.items() if k != "step"})

@@ -141,9 +141,12 @@ def best_model_saver(tokenizer, extra: Mapping[str, Any] | None = None) -> Calla
     """``save_best`` for the loop: ``model_best/`` as the recipe's ``model/`` is (save_pretrained, the
     tokenizer, recipe.json, the model card), so that every command that takes a model folder takes it too."""
 
-    def save(model: nn.Module, folder: Path) -> None:
+    def save(model: nn.Module, folder: Path, evaluation: Mapping[str, Any] | None = None) -> None:
         model.save_pretrained(folder)
-        write_model_card(folder, model, recipe=extra)  # the step and score of the best are in the run's history
+        # the card says which update this is and what it scored (``evaluation``: the loop's, see BestModel)
+        evaluation = evaluation or {}
+        write_model_card(folder, model, recipe=extra, steps=evaluation.get("step"), validation=evaluation.get("validation"),
+                         selected_by=evaluation.get("selected_by"))
         save_processor(folder, tokenizer, model.config, extra)  # the tokenizer, truncating at the model's positions
         if extra:
             (folder / "recipe.json").write_text(json.dumps(extra, indent=2, default=str))
