@@ -142,9 +142,10 @@ def _loading_lines(name: str) -> list[str]:
 
 def card_data(model: InterBertPreTrainedModel, recipe: Mapping | None = None, steps: int | None = None,
               metrics: Mapping | None = None, validation: Mapping | None = None,
-              selected_by: Mapping | None = None) -> ModelCardData:
-    """The card's YAML header: the Hub's fields, and the validation metrics as ``model-index`` results on
-    the validation captions (``data.val_captions``, else the ``data.captions`` file's validation split)."""
+              selected_by: Mapping | None = None, test: Mapping | None = None) -> ModelCardData:
+    """The card's YAML header: the Hub's fields, and the metrics as ``model-index`` results: validation ones
+    on the validation captions (``data.val_captions``, else the ``data.captions`` file's validation split),
+    ``test`` ones on ``data.test_captions``."""
     name = type(model).__name__
     data_cfg = ((recipe or {}).get("config") or {}).get("data") or {}
     training_data = {key: data_cfg[key] for key in DATA_KEYS if data_cfg.get(key) not in (None, "")}
@@ -160,20 +161,25 @@ def card_data(model: InterBertPreTrainedModel, recipe: Mapping | None = None, st
     results = {**_numbers(validation), **_numbers(metrics)}
     dataset = str(data_cfg.get("val_captions") or data_cfg.get("captions") or data_cfg.get("dev")
                   or data_cfg.get("val") or "validation data")
-    eval_results = [EvalResult(task_type=PIPELINE_TAG[name], dataset_type=dataset, dataset_name=Path(dataset).name,
-                               dataset_split=data_cfg.get("val_split") or "validation", metric_type=metric,
-                               metric_value=value) for metric, value in results.items()] or None
+    held_out = [(dataset, data_cfg.get("val_split") or "validation", results)]
+    if _numbers(test):
+        held_out.append((str(data_cfg.get("test_captions") or "test data"), "test", _numbers(test)))
+    eval_results = [EvalResult(task_type=PIPELINE_TAG[name], dataset_type=file, dataset_name=Path(file).name,
+                               dataset_split=split, metric_type=metric, metric_value=value)
+                    for file, split, numbers in held_out for metric, value in numbers.items()] or None
     return ModelCardData(license=LICENSE, library_name="transformers", pipeline_tag=PIPELINE_TAG[name], tags=TAGS,
                          model_name=f"interbert-{TASK_OF.get(name, 'encoder')}", eval_results=eval_results, **extra)
 
 
 def model_card(model: InterBertPreTrainedModel, recipe: Mapping | None = None, steps: int | None = None,
                history: Mapping[str, Sequence[float | None]] | None = None, metrics: Mapping | None = None,
-               validation: Mapping | None = None, selected_by: Mapping | None = None) -> ModelCard:
+               validation: Mapping | None = None, selected_by: Mapping | None = None,
+               test: Mapping | None = None) -> ModelCard:
     """The card. ``recipe``: what ``save_trained`` writes to recipe.json (``recipe`` name and ``config``);
     ``steps``: optimizer updates done; ``metrics``: final evaluation results; ``validation``: the evaluation of
     these weights during training (an entry of the loop's eval history: ``step`` and the metrics);
-    ``selected_by``: for the best model, the loop's ``best`` summary (``metric``, ``mode``, ``value``)."""
+    ``selected_by``: for the best model, the loop's ``best`` summary (``metric``, ``mode``, ``value``);
+    ``test``: results on the test captions (``data.test_captions``) with these weights."""
     recipe = recipe or {}
     name = type(model).__name__
     lines = [f"# InterBERT: {name}", ""]
@@ -185,8 +191,11 @@ def model_card(model: InterBertPreTrainedModel, recipe: Mapping | None = None, s
     if losses:
         lines += [f"## Final losses (mean of the last {LAST_UPDATES} updates or fewer)", "", "| loss | value |", "|---|---|"]
         lines += [f"| {key} | {value:.4f} |" for key, value in losses.items()] + [""]
-    lines += _validation_lines(validation, selected_by, metrics) + _loading_lines(name)
-    data = card_data(model, recipe, steps, metrics, validation, selected_by)
+    lines += _validation_lines(validation, selected_by, metrics)
+    if _numbers(test):
+        lines += ["## Test", "", "| metric | value |", "|---|---|", *(f"| {k} | {v:.4g} |" for k, v in _numbers(test).items()), ""]
+    lines += _loading_lines(name)
+    data = card_data(model, recipe, steps, metrics, validation, selected_by, test)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
