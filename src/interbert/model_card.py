@@ -18,6 +18,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from interbert.modeling import InterBertPreTrainedModel
+from interbert.remote_code import model_code
 
 # The task interbert.load_model takes to get each head back as it was saved.
 TASK_OF = {
@@ -36,10 +37,6 @@ PIPELINE_TAG = {
     "InterBertForMultipleChoice": "visual-question-answering",
     "InterBertForSequenceClassification": "text-classification",
 }
-# The Auto class (with trust_remote_code=True) that loads each class; the retrieval scorer has none.
-AUTO_CLASS = {"InterBertModel": "AutoModel", "InterBertForPreTraining": "AutoModelForPreTraining",
-              "InterBertForMultipleChoice": "AutoModelForMultipleChoice",
-              "InterBertForSequenceClassification": "AutoModelForSequenceClassification"}
 LICENSE = "apache-2.0"  # the project's (pyproject.toml); a folder's weights are the user's, its code is ours
 # library_name: the folder loads with transformers (its code travels in the folder: the Hub's custom_code tag)
 TAGS = ["interbert", "vision-language", "multimodal", "custom_code"]
@@ -125,7 +122,8 @@ def _validation_lines(validation: Mapping | None, selected_by: Mapping | None, m
 def _loading_lines(name: str) -> list[str]:
     task = TASK_OF.get(name)
     task_argument = f', task="{task}"' if task else ""
-    auto = AUTO_CLASS.get(name)
+    # the Auto class that loads this class from the folder's code (the folder's auto_map); the scorer has none
+    auto = next((auto for auto, target in model_code()[1].items() if target.endswith(f".{name}")), None)
     lines = ["## Loading", "", "With interbert installed:", "", "```python", "import interbert", "",
              f'model = interbert.load_model("path/to/this/folder"{task_argument})', "```", "",
              "Without it: the folder carries its modeling code (`modeling_interbert.py` and the files it imports), "
@@ -164,10 +162,11 @@ def card_data(model: InterBertPreTrainedModel, recipe: Mapping | None = None, st
     held_out = [(dataset, data_cfg.get("val_split") or "validation", results)]
     if _numbers(test):
         held_out.append((str(data_cfg.get("test_captions") or "test data"), "test", _numbers(test)))
-    eval_results = [EvalResult(task_type=PIPELINE_TAG[name], dataset_type=file, dataset_name=Path(file).name,
+    pipeline = PIPELINE_TAG.get(name, "feature-extraction")
+    eval_results = [EvalResult(task_type=pipeline, dataset_type=file, dataset_name=Path(file).name,
                                dataset_split=split, metric_type=metric, metric_value=value)
                     for file, split, numbers in held_out for metric, value in numbers.items()] or None
-    return ModelCardData(license=LICENSE, library_name="transformers", pipeline_tag=PIPELINE_TAG[name], tags=TAGS,
+    return ModelCardData(license=LICENSE, library_name="transformers", pipeline_tag=pipeline, tags=TAGS,
                          model_name=f"interbert-{TASK_OF.get(name, 'encoder')}", eval_results=eval_results, **extra)
 
 

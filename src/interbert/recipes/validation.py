@@ -55,8 +55,12 @@ def best_metric(chosen: str | None, metrics: Sequence[str], default: str, source
 
 def validation_captions(data_cfg: CaptionDataSettings, source: str = "config") -> list[Caption]:
     """The validation captions of a ``data`` section, for callers that hold one (the recipes pass the values
-    to :func:`validation_split_captions`): ``data.sources`` or ``data.captions``, ``data.val_split``,
-    ``data.val_images``."""
+    to :func:`validation_split_captions`): ``data.val_captions``, else ``data.sources`` or ``data.captions``,
+    ``data.val_split``; the first ``data.val_images``."""
+    if getattr(data_cfg, "val_captions", None):
+        from interbert.recipes.common import captions_of_split
+
+        return captions_of_split(data_cfg.val_captions, None, data_cfg.val_images)
     if getattr(data_cfg, "sources", None):
         from interbert.data.sources import sources_from_config
 
