@@ -185,15 +185,27 @@ def test_the_model_card_says_what_the_folder_holds(tmp_path):
         "train": {"batch_size": 16, "learning_rate": 1e-4, "seed": 3}}}
     history = {"loss": [9.0] + [2.0] * 10, "itm_loss": [None, 0.5, 0.7], "lr": [1e-4] * 11}
     assert final_losses(history) == {"loss": 2.0, "itm_loss": pytest.approx(0.6)}
-    card = write_model_card(tmp_path, model, recipe=recipe, steps=11, history=history,
-                            metrics={"R@1": 41.5, "split": "test"}).read_text()
-    assert card.startswith("---\nlibrary_name: transformers\n")
+    path = write_model_card(tmp_path, model, recipe=recipe, steps=11, history=history,
+                            metrics={"R@1": 41.5, "split": "test"}, validation={"step": 10, "loss": 2.5, "itm_loss": 0.4})
+    card = path.read_text()
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(path).data  # the header as the Hub reads it
+    assert (data.license, data.library_name, data.pipeline_tag) == ("apache-2.0", "transformers", "feature-extraction")
+    assert {"interbert", "custom_code"} <= set(data.tags)
+    assert data.training_data == {"captions": "data/captions.json", "features": "data/regions", "split": "train"}
+    assert data.training_steps == 11 and data.validation == {"step": 10, "metrics": {"loss": 2.5, "itm_loss": 0.4}}
+    assert {(r.metric_type, r.metric_value, r.dataset_name, r.dataset_split) for r in data.eval_results} == {
+        ("loss", 2.5, "captions.json", "validation"), ("itm_loss", 0.4, "captions.json", "validation"),
+        ("R@1", 41.5, "captions.json", "validation")}
+    assert getattr(data, "selected_by", None) is None  # only model_best/ says what chose it
     for line in ("| single-stream / text-stream / image-stream layers | 2 / 1 / 2 |", "| region feature size | 24 |",
                  "| search embedding size | 8 |", f"| parameters | {sum(p.numel() for p in model.parameters()):,} |",
                  "- started from BERT `bert-base-uncased`", "- captions: `data/captions.json`", "- split: `train`",
                  "- train.batch_size: `16`", "- optimizer updates: 11", "| loss | 2.0000 |", "| itm_loss | 0.6000 |",
                  "| R@1 | 41.5 |", "model = interbert.load_model(\"path/to/this/folder\", task=\"pretraining\")",
-                 "model = AutoModelForPreTraining.from_pretrained(\"path/to/this/folder\")"):
+                 "model = AutoModelForPreTraining.from_pretrained(\"path/to/this/folder\", trust_remote_code=True)",
+                 "## Validation (at update 10)", "| itm_loss | 0.4 |"):
         assert line in card, line
     assert "msm" not in card and "split | `test`" not in card  # masking settings and non-numeric results stay out
 

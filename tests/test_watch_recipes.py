@@ -89,6 +89,20 @@ def test_retrieval_fine_tuning_logs_validation_recalls_and_keeps_the_best_model(
         assert json.loads((saved / "tokenizer_config.json").read_text())["model_max_length"] == positions
         assert json.loads((saved / "processor_config.json").read_text()) == {
             "max_regions": recipe["config"]["data"]["max_regions"], "processor_class": "InterBertProcessor"}
+    # ... whose card says which update it is and what it scored, as the final model's card says its own
+    from huggingface_hub import ModelCard
+
+    best_card = ModelCard.load(folder / "README.md").data
+    assert best_card.training_steps == best["step"]
+    assert best_card.selected_by == {"metric": "ir_mean_rank", "mode": "min", "value": pytest.approx(best["ir_mean_rank"])}
+    assert best_card.validation == {"step": best["step"], "metrics": pytest.approx({k: v for k, v in best.items() if k != "step"})}
+    final_card = ModelCard.load(out / "model" / "README.md").data
+    assert final_card.training_steps == 8 and final_card.validation["step"] == 8
+    assert {r.metric_type: r.metric_value for r in final_card.eval_results} == pytest.approx(
+        {k: v for k, v in evaluations[-1].items() if k != "step"})
+    for saved in (folder, out / "model"):  # both load where interbert is not installed (test_remote_code.py)
+        assert json.loads((saved / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_interbert.InterBertModel"
+        assert (saved / "modeling_interbert.py").is_file()
     again = flat_retrieval_metrics(evaluate_retrieval(folder, synth / "captions.json", synth / "regions.tsv",
                                                       split="val", max_images=100, progress=False))
     assert again == pytest.approx({k: v for k, v in best.items() if k != "step"})
@@ -153,3 +167,92 @@ def test_vcr_fine_tuning_evaluates_q_ar_on_its_val_file(synth, tmp_path, capsys)
 
     assert main(vcr_args(synth, tmp_path / "no_val", "data.val=null")) == 2
     assert "train.eval_every evaluates on data.val" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# LAVIS's separate train / val / test files (issue 27): data.val_captions, data.test_captions
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lavis(synth, tmp_path_factory) -> Path:
+    """The benchmark's splits as LAVIS ships COCO: coco_karpathy_train.json (one caption per entry, with
+    image_id), coco_karpathy_val.json and _test.json (an image's captions in a list, the id in the file name)."""
+    from interbert.data.captions import read_captions
+
+    folder = tmp_path_factory.mktemp("lavis")
+    captions = read_captions(synth / "captions.json")
+    train = [{"image": f"images/{c.image_id}.jpg", "caption": c.text, "image_id": c.image_id}
+             for c in captions if c.split == "train"]
+    (folder / "coco_karpathy_train.json").write_text(json.dumps(train))
+    for split in ("val", "test"):
+        by_image: dict[str, list[str]] = {}
+        for c in captions:
+            if c.split == split:
+                by_image.setdefault(c.image_id, []).append(c.text)
+        entries = [{"image": f"images/{image_id}.jpg", "caption": texts} for image_id, texts in by_image.items()]
+        (folder / f"coco_karpathy_{split}.json").write_text(json.dumps(entries))
+    return folder
+
+
+def lavis_args(synth: Path, lavis: Path, out: Path, *overrides: str) -> list[str]:
+    return [*retrieval_args(synth, out, f"data.captions={lavis / 'coco_karpathy_train.json'}",
+                            "train.tensorboard=false", *overrides)]
+
+
+def test_retrieval_fine_tuning_validates_and_tests_on_lavis_separate_files(synth, lavis, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    from interbert.recipes.evaluate_retrieval import evaluate_retrieval
+    from interbert.recipes.validation import flat_retrieval_metrics
+
+    out = tmp_path / "run"
+    # the training file has no 'val' split: validation can only come from the val file
+    assert main(lavis_args(synth, lavis, out, f"data.val_captions={lavis / 'coco_karpathy_val.json'}",
+                           f"data.test_captions={lavis / 'coco_karpathy_test.json'}", "train.eval_every=4",
+                           "train.max_steps=4")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [e["step"] for e in summary["validation"]] == [4]
+
+    def evaluated(split_file: str) -> dict[str, float]:
+        return flat_retrieval_metrics(evaluate_retrieval(out / "model", lavis / split_file, synth / "regions.tsv",
+                                                         split=None, max_images=100, progress=False))
+
+    # the evaluation at the last update is the saved model's on the val file; the test numbers its on the test file
+    assert {k: v for k, v in summary["validation"][0].items() if k != "step"} == pytest.approx(evaluated("coco_karpathy_val.json"))
+    assert summary["test"] == pytest.approx(evaluated("coco_karpathy_test.json"))
+    assert summary["test"] != pytest.approx(evaluated("coco_karpathy_val.json"))  # 6 other images, other ranks
+    card = ModelCard.load(out / "model" / "README.md").data
+    assert card.training_data["val_captions"] == str(lavis / "coco_karpathy_val.json")
+    results = {(r.dataset_name, r.dataset_split, r.metric_type): r.metric_value for r in card.eval_results}
+    assert results[("coco_karpathy_val.json", "validation", "ir_r1")] == pytest.approx(summary["validation"][0]["ir_r1"])
+    assert results[("coco_karpathy_test.json", "test", "ir_r1")] == pytest.approx(summary["test"]["ir_r1"])
+    assert json.loads((out / "model" / "recipe.json").read_text())["test"] == pytest.approx(summary["test"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.eval_every=2", "data.val_captions={lavis}/coco_karpathy_val.json", "data.val_split=val"],
+     "data.val_captions (a file whose every caption is validation) and data.val_split"),
+    (["data.val_captions={lavis}/coco_karpathy_val.json"], "data.val_captions is read for validation only: set train.eval_every"),
+    (["train.eval_every=2", "data.val_captions={lavis}/coco_karpathy_train.json"],
+     "data.val_captions is data.captions ({lavis}/coco_karpathy_train.json): held-out captions must be a file"),
+    (["data.test_captions={lavis}/coco_karpathy_val.json", "data.val_captions={lavis}/coco_karpathy_val.json",
+      "train.eval_every=2"], "data.test_captions is data.val_captions"),
+    (["data.test_captions={synth}/captions.json"],
+     "data.test_captions={synth}/captions.json shares 48 images with the training captions"),
+])
+def test_bad_lavis_split_settings_are_one_line_errors(synth, lavis, tmp_path, capsys, overrides, message):
+    overrides = [o.format(lavis=lavis, synth=synth) for o in overrides]
+    assert main(lavis_args(synth, lavis, tmp_path / "run", *overrides)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message.format(lavis=lavis, synth=synth) in err[0], err
+    assert not (tmp_path / "run" / "model").exists()  # refused before training
+
+
+def test_pretraining_validates_on_a_lavis_val_file(synth, lavis, tmp_path, capsys):
+    out = tmp_path / "pretrain"
+    assert main(["pretrain", "--config", str(CONFIGS / "pretrain_tiny.yaml"),
+                 f"data.captions={lavis / 'coco_karpathy_train.json'}", f"data.val_captions={lavis / 'coco_karpathy_val.json'}",
+                 f"data.features={synth / 'regions.tsv'}", "data.vocab_size=200", f"train.output_dir={out}",
+                 "train.progress_bar=false", "train.tensorboard=false", "train.max_steps=2", "train.batch_size=8",
+                 "train.save_every=null", "train.eval_every=2", "data.negatives=random"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [e["step"] for e in summary["validation"]] == [2] and summary["validation"][0]["loss"] > 0

@@ -22,6 +22,7 @@ per-position work runs on the real positions only (see `Padding`) and padded out
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ from interbert.objectives import (  # noqa: F401 (HeadTransform: its home was he
     masked_contrastive_loss,
     mrm_loss,
 )
+from interbert.remote_code import write_model_code
 
 BOX_DIM = 5  # (x1/W, y1/H, x2/W, y2/H, area fraction)
 
@@ -346,6 +348,16 @@ class InterBertPreTrainedModel(PreTrainedModel):
             if isinstance(module, InterBertPreTrainedModel):
                 module.static_shapes = bool(on)
         return self
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' save, and the code the folder needs to load where interbert is not installed
+        (``AutoModel.from_pretrained(folder, trust_remote_code=True)``): the modeling files beside the weights,
+        their classes in config.json's ``auto_map`` (:mod:`interbert.remote_code`). Written first, so that
+        ``push_to_hub=True`` uploads them too."""
+        if kwargs.get("is_main_process", True) and not os.path.isfile(save_directory):  # a file: transformers says so
+            os.makedirs(save_directory, exist_ok=True)
+            write_model_code(save_directory, self.config)
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -306,8 +306,10 @@ def save_trained(trainer: Trainer, tokenizer, output_dir: Path, extra: dict | No
         return target
     with trainer.averaged_weights() as model:
         model.save_pretrained(target)
+        # the validation metrics on the card are those of these weights: an evaluation at the last update
+        evaluated = trainer.eval_history[-1] if trainer.eval_history and trainer.eval_history[-1]["step"] == trainer.step else None
         write_model_card(target, model, recipe=extra, steps=trainer.step, history=trainer.history,
-                         metrics=(extra or {}).get("metrics"))
+                         metrics=(extra or {}).get("metrics"), validation=evaluated, test=(extra or {}).get("test"))
         # the tokenizer as AutoProcessor loads it, truncating at the model's positions
         save_processor(target, tokenizer, model.config, extra)
     if extra:

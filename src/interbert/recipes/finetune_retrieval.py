@@ -39,8 +39,10 @@ from interbert.recipes.validation import (
     RETRIEVAL_METRICS,
     best_metric,
     best_model_saver,
+    evaluate_saved_weights,
+    held_out_captions,
     retrieval_eval_fn,
-    validation_split_captions,
+    run_validation_captions,
 )
 from interbert.train import Trainer, main_process_first
 
@@ -75,11 +77,13 @@ def run(cfg: RetrievalSettings | dict, resume: bool = False, source: str = "conf
 
     # load the data: every input is read and checked before the tokenizer, model and negatives are built
     captions = captions_of_split(data.captions, data.split, data.max_images)
-    val_captions = None
     if train_cfg.eval_every:  # IR R@1 picks model_best by default: the paper's headline number (ViLBERT/InterBERT report IR only)
         train_cfg = dataclasses.replace(train_cfg, best_metric=best_metric(train_cfg.best_metric, RETRIEVAL_METRICS,
                                                                            "ir_r1", source))
-        val_captions = validation_split_captions({None: data.captions}, data.val_split, data.val_images, source)
+    val_captions = run_validation_captions({None: data.captions}, data.val_captions, data.val_split, data.val_images,
+                                           captions, bool(train_cfg.eval_every), source)
+    test_captions = held_out_captions(data.test_captions, None, captions, "data.test_captions", source) \
+        if data.test_captions else None
     store = feature_store(data.features)
     if data.verify_features:
         verify_features(captions, store, progress=train_cfg.progress_bar)
@@ -95,9 +99,9 @@ def run(cfg: RetrievalSettings | dict, resume: bool = False, source: str = "conf
             hard_negative=data.hard_negative, num_hard=data.num_hard,
             cache_dir=out / "cache", seed=train_cfg.seed, region_cache=data.region_cache,
         )
-    eval_fn = None
-    if train_cfg.eval_every:
-        eval_fn = retrieval_eval_fn(val_captions, store, tokenizer, data.max_tokens, data.max_regions)
+    # validation and test captions are prepared (and their images checked) now, not after hours of training
+    eval_fn = retrieval_eval_fn(val_captions, store, tokenizer, data.max_tokens, data.max_regions) if val_captions else None
+    test_fn = retrieval_eval_fn(test_captions, store, tokenizer, data.max_tokens, data.max_regions) if test_captions else None
     logger.info("retrieval fine-tuning on %d captions of %d images from %s", len(dataset), len(dataset.image_ids),
                 checkpoint or ("BERT " + model_cfg.from_bert if model_cfg.from_bert else "scratch"))
 
@@ -110,5 +114,6 @@ def run(cfg: RetrievalSettings | dict, resume: bool = False, source: str = "conf
                       eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
     install_run_tokenizer(tokenizer, trainer.dist.is_main)  # only now: a run refused before leaves the folder as it was
     result = trainer.fit(resume=resume)
-    model_dir = save_trained(trainer, tokenizer, out, extra=extra)
-    return training_summary(result, model_dir, time.perf_counter() - start, dataset)
+    test = {"test": evaluate_saved_weights(trainer, test_fn)} if test_fn else {}
+    model_dir = save_trained(trainer, tokenizer, out, extra={**extra, **test})
+    return {**training_summary(result, model_dir, time.perf_counter() - start, dataset), **test}

@@ -37,7 +37,7 @@ from interbert.recipes.common import (
     weighted_sources,
 )
 from interbert.recipes.settings import BertModelSettings, PretrainSettings
-from interbert.recipes.validation import best_metric, best_model_saver, heldout_loss_eval_fn, validation_split_captions
+from interbert.recipes.validation import best_metric, best_model_saver, heldout_loss_eval_fn, run_validation_captions
 from interbert.train import Trainer, main_process_first
 
 logger = logging.getLogger(__name__)
@@ -96,12 +96,12 @@ def run(cfg: PretrainSettings | dict, resume: bool = False, source: str = "confi
     # load the data: every input is read and checked before the (slow) tokenizer, model and negatives are built
     sources = sources_from_config(vars(data), source)
     captions, store = training_data(sources, data.split, data.max_images)
-    val_captions = None
     if train_cfg.eval_every:
         train_cfg = dataclasses.replace(train_cfg, best_metric=best_metric(train_cfg.best_metric, HELDOUT_LOSSES,
                                                                            "loss", source))
-        caption_files = {s.name: s.captions for s in sources} if data.sources else {None: data.captions}
-        val_captions = validation_split_captions(caption_files, data.val_split, data.val_images, source)
+    caption_files = {s.name: s.captions for s in sources} if data.sources else {None: data.captions}
+    val_captions = run_validation_captions(caption_files, data.val_captions, data.val_split, data.val_images, captions,
+                                           bool(train_cfg.eval_every), source)
     if data.verify_features:
         verify_features(captions, store, progress=train_cfg.progress_bar)
 

@@ -70,6 +70,19 @@ def config_fields(values: dict[str, Any], key: str, source: str = "config") -> d
     return {name: typed_config.coerce(value, fields[name], f"{key}.{name}", source) for name, value in values.items()}
 
 
+def _same_file(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _other_file(settings: Any, name: str) -> None:
+    """A held-out captions file (``val_captions``, ``test_captions``) must not be the training file."""
+    path = getattr(settings, name)
+    if path is not None and settings.captions is not None and _same_file(path, settings.captions):
+        hint = "; for a split inside data.captions use data.val_split" if name == "val_captions" else ""
+        raise ValueError(f"{name} is data.captions ({path}): held-out captions must be a file the run does not "
+                         f"train on{hint}")
+
+
 def _positive(settings: Any, *names: str) -> None:
     for name in names:
         value = getattr(settings, name)
@@ -122,6 +135,10 @@ class CaptionDataSettings(TokenizerSettings):
     max_images: int | None = None  # the first N images of the split
     val_split: str | None = None  # validation captions for train.eval_every; null: the file's 'val' split
     val_images: int | None = None  # the first N validation images; null: all
+    # A file of validation captions, all of them (train.eval_every): LAVIS ships its splits as separate files
+    # (coco_karpathy_train.json, _val.json, _test.json); data.captions is then the training file. null:
+    # validation is the data.val_split of data.captions (one file holding every split)
+    val_captions: str | None = None
     lowercase: bool = True  # of the trained vocabulary
     max_tokens: int = 36
     max_regions: int = 36
@@ -136,6 +153,10 @@ class CaptionDataSettings(TokenizerSettings):
 
     def __post_init__(self) -> None:
         _positive(self, "max_images", "val_images", "vocab_size", "max_tokens", "max_regions")
+        if self.val_captions is not None and self.val_split is not None:
+            raise ValueError("val_captions (a file whose every caption is validation) and data.val_split (the split of "
+                             "data.captions to validate on) are two ways to say one thing: set one of them")
+        _other_file(self, "val_captions")
 
 
 @dataclass
@@ -157,6 +178,9 @@ class PretrainDataSettings(CaptionDataSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.sources and self.val_captions is not None:
+            raise ValueError("val_captions goes with data.captions; with data.sources each source's file holds its "
+                             "validation split (data.val_split)")
         for name in ("hard_ratio", "hard_ratio_start"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
@@ -167,6 +191,17 @@ class PretrainDataSettings(CaptionDataSettings):
 class RetrievalDataSettings(CaptionDataSettings):
     hard_negative: str = choice("image", ("image", "caption"))
     num_hard: int = 100
+    # A file of test captions (LAVIS's coco_karpathy_test.json): after training, the saved weights are evaluated
+    # on all of it (every caption against every image): `test` in the run's summary, recipe.json, the model card
+    test_captions: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _other_file(self, "test_captions")
+        if self.test_captions is not None and self.val_captions is not None and \
+                _same_file(self.test_captions, self.val_captions):
+            raise ValueError(f"test_captions is data.val_captions ({self.test_captions}): the test set must be one "
+                             "the run did not choose its best model on")
 
 
 @dataclass

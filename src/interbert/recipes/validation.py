@@ -55,8 +55,12 @@ def best_metric(chosen: str | None, metrics: Sequence[str], default: str, source
 
 def validation_captions(data_cfg: CaptionDataSettings, source: str = "config") -> list[Caption]:
     """The validation captions of a ``data`` section, for callers that hold one (the recipes pass the values
-    to :func:`validation_split_captions`): ``data.sources`` or ``data.captions``, ``data.val_split``,
-    ``data.val_images``."""
+    to :func:`validation_split_captions`): ``data.val_captions``, else ``data.sources`` or ``data.captions``,
+    ``data.val_split``; the first ``data.val_images``."""
+    if getattr(data_cfg, "val_captions", None):
+        from interbert.recipes.common import captions_of_split
+
+        return captions_of_split(data_cfg.val_captions, None, data_cfg.val_images)
     if getattr(data_cfg, "sources", None):
         from interbert.data.sources import sources_from_config
 
@@ -75,6 +79,48 @@ def validation_split_captions(caption_files: Mapping[str | None, str | Path], sp
 
     return [c for name, path in caption_files.items()
             for c in namespaced(_split_for_validation(path, split, max_images, source), name)]
+
+
+def run_validation_captions(caption_files: Mapping[str | None, str | Path], val_captions: str | Path | None,
+                            split: str | None, max_images: int | None, training: Sequence[Caption], evaluates: bool,
+                            source: str = "config") -> list[Caption] | None:
+    """The captions a run validates on; None when it does not evaluate (``evaluates``: ``train.eval_every``
+    set). Every caption of ``val_captions`` (``data.val_captions``: a file of its own, as LAVIS ships its val
+    split) when given, else the validation ``split`` of ``caption_files`` (:func:`validation_split_captions`).
+    A validation file in a run that does not evaluate would be read for nothing, and is refused."""
+    if val_captions is None:
+        return validation_split_captions(caption_files, split, max_images, source) if evaluates else None
+    if not evaluates:
+        raise ConfigError(f"{source}: data.val_captions is read for validation only: set train.eval_every=N "
+                          "(validate every N updates) or leave data.val_captions out")
+    return held_out_captions(val_captions, max_images, training, "data.val_captions", source)
+
+
+def held_out_captions(path: str | Path, max_images: int | None, training: Sequence[Caption], key: str,
+                      source: str = "config") -> list[Caption]:
+    """Every caption of the held-out file ``path`` (setting ``key``), its first ``max_images`` images. A file
+    that shares an image with the ``training`` captions is refused: its numbers would score images the model
+    trained on."""
+    from interbert.recipes.common import captions_of_split
+
+    captions = captions_of_split(path, None, max_images)
+    shared = sorted({c.image_id for c in captions} & {c.image_id for c in training})
+    if shared:
+        listed = ", ".join(map(repr, shared[:3])) + (", ..." if len(shared) > 3 else "")
+        raise ConfigError(f"{source}: {key}={path} shares {len(shared)} image{'s' if len(shared) > 1 else ''} with the "
+                          f"training captions ({listed}): held-out captions must be of images the run does not train on")
+    return captions
+
+
+def evaluate_saved_weights(trainer, evaluate: Callable[[nn.Module], dict[str, float]]) -> dict[str, float] | None:
+    """``evaluate`` (e.g. :func:`retrieval_eval_fn` of the test captions) on the weights the run saves (the
+    EMA ones with EMA), on rank 0; None on the other ranks."""
+    from interbert.train.evaluation import evaluate_model
+
+    if not trainer.dist.is_main:
+        return None
+    with trainer.averaged_weights() as model, torch.no_grad():
+        return evaluate_model(evaluate, model)
 
 
 def _split_for_validation(captions: str | Path, split: str | None, max_images: int | None, source: str) -> list[Caption]:
@@ -141,9 +187,12 @@ def best_model_saver(tokenizer, extra: Mapping[str, Any] | None = None) -> Calla
     """``save_best`` for the loop: ``model_best/`` as the recipe's ``model/`` is (save_pretrained, the
     tokenizer, recipe.json, the model card), so that every command that takes a model folder takes it too."""
 
-    def save(model: nn.Module, folder: Path) -> None:
+    def save(model: nn.Module, folder: Path, evaluation: Mapping[str, Any] | None = None) -> None:
         model.save_pretrained(folder)
-        write_model_card(folder, model, recipe=extra)  # the step and score of the best are in the run's history
+        # the card says which update this is and what it scored (``evaluation``: the loop's, see BestModel)
+        evaluation = evaluation or {}
+        write_model_card(folder, model, recipe=extra, steps=evaluation.get("step"), validation=evaluation.get("validation"),
+                         selected_by=evaluation.get("selected_by"))
         save_processor(folder, tokenizer, model.config, extra)  # the tokenizer, truncating at the model's positions
         if extra:
             (folder / "recipe.json").write_text(json.dumps(extra, indent=2, default=str))

@@ -4,6 +4,7 @@ weights in ``model_best/`` and counts the evaluations without improvement for ea
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -29,6 +30,8 @@ class BestModel:
     def __init__(self, metric: str | None, mode: str, patience: int | None, folder: Path,
                  save: Callable[[nn.Module, Path], None]):
         self.metric, self.mode, self.patience, self.folder, self.save = metric, mode, patience, folder, save
+        # a save that takes `evaluation` is told what it saves: the update, its metrics, the metric that chose it
+        self._save_takes_evaluation = "evaluation" in inspect.signature(save).parameters
         self.value: float | None = None
         self.step: int | None = None
         self.evals_since_best = 0
@@ -48,7 +51,12 @@ class BestModel:
         if not improved:
             self.evals_since_best += 1
             return False
-        files.replace_folder(self.folder, lambda folder: self.save(model, folder))
+        evaluation = {"step": step, "validation": {"step": step, **metrics},
+                      "selected_by": {"metric": self.metric, "mode": self.mode, "value": value}}
+        if self._save_takes_evaluation:
+            files.replace_folder(self.folder, lambda folder: self.save(model, folder, evaluation=evaluation))
+        else:
+            files.replace_folder(self.folder, lambda folder: self.save(model, folder))
         self.value, self.step, self.evals_since_best = value, step, 0
         return True
 

@@ -131,7 +131,8 @@ class Trainer:
     ``eval_every`` updates, in eval mode, without gradients, with the EMA weights when EMA is on.
     ``save_best(model, folder)`` writes the model that scored best on ``config.best_metric`` into an
     empty folder (default: ``save_pretrained`` when the model has it, else ``model.pt``); the loop
-    puts the folder in place as ``model_best/`` only once it is complete.
+    puts the folder in place as ``model_best/`` only once it is complete. A ``save_best`` with an
+    ``evaluation`` parameter also gets ``{"step", "validation", "selected_by"}`` (for the model card).
 
     About 300 lines: set-up, the loop and resume/save stay together because they share the run's position;
     what has state of its own (validation, best model, EMA, compiling, reporting) lives in the modules beside.
