@@ -19,6 +19,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -99,6 +100,30 @@ class PostgresServer:
         """fast: sessions are ended at once (their open transactions rolled back), as a restarted server does."""
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
 
+    def processes(self) -> list[int]:
+        """The postmaster's pid, then every process below it (backends, checkpointer, WAL writer...)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        found, queue = [], [postmaster]
+        while queue:
+            pid = queue.pop()
+            found.append(pid)
+            with contextlib.suppress(FileNotFoundError):
+                queue.extend(map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split()))
+        return found
+
+    def pause(self) -> None:
+        """A hung server (not a stopped one): every process of it SIGSTOPped, its sockets still open, so the
+        kernel keeps accepting connections and bytes that nobody answers. The postmaster first: it forks no
+        new backend meanwhile."""
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
     def uri(self, database: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
 
@@ -110,6 +135,8 @@ class PostgresServer:
         return self.uri(name)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.resume()  # a paused server would never stop
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             self.stop("immediate")
         shutil.rmtree(self.folder, ignore_errors=True)
