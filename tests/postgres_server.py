@@ -124,6 +124,22 @@ class PostgresServer:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
 
+    def require_password(self, role: str) -> None:
+        """``role`` must give its password over TCP (scram-sha-256); everyone else stays trusted. The line goes
+        first in pg_hba.conf (the first matching line decides) and the server reloads it."""
+        import psycopg
+
+        hba = self.data / "pg_hba.conf"
+        rule = f"host all {role} 127.0.0.1/32 scram-sha-256\n"
+        if self.as_user:  # the file belongs to the postgres user: write it as root, keep its owner
+            status = hba.stat()
+            hba.write_text(rule + hba.read_text())
+            os.chown(hba, status.st_uid, status.st_gid)
+        else:
+            hba.write_text(rule + hba.read_text())
+        with psycopg.connect(self.uri(), autocommit=True) as db:
+            db.execute("SELECT pg_reload_conf()")
+
     def uri(self, database: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
 

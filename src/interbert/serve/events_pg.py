@@ -54,7 +54,7 @@ from collections.abc import Iterator, Sequence
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from interbert.errors import DataError, UsageError
+from interbert.errors import DataError, InterBertError, UsageError
 from interbert.serve.events import (
     ARM_HASHES_KEY, BUSY_WAIT, LOG_TABLES, SCHEMA, ArmHashes, EventStore, ExperimentConfig, NotShown, NotYours,
     UnknownRequest, _arm_hashes_row, _refuse_other_arms, _refuse_other_experiment, checked_postgres_uri, migrate,
@@ -85,6 +85,20 @@ CREATE_LOCK = 0x696E7465726265  # "interbe"
 
 def _one_line(error: BaseException) -> str:
     return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _refusal(uri: str, doing: str, error: psycopg.Error) -> InterBertError:
+    """One line for a store that cannot be used as asked: the server's own message (not the statement it
+    quotes), and what to change when the role lacks a privilege. A refusal the server decided (a role, a
+    privilege, a database) is the command line's to change (UsageError); a failure while reading, data."""
+    message = (error.diag.message_primary if isinstance(error, psycopg.DatabaseError) else None) or _one_line(error)
+    if isinstance(error, psycopg.errors.InsufficientPrivilege):
+        return UsageError(f"cannot {doing} the event store {uri}: {message} (the role in the URI needs CREATE on "
+                          "the schema to create the store, then SELECT and INSERT on its tables; ask the "
+                          "database's owner, or create the store once as a role that may)")
+    if isinstance(error, psycopg.OperationalError) or doing != "read":
+        return UsageError(f"cannot {doing} the event store {uri}: {message}")
+    return DataError(f"{uri}: cannot read the event store ({message})")
 
 
 def _left(deadline: float) -> float:
@@ -226,8 +240,9 @@ class _Deadline:
 
 
 def _tables(connection: psycopg.Connection) -> set[str]:
-    rows = connection.execute("SELECT table_name FROM information_schema.tables "
-                              "WHERE table_schema = current_schema()").fetchall()
+    # pg_tables, not information_schema.tables: the latter hides tables the role has no privilege on, and a
+    # store this role may not read must be refused as such, not taken for an empty database.
+    rows = connection.execute("SELECT tablename FROM pg_catalog.pg_tables WHERE schemaname = current_schema()").fetchall()
     return {name for (name,) in rows}
 
 
@@ -267,6 +282,7 @@ def _opened(uri: str, application: str, **settings) -> psycopg.Connection:
     try:
         return psycopg.connect(uri, connect_timeout=CONNECT_TIMEOUT_S, application_name=application, **settings)
     except psycopg.OperationalError as error:
+        # the server's refusals come here too: a wrong password, an unknown role, no such database
         raise UsageError(f"cannot connect to the event store {uri}: {_one_line(error)}") from None
 
 
@@ -276,7 +292,10 @@ def check_existing_store(uri: str, config: ExperimentConfig, arms: dict[str, Arm
     uri = checked_postgres_uri(uri)
     with _opened(uri, "interbert serve (check)") as connection:
         connection.read_only = True
-        stored, recorded = _read_experiment(connection, uri, "give another --events store")
+        try:
+            stored, recorded = _read_experiment(connection, uri, "give another --events store")
+        except psycopg.Error as error:  # a store this role may not read
+            raise _refusal(uri, "open", error) from None
     if stored is not None:
         _refuse_other_experiment(uri, stored, config)
         if recorded is not None and arms is not None:
@@ -296,7 +315,7 @@ def open_store_for_reading(uri: str):
             raise UsageError(f"{uri} is not an event store (no experiment recorded)")
     except psycopg.Error as error:
         connection.close()
-        raise DataError(f"{uri}: cannot read the event store ({_one_line(error)})") from None
+        raise _refusal(uri, "read", error) from None
     except BaseException:
         connection.close()
         raise
@@ -319,9 +338,9 @@ class PostgresEventLog(EventStore):
         self._connections = _Connections(self.uri, pool_size, busy_wait)
         try:
             self._create(config, arms)
-        except psycopg.OperationalError as error:
+        except psycopg.Error as error:  # unreachable, or a role that may not create or write the tables
             self._connections.close()
-            raise UsageError(f"cannot open the event store {self.uri}: {_one_line(error)}") from None
+            raise _refusal(self.uri, "open", error) from None
         except BaseException:
             self._connections.close()
             raise
