@@ -65,7 +65,9 @@ def require_psycopg():
 class PostgresServer:
     """One cluster in its own temporary folder; :meth:`stop` and :meth:`start` for outage tests."""
 
-    def __init__(self):
+    def __init__(self, fsync: bool = False):
+        """``fsync``: as a production server (benchmarks/abtest_scale.py times commits); off for the tests."""
+        self.fsync = fsync
         self.bin = server_binaries()
         require_psycopg()
         self.as_user: list[str] = []
@@ -92,7 +94,7 @@ class PostgresServer:
             raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stderr[-2000:]}{tail}")
 
     def start(self) -> None:
-        options = f"-p {self.port} -h 127.0.0.1 -k {self.data} -F -c max_connections=200"
+        options = f"-p {self.port} -h 127.0.0.1 -k {self.data}{'' if self.fsync else ' -F'} -c max_connections=200"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.data / "server.log"), "-o", options, "-w",
                   "-t", "60", "start")
 
