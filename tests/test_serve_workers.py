@@ -24,6 +24,7 @@ from conftest import single_torch_thread
 from interbert.serve.identity import sign_user_id
 from interbert.serve.report import build_report
 from interbert.serve.simulate import simulate
+from serve_process import answering_pids
 from test_abtest_process import SECRET, secret_file, start_server
 
 
@@ -43,17 +44,6 @@ def workers_of(parent: int) -> set[int]:
         except FileNotFoundError:
             continue  # ended meanwhile
     return found
-
-
-def answering_pids(url: str, want: int, seconds: float = 120) -> set[int]:
-    """The pids /health names, asked until ``want`` different workers have answered (each starts in turn)."""
-    seen: set[int] = set()
-    deadline = time.monotonic() + seconds
-    while len(seen) < want and time.monotonic() < deadline:
-        with httpx.Client(base_url=url, timeout=10) as client:  # a new connection: any worker may take it
-            seen.add(client.get("/health").json()["pid"])
-        time.sleep(0.05)
-    return seen
 
 
 def rows(db: Path, sql: str) -> list[tuple]:
@@ -80,6 +70,7 @@ def counter(url: str, name: str) -> dict[str, float]:
             for sample in family.samples if sample.name == name}
 
 
+@pytest.mark.slow  # three worker starts (torch and two models each) and traffic around a kill: ~50 s here
 def test_two_workers_share_one_sqlite_log_and_a_killed_one_loses_nothing(world, tmp_path):
     events = tmp_path / "events.sqlite"
     server, url = start_server(world, events, "--user-secret-file", secret_file(tmp_path), "--workers", "2",

@@ -104,6 +104,21 @@ class Supervisor(Multiprocess):
             process.start()
             self.processes.append(process)
 
+    def handle_term(self) -> None:
+        super().handle_term()
+        self._stop_listening()
+
+    def handle_int(self) -> None:
+        super().handle_int()
+        self._stop_listening()
+
+    def _stop_listening(self) -> None:
+        """Close the parent's copy of the listening socket: once the stopping workers close theirs, new
+        connections are refused (a proxy tries another replica) instead of waiting in a backlog nobody
+        accepts from any more."""
+        for sock in self.sockets:
+            sock.close()
+
     def keep_subprocess_alive(self) -> None:
         super().keep_subprocess_alive()
         if self.should_exit.is_set() and not self.start_failed and self.config.start_error_code.value:
