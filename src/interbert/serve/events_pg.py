@@ -222,7 +222,7 @@ class _Deadline:
             self._done = True
         if self.expired:
             self.connection.close()  # also after a block that finished as it was cut: never reused
-            if isinstance(error, psycopg.OperationalError):
+            if isinstance(error, psycopg.Error):  # whatever libpq made of the cut: unavailable (503)
                 raise psycopg.OperationalError(f"the event store did not answer within {self.seconds:g} s "
                                                "(the connection was cut)") from error
         return False

@@ -16,8 +16,8 @@ What this module adds to it:
   event store, a missing index) is one ``error:`` line from one worker, and the service exits with that
   error's code instead of N workers printing it N times.
 - A worker that dies later (killed, out of memory) is replaced by uvicorn; a replacement that cannot
-  start (exit code 3, uvicorn's start failure) stops the whole service, loudly: uvicorn logs it, every
-  other worker is stopped, and the parent exits 1. Requests the dead worker was answering are lost to
+  start (its `error:` line, then exit code 3, uvicorn's start failure) stops the whole service, loudly:
+  uvicorn logs it, every other worker is stopped, and the parent exits with that error's code. Requests the dead worker was answering are lost to
   their clients (never acknowledged: every event is committed before its answer).
 - ``GET /metrics`` sums the workers' counters and histograms (prometheus-client's multiprocess mode over a
   folder of this service's own, removed at exit; a dead worker's counts stay in the sums). The info
