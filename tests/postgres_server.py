@@ -19,6 +19,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -64,7 +65,9 @@ def require_psycopg():
 class PostgresServer:
     """One cluster in its own temporary folder; :meth:`stop` and :meth:`start` for outage tests."""
 
-    def __init__(self):
+    def __init__(self, fsync: bool = False):
+        """``fsync``: as a production server (benchmarks/abtest_scale.py times commits); off for the tests."""
+        self.fsync = fsync
         self.bin = server_binaries()
         require_psycopg()
         self.as_user: list[str] = []
@@ -91,13 +94,53 @@ class PostgresServer:
             raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stderr[-2000:]}{tail}")
 
     def start(self) -> None:
-        options = f"-p {self.port} -h 127.0.0.1 -k {self.data} -F -c max_connections=200"
+        options = f"-p {self.port} -h 127.0.0.1 -k {self.data}{'' if self.fsync else ' -F'} -c max_connections=200"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.data / "server.log"), "-o", options, "-w",
                   "-t", "60", "start")
 
     def stop(self, mode: str = "fast") -> None:
         """fast: sessions are ended at once (their open transactions rolled back), as a restarted server does."""
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def processes(self) -> list[int]:
+        """The postmaster's pid, then every process below it (backends, checkpointer, WAL writer...)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        found, queue = [], [postmaster]
+        while queue:
+            pid = queue.pop()
+            found.append(pid)
+            with contextlib.suppress(FileNotFoundError):
+                queue.extend(map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split()))
+        return found
+
+    def pause(self) -> None:
+        """A hung server (not a stopped one): every process of it SIGSTOPped, its sockets still open, so the
+        kernel keeps accepting connections and bytes that nobody answers. The postmaster first: it forks no
+        new backend meanwhile."""
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def require_password(self, role: str) -> None:
+        """``role`` must give its password over TCP (scram-sha-256); everyone else stays trusted. The line goes
+        first in pg_hba.conf (the first matching line decides) and the server reloads it."""
+        import psycopg
+
+        hba = self.data / "pg_hba.conf"
+        rule = f"host all {role} 127.0.0.1/32 scram-sha-256\n"
+        if self.as_user:  # the file belongs to the postgres user: write it as root, keep its owner
+            status = hba.stat()
+            hba.write_text(rule + hba.read_text())
+            os.chown(hba, status.st_uid, status.st_gid)
+        else:
+            hba.write_text(rule + hba.read_text())
+        with psycopg.connect(self.uri(), autocommit=True) as db:
+            db.execute("SELECT pg_reload_conf()")
 
     def uri(self, database: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
@@ -110,6 +153,8 @@ class PostgresServer:
         return self.uri(name)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.resume()  # a paused server would never stop
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             self.stop("immediate")
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -37,3 +37,15 @@ def start_serve(*flags: str, health: str = "/health") -> tuple[subprocess.Popen,
             time.sleep(0.2)
     server.kill()
     raise AssertionError(f"the server did not answer {health} in time")
+
+
+def answering_pids(url: str, want: int, seconds: float = STARTUP_TIMEOUT_S) -> set[int]:
+    """The pids /health names, asked on new connections until ``want`` different processes have answered:
+    the workers of `serve --workers N` (each starts in turn) all serving."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + seconds
+    while len(seen) < want and time.monotonic() < deadline:
+        with httpx.Client(base_url=url, timeout=10) as client:  # a new connection: any worker may take it
+            seen.add(client.get("/health").json()["pid"])
+        time.sleep(0.05)
+    return seen

@@ -1,6 +1,7 @@
 """Replicas of the A/B service sharing one PostgreSQL event store (issue 24), on a real server
 (tests/postgres_server.py): two `interbert serve` processes on localhost, one SIGKILLed mid-traffic, and the
-database stopped mid-traffic under a running service (503s, nothing acknowledged lost, recovery)."""
+database stopped, or hung (SIGSTOP), mid-traffic under a running service (503s in a bounded time, nothing
+acknowledged lost, recovery)."""
 
 from __future__ import annotations
 
@@ -213,6 +214,92 @@ def test_postgres_stopped_mid_traffic_answers_503_loses_nothing_and_recovers(wor
         assert down and set(down) == {503}, Counter(down)  # while the database is away: 503, nothing acknowledged
         assert recovered, "no click was stored after the database came back"
         assert ready_while_down.status_code == 503 and ready_while_down.json()["checks"]["events"] != "ok"
+        assert ready_after.status_code == 200
+        stored_requests, stored_clicks = stored_events(uri)
+        assert acknowledged_requests <= stored_requests and acknowledged_clicks <= stored_clicks
+        assert len(acknowledged_clicks) > 5
+    finally:
+        database.close()
+
+
+HUNG_WAIT_S = 2  # the store's wait (--events-timeout): a hung database's 503 comes after about this
+HUNG_BOUND_S = 10  # the wait, the client's grace, libpq's 2 s minimum connect timeout, and a busy machine
+
+
+def test_a_hung_postgres_answers_503_within_a_bound_and_recovers_losing_nothing(world):
+    """SIGSTOP, not a shutdown: the server's sockets stay open and its kernel acknowledges every byte, so only
+    the client's own deadline can end a request. Its own server (pausing the session's would hang other tests)."""
+    from postgres_server import PostgresServer
+
+    database = PostgresServer()
+    try:
+        uri = database.create_database("hung")
+        app = create_experiment_app(world.arms(), (0.5, 0.5), "hung", uri, user_secret=SECRET,
+                                    events_busy_wait=HUNG_WAIT_S)
+        acknowledged_requests: set[str] = set()
+        acknowledged_clicks: set[tuple[str, str]] = set()
+        statuses: list[tuple[float, float, str, int]] = []  # (sent, answered, route, status)
+        lock, stop = threading.Lock(), threading.Event()
+
+        def traffic(url: str, n: int) -> None:
+            with httpx.Client(base_url=url, timeout=60) as client:
+                topics = client.get("/topics").json()
+                i = 0
+                while not stop.is_set():
+                    user = {"X-User-Id": sign_user_id(f"hung{n}-{i % 7}", SECRET)}
+                    i += 1
+                    sent = time.monotonic()
+                    feed = client.get(f"/topics/{topics[i % len(topics)]['topic_id']}", headers=user)
+                    with lock:
+                        statuses.append((sent, time.monotonic(), "feed", feed.status_code))
+                    if feed.status_code != 200:
+                        continue
+                    body = feed.json()
+                    with lock:
+                        acknowledged_requests.add(body["request_id"])
+                    item = {"request_id": body["request_id"], "image_id": body["results"][1]["image_id"]}
+                    sent = time.monotonic()
+                    click = client.post("/events/click", headers=user, json=item)
+                    with lock:
+                        statuses.append((sent, time.monotonic(), "click", click.status_code))
+                        if click.status_code == 200:
+                            acknowledged_clicks.add((item["request_id"], item["image_id"]))
+
+        with single_torch_thread(), serve_in_thread(app) as url:
+            threads = [threading.Thread(target=traffic, args=(url, n)) for n in range(3)]
+            for t in threads:
+                t.start()
+            time.sleep(1.0)
+            database.pause()
+            paused = time.monotonic()
+            time.sleep(HUNG_BOUND_S + 2)
+            asked = time.monotonic()
+            ready_while_hung = httpx.get(f"{url}/health/ready", timeout=60)
+            ready_took = time.monotonic() - asked
+            resumed = time.monotonic()
+            database.resume()
+            deadline = resumed + 30
+            recovered = False
+            while time.monotonic() < deadline and not recovered:
+                time.sleep(0.05)
+                with lock:
+                    recovered = any(sent > resumed and kind == "click" and code == 200 for sent, _, kind, code in statuses)
+            stop.set()
+            for t in threads:
+                t.join(60)
+            ready_after = httpx.get(f"{url}/health/ready", timeout=30)
+        codes = Counter(code for _, _, _, code in statuses)
+        assert set(codes) <= {200, 503}, codes  # never a 500
+        # Sent while the database hung (and answered before it came back): 503, each within the bound.
+        hung = [(answered - sent, code) for sent, answered, _, code in statuses if paused < sent and answered < resumed]
+        assert len(hung) >= 3 and {code for _, code in hung} == {503}, hung
+        assert max(took for took, _ in hung) < HUNG_BOUND_S, hung
+        # what was in flight when it hung was answered within the bound too (nothing hangs past it)
+        assert all(answered - sent < HUNG_BOUND_S for sent, answered, _, _ in statuses), max(
+            answered - sent for sent, answered, _, _ in statuses)
+        assert ready_while_hung.status_code == 503 and ready_while_hung.json()["checks"]["events"] != "ok"
+        assert ready_took < HUNG_BOUND_S
+        assert recovered, "no click was stored after the database resumed"
         assert ready_after.status_code == 200
         stored_requests, stored_clicks = stored_events(uri)
         assert acknowledged_requests <= stored_requests and acknowledged_clicks <= stored_clicks

@@ -4,6 +4,7 @@ pretraining batches, and layers that skip padding without changing real position
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -99,3 +100,30 @@ def test_bert_init_runs_a_layer_slice_in_worker_processes_and_tables_it(tmp_path
     assert "1 + 1 + 1 layers" in (tmp_path / "results" / "bert_init.md").read_text()
     saved = json.loads((tmp_path / "results" / "bert_init.json").read_text())
     assert saved["plan"]["layers"] == [1, 1, 1] and set(saved["retrieval"]) == {"bert", "scratch"}
+
+
+@pytest.mark.slow  # ~40 s on a busy 2-core machine: 4 report processes and a PostgreSQL server start
+def test_abtest_scale_smoke_run_tables_every_engine_and_setting(tmp_path):
+    """`abtest_scale.py --scale` at a tiny size, on a throwaway PostgreSQL server: every engine at 1, 8 and 32
+    clients wrote events, and each engine's report ran on both generated sizes (the table the issue asks)."""
+    import json
+    import os
+    import subprocess
+
+    from postgres_server import require_psycopg, server_binaries
+
+    server_binaries(), require_psycopg()
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "abtest_scale.py"
+    out = subprocess.run([sys.executable, str(script), "--scale", "0.00002", "--seconds", "0.2", "--out",
+                          str(tmp_path / "abtest_scale")], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    saved = json.loads((tmp_path / "abtest_scale.json").read_text())
+    assert [(w["engine"], w["clients"]) for w in saved["writes"]] == [
+        (engine, clients) for engine in ("sqlite", "postgresql") for clients in (1, 8, 32)]
+    assert all(w["events"] > 0 and w["events"] % 2 == 0 for w in saved["writes"])  # an impression and its click
+    assert [(r["engine"], r["impressions"]) for r in saved["reports"]] == [
+        (engine, n) for engine in ("sqlite", "postgresql") for n in (20, 200)]
+    assert all(r["peak_rss_mb"] > 0 for r in saved["reports"])
+    table = (tmp_path / "abtest_scale.md").read_text()
+    assert "load average" in table and table.count("| postgresql |") == 5

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from conftest import minilm_vocab
-from serve_process import start_serve
+from serve_process import answering_pids, start_serve
 from interbert.serve.index import build_index
 from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
 
@@ -51,14 +51,19 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return int(status_line.split()[1]), headers, body
 
 
-@pytest.mark.parametrize("mode", ["index", "arms"])
+@pytest.mark.parametrize("mode", ["index", "arms", pytest.param("arms-workers", marks=pytest.mark.slow)])
 def test_sigterm_finishes_the_search_in_flight_and_exits_0(mode, index, tmp_path):
+    """arms-workers: `serve --workers 2`, the SIGTERM to the parent, which stops both workers."""
     log = tmp_path / "access.jsonl"
     events = tmp_path / "events.sqlite"
     flags = (["--index", str(index)] if mode == "index" else
              ["--arm", f"a={index}", "--arm", f"b={index}", "--experiment", "stop", "--events", str(events)])
+    if mode == "arms-workers":
+        flags += ["--workers", "2"]
     server, port = start([*flags, "--access-log", "json", "--access-log-file", str(log), "--shutdown-timeout", "20"])
     try:
+        if mode == "arms-workers":  # both serving (the second starts once the first is ready)
+            assert len(answering_pids(f"http://127.0.0.1:{port}", 2)) == 2
         ready = httpx.get(f"http://127.0.0.1:{port}/health/ready", headers={"X-Request-Id": "ready-1"}, timeout=30)
         assert ready.status_code == 200 and ready.headers["x-request-id"] == "ready-1"
 
@@ -91,7 +96,7 @@ def test_sigterm_finishes_the_search_in_flight_and_exits_0(mode, index, tmp_path
     assert (searched["method"], searched["route"], searched["status"]) == ("POST", "/search", 200)
     assert searched["latency_ms"] >= 1000  # it spanned the SIGTERM
     assert "dog" not in log.read_text(encoding="utf-8")
-    if mode == "arms":
+    if mode != "index":
         assert searched["arm"] == found["arm"] and len(searched["user"]) == 12
         with sqlite3.connect(events) as db:  # the answer's impression was committed before it was sent
             assert db.execute("SELECT arm FROM impressions WHERE request_id = ?",

@@ -11,6 +11,7 @@ from interbert.serve import (
     DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_LIMIT_CONCURRENCY, DEFAULT_MAX_REGIONS,
     DEFAULT_RERANK_QUEUE_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT_S, INDEX_TYPES,
 )
+from interbert.serve.events import BUSY_WAIT
 from interbert.serve.identity import DEFAULT_REQUEST_CLICKS_PER_MINUTE, DEFAULT_USER_CLICKS_PER_MINUTE
 from interbert.utils.argtypes import positive_int, seconds
 from interbert.utils.logs import SERVICE_FORMAT, setup_cli_logging
@@ -76,39 +77,59 @@ def _exit_code(error: BaseException) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import torch
     import uvicorn  # noqa: F401  (missing, it is named as the `serve` extra before anything loads)
 
     from interbert.serve.metrics import access_log_sink
-    from interbert.serve.service import create_app
     from interbert.utils.device import checked_device
+
+    args.device = str(checked_device(args.device))
+    # Before the models load (and before any worker starts): a bad --access-log-file is refused in a moment.
+    access_log_sink(args.access_log, args.access_log_file)
+    if args.arm:
+        _check_experiment_flags(args)
+    elif args.index is None:
+        raise UsageError("give --index IDX (one index) or --arm NAME=IDX[,FEED] at least twice (an A/B experiment)")
+    if args.workers > 1:
+        from interbert.serve.workers import serve_workers
+
+        what = f"experiment {args.experiment!r}" if args.arm else args.index
+        print(f"serving {what} on http://{args.host}:{args.port}/ with {args.workers} worker processes "
+              f"(each loads the models and indexes)", flush=True)
+        return serve_workers(args)
+    try:
+        app, line = build_serve_app(args)
+    except (ValueError, OSError) as error:
+        if isinstance(error, InterBertError):
+            raise  # the CLI prints it with its own exit code (2 for what the command line must change)
+        print(f"error: {error}", file=sys.stderr)
+        return _exit_code(error)
+    print(line, flush=True)
+    _run(app, args)
+    return 0
+
+
+def build_serve_app(args: argparse.Namespace):
+    """The app ``serve`` runs and the line that announces it, from the parsed command line: in the one
+    process of ``serve``, and in each worker process of ``serve --workers N`` (interbert.serve.workers)."""
+    import torch
+
+    from interbert.serve.metrics import access_log_sink
 
     # Requests, not intra-op threads, use the cores: on a busy machine a forward split over 2 threads
     # waits at every op for the descheduled one (measured p90 of re-ranked search: 0.9-3.5 s with 2
     # threads, 70-90 ms with 1, on 2 shared cores).
     torch.set_num_threads(args.torch_threads)
-    args.device = str(checked_device(args.device))
-    # Before the models load: a bad --access-log-file is refused in a moment.
-    args.access_log_sink = access_log_sink(args.access_log, args.access_log_file)
+    sink = access_log_sink(args.access_log, args.access_log_file)  # each process its own (appending) handle
     if args.arm:
-        return _serve_experiment(args)
-    if args.index is None:
-        raise UsageError("give --index IDX (one index) or --arm NAME=IDX[,FEED] at least twice (an A/B experiment)")
-    try:
-        app = create_app(args.index, args.model, rerank_cap=args.rerank_cap, engine=args.engine,
-                         max_concurrent_reranks=args.max_concurrent_reranks,
-                         rerank_queue_timeout=args.rerank_queue_timeout, device=args.device,
-                         access_log=args.access_log_sink)
-    except InterBertError:
-        raise  # the CLI prints it with its own exit code (2 for what the command line must change)
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return _exit_code(error)
+        return _experiment_app(args, sink)
+    from interbert.serve.service import create_app
+
+    app = create_app(args.index, args.model, rerank_cap=args.rerank_cap, engine=args.engine,
+                     max_concurrent_reranks=args.max_concurrent_reranks,
+                     rerank_queue_timeout=args.rerank_queue_timeout, device=args.device, access_log=sink)
     gate = app.state.rerank_gate
-    print(f"serving {args.index} on http://{args.host}:{args.port}/ (at most {gate.limit} re-ranked searches at once, "
-          f"model on {args.device})", flush=True)
-    _run(app, args)
-    return 0
+    return app, (f"serving {args.index} on http://{args.host}:{args.port}/ (at most {gate.limit} re-ranked searches "
+                 f"at once, model on {args.device})")
 
 
 def _run(app, args: argparse.Namespace) -> None:
@@ -119,18 +140,27 @@ def _run(app, args: argparse.Namespace) -> None:
                access_log=args.access_log == "uvicorn", shutdown_timeout=args.shutdown_timeout)
 
 
-def _serve_experiment(args: argparse.Namespace) -> int:
+def _check_experiment_flags(args: argparse.Namespace) -> None:
     from interbert.serve.abtest import parse_arm, parse_split
-    from interbert.serve.abtest_cli import as_user_error
-    from interbert.serve.experiment import create_experiment_app
     from interbert.serve.identity import read_secret_file
 
     if args.index is not None or args.model is not None or args.engine is not None:
         raise UsageError("--index/--model/--engine serve one index; with --arm each arm names its own index "
                          "(searched by the engine its index folder records)")
+    parse_split(args.split, len([parse_arm(text) for text in args.arm]))
+    if args.user_secret_file:
+        read_secret_file(args.user_secret_file)  # a bad secret file is refused in a moment, not after the models
+
+
+def _experiment_app(args: argparse.Namespace, sink):
+    from interbert.serve.abtest import parse_arm, parse_split
+    from interbert.serve.abtest_cli import as_user_error
+    from interbert.serve.experiment import create_experiment_app
+    from interbert.serve.identity import read_secret_file
+
+    _check_experiment_flags(args)
     arms = [parse_arm(text) for text in args.arm]
     split = parse_split(args.split, len(arms))
-    # Read before the models load: a bad secret file is refused in a moment, not after the slow part.
     secret = read_secret_file(args.user_secret_file) if args.user_secret_file else None
     # The experiment's warnings (per-process secret, insecure ids, a log upgraded) go to stderr.
     setup_cli_logging(SERVICE_FORMAT, datefmt=None)
@@ -139,11 +169,10 @@ def _serve_experiment(args: argparse.Namespace) -> int:
                         salt=args.salt, rerank_cap=args.rerank_cap, max_concurrent_reranks=args.max_concurrent_reranks,
                         rerank_queue_timeout=args.rerank_queue_timeout, device=args.device, user_secret=secret,
                         insecure_user_ids=args.insecure_user_ids, user_clicks_per_minute=args.user_clicks_per_minute,
-                        request_clicks_per_minute=args.request_clicks_per_minute, access_log=args.access_log_sink)
+                        request_clicks_per_minute=args.request_clicks_per_minute, access_log=sink,
+                        events_busy_wait=args.events_timeout)
     shares = ", ".join(f"{name} {100 * share:g}%" for name, share in zip(app.state.experiment.arms, app.state.experiment.split))
-    print(f"experiment {args.experiment!r} ({shares}) on http://{args.host}:{args.port}/, events in {events}", flush=True)
-    _run(app, args)
-    return 0
+    return app, f"experiment {args.experiment!r} ({shares}) on http://{args.host}:{args.port}/, events in {events}"
 
 
 def _timeout_seconds(text: str) -> float:
@@ -255,6 +284,13 @@ def register(subparsers) -> None:
                             "latency, arm; no query text, user ids only hashed) or off")
     serve.add_argument("--access-log-file", metavar="PATH",
                        help="with --access-log json: append the lines to PATH (default: stderr)")
+    serve.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                       help="worker processes sharing the port, each loading the models and indexes (default 1); "
+                            "a worker that dies is replaced, one that cannot start stops the service; /metrics sums "
+                            "the workers' counters")
+    serve.add_argument("--events-timeout", type=_timeout_seconds, default=BUSY_WAIT, metavar="S",
+                       help="with --arm: seconds an event write may wait (a lock, a busy or hung database) before "
+                            f"the request is answered 503 (default {BUSY_WAIT:g})")
     serve.add_argument("--shutdown-timeout", type=_timeout_seconds, default=DEFAULT_SHUTDOWN_TIMEOUT_S, metavar="S",
                        help="on SIGTERM, seconds the requests in flight have to finish before they are cancelled "
                             f"(default {DEFAULT_SHUTDOWN_TIMEOUT_S:g})")

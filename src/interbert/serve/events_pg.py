@@ -26,12 +26,26 @@ callers wait for its timeout meanwhile. A connection that failed is closed and n
 idle is checked with an empty query before use, so a database restart costs no request a 503 once it is
 back. Every error of an unreachable or lost server is psycopg.OperationalError, which the service turns
 into 503 (:attr:`PostgresEventLog.UNAVAILABLE`).
+
+A hung server (stopped, swapping, a network that drops packets) must cost a request a bounded wait, not
+for ever: the server's own timeouts (lock_timeout, statement_timeout) never fire in a process that does
+not run, and the kernel of a live host acknowledges the bytes a stopped server never reads, so neither
+TCP keepalives nor ``tcp_user_timeout`` notice it. So each use of a connection has a deadline of the
+client's own (:class:`_Deadline`): the store's wait plus :data:`DEADLINE_GRACE_S`; when it passes, the
+socket is shut down under libpq, whose read then fails at once (OperationalError: 503), and the
+connection is discarded. A COMMIT cut this way may still complete on the server: the event is then
+stored but not acknowledged (a retried click is counted once), never acknowledged and lost. Connecting is
+bounded by ``connect_timeout``; keepalives and ``tcp_user_timeout`` also bound a connection whose peer
+host has gone (no acknowledgements at all) while it idles or sends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
+import socket
 import threading
 import time
 import uuid
@@ -40,7 +54,7 @@ from collections.abc import Iterator, Sequence
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from interbert.errors import DataError, UsageError
+from interbert.errors import DataError, InterBertError, UsageError
 from interbert.serve.events import (
     ARM_HASHES_KEY, BUSY_WAIT, LOG_TABLES, SCHEMA, ArmHashes, EventStore, ExperimentConfig, NotShown, NotYours,
     UnknownRequest, _arm_hashes_row, _refuse_other_arms, _refuse_other_experiment, checked_postgres_uri, migrate,
@@ -60,6 +74,10 @@ def _adapted(schema: str) -> str:
 PG_SCHEMA = _adapted(SCHEMA)
 POOL_SIZE = 8  # connections per process: a write holds one for a few ms; uvicorn's worker threads queue for them
 CONNECT_TIMEOUT_S = 5  # libpq's connect_timeout: an unreachable host (not a refused port) fails after this
+DEADLINE_GRACE_S = 1.0  # past the server's own statement/lock timeout, the client cuts the connection itself
+# libpq's TCP settings: a peer host that stops acknowledging is noticed within about 20 s (idle) or 10 s (sending)
+TCP_SETTINGS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 5, "keepalives_count": 3,
+                "tcp_user_timeout": 10_000}
 IDLE_CHECK_S = 1.0  # a connection idle for longer is checked before use (the server may have restarted)
 # pg_advisory_xact_lock's key for creating the store: any fixed 64-bit number other programs are unlikely to use
 CREATE_LOCK = 0x696E7465726265  # "interbe"
@@ -69,17 +87,39 @@ def _one_line(error: BaseException) -> str:
     return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
-def _connect(uri: str, busy_wait: float, application: str) -> psycopg.Connection:
-    connection = psycopg.connect(uri, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                                 application_name=application)
+def _refusal(uri: str, doing: str, error: psycopg.Error) -> InterBertError:
+    """One line for a store that cannot be used as asked: the server's own message (not the statement it
+    quotes), and what to change when the role lacks a privilege. A refusal the server decided (a role, a
+    privilege, a database) is the command line's to change (UsageError); a failure while reading, data."""
+    message = (error.diag.message_primary if isinstance(error, psycopg.DatabaseError) else None) or _one_line(error)
+    if isinstance(error, psycopg.errors.InsufficientPrivilege):
+        return UsageError(f"cannot {doing} the event store {uri}: {message} (the role in the URI needs CREATE on "
+                          "the schema to create the store, then SELECT and INSERT on its tables; ask the "
+                          "database's owner, or create the store once as a role that may)")
+    if isinstance(error, psycopg.OperationalError) or doing != "read":
+        return UsageError(f"cannot {doing} the event store {uri}: {message}")
+    return DataError(f"{uri}: cannot read the event store ({message})")
+
+
+def _left(deadline: float) -> float:
+    return max(0.05, deadline - time.monotonic())
+
+
+def _connect(uri: str, busy_wait: float, application: str, within: float = CONNECT_TIMEOUT_S) -> psycopg.Connection:
+    """A connection of the service's settings, open and set within about ``within`` seconds (libpq's
+    connect_timeout counts whole seconds, at least 2)."""
+    seconds = min(CONNECT_TIMEOUT_S, within)
+    connection = psycopg.connect(uri, autocommit=True, connect_timeout=max(2, math.ceil(seconds)),
+                                 application_name=application, **TCP_SETTINGS)
     try:
-        # on: COMMIT waits for the WAL flush (a server configured with off would acknowledge events it can lose).
-        connection.execute("SET synchronous_commit = on")
-        # A write waits at most busy_wait for a lock or a statement, as SQLite's busy timeout: then
-        # OperationalError (lock_not_available / query_canceled), and the service answers 503.
-        wait_ms = max(1, int(busy_wait * 1000))
-        connection.execute(f"SET lock_timeout = {wait_ms}")
-        connection.execute(f"SET statement_timeout = {wait_ms}")
+        with _Deadline(connection, seconds):  # a server that accepted, then hung
+            # on: COMMIT waits for the WAL flush (a server configured with off would acknowledge events it can lose).
+            connection.execute("SET synchronous_commit = on")
+            # A write waits at most busy_wait for a lock or a statement, as SQLite's busy timeout: then
+            # OperationalError (lock_not_available / query_canceled), and the service answers 503.
+            wait_ms = max(1, int(busy_wait * 1000))
+            connection.execute(f"SET lock_timeout = {wait_ms}")
+            connection.execute(f"SET statement_timeout = {wait_ms}")
     except BaseException:
         connection.close()
         raise
@@ -99,12 +139,17 @@ class _Connections:
 
     @contextlib.contextmanager
     def connection(self, wait: float) -> Iterator[psycopg.Connection]:
+        """A connection for one use. Waiting for a free one, checking or opening it and the use itself end
+        by ``wait`` + :data:`DEADLINE_GRACE_S` (OperationalError past it), give or take the 2 s that
+        libpq's connect_timeout takes at least."""
+        deadline = time.monotonic() + wait + DEADLINE_GRACE_S
         if not self._slots.acquire(timeout=wait):
             raise psycopg.OperationalError(f"all {self._size} connections to the event store were busy for {wait:g} s")
         connection = None
         try:
-            connection = self._take()
-            yield connection
+            connection = self._take(deadline)
+            with _Deadline(connection, _left(deadline)):
+                yield connection
         finally:
             try:
                 if connection is not None:
@@ -112,21 +157,29 @@ class _Connections:
             finally:
                 self._slots.release()
 
-    def _take(self) -> psycopg.Connection:
+    def _take(self, deadline: float) -> psycopg.Connection:
         while True:
             with self._lock:
                 if self._closed:
                     raise psycopg.OperationalError("the event store is closed")
                 connection, since = self._idle.pop() if self._idle else (None, 0.0)
             if connection is None:
-                return _connect(self._uri, self._busy_wait, "interbert serve")
+                return _connect(self._uri, self._busy_wait, "interbert serve", _left(deadline))
             if time.monotonic() - since < IDLE_CHECK_S:
                 return connection
             try:
-                connection.execute("")  # a round trip: is the server (still, again) there?
+                with _Deadline(connection, min(CONNECT_TIMEOUT_S, _left(deadline))):
+                    connection.execute("")  # a round trip: is the server (still, again) there?
                 return connection
             except psycopg.Error:
-                connection.close()  # lost while idle (a restart): try the next, or a new one
+                connection.close()  # lost while idle (a restart) or no answer (a hung server)
+                self._drop_idle()  # the others talk to the same server: a new connection says more
+
+    def _drop_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection, _ in idle:
+            connection.close()
 
     def _give_back(self, connection: psycopg.Connection) -> None:
         # Only a connection left clean goes back: a broken one (server gone) or one inside a transaction
@@ -147,9 +200,49 @@ class _Connections:
             connection.close()
 
 
+class _Deadline:
+    """Shut the connection's socket down if the ``with`` block is still running after ``seconds`` (see the
+    module's docstring): libpq's blocked read or write then fails, and the connection is broken. One timer
+    thread per use: a write already costs a round trip and a WAL flush."""
+
+    def __init__(self, connection: psycopg.Connection, seconds: float):
+        self.connection, self.seconds = connection, seconds
+        self._lock = threading.Lock()
+        self._done = self.expired = False
+
+    def __enter__(self):
+        self._timer = threading.Timer(self.seconds, self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def __exit__(self, kind, error, trace):
+        self._timer.cancel()
+        with self._lock:  # from here on the timer cuts nothing
+            self._done = True
+        if self.expired:
+            self.connection.close()  # also after a block that finished as it was cut: never reused
+            if isinstance(error, psycopg.Error):  # whatever libpq made of the cut: unavailable (503)
+                raise psycopg.OperationalError(f"the event store did not answer within {self.seconds:g} s "
+                                               "(the connection was cut)") from error
+        return False
+
+    def _cut(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            with contextlib.suppress(OSError, psycopg.Error):
+                # A duplicate of the descriptor: shutdown acts on the connection both share, and closing the
+                # duplicate leaves libpq's descriptor valid (its next read fails, no reused number is read).
+                with socket.socket(fileno=os.dup(self.connection.fileno())) as duplicate:
+                    duplicate.shutdown(socket.SHUT_RDWR)
+
+
 def _tables(connection: psycopg.Connection) -> set[str]:
-    rows = connection.execute("SELECT table_name FROM information_schema.tables "
-                              "WHERE table_schema = current_schema()").fetchall()
+    # pg_tables, not information_schema.tables: the latter hides tables the role has no privilege on, and a
+    # store this role may not read must be refused as such, not taken for an empty database.
+    rows = connection.execute("SELECT tablename FROM pg_catalog.pg_tables WHERE schemaname = current_schema()").fetchall()
     return {name for (name,) in rows}
 
 
@@ -189,6 +282,7 @@ def _opened(uri: str, application: str, **settings) -> psycopg.Connection:
     try:
         return psycopg.connect(uri, connect_timeout=CONNECT_TIMEOUT_S, application_name=application, **settings)
     except psycopg.OperationalError as error:
+        # the server's refusals come here too: a wrong password, an unknown role, no such database
         raise UsageError(f"cannot connect to the event store {uri}: {_one_line(error)}") from None
 
 
@@ -198,7 +292,10 @@ def check_existing_store(uri: str, config: ExperimentConfig, arms: dict[str, Arm
     uri = checked_postgres_uri(uri)
     with _opened(uri, "interbert serve (check)") as connection:
         connection.read_only = True
-        stored, recorded = _read_experiment(connection, uri, "give another --events store")
+        try:
+            stored, recorded = _read_experiment(connection, uri, "give another --events store")
+        except psycopg.Error as error:  # a store this role may not read
+            raise _refusal(uri, "open", error) from None
     if stored is not None:
         _refuse_other_experiment(uri, stored, config)
         if recorded is not None and arms is not None:
@@ -218,7 +315,7 @@ def open_store_for_reading(uri: str):
             raise UsageError(f"{uri} is not an event store (no experiment recorded)")
     except psycopg.Error as error:
         connection.close()
-        raise DataError(f"{uri}: cannot read the event store ({_one_line(error)})") from None
+        raise _refusal(uri, "read", error) from None
     except BaseException:
         connection.close()
         raise
@@ -241,9 +338,9 @@ class PostgresEventLog(EventStore):
         self._connections = _Connections(self.uri, pool_size, busy_wait)
         try:
             self._create(config, arms)
-        except psycopg.OperationalError as error:
+        except psycopg.Error as error:  # unreachable, or a role that may not create or write the tables
             self._connections.close()
-            raise UsageError(f"cannot open the event store {self.uri}: {_one_line(error)}") from None
+            raise _refusal(self.uri, "open", error) from None
         except BaseException:
             self._connections.close()
             raise

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import uuid
 from collections.abc import Sequence
 from importlib import resources
@@ -331,7 +332,8 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
                 "topics": len(topics), "max_concurrent_reranks": gate.limit,
                 "user_ids": "insecure: unsigned ids accepted (--insecure-user-ids)" if insecure_user_ids else "signed",
                 "user_secret": "per-process (cookies do not survive a restart)" if user_secret is None else "given",
-                "clicks_per_minute": {"user": user_clicks_per_minute, "request": request_clicks_per_minute}}
+                "clicks_per_minute": {"user": user_clicks_per_minute, "request": request_clicks_per_minute},
+                "pid": os.getpid()}  # which process answered (serve --workers N runs several)
 
     @app.post("/search", response_model=ExperimentSearchResponse, response_model_exclude_none=True)
     async def search(body: SearchRequest, request: Request, response: Response,

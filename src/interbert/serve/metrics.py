@@ -17,6 +17,12 @@ as in the tests, never share or collide):
     interbert_clicks_refused_total{reason}                            A/B: clicks refused (401/403/404/422/429)
     interbert_service_info{...} / interbert_arm_info{arm,...}         model and index identity
 
+Under ``serve --workers N`` (:mod:`interbert.serve.workers`) prometheus-client runs in its multiprocess
+mode: each worker's counters and histograms live in files of one folder, and ``GET /metrics`` in any
+worker answers their sums over all workers (also the dead ones'), with the info metrics and the re-rank
+gauges of the worker that answered (prometheus-client cannot sum an info metric; a gauge read from the
+gate when scraped is one process's).
+
 ``arm`` is empty for requests no arm answered (the single-index service, /health, /metrics...). The
 access log never holds a query or a raw user id: an A/B user is logged as a short sha256 prefix only.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 import threading
@@ -36,6 +43,7 @@ from typing import TextIO
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.routing import Match
 
 from interbert.errors import UsageError
@@ -48,6 +56,7 @@ USER_HASH_CHARS = 12  # enough to follow one user through a log, too short to be
 # up to the re-rank queue timeout (seconds).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ACCESS_LOG_MODES = ("uvicorn", "json", "off")
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's switch to its multiprocess mode
 
 AccessLog = Callable[[dict], None]  # receives one record per request
 
@@ -71,14 +80,35 @@ class ServiceMetrics:
         self.service_info = Info("interbert_service", "What this service serves", registry=self.registry)
         self.arm_info = Info("interbert_arm", "What each arm of the experiment serves", ("arm",),
                              registry=self.registry)
+        self._per_process = [self.service_info, self.arm_info]  # not summed over workers (see the module)
 
     def watch_rerank_gate(self, gate) -> None:
         """Report the gate's slots and refusals, read from it when scraped (the gate counts them itself)."""
-        self.registry.register(_GateCollector(gate))
+        collector = _GateCollector(gate)
+        self.registry.register(collector)
+        self._per_process.append(collector)
 
     def exposition(self) -> tuple[bytes, str]:
-        """The body and content type of ``GET /metrics``."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The body and content type of ``GET /metrics``: this process's metrics, or under several workers
+        (prometheus-client's multiprocess mode) the sums over all of them and this worker's own gauges."""
+        folder = os.environ.get(MULTIPROCESS_ENV)
+        if not folder:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        summed = CollectorRegistry()
+        MultiProcessCollector(summed, folder)
+        summed.register(_Chained(self._per_process))
+        return generate_latest(summed), CONTENT_TYPE_LATEST
+
+
+class _Chained:
+    """One collector yielding the families of several (registered together in the summed registry)."""
+
+    def __init__(self, collectors):
+        self.collectors = collectors
+
+    def collect(self):
+        for collector in self.collectors:
+            yield from collector.collect()
 
 
 class _GateCollector:

@@ -354,7 +354,8 @@ def create_app(index_dir: str | Path, model_dir: str | Path | None = None, reran
         return {"status": "ok", "images": len(service.index), "index_type": service.index.index_type,
                 "engine": service.index.engine.uri,
                 "model": str(service.model.model_dir.resolve()), "scorer": service.model.architecture,
-                "max_concurrent_reranks": gate.limit, "rerank_queue_timeout_s": gate.queue_timeout}
+                "max_concurrent_reranks": gate.limit, "rerank_queue_timeout_s": gate.queue_timeout,
+                "pid": os.getpid()}  # which process answered (serve --workers N runs several)
 
     @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True)
     async def search(request: SearchRequest) -> SearchResponse:
