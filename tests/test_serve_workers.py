@@ -70,7 +70,7 @@ def counter(url: str, name: str) -> dict[str, float]:
             for sample in family.samples if sample.name == name}
 
 
-# not slow: the Done-when test of issue 24 (workers on one SQLite log, a worker killed mid-traffic) runs in CI; ~50 s on a busy machine
+# not slow: issue 24's Done-when (2 workers, one SQLite log, one killed mid-traffic) runs in CI; ~50 s busy
 def test_two_workers_share_one_sqlite_log_and_a_killed_one_loses_nothing(world, tmp_path):
     events = tmp_path / "events.sqlite"
     server, url = start_server(world, events, "--user-secret-file", secret_file(tmp_path), "--workers", "2",
