@@ -127,10 +127,10 @@ def masked_count_budgets(lengths: Sequence[int], masked_counts: Sequence[int], b
     A per-caption budget cannot be tight (the original's span masks up to the whole caption), a per-batch one
     can: ``draws`` batches of ``batch_size`` captions drawn at random (as the loop's shuffled batches are),
     each in the bucket of its longest caption, and per bucket the ``quantile`` of their masked totals, rounded
-    up to a multiple of ``multiple`` and never above B x T. A bucket with few drawn batches takes the quantile
-    of all batches (longer captions mask more, so that is an upper estimate). A batch above its budget takes
-    the full B x T (:func:`masked_positions`): at most two budgets per text bucket, so a compiled step sees
-    at most twice the bucket shapes, and the second only for the rare batch."""
+    up to a multiple of ``multiple`` and never above B x T. A bucket with fewer than 100 drawn batches (too few
+    for a 99th percentile) takes the quantile of all batches (longer captions mask more, so that is an upper
+    estimate). A batch above its budget takes the full B x T (:func:`masked_positions`): at most two budgets per
+    text bucket, so a compiled step sees at most twice the bucket shapes, and the second only for the rare batch."""
     lengths, counts = np.asarray(lengths), np.asarray(masked_counts)
     if not len(lengths) or len(lengths) != len(counts) or batch_size < 1:
         raise ValueError(f"masked_count_budgets needs as many masked counts as lengths (got {len(lengths)} and "
