@@ -96,6 +96,37 @@ def test_pretraining_dataset_batches_feed_the_tiny_model(real_data, tmp_path):
     assert torch.isfinite(out.loss)
 
 
+def test_bucketed_pretraining_batches_carry_the_masked_token_budget_the_static_mode_reads(real_data, tmp_path):
+    from interbert.config import preset
+    from interbert.modeling import InterBertForPreTraining
+    from interbert.recipes.common import bucketed_collate, mrm_target_of
+
+    store, captions, tokenizer = real_data
+    dataset = PretrainingDataset(captions, store, tokenizer, max_regions=36, cache_dir=tmp_path, num_hard=3)
+    collate_fn = bucketed_collate(dataset, "auto", "auto", tokenizer.pad_token_id, msm_budget="auto", batch_size=8)
+    budgets = collate_fn.keywords["msm_budgets"]
+    assert sorted(budgets) == collate_fn.keywords["length_buckets"]
+    batches = [collate_fn([dataset[i] for i in range(start, start + 8)]) for start in range(0, len(dataset) - 7, 8)]
+    for batch in batches:
+        b, t = batch["msm_labels"].shape
+        positions = batch["msm_positions"]
+        assert len(positions) in (budgets[t], b * t)  # the bucket's budget, or B x T for a batch above it
+        masked = (batch["msm_labels"].flatten() != -100).nonzero().flatten()
+        assert positions[: len(masked)].tolist() == masked.tolist() and (positions[len(masked):] == -1).all()
+    none = bucketed_collate(dataset, "auto", "auto", tokenizer.pad_token_id, msm_budget="none", batch_size=8)
+    assert "msm_positions" not in none([dataset[i] for i in range(8)])
+
+    torch.manual_seed(0)
+    model = InterBertForPreTraining(preset("tiny", region_feature_size=1024, vocab_size=len(tokenizer),
+                                           mrm_target=mrm_target_of(store))).eval()
+    inputs = model_inputs(batches[0])
+    default = model(**inputs)
+    budgeted = model.set_static_shapes(True)(**inputs)
+    assert budgeted.msm_logits.shape == (len(inputs["msm_positions"]), len(tokenizer))
+    for name in ("loss", "msm_loss", "mrm_loss", "itm_loss"):
+        torch.testing.assert_close(getattr(budgeted, name), getattr(default, name), rtol=0, atol=2e-6, msg=name)
+
+
 def test_retrieval_groups_flatten_to_4b_pairs(real_data):
     store, captions, tokenizer = real_data
     dataset = RetrievalDataset(captions, store, tokenizer, num_hard=2)

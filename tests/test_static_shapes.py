@@ -18,7 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_modeling import C, D, V, small_config  # noqa: E402
 from test_objectives_equivalence import CONFIGS, WEIGHTS, batch_for  # noqa: E402
 
-from interbert.data.batches import bucket_edges, bucket_length, collate  # noqa: E402
+from interbert.data.batches import (  # noqa: E402
+    bucket_edges,
+    bucket_length,
+    collate,
+    masked_count_budgets,
+    masked_positions,
+)
 from interbert.modeling import (  # noqa: E402
     InterBertForImageTextRetrieval,
     InterBertForMultipleChoice,
@@ -77,6 +83,44 @@ def test_collate_with_buckets_pads_inputs_labels_and_masks():
     assert (batch["msm_labels"][:, 9:] == -100).all() and not batch["mrm_mask"][:, 6:].any()
 
 
+# ---- the masked-token budget ----------------------------------------------------------------------
+def test_collate_gives_the_masked_positions_padded_to_the_bucket_budget():
+    examples = _examples()  # one masked token each, at position 1; texts padded to 16
+    batch = collate(examples, length_buckets=[8, 16], region_buckets=[8], msm_budgets={8: 8, 16: 8})
+    assert batch["msm_positions"].tolist() == [1, 17, 33, 49, -1, -1, -1, -1]  # b * 16 + 1, then NO_POSITION
+    assert batch["msm_positions"].dtype == torch.long
+    # more masked tokens than the budget: the full B x T, the one other shape of the bucket
+    over = collate(examples, length_buckets=[16], msm_budgets={16: 2})["msm_positions"]
+    assert over.shape == (4 * 16,) and over[:4].tolist() == [1, 17, 33, 49] and (over[4:] == -1).all()
+    assert "msm_positions" not in collate(examples, length_buckets=[16])  # no budgets: no key, as before
+    matching = [{k: v for k, v in e.items() if k not in ("msm_labels", "mrm_mask")} for e in examples]
+    assert "msm_positions" not in collate(matching, length_buckets=[16], msm_budgets={16: 8})  # nothing masked
+
+
+def test_a_budget_is_never_above_b_x_t_and_a_length_without_one_takes_b_x_t():
+    labels = torch.full((2, 4), -100)
+    labels[:, 1:3] = 7
+    assert masked_positions(labels, {4: 100}).tolist() == [1, 2, 5, 6, -1, -1, -1, -1]  # capped at 2 x 4
+    assert masked_positions(labels, {8: 4}).shape == (8,)  # length 4 has no budget: 2 x 4
+
+
+def test_budgets_hold_the_quantile_of_random_batches_of_each_bucket():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 37, 3000)
+    counts = rng.integers(1, lengths + 1)  # the original's span: up to the whole caption
+    edges = [16, 24, 32, 36]
+    budgets = masked_count_budgets(lengths, counts, 32, edges)
+    assert set(budgets) == set(edges) and all(v % 8 == 0 and v <= 32 * e for e, v in budgets.items())
+    batches = rng.integers(0, len(lengths), (2000, 32))  # fresh batches, as the loop draws them
+    in_36 = lengths[batches].max(1) > 32
+    fit = counts[batches].sum(1)[in_36] <= budgets[36]
+    assert 0.97 < fit.mean() < 1.0  # the typical budget holds ~99% of them; the rest take B x T
+    assert budgets[36] < 0.5 * 32 * 36  # a per-batch budget is tight: ~ a third of the positions
+    assert masked_count_budgets([4] * 10, [4] * 10, 2, [4]) == {4: 8}  # every token masked: B x T itself
+    with pytest.raises(ValueError, match="as many masked counts as lengths"):
+        masked_count_budgets([4, 5], [1], 2, [8])
+
+
 def _model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) or k == "group_size"}
 
@@ -116,28 +160,75 @@ def test_a_bucketed_retrieval_batch_gives_the_unpadded_loss_and_scores(static):
 
 
 # ---- static mode = default mode ------------------------------------------------------------------
+def _with_budget(inputs: dict, budget: str | None) -> dict:
+    """``inputs`` with ``msm_positions`` as collate makes them: a budget the batch fits in (``typical``), or one
+    it exceeds (``over``: the full B x T, the rare batch)."""
+    if budget is None or "msm_labels" not in inputs:
+        return inputs
+    b, t = inputs["msm_labels"].shape
+    typical = 24 if budget == "typical" else 1
+    assert budget == "over" or int((inputs["msm_labels"] != -100).sum()) <= typical
+    return {**inputs, "msm_positions": masked_positions(inputs["msm_labels"], {t: typical})}
+
+
 @pytest.mark.parametrize("kind", ["joint", "masked_step", "matching_step", "no_matched", "single", "nothing_masked"])
 @pytest.mark.parametrize("variant", ["clean-data-classes-matched-itc_proj", "masked-data-features-all-itc_pooled",
                                      "masked-data-classes-all-itc_off", "fusion_sum"])
 def test_static_mode_gives_the_default_losses_pooled_outputs_and_gradients(variant, kind):
-    def run(static: bool):
+    """... with and without the masked-token budget, and for a batch above its typical budget."""
+    def run(static: bool, budget: str | None = None):
         torch.manual_seed(0)
         model = InterBertForPreTraining(small_config(**CONFIGS[variant], **WEIGHTS)).set_static_shapes(static)
         inputs, _ = batch_for(kind, CONFIGS[variant])
         model.eval()  # dropout off: the two modes draw their masks over different shapes
-        out = model(**inputs)
+        out = model(**_with_budget(inputs, budget))
         if out.loss is not None:
             out.loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         return out, grads
 
-    (default, default_grads), (static, static_grads) = run(False), run(True)
-    for name in (*LOSSES, "text_pooled", "image_pooled", "itm_logits"):
-        _close(getattr(default, name), getattr(static, name), name, atol=2e-6)
-    # a parameter no loss reaches keeps no gradient in either mode (DDP's unused-parameter contract)
-    assert sorted(default_grads) == sorted(static_grads)
-    for name, grad in default_grads.items():
-        torch.testing.assert_close(static_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    default, default_grads = run(False)
+    for static, static_grads in (run(True), run(True, "typical"), run(True, "over")):
+        for name in (*LOSSES, "text_pooled", "image_pooled", "itm_logits"):
+            _close(getattr(default, name), getattr(static, name), name, atol=2e-6)
+        # a parameter no loss reaches keeps no gradient in either mode (DDP's unused-parameter contract)
+        assert sorted(default_grads) == sorted(static_grads)
+        for name, grad in default_grads.items():
+            torch.testing.assert_close(static_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_budget_runs_the_msm_head_on_its_rows_only():
+    config = CONFIGS["masked-data-classes-all-itc_off"]
+    model = InterBertForPreTraining(small_config(**config, **WEIGHTS)).eval().set_static_shapes(True)
+    inputs, _ = batch_for("joint", config)
+    labels = inputs["msm_labels"]
+    budgeted = _with_budget(inputs, "typical")
+    out, full = model(**budgeted), model(**inputs)
+    assert out.msm_logits.shape == (24, V) and full.msm_logits.shape == (*labels.shape, V)
+    masked = (labels != -100).flatten()
+    n = int(masked.sum())  # the budget's rows are the masked tokens in row-major order, then the padding
+    torch.testing.assert_close(out.msm_logits[:n], full.msm_logits.flatten(0, 1)[masked], rtol=0, atol=1e-6)
+    # full_logits asks for every position: the budget is not used
+    assert model(**budgeted, full_logits=True).msm_logits.shape == (*labels.shape, V)
+    # the default mode does not read the key: its masked tokens' logits, as without it
+    model.set_static_shapes(False)
+    torch.testing.assert_close(model(**budgeted).msm_logits, model(**inputs).msm_logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p, b, t: p.int(), "1-d long tensor"),
+    (lambda p, b, t: p[None], "1-d long tensor"),
+    (lambda p, b, t: torch.cat([p[:-1], p.new_tensor([b * t])]), r"must lie in \[0, 54\)"),
+    (lambda p, b, t: p[1:], "leave out 1 masked token"),
+])
+def test_a_hand_made_budget_that_would_change_the_loss_is_refused_in_one_line(change, message):
+    config = CONFIGS["masked-data-classes-all-itc_off"]
+    model = InterBertForPreTraining(small_config(**config, **WEIGHTS)).eval().set_static_shapes(True)
+    inputs = _with_budget(batch_for("joint", config)[0], "typical")
+    b, t = inputs["msm_labels"].shape
+    with pytest.raises(ValueError, match=message) as refused:
+        model(**{**inputs, "msm_positions": change(inputs["msm_positions"], b, t)})
+    assert "\n" not in str(refused.value)
 
 
 # ---- no graph breaks -----------------------------------------------------------------------------
@@ -177,13 +268,14 @@ COVERING_VARIANTS = {"masked-data-classes-all-itc_off", "clean-data-classes-all-
                      "clean-in_batch-classes-all-itc_proj", "masked-in_batch-features-matched-itc_off"}
 
 
+@pytest.mark.parametrize("budget", [None, "typical"], ids=["no_budget", "budget"])
 @pytest.mark.parametrize("variant", [v if v in COVERING_VARIANTS else pytest.param(v, marks=pytest.mark.slow)
                                      for v in sorted(CONFIGS)])
-def test_every_pretraining_variant_captures_as_one_graph(variant):
+def test_every_pretraining_variant_captures_as_one_graph(variant, budget):
     config = CONFIGS[variant]
     torch.manual_seed(0)
     model = InterBertForPreTraining(small_config(**config, **WEIGHTS)).train().set_static_shapes(True)
-    inputs, _ = batch_for("joint", config)
+    inputs = _with_budget(batch_for("joint", config)[0], budget)
     reasons = _break_reasons(model, inputs)
     expected = EXPECTED_BREAKS["in_batch"] if config.get("itm_negatives") == "in_batch" else {}
     unexpected = [r.splitlines()[0] for r in reasons if not any(key in r for key in expected)]

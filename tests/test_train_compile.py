@@ -51,6 +51,11 @@ def test_compile_default_wraps_the_model_in_its_static_shape_mode(tmp_path):
     trainer = Trainer(model, ToyDataset(16), config)
     assert trainer.model is model and model.static_shapes and model.interbert.static_shapes
     assert trainer.ddp_model is not model  # the compiled wrapper; saving and EMA keep reading the bare module
+    # every bucket shape (and the MSM budget's full-size one) compiles, not eager after dynamo's default 8
+    import torch
+
+    from interbert.train.compiling import RECOMPILE_LIMIT
+    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT >= 4 * 4 * 2
     off = Trainer(InterBertForPreTraining(small_config()), ToyDataset(16),
                   TrainConfig(output_dir=str(tmp_path / "off"), device="cpu", max_steps=1, batch_size=4))
     assert not off.model.static_shapes and off.ddp_model is off.model and off.compile_seconds is None

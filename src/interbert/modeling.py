@@ -339,11 +339,13 @@ class InterBertPreTrainedModel(PreTrainedModel):
     def set_static_shapes(self, on: bool = True) -> "InterBertPreTrainedModel":
         """Run ``forward`` with static shapes only, so that ``torch.compile`` captures it as one graph (with
         length buckets, a handful of graphs for a run): the stacks compute every position and mask the pad
-        (:func:`run_stack`), the MSM/MRM heads and losses cover every position with the unscored ones ignored,
-        ITC masks the unmatched pairs instead of selecting the matched ones. The losses and pooled outputs are
-        those of the default mode (to float rounding); ``msm_logits`` / ``mrm_*`` then cover every position
-        (as with ``full_logits``). More arithmetic per step, fewer launches and syncs: whether it pays is for
-        a benchmark to say (``train.compile`` turns it on). Not saved with the model."""
+        (:func:`run_stack`), the MSM/MRM heads and losses cover every position with the unscored ones ignored
+        (MSM: only the batch's ``msm_positions`` when it has them, a fixed budget per length bucket), ITC masks
+        the unmatched pairs instead of selecting the matched ones. The losses and pooled outputs are those of
+        the default mode (to float rounding); ``msm_logits`` / ``mrm_*`` then cover every position (as with
+        ``full_logits``), or ``msm_logits`` the budget's rows. More arithmetic per step, fewer launches and
+        syncs: whether it pays is for a benchmark to say (``train.compile`` turns it on). Not saved with the
+        model."""
         for module in self.modules():
             if isinstance(module, InterBertPreTrainedModel):
                 module.static_shapes = bool(on)
@@ -665,6 +667,7 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
         itm_labels: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
         full_logits: bool = False,
+        msm_positions: torch.Tensor | None = None,
     ) -> InterBertPreTrainingOutput:
         """With labels, the masked-token and masked-region heads run only where there is something to
         predict (the vocabulary projection over every token would dominate the step): ``msm_logits`` is
@@ -677,7 +680,11 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
         1); some captions are re-paired here with another image of the batch (``image_index``: equal values
         mark captions of the same image, never used as each other's negatives) and ``itm_labels`` in the
         output are the labels the ITM loss was computed with. ``text_pooled``/``image_pooled`` in the output
-        are the ones ITM read (the masked pass's, or with ``config.itm_inputs == "clean"`` a clean pass's)."""
+        are the ones ITM read (the masked pass's, or with ``config.itm_inputs == "clean"`` a clean pass's).
+
+        ``msm_positions`` (K long, the collate's masked-token budget, :func:`interbert.data.batches.masked_positions`)
+        is read in the static-shape mode only: the MSM head then runs on those K rows (``msm_logits`` K x V) instead
+        of every position; the default mode selects the masked tokens itself, with the same loss."""
         text = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         image = dict(region_features=region_features, region_boxes=region_boxes, region_mask=region_mask)
         clean_text = self.clean_text(text, msm_labels)
@@ -685,7 +692,7 @@ class InterBertForPreTraining(InterBertPreTrainedModel):
         batch = PretrainingInputs(
             text, clean_text, image, clean_image, msm_labels=msm_labels, mrm_mask=mrm_mask, itm_labels=itm_labels,
             mrm_class_targets=mrm_class_targets, mrm_feature_targets=mrm_feature_targets, image_index=image_index,
-            full_logits=full_logits)
+            full_logits=full_logits, msm_positions=msm_positions)
         batch = self.itm.pair(batch)  # ITM's pairs: the data's, or in-batch negatives
         passes = self.passes.run(batch, text_at=self.msm.positions(batch), region_at=self.mrm.positions(batch))
         msm = self.msm(passes, batch)

@@ -38,6 +38,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from interbert.config import InterBertConfig
+from interbert.data.masking import NO_POSITION
 from interbert.data.negatives import in_batch_itm_pairs
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class PretrainingInputs:
     itm_labels: torch.Tensor | None = None
     image_index: torch.Tensor | None = None  # equal values: captions of the same picture
     full_logits: bool = False  # the heads score every position (not only the masked ones)
+    msm_positions: torch.Tensor | None = None  # the static-shape mode's masked-token budget (MsmObjective)
     # set by in-batch pairing: the clean single-modal embeddings of every pair, which drew the negatives
     # (ITC's loss is taken on them) and that the pairs' labels are the model's, not the data's
     pair_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -226,13 +228,8 @@ class MsmObjective(Objective):
             return ObjectiveOutput()
         at, targets = self.positions(batch), self.targets(batch)
         sequence = passes.masked.text_sequence
-        if self.model.static_shapes:  # every position through the head, the unmasked ones ignored by the loss
-            logits = F.linear(self.model.msm_transform(sequence), self.model.interbert.embeddings.word_embeddings.weight,
-                              self.model.msm_bias)
-            outputs = {"msm_logits": logits}
-            if targets is None:
-                return ObjectiveOutput(None, outputs)
-            return ObjectiveOutput(masked_mean_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.flatten()), outputs)
+        if self.model.static_shapes:
+            return self._static_forward(sequence, targets, None if batch.full_logits else batch.msm_positions)
         hidden = sequence if at is None else sequence[at]
         word_embeddings = self.model.interbert.embeddings.word_embeddings.weight
         logits = F.linear(self.model.msm_transform(hidden), word_embeddings, self.model.msm_bias)
@@ -243,6 +240,51 @@ class MsmObjective(Objective):
         if not (targets != IGNORE).any():  # no masked token: zero, with the graph DistributedDataParallel needs
             return ObjectiveOutput(0.0 * logits.sum(), outputs)
         return ObjectiveOutput(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE), outputs)
+
+    def _static_forward(self, sequence: torch.Tensor, targets: torch.Tensor | None,
+                        budget: torch.Tensor | None) -> ObjectiveOutput:
+        """The static-shape mode: no row selection whose size depends on the data. Without a budget every
+        position goes through the head (``msm_logits`` B x T x V) and the loss ignores the unmasked ones; with
+        ``msm_positions`` (K flat indices, :data:`~interbert.data.masking.NO_POSITION` as padding) only those K
+        rows do (``msm_logits`` K x V), gathered by index: the vocabulary projection at every position was
+        most of a step's arithmetic, the masked tokens are a seventh of the positions."""
+        decoder = self.model.interbert.embeddings.word_embeddings.weight
+        if budget is None:
+            logits = F.linear(self.model.msm_transform(sequence), decoder, self.model.msm_bias)
+            flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]), None if targets is None else targets.flatten()
+        else:
+            if not torch.compiler.is_compiling():  # a clear error for a hand-made batch; a compiled step trusts collate
+                self.check_budget(budget, targets, sequence.shape[:2])
+            rows = budget.clamp(min=0)  # the padding reads row 0, and its target is IGNORE
+            hidden = sequence.flatten(0, 1).index_select(0, rows)
+            logits = flat_logits = F.linear(self.model.msm_transform(hidden), decoder, self.model.msm_bias)
+            if targets is not None:
+                flat_targets = targets.flatten().index_select(0, rows).masked_fill(budget == NO_POSITION, IGNORE)
+            else:
+                flat_targets = None
+        outputs = {"msm_logits": logits}
+        if flat_targets is None:
+            return ObjectiveOutput(None, outputs)
+        return ObjectiveOutput(masked_mean_cross_entropy(flat_logits, flat_targets), outputs)
+
+    @staticmethod
+    def check_budget(budget: torch.Tensor, targets: torch.Tensor | None, shape: torch.Size) -> None:
+        """``msm_positions`` must be flat indices into the B x T text (or the padding) and hold every masked
+        token, or the loss would silently leave some out."""
+        b, t = shape
+        if budget.dim() != 1 or budget.dtype != torch.long:
+            raise ValueError(f"msm_positions must be a 1-d long tensor of flat indices into the {b} x {t} text, "
+                             f"got shape {tuple(budget.shape)} and dtype {budget.dtype}")
+        if bool(((budget < NO_POSITION) | (budget >= b * t)).any()):
+            raise ValueError(f"msm_positions must lie in [0, {b * t}) (the {b} x {t} text, flattened) or be "
+                             f"{NO_POSITION} (padding), got values outside it")
+        if targets is not None:
+            covered = torch.zeros(b * t, dtype=torch.bool, device=budget.device).index_fill(0, budget[budget >= 0], True)
+            missing = ((targets.flatten() != IGNORE) & ~covered).nonzero()
+            if len(missing):
+                raise ValueError(f"msm_positions leave out {len(missing)} masked token(s) of msm_labels, the first "
+                                 f"at flat position {int(missing[0])}: build them with "
+                                 "interbert.data.batches.masked_positions")
 
 
 class MrmObjective(Objective):

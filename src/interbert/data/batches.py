@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from interbert.data.features import FeatureStore, Regions
 from interbert.data.masking import (
     IGNORE_INDEX,
     IOU_GROUP_THRESHOLD,
+    NO_POSITION,
     TEXT_MASKERS,
     apply_region_masking,
     apply_token_masking,
@@ -111,13 +112,62 @@ def bucket_length(longest: int, edges: Sequence[int] | None) -> int:
     return longest
 
 
+# Masked-position budgets (static shapes for the MSM head): the share of batches of a text bucket that its
+# typical budget holds (the rest take the full B x T).
+BUDGET_QUANTILE = 0.99
+
+
+def masked_count_budgets(lengths: Sequence[int], masked_counts: Sequence[int], batch_size: int,
+                         text_edges: Sequence[int], quantile: float = BUDGET_QUANTILE, multiple: int = BUCKET_MULTIPLE,
+                         draws: int = 4000, seed: int = 0) -> dict[int, int]:
+    """The typical masked-token budget of each text bucket (``{edge: budget}``), from the data's
+    masked-count histogram: ``lengths[i]`` / ``masked_counts[i]`` are one caption's tokens and masked tokens
+    (a sample of the masking, :meth:`PretrainingDataset.masked_token_counts`).
+
+    A per-caption budget cannot be tight (the original's span masks up to the whole caption), a per-batch one
+    can: ``draws`` batches of ``batch_size`` captions drawn at random (as the loop's shuffled batches are),
+    each in the bucket of its longest caption, and per bucket the ``quantile`` of their masked totals, rounded
+    up to a multiple of ``multiple`` and never above B x T. A bucket with fewer than 100 drawn batches (too few
+    for a 99th percentile) takes the quantile of all batches (longer captions mask more, so that is an upper
+    estimate). A batch above its budget takes the full B x T (:func:`masked_positions`): at most two budgets per
+    text bucket, so a compiled step sees at most twice the bucket shapes, and the second only for the rare batch."""
+    lengths, counts = np.asarray(lengths), np.asarray(masked_counts)
+    if not len(lengths) or len(lengths) != len(counts) or batch_size < 1:
+        raise ValueError(f"masked_count_budgets needs as many masked counts as lengths (got {len(lengths)} and "
+                         f"{len(counts)}) and batch_size >= 1 (got {batch_size})")
+    picks = np.random.default_rng(seed).integers(0, len(lengths), (draws, batch_size))
+    buckets = np.array([bucket_length(int(n), text_edges) for n in lengths[picks].max(1)])
+    totals = counts[picks].sum(1)
+    budgets = {}
+    for edge in text_edges:
+        here = totals[buckets == edge]
+        typical = np.quantile(here if len(here) >= 100 else totals, quantile, method="higher")
+        budgets[int(edge)] = min(batch_size * int(edge), -(-int(typical) // multiple) * multiple)
+    return budgets
+
+
+def masked_positions(msm_labels: torch.Tensor, budgets: Mapping[int, int]) -> torch.Tensor:
+    """``msm_positions``: the flat indices (row-major over B x T) of the masked tokens of ``msm_labels``,
+    padded with :data:`~interbert.data.masking.NO_POSITION` up to the batch's budget: the typical budget of its
+    text length (:func:`masked_count_budgets`, at most B x T), or B x T when more tokens are masked than that (or
+    the length has no budget). The MSM head of the static-shape mode runs on these rows only, a fixed number per bucket."""
+    b, t = msm_labels.shape
+    flat = (msm_labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+    typical = min(budgets.get(t, b * t), b * t)
+    size = typical if len(flat) <= typical else b * t
+    return torch.cat([flat, flat.new_full((size - len(flat),), NO_POSITION)])
+
+
 def collate(examples: Sequence[dict] | Sequence[Sequence[dict]], pad_token_id: int = 0,
-            length_buckets: Sequence[int] | None = None, region_buckets: Sequence[int] | None = None) -> dict:
+            length_buckets: Sequence[int] | None = None, region_buckets: Sequence[int] | None = None,
+            msm_budgets: Mapping[int, int] | None = None) -> dict:
     """Pad examples to the batch's longest text and region list, or with ``length_buckets`` /
     ``region_buckets`` (ascending edges, :func:`bucket_edges`) up to the smallest edge that fits them: the
     masks mark the pad, which no attention reads and no loss scores, so the results are those of the
     unbucketed batch. Examples that are groups (lists of dicts, the 4-way retrieval groups) are flattened to
-    ``groups x size`` pairs and ``group_size`` is set."""
+    ``groups x size`` pairs and ``group_size`` is set. ``msm_budgets`` (``{text length: budget}``,
+    :func:`masked_count_budgets`): a batch with ``msm_labels`` also gets ``msm_positions`` (:func:`masked_positions`),
+    which the model's static-shape mode reads."""
     group_size = None
     if isinstance(examples[0], (list, tuple)):
         group_size = len(examples[0])
@@ -131,6 +181,8 @@ def collate(examples: Sequence[dict] | Sequence[Sequence[dict]], pad_token_id: i
         batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
         if "msm_labels" in examples[0]:
             batch["msm_labels"] = _pad([e["msm_labels"] for e in examples], longest, IGNORE_INDEX).long()
+            if msm_budgets is not None:
+                batch["msm_positions"] = masked_positions(batch["msm_labels"], msm_budgets)
     if "region_features" in examples[0]:
         counts = [len(e["region_features"]) for e in examples]
         most = bucket_length(max(counts), region_buckets)
@@ -335,6 +387,17 @@ class PretrainingDataset(_CaptionImageDataset):
                                                   k=num_hard, cache_dir=cache_dir)
         self.hard_negatives = hard_negatives
         self.vocab_size, self.mask_token_id = len(tokenizer), tokenizer.mask_token_id
+
+    def masked_token_counts(self, sample: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``(lengths, masked)``: the token count and a draw of the masked-token count of ``sample`` captions
+        (all, when fewer), picked and masked under their own generator, not the training draws: the
+        histogram :func:`masked_count_budgets` sizes the static-shape mode's MSM budget from. Reads no image."""
+        rng = np.random.default_rng([self.seed, seed])
+        picked = rng.permutation(len(self))[:sample]
+        masker, encoded = TEXT_MASKERS[self.msm], [self._encoded[i] for i in picked]
+        masked = [int(masker(np.asarray(e.maskable), rng, word_ids=e.word_ids if self.whole_word else None).sum())
+                  for e in encoded]
+        return np.array([len(e.input_ids) for e in encoded]), np.array(masked)
 
     def set_progress(self, step: int, total_steps: int) -> None:
         """The optimisation step the next examples are for (the hard-negative schedule reads it)."""

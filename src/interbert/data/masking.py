@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 IGNORE_INDEX = -100
+NO_POSITION = -1  # the padding of a batch's msm_positions (interbert.data.batches.masked_positions)
 IOU_GROUP_THRESHOLD = 0.4  # the original's: an anchor masks every region overlapping it this much
 
 

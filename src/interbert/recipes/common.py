@@ -386,14 +386,17 @@ def weighted_sources(dataset, sources: Sequence[Source], seed: int):
     return WeightedSources(dataset, weights, seed)
 
 
-def bucketed_collate(dataset, length_buckets, region_buckets, pad_token_id: int):
+def bucketed_collate(dataset, length_buckets, region_buckets, pad_token_id: int, msm_budget: str = "none",
+                     batch_size: int | None = None):
     """The caption datasets' collate with the ``data.length_buckets`` / ``data.region_buckets`` settings resolved
     to edges (``auto``: from ``dataset``'s length histogram, :func:`~interbert.data.batches.bucket_edges`;
     ``none``: each batch padded to its own longest, as before). The edges are logged: they are the shapes a
-    compiled step sees."""
+    compiled step sees. ``msm_budget="auto"`` with text buckets (``data.msm_budget``, pretraining): batches of
+    ``batch_size`` also carry ``msm_positions``, budgets per text bucket from ``dataset``'s masked-count
+    histogram (:func:`~interbert.data.batches.masked_count_budgets`), logged too."""
     import functools
 
-    from interbert.data.batches import bucket_edges, collate
+    from interbert.data.batches import bucket_edges, collate, masked_count_budgets
 
     def edges(setting, lengths):
         if setting == "none":
@@ -404,4 +407,9 @@ def bucketed_collate(dataset, length_buckets, region_buckets, pad_token_id: int)
     regions = edges(region_buckets, dataset.region_counts)
     if text or regions:
         logger.info("length buckets: text %s, regions %s", text or "none", regions or "none")
-    return functools.partial(collate, pad_token_id=pad_token_id, length_buckets=text, region_buckets=regions)
+    budgets = None
+    if msm_budget == "auto" and text and batch_size:
+        budgets = masked_count_budgets(*dataset.masked_token_counts(), batch_size, text)
+        logger.info("masked-token budgets per text bucket (batch %d): %s", batch_size, budgets)
+    return functools.partial(collate, pad_token_id=pad_token_id, length_buckets=text, region_buckets=regions,
+                             msm_budgets=budgets)

@@ -120,7 +120,8 @@ def run(cfg: PretrainSettings | dict, resume: bool = False, source: str = "confi
         cache_dir=out / "cache", seed=train_cfg.seed, region_cache=data.region_cache,
     )
     dataset, heldout = pretraining_datasets(captions, val_captions, store, tokenizer, settings)
-    collate_fn = bucketed_collate(dataset, data.length_buckets, data.region_buckets, tokenizer.pad_token_id)
+    collate_fn = bucketed_collate(dataset, data.length_buckets, data.region_buckets, tokenizer.pad_token_id,
+                                  msm_budget=data.msm_budget, batch_size=train_cfg.batch_size)
     # the pretraining losses on the validation split (why not zero-shot R@1: validation.py)
     eval_fn = heldout_loss_eval_fn(heldout, collate_fn, train_cfg.batch_size) if heldout is not None else None
     if data.task_sampling == "alternate":  # a step's heads are those of its task: DDP must look for the unused ones

@@ -175,6 +175,10 @@ class PretrainDataSettings(CaptionDataSettings):
     # joint: every step takes every objective; alternate: UNITER-style, masked steps (MSM + MRM on a caption
     # with its own image) and matching steps (ITM + ITC on unmasked pairs) in turn, each one encoder pass
     task_sampling: str = choice("joint", TASK_SAMPLING)
+    # With length_buckets on, batches carry msm_positions: the masked tokens' indices padded to a budget per
+    # text bucket from the data's masked-count histogram (auto), so that the static-shape mode of
+    # train.compile runs the MSM head on those only; none: the head runs on every position there.
+    msm_budget: str = choice("auto", ("auto", "none"))
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -22,6 +22,11 @@ from interbert.train.config import CUDA_COMPILE_MODES
 
 logger = logging.getLogger(__name__)
 
+# Graphs a compiled run may need, one per input shape: (text, regions) buckets, at most 4 x 4 with ``auto``,
+# times 2 for the MSM budget's rare full-size batch (data.msm_budget), times 2 for the masked and matching
+# batches of task_sampling=alternate. Dynamo's default is 8 per function, past which it runs the step eagerly.
+RECOMPILE_LIMIT = 64
+
 
 class CompiledStep:
     """What ``train.compile`` (``off`` | ``default`` | a CUDA mode) does to the loop's model and step."""
@@ -50,6 +55,7 @@ class CompiledStep:
             logger.warning("train.compile without data.length_buckets and data.region_buckets: every new padded "
                            "length compiles again (set both to auto)")
         logger.info("train.compile=%s (static shapes, one graph per bucket): the first step compiles", self.mode)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         return torch.compile(step_module, mode=self.mode, dynamic=False)
 
     def timed(self, step: Callable[..., Any], *args: Any) -> Any:
