@@ -321,3 +321,11 @@ def test_every_finetuning_model_captures_as_one_graph(task):
     static = model.eval()(**inputs)  # and the same numbers
     for name in ("loss", "logits"):
         _close(getattr(default, name), getattr(static, name), name, atol=2e-6)
+
+
+def test_the_model_and_the_data_agree_on_the_padding_of_msm_positions():
+    """objectives.py keeps its own copy of the padding value (a model folder's code carries no data module)."""
+    from interbert import objectives
+    from interbert.data import masking
+
+    assert objectives.NO_POSITION == masking.NO_POSITION

@@ -38,13 +38,15 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from interbert.config import InterBertConfig
-from interbert.data.masking import NO_POSITION
 from interbert.data.negatives import in_batch_itm_pairs
 
 if TYPE_CHECKING:
     from interbert.modeling import EncoderPasses, InterBertForPreTraining
 
 IGNORE = -100  # the label of a position no loss scores (torch's cross_entropy ignore_index)
+# the padding of msm_positions: interbert.data.masking.NO_POSITION's value, defined here too because a model
+# folder's code (interbert.remote_code) carries this module and not the data package (a test holds them equal)
+NO_POSITION = -1
 
 
 # --------------------------------------------------------------------------------------------------
