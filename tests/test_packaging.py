@@ -131,6 +131,8 @@ def _cli_without(modules: list[str], *argv: str, cwd: Path | None = None) -> sub
     (["faiss"], ["demo", "--out", "nowhere"], "serve"),
     (["jieba"], ["demo", "--lang", "zh", "--out", "nowhere"], "zh"),
     (["torchvision"], ["extract", "nowhere", "out", "--weights", "random"], "extract"),
+    (["wandb"], ["pretrain", "train.report_to=wandb", "train.output_dir=nowhere"], "wandb"),
+    (["mlflow"], ["pretrain", "train.report_to=[tensorboard,mlflow]", "train.output_dir=nowhere"], "mlflow"),
 ])
 def test_a_missing_extra_is_one_error_line_naming_it(missing, argv, extra, tmp_path):
     result = _cli_without(missing, *argv, cwd=tmp_path)
