@@ -95,7 +95,7 @@ def write_run_curves(path: str | Path, history: History, eval_history: Sequence[
         steps, values = _validation_points(eval_history, name)
         if steps:
             ax.plot(steps, values, "o-", color="tab:orange", ms=3, lw=1, label="validation")
-        ax.set_title(name, fontsize=10)
+        ax.set_title(name if name in losses else f"{name} (validation)", fontsize=10)
         ax.set_xlabel("update")
         if name in losses and steps:
             ax.legend(fontsize=7)
