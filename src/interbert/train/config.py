@@ -69,14 +69,14 @@ class TrainConfig:
     # starts and when it ends, so that one can check the ranks stayed identical (tests do).
     save_rank_weights: bool = False
     progress_bar: bool = True
-    tensorboard: bool = True  # the older switch for TensorBoard: see report_to
+    tensorboard: bool = True  # the older switch for TensorBoard, read only while report_to is null
     # Where the run's hyperparameters (the resolved config), per-update scalars and validation metrics go, as
     # transformers' report_to: a list of tensorboard (under output_dir/tensorboard), wandb (W&B: WANDB_MODE,
     # WANDB_PROJECT apply; files under output_dir/wandb), mlflow (MLFLOW_TRACKING_URI, else a SQLite store under
     # output_dir/mlflow) or none; one name alone may be written without the list. null (the default): tensorboard
     # decides, as before report_to existed: true -> [tensorboard], false -> [none]. Once set, report_to decides
-    # alone, and tensorboard: false beside a report_to naming tensorboard is refused. wandb and mlflow are
-    # extras: pip install 'interbert[wandb]' / 'interbert[mlflow]'. Only rank 0 reports.
+    # alone (train.report_to=[tensorboard] turns TensorBoard on in a config that says tensorboard: false). wandb
+    # and mlflow are extras: pip install 'interbert[wandb]' / 'interbert[mlflow]'. Only rank 0 reports.
     report_to: list[str] | str | None = None
     # torch.compile the model for the step: off | default | reduce-overhead | max-autotune (the last two are
     # CUDA modes, refused on CPU). The model runs in its static-shape mode (no graph breaks, see
@@ -131,9 +131,6 @@ class TrainConfig:
         if "none" in self.report_to and len(self.report_to) > 1:
             raise ValueError(f"report_to lists none beside {', '.join(n for n in self.report_to if n != 'none')}: "
                              "choose none alone or the backends")
-        if not self.tensorboard and "tensorboard" in self.report_to:
-            raise ValueError("report_to lists tensorboard but tensorboard is false: drop one of them "
-                             "(report_to decides once set)")
 
     def reporting_backends(self) -> list[str]:
         """The trackers the run reports to: ``report_to`` without ``none``, or, when it is not set,

@@ -40,13 +40,6 @@ def train_scalars(means: Mapping[str, float | None], lr: float, throughput: floa
     return scalars
 
 
-def write_scalars(writer, step: int, means: Mapping[str, float | None], lr: float, throughput: float,
-                  grad_norm: float | None) -> None:
-    """The update's scalars into a TensorBoard ``SummaryWriter``."""
-    for name, value in train_scalars(means, lr, throughput, grad_norm).items():
-        writer.add_scalar(name, value, step)
-
-
 class Reporter:
     """Rank 0's progress bar, trackers and console lines for one ``fit`` (other ranks: none of them); the
     throughput is measured over the updates since the last report.

@@ -10,7 +10,9 @@ Nothing reaches a network unless the user's environment asks for it: W&B follows
 logs without an account; ``wandb sync`` uploads later), and MLflow writes to a SQLite store in the run folder
 unless ``MLFLOW_TRACKING_URI`` names another (MLflow 3 refuses its older ``mlruns`` file store unless told to,
 and keeps it in maintenance mode only). A resumed run goes on in the same W&B and MLflow runs: their ids are
-kept in ``trackers.json`` beside the checkpoint.
+kept in ``trackers.json`` beside the checkpoint. The updates a killed run reported after its last checkpoint
+are reported again after the resume: TensorBoard purges its earlier copies, MLflow keeps both values at
+those steps, W&B ignores the repeats (its steps only go up).
 """
 
 from __future__ import annotations
