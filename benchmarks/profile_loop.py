@@ -60,7 +60,8 @@ PHASES = [
     ("update: EMA", "interbert.train", "ExponentialMovingAverage.update"),
     ("logging: loss stats", "interbert.train", "Trainer._reduce_step_stats"),
     ("logging: tensorboard", "interbert.train", "Trainer._write_scalars"),  # before train/ became a package
-    ("logging: tensorboard", "interbert.train.reporting", "write_scalars"),
+    ("logging: tensorboard", "interbert.train.reporting", "write_scalars"),  # before train.report_to
+    ("logging: tensorboard", "interbert.train.reporting", "Reporter.log"),  # report_to's trackers (TensorBoard by default)
 ]
 
 

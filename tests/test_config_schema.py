@@ -25,6 +25,7 @@ SPECIAL = {
     "data.sources": ("data.sources", [{"name": "a", "captions": "a.json", "features": "a.tsv"}]),
     "data.length_buckets": ("data.length_buckets", [16, 24, 32]),  # none | auto | ascending edges
     "data.region_buckets": ("data.region_buckets", "auto"),
+    "train.report_to": ("train.report_to", ["tensorboard", "mlflow"]),  # a list of tracker names
 }
 NEEDS = {"train.best_metric": ["train.eval_every=5"], "train.early_stopping_patience": ["train.eval_every=5"],
          "data.sources": ["data.captions=null", "data.features=null"],

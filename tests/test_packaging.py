@@ -134,6 +134,8 @@ def _cli_without(modules: list[str], *argv: str, cwd: Path | None = None) -> sub
     (["pyarrow"], ["embed", "--model", "m", "--out", "nowhere", "--texts", "t", "--format", "parquet"], "parquet"),
     (["onnxruntime"], ["export", "onnx", "--model", "nowhere", "--out", "nowhere"], "export"),
     (["onnxscript"], ["export", "onnx", "--model", "nowhere", "--out", "nowhere"], "export"),
+    (["wandb"], ["pretrain", "train.report_to=wandb", "train.output_dir=nowhere"], "wandb"),
+    (["mlflow"], ["pretrain", "train.report_to=[tensorboard,mlflow]", "train.output_dir=nowhere"], "mlflow"),
 ])
 def test_a_missing_extra_is_one_error_line_naming_it(missing, argv, extra, tmp_path):
     result = _cli_without(missing, *argv, cwd=tmp_path)

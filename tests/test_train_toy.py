@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     # evaluations whose score only falls after the first: early stopping after --patience of them
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--patience", type=int, default=None)
+    parser.add_argument("--report-to", nargs="+", default=None, help="train.report_to")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -120,10 +121,12 @@ def main(argv: list[str] | None = None) -> None:
         eval_every=args.eval_every,
         best_metric="score" if args.eval_every else None,
         early_stopping_patience=args.patience,
+        report_to=args.report_to,
     )
     model = ToyModel()
     trainer = KillAfterCheckpoint(model, ToyDataset(args.dataset_size), config, collate_fn=noisy_collate,
-                                  eval_fn=lambda evaluated: {"score": -float(trainer.step)})
+                                  eval_fn=lambda evaluated: {"score": -float(trainer.step)},
+                                  hparams={"model": {"name": "toy"}})
     trainer.kill_after_step = args.kill_after_step
     rank = trainer.dist.rank
     result = trainer.fit(resume=args.resume)

@@ -4,7 +4,7 @@ The core install trains, evaluates and runs the demo's models; a few commands ne
 ``[serve]`` for ``interbert index|serve`` (and the demo's search index), ``[extract]`` for
 ``interbert extract``, ``[zh]`` for Chinese word segmentation, ``[milvus]`` for an index searched by
 Milvus (``--engine milvus...``), ``[postgres]`` for an A/B event store in PostgreSQL (``--events
-postgresql://...``), ``[parquet]`` for ``interbert embed --format parquet``, ``[export]`` for ``interbert export onnx``. Without them, the command stops with
+postgresql://...``), ``[parquet]`` for ``interbert embed --format parquet``, ``[export]`` for ``interbert export onnx``, ``[wandb]`` and ``[mlflow]`` for ``train.report_to: [wandb]`` / ``[mlflow]``. Without them, the command stops with
 ``error: ... pip install 'interbert[serve]'`` (the CLI's usage-error path, exit 2) instead of an
 ImportError traceback. ``tests/test_packaging.py`` keeps :data:`EXTRA_MODULES` in step with pyproject.
 """
@@ -24,6 +24,8 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "postgres": ("psycopg",),
     "parquet": ("pyarrow",),
     "export": ("onnx", "onnxruntime", "onnxscript"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow", "sqlalchemy", "alembic"),  # mlflow-skinny, and what its SQLite store needs
 }
 
 _EXTRA_OF_MODULE = {module: extra for extra, modules in EXTRA_MODULES.items() for module in modules}

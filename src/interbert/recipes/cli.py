@@ -31,6 +31,9 @@ def run_training(args, recipe: str, module: str) -> int:
         print(f"# interbert {recipe}: every setting, resolved; run it again with --config THIS_FILE")
         print(to_yaml(settings), end="")
         return 0
+    from interbert.train.tracking import require_backends
+
+    require_backends(settings.train.reporting_backends())  # train.report_to's extras, before any work
     setup_cli_logging()
     created = first_missing(Path(settings.train.output_dir))  # the folder the run will create, if any
     try:

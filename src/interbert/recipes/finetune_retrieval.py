@@ -111,7 +111,8 @@ def run(cfg: RetrievalSettings | dict, resume: bool = False, source: str = "conf
     trainer = Trainer(model, dataset, train_cfg, collate_fn=bucketed_collate(dataset, data.length_buckets, data.region_buckets,
                                                                      tokenizer.pad_token_id),
                       lr_multiplier_for=bert_lr_multiplier(model_cfg.bert_lr_factor, model_cfg.from_bert),
-                      eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
+                      eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra),
+                      hparams={"recipe": extra["recipe"], **cfg.to_dict()})  # what train.report_to records
     install_run_tokenizer(tokenizer, trainer.dist.is_main)  # only now: a run refused before leaves the folder as it was
     result = trainer.fit(resume=resume)
     test = {"test": evaluate_saved_weights(trainer, test_fn)} if test_fn else {}

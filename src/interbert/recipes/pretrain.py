@@ -136,7 +136,8 @@ def run(cfg: PretrainSettings | dict, resume: bool = False, source: str = "confi
     start = time.perf_counter()
     trainer = Trainer(model, weighted_sources(dataset, sources, train_cfg.seed), train_cfg, collate_fn=collate_fn,
                       lr_multiplier_for=bert_lr_multiplier(model_cfg.bert_lr_factor, model_cfg.from_bert),
-                      eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
+                      eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra),
+                      hparams={"recipe": extra["recipe"], **cfg.to_dict()})  # what train.report_to records
     install_run_tokenizer(tokenizer, trainer.dist.is_main)  # only now: a run refused before leaves the folder as it was
     result = trainer.fit(resume=resume)
     model_dir = save_trained(trainer, tokenizer, out, extra=extra)

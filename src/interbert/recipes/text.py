@@ -132,7 +132,8 @@ def run(cfg: TextSettings | dict, resume: bool = False, source: str = "config") 
     if train_cfg.eval_every:
         eval_fn = functools.partial(evaluate_text, dataset=dev_set, f1=task.f1, pad_token_id=tokenizer.pad_token_id)
     trainer = Trainer(model, train_set, train_cfg, collate_fn=functools.partial(collate_text, pad_token_id=tokenizer.pad_token_id),
-                      eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
+                      eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra),
+                      hparams={"recipe": extra["recipe"], **cfg.to_dict()})  # what train.report_to records
     install_run_tokenizer(tokenizer, trainer.dist.is_main)  # only now: a run refused before leaves the folder as it was
     result = trainer.fit(resume=resume)
     seconds = time.perf_counter() - start

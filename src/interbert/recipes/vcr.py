@@ -198,7 +198,8 @@ def run(cfg: VcrSettings | dict, resume: bool = False, source: str = "config") -
     logger.info("VCR fine-tuning on %d items x %s = %d examples", len(items), list(dataset.tasks), len(dataset))
     start = time.perf_counter()
     trainer = Trainer(model, dataset, train_cfg, collate_fn=functools.partial(collate_choices, pad_token_id=tokenizer.pad_token_id),
-                      eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra))
+                      eval_fn=eval_fn, save_best=best_model_saver(tokenizer, extra),
+                      hparams={"recipe": extra["recipe"], **cfg.to_dict()})  # what train.report_to records
     install_run_tokenizer(tokenizer, trainer.dist.is_main)  # only now: a run refused before leaves the folder as it was
     result = trainer.fit(resume=resume)
     seconds = time.perf_counter() - start

@@ -17,7 +17,9 @@ One module per job:
 ``distributed``     the process group torchrun describes, DDP, rank 0 first
 ``sampler``         the seeded data order and seeded batch building
 ``rng``             python/numpy/torch RNG seeding, saving and restoring
-``reporting``       progress bar, TensorBoard, console lines
+``reporting``       progress bar, the ``report_to`` trackers, console lines
+``tracking``        ``train.report_to``: TensorBoard, W&B and MLflow runs (hparams, scalars, outcome)
+``curves``          ``curves.png``: a run's losses and validation metrics; the demo's loss comparison
 ``compiling``       ``train.compile``: the step through torch.compile, and its compile time
 ==================  ==========================================================================
 

@@ -13,6 +13,7 @@ from interbert.utils import typed_config
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # train.compile: torch.compile's modes
 CUDA_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # CUDA graphs / autotuned GPU kernels
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")  # train.report_to: where a run's numbers go
 
 
 @dataclass
@@ -68,7 +69,15 @@ class TrainConfig:
     # starts and when it ends, so that one can check the ranks stayed identical (tests do).
     save_rank_weights: bool = False
     progress_bar: bool = True
-    tensorboard: bool = True
+    tensorboard: bool = True  # the older switch for TensorBoard, read only while report_to is null
+    # Where the run's hyperparameters (the resolved config), per-update scalars and validation metrics go, as
+    # transformers' report_to: a list of tensorboard (under output_dir/tensorboard), wandb (W&B: WANDB_MODE,
+    # WANDB_PROJECT apply; files under output_dir/wandb), mlflow (MLFLOW_TRACKING_URI, else a SQLite store under
+    # output_dir/mlflow) or none; one name alone may be written without the list. null (the default): tensorboard
+    # decides, as before report_to existed: true -> [tensorboard], false -> [none]. Once set, report_to decides
+    # alone (train.report_to=[tensorboard] turns TensorBoard on in a config that says tensorboard: false). wandb
+    # and mlflow are extras: pip install 'interbert[wandb]' / 'interbert[mlflow]'. Only rank 0 reports.
+    report_to: list[str] | str | None = None
     # torch.compile the model for the step: off | default | reduce-overhead | max-autotune (the last two are
     # CUDA modes, refused on CPU). The model runs in its static-shape mode (no graph breaks, see
     # InterBertPreTrainedModel.set_static_shapes); with data.length_buckets the compiled graphs are static
@@ -104,9 +113,31 @@ class TrainConfig:
             raise ValueError("TrainConfig.num_workers and warmup_steps must be >= 0")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"TrainConfig.compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
+        self._check_report_to()
         for pattern, factor in self.lr_multipliers.items():
             if not isinstance(factor, int | float) or factor < 0:
                 raise ValueError(f"TrainConfig.lr_multipliers[{pattern!r}] must be a number >= 0, got {factor!r}")
+
+    def _check_report_to(self) -> None:
+        if isinstance(self.report_to, str):  # train.report_to=wandb on the command line
+            self.report_to = [self.report_to]
+        if self.report_to is None:
+            return
+        for name in self.report_to:
+            if name not in REPORT_TO:
+                raise ValueError(f"report_to must list some of {', '.join(REPORT_TO)}; {name!r} is not one of them")
+            if self.report_to.count(name) > 1:
+                raise ValueError(f"report_to names {name} twice")
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError(f"report_to lists none beside {', '.join(n for n in self.report_to if n != 'none')}: "
+                             "choose none alone or the backends")
+
+    def reporting_backends(self) -> list[str]:
+        """The trackers the run reports to: ``report_to`` without ``none``, or, when it is not set,
+        ``[tensorboard]`` if ``tensorboard`` is on (what the key meant before ``report_to`` existed)."""
+        if self.report_to is None:
+            return ["tensorboard"] if self.tensorboard else []
+        return [name for name in self.report_to if name != "none"]
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from interbert.train.checkpoint import BEST_MODEL_DIR, write_history
+from interbert.train.curves import CURVES_NAME, write_run_curves
 from interbert.train.rng import seeded_rng
 from interbert.utils import files
 
@@ -105,9 +106,10 @@ class Validation:
         # the last update is evaluated too, so that model_best also considers the final weights
         return bool(self.every) and (step % self.every == 0 or step == total_steps)
 
-    def __call__(self, trainer, writer=None) -> dict[str, float] | None:
+    def __call__(self, trainer, reporter=None) -> dict[str, float] | None:
         """Evaluate ``trainer``'s averaged weights on rank 0; the metrics go to its eval history,
-        ``loss_history.json``, TensorBoard (``val/<metric>``) and one console line."""
+        ``loss_history.json`` and ``curves.png``, the ``reporter``'s trackers (``val/<metric>``) and one
+        console line."""
         if self.eval_fn is None:
             return None
         metrics = None
@@ -120,11 +122,10 @@ class Validation:
             trainer.eval_history.append({"step": trainer.step, **metrics})
             shown = " ".join(f"{name} {value:.4g}" for name, value in metrics.items())
             logger.info("validation at update %d: %s%s", trainer.step, shown, " (new best)" if improved else "")
-            if writer is not None:
-                for name, value in metrics.items():
-                    writer.add_scalar(f"val/{name}", value, trainer.step)
-                writer.flush()  # someone is watching: show the point now, not at the next flush
+            if reporter is not None:
+                reporter.validation(trainer.step, metrics)
             write_history(trainer.output_dir, trainer.history, trainer.eval_history)
+            write_run_curves(trainer.output_dir / CURVES_NAME, trainer.history, trainer.eval_history)
         if trainer.dist.enabled:
             self.best.share_from_main_process(trainer.device)
         return metrics

@@ -21,10 +21,11 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from interbert.data import model_inputs
 from interbert.errors import UsageError
-from interbert.train import checkpoint, distributed, reporting
+from interbert.train import checkpoint, curves, distributed, reporting, tracking
 from interbert.train.checkpoint import CHECKPOINT_NAME, FINAL_WEIGHTS_NAME, atomic_torch_save, save_weights_folder
 from interbert.train.compiling import CompiledStep
 from interbert.train.config import TrainConfig, TrainResult
+from interbert.train.curves import CURVES_NAME
 from interbert.train.ema import ExponentialMovingAverage, averaged_weights
 from interbert.train.evaluation import BestModel, Validation
 from interbert.train.optim import (
@@ -133,8 +134,10 @@ class Trainer:
     empty folder (default: ``save_pretrained`` when the model has it, else ``model.pt``); the loop
     puts the folder in place as ``model_best/`` only once it is complete. A ``save_best`` with an
     ``evaluation`` parameter also gets ``{"step", "validation", "selected_by"}`` (for the model card).
+    ``hparams``: the run's resolved
+    settings (a recipe's ``model``/``data`` sections) that the ``report_to`` trackers record beside ``train``.
 
-    About 300 lines: set-up, the loop and resume/save stay together because they share the run's position;
+    About 330 lines: set-up, the loop and resume/save stay together because they share the run's position;
     what has state of its own (validation, best model, EMA, compiling, reporting) lives in the modules beside.
     """
 
@@ -147,6 +150,7 @@ class Trainer:
         lr_multiplier_for: Callable[[str], float] | None = None,
         eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
         save_best: Callable[[nn.Module, Path], None] | None = None,
+        hparams: Mapping[str, Any] | None = None,
     ):
         if lr_multiplier_for is not None and config.lr_multipliers:
             raise ValueError("give either lr_multiplier_for or config.lr_multipliers, not both")
@@ -154,7 +158,9 @@ class Trainer:
             raise ValueError("early_stopping_patience needs best_metric: the metric whose improvement it waits for")
         if config.eval_every is not None and eval_fn is None and config.best_metric is not None:
             raise ValueError("best_metric is set but there is no eval_fn to compute it")
+        tracking.require_backends(config.reporting_backends())  # before any work, on every rank
         self.config = config
+        self.hparams = dict(hparams or {})
         self.output_dir = Path(config.output_dir)
         self.train_dataset = train_dataset
         self.collate_fn = collate_fn or default_collate
@@ -231,31 +237,22 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> TrainResult:
         self._start(resume)
-        cfg = self.config
-        reporter = reporting.Reporter(self.output_dir, self.step, self.total_steps, cfg.log_every,
-                                      tensorboard=cfg.tensorboard, bar=cfg.progress_bar, is_main=self.dist.is_main)
+        reporter = self._reporter(resume)
         self.ddp_model.train()
-        acc = _Accumulated()
+        status = tracking.FAILED  # until the loop ends normally
         try:
-            while self.step < self.total_steps and not self.should_stop():
-                for batch in self._loader(self.epoch, self.batch_in_epoch):
-                    self.batch_in_epoch += 1
-                    acc.micro_batches += 1
-                    sync = acc.micro_batches == cfg.grad_accum_steps
-                    acc.add(self.compiled.timed(self._forward_backward, batch, sync), _count_examples(batch))
-                    if not sync:
-                        continue
-                    self._update(acc, reporter)
-                    if self._after_update(reporter.writer):
-                        break
-                else:
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
-            if self.compiled.finish() is not None and reporter.writer is not None:
-                reporter.writer.add_scalar("train/compile_seconds", self.compile_seconds, self.step)
+            self._loop(reporter)
+            if self.compiled.finish() is not None:
+                reporter.log({"train/compile_seconds": self.compile_seconds}, self.step)
             self._finish()
+            status = tracking.FINISHED
+        except KeyboardInterrupt:
+            status = tracking.KILLED
+            raise
         finally:
-            reporter.close()
+            if status != tracking.FINISHED and self.dist.is_main:  # a diverged run is when one looks at them
+                curves.write_curves_after_failure(self.output_dir / CURVES_NAME, self.history, self.eval_history)
+            reporter.close(status)
         result = TrainResult(self.step, self.epoch, self.history, self.eval_history, self.output_dir,
                              best=self.best.summary(), stopped_early=self.should_stop() and self.step < self.total_steps,
                              compile_seconds=self.compile_seconds)
@@ -263,6 +260,34 @@ class Trainer:
             self.close_distributed()
         self.compiled.restore(self.model)
         return result
+
+    def _loop(self, reporter: reporting.Reporter) -> None:
+        cfg = self.config
+        acc = _Accumulated()
+        while self.step < self.total_steps and not self.should_stop():
+            for batch in self._loader(self.epoch, self.batch_in_epoch):
+                self.batch_in_epoch += 1
+                acc.micro_batches += 1
+                sync = acc.micro_batches == cfg.grad_accum_steps
+                acc.add(self.compiled.timed(self._forward_backward, batch, sync), _count_examples(batch))
+                if not sync:
+                    continue
+                self._update(acc, reporter)
+                if self._after_update(reporter):
+                    break
+            else:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+
+    def _reporter(self, resume: bool) -> reporting.Reporter:
+        """The bar and the ``report_to`` trackers, given the run's settings: the recipe's (``hparams``) with
+        the loop's as this run uses them."""
+        cfg = self.config
+        metric_tags = ["train/loss"] + ([f"val/{cfg.best_metric}"] if cfg.best_metric else [])
+        return reporting.Reporter(self.output_dir, self.step, self.total_steps, cfg.log_every, bar=cfg.progress_bar,
+                                  is_main=self.dist.is_main, report_to=cfg.reporting_backends(),
+                                  hparams={**self.hparams, "train": cfg.to_dict()}, metric_tags=metric_tags,
+                                  resume=resume)
 
     def _start(self, resume: bool) -> None:
         if self.dist.is_main:
@@ -286,11 +311,11 @@ class Trainer:
         append_to_history(self.history, {**means, "lr": lr})
         reporter.update(self.step, self.epoch, means, lr, step_examples, grad_norm)
 
-    def _after_update(self, writer) -> bool:
+    def _after_update(self, reporter: reporting.Reporter) -> bool:
         """The callbacks after an update: validation (best model, early stopping), then a checkpoint.
         Returns whether the run ends here."""
         if self.validation.due(self.step, self.total_steps):
-            self.evaluate(writer)
+            self.evaluate(reporter)
         stop = self.should_stop()
         if stop:
             logger.info(
@@ -306,6 +331,8 @@ class Trainer:
         if self._last_saved_step != self.step:
             self.save_checkpoint()
         self.save_final_weights()
+        if self.dist.is_main:
+            curves.write_run_curves(self.output_dir / CURVES_NAME, self.history, self.eval_history)
         if self.config.save_rank_weights:
             self.save_rank_weights()
 
@@ -350,9 +377,10 @@ class Trainer:
         """The bare model holding the EMA weights (when EMA is on) inside the block, then restored."""
         return averaged_weights(self.model, self.ema)
 
-    def evaluate(self, writer=None) -> dict[str, float] | None:
-        """Run ``eval_fn`` on rank 0 (:class:`~interbert.train.evaluation.Validation`)."""
-        return self.validation(self, writer)
+    def evaluate(self, reporter: reporting.Reporter | None = None) -> dict[str, float] | None:
+        """Run ``eval_fn`` on rank 0 (:class:`~interbert.train.evaluation.Validation`); its metrics go to
+        ``reporter``'s trackers."""
+        return self.validation(self, reporter)
 
     def should_stop(self) -> bool:
         """Whether early stopping ends the run: ``early_stopping_patience`` evaluations without improvement."""

@@ -1,21 +1,18 @@
-"""What a run shows while it trains: a progress bar, TensorBoard scalars and, without a bar, one console
-line every ``log_every`` updates. Only rank 0 reports."""
+"""What a run shows while it trains: a progress bar, the trackers of ``train.report_to`` (TensorBoard,
+W&B, MLflow: :mod:`interbert.train.tracking`) and, without a bar, one console line every ``log_every``
+updates. Only rank 0 reports."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+from interbert.train import tracking
 
 logger = logging.getLogger(__name__)
-
-
-def summary_writer(output_dir: Path, step: int):
-    from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when logging
-
-    # purge_step drops events a killed run wrote after its last checkpoint.
-    return SummaryWriter(str(output_dir / "tensorboard"), purge_step=step or None)
 
 
 def progress_bar(total_steps: int, step: int):
@@ -33,25 +30,32 @@ def log_line(step: int, total_steps: int, epoch: int, means: Mapping[str, float 
             + (f" ({components})" if components else "") + f" | lr {lr:.3g} | {throughput:.1f} examples/s")
 
 
-def write_scalars(writer, step: int, means: Mapping[str, float | None], lr: float, throughput: float,
-                  grad_norm: float | None) -> None:
-    for name, value in means.items():
-        if value is not None:
-            writer.add_scalar(f"train/{name}", value, step)
-    writer.add_scalar("train/lr", lr, step)
-    writer.add_scalar("train/examples_per_second", throughput, step)
+def train_scalars(means: Mapping[str, float | None], lr: float, throughput: float,
+                  grad_norm: float | None) -> dict[str, float]:
+    """An update's scalars under the names every tracker gets: ``train/<loss>``, ``train/lr``, ..."""
+    scalars = {f"train/{name}": value for name, value in means.items() if value is not None}
+    scalars.update({"train/lr": lr, "train/examples_per_second": throughput})
     if grad_norm is not None:
-        writer.add_scalar("train/grad_norm", grad_norm, step)
+        scalars["train/grad_norm"] = grad_norm
+    return scalars
 
 
 class Reporter:
-    """Rank 0's progress bar, TensorBoard writer and console lines for one ``fit`` (other ranks: none of
-    them); the throughput is measured over the updates since the last report."""
+    """Rank 0's progress bar, trackers and console lines for one ``fit`` (other ranks: none of them); the
+    throughput is measured over the updates since the last report.
 
-    def __init__(self, output_dir: Path, step: int, total_steps: int, log_every: int, *, tensorboard: bool,
-                 bar: bool, is_main: bool):
+    ``report_to``: the trackers (``TrainConfig.reporting_backends()``); ``hparams``: the run's resolved
+    settings they record; ``metric_tags``: the scalars TensorBoard's HParams dashboard compares runs by;
+    ``resume``: go on in the W&B and MLflow runs of the checkpoint's run."""
+
+    def __init__(self, output_dir: Path, step: int, total_steps: int, log_every: int, *, bar: bool, is_main: bool,
+                 report_to: Sequence[str] = (), hparams: Mapping[str, Any] | None = None,
+                 metric_tags: Sequence[str] = ("train/loss",), resume: bool = False):
         self.total_steps, self.log_every, self.is_main = total_steps, log_every, is_main
-        self.writer = summary_writer(output_dir, step) if tensorboard and is_main else None
+        self.trackers = tracking.open_trackers(report_to, output_dir, step, hparams or {}, metric_tags,
+                                               resume) if is_main else []
+        # the TensorBoard SummaryWriter, for callers that add their own summaries (None: not reporting to it)
+        self.writer = next((t.writer for t in self.trackers if isinstance(t, tracking.TensorBoardTracker)), None)
         self.progress = progress_bar(total_steps, step) if bar and is_main else None
         self.interval_start, self.interval_examples = time.perf_counter(), 0
 
@@ -65,14 +69,23 @@ class Reporter:
             self.progress.update(1)
             self.progress.set_postfix(loss=f"{means['loss']:.4f}", ex_per_s=f"{throughput:.1f}", refresh=False)
         if step % self.log_every == 0 or step == self.total_steps:
-            if self.writer is not None:
-                write_scalars(self.writer, step, means, lr, throughput, grad_norm)
+            self.log(train_scalars(means, lr, throughput, grad_norm), step)
             if self.progress is None and self.is_main:  # else the bar shows the loss
                 logger.info(log_line(step, self.total_steps, epoch, means, lr, throughput))
             self.interval_start, self.interval_examples = time.perf_counter(), 0
 
-    def close(self) -> None:
+    def log(self, scalars: Mapping[str, float], step: int) -> None:
+        """``scalars`` (named as they are shown: ``train/loss``, ``val/R@1``) at ``step``, to every tracker."""
+        for tracker in self.trackers:
+            tracker.log(scalars, step)
+
+    def validation(self, step: int, metrics: Mapping[str, float]) -> None:
+        """An evaluation's metrics, as ``val/<metric>``."""
+        self.log({f"val/{name}": value for name, value in metrics.items()}, step)
+
+    def close(self, status: str = tracking.FINISHED) -> None:
+        """End the bar and every tracker; ``status``: how the run ended (``tracking.FAILED`` when it raised)."""
         if self.progress is not None:
             self.progress.close()
-        if self.writer is not None:
-            self.writer.close()
+        trackers, self.trackers, self.writer = self.trackers, [], None  # closed once, even if called again
+        tracking.finish_all(trackers, status)
