@@ -119,6 +119,7 @@ def test_print_config_lists_the_settings_and_each_recipes(capsys):
 
     docs = list(yaml.safe_load_all(printed))
     assert docs[0]["pretrain"]["data"]["msm"] == "token" and docs[0]["pretrain"]["train"]["max_steps"] == 6
+    assert "seed" not in docs[0]["pretrain"]["train"] and "captions" not in docs[0]["finetune"]["data"]  # the demo's own
     pretraining, from_pretrained, scratch = (PretrainSettings.coerce(docs[1]), RetrievalSettings.coerce(docs[2]),
                                              RetrievalSettings.coerce(docs[3]))
     assert pretraining.data.msm == "token" and pretraining.train.output_dir == str(Path("somewhere") / "pretrain")

@@ -46,6 +46,7 @@ from interbert.recipes.demo_settings import (  # noqa: F401  (DROPOUTS lived her
     finetune_settings,
     flag_overrides,
     load_demo,
+    overridable,
     plan_view,
     pretrain_settings,
 )
@@ -240,7 +241,9 @@ def resolved_configs(demo: DemoSettings, out: Path) -> str:
                                                                             pretrained, pretrained),
               "interbert finetune retrieval (w/o pretraining)": finetune_settings(demo, out / "finetune_scratch", files,
                                                                                   pretrained, None)}
-    docs = ["# interbert demo: its settings, resolved (configs/demo/ + flags + key=value overrides)\n" + to_yaml(demo)]
+    docs = ["# interbert demo: its settings, resolved (configs/demo/ + flags + key=value overrides); the keys the\n"
+            "# demo sets in the stages itself (files, padding, folders, seed) are in the recipes' documents below\n"
+            + to_yaml(overridable(demo))]
     docs += [f"# {command}: the settings the demo runs it with\n" + to_yaml(settings) for command, settings in stages.items()]
     return "---\n".join(docs)
 

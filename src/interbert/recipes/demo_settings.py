@@ -173,6 +173,17 @@ def load_demo(overrides: Iterable[str] = ()) -> DemoSettings:
     return typed_config.from_dict(DemoSettings, {**raw, **typed}, source=str(path))
 
 
+def overridable(demo: DemoSettings) -> dict[str, Any]:
+    """The settings as a dict without the keys the demo sets in the stages itself (``SET_BY_THE_DEMO``):
+    what ``key=value`` may change."""
+    values = demo.to_dict()
+    for stage, sections in SET_BY_THE_DEMO.items():
+        for name, keys in sections.items():
+            for key in keys:
+                del values[stage][name][key]
+    return values
+
+
 def same_config(recorded: Mapping[str, Any] | None, planned: DemoSettings) -> bool:
     """Whether a finished run's recorded settings (``DemoSettings.to_dict()``) are ``planned``. The record is
     read through today's schema, so a setting added since counts as its default (new settings default to
