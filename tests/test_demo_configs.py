@@ -143,10 +143,12 @@ def test_a_bad_override_is_one_error_naming_its_key(override, said, tmp_path, ca
     assert not (tmp_path / "demo").exists()
 
 
-def test_an_unknown_ablation_is_refused_before_any_run(tmp_path):
+def test_an_unknown_ablation_is_refused_before_any_run(tmp_path, capsys):
     with pytest.raises(UsageError, match="unknown ablation"):
         demo.run_ablations(tmp_path, [], {}, tmp_path, ["interbert", "no_such_variant"])
     assert not any(tmp_path.iterdir())
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--ablation-variants", "interbert", "nope"]) == 2
+    assert "unknown ablation(s) ['nope']" in capsys.readouterr().err and not (tmp_path / "demo").exists()
 
 
 def test_a_run_is_reused_only_under_the_same_settings():

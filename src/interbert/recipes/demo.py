@@ -31,9 +31,11 @@ from interbert.recipes import finetune_retrieval, pretrain
 from interbert.recipes.demo_ablations import (  # noqa: F401  (they lived here: importable from here still)
     FINAL_STEPS,
     ITM_LEARNED,
+    check_variants,
     final_pretraining_losses,
     first_step_below,
     itm_learning_step,
+    load_ablations,
     run_ablations,
     valued_steps,
     write_loss_plot,
@@ -259,6 +261,8 @@ def run_cli(args) -> int:
         print(resolved_configs(demo, out), end="")
         return 0
     check_bert(demo)
+    if args.ablation_variants:  # a misspelt name is refused before the main run, not after it
+        check_variants(load_ablations(), args.ablation_variants)
     if not args.ablations_only:
         summary = run_demo(out, demo)
         print()

@@ -57,6 +57,14 @@ def load_ablations() -> AblationTable:
     return typed_config.from_dict(AblationTable, raw, source=str(path))
 
 
+def check_variants(table: AblationTable, variants: Sequence[str]) -> Sequence[str]:
+    """``variants`` if the table lists each; else a UsageError naming those it does not."""
+    unknown = [v for v in variants if v not in table.variants]
+    if unknown:
+        raise UsageError(f"unknown ablation(s) {unknown}; choose from {list(table.variants)}")
+    return variants
+
+
 def variant_settings(table: AblationTable, overrides: Sequence[str], variant: str, seed: int) -> DemoSettings:
     """The demo's settings (with the main run's ``overrides``) changed as ``variant`` says, at ``seed``."""
     return load_demo([*overrides, *table.base, *table.variants[variant].overrides, f"seed={seed}"])
@@ -100,10 +108,7 @@ def run_ablations(out: Path, overrides: Sequence[str], manifest: dict, data_dir:
     of the retrieval recalls, written to ``out/ablations.{md,json}`` and a loss plot. ``overrides``: the main
     run's (``--quick``, ``--lang`` ...), under every variant's own."""
     table = load_ablations()
-    variants, seeds = variants or table.default, seeds or table.seeds
-    unknown = [v for v in variants if v not in table.variants]
-    if unknown:
-        raise UsageError(f"unknown ablation(s) {unknown}; choose from {list(table.variants)}")
+    variants, seeds = check_variants(table, variants or table.default), seeds or table.seeds
     rows, curves, extra, folders, minutes = {}, {}, {}, {}, 0.0
     for variant in variants:
         label = table.variants[variant].label
