@@ -135,6 +135,7 @@ def test_print_config_lists_the_settings_and_each_recipes(capsys):
     ("pretrain.data.msm=spans", "pretrain.yaml: pretrain.data.msm must be one of span, geometric, token"),
     ("model.overrides.hidden_dropout_prob=0.2", "model.dropout sets every dropout of the model"),
     ("data.test_images=0", "data.yaml: data.test_images must be a whole number >= 1"),
+    ("pretrain.data=5", "pretrain.yaml: pretrain.data must be a mapping"),
 ])
 def test_a_bad_override_is_one_error_naming_its_key(override, said, tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), override]) == 2

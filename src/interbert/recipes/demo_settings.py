@@ -151,7 +151,9 @@ def config_file(name: str) -> Path:
 def _refuse_set_by_the_demo(raw: Mapping[str, Any], source: str) -> None:
     for stage, sections in SET_BY_THE_DEMO.items():
         for name, keys in sections.items():
-            given = ((raw.get(stage) or {}).get(name) or {})
+            given = raw.get(stage)
+            given = given.get(name) if isinstance(given, Mapping) else None
+            given = given if isinstance(given, Mapping) else {}  # not a mapping: the schema refuses it, by name
             for key in keys:
                 if key in given:
                     raise ConfigError(f"{source}: {stage}.{name}.{key} is set by the demo ({WHERE_FROM[key]}); "
