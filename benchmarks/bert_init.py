@@ -1,6 +1,6 @@
 """RQ4 of the paper: what BERT initialisation does for multimodal pretraining, on the built-in benchmark.
 
-Each run is the demo's recipe (`interbert.recipes.demo.run_variant`: pretraining, retrieval fine-tuning
+Each run is the demo's recipe (`interbert.recipes.demo_stages.run_variant`: pretraining, retrieval fine-tuning
 from it, evaluation of the fine-tuned model and of the pretrained one zero-shot, full protocol on the
 test split) at the `small` preset: hidden 384, 12 heads, 3 single-stream + 3 text-stream + 3 image-stream
 layers, the size of a 6-layer MiniLM BERT. Two variants, per seed:
@@ -11,9 +11,9 @@ layers, the size of a 6-layer MiniLM BERT. Two variants, per seed:
   parameter names and shapes, tested in tests/test_convert.py) from random weights, with the same
   vocabulary, so the two differ only in their initial weights.
 
-Everything else is the demo's plan (pretraining steps, batch, learning rate, warm-up, clean matching,
+Everything else is the demo's settings (`configs/demo/`: pretraining steps, batch, learning rate, warm-up, clean matching,
 group masking, TF-IDF negatives at share 0.5, 300 fine-tuning steps) unless an option changes it.
-A finished run leaves `result.json` in its folder and is reused when the plan is the same, so several
+A finished run leaves `result.json` in its folder and is reused when its resolved settings are the same, so several
 processes can share the work (`--variants bert` in one, `--variants scratch` in another) and a last
 call writes the table from all of them: results/bert_init.{md,json}.
 
@@ -61,16 +61,19 @@ def default_bert() -> Path | None:
 
 def plan_for(variant: str, seed: int, bert: Path, steps: int | None, lr: float | None, quick: bool = False,
              layers: list[int] | None = None):
-    from interbert.recipes.demo import DemoPlan
+    from interbert.recipes.demo_settings import flag_overrides, load_demo
 
+    overrides = flag_overrides(quick=quick, preset="small", seed=seed, layers=layers,
+                               from_bert=str(bert) if variant == "bert" else None)
     # BERT's own dropout (0.1, the preset's), as these runs had before the demo switched dropout off
-    change = {"preset": "small", "seed": seed, "layers": layers, "dropout": None}
-    change.update({"from_bert": str(bert)} if variant == "bert" else {"tokenizer": str(bert / "vocab.txt")})
+    overrides.append("model.dropout=null")
+    if variant != "bert":  # the same vocabulary, BERT's
+        overrides.append(f"pretrain.data.tokenizer={json.dumps(str(bert / 'vocab.txt'))}")
     if steps:
-        change["pretrain_steps"] = steps
+        overrides.append(f"pretrain.train.max_steps={steps}")
     if lr:
-        change["pretrain_lr"] = lr
-    return DemoPlan.quick(**change) if quick else DemoPlan(**change)
+        overrides.append(f"pretrain.train.learning_rate={lr}")
+    return load_demo(overrides)
 
 
 def _plain(value):
@@ -83,21 +86,21 @@ def run_folder(runs: Path, variant: str, seed: int, layers: list[int] | None) ->
 
 
 def run_one(folder: Path, plan, data_dir: Path, device: str | None = None, threads: int | None = None) -> dict:
-    from interbert.recipes.demo import generate_data, run_variant, same_plan
+    from interbert.recipes.demo_settings import same_config
+    from interbert.recipes.demo_stages import generate_data, run_variant
     from interbert.utils.files import atomic_write_json
 
     if threads:  # a worker process of --jobs sets its own
         torch.set_num_threads(threads)
-    planned = json.loads(json.dumps(plan.__dict__))
     record = folder / "result.json"
     if record.exists():
         result = json.loads(record.read_text())
-        if same_plan(result.get("plan"), planned):
+        if same_config(result.get("config"), plan):
             logging.info("reusing %s", record)
             return result
     # one benchmark for every seed, as the demo's ablations (the seed varies the training, not the data)
     manifest = generate_data(dataclasses.replace(plan, seed=0), data_dir)
-    result = {"plan": planned, "load_at_start": load_average(), **run_variant(folder, plan, manifest, data_dir, device)}
+    result = {"config": plan.to_dict(), "load_at_start": load_average(), **run_variant(folder, plan, manifest, data_dir, device)}
     result["load_at_end"] = load_average()
     atomic_write_json(record, json.loads(json.dumps(result, default=_plain)))
     return result
@@ -135,7 +138,7 @@ def main() -> None:
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context
 
-        from interbert.recipes.demo import generate_data
+        from interbert.recipes.demo_stages import generate_data
 
         generate_data(dataclasses.replace(jobs[0][1], seed=0), data_dir)  # once, before the workers read it
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
@@ -150,7 +153,8 @@ def main() -> None:
 
 
 def write_table(args, bert: Path) -> None:
-    from interbert.recipes.demo import final_pretraining_losses, same_plan
+    from interbert.recipes.demo import final_pretraining_losses
+    from interbert.recipes.demo_settings import plan_view, same_config
 
     rows, losses, extra = {}, {}, {}
     for variant in VARIANTS:
@@ -158,9 +162,8 @@ def write_table(args, bert: Path) -> None:
         for seed in args.seeds:
             folder = run_folder(args.runs, variant, seed, args.layers)
             record = folder / "result.json"
-            planned = json.loads(json.dumps(plan_for(variant, seed, bert, args.pretrain_steps, args.pretrain_lr, args.quick,
-                                                     args.layers).__dict__))
-            if record.exists() and same_plan(json.loads(record.read_text()).get("plan"), planned):
+            planned = plan_for(variant, seed, bert, args.pretrain_steps, args.pretrain_lr, args.quick, args.layers)
+            if record.exists() and same_config(json.loads(record.read_text()).get("config"), planned):
                 runs.append(json.loads(record.read_text()))
                 folders.append(folder)
         if len(runs) < len(args.seeds):
@@ -172,7 +175,7 @@ def write_table(args, bert: Path) -> None:
                           "minutes": [r["seconds"] / 60 for r in runs],
                           "load": [(r.get("load_at_start"), r.get("load_at_end")) for r in runs]}
     plan = plan_for("bert", args.seeds[0], bert, args.pretrain_steps, args.pretrain_lr, args.quick, args.layers)
-    single, text, image = plan.layers or (3, 3, 3)
+    single, text, image = plan_view(plan)["layers"] or (3, 3, 3)
     labels = {"bert": f"text path from BERT ({bert.name if bert.name != 'model' else bert.parent.name})",
               "scratch": "from scratch (same architecture and vocabulary)"}
 
@@ -188,9 +191,10 @@ def write_table(args, bert: Path) -> None:
         machine_markdown(info), "",
         "```bash", "python benchmarks/bert_init.py " + " ".join(sys.argv[1:]), "```", "",
         f"The demo's recipe at the `small` preset (hidden 384, {single} + {text} + {image} layers, "
-        f"{plan.pretrain_steps} pretraining steps at lr {plan.pretrain_lr:g}, batch {plan.pretrain_batch}, "
-        f"{plan.finetune_steps} fine-tuning steps), seeds {args.seeds}; image retrieval on the test split "
-        f"({plan.test_images * 5} captions x {plan.test_images} images, chance R@1 {100 / plan.test_images:.2f}%), "
+        f"{plan.pretrain.train.max_steps} pretraining steps at lr {plan.pretrain.train.learning_rate:g}, "
+        f"batch {plan.pretrain.train.batch_size}, {plan.finetune.train.max_steps} fine-tuning steps), seeds {args.seeds}; "
+        f"image retrieval on the test split ({plan.data.test_images * 5} captions x {plan.data.test_images} images, "
+        f"chance R@1 {100 / plan.data.test_images:.2f}%), "
         f"in %. Both rows tokenise with the BERT folder's WordPiece "
         f"vocabulary and differ only in their initial weights.", "",
         table(["pretraining", *(name for name, _, _ in METRICS), "pretrain min"], body), "",
@@ -201,7 +205,7 @@ def write_table(args, bert: Path) -> None:
         + "; ".join(f"{v}: " + ", ".join(f"{a:.2f} -> {b:.2f}" for a, b in extra[v]["load"]) for v in VARIANTS) + ".", "",
     ]
     args.output.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": info, "bert": str(bert), "seeds": args.seeds, "plan": json.loads(json.dumps(plan.__dict__)),
+    payload = {"machine": info, "bert": str(bert), "seeds": args.seeds, "plan": plan_view(plan), "config": plan.to_dict(),
                "retrieval": rows, "final_pretraining_losses": losses, "runs": extra}
     (args.output / "bert_init.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     (args.output / "bert_init.md").write_text("\n".join(md))

@@ -10,7 +10,7 @@ fine-tuned and scored by the same code, reaches the quality of the original's ru
     python benchmarks/time_to_quality.py --original-code /tmp/InterBERT-original \\
         [--steps 50 100 200 400 800] [--seeds 0 1 2] [--jobs 2] [--threads 2]
 
-Two phases, on the demo's built-in benchmark (`DemoPlan()`: 4,000 pretraining images, 300 fine-tuning
+Two phases, on the demo's built-in benchmark (`configs/demo/`: 4,000 pretraining images, 300 fine-tuning
 images, 400 test captions x 80 images):
 
 1. quality (the results do not depend on the machine's load, so the runs go `--jobs` at a time, one
@@ -23,7 +23,7 @@ images, 400 test captions x 80 images):
      `--original-steps` (the demo's 800), same learning rate, batch and warm-up, same pretraining images
      and WordPiece vocabulary; converted with `interbert.convert.from_official` (outputs equal);
    - both then go through `interbert.recipes.demo.finetune_and_evaluate`: retrieval fine-tuning as the
-     demo's (300 steps, the plan's fine-tuning settings), image retrieval R@1 of the fine-tuned model, and
+     demo's (300 steps, the demo's fine-tuning settings), image retrieval R@1 of the fine-tuned model, and
      zero-shot R@1 of the pretrained one's ITM head, full protocol.
 2. speed (refused above a 1-minute load average of 1.0 unless --force): seconds per pretraining step of
    both loops in this setting, alternating, `--rounds` runs a side, `--threads` threads.
@@ -56,16 +56,14 @@ REPO = Path(__file__).resolve().parents[1]
 METRICS = (("finetuned", "IR R@1"), ("zero_shot", "zero-shot R@1"))
 
 
-QUICK = False  # --quick: DemoPlan.quick() sizes (a smoke run; numbers meaningless)
+QUICK = False  # --quick: `interbert demo --quick` sizes (a smoke run; numbers meaningless)
 
 
 def demo_plan(seed: int, steps: int | None = None):
-    from interbert.recipes.demo import DemoPlan
+    from interbert.recipes.demo_settings import flag_overrides, load_demo
 
-    plan = DemoPlan.quick(seed=seed) if QUICK else DemoPlan(seed=seed)
-    if steps is not None:
-        plan.pretrain_steps = steps
-    return plan
+    steps_override = [f"pretrain.train.max_steps={steps}"] if steps is not None else []
+    return load_demo([*flag_overrides(quick=QUICK, seed=seed), *steps_override])
 
 
 def benchmark_data(runs: Path) -> tuple[dict, Path]:
@@ -86,9 +84,9 @@ def original_memory(plan, data: dict, vocabulary: Path):
     from interbert.recipes.settings import CaptionDataSettings
 
     texts = [c.text for c in read_captions(data["captions"]) if c.split == "train"]
-    tokenizer = train_run_wordpiece(texts, vocabulary, vocab_size=plan.vocab_size, lowercase=CaptionDataSettings.lowercase)
+    tokenizer = train_run_wordpiece(texts, vocabulary, vocab_size=plan.pretrain.data.vocab_size, lowercase=CaptionDataSettings.lowercase)
     return InMemoryData(None, tokenizer, "train", captions=Path(data["captions"]), features=Path(data["features"]),
-                        max_tokens=plan.max_tokens, max_regions=plan.max_regions - 1), tokenizer
+                        max_tokens=plan.data.max_tokens, max_regions=plan.data.max_regions - 1), tokenizer
 
 
 def convert_original(model, memory, tokenizer, folder: Path) -> Path:
@@ -110,7 +108,7 @@ def run_folder(runs: Path, kind: str, seed: int, steps: int) -> Path:
 def run_job(kind: str, seed: int, steps: int, runs: Path, original_code: Path | None, threads: int | None,
             quick: bool | None = None) -> dict:
     """One pretraining (ours or the original's), fine-tuned and scored; cached in runs/<kind>-s<seed>-k<steps>.
-    ``quick``: DemoPlan.quick() sizes (None: the module's QUICK; a worker process is told)."""
+    ``quick``: `interbert demo --quick` sizes (None: the module's QUICK; a worker process is told)."""
     import torch
 
     global QUICK
@@ -118,7 +116,8 @@ def run_job(kind: str, seed: int, steps: int, runs: Path, original_code: Path | 
         QUICK = quick
 
     from interbert.recipes import pretrain
-    from interbert.recipes.demo import FINAL_STEPS, final_pretraining_losses, finetune_and_evaluate, pretrain_config, variant_data
+    from interbert.recipes.demo import FINAL_STEPS, final_pretraining_losses, finetune_and_evaluate
+    from interbert.recipes.demo_settings import benchmark_files, pretrain_settings
 
     folder = run_folder(runs, kind, seed, steps)
     done = folder / "result.json"
@@ -128,10 +127,10 @@ def run_job(kind: str, seed: int, steps: int, runs: Path, original_code: Path | 
         torch.set_num_threads(threads)
     manifest, data_dir = benchmark_data(runs)
     plan = demo_plan(seed, steps)
-    data = variant_data(plan, manifest, data_dir)
+    data = benchmark_files(manifest, data_dir)
     start = time.perf_counter()
     if kind == "interbert":
-        pretrained = pretrain.run(pretrain_config(folder, plan, data))["model_dir"]
+        pretrained = pretrain.run(pretrain_settings(plan, folder, data))["model_dir"]
         final_losses = final_pretraining_losses([folder])
     else:
         from vs_original import load_original, original_training
@@ -185,18 +184,18 @@ def speed(args, runs: Path) -> dict:
     import torch
     from vs_original import load_original, original_loop, ours_loop_config
 
-    from interbert.recipes.demo import pretrain_config, variant_data
+    from interbert.recipes.demo_settings import benchmark_files, pretrain_settings
 
     if args.threads:
         torch.set_num_threads(args.threads)
     modules, BertAdam, _ = load_original(args.original_code)
     manifest, data_dir = benchmark_data(runs)
     plan = demo_plan(0, args.speed_warmup + args.speed_steps)
-    data = variant_data(plan, manifest, data_dir)
+    data = benchmark_files(manifest, data_dir)
     memory = None
     times: dict[str, list[float]] = {"original": [], "interbert": []}
     for n in range(args.rounds):
-        cfg = pretrain_config(runs / "speed" / f"interbert{n}", plan, data)
+        cfg = pretrain_settings(plan, runs / "speed" / f"interbert{n}", data).to_dict()
         cfg["train"].update(progress_bar=False, tensorboard=False)
         times["interbert"].append(ours_loop_config("pretrain", cfg, args.speed_steps, args.speed_warmup, args.threads))
         if memory is None:
@@ -285,7 +284,7 @@ def write_results(args, results: list[dict], speed_result: dict | None, load: di
             str(row["n"]),
             "-" if s is None else f"{s:.3f}", "-" if s is None else f"{steps * s:.0f}"])
     plan = demo_plan(0)
-    chance = 100 / plan.test_images
+    chance = 100 / plan.data.test_images
     found = verdicts(means, per_step, args.original_steps, chance)
     lines_out = [verdict_line(v, chance) for v in found] or ["The original's runs are missing: no verdict."]
     payload = {"results": results, "speed": speed_result, "load": load, "verdicts": found,
@@ -300,8 +299,8 @@ def write_results(args, results: list[dict], speed_result: dict | None, load: di
         lines += [machine_markdown(payload["machine"]), load_markdown(load), ""]
     lines += [
         "`python benchmarks/time_to_quality.py --original-code DIR` (see its docstring). The demo's benchmark; each "
-        f"pretraining then fine-tuned the same way ({plan.finetune_steps} steps) and scored on the test split "
-        f"({plan.test_images * 5} captions x {plan.test_images} images, chance R@1 {chance:.2f}%); seeds {args.seeds}, mean +- std; R@1 in %. Seconds per step: the speed phase "
+        f"pretraining then fine-tuned the same way ({plan.finetune.train.max_steps} steps) and scored on the test split "
+        f"({plan.data.test_images * 5} captions x {plan.data.test_images} images, chance R@1 {chance:.2f}%); seeds {args.seeds}, mean +- std; R@1 in %. Seconds per step: the speed phase "
         f"(alternating, {args.threads or 'default'} threads, medians of {args.rounds} runs a side); pretraining "
         "seconds = steps x s/step.", "",
         table(["pretraining", "steps", "IR R@1", "zero-shot R@1", "final ITM loss", "seeds", "s/step", "pretraining s"],

@@ -70,13 +70,13 @@ def test_bert_init_runs_differ_only_in_their_initial_weights(tmp_path):
     import bert_init
 
     bert = tmp_path / "bert"
-    with_bert, scratch = (bert_init.plan_for(v, 1, bert, None, None).__dict__ for v in ("bert", "scratch"))
+    from interbert.recipes.demo_settings import load_demo, plan_view
+
+    with_bert, scratch = (plan_view(bert_init.plan_for(v, 1, bert, None, None)) for v in ("bert", "scratch"))
     assert with_bert.pop("from_bert") == str(bert) and scratch.pop("tokenizer") == str(bert / "vocab.txt")
     assert with_bert.pop("tokenizer") is None and scratch.pop("from_bert") is None
     assert with_bert == scratch and scratch["preset"] == "small" and scratch["seed"] == 1
-    from interbert.recipes.demo import DemoPlan
-
-    assert scratch["pretrain_steps"] == DemoPlan().pretrain_steps  # the demo's budget unless told
+    assert scratch["pretrain_steps"] == load_demo().pretrain.train.max_steps  # the demo's budget unless told
 
 
 def test_bert_init_runs_a_layer_slice_in_worker_processes_and_tables_it(tmp_path):

@@ -178,6 +178,8 @@ def test_the_wheel_ships_configs_and_page_and_declares_ranges(wheel):
         (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         metadata = archive.read(metadata).decode()
     assert {f"interbert/configs/{name}.yaml" for name in SHIPPED} <= names
+    demo_stages = {f"interbert/configs/demo/{path.name}" for path in (REPO / "src" / "interbert" / "configs" / "demo").glob("*.yaml")}
+    assert len(demo_stages) == 7 and demo_stages <= names  # `interbert demo` reads its stages from the package
     assert "interbert/serve/page.html" in names
     requires = [Requirement(line.removeprefix("Requires-Dist:").strip())
                 for line in metadata.splitlines() if line.startswith("Requires-Dist:")]

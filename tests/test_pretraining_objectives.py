@@ -269,17 +269,6 @@ def test_the_ablation_table_reports_when_itm_leaves_chance():
     assert first_step_below([0.69] * 300, 0.6) is None and first_step_below([0.1] * 50, 0.6) is None
 
 
-def test_an_old_ablation_run_is_reused_as_what_it_ran():
-    from interbert.recipes.demo import DemoPlan, same_plan
-
-    planned = dict(DemoPlan(itm_inputs="masked").__dict__)
-    old = {k: v for k, v in planned.items() if k not in ("itm_inputs", "msm_pairs", "hard_ratio_start", "task_sampling")}
-    assert same_plan(old, planned)  # recorded before the fields existed: the original's masked matching
-    assert not same_plan(old, {**planned, "itm_inputs": "clean"})
-    assert not same_plan(old, {**planned, "task_sampling": "alternate"})  # those runs took every objective each step
-    assert not same_plan({**old, "pretrain_steps": 10}, planned) and not same_plan(None, planned)
-
-
 # -- the clean-matching step shares the region projection (issue 14) ----------------------------------
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, image_hidden_dropout_prob=0.0,
                   image_attention_probs_dropout_prob=0.0, itm_dropout_prob=0.0)

@@ -1,6 +1,5 @@
 """The recipes end to end on a tiny generated benchmark: pretrain -> fine-tune -> evaluate -> table."""
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -9,13 +8,14 @@ import pytest
 import torch
 
 from interbert.cli import main
-from interbert.recipes.demo import DemoPlan, run_demo
+from interbert.recipes.demo import run_demo
+from interbert.recipes.demo_settings import QUICK, load_demo
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out, DemoPlan.quick(vcr=True))
+    return out, run_demo(out, load_demo([*QUICK, "vcr.enabled=true"]))
 
 
 def test_quick_demo_writes_the_table_and_every_artifact(demo):
@@ -111,14 +111,14 @@ def test_pretrain_with_in_batch_negatives_records_the_mode_and_trains_itm_and_it
 
 
 @pytest.mark.slow  # eight pretrain + fine-tune + evaluate runs, even at smoke-test size
-def test_ablations_table_has_mean_and_std_per_variant(demo, tmp_path, monkeypatch):
-    from interbert.recipes import demo as demo_module
+def test_ablations_table_has_mean_and_std_per_variant(demo, tmp_path):
+    from interbert.recipes import demo_ablations
 
     out, summary = demo
-    monkeypatch.setattr(demo_module, "ABLATION_SEEDS", (0, 1))
     manifest = json.loads((out / "data" / "synth.json").read_text())
-    rows = demo_module.run_ablations(tmp_path, DemoPlan.quick(), manifest, out / "data")
-    assert set(rows) == {demo_module.ABLATIONS[v][0] for v in demo_module.DEFAULT_ABLATIONS}
+    rows = demo_ablations.run_ablations(tmp_path, QUICK, manifest, out / "data", seeds=(0, 1))
+    table = demo_ablations.load_ablations()
+    assert set(rows) == {table.variants[v].label for v in table.default}
     for metrics in rows.values():
         assert len(metrics["IR R@1"]["values"]) == 2 and metrics["IR R@1"]["std"] >= 0
     table = (tmp_path / "ablations.md").read_text()
@@ -126,27 +126,28 @@ def test_ablations_table_has_mean_and_std_per_variant(demo, tmp_path, monkeypatc
 
 
 def test_ablations_report_mean_and_std_and_reuse_finished_runs(tmp_path, monkeypatch):
-    from interbert.recipes import demo as demo_module
+    from interbert.recipes import demo_ablations
 
     calls = []
 
-    def fake_variant(out, plan, manifest, data_dir):  # recall = 10 x seed, + 5 for random negatives
-        calls.append((plan.negatives, plan.seed))
-        recall = 10.0 * plan.seed + (5.0 if plan.negatives == "random" else 0.0)
+    def fake_variant(out, settings, manifest, data_dir):  # recall = 10 x seed, + 5 for random negatives
+        negatives, seed = settings.pretrain.data.negatives, settings.seed
+        calls.append((negatives, seed))
+        recall = 10.0 * seed + (5.0 if negatives == "random" else 0.0)
         metrics = {"image_retrieval": {"R@1": recall, "R@5": recall + 1, "R@10": recall + 2}}
         (out / "pretrain").mkdir(parents=True, exist_ok=True)
-        itm = [0.7] * 50 + [0.5 + 0.1 * plan.seed] * 100  # the last 100 steps count
+        itm = [0.7] * 50 + [0.5 + 0.1 * seed] * 100  # the last 100 steps count
         (out / "pretrain" / "loss_history.json").write_text(json.dumps({"itm_loss": itm, "lr": [1.0] * 150}))
         return {"finetuned": metrics, "zero_shot": metrics, "seconds": 60.0}
 
-    monkeypatch.setattr(demo_module, "run_variant", fake_variant)
-    plan = DemoPlan.quick()
-    rows = demo_module.run_ablations(tmp_path, plan, {}, tmp_path, ["interbert", "random_negatives"])
+    monkeypatch.setattr(demo_ablations, "run_variant", fake_variant)
+    labels = {name: variant.label for name, variant in demo_ablations.load_ablations().variants.items()}
+    rows = demo_ablations.run_ablations(tmp_path, QUICK, {}, tmp_path, ["interbert", "random_negatives"])
     assert len(calls) == 6
-    reference, random = (rows[demo_module.ABLATIONS[v][0]]["IR R@1"] for v in ("interbert", "random_negatives"))
+    reference, random = (rows[labels[v]]["IR R@1"] for v in ("interbert", "random_negatives"))
     assert reference["values"] == [0.0, 10.0, 20.0] and reference["mean"] == pytest.approx(10.0)
     assert reference["std"] == pytest.approx(np.std([0, 10, 20])) and random["mean"] == pytest.approx(15.0)
-    label = demo_module.ABLATIONS["random_negatives"][0]
+    label = labels["random_negatives"]
     table = (tmp_path / "ablations.md").read_text()
     assert f"| {label} | 15.0 +- 8.2 |" in table
     # the 100-step mean ITM loss drops below 0.6 at step 101 for seed 0 only (0.6 and 0.7 never are below)
@@ -157,14 +158,14 @@ def test_ablations_report_mean_and_std_and_reuse_finished_runs(tmp_path, monkeyp
 
     # a second call (an interrupted run resumed, or a new variant added) reuses the finished runs ...
     calls.clear()
-    demo_module.run_ablations(tmp_path, plan, {}, tmp_path, ["interbert", "random_negatives", "in_batch_negatives"])
+    demo_ablations.run_ablations(tmp_path, QUICK, {}, tmp_path, ["interbert", "random_negatives", "in_batch_negatives"])
     assert calls == [("in_batch", 0), ("in_batch", 1), ("in_batch", 2)]
-    # ... but not when the plan they ran with differs
+    # ... but not when the settings they ran with differ
     calls.clear()
-    demo_module.run_ablations(tmp_path, dataclasses.replace(plan, pretrain_steps=7), {}, tmp_path, ["interbert"])
+    demo_ablations.run_ablations(tmp_path, [*QUICK, "pretrain.train.max_steps=7"], {}, tmp_path, ["interbert"])
     assert len(calls) == 3
     with pytest.raises(ValueError, match="unknown ablation"):
-        demo_module.run_ablations(tmp_path, plan, {}, tmp_path, ["no_such_variant"])
+        demo_ablations.run_ablations(tmp_path, QUICK, {}, tmp_path, ["no_such_variant"])
 
 
 def test_pretrain_from_a_bert_folder_uses_its_vocabulary_and_layers(demo, tmp_path):
@@ -236,21 +237,17 @@ def test_demo_refuses_a_depth_that_is_not_a_layer_count(layers, said, tmp_path, 
 
 
 def test_the_plans_dropout_reaches_every_dropout_of_both_models(tmp_path):
-    """DemoPlan.dropout (0, the default; the `interbert_clean_dropout0` ablation) sets every dropout of the
-    pretrained model, and the fine-tuned one keeps it; None leaves the preset's."""
-    from interbert.recipes.demo import DROPOUTS
+    """The demo's model.dropout (0, the default; the `interbert_clean_dropout0` ablation) sets every dropout of
+    the pretrained model, and the fine-tuned ones keep it; null leaves the preset's."""
+    from interbert.recipes.demo_settings import DROPOUTS
 
     out = tmp_path / "demo"
-    summary = run_demo(out, DemoPlan.quick(dropout=0.0))
-    assert summary["plan"]["dropout"] == 0.0
+    summary = run_demo(out, load_demo([*QUICK, "model.dropout=0.0"]))
+    assert summary["plan"]["dropout"] == 0.0 and summary["config"]["model"]["dropout"] == 0.0
     for model in ("pretrain", "finetune_pretrained", "finetune_scratch"):
         config = json.loads((out / model / "model" / "config.json").read_text())
         assert all(config[name] == 0.0 for name in DROPOUTS), model
-    from interbert.recipes import demo as demo_module
-
-    assert demo_module._model_section(DemoPlan(dropout=None))["overrides"].keys().isdisjoint(DROPOUTS)
     # the demo's default: no dropout, as configs/pretrain_tiny.yaml
-    assert all(demo_module._model_section(DemoPlan())["overrides"][name] == 0.0 for name in DROPOUTS)
     from interbert.recipes.settings import PretrainSettings
 
     shipped = PretrainSettings.load("pretrain_tiny", []).model.overrides

@@ -56,17 +56,18 @@ def test_a_model_trained_by_the_original_code_is_fine_tuned_and_scored_as_ours_a
     from interbert.convert import from_official, load_state_dict
     from interbert.data.captions import read_captions
     from interbert.recipes.common import train_run_wordpiece
-    from interbert.recipes.demo import DemoPlan, finetune_and_evaluate, variant_data
+    from interbert.recipes.demo import finetune_and_evaluate
+    from interbert.recipes.demo_settings import QUICK, benchmark_files, load_demo
     from interbert.synthetic import generate
 
     original = json.loads(shared_path("fixtures", "official_tiny.json").read_text())
     state = load_state_dict(shared_path("fixtures", "official_tiny.npz"))
-    plan = DemoPlan.quick()
-    plan.feature_dim = original["v_feature_size"]
-    manifest = generate(tmp_path / "data", images=plan.pretrain_images + plan.finetune_images + plan.test_images,
-                        fmt="store", feature_dim=plan.feature_dim, num_classes=original["v_target_size"],
-                        val_images=plan.finetune_images, test_images=plan.test_images, render_images=False)
-    data = variant_data(plan, manifest, tmp_path / "data")
+    settings = load_demo([*QUICK, f"data.feature_dim={original['v_feature_size']}"])
+    sizes = settings.data
+    manifest = generate(tmp_path / "data", images=sizes.pretrain_images + sizes.finetune_images + sizes.test_images,
+                        fmt="store", feature_dim=sizes.feature_dim, num_classes=original["v_target_size"],
+                        val_images=sizes.finetune_images, test_images=sizes.test_images, render_images=False)
+    data = benchmark_files(manifest, tmp_path / "data")
     texts = [c.text for c in read_captions(data["captions"]) if c.split == "train"]
     tokenizer = train_run_wordpiece(texts, tmp_path / "vocab", vocab_size=original["vocab_size"])
     assert len(tokenizer) <= original["vocab_size"]
@@ -75,13 +76,13 @@ def test_a_model_trained_by_the_original_code_is_fine_tuned_and_scored_as_ours_a
     converted.save_pretrained(folder)
     tokenizer.save_pretrained(str(folder))
 
-    scores = finetune_and_evaluate(tmp_path, plan, data, folder)
+    scores = finetune_and_evaluate(tmp_path, settings, data, folder)
 
     for side in ("finetuned", "zero_shot"):
         assert 0.0 <= scores[side]["image_retrieval"]["R@1"] <= 100.0
     tuned = json.loads((tmp_path / "finetune" / "model" / "config.json").read_text())
-    assert tuned["hidden_size"] == original["hidden_size"]  # the original's sizes, not the plan's preset
-    assert tuned["itc_loss_weight"] == plan.itc_loss_weight  # the plan's fine-tuning settings apply to it
+    assert tuned["hidden_size"] == original["hidden_size"]  # the original's sizes, not the settings' preset
+    assert tuned["itc_loss_weight"] == settings.model.overrides["itc_loss_weight"]  # the demo's fine-tuning applies to it
     from interbert.loading import load_model
 
     after = load_model(tmp_path / "finetune" / "model", task="retrieval").state_dict()

@@ -84,7 +84,7 @@ def _cmd_demo(args) -> int:
     from interbert.recipes.demo import run_cli
 
     # the demo's last step builds a search index (FAISS): refuse now rather than after the training
-    if not args.ablations_only:
+    if not (args.ablations_only or args.print_config):
         require_extra("serve", "interbert demo (its last step builds a search index)")
     if args.lang == "zh":
         require_extra("zh", "interbert demo --lang zh (Chinese word segmentation)")
@@ -155,20 +155,25 @@ def register(subparsers) -> None:
 
     d = subparsers.add_parser("demo", help="the main job: synth data -> pretrain -> fine-tune -> evaluate -> table")
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    d.add_argument("--lang", default="en", choices=["en", "zh"])
+    d.add_argument("--lang", choices=["en", "zh"], help="the benchmark's language (default: en, configs/demo/data.yaml)")
     d.add_argument("--ablations", action="store_true", help="also group vs plain masking, TF-IDF vs random negatives (3 seeds)")
     d.add_argument("--ablation-variants", nargs="+", metavar="NAME",
-                   help="which ablations --ablations runs (default: interbert plain_masking random_negatives; "
-                        "also in_batch_negatives, token_msm, region_mrm); finished runs under OUT/ablations are reused")
+                   help="which ablations --ablations runs (default: the `default` of configs/demo/ablations.yaml, which "
+                        "lists every variant); finished runs under OUT/ablations are reused")
     d.add_argument("--ablations-only", action="store_true", help="run the ablations without the main table")
     d.add_argument("--vcr", action="store_true", help="add the VCR columns (Q->A, QA->R, Q->AR; roughly doubles the run time)")
     d.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test, numbers meaningless)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, help="the benchmark's and every stage's seed (default: 0, configs/demo/demo.yaml)")
     d.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    d.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"],
+    d.add_argument("--preset", choices=["tiny", "small", "base"],
                    help="the model's size (default: tiny, ~7 min on 2 cores; small from BERT: over 40 min, results/bert_init.md)")
     d.add_argument("--from-bert", metavar="DIR", help="the text path from this BERT folder (its width; its WordPiece "
                    "vocabulary tokenises), e.g. with --preset small and a 6-layer MiniLM (RQ4)")
     d.add_argument("--layers", type=_depth, nargs=3, metavar=("SINGLE", "TEXT", "IMAGE"),
                    help="stream depths (default: the preset's); from BERT, its first SINGLE + TEXT layers are used")
+    d.add_argument("--print-config", action="store_true",
+                   help="print the demo's settings and each stage's recipe settings, resolved, as YAML, and exit")
+    d.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of the demo's settings (configs/demo/*.yaml; --print-config lists them), e.g. "
+                        "pretrain.train.max_steps=400 pretrain.data.msm=token; given before --ablation-variants")
     d.set_defaults(func=_cmd_demo)

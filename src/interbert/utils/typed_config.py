@@ -186,8 +186,10 @@ _Dumper.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_RESOLVER, list("-
 
 
 def to_yaml(settings: Any) -> str:
-    """The resolved settings as YAML, every key in schema order; :func:`load` reads it back as equal settings."""
-    return yaml.dump(to_dict(settings), Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    """The resolved settings (or their :func:`to_dict`, trimmed) as YAML, every key in schema order; :func:`load`
+    reads it back as equal settings."""
+    values = settings if isinstance(settings, Mapping) else to_dict(settings)
+    return yaml.dump(values, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
 def _kind_at(kind: Any, path: list[str]) -> Any:
