@@ -22,7 +22,8 @@ from interbert.recipes.demo_settings import DemoSettings, config_file, load_demo
 from interbert.recipes.demo_stages import machine, run_variant
 from interbert.utils import typed_config
 from interbert.utils.config_files import read_config
-from interbert.utils.files import atomic_write, atomic_write_json, atomic_write_text
+from interbert.train.curves import moving_mean, read_history, valued_steps, write_loss_comparison
+from interbert.utils.files import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -162,20 +163,13 @@ def ablations_markdown(rows: dict, curves: dict, extra: dict, seeds: Sequence[in
 ITM_LEARNED = 0.6  # the ITM loss (chance 0.693) below which the matching head has clearly left chance
 
 
-def valued_steps(values: Sequence[float | None]) -> tuple[np.ndarray, np.ndarray]:
-    """``(steps, series)``: the 1-based pretraining steps that have a value and those values (a loss is
-    None at the steps that do not take it, e.g. ITM at the masked steps of ``task_sampling=alternate``)."""
-    steps = np.asarray([i + 1 for i, v in enumerate(values) if v is not None], dtype=int)
-    return steps, np.asarray([v for v in values if v is not None], dtype=float)
-
-
 def first_step_below(values: Sequence[float | None], threshold: float, window: int = FINAL_STEPS) -> int | None:
     """The first pretraining step (1-based) at which the mean of the last ``window`` values is below
     ``threshold``; None when it never is (steps without a value are skipped: the window then spans more steps)."""
     steps, series = valued_steps(values)
     if len(series) < window:
         return None
-    means = np.convolve(series, np.ones(window) / window, mode="valid")  # means[i]: values i .. i+window-1
+    means = moving_mean(series, window)  # means[i]: values i .. i+window-1
     below = np.flatnonzero(means < threshold)
     return int(steps[below[0] + window - 1]) if len(below) else None
 
@@ -193,37 +187,12 @@ def _learning_cell(steps: Sequence[int | None]) -> str:
 
 
 def write_loss_plot(folders: dict[str, Sequence[Path]], path: Path, names: Sequence[str] = ("itm_loss", "itc_loss")) -> None:
-    """One panel per loss: each row's pretraining curve (``FINAL_STEPS``-step moving mean), averaged over its runs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5))
-    colors = plt.get_cmap("tab20").colors  # one colour per row (the default cycle repeats after 10)
-    for row, (label, runs) in enumerate(folders.items()):
-        histories = [json.loads((f / "pretrain" / "loss_history.json").read_text()) for f in runs
-                     if (f / "pretrain" / "loss_history.json").exists()]
-        for ax, name in zip(np.atleast_1d(axes), names):
-            valued = [valued_steps(h.get(name, [])) for h in histories]
-            valued = [(steps, x) for steps, x in valued if len(x) >= FINAL_STEPS]
-            if not valued:
-                continue
-            length = min(len(x) for _, x in valued)
-            mean = np.mean([np.convolve(x[:length], np.ones(FINAL_STEPS) / FINAL_STEPS, mode="valid") for _, x in valued], 0)
-            ax.plot(valued[0][0][FINAL_STEPS - 1:length], mean, label=label,  # at the step of each window's last value
-                    color=colors[(2 * row) % 20 + (row // 10) % 2], ls=("-", "--")[(row // 10) % 2])
-    for ax, name in zip(np.atleast_1d(axes), names):
-        ax.set_xlabel("pretraining step")
-        ax.set_ylabel(f"{name} ({FINAL_STEPS}-step mean, over seeds)")
-        if name == "itm_loss":
-            ax.axhline(0.693, color="grey", lw=0.8, ls=":")
-            ax.axhline(ITM_LEARNED, color="grey", lw=0.8, ls="--")
-    if np.atleast_1d(axes)[0].get_legend_handles_labels()[0]:
-        np.atleast_1d(axes)[0].legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
-    plt.close(fig)
+    """One panel per loss: each row's pretraining curve (``FINAL_STEPS``-step moving mean), averaged over its
+    runs, with chance and ``ITM_LEARNED`` marked on the ITM panel (the library's comparison plot)."""
+    runs = {label: [read_history(f / "pretrain") for f in runs if (f / "pretrain" / "loss_history.json").exists()]
+            for label, runs in folders.items()}
+    write_loss_comparison(path, runs, names, window=FINAL_STEPS, xlabel="pretraining step",
+                          reference_lines={"itm_loss": [(0.693, ":"), (ITM_LEARNED, "--")]})
 
 
 def final_pretraining_losses(folders: Sequence[Path]) -> dict[str, float]:
