@@ -29,7 +29,7 @@ from test_abtest_process import SECRET, secret_file
 
 DOC_URI = "postgresql://abtest@db.internal:5432/abtest"
 
-pytestmark = pytest.mark.slow  # five `serve` processes (each loading torch and two models) start in turn
+# not slow (20 s on an idle 2-core machine, five `serve` starts): the deployment section is a path users follow, so CI runs it
 
 
 def deployment_commands() -> list[list[str]]:
