@@ -17,7 +17,6 @@ import signal
 from pathlib import Path
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from abtest_world import build_world
