@@ -28,6 +28,8 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
+from interbert.data.features import Regions
+
 DETECTORS = ("frcnn-r50-fpn",)
 RANDOM_WEIGHTS = "random"
 # torchvision's COCO label space (90 categories + background): the class count for random weights.
@@ -83,6 +85,16 @@ class ImageRegions:
     @property
     def num_boxes(self) -> int:
         return int(self.boxes.shape[0])
+
+    def as_regions(self) -> Regions:
+        """What a feature store holds for the image (``interbert extract`` writes this; the processor's
+        ``images=`` gives it): the detection score is not stored."""
+        return Regions(self.features, self.boxes, self.image_w, self.image_h, self.class_probs)
+
+
+def image_tensor(pixels: np.ndarray) -> Tensor:
+    """H x W x 3 uint8 RGB -> the 3 x H x W float tensor in [0, 1] the detector takes (it normalises itself)."""
+    return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
 
 
 def region_count(num_passing: int, num_candidates: int, min_regions: int, max_regions: int) -> int:

@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from interbert.data.features import Regions, RegionStore, RegionStoreWriter, convert_features, write_tsv
+from interbert.data.features import RegionStore, RegionStoreWriter, convert_features, write_tsv
 from interbert.extract.detector import (
     DetectorConfig,
     RegionDetector,
     build_detector,
+    image_tensor,
     versions,
     warn_random_weights,
 )
@@ -102,8 +103,7 @@ class _ImageFiles(Dataset):
             pixels = decode_image(path)
         except ImageDecodeError as error:
             return {"image_id": image_id, "path": path, "error": str(error)}
-        image = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
-        return {"image_id": image_id, "path": path, "image": image}
+        return {"image_id": image_id, "path": path, "image": image_tensor(pixels)}
 
 
 def default_device() -> str:
@@ -226,10 +226,7 @@ def extract_features(
                 else:
                     decoded.append(item)
             for item, regions in zip(decoded, _run_detector(detector, decoded, given)):
-                writer.add(
-                    item["image_id"],
-                    Regions(regions.features, regions.boxes, regions.image_w, regions.image_h, regions.class_probs),
-                )
+                writer.add(item["image_id"], regions.as_regions())
                 if not given and regions.num_boxes < config.min_regions:
                     report.fewer_than_min_regions.append(item["image_id"])
             report.extracted += len(decoded)
