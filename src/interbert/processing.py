@@ -10,11 +10,17 @@ tokenizer's files (with ``model_max_length``, the model's positions) and ``proce
 so there is no image processor: the region side is :func:`interbert.data.prepare_regions` and
 :func:`interbert.data.collate`, the very functions training, evaluation and the search index use, so
 the processor's batches are the batches the model was trained and indexed on.
+
+Images become regions only through a detector, ``interbert extract``'s (the ``[extract]`` extra):
+``set_detector(weights, **settings)`` loads it, ``proc(images=[...])`` then runs it
+(:mod:`interbert.extract.in_memory`) and gives what the store extracted from those files would. The
+config records the weights path and settings; loading a folder never reads the weights unless asked.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +39,7 @@ REGION_KEYS = ("region_features", "region_boxes", "region_mask")
 _UNSET_MAX_LENGTH = int(1e20)
 
 RegionsLike = Any  # Regions | str | os.PathLike | Mapping | tuple; see InterBertProcessor.regions_of
+ImageLike = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray; see InterBertProcessor.detect
 
 
 class InterBertProcessor(ProcessorMixin):
@@ -43,10 +50,19 @@ class InterBertProcessor(ProcessorMixin):
     truncated to the tokenizer's ``model_max_length`` (:meth:`for_model` sets it to the model's positions).
     """
 
-    def __init__(self, tokenizer=None, max_regions: int = DEFAULT_MAX_REGIONS, **kwargs):
+    def __init__(self, tokenizer=None, max_regions: int = DEFAULT_MAX_REGIONS, detector: str | None = None,
+                 detector_settings: dict | None = None, **kwargs):
+        """``detector`` / ``detector_settings`` only record a detector (what ``processor_config.json`` holds):
+        nothing is loaded here, since a folder's config is input; :meth:`set_detector` loads one."""
         if isinstance(max_regions, bool) or not isinstance(max_regions, int) or max_regions < 1:
             raise UsageError(f"max_regions must be a whole number >= 1 (the global region counts), not {shown(max_regions)}")
+        if detector is not None and not isinstance(detector, str):
+            raise UsageError(f"detector must be the path of detector weights, not {shown(detector)}")
+        if detector_settings is not None and not isinstance(detector_settings, dict):
+            raise UsageError(f"detector_settings must be a mapping of interbert extract's settings, not {shown(detector_settings)}")
         self.max_regions = max_regions
+        self.detector, self.detector_settings = detector, detector_settings
+        self._image_detector = None  # the loaded detector (interbert.extract.in_memory.ImageDetector)
         super().__init__(tokenizer, **kwargs)
 
     @classmethod
@@ -58,25 +74,79 @@ class InterBertProcessor(ProcessorMixin):
         return cls(tokenizer, max_regions=max_regions)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "InterBertProcessor":
+    def from_pretrained(cls, pretrained_model_name_or_path, detector: str | os.PathLike | bool | None = None,
+                        detector_device: str | None = None, **kwargs) -> "InterBertProcessor":
         """As transformers loads a processor. A folder saved before the processor existed has a tokenizer
         without ``model_max_length`` and no ``processor_config.json``: the length is then the folder's
-        ``config.json`` ``max_position_embeddings``, so ``truncation=True`` truncates there too."""
+        ``config.json`` ``max_position_embeddings``, so ``truncation=True`` truncates there too.
+
+        A detector the folder names is loaded only when asked (a folder is input, docs/security.md):
+        ``detector=True`` loads the weights path it names, ``detector="weights.pth"`` other weights with
+        the folder's detector settings; without ``detector`` the path is kept but nothing is read."""
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         config_file = Path(pretrained_model_name_or_path) / "config.json"
         if processor.tokenizer.model_max_length >= _UNSET_MAX_LENGTH and config_file.is_file():
             processor.tokenizer.model_max_length = InterBertConfig.from_pretrained(config_file.parent).max_position_embeddings
+        if detector is True:
+            if processor.detector is None:
+                raise UsageError(f"{pretrained_model_name_or_path}: its processor_config.json names no detector; "
+                                 "give detector='weights.pth' (interbert extract's --weights)")
+            source = f"{Path(pretrained_model_name_or_path) / 'processor_config.json'}"
+            processor.set_detector(processor.detector, device=detector_device, _source=source)
+        elif detector is not None and detector is not False:
+            processor.set_detector(detector, device=detector_device)
         return processor
+
+    def set_detector(self, weights: str | os.PathLike, *, device: str | None = None, _source: str = "set_detector",
+                     **settings) -> "InterBertProcessor":
+        """Load ``interbert extract``'s detector, so that ``images=`` works: ``weights`` as ``--weights``
+        (a torchvision Faster R-CNN state dict, or ``"random"`` for tests), ``settings`` as its flags
+        (``min_size=``, ``max_regions=``, ``score_threshold=``, ...; the recorded ones, then the command's
+        defaults, where not given). Use those the model's feature store was extracted with: ``images=``
+        then gives its entries. ``save_pretrained`` records the path as given and the settings."""
+        if importlib.util.find_spec("torchvision") is None:
+            from interbert.extract.command import MISSING_TORCHVISION_HINT
+            from interbert.extras import MissingExtraError
+
+            raise MissingExtraError("extract", "torchvision", "InterBertProcessor's detector", MISSING_TORCHVISION_HINT)
+        from interbert.extract.in_memory import SETTING_TYPES, ImageDetector, detector_config
+
+        config = detector_config(weights, {**(self.detector_settings or {}), **settings}, _source)
+        self._image_detector = ImageDetector(config, device)
+        self.detector = str(weights)  # as given: where the weights are is the user's to say, not the folder's
+        self.detector_settings = {key: getattr(config, key) for key in SETTING_TYPES}
+        return self
+
+    def detect(self, images: ImageLike | Sequence[ImageLike]) -> list[Regions]:
+        """The loaded detector's regions of each image (a path, a PIL image, or an H x W x 3 uint8 RGB
+        array; or a list of them): the entries a feature store written by ``interbert extract`` holds."""
+        if self._image_detector is None:
+            if self.detector is not None:
+                raise UsageError(f"images= needs the detector, and this processor names one ({self.detector}) but does "
+                                 "not load it unless asked: InterBertProcessor.from_pretrained(folder, detector=True), "
+                                 "or proc.set_detector(weights)")
+            raise UsageError("images= needs a detector: proc.set_detector(weights) with interbert extract's weights "
+                             "(docs/extract.md), or give regions= of a feature store")
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise UsageError("images is an empty list: give one image or a list of them")
+        return [self._image_detector(item, f"images[{n}]") for n, item in enumerate(items)]
 
     def __call__(self, text: str | Sequence[str] | None = None, regions: RegionsLike | list[RegionsLike] | None = None,
                  padding: bool | str = True, truncation: bool | str = True, max_length: int | None = None,
-                 return_tensors: str = "pt", **tokenizer_kwargs) -> BatchFeature:
+                 return_tensors: str = "pt", images: ImageLike | Sequence[ImageLike] | None = None,
+                 **tokenizer_kwargs) -> BatchFeature:
         """The model's inputs for ``text`` (a string or a list), ``regions`` (one image or a list; see
         :meth:`regions_of`), or both. With both, row i of the text goes with row i of the regions (pairs,
         as the models' ``forward`` and ``score_pairs`` take them); one caption or one image is repeated to
-        the other side's count, so one query is scored against many images in one call."""
+        the other side's count, so one query is scored against many images in one call. ``images`` instead
+        of ``regions``: image files (or PIL images, arrays) through the detector, see :meth:`detect`."""
+        if images is not None:
+            if regions is not None:
+                raise UsageError("give regions=... or images=..., not both")
+            regions = self.detect(images)
         if text is None and regions is None:
-            raise UsageError("give text=..., regions=..., or both")
+            raise UsageError("give text=..., regions=..., or both (images=... in place of regions, with a detector)")
         out: dict[str, Any] = {}
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)
