@@ -125,6 +125,10 @@ def test_a_bad_image_or_setting_is_one_line_naming_it(random_detector, tmp_path)
         InterBertProcessor(random_detector.tokenizer).set_detector("random", score_threshold="high")
     with pytest.raises(UsageError, match=r"need 0 <= min_regions <= max_regions"):
         InterBertProcessor(random_detector.tokenizer).set_detector("random", min_regions=40)
+    InterBertProcessor(random_detector.tokenizer, detector="random", detector_settings={"min_sise": 100}).save_pretrained(
+        tmp_path / "folder")
+    with pytest.raises(UsageError, match=r"folder/processor_config\.json: unknown detector setting 'min_sise'"):
+        InterBertProcessor.from_pretrained(tmp_path / "folder", detector=True)
 
 
 def test_a_folder_naming_a_detector_loads_without_reading_it(tokenizer, tmp_path):

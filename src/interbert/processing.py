@@ -33,6 +33,7 @@ from interbert.config import InterBertConfig
 from interbert.data.batches import collate, prepare_regions
 from interbert.data.features import Regions, read_npz_regions
 from interbert.errors import DataError, UsageError, shown
+from interbert.extras import MissingExtraError
 from interbert.serve import DEFAULT_MAX_REGIONS  # the paper's 36, global region included: what an index uses
 REGION_KEYS = ("region_features", "region_boxes", "region_mask")
 # what transformers' tokenizers hold as model_max_length when nobody set it (VERY_LARGE_INTEGER)
@@ -87,18 +88,26 @@ class InterBertProcessor(ProcessorMixin):
         config_file = Path(pretrained_model_name_or_path) / "config.json"
         if processor.tokenizer.model_max_length >= _UNSET_MAX_LENGTH and config_file.is_file():
             processor.tokenizer.model_max_length = InterBertConfig.from_pretrained(config_file.parent).max_position_embeddings
-        if detector is True:
-            if processor.detector is None:
-                raise UsageError(f"{pretrained_model_name_or_path}: its processor_config.json names no detector; "
-                                 "give detector='weights.pth' (interbert extract's --weights)")
-            source = f"{Path(pretrained_model_name_or_path) / 'processor_config.json'}"
-            processor.set_detector(processor.detector, device=detector_device, _source=source)
-        elif detector is not None and detector is not False:
-            processor.set_detector(detector, device=detector_device)
+        if detector is not None and detector is not False:
+            processor._load_named_detector(Path(pretrained_model_name_or_path) / "processor_config.json", detector,
+                                           detector_device)
         return processor
 
-    def set_detector(self, weights: str | os.PathLike, *, device: str | None = None, _source: str = "set_detector",
-                     **settings) -> "InterBertProcessor":
+    def _load_named_detector(self, config_file: Path, detector: str | os.PathLike | bool, device: str | None) -> None:
+        """``from_pretrained``'s ``detector=``: what came from the folder (the settings; with ``True`` the
+        weights path too) is named by its ``processor_config.json`` when it cannot be used."""
+        if detector is True and self.detector is None:
+            raise UsageError(f"{config_file}: names no detector; give detector='weights.pth' (interbert extract's --weights)")
+        try:
+            self.set_detector(self.detector if detector is True else detector, device=device)
+        except MissingExtraError:
+            raise
+        except (UsageError, DataError) as error:
+            if isinstance(error, DataError) and detector is not True:  # the caller's own weights path
+                raise
+            raise type(error)(f"{config_file}: {error}") from None
+
+    def set_detector(self, weights: str | os.PathLike, *, device: str | None = None, **settings) -> "InterBertProcessor":
         """Load ``interbert extract``'s detector, so that ``images=`` works: ``weights`` as ``--weights``
         (a torchvision Faster R-CNN state dict, or ``"random"`` for tests), ``settings`` as its flags
         (``min_size=``, ``max_regions=``, ``score_threshold=``, ...; the recorded ones, then the command's
@@ -106,12 +115,11 @@ class InterBertProcessor(ProcessorMixin):
         then gives its entries. ``save_pretrained`` records the path as given and the settings."""
         if importlib.util.find_spec("torchvision") is None:
             from interbert.extract.command import MISSING_TORCHVISION_HINT
-            from interbert.extras import MissingExtraError
 
             raise MissingExtraError("extract", "torchvision", "InterBertProcessor's detector", MISSING_TORCHVISION_HINT)
         from interbert.extract.in_memory import SETTING_TYPES, ImageDetector, detector_config
 
-        config = detector_config(weights, {**(self.detector_settings or {}), **settings}, _source)
+        config = detector_config(weights, {**(self.detector_settings or {}), **settings})
         self._image_detector = ImageDetector(config, device)
         self.detector = str(weights)  # as given: where the weights are is the user's to say, not the folder's
         self.detector_settings = {key: getattr(config, key) for key in SETTING_TYPES}

@@ -25,14 +25,14 @@ from interbert.extract.run import default_device
 SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(DetectorConfig) if f.name != "weights"}
 
 
-def detector_config(weights: str | os.PathLike, settings: dict[str, Any], source: str) -> DetectorConfig:
-    """``DetectorConfig`` from a weights path and ``interbert extract``'s settings (``min_size=...``), each
-    bad key or value named with ``source`` (the call, or the processor_config.json it came from)."""
+def detector_config(weights: str | os.PathLike, settings: dict[str, Any]) -> DetectorConfig:
+    """``DetectorConfig`` from a weights path and ``interbert extract``'s settings (``min_size=...``); a bad
+    key or value is a usage error naming it."""
     if not isinstance(weights, (str, os.PathLike)):
-        raise UsageError(f"{source}: the detector weights must be a path (or 'random'), not {shown(weights)}")
+        raise UsageError(f"the detector weights must be a path (or 'random'), not {shown(weights)}")
     unknown = sorted(set(settings) - set(SETTING_TYPES))
     if unknown:
-        raise UsageError(f"{source}: unknown detector setting {', '.join(map(repr, unknown))}; "
+        raise UsageError(f"unknown detector setting {', '.join(map(repr, unknown))}; "
                          f"known: {', '.join(SETTING_TYPES)}")
     for key, value in settings.items():
         wanted = SETTING_TYPES[key]
@@ -41,11 +41,11 @@ def detector_config(weights: str | os.PathLike, settings: dict[str, Any], source
         fits = {"str": isinstance(value, str), "float": isinstance(value, numbers.Real)}.get(
             wanted, isinstance(value, numbers.Integral))  # the int fields, optional or not
         if not fits or isinstance(value, bool):
-            raise UsageError(f"{source}: detector setting {key} must be {wanted}, not {shown(value)}")
+            raise UsageError(f"detector setting {key} must be {wanted}, not {shown(value)}")
     try:
         return DetectorConfig(weights=str(weights), **settings)
     except ValueError as error:
-        raise UsageError(f"{source}: {error}") from None
+        raise UsageError(f"detector settings: {error}") from None
 
 
 class ImageDetector:
@@ -56,7 +56,7 @@ class ImageDetector:
         try:
             model, self.num_classes = build_detector(config)
         except (FileNotFoundError, ValueError) as error:  # both messages name the weights file
-            raise DataError(f"detector weights: {error}") from None
+            raise DataError(str(error)) from None
         if config.random_weights:
             warn_random_weights()
         self.config = config
