@@ -107,6 +107,15 @@ class InterBertProcessor(ProcessorMixin):
                 raise
             raise type(error)(f"{config_file}: {error}") from None
 
+    def to_dict(self) -> dict[str, Any]:
+        """transformers' record, without detector keys where there is no detector: the config of a processor
+        without one stays what it was before processors took images."""
+        record = super().to_dict()
+        for key in ("detector", "detector_settings"):
+            if record.get(key) is None:
+                record.pop(key, None)
+        return record
+
     def set_detector(self, weights: str | os.PathLike, *, device: str | None = None, **settings) -> "InterBertProcessor":
         """Load ``interbert extract``'s detector, so that ``images=`` works: ``weights`` as ``--weights``
         (a torchvision Faster R-CNN state dict, or ``"random"`` for tests), ``settings`` as its flags
