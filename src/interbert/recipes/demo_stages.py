@@ -68,7 +68,8 @@ def run_variant(out: Path, demo: DemoSettings, manifest: dict, data_dir: Path, d
     start = time.perf_counter()
     pre = pretrain.run(pretrain_settings(demo, out, files, device))
     scores = finetune_and_evaluate(out, demo, files, pre["model_dir"], device)
-    return {**scores, "seconds": time.perf_counter() - start, "pretrain_seconds": pre["seconds"]}
+    return {**scores, "seconds": time.perf_counter() - start, "pretrain_seconds": pre["seconds"],
+            "pretrained": str(pre["model_dir"])}
 
 
 def machine() -> dict:
