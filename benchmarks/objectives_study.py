@@ -51,6 +51,7 @@ class Variant:
 class Setting:
     value: Any = None  # the knob's value (none: the series has no knob)
     overrides: list[str] = field(default_factory=list)  # what the value needs besides (e.g. a larger padding)
+    label: str | None = None  # the tables' name of the setting (default: the value's)
 
 
 @dataclass
@@ -118,7 +119,7 @@ def check_series(study: Study, names: Sequence[str] | None) -> list[str]:
 
 # ---- the plan: every run, with its resolved settings -------------------------------------------------
 def value_label(value: Any) -> str:
-    """A knob value as the tables show it: [3, 4] -> 3-4, [1, 1] -> 1."""
+    """A knob value as the tables show it: [3, 4] -> 3-4, [1, 1] -> 1; no value: the defaults."""
     if isinstance(value, list):
         return str(value[0]) if len(set(value)) == 1 else "-".join(map(str, value))
     return "defaults" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
@@ -174,7 +175,7 @@ def plan_runs(study: Study, series_names: Sequence[str], overrides: Sequence[str
     for name in series_names:
         series = study.series[name]
         for setting in series.settings:
-            label = value_label(setting.value)
+            label = setting.label or value_label(setting.value)
             for variant in series.variants:
                 for seed in study.seeds:
                     given = [*overrides, *study.base, *setting_overrides(series, setting),
@@ -340,7 +341,7 @@ def dry_run_lines(plan: Sequence[Run], done: dict[str, dict], study: Study, runs
     unique = len(counted)
     cached = sum(1 for key in counted if key in done)
     lines += ["", f"{len(plan)} planned runs, {unique} distinct: {cached} cached, {unique - cached} to do.",
-              f"Estimated compute of those to do: {todo_seconds / 3600:.1f} h of runs + {data_seconds / 3600:.1f} h of "
+              f"Estimated compute of those to do: {todo_seconds / 3600:.1f} h of runs + {data_seconds / 60:.0f} min of "
               f"data synth (one torch thread per run on the machine the study's estimate figures come from; "
               f"--jobs N divides the wall time where there are cores for it, a GPU shortens the training)."]
     return lines
@@ -536,7 +537,6 @@ def write_plot(name: str, report: dict, path: Path) -> bool:
                         marker="o", capsize=3, label=effect)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(title=f"{metric}: arm - reference (pp)", xticks=x, xticklabels=settings, xlabel=report["knob"])
-        ax.legend(fontsize=7)
     for variant in report["variants"]:
         for metric, style in (("MRM leak", "-"), ("ITM twin choice", "--")):
             points = [next(r for r in report["rows"] if r["variant"] == variant and r["setting"] == s)["metrics"][metric]
@@ -544,7 +544,9 @@ def write_plot(name: str, report: dict, path: Path) -> bool:
             axes[2].errorbar(x, [p["mean"] if p["n"] else np.nan for p in points], [p["std"] or 0 for p in points],
                              ls=style, marker="o", capsize=3, label=f"{variant}: {metric}")
     axes[2].set(title="mechanisms (%)", xticks=x, xticklabels=settings, xlabel=report["knob"])
-    axes[2].legend(fontsize=7)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:  # a series without an effect (one arm) leaves its panels empty
+            ax.legend(fontsize=7)
     fig.suptitle(f"{name}: {report['about']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -582,7 +584,7 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--dry-run", action="store_true", help="list every run, cached or to do, with the compute estimate")
     parser.add_argument("--no-table", action="store_true", help="only run; a later call writes the tables")
     parser.add_argument("--quick", action="store_true", help="the demo's --quick sizes under every run (a smoke test)")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # key=value overrides before and after the options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
