@@ -196,9 +196,14 @@ def finished_runs(runs_dir: Path) -> dict[str, dict]:
     from interbert.utils import typed_config
     from interbert.utils.config_files import ConfigError
 
+    from interbert.errors import DataError
+
     found = {}
     for record in sorted(runs_dir.glob("*/result.json")):
-        result = json.loads(record.read_text())
+        try:
+            result = json.loads(record.read_text())
+        except json.JSONDecodeError as error:  # written atomically by run_one: this one was not
+            raise DataError(f"{record}: not a run record ({error}); move it away to run that run again") from None
         try:
             config = typed_config.from_dict(DemoSettings, result["config"], source=str(record)).to_dict()
         except (ConfigError, KeyError):
@@ -469,7 +474,7 @@ def series_markdown(name: str, report: dict, wanted: int, plot: str | None) -> l
     knob = f" (knob `{report['knob']}`)" if report["knob"] else ""
     metrics, mechanisms = [m for m, _, _ in METRICS], [m for m, _, _ in MECHANISMS]
     lines = [f"### Series `{name}`{knob}", "", report["about"], "",
-             "| setting | pretraining | seeds | " + " | ".join(metrics) + " | device |", "|---|" * 1 + "---|" * (len(metrics) + 3)]
+             "| setting | pretraining | seeds | " + " | ".join(metrics) + " | device |", "|---|" + "---|" * (len(metrics) + 3)]
     for row in report["rows"]:
         cells = [summary_cell(row["metrics"][m]) for m in metrics]
         lines.append(f"| {row['setting']} | {row['label']} | {seeds_cell(row['seeds'], wanted)} | " + " | ".join(cells)

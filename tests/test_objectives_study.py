@@ -196,3 +196,13 @@ def test_the_shipped_study_plans_the_issue_s_series():
                               ("random_negatives", "random_negatives_clean")):
         run = next(r for r in plan if r.series == "dropout01" and r.variant == variant and r.seed == 1)
         assert run.key == study_script.run_key(variant_settings(ablations, [], ablation, 1).to_dict(), 0)
+
+
+def test_a_run_record_that_is_not_json_is_named_not_silently_rerun(tmp_path, capsys):
+    study = write_study(tmp_path / "study.yaml", "[0]", TWO_RUNS)
+    broken = tmp_path / "runs" / "shipped_seed0_0123456789ab" / "result.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text('{"config": ')
+    assert study_script.cli(["--study", str(study), "--runs", str(tmp_path / "runs"), "--dry-run"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {broken}: not a run record")
