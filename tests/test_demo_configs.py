@@ -173,3 +173,32 @@ def test_the_dropout_setting_reaches_every_dropout_and_the_flat_plan():
                                 "model.overrides.num_text_stream_layers=2", "model.overrides.num_image_stream_layers=1"]))
     assert plan["layers"] == [1, 2, 1] and plan["dropout"] == 0.0 and plan["pretrain_steps"] == 800
     assert plan["itm_inputs"] == "clean" and plan["hard_ratio"] == 0.5 and plan_view(shipped)["layers"] is None
+
+
+def test_the_benchmark_knobs_reach_data_synth_and_a_benchmark_of_other_knobs_is_not_reused(tmp_path, monkeypatch):
+    """Issue 28: `interbert demo data.feature_noise=1.5` generates its own benchmark; at the defaults the call is
+    the one recorded before the knobs (test above), and a folder generated with other knobs is regenerated."""
+    from interbert.recipes.demo_settings import generate_arguments
+
+    assert "feature_noise" not in generate_arguments(load_demo())
+    noisy = load_demo(["data.feature_noise=1.5", "data.proposals_per_object=[1, 1]"])
+    assert generate_arguments(noisy)["feature_noise"] == 1.5 and generate_arguments(noisy)["proposals_per_object"] == [1, 1]
+    calls = []
+    monkeypatch.setattr(synthetic, "generate", lambda data_dir, **kw: calls.append(kw) or {"settings": kw})
+    (tmp_path / "synth.json").write_text(json.dumps({"settings": {**generate_arguments(noisy), "group_iou": 0.5,
+                                                                  "twin_share": 0.0}}))
+    demo_stages.generate_data(noisy, tmp_path)
+    assert calls == []  # the same knobs: reused
+    demo_stages.generate_data(load_demo(), tmp_path)
+    assert len(calls) == 1 and "feature_noise" not in calls[0]  # the default benchmark is not the noisy one
+
+
+@pytest.mark.parametrize("override, said", [
+    ("data.group_iou=2", "data.group_iou must be an IoU in [0.1, 1)"),
+    ("data.proposals_per_object=[6, 8]", "data.max_regions 24 would drop proposals"),
+    ("data.twin_share=-0.1", "data.twin_share must be a share"),
+])
+def test_a_bad_knob_is_one_error_naming_its_key(override, said, tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert said in err and len(err.splitlines()) == 1 and err.startswith("error:")
