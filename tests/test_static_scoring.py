@@ -1,0 +1,108 @@
+"""Pair scoring on static shapes (issue 26): the full protocol, its two-stage variant and the service's re-rank
+padded to buckets, in the static-shape mode, optionally compiled, give today's eager scores, ranks and metrics;
+the scorer captures as one graph. The compiled cases compile one or two small graphs (~15 s each on the CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from test_retrieval import _data, _model
+
+from interbert.convert import retrieval_from_pretraining
+from interbert.evaluate import image_retrieval_ranks, retrieval_metrics
+from interbert.retrieval import _pad, pair_scorer, score_pairs, static_scorer, two_stage_scores
+from interbert.static_scoring import StaticPairScorer, doubling_edges
+
+ATOL = 1e-6
+
+
+def _models():
+    pretraining = _model()
+    return {"zero-shot ITM": pretraining, "retrieval": retrieval_from_pretraining(pretraining).eval()}
+
+
+def _truth(captions, images):
+    """Each caption's image (any assignment: the metrics of the two paths are compared, not their values)."""
+    return np.random.default_rng(3).integers(0, len(images), len(captions))
+
+
+def test_doubling_edges_end_at_the_cap_and_a_size_pads_to_the_smallest_that_fits():
+    assert doubling_edges(64) == [8, 16, 32, 64]
+    assert doubling_edges(37) == [8, 16, 32, 37]  # an index's max_regions is the last edge, whatever it is
+    assert doubling_edges(5) == [5]
+    with pytest.raises(ValueError, match="largest bucket"):
+        doubling_edges(0)
+
+
+def test_the_scorer_pads_rows_tokens_and_regions_to_buckets_and_scores_only_the_real_pairs():
+    model = _models()["retrieval"]
+    captions, images = _data(5, 5, seed=1)
+    texts, text_keep = _pad([model.interbert.embeddings(torch.tensor([c]), None)[0] for c in captions])
+    regions = [model.interbert.region_embeddings(torch.tensor(im.features)[None], torch.tensor(im.boxes)[None])[0]
+               for im in images]
+    image, image_keep = _pad(regions)
+    scorer = StaticPairScorer(model.interbert, pair_scorer(model), row_edges=[8, 16], text_edges=[12, 16],
+                              region_edges=[8])
+    with torch.no_grad():
+        eager = model.interbert.encode(texts, text_keep, image, image_keep)
+        expected = pair_scorer(model)(eager.text_pooled, eager.image_pooled)
+        static = scorer(texts, text_keep, image, image_keep)
+    assert static.shape == (5,)
+    assert scorer.shapes == {(8, 12, 8)}  # 5 pairs -> 8 rows, <= 10 tokens -> 12, <= 5 regions -> 8
+    torch.testing.assert_close(static, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["zero-shot ITM", "retrieval"])
+def test_static_evaluation_gives_todays_scores_ranks_and_metrics(kind):
+    model = _models()[kind]
+    captions, images = _data(11, 7, seed=2)
+    truth = _truth(captions, images)
+    # 6 pairs per batch: caption blocks of 6 and 5, so rows, tokens and regions all meet more than one bucket
+    eager = score_pairs(model, captions, images, pair_batch_size=6, progress=False)
+    static = score_pairs(model, captions, images, pair_batch_size=6, progress=False, static_shapes=True)
+    assert static.pair_forwards == eager.pair_forwards == 77 and eager.shapes is None and static.shapes >= 2
+    np.testing.assert_allclose(static.scores, eager.scores, atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(image_retrieval_ranks(static.scores, truth), image_retrieval_ranks(eager.scores, truth))
+    assert retrieval_metrics(static.scores, truth) == retrieval_metrics(eager.scores, truth)
+    # the two-stage variant's subset of pairs: row counts that are not a batch's, padded too
+    staged = [two_stage_scores(model, captions, images, k=3, pair_batch_size=6, progress=False, static_shapes=s)
+              for s in (False, True)]
+    np.testing.assert_allclose(staged[1].scores, staged[0].scores, atol=ATOL, rtol=0)
+    assert retrieval_metrics(staged[1].scores, truth) == retrieval_metrics(staged[0].scores, truth)
+
+
+def test_compiled_evaluation_gives_todays_scores_ranks_and_metrics():
+    model = _models()["zero-shot ITM"]
+    captions, images = _data(9, 6, seed=4)
+    truth = _truth(captions, images)
+    eager = score_pairs(model, captions, images, pair_batch_size=16, progress=False)
+    compiled = score_pairs(model, captions, images, pair_batch_size=16, progress=False, compile="default")
+    assert compiled.shapes == 1  # 9 captions x 1 image per batch: one (16, tokens, regions) graph for the run
+    np.testing.assert_allclose(compiled.scores, eager.scores, atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(image_retrieval_ranks(compiled.scores, truth), image_retrieval_ranks(eager.scores, truth))
+    assert retrieval_metrics(compiled.scores, truth) == retrieval_metrics(eager.scores, truth)
+
+
+@pytest.mark.parametrize("kind", ["zero-shot ITM", "retrieval"])
+def test_the_scorer_captures_as_one_graph(kind):
+    model = _models()[kind]
+    captions, images = _data(6, 4, seed=5)
+    scorer = static_scorer(model, captions, images, pair_batch_size=8)
+    texts, text_keep = _pad([model.interbert.embeddings(torch.tensor([c]), None)[0] for c in captions])
+    image, image_keep = _pad([model.interbert.region_embeddings(torch.tensor(im.features)[None],
+                                                                torch.tensor(im.boxes)[None])[0] for im in images[:1]])
+    with torch.no_grad():
+        explained = torch._dynamo.explain(scorer.static_scores)(texts, text_keep, image.expand(6, -1, -1),
+                                                                image_keep.expand(6, -1))
+    assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+def test_a_scorer_compile_mode_must_be_known_and_cuda_modes_need_cuda():
+    model = _models()["retrieval"]
+    with pytest.raises(ValueError, match="compile must be one of"):
+        StaticPairScorer(model.interbert, pair_scorer(model), compile="fast")
+    with pytest.raises(ValueError, match="compile=reduce-overhead is a CUDA mode"):
+        StaticPairScorer(model.interbert, pair_scorer(model), compile="reduce-overhead")
