@@ -1,6 +1,6 @@
 """Pair scoring on static shapes (issue 26): the full protocol, its two-stage variant and the service's re-rank
 padded to buckets, in the static-shape mode, optionally compiled, give today's eager scores, ranks and metrics;
-the scorer captures as one graph. The compiled cases compile one or two small graphs (~15 s each on the CPU)."""
+the scorer captures as one graph. The compiled cases compile one small graph each (15-30 s on 2 busy CPU cores)."""
 
 from __future__ import annotations
 
@@ -106,3 +106,67 @@ def test_a_scorer_compile_mode_must_be_known_and_cuda_modes_need_cuda():
         StaticPairScorer(model.interbert, pair_scorer(model), compile="fast")
     with pytest.raises(ValueError, match="compile=reduce-overhead is a CUDA mode"):
         StaticPairScorer(model.interbert, pair_scorer(model), compile="reduce-overhead")
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    from conftest import minilm_vocab
+    from interbert.serve.index import build_index
+    from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
+
+    folder = tmp_path_factory.mktemp("static_rerank")
+    write_gallery(folder, num_images=30, feature_dim=16, seed=4, images=False)
+    model = save_tiny_model(folder / "model", minilm_vocab(), 16, architecture="pretraining")
+    build_index(model, folder / "features", folder / "index", progress=False)
+    return folder / "index"
+
+
+def test_a_compiled_rerank_gives_todays_top_k_and_scores(gallery):
+    from fastapi.testclient import TestClient
+
+    from interbert.serve.service import create_app
+
+    query = {"query": "a dog runs on the beach", "k": 5, "rerank": True}
+    today = TestClient(create_app(gallery)).post("/search", json=query).json()
+    app = create_app(gallery, compile="default")
+    compiled = TestClient(app).post("/search", json=query).json()
+    assert compiled["candidates"] == today["candidates"] == 20
+    assert [r["image_id"] for r in compiled["results"]] == [r["image_id"] for r in today["results"]]
+    np.testing.assert_allclose([r["score"] for r in compiled["results"]], [r["score"] for r in today["results"]],
+                               atol=ATOL, rtol=0)
+    # 20 candidates padded to 32 rows: the one graph this query needed
+    assert [rows for rows, _, _ in app.state.service.model.static_scorer.shapes] == [32]
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores, nearly all of it inductor compiling; the fast tests above hold the scores
+def test_evaluate_retrieval_compile_default_reports_todays_metrics(tmp_path, capsys):
+    import json
+
+    from interbert.cli import main
+    from interbert.config import InterBertConfig
+    from interbert.data.captions import read_captions
+    from interbert.data.tokenize import train_wordpiece
+    from interbert.modeling import InterBertForPreTraining
+    from interbert.synthetic import generate
+
+    data = tmp_path / "data"
+    generate(data, images=12, seed=0, feature_dim=16, num_classes=8, workers=1, render_images=False)
+    folder = tmp_path / "model"
+    tokenizer = train_wordpiece([c.text for c in read_captions(data / "captions.json")], folder, vocab_size=120)
+    torch.manual_seed(0)
+    InterBertForPreTraining(InterBertConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_attention_heads=2, intermediate_size=24,
+        num_single_stream_layers=1, num_text_stream_layers=1, num_image_stream_layers=1, image_num_attention_heads=2,
+        image_intermediate_size=24, region_feature_size=16, num_region_classes=8, pooled_size=8,
+        max_position_embeddings=40)).save_pretrained(folder)
+    args = ["evaluate", "retrieval", "--model", str(folder), "--captions", str(data / "captions.json"), "--features",
+            str(data / "regions.tsv"), "--zero-shot", "--split", "all", "--max-images", "3", "--device", "cpu"]
+    results = {}
+    for mode in ("off", "default"):
+        capsys.readouterr()
+        assert main([*args, "--compile", mode]) == 0
+        results[mode] = json.loads(capsys.readouterr().out)
+    assert results["off"]["compile"] == "off" and "shapes" not in results["off"]
+    assert results["default"]["compile"] == "default" and results["default"]["shapes"] >= 1
+    for key in ("image_retrieval", "text_retrieval", "rsum", "pair_forwards"):
+        assert results["default"][key] == results["off"][key], key
