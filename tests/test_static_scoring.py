@@ -138,27 +138,35 @@ def test_a_compiled_rerank_gives_todays_top_k_and_scores(gallery):
     assert [rows for rows, _, _ in app.state.service.model.static_scorer.shapes] == [32]
 
 
-@pytest.mark.slow  # ~30 s on 2 busy cores, nearly all of it inductor compiling; the fast tests above hold the scores
-def test_evaluate_retrieval_compile_default_reports_todays_metrics(tmp_path, capsys):
-    import json
-
-    from interbert.cli import main
+@pytest.fixture(scope="module")
+def split_and_model(tmp_path_factory):
+    """12 synthetic images (5 captions each, 16-d features) and a small untrained pretraining folder for them."""
     from interbert.config import InterBertConfig
     from interbert.data.captions import read_captions
     from interbert.data.tokenize import train_wordpiece
     from interbert.modeling import InterBertForPreTraining
     from interbert.synthetic import generate
 
-    data = tmp_path / "data"
-    generate(data, images=12, seed=0, feature_dim=16, num_classes=8, workers=1, render_images=False)
-    folder = tmp_path / "model"
-    tokenizer = train_wordpiece([c.text for c in read_captions(data / "captions.json")], folder, vocab_size=120)
+    root = tmp_path_factory.mktemp("static_eval")
+    generate(root / "data", images=12, seed=0, feature_dim=16, num_classes=8, workers=1, render_images=False)
+    folder = root / "model"
+    tokenizer = train_wordpiece([c.text for c in read_captions(root / "data" / "captions.json")], folder, vocab_size=120)
     torch.manual_seed(0)
     InterBertForPreTraining(InterBertConfig(
         vocab_size=len(tokenizer), hidden_size=16, num_attention_heads=2, intermediate_size=24,
         num_single_stream_layers=1, num_text_stream_layers=1, num_image_stream_layers=1, image_num_attention_heads=2,
         image_intermediate_size=24, region_feature_size=16, num_region_classes=8, pooled_size=8,
         max_position_embeddings=40)).save_pretrained(folder)
+    return root / "data", folder
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores, nearly all of it inductor compiling; the fast tests above hold the scores
+def test_evaluate_retrieval_compile_default_reports_todays_metrics(split_and_model, capsys):
+    import json
+
+    from interbert.cli import main
+
+    data, folder = split_and_model
     args = ["evaluate", "retrieval", "--model", str(folder), "--captions", str(data / "captions.json"), "--features",
             str(data / "regions.tsv"), "--zero-shot", "--split", "all", "--max-images", "3", "--device", "cpu"]
     results = {}
@@ -170,3 +178,22 @@ def test_evaluate_retrieval_compile_default_reports_todays_metrics(tmp_path, cap
     assert results["default"]["compile"] == "default" and results["default"]["shapes"] >= 1
     for key in ("image_retrieval", "text_retrieval", "rsum", "pair_forwards"):
         assert results["default"][key] == results["off"][key], key
+
+
+@pytest.mark.slow  # compiles, as above
+def test_a_recipes_validation_with_train_compile_scores_as_without(split_and_model):
+    from interbert.data.tokenize import load_tokenizer
+    from interbert.loading import load_model
+    from interbert.recipes.common import captions_of_split, feature_store
+    from interbert.recipes.validation import retrieval_eval_fn
+
+    data, folder = split_and_model
+    captions = captions_of_split(data / "captions.json", None, 3)
+    store, tokenizer = feature_store(data / "regions.tsv"), load_tokenizer(folder)
+    model = load_model(folder, task="scoring").eval()
+    off = retrieval_eval_fn(captions, store, tokenizer, 36, 36, compile="off")(model)
+    torch._dynamo.reset()  # a fresh cache: the graph below is this validation's own
+    torch._dynamo.utils.counters.clear()
+    compiled = retrieval_eval_fn(captions, store, tokenizer, 36, 36, compile="default")(model)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did run through torch.compile
+    assert compiled == off and set(off) >= {"ir_r1", "tr_r1", "rsum"}
