@@ -197,3 +197,23 @@ def test_a_recipes_validation_with_train_compile_scores_as_without(split_and_mod
     compiled = retrieval_eval_fn(captions, store, tokenizer, 36, 36, compile="default")(model)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did run through torch.compile
     assert compiled == off and set(off) >= {"ir_r1", "tr_r1", "rsum"}
+
+
+@pytest.mark.parametrize("arms", [False, True])
+def test_serve_compile_reaches_the_rerank_of_the_index_or_of_every_arm(gallery, arms, tmp_path):
+    from interbert.cli import build_parser
+    from interbert.serve.cli import build_serve_app
+
+    where = (["--arm", f"a={gallery}", "--arm", f"b={gallery}", "--events", str(tmp_path / "events.sqlite")] if arms
+             else ["--index", str(gallery)])
+    threads = torch.get_num_threads()
+    try:
+        scorers = {}
+        for flags in ([], ["--compile", "off"], ["--compile", "default"]):
+            app, _ = build_serve_app(build_parser().parse_args(["serve", *where, *flags]))
+            services = [arm.service for arm in app.state.arms.values()] if arms else [app.state.service]
+            scorers[tuple(flags)] = [service.model.static_scorer for service in services]
+    finally:
+        torch.set_num_threads(threads)  # serve sets its own
+    assert scorers[()] == scorers[("--compile", "off")] == [None] * (2 if arms else 1)  # today's re-rank by default
+    assert [s.compile for s in scorers[("--compile", "default")]] == ["default"] * (2 if arms else 1)
