@@ -13,8 +13,8 @@ Three sides of the same work, timed alternately:
   ``serve --compile default``).
 
 Full protocol: every caption of a sample against every image (5 captions per image), pairs/s per side. The
-compile time is the first compiled run (dynamo's cache reset, so every bucket shape compiles) less a compiled
-run's time; the end-to-end figure of a ``--gallery`` images evaluation (5 captions each, every pair) includes it.
+compile time is the first compiled run (dynamo's cache reset, inductor's caches in a fresh folder, so every
+bucket shape compiles from scratch, as on a fresh machine) less a compiled run's time; the end-to-end figure of a ``--gallery`` images evaluation (5 captions each, every pair) includes it.
 Re-rank: one query against ``--candidates`` first-stage candidates in the service's 64-pair chunks, ms per query;
 its compile time is that of the shapes these candidates meet. Each side's largest score difference from eager is
 recorded. Writes benchmarks/results/compiled_scoring{_TAG}.json and .md; refuses a busy machine (load rule of
@@ -24,6 +24,7 @@ common.py) unless --force.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -63,7 +64,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def full_protocol(model, ids, regions, pair_batch_size: int, repeats: int, gallery: int, mode: str) -> dict:
+def compiling(warm_cache: bool):
+    """dynamo's cache reset and, unless ``warm_cache``, inductor's caches in a fresh folder: every shape compiles
+    from scratch, as on a fresh machine (from an earlier run's cached graphs it takes a fraction of that)."""
+    from torch._inductor.utils import fresh_cache
+
+    torch._dynamo.reset()
+    return contextlib.nullcontext() if warm_cache else fresh_cache()
+
+
+def full_protocol(model, ids, regions, pair_batch_size: int, repeats: int, gallery: int, mode: str,
+                  warm_cache: bool = False) -> dict:
     """pairs/s of each side on the same captions x images, compile time, end-to-end seconds at ``gallery``."""
     device = next(model.parameters()).device
     sides = {**SIDES, "compiled": {"compile": mode}}
@@ -72,11 +83,11 @@ def full_protocol(model, ids, regions, pair_batch_size: int, repeats: int, galle
         return score_pairs(model, ids, regions, pair_batch_size=pair_batch_size, progress=False, **sides[side])
 
     reference = run("eager")
-    torch._dynamo.reset()  # every bucket shape compiles in the timed first run
-    start = time.perf_counter()
-    first = run("compiled")
-    synchronize(device)
-    first_s = time.perf_counter() - start
+    with compiling(warm_cache):  # every bucket shape compiles in the timed first run
+        start = time.perf_counter()
+        first = run("compiled")
+        synchronize(device)
+        first_s = time.perf_counter() - start
     differences = {side: float(np.abs(run(side).scores - reference.scores).max()) for side in ("static", "compiled")}
     times = time_alternating({side: (lambda _, side=side: run(side)) for side in sides}, warmup=0, iterations=repeats)
     seconds = {side: median(v) for side, v in times.items()}
@@ -93,7 +104,7 @@ def full_protocol(model, ids, regions, pair_batch_size: int, repeats: int, galle
     }
 
 
-def rerank(model, ids, regions, candidates: int, repeats: int, mode: str) -> dict:
+def rerank(model, ids, regions, candidates: int, repeats: int, mode: str, warm_cache: bool = False) -> dict:
     """ms per query of the service's re-rank of ``candidates`` images (64-pair chunks), each side."""
     device = next(model.parameters()).device
     head = pair_scorer(model)
@@ -122,10 +133,10 @@ def rerank(model, ids, regions, candidates: int, repeats: int, mode: str) -> dic
         return scores
 
     reference = query_scores("eager")
-    torch._dynamo.reset()
-    start = time.perf_counter()
-    query_scores("compiled")
-    first_s = time.perf_counter() - start
+    with compiling(warm_cache):
+        start = time.perf_counter()
+        query_scores("compiled")
+        first_s = time.perf_counter() - start
     differences = {side: float(np.abs(query_scores(side) - reference).max()) for side in ("static", "compiled")}
     times = time_alternating({side: (lambda _, side=side: query_scores(side)) for side in ("eager", "static", "compiled")},
                              warmup=1, iterations=repeats)
@@ -142,8 +153,8 @@ def bench_preset(name: str, args, device: torch.device) -> dict:
     ids, regions = inputs(config, captions, images)
     regions = [type(r)(torch.as_tensor(r.features, device=device), torch.as_tensor(r.boxes, device=device)) for r in regions]
     return {"preset": name, "full_protocol": full_protocol(model, ids, regions, args.pair_batch_size, args.repeats,
-                                                           args.gallery, args.mode),
-            "rerank": rerank(model, ids, regions, args.candidates, args.repeats, args.mode)}
+                                                           args.gallery, args.mode, args.warm_cache),
+            "rerank": rerank(model, ids, regions, args.candidates, args.repeats, args.mode, args.warm_cache)}
 
 
 def markdown(payload: dict) -> str:
@@ -162,7 +173,8 @@ def markdown(payload: dict) -> str:
         f"Retrieval scorer (`InterBertForImageTextRetrieval`, untrained), torch.compile mode `{payload['mode']}`, "
         f"on {payload['device']}; sides timed alternately, median of {payload['repeats']} runs. Static: pair batches "
         "padded to buckets in the static-shape mode, eager; compiled: the same through torch.compile. Compile time: "
-        "the first compiled run (dynamo's cache reset) less a compiled run.",
+        "the first compiled run (dynamo's cache reset" + ("" if payload.get("warm_cache") else ", inductor's caches "
+        "fresh: from scratch, as on a new machine") + ") less a compiled run.",
         "## Full protocol (`evaluate retrieval`)",
         table(["preset", "captions x images", "shapes", "eager pairs/s", "static pairs/s", "compiled pairs/s",
                "compiled / eager", "compile s", f"{g}-image eval s, eager", f"{g}-image eval s, compiled (incl. compile)",
@@ -186,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                         help="torch.compile mode (the last two on CUDA)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="let inductor reuse graphs an earlier run compiled (default: compile from scratch)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="", help="suffix of the results files")
     parser.add_argument("--force", action="store_true", help="run on a busy machine (results marked loaded)")
@@ -197,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     payload = {"machine": machine_info(load["load_average_at_start"]), "load": load, "device": str(device),
-               "mode": args.mode, "repeats": args.repeats, "gallery": args.gallery, "presets": []}
+               "mode": args.mode, "repeats": args.repeats, "warm_cache": args.warm_cache, "gallery": args.gallery, "presets": []}
     with torch.no_grad():
         for name in args.presets:
             result = bench_preset(name, args, device)
