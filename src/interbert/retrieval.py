@@ -174,11 +174,11 @@ def score_pairs(
                 scores[cap_ids[ci], ii] = value
             bar.update(len(sel))
     bar.close()
-    by_rank = [total]
+    by_rank, shapes = [total], len(scorer.shapes) if isinstance(scorer, StaticPairScorer) else None
     if world_size > 1:
         scores, by_rank = _gather_rows(scores, order, total)
     return ScoreReport(scores=scores, pair_forwards=sum(by_rank), seconds=time.perf_counter() - start_time,
-                       pair_forwards_by_rank=by_rank, shapes=len(scorer.shapes) if isinstance(scorer, StaticPairScorer) else None)
+                       pair_forwards_by_rank=by_rank, shapes=shapes)
 
 
 def static_scorer(model: nn.Module, captions: Sequence[Sequence[int]], images: Sequence[RegionInput],
@@ -188,7 +188,8 @@ def static_scorer(model: nn.Module, captions: Sequence[Sequence[int]], images: S
     (as ``data.length_buckets: auto`` chooses them for training), so a compiled run builds a handful of graphs."""
     return StaticPairScorer(
         model.interbert, pair_scorer(model), compile=compile, row_edges=doubling_edges(max(1, pair_batch_size)),
-        text_edges=bucket_edges([len(c) for c in captions]), region_edges=bucket_edges([len(im.boxes) for im in images]))
+        text_edges=bucket_edges([len(c) for c in captions]) if captions else None,
+        region_edges=bucket_edges([len(im.boxes) for im in images]) if images else None)
 
 
 def _batch_scorer(model: nn.Module, captions, images, pair_batch_size: int, static_shapes: bool, compile: str):
