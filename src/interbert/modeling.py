@@ -491,6 +491,7 @@ class InterBertModel(InterBertPreTrainedModel):
         image_keep: torch.Tensor | None,
         text_needed: torch.Tensor | None = None,
         image_needed: torch.Tensor | None = None,
+        static: bool = False,
     ) -> InterBertOutput:
         """Everything after the embeddings, on already-embedded inputs (B x L x H, keep masks B x L).
 
@@ -499,11 +500,13 @@ class InterBertModel(InterBertPreTrainedModel):
         ``text_needed`` / ``image_needed`` (B x L bool, position 0 included): the sequence positions the
         caller reads; the streams' last layers compute only those, and the other positions of the
         sequence outputs are zero (the poolers read position 0). None: every position.
+        ``static``: this call the static-shape way whatever the model's mode (a compiled scorer's pass, see
+        :mod:`interbert.static_scoring`, without switching the model that other threads may be running).
         """
         streams = [(h, k.bool()) for h, k in ((image, image_keep), (text, text_keep)) if h is not None]
         # Single-stream interaction: full attention over [regions ; text].
         hidden = torch.cat([h for h, _ in streams], dim=1)
-        static = self.static_shapes or capturing_graph()
+        static = static or self.static_shapes or capturing_graph()
         hidden = run_stack(self.single_stream, hidden, torch.cat([k for _, k in streams], dim=1), static=static)
 
         # Two-stream extraction: each modality continues in its own stack.

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from interbert.data.batches import bucket_edges
 from interbert.modeling import InterBertForImageTextRetrieval, InterBertForPreTraining, fuse
+from interbert.static_scoring import StaticPairScorer, doubling_edges
 
 
 @dataclass
@@ -41,6 +43,7 @@ class ScoreReport:
     pair_forwards: int  # over all ranks
     seconds: float
     pair_forwards_by_rank: list[int] | None = None  # each rank's share (one entry in one process)
+    shapes: int | None = None  # static shapes: the (rows, tokens, regions) buckets met (the graphs compiled)
 
 
 def caption_shard(lengths: Sequence[int], rank: int, world_size: int) -> list[int]:
@@ -125,6 +128,8 @@ def score_pairs(
     pair_batch_size: int = 512,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
+    static_shapes: bool = False,
+    compile: str = "off",
 ) -> ScoreReport:
     """Cross-encoder scores of caption x image pairs.
 
@@ -133,9 +138,11 @@ def score_pairs(
     are ``nan`` in the result. Runs on the model's device (move the model to a GPU to score there).
     ``shard=(rank, world_size)``: this rank scores its share of the captions (:func:`caption_shard`) and
     the ranks exchange their rows (every rank of the process group must call this alike).
+    ``static_shapes`` (implied by a ``compile`` mode other than ``off``): every pair batch padded to buckets
+    and scored the static-shape way (:func:`static_scorer`), through ``torch.compile`` with ``compile``.
     """
     model.eval()
-    head = pair_scorer(model)
+    scorer = _batch_scorer(model, captions, images, pair_batch_size, static_shapes, compile)
     n_c, n_i = len(captions), len(images)
     wanted = np.ones((n_c, n_i), dtype=bool) if pairs is None else np.asarray(pairs, dtype=bool)
     scores = np.full((n_c, n_i), np.nan, dtype=np.float32)
@@ -162,17 +169,40 @@ def score_pairs(
             cap_rows = torch.tensor([ci for ci, _ in sel], device=texts.device)
             ims, im_keep = _pad([image_emb[ii] for ii in img_ids])
             im_rows = torch.tensor([img_ids.index(ii) for _, ii in sel], device=texts.device)
-            out = model.interbert.encode(texts[cap_rows], text_keep[cap_rows], ims[im_rows], im_keep[im_rows])
-            s = head(out.text_pooled, out.image_pooled).float().cpu().numpy()
+            s = scorer(texts[cap_rows], text_keep[cap_rows], ims[im_rows], im_keep[im_rows]).float().cpu().numpy()
             for (ci, ii), value in zip(sel, s):
                 scores[cap_ids[ci], ii] = value
             bar.update(len(sel))
     bar.close()
-    by_rank = [total]
+    by_rank, shapes = [total], len(scorer.shapes) if isinstance(scorer, StaticPairScorer) else None
     if world_size > 1:
         scores, by_rank = _gather_rows(scores, order, total)
     return ScoreReport(scores=scores, pair_forwards=sum(by_rank), seconds=time.perf_counter() - start_time,
-                       pair_forwards_by_rank=by_rank)
+                       pair_forwards_by_rank=by_rank, shapes=shapes)
+
+
+def static_scorer(model: nn.Module, captions: Sequence[Sequence[int]], images: Sequence[RegionInput],
+                  pair_batch_size: int = 512, compile: str = "off") -> StaticPairScorer:
+    """The full protocol's scorer on static shapes: pair rows padded to doubling buckets up to
+    ``pair_batch_size``, captions and region lists to length buckets from the split's own length histograms
+    (as ``data.length_buckets: auto`` chooses them for training), so a compiled run builds a handful of graphs."""
+    return StaticPairScorer(
+        model.interbert, pair_scorer(model), compile=compile, row_edges=doubling_edges(max(1, pair_batch_size)),
+        text_edges=bucket_edges([len(c) for c in captions]) if captions else None,
+        region_edges=bucket_edges([len(im.boxes) for im in images]) if images else None)
+
+
+def _batch_scorer(model: nn.Module, captions, images, pair_batch_size: int, static_shapes: bool, compile: str):
+    """(texts, text_keep, images, image_keep) -> scores: today's packed eager pass, or the static one."""
+    if static_shapes or compile != "off":
+        return static_scorer(model, captions, images, pair_batch_size, compile)
+    head = pair_scorer(model)
+
+    def eager(texts, text_keep, ims, im_keep):
+        out = model.interbert.encode(texts, text_keep, ims, im_keep)
+        return head(out.text_pooled, out.image_pooled)
+
+    return eager
 
 
 @torch.no_grad()
@@ -203,6 +233,8 @@ def two_stage_scores(
     pair_batch_size: int = 512,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
+    static_shapes: bool = False,
+    compile: str = "off",
 ) -> ScoreReport:
     """Candidates by embedding similarity, the top ``k`` per caption re-ranked by the cross-encoder.
 
@@ -216,10 +248,10 @@ def two_stage_scores(
     chosen = np.zeros_like(sim, dtype=bool)
     np.put_along_axis(chosen, top, True, axis=1)
     report = score_pairs(model, captions, images, pairs=chosen, pair_batch_size=pair_batch_size, progress=progress,
-                         shard=shard)
+                         shard=shard, static_shapes=static_shapes, compile=compile)
     # candidates (shifted to >= 1) rank above every non-candidate (similarity - 2 <= -1)
     pair = report.scores
     floor = np.nanmin(pair) if chosen.any() else 0.0
     final = np.where(chosen, np.nan_to_num(pair - floor) + 1.0, sim - 2.0).astype(np.float32)
     return ScoreReport(scores=final, pair_forwards=report.pair_forwards, seconds=time.perf_counter() - start_time,
-                       pair_forwards_by_rank=report.pair_forwards_by_rank)
+                       pair_forwards_by_rank=report.pair_forwards_by_rank, shapes=report.shapes)

@@ -149,6 +149,9 @@ def register(subparsers) -> None:
     e.add_argument("--pair-batch-size", type=int, default=512)
     e.add_argument("--threads", type=int, help="torch threads")
     e.add_argument("--device", default="auto", help="where to score: auto (the GPU if there is one), cpu, cuda, cuda:1 ...")
+    e.add_argument("--compile", choices=["off", "default"], default="off",
+                   help="off (default): today's eager scoring; default: pair batches padded to a few fixed shapes, "
+                        "the scorer through torch.compile (the same scores; the first batch of each shape compiles)")
     e.add_argument("--out", help="write the JSON here (and the rank histogram next to it as .png)")
     e.add_argument("--histogram", help="rank histogram PNG path")
     e.set_defaults(func=_cmd_evaluate_retrieval)

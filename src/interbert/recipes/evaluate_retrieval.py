@@ -3,6 +3,7 @@
     interbert evaluate retrieval --model runs/finetune/model --captions dataset.json --features feats.tsv --split test
     interbert evaluate retrieval --model runs/pretrain/model ... --zero-shot         # the pretraining ITM head
     interbert evaluate retrieval --model runs/finetune/model ... --two-stage 20       # + embedding candidates
+    interbert evaluate retrieval --model runs/finetune/model ... --compile default    # static shapes, compiled
 
 Every caption of the split is scored against every image of the split (5,000 x 1,000 on Flickr30K
 test). Reported: image retrieval R@1/5/10, median and mean rank; text retrieval R@K (UNITER's); the
@@ -13,6 +14,10 @@ number of pair forwards and the wall time. Ties count against the model.
 Under torchrun each rank scores its share of the pairs (every world_size-th caption; see
 :func:`interbert.retrieval.score_pairs`), the ranks' scores are gathered, and rank 0 computes the metrics and
 writes the JSON: the same JSON as one process, plus each rank's pair count in ``pair_forwards_per_rank``.
+
+``--compile default`` scores every pair batch on bucketed shapes through ``torch.compile``
+(:mod:`interbert.static_scoring`): the same scores to float rounding, and ``shapes`` in the JSON counts the
+graphs compiled. Off by default: whether it pays is benchmarks/eval_cost.py's to say.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ def evaluate_retrieval(
     histogram: str | Path | None = None,
     progress: bool = True,
     device: str = "cpu",
+    compile: str = "off",
 ) -> dict:
     """Score the split with the full protocol (and ``two_stage``), on ``device`` (``auto``: the GPU if any).
     Under torchrun the pairs are shared out over the ranks (every rank must call this alike)."""
@@ -103,17 +109,19 @@ def evaluate_retrieval(
     check_region_feature_size(model, store, "evaluate retrieval", f"the model {model_dir}")
     token_ids, images, index, image_ids = prepare_split(caps, store, tokenizer, max_tokens, max_regions)
     logger.info("scoring %d captions x %d images (%d pairs)", len(caps), len(images), len(caps) * len(images))
-    full = score_pairs(model, token_ids, images, pair_batch_size=pair_batch_size, progress=progress, shard=shard)
+    full = score_pairs(model, token_ids, images, pair_batch_size=pair_batch_size, progress=progress, shard=shard,
+                       compile=compile)
     result = {
         "model": str(model_dir), "split": split, "zero_shot": zero_shot,
         **retrieval_metrics(full.scores, index),
         "pair_forwards": full.pair_forwards, "seconds": round(full.seconds, 2), "device": str(target),
-        "pair_forwards_per_rank": full.pair_forwards_by_rank,
+        "pair_forwards_per_rank": full.pair_forwards_by_rank, "compile": compile,
+        **({"shapes": full.shapes} if full.shapes is not None else {}),
     }
     ranks = {"full protocol": image_retrieval_ranks(full.scores, index)}
     if two_stage:
         staged = two_stage_scores(model, token_ids, images, k=two_stage, pair_batch_size=pair_batch_size,
-                                  progress=progress, shard=shard)
+                                  progress=progress, shard=shard, compile=compile)
         result["two_stage"] = {
             "k": int(two_stage), **retrieval_metrics(staged.scores, index),
             "pair_forwards": staged.pair_forwards, "seconds": round(staged.seconds, 2),
@@ -135,6 +143,7 @@ def run_cli(args) -> int:
         args.model, args.captions, args.features, split=None if args.split == "all" else args.split, zero_shot=args.zero_shot,
         two_stage=args.two_stage, max_images=args.max_images, max_tokens=args.max_tokens,
         max_regions=args.max_regions, pair_batch_size=args.pair_batch_size, histogram=histogram, device=args.device,
+        compile=args.compile,
     )
     if not _is_main_process():  # every rank has the result; rank 0 writes and prints it
         _leave_process_group()

@@ -100,8 +100,11 @@ def run(cfg: RetrievalSettings | dict, resume: bool = False, source: str = "conf
             cache_dir=out / "cache", seed=train_cfg.seed, region_cache=data.region_cache,
         )
     # validation and test captions are prepared (and their images checked) now, not after hours of training
-    eval_fn = retrieval_eval_fn(val_captions, store, tokenizer, data.max_tokens, data.max_regions) if val_captions else None
-    test_fn = retrieval_eval_fn(test_captions, store, tokenizer, data.max_tokens, data.max_regions) if test_captions else None
+    # with train.compile the pairs are scored on static shapes through torch.compile too (the same scores)
+    eval_fn = retrieval_eval_fn(val_captions, store, tokenizer, data.max_tokens, data.max_regions,
+                                compile=train_cfg.compile) if val_captions else None
+    test_fn = retrieval_eval_fn(test_captions, store, tokenizer, data.max_tokens, data.max_regions,
+                                compile=train_cfg.compile) if test_captions else None
     logger.info("retrieval fine-tuning on %d captions of %d images from %s", len(dataset), len(dataset.image_ids),
                 checkpoint or ("BERT " + model_cfg.from_bert if model_cfg.from_bert else "scratch"))
 

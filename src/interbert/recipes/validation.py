@@ -147,15 +147,17 @@ def flat_retrieval_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def retrieval_eval_fn(captions: Sequence[Caption], store, tokenizer, max_tokens: int, max_regions: int,
-                      pair_batch_size: int = 512) -> Callable[[nn.Module], dict[str, float]]:
-    """R@K, median and mean rank of the full protocol on ``captions`` (prepared once, scored per call)."""
+                      pair_batch_size: int = 512, compile: str = "off") -> Callable[[nn.Module], dict[str, float]]:
+    """R@K, median and mean rank of the full protocol on ``captions`` (prepared once, scored per call).
+    ``compile`` (the run's ``train.compile``): off, today's eager scoring; a mode, the pairs scored on static
+    shapes through ``torch.compile`` (:mod:`interbert.static_scoring`), compiled at the first validation."""
     from interbert.recipes.evaluate_retrieval import prepare_split
     from interbert.retrieval import score_pairs
 
     token_ids, images, index, _ = prepare_split(captions, store, tokenizer, max_tokens, max_regions)
 
     def evaluate(model: nn.Module) -> dict[str, float]:
-        report = score_pairs(model, token_ids, images, pair_batch_size=pair_batch_size, progress=False)
+        report = score_pairs(model, token_ids, images, pair_batch_size=pair_batch_size, progress=False, compile=compile)
         return flat_retrieval_metrics(retrieval_metrics(report.scores, index))
 
     return evaluate

@@ -126,7 +126,8 @@ def build_serve_app(args: argparse.Namespace):
 
     app = create_app(args.index, args.model, rerank_cap=args.rerank_cap, engine=args.engine,
                      max_concurrent_reranks=args.max_concurrent_reranks,
-                     rerank_queue_timeout=args.rerank_queue_timeout, device=args.device, access_log=sink)
+                     rerank_queue_timeout=args.rerank_queue_timeout, device=args.device, access_log=sink,
+                     compile=args.compile)
     gate = app.state.rerank_gate
     return app, (f"serving {args.index} on http://{args.host}:{args.port}/ (at most {gate.limit} re-ranked searches "
                  f"at once, model on {args.device})")
@@ -170,7 +171,7 @@ def _experiment_app(args: argparse.Namespace, sink):
                         rerank_queue_timeout=args.rerank_queue_timeout, device=args.device, user_secret=secret,
                         insecure_user_ids=args.insecure_user_ids, user_clicks_per_minute=args.user_clicks_per_minute,
                         request_clicks_per_minute=args.request_clicks_per_minute, access_log=sink,
-                        events_busy_wait=args.events_timeout)
+                        events_busy_wait=args.events_timeout, compile=args.compile)
     shares = ", ".join(f"{name} {100 * share:g}%" for name, share in zip(app.state.experiment.arms, app.state.experiment.split))
     return app, f"experiment {args.experiment!r} ({shares}) on http://{args.host}:{args.port}/, events in {events}"
 
@@ -267,6 +268,10 @@ def register(subparsers) -> None:
                        help="seconds a re-ranked search waits for a free slot before it is answered 503 with "
                             f"Retry-After (default {DEFAULT_RERANK_QUEUE_TIMEOUT:g}; 0 = never wait)")
     _device_argument(serve)
+    serve.add_argument("--compile", choices=["off", "default"], default="off",
+                       help="off (default): the re-rank as it was; default: candidates, query and regions padded to "
+                            "a few fixed shapes and the scorer through torch.compile (the same scores; the first "
+                            "query of each shape compiles, seconds to a minute)")
     serve.add_argument("--torch-threads", type=int, default=1,
                        help="intra-op threads per forward (default 1: concurrent requests use the cores)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

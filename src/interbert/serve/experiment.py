@@ -78,9 +78,9 @@ USER_REFUSALS = {401: "unsigned_user", 403: "bad_signature", 422: "bad_user_id"}
 class Arm:
     """One arm, loaded: its search service (index + model) and its feed (or None)."""
 
-    def __init__(self, spec: ArmSpec, rerank_cap: int, device: str):
+    def __init__(self, spec: ArmSpec, rerank_cap: int, device: str, compile: str = "off"):
         self.name = spec.name
-        self.service = SearchService(spec.index, spec.model, rerank_cap=rerank_cap, device=device)
+        self.service = SearchService(spec.index, spec.model, rerank_cap=rerank_cap, device=device, compile=compile)
         self.feed = Feed(spec.feed) if spec.feed else None
         if self.feed and self.feed.weights_sha256 != self.service.index.manifest["weights_sha256"]:
             # A feed ranks the images its own model embedded; paired with another index its items and
@@ -237,11 +237,13 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
                           user_secret: bytes | None = None, insecure_user_ids: bool = False,
                           user_clicks_per_minute: int = DEFAULT_USER_CLICKS_PER_MINUTE,
                           request_clicks_per_minute: int = DEFAULT_REQUEST_CLICKS_PER_MINUTE,
-                          access_log: AccessLog | None = None, events_busy_wait: float = BUSY_WAIT) -> FastAPI:
+                          access_log: AccessLog | None = None, events_busy_wait: float = BUSY_WAIT,
+                          compile: str = "off") -> FastAPI:
     """``user_secret``: the key user ids are signed with (None: a random one for this process, so cookies
     last only as long as it); ``insecure_user_ids``: also take unsigned ids from X-User-Id / ?user=;
     ``access_log`` receives one record per request (:mod:`interbert.serve.metrics`); ``events_busy_wait``:
-    seconds a write waits for another process's lock on the event log before the request is answered 503.
+    seconds a write waits for another process's lock on the event log before the request is answered 503;
+    ``compile``: every arm's re-rank on static shapes through torch.compile (``serve --compile``).
 
     Long because each route is a closure over the arms, the log and the limits, FastAPI's usual shape; what a
     route does beyond reading its request and answering lives in identity.py, events.py and metrics.py."""
@@ -261,7 +263,7 @@ def create_experiment_app(arm_specs: Sequence[ArmSpec], split: Sequence[float], 
     # has loaded; EventLog checks again (inside its transaction) once they have.
     hashes = _hashes_before_loading(arm_specs)
     check_existing_log(events, config, hashes)
-    arms = {spec.name: Arm(spec, rerank_cap, device) for spec in arm_specs}
+    arms = {spec.name: Arm(spec, rerank_cap, device, compile) for spec in arm_specs}
     log = open_event_store(events, config, hashes or {spec.name: arm_hashes(spec) for spec in arm_specs},
                            busy_wait=events_busy_wait)
     if log.upgraded:

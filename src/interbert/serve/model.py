@@ -17,7 +17,9 @@ import torch
 from interbert.config import InterBertConfig
 from interbert.loading import FINGERPRINTED_WEIGHTS, load_model, weights_fingerprint  # noqa: F401
 from interbert.modeling import InterBertForImageTextRetrieval, fuse
+from interbert.retrieval import pair_scorer
 from interbert.serve._data import load_tokenizer
+from interbert.static_scoring import StaticPairScorer, doubling_edges
 
 # weights_fingerprint lives with the model folder's other files (interbert.loading); imported here by index and service
 WEIGHT_FILES = FINGERPRINTED_WEIGHTS
@@ -31,7 +33,8 @@ class SearchModel:
     side, one per core. With more, each forward already spreads over the cores, so forwards take turns:
     overlapping OpenMP teams oversubscribe the cores and every barrier waits for a descheduled thread."""
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu", need_tokenizer: bool = True):
+    def __init__(self, model_dir: str | Path, device: str = "cpu", need_tokenizer: bool = True, compile: str = "off",
+                 max_regions: int | None = None, rerank_batch: int = 64):
         self.model_dir = Path(model_dir)
         # a fine-tuned retrieval scorer, or a pretraining folder's ITM head
         self.model = load_model(self.model_dir, task="scoring").to(device).eval()
@@ -41,6 +44,17 @@ class SearchModel:
         self.tokenizer = load_tokenizer(self.model_dir) if need_tokenizer else None
         self.max_query_tokens = min(MAX_QUERY_TOKENS, self.config.max_position_embeddings)
         self._lock = threading.Lock()
+        self.static_scorer = None if compile == "off" else self._static_scorer(compile, max_regions, rerank_batch)
+
+    def _static_scorer(self, compile: str, max_regions: int | None, rerank_batch: int) -> StaticPairScorer:
+        """``serve --compile``: the re-rank on bucketed shapes through torch.compile: candidates padded to
+        doubling counts up to ``rerank_batch`` (the service's chunk), the query to doubling token counts, region
+        lists to doubling counts up to the index's ``max_regions``. A few dozen graphs at most, each compiled by
+        the first query that needs it."""
+        return StaticPairScorer(
+            self.model.interbert, pair_scorer(self.model), compile=compile, row_edges=doubling_edges(rerank_batch),
+            text_edges=doubling_edges(self.max_query_tokens),
+            region_edges=doubling_edges(max_regions) if max_regions else None)
 
     def _turn(self):
         return self._lock if torch.get_num_threads() > 1 else contextlib.nullcontext()
@@ -82,7 +96,9 @@ class SearchModel:
             **region_batch,
         })
         with self._turn():
-            if isinstance(self.model, InterBertForImageTextRetrieval):
+            if self.static_scorer is not None:
+                scores = self.static_scorer(*self.model.interbert.embed_inputs(**inputs))
+            elif isinstance(self.model, InterBertForImageTextRetrieval):
                 scores = self.model(**inputs).logits
             else:
                 # The pretraining model's own forward would also run the MSM/MRM heads over every position.

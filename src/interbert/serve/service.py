@@ -156,7 +156,8 @@ class SearchService:
     """The two stages, independent of HTTP (the app is a thin layer over :meth:`search`)."""
 
     def __init__(self, index_dir: str | Path, model_dir: str | Path | None = None, rerank_cap: int = RERANK_CAP,
-                 device: str = "cpu", engine: str | None = None):
+                 device: str = "cpu", engine: str | None = None, compile: str = "off"):
+        """``compile``: ``off``, or the re-rank on static shapes through torch.compile (``serve --compile``)."""
         self.index = ImageIndex(index_dir, engine=engine)
         built_with = self.index.manifest["model"]
         # --model (the command line) is taken as given; the folder's own record is confined by ImageIndex.
@@ -166,8 +167,9 @@ class SearchService:
                 f"{index_dir} was built with the model at {built_with}; {model_dir} holds different weights, whose "
                 f"text embeddings would not match the indexed image embeddings. Serve with that model or rebuild."
             )
-        self.model = SearchModel(model_dir, device=device)
         self.max_regions = int(self.index.manifest["max_regions"])
+        self.model = SearchModel(model_dir, device=device, compile=compile, max_regions=self.max_regions,
+                                 rerank_batch=RERANK_BATCH)
         self.rerank_cap = rerank_cap
         # Opened now, not on the first re-ranked query: a moved store fails at start, not mid-request.
         self._stores = {path: open_features(self.index.store_path(path)) for path in self.index.feature_stores()}
@@ -328,14 +330,14 @@ def api_app(title: str, **kwargs) -> FastAPI:
 def create_app(index_dir: str | Path, model_dir: str | Path | None = None, rerank_cap: int = RERANK_CAP,
                max_body_bytes: int = MAX_BODY_BYTES, device: str = "cpu", max_concurrent_reranks: int | None = None,
                rerank_queue_timeout: float = DEFAULT_RERANK_QUEUE_TIMEOUT, engine: str | None = None,
-               access_log: AccessLog | None = None) -> FastAPI:
+               access_log: AccessLog | None = None, compile: str = "off") -> FastAPI:
     """The app over one index; ``model_dir`` defaults to the model recorded in the index.
     ``max_concurrent_reranks`` defaults to :func:`default_max_concurrent_reranks`; ``access_log`` receives
     one record per request (:mod:`interbert.serve.metrics`)."""
     if max_concurrent_reranks is None:
         max_concurrent_reranks = default_max_concurrent_reranks()
     gate = RerankGate(max_concurrent_reranks, rerank_queue_timeout)
-    service = SearchService(index_dir, model_dir, rerank_cap=rerank_cap, device=device, engine=engine)
+    service = SearchService(index_dir, model_dir, rerank_cap=rerank_cap, device=device, engine=engine, compile=compile)
     page = resources.files("interbert.serve").joinpath("page.html").read_text(encoding="utf-8")
     app = api_app("interbert search")
     app.state.service = service
