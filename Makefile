@@ -8,12 +8,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # the extras the tests and the demo use: serve (the demo's search index, the serve tests), zh (Chinese tests).
 # postgres (psycopg, ~10 MB with its libpq): the A/B event store's tests run against a real PostgreSQL server.
+# parquet (pyarrow, ~170 MB installed): `interbert embed --format parquet`, tested against the npy output.
 # export (onnx, onnxruntime, onnxscript, ~111 MB installed): `interbert export onnx` and its ONNX Runtime check.
 # wandb (~75 MB: its Go core) and mlflow (~125 MB: mlflow-skinny, databricks-sdk, SQLAlchemy): train.report_to's
 # trackers, tested offline (tests/test_train_tracking.py); ~195 MB together, under a tenth of the venv.
 # Not milvus: it adds ~265 MB installed (pyarrow, pandas) for one optional engine; its tests skip without
 # it, and `make test-milvus` installs it and runs them.
-EXTRAS := dev,serve,zh,postgres,export,wandb,mlflow
+EXTRAS := dev,serve,zh,postgres,export,wandb,mlflow,parquet
 
 .PHONY: venv demo test test-slow test-milvus bench clean
 
