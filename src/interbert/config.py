@@ -60,6 +60,8 @@ class InterBertConfig(PretrainedConfig):
         pad_token_id: int = 0,
         **kwargs,
     ):
+        """Every field as a keyword with its default, as transformers' configs take them. Long because it
+        is one line per field of the config and nothing else."""
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size

@@ -70,14 +70,7 @@ def wordpiece_vocabulary(texts: Iterable[str], vocab_size: int, lowercase: bool 
     the same order, then the merged tokens in merge order; the most frequent pair merges first, ties broken by
     the ids of the pair (the library breaks them by ids assigned in hash order, so two processes can train
     different vocabularies from the same texts)."""
-    from tokenizers.normalizers import BertNormalizer
-    from tokenizers.pre_tokenizers import BertPreTokenizer
-
-    normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
-    pre_tokenizer = BertPreTokenizer()
-    word_counts: Counter[str] = Counter()
-    for text in texts:
-        word_counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    word_counts = _word_counts(texts, lowercase)
     char_counts: Counter[str] = Counter()
     for word, count in word_counts.items():
         for char in word:
@@ -116,29 +109,49 @@ def wordpiece_vocabulary(texts: Iterable[str], vocab_size: int, lowercase: bool 
         if token not in ids:
             ids[token] = len(vocab)
             vocab.append(token)
-        new_id = ids[token]
-        changed = set()
-        for w in sorted(where.pop(pair)):
-            symbols, count = words[w], counts[w]
-            for old in zip(symbols, symbols[1:]):
-                pair_counts[old] -= count
-            merged, n = [], 0
-            while n < len(symbols):
-                if n + 1 < len(symbols) and (symbols[n], symbols[n + 1]) == pair:
-                    merged.append(new_id)
-                    n += 2
-                else:
-                    merged.append(symbols[n])
-                    n += 1
-            words[w] = merged
-            for new in zip(merged, merged[1:]):
-                pair_counts[new] += count
-                where.setdefault(new, set()).add(w)
-                changed.add(new)
+        changed = _merge(pair, ids[token], words, counts, pair_counts, where)
         for new in sorted(changed):
             if pair_counts[new] > 0:
                 heapq.heappush(heap, (-pair_counts[new], new))
     return vocab
+
+
+def _word_counts(texts: Iterable[str], lowercase: bool) -> Counter[str]:
+    """How often each word occurs in ``texts``, normalised and split as BERT does."""
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    pre_tokenizer = BertPreTokenizer()
+    word_counts: Counter[str] = Counter()
+    for text in texts:
+        word_counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    return word_counts
+
+
+def _merge(pair: tuple[int, int], new_id: int, words: list[list[int]], counts: list[int],
+           pair_counts: Counter[tuple[int, int]], where: dict[tuple[int, int], set[int]]) -> set[tuple[int, int]]:
+    """Replace ``pair`` by ``new_id`` in every word that holds it, updating the pair counts and where each pair
+    occurs (in place); the pairs whose counts grew."""
+    changed = set()
+    for w in sorted(where.pop(pair)):
+        symbols, count = words[w], counts[w]
+        for old in zip(symbols, symbols[1:]):
+            pair_counts[old] -= count
+        merged, n = [], 0
+        while n < len(symbols):
+            if n + 1 < len(symbols) and (symbols[n], symbols[n + 1]) == pair:
+                merged.append(new_id)
+                n += 2
+            else:
+                merged.append(symbols[n])
+                n += 1
+        words[w] = merged
+        for new in zip(merged, merged[1:]):
+            pair_counts[new] += count
+            where.setdefault(new, set()).add(w)
+            changed.add(new)
+    return changed
 
 
 @dataclass

@@ -155,6 +155,62 @@ def merge_shard_stores(out: Path, progress: bool) -> int:
     return merged
 
 
+def _images_of_shard(images: str | Path, boxes_file: str | Path | None, shard_index: int, shard_count: int,
+                     report: ExtractReport) -> tuple[dict[str, Path], dict[str, GivenBoxes], list[str]]:
+    """The image files under ``images`` (with their given boxes, when ``boxes_file`` lists them), and the ids this
+    shard extracts; what is left out is recorded in ``report``."""
+    files, others = list_images(images)
+    report.ignored_files = [str(p) for p in others]
+    given: dict[str, GivenBoxes] = {}
+    if boxes_file is not None:
+        given, report.images_without_boxes, report.boxes_without_image = match_given_boxes(
+            list(files), read_given_boxes(boxes_file)
+        )
+        files = {image_id: files[image_id] for image_id in given}
+    my_ids = shard_ids(list(files), shard_index, shard_count)
+    report.images_in_shard = len(my_ids)
+    return files, given, my_ids
+
+
+def _extract_pending(detector: RegionDetector, loader: DataLoader, writer: RegionStoreWriter,
+                     given: dict[str, GivenBoxes], config: DetectorConfig, report: ExtractReport, total: int,
+                     progress: bool) -> None:
+    """Run the detector over the loader's images and add each to ``writer`` (flushed every ``FLUSH_SECONDS``);
+    an image that cannot be used is recorded in ``report.failed``, not dropped."""
+    from tqdm.auto import tqdm
+
+    last_flush = time.monotonic()
+    with tqdm(total=total, desc="extract", unit="img", disable=not progress) as bar:
+        for batch in loader:
+            decoded = []
+            for item in batch:
+                problem = item.get("error") or _size_mismatch(item, given.get(item["image_id"]))
+                if problem:
+                    report.failed.append({"image_id": item["image_id"], "file": str(item["path"]), "error": problem})
+                else:
+                    decoded.append(item)
+            for item, regions in zip(decoded, _run_detector(detector, decoded, given)):
+                writer.add(item["image_id"], regions.as_regions())
+                if not given and regions.num_boxes < config.min_regions:
+                    report.fewer_than_min_regions.append(item["image_id"])
+            report.extracted += len(decoded)
+            bar.update(len(batch))
+            if time.monotonic() - last_flush > FLUSH_SECONDS:
+                writer.flush()
+                last_flush = time.monotonic()
+
+
+def _finish_report(report: ExtractReport, out: Path, shard_index: int, shard_count: int) -> ExtractReport:
+    """Write the report as JSON beside the store (one per shard) and say on stderr what was done and what failed."""
+    report_name = f"extract_report.shard-{shard_index}-of-{shard_count}.json" if shard_count > 1 else "extract_report.json"
+    report.report_path = str(out / report_name)
+    atomic_write_text(out / report_name, json.dumps({**asdict(report), "num_failed": report.num_failed}, indent=1) + "\n")
+    print(report.summary_line(), file=sys.stderr, flush=True)
+    for failure in report.failed:
+        print(f"  could not use {failure['file']}: {failure['error']}", file=sys.stderr)
+    return report
+
+
 def extract_features(
     images: str | Path,
     out: str | Path,
@@ -184,16 +240,7 @@ def extract_features(
     report = ExtractReport(images=str(images), out=str(out), shard=f"{shard_index}/{shard_count}")
     report.random_weights = config.random_weights
 
-    files, others = list_images(images)
-    report.ignored_files = [str(p) for p in others]
-    given: dict[str, GivenBoxes] = {}
-    if boxes_file is not None:
-        given, report.images_without_boxes, report.boxes_without_image = match_given_boxes(
-            list(files), read_given_boxes(boxes_file)
-        )
-        files = {image_id: files[image_id] for image_id in given}
-    my_ids = shard_ids(list(files), shard_index, shard_count)
-    report.images_in_shard = len(my_ids)
+    files, given, my_ids = _images_of_shard(images, boxes_file, shard_index, shard_count, report)
 
     if config.random_weights:
         warn_random_weights()
@@ -213,39 +260,13 @@ def extract_features(
         num_workers=num_workers,
         collate_fn=list,
     )
-    from tqdm.auto import tqdm
-
-    last_flush = time.monotonic()
-    with tqdm(total=len(pending), desc="extract", unit="img", disable=not progress) as bar:
-        for batch in loader:
-            decoded = []
-            for item in batch:
-                problem = item.get("error") or _size_mismatch(item, given.get(item["image_id"]))
-                if problem:
-                    report.failed.append({"image_id": item["image_id"], "file": str(item["path"]), "error": problem})
-                else:
-                    decoded.append(item)
-            for item, regions in zip(decoded, _run_detector(detector, decoded, given)):
-                writer.add(item["image_id"], regions.as_regions())
-                if not given and regions.num_boxes < config.min_regions:
-                    report.fewer_than_min_regions.append(item["image_id"])
-            report.extracted += len(decoded)
-            bar.update(len(batch))
-            if time.monotonic() - last_flush > FLUSH_SECONDS:
-                writer.flush()
-                last_flush = time.monotonic()
+    _extract_pending(detector, loader, writer, given, config, report, len(pending), progress)
     store = writer.close()
     if tsv:
         _write_tsv_atomically(store_dir / TSV_FILE, store)
 
     report.seconds = time.perf_counter() - started
-    report_name = f"extract_report.shard-{shard_index}-of-{shard_count}.json" if sharded else "extract_report.json"
-    report.report_path = str(out / report_name)
-    atomic_write_text(out / report_name, json.dumps({**asdict(report), "num_failed": report.num_failed}, indent=1) + "\n")
-    print(report.summary_line(), file=sys.stderr, flush=True)
-    for failure in report.failed:
-        print(f"  could not use {failure['file']}: {failure['error']}", file=sys.stderr)
-    return report
+    return _finish_report(report, out, shard_index, shard_count)
 
 
 def _size_mismatch(item: dict, given: GivenBoxes | None) -> str | None:

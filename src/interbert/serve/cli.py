@@ -206,6 +206,8 @@ def _device_argument(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
+    """The ``index``, ``topics`` and ``serve`` sub-commands and their flags. Long because it declares every flag
+    with its help, one statement each, and nothing else."""
     index = subparsers.add_parser("index", help="build an image index (FAISS or Milvus) for text-to-image search")
     sub = index.add_subparsers(dest="index_command", metavar="<action>", required=True)
 

@@ -333,7 +333,8 @@ def create_app(index_dir: str | Path, model_dir: str | Path | None = None, reran
                access_log: AccessLog | None = None, compile: str = "off") -> FastAPI:
     """The app over one index; ``model_dir`` defaults to the model recorded in the index.
     ``max_concurrent_reranks`` defaults to :func:`default_max_concurrent_reranks`; ``access_log`` receives
-    one record per request (:mod:`interbert.serve.metrics`)."""
+    one record per request (:mod:`interbert.serve.metrics`). Long because each route is a closure over the
+    service, the gate and the metrics, FastAPI's usual shape, as in :func:`interbert.serve.experiment.create_experiment_app`."""
     if max_concurrent_reranks is None:
         max_concurrent_reranks = default_max_concurrent_reranks()
     gate = RerankGate(max_concurrent_reranks, rerank_queue_timeout)

@@ -193,17 +193,47 @@ class SimulationResult:
     acknowledged: list[tuple[str, str]] = field(default_factory=list)  # (request_id, image_id)
 
 
+def check_settings(users: int, max_requests: int, max_seconds: float, **probabilities: float) -> None:
+    if users < 1 or max_requests < 1 or not max_seconds > 0:
+        raise UsageError("--users and --max-requests must be >= 1 and --max-seconds > 0")
+    for name, p in probabilities.items():
+        if not 0 <= p <= 1:
+            raise UsageError(f"{name} must lie in [0, 1], got {p}")
+
+
+def click_through(client: "LocalClient", answer: dict, relevant: list[bool], who: dict, rng: np.random.Generator,
+                  result: "SimulationResult", arm: dict, examine_decay: float, p_relevant: float,
+                  p_irrelevant: float) -> None:
+    """One user's look down one answer: position p is examined with probability ``examine_decay ** (p - 1)``,
+    an examined item clicked with ``p_relevant`` or ``p_irrelevant`` (capped at 1); each click is sent, and
+    counted in ``result`` and ``arm`` once the server acknowledges it."""
+    for item, is_relevant in zip(answer["results"], relevant):
+        if rng.random() >= examine_decay ** (item["position"] - 1):
+            continue  # never looked at
+        if rng.random() < min(1.0, p_relevant if is_relevant else p_irrelevant):
+            try:
+                ack = client.request("POST", "/events/click", {"request_id": answer["request_id"],
+                                                                "image_id": item["image_id"]}, headers=who)
+            except HttpError as error:
+                if error.status != 429:
+                    raise
+                # Over the server's click limit: a person's click would be lost too; the run goes on
+                # and says how many were (raise the server's --user-clicks-per-minute for few users).
+                result.rate_limited += 1
+                continue
+            if ack["counted"]:
+                result.clicks += 1
+                arm["clicks"] += 1
+                result.acknowledged.append((answer["request_id"], item["image_id"]))
+
+
 def simulate(url: str, users: int, data: str | Path, max_requests: int = 1000, max_seconds: float = 60.0,
              seed: int = 0, k: int = 10, examine_decay: float = DEFAULT_EXAMINE_DECAY,
              click_relevant: float = DEFAULT_CLICK_RELEVANT, click_irrelevant: float = DEFAULT_CLICK_IRRELEVANT,
              interests_per_user: int = 2, timeout: float = 30.0, user_secret: bytes | None = None) -> SimulationResult:
     base = check_local(url)
-    if users < 1 or max_requests < 1 or not max_seconds > 0:
-        raise UsageError("--users and --max-requests must be >= 1 and --max-seconds > 0")
-    for name, p in (("examine_decay", examine_decay), ("click_relevant", click_relevant),
-                    ("click_irrelevant", click_irrelevant)):
-        if not 0 <= p <= 1:
-            raise UsageError(f"{name} must lie in [0, 1], got {p}")
+    check_settings(users, max_requests, max_seconds, examine_decay=examine_decay, click_relevant=click_relevant,
+                   click_irrelevant=click_irrelevant)
     scenes = read_scenes(data)
     rng = np.random.default_rng(seed)
     result = SimulationResult()
@@ -231,26 +261,10 @@ def simulate(url: str, users: int, data: str | Path, max_requests: int = 1000, m
             result.requests += 1
             arm = result.by_arm.setdefault(answer["arm"], {"requests": 0, "clicks": 0})
             arm["requests"] += 1
-            want = wants[topic_id]
-            for item in answer["results"]:
-                if rng.random() >= examine_decay ** (item["position"] - 1):
-                    continue  # never looked at
-                relevant = any(want.matches(o) for o in scenes.get(item["image_id"], ()))
-                if rng.random() < min(1.0, propensity * (click_relevant if relevant else click_irrelevant)):
-                    try:
-                        ack = client.request("POST", "/events/click", {"request_id": answer["request_id"],
-                                                                        "image_id": item["image_id"]}, headers=who)
-                    except HttpError as error:
-                        if error.status != 429:
-                            raise
-                        # Over the server's click limit: a person's click would be lost too; the run goes on
-                        # and says how many were (raise the server's --user-clicks-per-minute for few users).
-                        result.rate_limited += 1
-                        continue
-                    if ack["counted"]:
-                        result.clicks += 1
-                        arm["clicks"] += 1
-                        result.acknowledged.append((answer["request_id"], item["image_id"]))
+            relevant = [any(wants[topic_id].matches(o) for o in scenes.get(item["image_id"], ()))
+                        for item in answer["results"]]
+            click_through(client, answer, relevant, who, rng, result, arm, examine_decay,
+                          propensity * click_relevant, propensity * click_irrelevant)
     finally:
         client.close()
     result.seconds = time.monotonic() - started

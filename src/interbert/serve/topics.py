@@ -167,13 +167,30 @@ def _open_feed(path: Path, meta: dict[str, str]) -> sqlite3.Connection:
     return db
 
 
+def reranked_items(service, title: str, similarities: np.ndarray, rows: np.ndarray,
+                   top_n: int) -> list[tuple[int, str, float, float]]:
+    """A topic's feed items, ``(rank, image_id, ITM score, similarity)``: its FAISS candidates (``rows``, -1
+    where the index had fewer) re-ranked by the ITM head, the best ``top_n``."""
+    from interbert.serve.service import RERANK_BATCH
+
+    keep = rows >= 0
+    records = service.index.records(rows[keep])
+    sims = similarities[keep]
+    scores = np.concatenate([
+        service.model.pair_scores(title, service.regions_of(records[i : i + RERANK_BATCH]))
+        for i in range(0, len(records), RERANK_BATCH)
+    ]) if records else np.zeros(0)
+    order = np.argsort(-scores, kind="stable")[:top_n]
+    return [(rank, records[i].image_id, float(scores[i]), float(sims[i])) for rank, i in enumerate(order, 1)]
+
+
 def build_feed(topics_path: str | Path, index_dir: str | Path, out: str | Path, model_dir: str | Path | None = None,
                top_n: int = DEFAULT_TOP_N, batch_size: int = 16, progress: bool = True, device: str = "cpu",
                engine: str | None = None) -> dict:
     """Compute the feed of every topic not yet done in ``out``; returns counts {topics, built, skipped}."""
     from tqdm.auto import tqdm
 
-    from interbert.serve.service import RERANK_BATCH, SearchService, rerank_depth
+    from interbert.serve.service import SearchService, rerank_depth
 
     if top_n < 1:
         raise UsageError(f"--top must be >= 1, got {top_n}")
@@ -206,18 +223,8 @@ def build_feed(topics_path: str | Path, index_dir: str | Path, out: str | Path, 
             batch = pending[start : start + batch_size]
             # One text forward and one FAISS search for the whole batch; the ITM re-rank is per topic.
             similarities, rows = service.index.search(service.model.embed_texts([t.title for t in batch]), depth)
-            results = []
-            for topic, topic_similarities, topic_rows in zip(batch, similarities, rows):
-                keep = topic_rows >= 0
-                records = service.index.records(topic_rows[keep])
-                sims = topic_similarities[keep]
-                scores = np.concatenate([
-                    service.model.pair_scores(topic.title, service.regions_of(records[i : i + RERANK_BATCH]))
-                    for i in range(0, len(records), RERANK_BATCH)
-                ]) if records else np.zeros(0)
-                order = np.argsort(-scores, kind="stable")[:top_n]
-                results.append((topic, [(rank, records[i].image_id, float(scores[i]), float(sims[i]))
-                                        for rank, i in enumerate(order, 1)]))
+            results = [(topic, reranked_items(service, topic.title, topic_similarities, topic_rows, top_n))
+                       for topic, topic_similarities, topic_rows in zip(batch, similarities, rows)]
             db.execute("BEGIN")
             for topic, items in results:
                 db.execute("DELETE FROM feed_items WHERE topic_id = ?", (topic.topic_id,))
