@@ -30,11 +30,11 @@ import numpy as np
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
 
 from interbert.config import InterBertConfig
+from interbert.data import DEFAULT_MAX_REGIONS  # the paper's 36, global region included: what an index uses
 from interbert.data.batches import collate, prepare_regions
 from interbert.data.features import Regions, read_npz_regions
 from interbert.errors import DataError, UsageError, shown
 from interbert.extras import MissingExtraError
-from interbert.serve import DEFAULT_MAX_REGIONS  # the paper's 36, global region included: what an index uses
 REGION_KEYS = ("region_features", "region_boxes", "region_mask")
 # what transformers' tokenizers hold as model_max_length when nobody set it (VERY_LARGE_INTEGER)
 _UNSET_MAX_LENGTH = int(1e20)

@@ -17,6 +17,11 @@ from interbert._lazy import lazy_exports
 # loop and the evaluators pass every other key to forward, so a key the model does not take fails
 # there by name instead of being dropped silently.
 META = "meta"
+# Regions per image, the global one included (the paper's 36): what the processor pads to and what a search
+# index keeps. Defined here, in the light data package, so the processor (library) and the service (an
+# application, re-exporting it as interbert.serve.DEFAULT_MAX_REGIONS) share one value without the library
+# importing the application.
+DEFAULT_MAX_REGIONS = 36
 
 
 def model_inputs(batch: Mapping) -> dict:
@@ -39,6 +44,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "META",
+    "DEFAULT_MAX_REGIONS",
     "model_inputs",
     "Caption",
     "PretrainingDataset",

@@ -6,8 +6,9 @@ torch, so the heavy modules are imported where they are used.
     from interbert.serve.service import create_app
 """
 
+from interbert.data import DEFAULT_MAX_REGIONS  # noqa: F401  (defined in the library; importable from here still)
+
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf")
-DEFAULT_MAX_REGIONS = 36  # regions per image, the global one included (the paper's 36)
 # Seconds a re-ranked search may wait for a free re-rank slot before the service answers 503.
 # A short wait absorbs a burst (a re-rank takes ~0.1 s on the tiny model); past it the caller is told to retry.
 DEFAULT_RERANK_QUEUE_TIMEOUT = 1.0
