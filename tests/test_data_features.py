@@ -8,16 +8,11 @@ import base64
 import numpy as np
 import pytest
 from conftest import shared_path
+from fixture_writers import write_hdf5, write_vilbert_lmdb
 
 from interbert.data import DataFormatError, RegionStore, RegionStoreWriter, Regions, UnknownImageError, open_features
 from interbert.data.captions import read_captions
-from interbert.data.features import (
-    convert_features,
-    write_hdf5,
-    write_npz_folder,
-    write_tsv,
-    write_vilbert_lmdb,
-)
+from interbert.data.features import convert_features, write_npz_folder, write_tsv
 from interbert.utils.files import leftover_temporaries
 
 

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from fixture_writers import write_hdf5, write_vilbert_lmdb
+
 from interbert.data import Regions, RegionStoreWriter, open_features
-from interbert.data.features import write_hdf5, write_npz_folder, write_tsv, write_vilbert_lmdb
+from interbert.data.features import write_npz_folder, write_tsv
 
 THREADS = 8
 FORMATS = ["tsv", "tsv_cls_prob", "tsv_lxmert", "npz", "hdf5", "hdf5_flat", "lmdb", "store", "store_fp16"]

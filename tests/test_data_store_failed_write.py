@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixture_writers import write_hdf5, write_vilbert_lmdb
 from test_data_features_concurrency import fingerprint, synthetic_regions
 
 from interbert.cli import main
@@ -18,10 +19,8 @@ from interbert.data import RegionStore, open_features
 from interbert.data.features import (
     StoreWriteError,
     convert_features,
-    write_hdf5,
     write_npz_folder,
     write_tsv,
-    write_vilbert_lmdb,
 )
 from interbert.utils.files import leftover_temporaries
 

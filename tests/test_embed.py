@@ -197,7 +197,7 @@ def test_bad_inputs_are_one_line(bench, tmp_path, capsys):
 
 
 def test_a_store_of_another_feature_size_is_refused(bench, tmp_path):
-    from interbert.serve.synthetic_gallery import write_gallery
+    from fixture_writers import write_gallery
 
     _, model = bench
     write_gallery(tmp_path, num_images=2, feature_dim=FEATURE_DIM + 1, images=False)
@@ -219,7 +219,7 @@ def test_the_command_prints_what_it_wrote(bench, tmp_path, capsys):
 
 
 def test_an_image_with_nan_features_keeps_its_row_and_is_named(bench, tmp_path, caplog):
-    from interbert.serve.synthetic_gallery import write_gallery
+    from fixture_writers import write_gallery
 
     _, model = bench
     ids = write_gallery(tmp_path, num_images=3, feature_dim=FEATURE_DIM, images=False)

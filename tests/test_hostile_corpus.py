@@ -530,7 +530,8 @@ def client(tmp_path_factory):
 
     from interbert.serve.index import build_index
     from interbert.serve.service import create_app
-    from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
+    from interbert.serve.synthetic_gallery import save_tiny_model
+    from fixture_writers import write_gallery
 
     folder = tmp_path_factory.mktemp("gallery")
     write_gallery(folder, num_images=10, feature_dim=FEATURE_DIM, seed=4)

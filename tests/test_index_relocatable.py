@@ -17,7 +17,8 @@ from interbert.errors import UsageError
 from interbert.serve import index as index_module
 from interbert.serve.index import build_index
 from interbert.serve.service import SearchService, create_app
-from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
+from interbert.serve.synthetic_gallery import save_tiny_model
+from fixture_writers import write_gallery
 
 FEATURE_DIM = 16
 QUERIES = ["a red ball", "two blue cubes left of a sphere", "green"]

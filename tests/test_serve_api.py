@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from conftest import minilm_vocab
 from interbert.serve.index import build_index
 from interbert.serve.service import MAX_BODY_BYTES, create_app, rerank_depth
-from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
+from interbert.serve.synthetic_gallery import save_tiny_model
+from fixture_writers import write_gallery
 
 FEATURE_DIM = 16
 NUM_IMAGES = 30

@@ -23,7 +23,8 @@ import pytest
 from conftest import minilm_vocab
 from interbert.serve.index import build_index
 from interbert.serve.service import create_app
-from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
+from interbert.serve.synthetic_gallery import save_tiny_model
+from fixture_writers import write_gallery
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 

@@ -9,7 +9,8 @@ from fastapi.testclient import TestClient
 
 from conftest import minilm_vocab
 from interbert.cli import main as interbert_main
-from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
+from interbert.serve.synthetic_gallery import save_tiny_model
+from fixture_writers import write_gallery
 
 FEATURE_DIM = 16
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: nothing to refuse")

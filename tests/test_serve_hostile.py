@@ -20,7 +20,8 @@ from interbert.serve.abtest import ArmSpec
 from interbert.serve.experiment import create_experiment_app
 from interbert.serve.index import build_index
 from interbert.serve.service import create_app
-from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
+from interbert.serve.synthetic_gallery import save_tiny_model
+from fixture_writers import write_gallery
 
 FEATURE_DIM = 16
 SECRET = b"root:x:0:0:the secret a crafted folder must not reach\n"

@@ -18,7 +18,8 @@ from interbert.cli import main as interbert_main
 from interbert.errors import DataError
 from interbert.serve import index as index_module
 from interbert.serve.index import ImageIndex, build_index, choose_index_type
-from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
+from interbert.serve.synthetic_gallery import save_tiny_model
+from fixture_writers import write_gallery
 from interbert.utils import files
 from interbert.utils.files import leftover_temporaries
 

@@ -15,7 +15,8 @@ from conftest import minilm_vocab, single_torch_thread
 from interbert.cli import main as interbert_main
 from interbert.serve.index import build_index
 from interbert.serve.service import create_app
-from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
+from interbert.serve.synthetic_gallery import save_tiny_model
+from fixture_writers import write_gallery
 
 FEATURE_DIM = 16
 QUERY = "a secret query about a dog"

@@ -15,7 +15,8 @@ import pytest
 from conftest import minilm_vocab
 from serve_process import start_serve
 from interbert.serve.index import build_index
-from interbert.serve.synthetic_gallery import save_tiny_model, write_gallery
+from interbert.serve.synthetic_gallery import save_tiny_model
+from fixture_writers import write_gallery
 
 FEATURE_DIM = 16
 TIMEOUT_S = 1.0  # --header-timeout and --body-timeout of the servers under test

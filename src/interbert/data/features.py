@@ -39,7 +39,6 @@ from interbert.utils.files import (
     atomic_write_json,
     fsync_dir,
     remove_leftover_temporaries,
-    replace_folder,
     update_digest,
 )
 
@@ -367,7 +366,7 @@ class Hdf5Features(FeatureStore):
     """Two HDF5 layouts, told apart by their content.
 
     - **Groups:** one group per image id holding ``features``, ``boxes`` (and ``class_probs``), with the
-      image size in the group's attributes ``image_w``/``image_h`` (what :func:`write_hdf5` writes).
+      image size in the group's attributes ``image_w``/``image_h``.
     - **Flat:** datasets over all images with aligned rows (:data:`HDF5_FLAT_FIELDS`): ``features``
       (N x K x D), ``boxes`` (N x K x 4), ``image_ids`` (N), optional ``num_boxes``, ``image_w``/``image_h``
       and ``class_probs``. Bottom-up-attention-vqa's ``train36.hdf5`` reads as is: ``image_features``,
@@ -521,42 +520,6 @@ class Hdf5Features(FeatureStore):
         return {**self.__dict__, "_file": None}
 
 
-def write_hdf5(path: str | Path, items: Iterable[tuple[str, Regions]], layout: str = "groups") -> None:
-    """``groups``: one group per image. ``flat``: padded N x K arrays with ``image_ids`` and ``num_boxes``.
-    The file appears complete or not at all, as with :func:`write_tsv`."""
-    import h5py
-
-    if layout not in ("groups", "flat"):
-        raise ValueError(f"layout must be 'groups' or 'flat', not {layout!r}")
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        if layout == "groups":
-            for image_id, r in items:
-                g = f.create_group(image_id)
-                g.create_dataset("features", data=r.features)
-                g.create_dataset("boxes", data=r.boxes)
-                if r.class_probs is not None:
-                    g.create_dataset("class_probs", data=r.class_probs)
-                g.attrs["image_w"], g.attrs["image_h"] = r.image_w, r.image_h
-            return
-        items = list(items)
-        n, k = len(items), max(r.num_regions for _, r in items)
-        dim = items[0][1].features.shape[1]
-
-        def padded(get, width: int) -> np.ndarray:
-            out = np.zeros((n, k, width), dtype=np.float32)
-            for row, (_, r) in enumerate(items):
-                out[row, : r.num_regions] = get(r)
-            return out
-
-        f.create_dataset("features", data=padded(lambda r: r.features, dim))
-        f.create_dataset("boxes", data=padded(lambda r: r.boxes, 4))
-        f.create_dataset("image_ids", data=np.array([i.encode() for i, _ in items]))
-        f.create_dataset("num_boxes", data=np.array([r.num_regions for _, r in items]))
-        f.create_dataset("image_w", data=np.array([r.image_w for _, r in items]))
-        f.create_dataset("image_h", data=np.array([r.image_h for _, r in items]))
-        if all(r.class_probs is not None for _, r in items):
-            f.create_dataset("class_probs", data=padded(lambda r: r.class_probs, items[0][1].class_probs.shape[1]))
-
 
 # --------------------------------------------------------------------------- ViLBERT / original LMDB
 # One read-only environment per LMDB and process, shared by all its readers and threads: py-lmdb refuses to
@@ -666,31 +629,6 @@ class LmdbFeatures(FeatureStore):
         import pickle
 
         self.__dict__.update(state, _pickle=pickle)
-
-
-def write_vilbert_lmdb(path: str | Path, items: Iterable[tuple[str, Regions]]) -> None:
-    """Write ViLBERT's pickled layout (for tests and for interoperating with the original code). The
-    environment folder is written beside ``path`` and takes its name only when complete."""
-    import lmdb
-    import pickle
-
-    items = list(items)
-    size = sum(r.features.nbytes * 2 + r.boxes.nbytes * 2 + 4096 for _, r in items) + (1 << 20)
-
-    def write(folder: Path) -> None:
-        env = lmdb.open(str(folder), map_size=size * 2)
-        try:
-            with env.begin(write=True) as txn:
-                for image_id, r in items:
-                    item = {"image_id": image_id, "image_h": r.image_h, "image_w": r.image_w,
-                            "num_boxes": r.num_regions, "features": base64.b64encode(r.features.tobytes()),
-                            "boxes": base64.b64encode(r.boxes.tobytes())}
-                    txn.put(image_id.encode(), pickle.dumps(item))
-                txn.put(b"keys", pickle.dumps([image_id.encode() for image_id, _ in items]))
-        finally:
-            env.close()
-
-    replace_folder(path, write)
 
 
 # --------------------------------------------------------------------------- the project's store

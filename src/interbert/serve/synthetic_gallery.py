@@ -1,6 +1,7 @@
-"""A generated gallery for tests and load benchmarks: per-image ``.npz`` region features in the feature
-store layout (``features``, ``boxes`` in pixels, ``image_w``, ``image_h``), one small PNG per image,
-and a randomly initialised tiny model saved with a WordPiece vocabulary so the service can load it."""
+"""A generated gallery for the search load benchmark (``benchmarks/serve_load.py``) and the tests: random
+regions per image (``features``, ``boxes`` in pixels, ``image_w``, ``image_h``) and a randomly initialised
+tiny model saved with a WordPiece vocabulary so the service can load it. The tests' folder writer
+(``.npz`` files and PNGs) is ``tests/fixture_writers.py``: only tests use it."""
 
 from __future__ import annotations
 
@@ -28,34 +29,6 @@ def generated_regions(num_images: int, feature_dim: int, max_regions: int = 6, s
         boxes = np.stack([x1, y1, np.minimum(x2, w), np.minimum(y2, h)], axis=1).astype(np.float32)
         features = np.maximum(rng.normal(size=(count, feature_dim)), 0).astype(np.float32)
         yield f"{id_prefix}{n:06d}", Regions(features, boxes, w, h)
-
-
-def write_gallery(
-    folder: str | Path,
-    num_images: int,
-    feature_dim: int,
-    max_regions: int = 6,
-    seed: int = 0,
-    images: bool = True,
-    id_prefix: str = "img",
-) -> list[str]:
-    """Write ``folder/features/<id>.npz`` (and ``folder/images/<id>.png`` when ``images``); return the ids."""
-    from PIL import Image
-
-    folder = Path(folder)
-    (folder / "features").mkdir(parents=True, exist_ok=True)
-    if images:
-        (folder / "images").mkdir(parents=True, exist_ok=True)
-    colours = np.random.default_rng(seed + 1)
-    ids = []
-    for image_id, r in generated_regions(num_images, feature_dim, max_regions, seed, id_prefix):
-        np.savez(folder / "features" / f"{image_id}.npz", features=r.features, boxes=r.boxes, image_w=r.image_w,
-                 image_h=r.image_h)
-        if images:
-            colour = tuple(int(c) for c in colours.integers(0, 256, 3))
-            Image.new("RGB", (r.image_w // 4, r.image_h // 4), colour).save(folder / "images" / f"{image_id}.png")
-        ids.append(image_id)
-    return ids
 
 
 def save_tiny_model(
