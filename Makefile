@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # parquet (pyarrow, ~170 MB installed): `interbert embed --format parquet`, tested against the npy output.
 # export (onnx, onnxruntime, onnxscript, ~111 MB installed): `interbert export onnx` and its ONNX Runtime check.
 # wandb (~75 MB: its Go core) and mlflow (~125 MB: mlflow-skinny, databricks-sdk, SQLAlchemy): train.report_to's
-# trackers, tested offline (tests/test_train_tracking.py); ~195 MB together, under a tenth of the venv.
+# trackers, tested offline (tests/train/test_train_tracking.py); ~195 MB together, under a tenth of the venv.
 # Not milvus: it adds ~265 MB installed (pyarrow, pandas) for one optional engine; its tests skip without
 # it, and `make test-milvus` installs it and runs them.
 EXTRAS := dev,serve,zh,postgres,export,wandb,mlflow,parquet
@@ -38,7 +38,7 @@ test-slow: $(STAMP)
 # Milvus as the index engine (pymilvus + milvus-lite, the [milvus] extra): installed into .venv on demand.
 test-milvus: $(STAMP)
 	$(BIN)/pip install -q -c constraints.txt -e '.[$(EXTRAS),milvus]'
-	$(BIN)/python -m pytest tests/test_serve_milvus.py
+	$(BIN)/python -m pytest tests/serve/test_serve_milvus.py
 
 # Benchmarks run by hand, never in the test suite; results land in benchmarks/results/ with the machine.
 bench: $(STAMP)
@@ -79,4 +79,4 @@ $(EXTRACT_STAMP): pyproject.toml constraints.txt
 venv-extract: $(EXTRACT_STAMP)
 
 test-extract: $(EXTRACT_STAMP)
-	$(EXTRACT_BIN)/python -m pytest tests/test_extract*.py
+	$(EXTRACT_BIN)/python -m pytest tests/extract/

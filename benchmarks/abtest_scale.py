@@ -10,7 +10,7 @@
    per 20 requests, 5% of the items clicked) for each engine: wall time and peak memory (ru_maxrss of the
    child process that runs it). The rows are generated fast (executemany / COPY) and not timed.
 
-PostgreSQL: a throwaway server started from Debian's binaries (tests/postgres_server.py, with fsync on as in
+PostgreSQL: a throwaway server started from Debian's binaries (tests/helpers/postgres_server.py, with fsync on as in
 production), or ``--postgres URI`` of a server you run (the role needs CREATEDB: each run makes and drops
 its own databases; the password from $PGPASSWORD). The machine, and the 1-minute load average before and
 after, go into the results; a start above 1.0 is warned about (the numbers then measure other jobs too).
@@ -92,7 +92,7 @@ def postgres(uri: str | None):
         finally:
             databases.drop_all()
         return
-    sys.path.insert(0, str(HERE.parent / "tests"))
+    sys.path.insert(0, str(HERE.parent / "tests" / "helpers"))
     from postgres_server import PostgresServer
 
     server = PostgresServer(fsync=True)
@@ -241,7 +241,7 @@ def machine(load_before: float, load_after: float, args) -> dict:
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             "sqlite": sqlite3.sqlite_version, "psycopg": psycopg.__version__, "libpq": psycopg.pq.version(),
-            "postgres": args.postgres or "throwaway server (tests/postgres_server.py, fsync on)",
+            "postgres": args.postgres or "throwaway server (tests/helpers/postgres_server.py, fsync on)",
             "platform": platform.platform(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "load_average_before": round(load_before, 2), "load_average_after": round(load_after, 2),
             "scale": args.scale, "seconds_per_write_setting": args.seconds,

@@ -8,7 +8,7 @@ layers, the size of a 6-layer MiniLM BERT. Two variants, per seed:
 - `bert`: the embeddings, single-stream and text-stream layers from the BERT folder (`model.from_bert`),
   its WordPiece vocabulary;
 - `scratch`: the same architecture (`preset("small")` builds exactly what `from_bert` builds: same
-  parameter names and shapes, tested in tests/test_convert.py) from random weights, with the same
+  parameter names and shapes, tested in tests/model/test_convert.py) from random weights, with the same
   vocabulary, so the two differ only in their initial weights.
 
 Everything else is the demo's settings (`configs/demo/`: pretraining steps, batch, learning rate, warm-up, clean matching,

@@ -166,7 +166,7 @@ def pretraining_batch(
     """A pretraining batch shaped like real data after dynamic padding.
 
     Captions have 8..36 tokens ([CLS] and [SEP] included), images 10..36 regions plus the global one,
-    padded to the batch's longest. Labels follow tests/test_modeling.py: one masked span of ~15% of
+    padded to the batch's longest. Labels follow tests/model/test_modeling.py: one masked span of ~15% of
     each caption (MSM), ~10-15% of each image's regions zeroed and scored against a detector class
     distribution (MRM), half of the pairs mismatched (ITM).
     """

@@ -71,7 +71,7 @@ def minilm_vocab() -> Path:
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    """A PostgreSQL server of this test session (tests/postgres_server.py): skips without the server
+    """A PostgreSQL server of this test session (tests/helpers/postgres_server.py): skips without the server
     binaries, fails instead under INTERBERT_REQUIRE_POSTGRES=1 (CI)."""
     from postgres_server import PostgresServer
 

@@ -6,7 +6,7 @@ The core install trains, evaluates and runs the demo's models; a few commands ne
 Milvus (``--engine milvus...``), ``[postgres]`` for an A/B event store in PostgreSQL (``--events
 postgresql://...``), ``[parquet]`` for ``interbert embed --format parquet``, ``[export]`` for ``interbert export onnx``, ``[wandb]`` and ``[mlflow]`` for ``train.report_to: [wandb]`` / ``[mlflow]``. Without them, the command stops with
 ``error: ... pip install 'interbert[serve]'`` (the CLI's usage-error path, exit 2) instead of an
-ImportError traceback. ``tests/test_packaging.py`` keeps :data:`EXTRA_MODULES` in step with pyproject.
+ImportError traceback. ``tests/packaging/test_packaging.py`` keeps :data:`EXTRA_MODULES` in step with pyproject.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ rows, caption tokens, regions) so that a scoring run meets a handful of shapes, 
 static way (``InterBertModel.encode(static=True)``: every position computed, the pad masked as attention keys),
 which has no data-dependent shapes or host syncs and so captures as one graph. Padded rows repeat the batch's
 first pair (a real pair: no row of masked keys only) and their scores are dropped; padded positions are masked
-keys. The scores are those of the default (packed) path to float rounding (tests/test_static_scoring.py).
+keys. The scores are those of the default (packed) path to float rounding (tests/model/test_static_scoring.py).
 """
 
 from __future__ import annotations

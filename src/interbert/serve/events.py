@@ -33,7 +33,7 @@ constraint decides, so two concurrent duplicates cannot both count).
 Threads share one connection behind a lock: SQLite serialises writers anyway, and the lock also keeps
 one thread's transaction from interleaving with another's on the shared connection. Several processes
 (two `serve` processes on one ``--events`` file) each hold their own connection and SQLite's file locks
-order their transactions, waiting up to 30 s for one another (tests/test_abtest_events.py runs 4 at once).
+order their transactions, waiting up to 30 s for one another (tests/abtest/test_abtest_events.py runs 4 at once).
 """
 
 from __future__ import annotations

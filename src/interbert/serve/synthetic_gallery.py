@@ -1,7 +1,7 @@
 """A generated gallery for the search load benchmark (``benchmarks/serve_load.py``) and the tests: random
 regions per image (``features``, ``boxes`` in pixels, ``image_w``, ``image_h``) and a randomly initialised
 tiny model saved with a WordPiece vocabulary so the service can load it. The tests' folder writer
-(``.npz`` files and PNGs) is ``tests/fixture_writers.py``: only tests use it."""
+(``.npz`` files and PNGs) is ``tests/helpers/fixture_writers.py``: only tests use it."""
 
 from __future__ import annotations
 

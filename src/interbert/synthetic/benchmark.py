@@ -6,7 +6,7 @@ same seed always gives the same files.
 
 Issue 28's knobs (how much overlapping proposals leak, how many training images have a twin) are
 settings too, recorded in ``synth.json``; at their defaults the files are byte for byte those written
-before the knobs existed (tests/test_synthetic_defaults.py).
+before the knobs existed (tests/synthetic/test_synthetic_defaults.py).
 """
 
 from __future__ import annotations
