@@ -16,7 +16,6 @@ exported with (:func:`check_graphs`). ``export.json`` beside the graphs records 
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from interbert.errors import InterBertError
 from interbert.loading import load_model
 from interbert.modeling import InterBertPreTrainedModel
 from interbert.utils.files import atomic_path, atomic_write_json
+from interbert.utils.logs import quieted
 
 TOLERANCE = 1e-4  # max |ONNX Runtime - PyTorch| accepted, on L2-normalised embeddings and on scores
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -37,6 +37,7 @@ IMAGE_INPUTS = ("region_features", "region_boxes", "region_mask")
 # What the check runs besides the export's own example: two batch sizes x two lengths (tokens, regions).
 CHECK_BATCH_SIZES = (1, 5)
 CHECK_LENGTHS = ((3, 2), (40, 37))
+ONNX_REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"  # quieted while exporting
 
 
 class ExportCheckError(InterBertError):
@@ -104,11 +105,11 @@ def _dynamic_shapes(graph: Graph, config) -> dict[str, tuple[dict[int, torch.exp
 def export_graphs(model: InterBertPreTrainedModel, out_dir: Path,
                   graphs: Sequence[Graph] = GRAPHS) -> None:
     """Write each graph of ``model`` (eval mode, a scorer: ``score_pairs``) as ``out_dir/<name>.onnx``."""
-    # the exporter warns, for every graph, that torchvision's detection ops have no translation: none is used here
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     example = example_inputs(model.config, batch=2, tokens=16, regions=10)
     for graph in graphs:
-        with torch.no_grad(), warnings.catch_warnings():
+        # the exporter warns, for every graph, that torchvision's detection ops have no translation: none is used
+        # here. Quieted for the export alone: the caller's logging is left as it was.
+        with torch.no_grad(), warnings.catch_warnings(), quieted(ONNX_REGISTRATION_LOGGER):
             # inputs that share the batch (and length) symbol keep its one name: the exporter says so for each
             warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
             warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)  # torch's own pytree

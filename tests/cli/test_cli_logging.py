@@ -45,3 +45,16 @@ assert all(not logging.getLogger(name).handlers for name in logging.root.manager
            if name.startswith("interbert")), "an interbert logger got a handler"
 """
     run_python(code)
+
+
+def test_a_quieted_logger_gets_its_own_level_back_even_when_the_block_fails():
+    import logging
+
+    from interbert.utils.logs import quieted
+
+    logger = logging.getLogger("interbert.tests.noisy")
+    logger.setLevel(logging.INFO)
+    with pytest.raises(RuntimeError), quieted("interbert.tests.noisy"):
+        assert logger.level == logging.ERROR
+        raise RuntimeError("the export failed")
+    assert logger.level == logging.INFO

@@ -95,6 +95,15 @@ def test_the_command_reports_its_own_check(exported):
     assert "checked at batch sizes 1, 5" in lines[-1]
 
 
+def test_exporting_leaves_the_callers_logging_as_it_was(exported):
+    """The exporter's registration logger is quieted during the export only (it was left at ERROR for good)."""
+    import logging
+
+    from interbert.export_onnx import ONNX_REGISTRATION_LOGGER
+
+    assert logging.getLogger(ONNX_REGISTRATION_LOGGER).level == logging.NOTSET
+
+
 @pytest.mark.parametrize("what", ["missing", "not a model", "encoder only"])
 def test_a_wrong_model_folder_is_one_error_line(what, tmp_path, capsys):
     from interbert.modeling import InterBertModel

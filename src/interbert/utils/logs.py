@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 TRAINING_FORMAT = "%(asctime)s %(name)s: %(message)s"  # training and evaluation: when each line came
 SERVICE_FORMAT = "%(levelname)s %(name)s: %(message)s"  # index and services: how serious each line is
@@ -20,3 +22,16 @@ def setup_cli_logging(fmt: str = TRAINING_FORMAT, datefmt: str | None = "%H:%M:%
     logging.basicConfig(level=logging.INFO, format=fmt, datefmt=datefmt)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextmanager
+def quieted(name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """``name``'s logger at ``level`` inside the block, its own level again after: library code that calls a
+    noisy third party silences it for that call only, leaving the program's logging as it found it."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
