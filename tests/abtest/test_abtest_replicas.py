@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 import httpx
 import pytest
 
-from abtest_world import build_world, serve_in_thread
+from abtest_world import build_world, independent_counts, serve_in_thread
 from conftest import single_torch_thread
 from interbert.serve.experiment import create_experiment_app
 from interbert.serve.identity import sign_user_id
@@ -37,18 +37,6 @@ def query(uri: str, sql: str) -> list[tuple]:
 def stored_events(uri: str) -> tuple[set[str], set[tuple[str, str]]]:
     return ({r for (r,) in query(uri, "SELECT request_id FROM impressions")},
             set(query(uri, "SELECT request_id, image_id FROM clicks")))
-
-
-def independent_counts(uri: str) -> dict[str, tuple[int, int, int, int]]:
-    """Per arm (users, requests, items shown, clicks), computed here from the raw rows, apart from the report."""
-    arm_of = dict(query(uri, "SELECT request_id, arm FROM impressions"))
-    users = defaultdict(set)
-    for user, arm in query(uri, "SELECT user_id, arm FROM impressions"):
-        users[arm].add(user)
-    requests = Counter(arm_of.values())
-    shown = Counter(arm_of[r] for (r,) in query(uri, "SELECT request_id FROM impression_items"))
-    clicks = Counter(arm_of[r] for (r,) in query(uri, "SELECT request_id FROM clicks"))
-    return {arm: (len(users[arm]), requests[arm], shown[arm], clicks[arm]) for arm in requests}
 
 
 def test_two_replicas_share_one_postgres_store_and_a_killed_one_loses_nothing(world, tmp_path, postgres_uri):
@@ -142,7 +130,7 @@ def test_two_replicas_share_one_postgres_store_and_a_killed_one_loses_nothing(wo
     # and the report equals the counts taken independently from the raw rows
     report = build_report(postgres_uri)
     assert {a.name: (a.users, a.requests, a.impressions, a.clicks) for a in report.arms} == independent_counts(
-        postgres_uri)
+        lambda sql: query(postgres_uri, sql))
 
 
 def test_postgres_stopped_mid_traffic_answers_503_loses_nothing_and_recovers(world, tmp_path):

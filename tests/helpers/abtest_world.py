@@ -7,6 +7,8 @@ import contextlib
 import json
 import threading
 import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,3 +84,16 @@ def _build_world(folder: Path) -> World:
                                "--out", str(feed), "--top", str(TOP_N), "--no-progress"]) == 0
         models.append(model), indexes.append(folder / f"index_{name}"), feeds.append(feed)
     return World(data, topics, tuple(models), tuple(indexes), tuple(feeds))
+
+
+def independent_counts(query: Callable[[str], list[tuple]]) -> dict[str, tuple[int, int, int, int]]:
+    """Per arm (users, requests, items shown, clicks), computed from an event store's raw rows (``query(sql)``,
+    either engine) apart from the report's code, to check the report against."""
+    arm_of = dict(query("SELECT request_id, arm FROM impressions"))
+    users = defaultdict(set)
+    for user, arm in query("SELECT user_id, arm FROM impressions"):
+        users[arm].add(user)
+    requests = Counter(arm_of.values())
+    shown = Counter(arm_of[r] for (r,) in query("SELECT request_id FROM impression_items"))
+    clicks = Counter(arm_of[r] for (r,) in query("SELECT request_id FROM clicks"))
+    return {arm: (len(users[arm]), requests[arm], shown[arm], clicks[arm]) for arm in requests}

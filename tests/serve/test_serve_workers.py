@@ -19,7 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from abtest_world import build_world
+from abtest_world import build_world, independent_counts
 from conftest import single_torch_thread
 from interbert.serve.identity import sign_user_id
 from interbert.serve.report import build_report
@@ -49,18 +49,6 @@ def workers_of(parent: int) -> set[int]:
 def rows(db: Path, sql: str) -> list[tuple]:
     with sqlite3.connect(db) as connection:
         return connection.execute(sql).fetchall()
-
-
-def independent_counts(db: Path) -> dict[str, tuple[int, int, int, int]]:
-    """Per arm (users, requests, items shown, clicks), from the raw rows, apart from the report's code."""
-    arm_of = dict(rows(db, "SELECT request_id, arm FROM impressions"))
-    users = defaultdict(set)
-    for user, arm in rows(db, "SELECT user_id, arm FROM impressions"):
-        users[arm].add(user)
-    requests = Counter(arm_of.values())
-    shown = Counter(arm_of[r] for (r,) in rows(db, "SELECT request_id FROM impression_items"))
-    clicks = Counter(arm_of[r] for (r,) in rows(db, "SELECT request_id FROM clicks"))
-    return {arm: (len(users[arm]), requests[arm], shown[arm], clicks[arm]) for arm in requests}
 
 
 def counter(url: str, name: str) -> dict[str, float]:
@@ -116,7 +104,8 @@ def test_two_workers_share_one_sqlite_log_and_a_killed_one_loses_nothing(world, 
     assert rows(events, "SELECT user_id FROM impressions GROUP BY user_id HAVING COUNT(DISTINCT arm) > 1") == []
     assert rows(events, "SELECT COUNT(DISTINCT user_id) FROM impressions WHERE user_id LIKE 'sim9-%'") == [(12,)]
     report = build_report(events)
-    assert {a.name: (a.users, a.requests, a.impressions, a.clicks) for a in report.arms} == independent_counts(events)
+    assert {a.name: (a.users, a.requests, a.impressions, a.clicks) for a in report.arms} == independent_counts(
+        lambda sql: rows(events, sql))
     # /metrics sums both workers' counters, the killed one's included (it may have died between a commit
     # and its count: a few events stored but not counted)
     assert len(stored_requests) - 4 <= written["impression"] <= len(stored_requests)
