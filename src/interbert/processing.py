@@ -13,14 +13,13 @@ the processor's batches are the batches the model was trained and indexed on.
 
 Images become regions only through a detector, ``interbert extract``'s (the ``[extract]`` extra):
 ``set_detector(weights, **settings)`` loads it, ``proc(images=[...])`` then runs it
-(:mod:`interbert.extract.in_memory`) and gives what the store extracted from those files would. The
+(:mod:`interbert.detection.image_detector`) and gives what the store extracted from those files would. The
 config records the weights path and settings; loading a folder never reads the weights unless asked.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from interbert.config import InterBertConfig
 from interbert.data import DEFAULT_MAX_REGIONS  # the paper's 36, global region included: what an index uses
 from interbert.data.batches import collate, prepare_regions
 from interbert.data.features import Regions, read_npz_regions
+from interbert.detection import require_torchvision
 from interbert.errors import DataError, UsageError, shown
 from interbert.extras import MissingExtraError
 REGION_KEYS = ("region_features", "region_boxes", "region_mask")
@@ -63,7 +63,7 @@ class InterBertProcessor(ProcessorMixin):
             raise UsageError(f"detector_settings must be a mapping of interbert extract's settings, not {shown(detector_settings)}")
         self.max_regions = max_regions
         self.detector, self.detector_settings = detector, detector_settings
-        self._image_detector = None  # the loaded detector (interbert.extract.in_memory.ImageDetector)
+        self._image_detector = None  # the loaded detector (interbert.detection.image_detector.ImageDetector)
         super().__init__(tokenizer, **kwargs)
 
     @classmethod
@@ -122,11 +122,8 @@ class InterBertProcessor(ProcessorMixin):
         (``min_size=``, ``max_regions=``, ``score_threshold=``, ...; the recorded ones, then the command's
         defaults, where not given). Use those the model's feature store was extracted with: ``images=``
         then gives its entries. ``save_pretrained`` records the path as given and the settings."""
-        if importlib.util.find_spec("torchvision") is None:
-            from interbert.extract.command import MISSING_TORCHVISION_HINT
-
-            raise MissingExtraError("extract", "torchvision", "InterBertProcessor's detector", MISSING_TORCHVISION_HINT)
-        from interbert.extract.in_memory import SETTING_TYPES, ImageDetector, detector_config
+        require_torchvision("InterBertProcessor's detector")
+        from interbert.detection.image_detector import SETTING_TYPES, ImageDetector, detector_config
 
         config = detector_config(weights, {**(self.detector_settings or {}), **settings})
         self._image_detector = ImageDetector(config, device)

@@ -114,3 +114,15 @@ def test_cli_lists_extract_and_explains_a_missing_torchvision(capsys, tmp_path):
         pytest.skip("torchvision is installed here: the missing-torchvision message cannot show")
     assert main(["extract", str(tmp_path), str(tmp_path / "out"), "--weights", "random"]) == 2
     assert "make venv-extract" in capsys.readouterr().err
+
+
+def test_image_decoding_and_the_extras_hint_are_the_librarys_under_their_old_names():
+    """Scripts import decoding and the hint from ``interbert.extract``: those names are the library's objects
+    (interbert.detection, which the processor uses), not copies that could drift from what the processor runs."""
+    from interbert import detection
+    from interbert.detection import images as library_images
+    from interbert.extract import command, images
+
+    for name in ("ImageDecodeError", "decode_image", "upright_rgb", "image_pixels"):
+        assert getattr(images, name) is getattr(library_images, name), name
+    assert command.MISSING_TORCHVISION_HINT is detection.MISSING_TORCHVISION_HINT

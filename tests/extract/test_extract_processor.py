@@ -77,6 +77,21 @@ def test_images_give_the_entries_of_the_store_interbert_extract_writes(random_de
 
 
 @needs_torchvision
+def test_the_detector_is_the_librarys_under_its_old_extract_names():
+    """``interbert extract`` and the processor run one detector: the library's (interbert.detection), which
+    scripts still import from ``interbert.extract.detector`` / ``interbert.extract.in_memory``."""
+    from interbert.detection import detector, image_detector
+    from interbert.extract import detector as old_detector
+    from interbert.extract import in_memory, run
+
+    for old, library in ((old_detector, detector), (in_memory, image_detector)):
+        assert old.__all__ and all(getattr(old, name) is getattr(library, name) for name in old.__all__), old
+    assert {"RegionDetector", "DetectorConfig", "build_detector", "ImageRegions"} <= set(old_detector.__all__)
+    assert {"ImageDetector", "detector_config", "SETTING_TYPES"} <= set(in_memory.__all__)
+    assert run.RegionDetector is detector.RegionDetector and run.default_device is detector.default_device
+
+
+@needs_torchvision
 def test_a_saved_detector_path_is_read_only_when_asked(tokenizer, tmp_path):
     from transformers import AutoProcessor
 

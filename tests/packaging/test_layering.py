@@ -20,12 +20,9 @@ APPLICATION_PACKAGES = ("recipes", "serve", "synthetic", "extract")
 APPLICATION_MODULES = ("cli", "__main__")
 # Imports up the layers that stand, each with its reason (docs/architecture.md). Each must still be there
 # (test_each_recorded_exception_is_still_needed): one that went is taken off this list, not left to cover a new one.
-RECORDED_EXCEPTIONS = {
-    # InterBertProcessor.set_detector runs interbert extract's own detection for images= (issue 30), imported
-    # inside the call and only when asked; it ends when the detector and image decoding move into the library
-    ("interbert.processing", "interbert.extract.command"): "the torchvision hint of the [extract] extra",
-    ("interbert.processing", "interbert.extract.in_memory"): "the command's detection of one image",
-}
+# None stands: the last, the processor's images= importing extract/, ended when the detector and image decoding
+# moved into the library (interbert.detection, which extract/ re-exports).
+RECORDED_EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def module_name(path: Path, src: Path) -> str:

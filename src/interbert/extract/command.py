@@ -7,16 +7,12 @@ environment, which has no torchvision (extraction is the optional ``[extract]`` 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 
-from interbert.extras import MissingExtraError
+# the [extract] extra's hint is the library's (the processor gives it too); importable here as before
+from interbert.detection import MISSING_TORCHVISION_HINT, require_torchvision
 
-# torchvision must be the build made for the installed torch, which is why the checkout has its own venv
-MISSING_TORCHVISION_HINT = (
-    "with the torchvision build made for your torch; in this checkout: `make venv-extract`, "
-    "then .venv-extract/bin/interbert, see docs/extract.md"
-)
+__all__ = ["MISSING_TORCHVISION_HINT", "register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,9 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if importlib.util.find_spec("torchvision") is None:
-        raise MissingExtraError("extract", "torchvision", "interbert extract", MISSING_TORCHVISION_HINT)
-    from interbert.extract.detector import DetectorConfig
+    require_torchvision("interbert extract")
+    from interbert.detection.detector import DetectorConfig
     from interbert.extract.images import parse_shard
     from interbert.extract.run import extract_features
 

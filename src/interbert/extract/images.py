@@ -1,19 +1,19 @@
-"""Finding, naming, sharding and decoding the user's images."""
+"""Finding, naming and sharding the user's images; decoding them is the library's
+(:mod:`interbert.detection.images`, re-exported here, where ``interbert extract`` always had it)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import numpy as np
+from interbert.detection.images import ImageDecodeError, decode_image, image_pixels, upright_rgb
 
-from interbert.errors import UsageError
+__all__ = [
+    "IMAGE_SUFFIXES", "ImageDecodeError", "decode_image", "image_pixels", "list_images", "parse_shard",
+    "shard_from_environment", "shard_ids", "upright_rgb",
+]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-
-
-class ImageDecodeError(Exception):
-    """An image file that cannot be read; the message names the file."""
 
 
 def list_images(root: str | Path) -> tuple[dict[str, Path], list[Path]]:
@@ -66,44 +66,3 @@ def shard_ids(image_ids: list[str], index: int, count: int) -> list[str]:
     """Every ``count``-th id of the sorted list, starting at ``index``: shards are disjoint, cover all
     ids, and do not depend on which process lists the folder."""
     return sorted(image_ids)[index::count]
-
-
-def decode_image(path: Path) -> np.ndarray:
-    """H x W x 3 uint8 RGB, upright (EXIF orientation applied, as viewers show it)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return upright_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ImageDecodeError(f"{path}: {type(error).__name__}: {error}") from error
-
-
-def upright_rgb(image) -> np.ndarray:
-    """A PIL image as :func:`decode_image` gives a file's pixels: decoded now (a truncated file fails here
-    and not later), EXIF orientation applied, RGB, a writable uint8 copy (for torch)."""
-    from PIL import ImageOps
-
-    image.load()
-    return np.array(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.uint8)
-
-
-def image_pixels(image, where: str = "image") -> np.ndarray:
-    """H x W x 3 uint8 RGB of an image file (a path), a PIL image or such an array: what
-    ``interbert extract`` feeds its detector for a file, for images a caller holds in memory."""
-    from PIL import Image
-
-    if isinstance(image, (str, os.PathLike)):
-        return decode_image(Path(image))
-    if isinstance(image, Image.Image):
-        try:
-            return upright_rgb(image)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            named = getattr(image, "filename", "") or "a PIL image"
-            raise ImageDecodeError(f"{where} ({named}): {type(error).__name__}: {error}") from error
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise UsageError(f"{where}: an image array must be H x W x 3 uint8 RGB, got {image.dtype} {image.shape}")
-        return image
-    raise UsageError(f"{where}: cannot read an image from a {type(image).__name__}; give a path to an image file, "
-                     "a PIL image, or an H x W x 3 uint8 RGB array")

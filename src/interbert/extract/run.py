@@ -17,26 +17,26 @@ never share a file; a later unsharded run over the same folders merges complete 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from interbert.data.features import RegionStore, RegionStoreWriter, convert_features, write_tsv
-from interbert.extract.detector import (
+from interbert.detection.detector import (
     DetectorConfig,
     RegionDetector,
     build_detector,
+    default_device,
     image_tensor,
     versions,
     warn_random_weights,
 )
+from interbert.detection.images import ImageDecodeError, decode_image
 from interbert.extract.given_boxes import GivenBoxes, match_given_boxes, read_given_boxes
-from interbert.extract.images import ImageDecodeError, decode_image, list_images, shard_from_environment, shard_ids
+from interbert.extract.images import list_images, shard_from_environment, shard_ids
 from interbert.utils.files import atomic_path, atomic_write_text, file_sha256
 
 META_FILE = "extract_meta.json"
@@ -104,12 +104,6 @@ class _ImageFiles(Dataset):
         except ImageDecodeError as error:
             return {"image_id": image_id, "path": path, "error": str(error)}
         return {"image_id": image_id, "path": path, "image": image_tensor(pixels)}
-
-
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
 
 
 def run_metadata(config: DetectorConfig, num_classes: int, feature_dim: int, boxes_file: str | Path | None) -> dict:
