@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: machine description, timing, the fp32 matmul peak,
+"""Shared pieces of the benchmark scripts: machine description, timing, the fp32 matmul peak, aten op counts,
 realistic pretraining batches, the VisualBERT peer, and writing results (JSON + markdown).
 
 Every comparison is a ratio measured inside one run, with the two sides timed alternately so that a
@@ -149,6 +149,44 @@ def count_flops(step: Callable[[], None]) -> int:
     with counter:
         step()
     return counter.get_total_flops()
+
+
+# --------------------------------------------------------------------------------------------------
+# aten ops (torch.profiler, CPU activity)
+# --------------------------------------------------------------------------------------------------
+def profiler_table(prof) -> list[tuple[str, int, float]]:
+    """(op, calls, self CPU microseconds) of every op a finished torch.profiler run recorded: plain values, so
+    a child process can print them as JSON and the counting below runs in this tree whatever the child ran."""
+    return [(event.key, event.count, event.self_cpu_time_total) for event in prof.key_averages()]
+
+
+def aten_op_count(table: list[tuple[str, int, float]]) -> int:
+    """Calls of ``aten::`` ops in ``table``, nested ones included (an op's own calls into others count too)."""
+    return sum(calls for op, calls, _ in table if op.startswith("aten::"))
+
+
+def top_aten_ops(table: list[tuple[str, int, float]], steps: int, n: int = 5) -> list[dict]:
+    """The ``n`` aten ops with the most self CPU time, per step of the ``steps`` the table covers (rows of the
+    same op, e.g. from several profiled runs, are added up first)."""
+    totals: dict[str, list[float]] = {}
+    for op, calls, self_us in table:
+        if op.startswith("aten::"):
+            total = totals.setdefault(op, [0, 0.0])
+            total[0] += calls
+            total[1] += self_us
+    top = sorted(totals.items(), key=lambda item: item[1][1], reverse=True)[:n]
+    return [{"op": op, "self_cpu_ms_per_step": self_us / 1e3 / steps, "calls_per_step": calls / steps}
+            for op, (calls, self_us) in top]
+
+
+def aten_ops_per_step(run: Callable[[int], None], steps: int = 2) -> float:
+    """aten ops per call of ``run(i)`` (e.g. forward + backward), nested ones included, as torch.profiler records them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            run(i)
+    return aten_op_count(profiler_table(prof)) / steps
 
 
 # --------------------------------------------------------------------------------------------------

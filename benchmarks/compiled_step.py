@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    aten_ops_per_step,
     check_start_load,
     load_markdown,
     machine_info,
@@ -92,16 +93,6 @@ def shape_of(batch: dict) -> tuple[int, ...]:
     """What a compiled step specialises on: text and region lengths, and the budget when there is one."""
     budget = (batch["msm_positions"].shape[0],) if "msm_positions" in batch else ()
     return (batch["input_ids"].shape[1], batch["region_features"].shape[1], *budget)
-
-
-def aten_ops_per_step(run, steps: int = 2) -> float:
-    """aten ops per call of ``run(i)`` (forward + backward), nested ones included, as torch.profiler records them."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for i in range(steps):
-            run(i)
-    return sum(event.count for event in prof.key_averages() if event.key.startswith("aten::")) / steps
 
 
 def step(model, batch: dict) -> None:
