@@ -234,11 +234,12 @@ def aten_summary(sides: dict[str, list[dict]]) -> tuple[dict, list[str]]:
 
     from common import aten_op_count, table, top_aten_ops
 
+    tables = {side: [(r.pop("profile"), r["profiled_steps"]) for r in runs] for side, runs in sides.items()}
+    if not all(steps for profiled in tables.values() for _, steps in profiled):  # --profile-steps 0
+        return {}, []
     summary: dict = {"aten_ops_per_step": {}, "top_aten_ops": {}}
-    for side, runs in sides.items():
-        profiled = [(r.pop("profile"), r["profiled_steps"]) for r in runs if r.get("profiled_steps")]
-        if not profiled:
-            return {}, []
+    for side, profiled in tables.items():
+        runs = sides[side]
         for r, (rows, steps) in zip(runs, profiled):
             r["aten_ops_per_step"] = aten_op_count(rows) / steps
         summary["aten_ops_per_step"][side] = statistics.median(r["aten_ops_per_step"] for r in runs)
