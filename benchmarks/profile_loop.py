@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import subprocess
@@ -250,9 +251,9 @@ def aten_summary(sides: dict[str, list[dict]]) -> tuple[dict, list[str]]:
                 [["**aten ops per step**", f"{counts['before']:.0f}", f"{counts['after']:.0f}",
                   f"{counts['after'] / counts['before']:.2f}x"]])
     rows = []
-    for n, (b, a) in enumerate(zip(top["before"], top["after"]), 1):
+    for n, (b, a) in enumerate(itertools.zip_longest(top["before"], top["after"]), 1):
         rows.append([n, *(cell for op in (b, a) for cell in (
-            f"`{op['op']}`", f"{op['self_cpu_ms_per_step']:.2f}", f"{op['calls_per_step']:.1f}"))])
+            (f"`{op['op']}`", f"{op['self_cpu_ms_per_step']:.2f}", f"{op['calls_per_step']:.1f}") if op else ("", "", "")))])
     tops = table(["#", "before: op", "self CPU ms/step", "calls/step", "after: op", "self CPU ms/step", "calls/step"], rows)
     return summary, [ops, "", "Top aten ops by self CPU time in the profiled steps (the profiler's overhead included):",
                      "", tops, ""]
