@@ -6,12 +6,13 @@ import importlib
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from common import aten_op_count, aten_ops_per_step, pretraining_batch, top_aten_ops  # noqa: E402
-from profile_loop import PHASES  # noqa: E402
+from profile_loop import PHASES, aten_summary  # noqa: E402
 
 from interbert.config import preset  # noqa: E402
 from interbert.modeling import InterBertForPreTraining  # noqa: E402
@@ -54,3 +55,17 @@ def test_every_encoder_pass_phase_points_at_a_function_of_this_tree():
         if owner is not None and phase.recipe is None:  # an entry every recipe's run wraps
             found.add(phase.name)
     assert {"forward: masked pass", "forward: clean pass", "forward: ITC passes", "forward (all)"} <= found
+
+
+def test_each_side_reports_the_median_ops_per_step_and_drops_the_raw_tables():
+    def run(mm_calls: int) -> dict:
+        return {"profiled_steps": 2, "profile": [("aten::mm", mm_calls, 100.0), ("aten::add", 2, 10.0), ("Step", 1, 1.0)]}
+
+    sides = {"before": [run(4), run(8), run(6)], "after": [run(2)]}
+    summary, markdown = aten_summary(sides)
+    assert summary["aten_ops_per_step"] == {"before": 4.0, "after": 2.0}  # (6 + 2) / 2 steps, the middle run
+    top = summary["top_aten_ops"]["before"]  # the three runs' 6 steps together
+    assert top[0] == {"op": "aten::mm", "self_cpu_ms_per_step": pytest.approx(0.05), "calls_per_step": 3}
+    assert all("profile" not in r for runs in sides.values() for r in runs)
+    assert [r["aten_ops_per_step"] for r in sides["before"]] == [3.0, 5.0, 4.0]
+    assert "| **aten ops per step** | 4 | 2 | 0.50x |" in "\n".join(markdown)
