@@ -350,7 +350,7 @@ def main() -> None:
             b, a = med(sides["before"], phase) * 1e3, med(sides["after"], phase) * 1e3
             if b < 0.05 and a < 0.05:
                 continue
-            rows.append([phase, b, a, f"{b / a:.2f}x" if a > 1e-4 else "gone"])
+            rows.append([phase, b, a, "new" if b < 1e-4 else f"{b / a:.2f}x" if a > 1e-4 else "gone"])
         aten, aten_lines = aten_summary(sides)
         payload["recipes"][recipe] = {"runs": sides, "step_s": {s: med(r) for s, r in sides.items()},
                                       "speedup": med(sides["before"]) / med(sides["after"]), **aten}
