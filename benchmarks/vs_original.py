@@ -469,10 +469,29 @@ def evaluation(modules, memory: InMemoryData, n_captions: int, n_images: int, ro
 
 # the shipped pretraining config changed as named: (row label, the `interbert pretrain` overrides)
 PRETRAIN_VARIANT_LABELS = {
-    "interbert_masked": ("itm_inputs=masked: one pass, the original's work", ("model.overrides.itm_inputs=masked",)),
+    "interbert_masked": ("itm_inputs=masked: one pass, the original's work, plus ITC's single-modal passes",
+                         ("model.overrides.itm_inputs=masked",)),
+    "interbert_paper": ("itm_inputs=masked, no ITC: one pass, the paper's objectives only, exactly the original's work",
+                        ("model.overrides.itm_inputs=masked", "model.overrides.itc_loss_weight=0.0")),
     "interbert_alternate": ("task_sampling=alternate: masked and matching steps in turn, one pass each",
                             ("data.task_sampling=alternate",)),
 }
+
+
+ROUND_COLUMNS = ("original", "interbert", *PRETRAIN_VARIANT_LABELS)
+
+
+def round_table_rows(results: dict) -> list[list]:
+    """One row per loop and round: each side's seconds per step and its speedup over the original's in that
+    round, so the spread behind each median is on the page ("-" where a loop has no such side)."""
+    rows = []
+    for name in ("pretrain_loop", "retrieval_loop"):
+        runs = results[name]["runs"]
+        for n, original in enumerate(runs["original"]):
+            times = [runs[c][n] if c in runs else None for c in ROUND_COLUMNS]
+            rows.append([name.removesuffix("_loop"), n + 1, *["-" if t is None else f"{t:.3g}" for t in times],
+                         *["-" if t is None else f"{original / t:.2f}x" for t in times[1:]]])
+    return rows
 
 
 def main() -> None:
@@ -569,6 +588,7 @@ def main() -> None:
             if variant in r:
                 speedup = results[name][f"speedup_{variant.removeprefix('interbert_')}"]
                 rows.append([f"{label} ({what})", r["original"], r[variant], "s/step", f"{speedup:.2f}x"])
+    round_rows = round_table_rows(results)
     e = results["evaluation"]
     rows.append([f"evaluation ({e['pairs']} caption x image pairs)", e["pairs_per_second"]["original"],
                  e["pairs_per_second"]["interbert"], "pairs/s", f"{e['speedup']:.2f}x"])
@@ -579,6 +599,8 @@ def main() -> None:
         "See the docstring of benchmarks/vs_original.py for what each side runs."
         + (f" Stand-ins for the original's unused imports: {', '.join(standins)}." if standins else ""), "",
         table(["measurement", "original", "interbert", "unit", "speedup"], rows), "",
+        "Every round of the loops (s/step; a round runs each side once, in the order of the columns):", "",
+        table(["loop", "round", *ROUND_COLUMNS, *[f"speedup {c}" for c in ROUND_COLUMNS[1:]]], round_rows), "",
     ])
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "vs_original.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")

@@ -127,3 +127,19 @@ def test_abtest_scale_smoke_run_tables_every_engine_and_setting(tmp_path):
     assert all(r["peak_rss_mb"] > 0 for r in saved["reports"])
     table = (tmp_path / "abtest_scale.md").read_text()
     assert "load average" in table and table.count("| postgresql |") == 5
+
+
+def test_vs_original_lists_every_round_with_its_speedups():
+    """Issue 26: the table lists every round, not only the medians; a loop without a variant shows '-'."""
+    import vs_original
+
+    runs = {"original": [0.2, 0.3], "interbert": [0.1, 0.15],
+            **{name: [0.1, 0.05] for name in vs_original.PRETRAIN_VARIANT_LABELS}}
+    rows = vs_original.round_table_rows({"pretrain_loop": {"runs": runs},
+                                         "retrieval_loop": {"runs": {"original": [0.4], "interbert": [0.2]}}})
+    assert [row[:2] for row in rows] == [["pretrain", 1], ["pretrain", 2], ["retrieval", 1]]
+    columns = list(vs_original.ROUND_COLUMNS)
+    assert rows[1][2 + columns.index("interbert")] == "0.15"
+    assert rows[1][1 + len(columns) + columns.index("interbert")] == "2.00x"  # 0.3 / 0.15
+    assert rows[1][-1] == "6.00x"  # 0.3 / 0.05, the last variant
+    assert rows[2][2:] == ["0.4", "0.2", *["-"] * (len(columns) - 2), "2.00x", *["-"] * (len(columns) - 2)]
