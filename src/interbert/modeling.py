@@ -191,6 +191,31 @@ class Padding:
         """The batch row (sequence) of each packed row."""
         return (rows if self.index is None else self.index[rows]) // self.shape[1]
 
+    def query_slots(self, rows: torch.Tensor) -> "QuerySlots":
+        """Where each of ``rows`` (packed, ascending) goes in a B x S query batch, S the most rows any one
+        sequence has: its sequence, in the order of its rows."""
+        seq = self.sequence_of(rows)
+        counts = torch.bincount(seq, minlength=self.shape[0])
+        per_sequence = int(counts.max()) if len(rows) else 1
+        first = torch.cumsum(counts, 0) - counts  # the position in ``rows`` of each sequence's first row
+        slot = torch.arange(len(rows), device=rows.device) - first[seq]
+        return QuerySlots(seq * per_sequence + slot, self.shape[0] * per_sequence)
+
+    @staticmethod
+    def slotted(x: torch.Tensor, slots: "QuerySlots") -> torch.Tensor:
+        """M x H rows -> (B * S) x H, each row at its slot, zeros elsewhere."""
+        return x.new_zeros(slots.size, x.shape[-1]).index_copy(0, slots.index, x)
+
+
+@dataclass
+class QuerySlots:
+    """The last layer's needed rows laid out as a few queries per sequence (:meth:`Padding.query_slots`), so
+    that they attend over their sequence's keys in place: no copy of a sequence's keys and values per row,
+    whose backward (a scatter-add of B x heads x L x d per needed row) cost more than the layer's matmuls."""
+
+    index: torch.Tensor  # M: the flat slot (sequence * S + slot) of each needed row
+    size: int  # B * S
+
 
 class TransformerLayer(nn.Module):
     """A post-LayerNorm BERT layer: self-attention and feed-forward, each with residual + LayerNorm."""
@@ -235,13 +260,20 @@ class TransformerLayer(nn.Module):
             q = split_heads(self.query(x))
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=padding.attn_mask, dropout_p=p)
             context = padding.pack(context.transpose(1, 2).reshape(b, n, h))
+        elif p == 0.0:  # the needed rows' queries, grouped by sequence, attend over their sequence's keys
+            x = x.index_select(0, rows)
+            slots = padding.query_slots(rows)
+            q = padding.slotted(self.query(x), slots).view(b, -1, self.heads, h // self.heads).transpose(1, 2)
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=padding.attn_mask)
+            context = context.transpose(1, 2).reshape(-1, h).index_select(0, slots.index)
         else:  # each needed row attends, as a batch of one query, over the keys of its own sequence
             seq = padding.sequence_of(rows)
             x = x.index_select(0, rows)
             q = self.query(x).view(-1, self.heads, 1, h // self.heads)
             mask = None if padding.attn_mask is None else padding.attn_mask[seq]
             # index_select, not k[seq]: seq repeats indices, and the backward of advanced indexing on CPU
-            # with 2+ threads adds them with float atomics in any order (runs differed in the last bits)
+            # with 2+ threads adds them with float atomics in any order (runs differed in the last bits).
+            # With attention dropout, this layout's dropout draws are the ones recorded runs were made with.
             k, v = k.index_select(0, seq), v.index_select(0, seq)
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p).reshape(-1, h)
         x = self.attn_norm(x + self.dropout(self.attn_out(context)))

@@ -117,3 +117,29 @@ def test_text_classifier_logits_and_gradients_equal_the_full_pass():
     torch.nn.functional.cross_entropy(expected, labels).backward()
     for name, grad in got.items():
         torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_needed_rows_grouped_per_sequence_equal_the_full_stack_in_training():
+    """Without attention dropout the last layer lays the needed rows out as a few queries per sequence
+    (``Padding.query_slots``): a sequence with several needed rows, one with none, and a batch with no
+    padding at all (no attention mask) must give the full computation's rows and gradients."""
+    torch.manual_seed(0)
+    model = InterBertModel(small_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).train()
+    b = padded_batch()
+    for keep in (b["attention_mask"].bool(), torch.ones(4, 9, dtype=torch.bool)):
+        needed = torch.zeros_like(keep)
+        needed[0, [0, 2, 5, 8]] = True  # four rows of one sequence
+        needed[2, 3] = True  # sequences 1 and 3: none
+        weights = torch.randn(*keep.shape, 32)
+        results = []
+        for n in (None, needed):
+            hidden = model.embeddings(b["input_ids"], None)
+            model.zero_grad()
+            out = run_stack(model.single_stream, hidden, keep, n)
+            (out * weights * (needed & keep)[..., None]).sum().backward()
+            results.append((out[needed & keep], {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+        (full, full_grads), (part, part_grads) = results
+        torch.testing.assert_close(part, full, atol=1e-6, rtol=1e-5)
+        assert full_grads.keys() == part_grads.keys()
+        for name in full_grads:
+            torch.testing.assert_close(part_grads[name], full_grads[name], atol=1e-6, rtol=1e-5, msg=name)
