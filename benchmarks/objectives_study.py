@@ -262,7 +262,13 @@ def measure_mechanisms(model: str, settings, manifest: dict, data_dir: Path, dev
 
 def run_one(run_dir: Path, settings_dict: dict, data_dir: Path, data_seed: int, device: str | None,
             threads: int | None, train_images: int) -> dict:
-    """One run, end to end, in this process (or a worker of ``--jobs``): its ``result.json``."""
+    """One run, end to end, in this process (or a worker of ``--jobs``): its ``result.json``. A run another
+    study process (another series sharing it, a second call beside this one) finished since this one was
+    planned is read, not trained again; two processes that start the same run at once both train it."""
+    finished = run_dir / "result.json"
+    if finished.is_file():
+        logger.info("%s: finished meanwhile by another study process; reused", run_dir)
+        return json.loads(finished.read_text())
     import torch
 
     from interbert.recipes.demo_settings import DemoSettings

@@ -93,6 +93,8 @@ def test_a_tiny_study_runs_once_and_is_reused_on_the_second_call(tmp_path, monke
     monkeypatch.setattr("interbert.recipes.demo_stages.generate_data", no_training)
     assert study_script.cli(argv) == 0
     assert [json.loads(r.read_text()) for r in records] == first
+    # a run another study process finished after this one planned it is read, not trained again
+    assert study_script.run_one(records[0].parent, {}, tmp_path, 0, None, 1, 0) == first[0]
     # a changed setting is a new run, not the old one
     assert study_script.cli([*argv, "--dry-run", "pretrain.train.max_steps=3"]) == 0
     assert "2 distinct: 0 cached, 2 to do" in capsys.readouterr().out
