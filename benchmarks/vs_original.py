@@ -22,7 +22,9 @@ Measured (each pair of sides alternating, medians):
 - pretraining loop end to end (tiny, batch 32): ours is `interbert pretrain` with
   configs/pretrain_tiny.yaml as shipped (ITC on, ITM/ITC on the clean inputs - a second encoder pass -,
   TF-IDF negatives, dynamic padding, logging) and the same with `model.overrides.itm_inputs=masked` (the
-  original's one-pass wiring: equal work) and with `data.task_sampling=alternate` (UNITER-style: masked
+  original's one-pass wiring, still with ITC's single-modal passes, which the original does not have), with
+  that and `model.overrides.itc_loss_weight=0` (exactly the original's work: one pass, MSM + MRM + ITM) and
+  with `data.task_sampling=alternate` (UNITER-style: masked
   and matching steps in turn, one pass each: less work a step than the original's); the
   original is its model, BertAdam and a minimal numpy batch builder equivalent to its data loader
   (every feature in memory as arrays, captions tokenised once, 50% random negatives, one span per
@@ -534,7 +536,8 @@ def main() -> None:
 
         # Our pretraining run first: it writes the vocabulary the original's batches then use too.
         # The shipped pretraining config runs ITM/ITC on the clean inputs, a second encoder pass the original
-        # does not make; "interbert_masked" is the same config with the original's wiring (one pass): equal work.
+        # does not make; "interbert_masked" is the same config with the original's wiring (one pass, plus ITC's
+        # single-modal passes); "interbert_paper" that without ITC: exactly the original's work.
         # "interbert_alternate": UNITER-style task sampling, masked and matching steps in turn (one pass each).
         loops = {"pretrain": {"original": [], "interbert": [], **{name: [] for name in PRETRAIN_VARIANT_LABELS}},
                  "retrieval": {"original": [], "interbert": []}}
