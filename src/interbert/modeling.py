@@ -201,11 +201,6 @@ class Padding:
         slot = torch.arange(len(rows), device=rows.device) - first[seq]
         return QuerySlots(seq * per_sequence + slot, self.shape[0] * per_sequence)
 
-    @staticmethod
-    def slotted(x: torch.Tensor, slots: "QuerySlots") -> torch.Tensor:
-        """M x H rows -> (B * S) x H, each row at its slot, zeros elsewhere."""
-        return x.new_zeros(slots.size, x.shape[-1]).index_copy(0, slots.index, x)
-
 
 @dataclass
 class QuerySlots:
@@ -215,6 +210,10 @@ class QuerySlots:
 
     index: torch.Tensor  # M: the flat slot (sequence * S + slot) of each needed row
     size: int  # B * S
+
+    def place(self, x: torch.Tensor) -> torch.Tensor:
+        """M x H rows -> (B * S) x H, each row at its slot, zeros elsewhere."""
+        return x.new_zeros(self.size, x.shape[-1]).index_copy(0, self.index, x)
 
 
 class TransformerLayer(nn.Module):
@@ -263,7 +262,7 @@ class TransformerLayer(nn.Module):
         elif p == 0.0:  # the needed rows' queries, grouped by sequence, attend over their sequence's keys
             x = x.index_select(0, rows)
             slots = padding.query_slots(rows)
-            q = padding.slotted(self.query(x), slots).view(b, -1, self.heads, h // self.heads).transpose(1, 2)
+            q = slots.place(self.query(x)).view(b, -1, self.heads, h // self.heads).transpose(1, 2)
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=padding.attn_mask)
             context = context.transpose(1, 2).reshape(-1, h).index_select(0, slots.index)
         else:  # each needed row attends, as a batch of one query, over the keys of its own sequence
