@@ -100,3 +100,67 @@ def test_a_store_of_a_newer_schema_is_one_line_naming_both_versions(world, postg
     line = refused(world, capsys, postgres_uri)
     assert f"schema version {SCHEMA_VERSION + 1}" in line and f"({SCHEMA_VERSION})" in line
     assert "newer than this interbert" in refused(world, capsys, postgres_uri, "abtest", "report", postgres_uri)
+
+
+def test_a_server_that_hangs_after_accepting_is_one_line_within_a_bound(world, capsys, monkeypatch, tmp_path):
+    """SIGSTOPped right after the connection is made (connecting was bounded already, by connect_timeout):
+    the start's check and `abtest report`, while opening the store and while counting its events, each end in
+    one line within their bound instead of waiting for ever. Its own server (pausing the session's would hang
+    other tests)."""
+    import time
+
+    from interbert.serve import events_pg
+    from interbert.serve import report as report_module
+    from postgres_server import PostgresServer
+
+    database = PostgresServer()
+    try:
+        uri = database.create_database("hangs")
+        open_event_store(uri, ExperimentConfig("refused", "refused", ("control", "treatment"), (0.5, 0.5))).close()
+
+        def hanging_first(module, name):
+            """``module.name`` that hangs the server the first time it is called, after the connection is made."""
+            real, calls = getattr(module, name), []
+
+            def hangs(*args, **kwargs):
+                if not calls:
+                    calls.append(1)
+                    database.pause()
+                return real(*args, **kwargs)
+
+            monkeypatch.setattr(module, name, hangs)
+
+        def bounded(*command: str, code: int = 2) -> tuple[str, float]:
+            started = time.monotonic()
+            try:
+                if code == 2:
+                    line = refused(world, capsys, uri, *command)
+                else:  # a store that fails while it is read: a data error (exit 1), one line too
+                    assert interbert_main(list(command)) == code
+                    err = capsys.readouterr().err.strip().splitlines()
+                    assert len(err) == 1 and err[0].startswith("error:"), err
+                    line = err[0]
+            finally:
+                took = time.monotonic() - started
+                database.resume()
+                monkeypatch.undo()
+            return line, took
+
+        monkeypatch.setattr(events_pg, "CHECK_TIMEOUT_S", 2.0)
+        hanging_first(events_pg, "_read_experiment")
+        line, took = bounded()  # serve --arm ... --events URI: the start's check
+        assert "cannot open the event store" in line and "did not answer within 2 s" in line and took < 10, (line, took)
+
+        hanging_first(events_pg, "_read_experiment")
+        line, took = bounded("abtest", "report", uri, "--timeout", "2")  # the report, opening
+        assert "cannot read the event store" in line and "did not answer within 2 s" in line and took < 10, (line, took)
+        assert "--timeout" in line
+
+        hanging_first(report_module, "_read_counts")
+        line, took = bounded("abtest", "report", uri, "--timeout", "2", code=1)  # the report, counting
+        assert "cannot read the event log" in line and "did not answer within 2 s" in line and took < 10, (line, took)
+        # the server is well again: the same report answers
+        assert interbert_main(["abtest", "report", uri, "--timeout", "2", "--plot", str(tmp_path / "r.png")]) == 0
+    finally:
+        database.resume()
+        database.close()

@@ -52,7 +52,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         plot_path = Path("abtest-report.png")
     else:
         plot_path = Path(args.log).with_suffix(".png")
-    report, markdown = write_report(args.log, args.out, plot_path)
+    report, markdown = write_report(args.log, args.out, plot_path, args.timeout)
     if args.out:
         print(f"{args.out} (plot {plot_path})")
     else:
@@ -116,6 +116,9 @@ def register(subparsers) -> None:
     report.add_argument("--out", help="Markdown file to write (default: print to stdout)")
     report.add_argument("--plot", help="PNG plot (default: --out with .png, else LOG with .png; for a PostgreSQL LOG "
                         "abtest-report.png)")
+    report.add_argument("--timeout", type=positive_seconds, default=600.0, metavar="SECONDS",
+                        help="a PostgreSQL LOG whose server does not answer all of the report's queries within this "
+                             "is an error, not a wait for ever (default 600)")
     report.set_defaults(func=_cmd_report)
 
     simulate = sub.add_parser("simulate", help="simulated users of the built-in benchmark against a local server")

@@ -504,12 +504,14 @@ class EventLog(EventStore):
             self._db.close()
 
 
-def open_log(path: str | Path):
+def open_log(path: str | Path, timeout: float | None = None):
     """Open an existing log for reading (the report): a connection (SQLite's or psycopg's: both answer
     ``execute(sql)`` with rows), the experiment and its arms' hashes (empty for a log written before they
-    were recorded). A file or database that is not one is refused in one line."""
+    were recorded). A file or database that is not one is refused in one line. A PostgreSQL store's reading
+    ends by ``timeout`` seconds (default: events_pg.READ_TIMEOUT_S); a local SQLite file has no server to hang."""
     if is_postgres_uri(path):
-        return _postgres_engine().open_store_for_reading(checked_postgres_uri(str(path)))
+        engine = _postgres_engine()
+        return engine.open_store_for_reading(checked_postgres_uri(str(path)), timeout or engine.READ_TIMEOUT_S)
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{path} is a directory, not an event log")
@@ -525,6 +527,14 @@ def open_log(path: str | Path):
         db.close()
         raise UsageError(f"{path} is not an event log (no experiment recorded)")
     return db, config, arms or {}
+
+
+def read_failure(db, error: BaseException) -> str:
+    """One line for an error met while reading an open store: the store's own account where it has one (a
+    PostgreSQL store whose server did not answer within the report's --timeout), else the error's."""
+    if hasattr(db, "explained"):
+        error = db.explained(error)
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def read_errors() -> tuple[type[BaseException], ...]:

@@ -34,7 +34,8 @@ TCP keepalives nor ``tcp_user_timeout`` notice it. So each use of a connection h
 client's own (:class:`_Deadline`): the store's wait plus :data:`DEADLINE_GRACE_S`; when it passes, the
 socket is shut down under libpq, whose read then fails at once (OperationalError: 503), and the
 connection is discarded. A COMMIT cut this way may still complete on the server: the event is then
-stored but not acknowledged (a retried click is counted once), never acknowledged and lost. Connecting is
+stored but not acknowledged (a retried click is counted once), never acknowledged and lost. The start's check
+(:data:`CHECK_TIMEOUT_S`) and ``abtest report`` (its ``--timeout``) have such deadlines too. Connecting is
 bounded by ``connect_timeout``; keepalives and ``tcp_user_timeout`` also bound a connection whose peer
 host has gone (no acknowledgements at all) while it idles or sends.
 """
@@ -75,6 +76,8 @@ PG_SCHEMA = _adapted(SCHEMA)
 POOL_SIZE = 8  # connections per process: a write holds one for a few ms; uvicorn's worker threads queue for them
 CONNECT_TIMEOUT_S = 5  # libpq's connect_timeout: an unreachable host (not a refused port) fails after this
 DEADLINE_GRACE_S = 1.0  # past the server's own statement/lock timeout, the client cuts the connection itself
+CHECK_TIMEOUT_S = 10.0  # the start's check reads a few rows: a server that accepted, then hung, fails after this
+READ_TIMEOUT_S = 600.0  # `abtest report`'s default for all of its queries (--timeout)
 # libpq's TCP settings: a peer host that stops acknowledging is noticed within about 20 s (idle) or 10 s (sending)
 TCP_SETTINGS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 5, "keepalives_count": 3,
                 "tcp_user_timeout": 10_000}
@@ -293,8 +296,9 @@ def check_existing_store(uri: str, config: ExperimentConfig, arms: dict[str, Arm
     with _opened(uri, "interbert serve (check)") as connection:
         connection.read_only = True
         try:
-            stored, recorded = _read_experiment(connection, uri, "give another --events store")
-        except psycopg.Error as error:  # a store this role may not read
+            with _Deadline(connection, CHECK_TIMEOUT_S):  # a server that accepted, then hung
+                stored, recorded = _read_experiment(connection, uri, "give another --events store")
+        except psycopg.Error as error:  # a store this role may not read, or one that did not answer
             raise _refusal(uri, "open", error) from None
     if stored is not None:
         _refuse_other_experiment(uri, stored, config)
@@ -302,20 +306,46 @@ def check_existing_store(uri: str, config: ExperimentConfig, arms: dict[str, Arm
             _refuse_other_arms(uri, config.name, recorded, arms)
 
 
-def open_store_for_reading(uri: str):
+class _ReadingConnection:
+    """The report's connection, psycopg's in all but two things: every query of it (``execute``, a named
+    ``cursor``'s fetches) ends by one deadline set at opening, cutting a hung server as the service's uses are
+    (see the module's docstring); and :meth:`explained` says so about the error that the cut raised."""
+
+    def __init__(self, connection: psycopg.Connection, seconds: float):
+        self._connection, self.seconds = connection, seconds
+        self._deadline = _Deadline(connection, seconds).__enter__()
+
+    def __getattr__(self, name: str):
+        return getattr(self._connection, name)
+
+    def explained(self, error: BaseException) -> BaseException:
+        """``error``, or when the deadline cut the connection, an OperationalError that says so."""
+        if not self._deadline.expired:
+            return error
+        return psycopg.OperationalError(f"the event store did not answer within {self.seconds:g} s, so the "
+                                        "connection was cut; give a larger --timeout to wait longer")
+
+    def close(self) -> None:
+        self._deadline.__exit__(None, None, None)
+        self._connection.close()
+
+
+def open_store_for_reading(uri: str, timeout: float = READ_TIMEOUT_S):
     """events.open_log for PostgreSQL: a connection inside one read-only REPEATABLE READ transaction (the
-    report's queries all see one snapshot while replicas keep writing), the experiment, its arms' hashes."""
+    report's queries all see one snapshot while replicas keep writing), the experiment, its arms' hashes.
+    Reading ends by ``timeout`` seconds from the connection (psycopg.OperationalError past it)."""
     uri = checked_postgres_uri(uri)
-    connection = _opened(uri, "interbert abtest report")
+    opened = _opened(uri, "interbert abtest report")
+    opened.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # settings psycopg sends with the first query
+    opened.read_only = True
+    connection = _ReadingConnection(opened, timeout)
     try:
-        connection.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        connection.read_only = True
         config, arms = _read_experiment(connection, uri, "give the --events store of `interbert serve --arm ...`")
         if config is None:
             raise UsageError(f"{uri} is not an event store (no experiment recorded)")
     except psycopg.Error as error:
         connection.close()
-        raise _refusal(uri, "read", error) from None
+        raise _refusal(uri, "read", connection.explained(error)) from None
     except BaseException:
         connection.close()
         raise

@@ -39,7 +39,7 @@ import numpy as np
 from scipy import stats
 
 from interbert.errors import DataError
-from interbert.serve.events import ArmHashes, open_log, read_errors
+from interbert.serve.events import ArmHashes, open_log, read_errors, read_failure
 from interbert.utils.files import atomic_path, atomic_write_text
 
 TIMELINE_POINTS = 2000  # per arm: the plot's resolution, whatever the number of requests
@@ -120,13 +120,14 @@ def sample_ratio_check(users: list[int], split: tuple[float, ...]) -> tuple[floa
     return float(result.statistic), float(result.pvalue)
 
 
-def build_report(log_path: str | Path) -> Report:
-    db, config, arm_hashes = open_log(log_path)
+def build_report(log_path: str | Path, timeout: float | None = None) -> Report:
+    """The report of an event log; a PostgreSQL store that does not answer within ``timeout`` seconds (default
+    events_pg.READ_TIMEOUT_S) is a DataError, as a lost connection is."""
+    db, config, arm_hashes = open_log(log_path, timeout)
     try:
         counts = _read_counts(db, config)
     except read_errors() as error:  # a damaged page found while reading, a lost connection: no report
-        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        raise DataError(f"{log_path}: cannot read the event log ({message})") from None
+        raise DataError(f"{log_path}: cannot read the event log ({read_failure(db, error)})") from None
     finally:
         db.close()
     return _compute(config, arm_hashes, *counts)
@@ -296,8 +297,9 @@ def plot(report: Report, path: str | Path) -> None:
     plt.close(figure)
 
 
-def write_report(log_path: str | Path, out: str | Path | None, plot_path: str | Path) -> tuple[Report, str]:
-    report = build_report(log_path)
+def write_report(log_path: str | Path, out: str | Path | None, plot_path: str | Path,
+                 timeout: float | None = None) -> tuple[Report, str]:
+    report = build_report(log_path, timeout)
     plot(report, plot_path)
     plot_name = str(Path(plot_path).name if out and Path(plot_path).parent == Path(out).parent else plot_path)
     markdown = render_markdown(report, plot_name)
