@@ -8,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from interbert.serve.events import REPORT_TIMEOUT_S
 from interbert.utils.argtypes import positive_int, positive_seconds
 
 
@@ -116,9 +117,9 @@ def register(subparsers) -> None:
     report.add_argument("--out", help="Markdown file to write (default: print to stdout)")
     report.add_argument("--plot", help="PNG plot (default: --out with .png, else LOG with .png; for a PostgreSQL LOG "
                         "abtest-report.png)")
-    report.add_argument("--timeout", type=positive_seconds, default=600.0, metavar="SECONDS",
+    report.add_argument("--timeout", type=positive_seconds, default=REPORT_TIMEOUT_S, metavar="SECONDS",
                         help="a PostgreSQL LOG whose server does not answer all of the report's queries within this "
-                             "is an error, not a wait for ever (default 600)")
+                             f"is an error, not a wait for ever (default {REPORT_TIMEOUT_S:g})")
     report.set_defaults(func=_cmd_report)
 
     simulate = sub.add_parser("simulate", help="simulated users of the built-in benchmark against a local server")

@@ -155,6 +155,7 @@ class ExperimentConfig:
 
 
 BUSY_WAIT = 30.0  # seconds a connection waits for another process's lock (sqlite3's timeout, and the WAL switch)
+REPORT_TIMEOUT_S = 600.0  # `abtest report --timeout`'s default: a PostgreSQL store's reading ends by then
 
 
 def connect(path: str | Path, busy_wait: float = BUSY_WAIT) -> sqlite3.Connection:
@@ -504,14 +505,13 @@ class EventLog(EventStore):
             self._db.close()
 
 
-def open_log(path: str | Path, timeout: float | None = None):
+def open_log(path: str | Path, timeout: float = REPORT_TIMEOUT_S):
     """Open an existing log for reading (the report): a connection (SQLite's or psycopg's: both answer
     ``execute(sql)`` with rows), the experiment and its arms' hashes (empty for a log written before they
     were recorded). A file or database that is not one is refused in one line. A PostgreSQL store's reading
-    ends by ``timeout`` seconds (default: events_pg.READ_TIMEOUT_S); a local SQLite file has no server to hang."""
+    ends by ``timeout`` seconds; a local SQLite file has no server to hang."""
     if is_postgres_uri(path):
-        engine = _postgres_engine()
-        return engine.open_store_for_reading(checked_postgres_uri(str(path)), timeout or engine.READ_TIMEOUT_S)
+        return _postgres_engine().open_store_for_reading(checked_postgres_uri(str(path)), timeout)
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{path} is a directory, not an event log")
@@ -529,12 +529,17 @@ def open_log(path: str | Path, timeout: float | None = None):
     return db, config, arms or {}
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (a server's messages span several)."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def read_failure(db, error: BaseException) -> str:
     """One line for an error met while reading an open store: the store's own account where it has one (a
     PostgreSQL store whose server did not answer within the report's --timeout), else the error's."""
     if hasattr(db, "explained"):
         error = db.explained(error)
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return one_line(error)
 
 
 def read_errors() -> tuple[type[BaseException], ...]:

@@ -59,7 +59,7 @@ from interbert.errors import DataError, InterBertError, UsageError
 from interbert.serve.events import (
     ARM_HASHES_KEY, BUSY_WAIT, LOG_TABLES, SCHEMA, ArmHashes, EventStore, ExperimentConfig, NotShown, NotYours,
     UnknownRequest, _arm_hashes_row, _refuse_other_arms, _refuse_other_experiment, checked_postgres_uri, migrate,
-    refuse_newer_schema,
+    one_line, refuse_newer_schema,
 )
 
 
@@ -77,7 +77,6 @@ POOL_SIZE = 8  # connections per process: a write holds one for a few ms; uvicor
 CONNECT_TIMEOUT_S = 5  # libpq's connect_timeout: an unreachable host (not a refused port) fails after this
 DEADLINE_GRACE_S = 1.0  # past the server's own statement/lock timeout, the client cuts the connection itself
 CHECK_TIMEOUT_S = 10.0  # the start's check reads a few rows: a server that accepted, then hung, fails after this
-READ_TIMEOUT_S = 600.0  # `abtest report`'s default for all of its queries (--timeout)
 # libpq's TCP settings: a peer host that stops acknowledging is noticed within about 20 s (idle) or 10 s (sending)
 TCP_SETTINGS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 5, "keepalives_count": 3,
                 "tcp_user_timeout": 10_000}
@@ -86,15 +85,11 @@ IDLE_CHECK_S = 1.0  # a connection idle for longer is checked before use (the se
 CREATE_LOCK = 0x696E7465726265  # "interbe"
 
 
-def _one_line(error: BaseException) -> str:
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-
-
 def _refusal(uri: str, doing: str, error: psycopg.Error) -> InterBertError:
     """One line for a store that cannot be used as asked: the server's own message (not the statement it
     quotes), and what to change when the role lacks a privilege. A refusal the server decided (a role, a
     privilege, a database) is the command line's to change (UsageError); a failure while reading, data."""
-    message = (error.diag.message_primary if isinstance(error, psycopg.DatabaseError) else None) or _one_line(error)
+    message = (error.diag.message_primary if isinstance(error, psycopg.DatabaseError) else None) or one_line(error)
     if isinstance(error, psycopg.errors.InsufficientPrivilege):
         return UsageError(f"cannot {doing} the event store {uri}: {message} (the role in the URI needs CREATE on "
                           "the schema to create the store, then SELECT and INSERT on its tables; ask the "
@@ -286,7 +281,7 @@ def _opened(uri: str, application: str, **settings) -> psycopg.Connection:
         return psycopg.connect(uri, connect_timeout=CONNECT_TIMEOUT_S, application_name=application, **settings)
     except psycopg.OperationalError as error:
         # the server's refusals come here too: a wrong password, an unknown role, no such database
-        raise UsageError(f"cannot connect to the event store {uri}: {_one_line(error)}") from None
+        raise UsageError(f"cannot connect to the event store {uri}: {one_line(error)}") from None
 
 
 def check_existing_store(uri: str, config: ExperimentConfig, arms: dict[str, ArmHashes] | None) -> None:
@@ -330,7 +325,7 @@ class _ReadingConnection:
         self._connection.close()
 
 
-def open_store_for_reading(uri: str, timeout: float = READ_TIMEOUT_S):
+def open_store_for_reading(uri: str, timeout: float):
     """events.open_log for PostgreSQL: a connection inside one read-only REPEATABLE READ transaction (the
     report's queries all see one snapshot while replicas keep writing), the experiment, its arms' hashes.
     Reading ends by ``timeout`` seconds from the connection (psycopg.OperationalError past it)."""

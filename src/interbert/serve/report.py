@@ -39,7 +39,7 @@ import numpy as np
 from scipy import stats
 
 from interbert.errors import DataError
-from interbert.serve.events import ArmHashes, open_log, read_errors, read_failure
+from interbert.serve.events import REPORT_TIMEOUT_S, ArmHashes, open_log, read_errors, read_failure
 from interbert.utils.files import atomic_path, atomic_write_text
 
 TIMELINE_POINTS = 2000  # per arm: the plot's resolution, whatever the number of requests
@@ -120,9 +120,9 @@ def sample_ratio_check(users: list[int], split: tuple[float, ...]) -> tuple[floa
     return float(result.statistic), float(result.pvalue)
 
 
-def build_report(log_path: str | Path, timeout: float | None = None) -> Report:
-    """The report of an event log; a PostgreSQL store that does not answer within ``timeout`` seconds (default
-    events_pg.READ_TIMEOUT_S) is a DataError, as a lost connection is."""
+def build_report(log_path: str | Path, timeout: float = REPORT_TIMEOUT_S) -> Report:
+    """The report of an event log; a PostgreSQL store that does not answer within ``timeout`` seconds is a
+    DataError, as a lost connection is."""
     db, config, arm_hashes = open_log(log_path, timeout)
     try:
         counts = _read_counts(db, config)
@@ -298,7 +298,7 @@ def plot(report: Report, path: str | Path) -> None:
 
 
 def write_report(log_path: str | Path, out: str | Path | None, plot_path: str | Path,
-                 timeout: float | None = None) -> tuple[Report, str]:
+                 timeout: float = REPORT_TIMEOUT_S) -> tuple[Report, str]:
     report = build_report(log_path, timeout)
     plot(report, plot_path)
     plot_name = str(Path(plot_path).name if out and Path(plot_path).parent == Path(out).parent else plot_path)
